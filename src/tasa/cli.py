@@ -1,0 +1,128 @@
+"""Command line: parse -> call one pipeline function -> print the result.
+
+Errors in the user's input print one line (``tasa: error: ...``) and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tasa import __version__
+from tasa.errors import TasaError
+
+EPILOG = "Data come from $TASA_DATA_DIR (default: ../shared/data beside the repository)."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (embedded default)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tasa", description="Task-aware mixed-precision quantization of LLMs.",
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"tasa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize all decoder-layer linears uniformly (GPTQ or RTN)",
+                       description="Quantize every linear module of every decoder layer at one bit-width and "
+                                   "write the dequantized model (safetensors, loadable by transformers), "
+                                   "plan.json and quantize.json.", epilog=EPILOG)
+    _add_model_args(q)
+    q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
+    q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale/zero group; -1 = per output channel (default: 128; "
+                        "SmolLM2 needs 64 since its hidden size 576 is not a multiple of 128)")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true",
+                   help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
+    q.add_argument("--calib", default="wikitext2",
+                   help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
+                        "FILE.txt, FILE.jsonl#FIELD or hf:DATASET?split=S&field=F (default: wikitext2)")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    q.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
+    q.add_argument("--no-true-sequential", action="store_true",
+                   help="GPTQ: collect all of a layer's Hessians before quantizing any of its modules")
+    q.add_argument("--allow-ragged-groups", action="store_true",
+                   help="allow a group size that does not divide an input size (last group shorter)")
+    q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    e = sub.add_parser("eval", help="evaluate a model (perplexity)",
+                       description="Evaluate a model: wikitext2 = perplexity on WikiText-2 test, GPTQ convention "
+                                   "(non-overlapping windows of --seqlen tokens).", epilog=EPILOG)
+    _add_model_args(e)
+    e.add_argument("--tasks", default="wikitext2", help="comma-separated tasks (available: wikitext2)")
+    e.add_argument("--limit", type=int, default=None, help="wikitext2: number of windows (default: all)")
+    e.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default: 512)")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward batch (default: 4)")
+    e.add_argument("--output", default=None, help="write results JSON here")
+    return parser
+
+
+def _print_table(rows: list[tuple[str, str, str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import transformers
+
+    from tasa import pipeline  # heavy imports after argument parsing, so --help is fast
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our own bars report progress
+
+    if args.command == "quantize":
+        s = pipeline.quantize(
+            model=args.model, output_dir=args.output_dir, method=args.method, bits=args.bits,
+            group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
+            static_groups=args.static_groups, damp=args.damp, calib=args.calib, nsamples=args.nsamples,
+            seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+            true_sequential=not args.no_true_sequential, allow_ragged_groups=args.allow_ragged_groups,
+            overwrite=args.overwrite, progress=not args.quiet)
+        print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, "
+              f"group size {s['quant_spec']['group_size']}) in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
+    elif args.command == "eval":
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, seqlen=args.seqlen,
+                                batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                output=args.output, progress=not args.quiet)
+        rows = [("task", "metric", "value")]
+        for task, metrics in res["results"].items():
+            for k, v in metrics.items():
+                rows.append((task, k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+        _print_table(rows)
+        if args.output:
+            print(f"results written to {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tasa").setLevel(logging.INFO)
+    try:
+        code = run(argv)
+    except TasaError as e:
+        print(f"tasa: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("tasa: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

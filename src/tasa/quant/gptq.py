@@ -1,0 +1,165 @@
+"""GPTQ (Frantar et al., 2022) as pure functions over tensors.
+
+Hessian of the layer-wise objective ||W X - Q X||^2 for inputs X (n tokens, d_in)::
+
+    H = (2 / n) * X^T X                                   # (d_in, d_in)
+
+:func:`accumulate_hessian` keeps this running mean over batches.  Given H,
+:func:`gptq_quantize` quantizes W (d_out, d_in) column by column; after each
+column it spreads the rounding error over the not-yet-quantized columns through
+the upper Cholesky factor U of H^-1 (U^T U = H^-1)::
+
+    for column j:   q_j = Q(w_j);   e_j = (w_j - q_j) / U_jj
+                    w_{j+1:} -= e_j U_{j, j+1:}
+
+Updates are applied lazily in blocks of ``block_size`` columns.  With act_order
+the columns are visited by decreasing diag(H).  Group grids (scale, zero) are
+computed from the *updated* weights when the group's first column is reached,
+or up front from the original weights with ``static_groups``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tasa.config import QuantSpec
+from tasa.errors import TasaError
+from tasa.quant.rtn import QuantResult, check_finite, compute_grid, dequantize, group_bounds, quantize_codes
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6
+
+
+def make_empty_hessian(d_in: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+
+def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor) -> int:
+    """Fold a batch of inputs (..., d_in) into the running H = 2/n X^T X, in place.
+
+    Returns the new token count.
+    """
+    x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, d_in)
+    n_new = x.shape[0]
+    total = n_seen + n_new
+    hessian.mul_(n_seen / total)
+    x = x * (2.0 / total) ** 0.5
+    hessian.addmm_(x.t(), x)
+    return total
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, retrying with more damping."""
+    mean_diag = torch.mean(torch.diag(hessian))
+    for attempt in range(MAX_DAMP_RETRIES):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        try:
+            lower = torch.linalg.cholesky(h)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True)
+        except torch.linalg.LinAlgError:
+            new_damp = min(damp * 10, 0.99) if damp < 0.99 else damp
+            if attempt == MAX_DAMP_RETRIES - 1 or new_damp == damp:
+                break
+            log.warning("%s: Hessian not positive definite at damp=%g; retrying with damp=%g", name, damp, new_damp)
+            damp = new_damp
+    raise TasaError(f"{name}: Hessian is not positive definite even with damp={damp:g}; check the calibration data")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantResult:
+    """Quantize ``weight`` (d_out, d_in) with GPTQ under ``spec``, given H (d_in, d_in).
+
+    The input tensors are not modified.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise TasaError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
+    check_finite(weight, name)
+    if not torch.isfinite(hessian).all():
+        raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
+    rows, cols = weight.shape
+    bits, gs = spec.bits, spec.group_size
+    w = weight.detach().float().clone()  # (d_out, d_in)
+    h = hessian.detach().float().clone()
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    bounds = group_bounds(cols, gs)
+    n_groups = len(bounds)
+    gsize = bounds[0][1] - bounds[0][0]  # effective group size (cols if one group)
+    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+
+    if spec.static_groups or n_groups == 1:
+        # One grid per row (per channel) comes from the whole row, as in the reference GPTQ.
+        for gi, (s, e) in enumerate(bounds):
+            scales[:, gi], zeros[:, gi] = compute_grid(w[:, s:e], bits, spec.sym)
+    precomputed = spec.static_groups or n_groups == 1
+
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    # g_idx in the processing order: static groups follow original columns,
+    # dynamic groups are formed from consecutive processed columns.
+    orig_cols = perm if perm is not None else torch.arange(cols, device=w.device)
+    if precomputed:
+        group_of_pos = torch.div(orig_cols, gsize, rounding_mode="floor")
+    else:
+        group_of_pos = torch.div(torch.arange(cols, device=w.device), gsize, rounding_mode="floor")
+
+    u = _inverse_cholesky(h, spec.damp, name)  # (d_in, d_in) upper
+    codes = torch.zeros_like(w)
+
+    # Blocks hold whole groups so that a dynamic group's grid sees fully updated weights.
+    block = spec.block_size
+    if gs != -1 and n_groups > 1:
+        block = max(1, block // gsize) * gsize
+    cur_scale = cur_zero = None
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        w_blk = w[:, b0:b1].clone()  # (d_out, bs)
+        q_blk = torch.zeros_like(w_blk)
+        err_blk = torch.zeros_like(w_blk)
+        u_blk = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            gi = int(group_of_pos[col])
+            if precomputed:
+                cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
+            elif col % gsize == 0:
+                end = min(i + gsize, b1 - b0)
+                cur_scale, cur_zero = compute_grid(w_blk[:, i:end], bits, spec.sym)
+                scales[:, gi], zeros[:, gi] = cur_scale, cur_zero
+            wcol = w_blk[:, i]
+            qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
+            qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
+            codes[:, col] = qcode
+            q_blk[:, i] = qcol
+            err = (wcol - qcol) / u_blk[i, i]
+            w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
+            err_blk[:, i] = err
+        w[:, b1:] -= err_blk @ u[b0:b1, b1:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        g_idx = group_of_pos[inv].to(torch.int32)
+    else:
+        g_idx = group_of_pos.to(torch.int32)
+    result = QuantResult(
+        weight=torch.empty(0),
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        bits=bits,
+        group_size=gs,
+    )
+    result.weight = result.dequantize().to(weight.dtype)
+    return result

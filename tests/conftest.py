@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models, a byte-level tokenizer and a tiny data directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the cat sat on a mat while quantized models compute numbers and people ask "
+         "questions about apples oranges trains rivers mountains seven twelve answer").split()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <eos>. Fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 260, max_pos: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_text(n_words: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(WORDS), (n_words,), generator=g)
+    lines = []
+    for start in range(0, n_words, 12):
+        lines.append(" ".join(WORDS[i] for i in idx[start:start + 12]))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A tiny random Llama saved as a Hugging Face directory with its tokenizer."""
+    path = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """A tiny data directory with the layout of ../shared/data; TASA_DATA_DIR points at it."""
+    root = tmp_path / "data"
+    (root / "wikitext2").mkdir(parents=True)
+    (root / "wikitext2" / "validation.txt").write_text(random_text(6000, 1))
+    (root / "wikitext2" / "test.txt").write_text(random_text(3000, 2))
+    (root / "gsm8k").mkdir()
+    for split, n, seed in (("train", 200, 3), ("test", 20, 4)):
+        with open(root / "gsm8k" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                q = random_text(20, seed * 1000 + i).strip()
+                f.write(json.dumps({"question": q, "answer": f"{i} plus {i} is {2 * i}\n#### {2 * i}"}) + "\n")
+    monkeypatch.setenv("TASA_DATA_DIR", str(root))
+    return root

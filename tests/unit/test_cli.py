@@ -1,0 +1,141 @@
+"""The CLI end to end on a tiny random model, and its one-line errors on bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tasa.cli import main
+from tasa.quant.rtn import rtn_quantize
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_quantize_rtn_writes_loadable_model_and_plan(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "q"
+    code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "3",
+                              "--group-size", "16", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    assert "quantized 14 modules (rtn, 3 bits" in out
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert len(plan["modules"]) == 14 and plan["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 3
+    from transformers import AutoModelForCausalLM
+
+    q = AutoModelForCausalLM.from_pretrained(out_dir)
+    fp = load_file(tiny_model_dir / "model.safetensors")
+    w = fp["model.layers.1.self_attn.v_proj.weight"]
+    assert torch.equal(q.model.layers[1].self_attn.v_proj.weight, rtn_quantize(w, 3, 16, True).weight)
+    assert torch.equal(q.lm_head.weight, fp["lm_head.weight"])  # lm_head untouched
+    summary = json.loads((out_dir / "quantize.json").read_text())
+    assert summary["average_bits"] == 3 and summary["calib"] is None
+
+
+def test_quantize_gptq_then_eval(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "q"
+    code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--bits", "4", "--group-size", "32",
+                              "--calib", "wikitext2:0.5,gsm8k:0.5", "--nsamples", "8", "--seqlen", "64",
+                              "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    summary = json.loads((out_dir / "quantize.json").read_text())
+    assert summary["calib_counts"] == {"wikitext2": 4, "gsm8k": 4}
+    assert all(m["rel_error"] is not None and m["rel_error"] >= 0 for m in summary["modules"].values())
+    res_file = tmp_path / "res.json"
+    code, out, err = run_cli(["eval", "--model", str(out_dir), "--tasks", "wikitext2", "--limit", "3",
+                              "--seqlen", "64", "--output", str(res_file), "--quiet"], capsys)
+    assert code == 0, err
+    assert "wikitext2_ppl" in out
+    res = json.loads(res_file.read_text())
+    assert res["results"]["wikitext2"]["windows"] == 3
+    assert res["results"]["wikitext2"]["wikitext2_ppl"] > 1
+
+
+def _corrupt(model_dir, key, value):
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors[key][0, 0] = value
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+BAD_INPUTS = [
+    (["--model", "/nonexistent/model"], "model path not found"),
+    (["--calib", "c4"], "unknown dataset 'c4'"),
+    (["--calib", "gsm8k/test"], "used for evaluation"),
+    (["--seqlen", "4096"], "exceeds the model's maximum"),
+    (["--bits", "9"], "bits must be an integer from 2 to 8"),
+    (["--group-size", "48"], "does not divide the input size 64"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_input_one_line_nonzero_nothing_written(extra, message, tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "out"
+    args = ["quantize", "--model", str(tiny_model_dir), "--group-size", "16", "--nsamples", "4", "--seqlen", "32",
+            "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args + extra, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tasa: error: ") and message in lines[0], err
+    assert not out_dir.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary leftovers
+
+
+def test_nan_weights_rejected(tiny_model_dir, tmp_path, capsys, data_dir):
+    _corrupt(tiny_model_dir, "model.layers.1.mlp.up_proj.weight", float("nan"))
+    code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--group-size", "16",
+                            "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "model.layers.1.mlp.up_proj holds NaN/Inf" in err
+
+
+def test_missing_data_dir(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TASA_DATA_DIR", str(tmp_path / "absent"))
+    code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--group-size", "16",
+                            "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "TASA_DATA_DIR" in err
+
+
+def test_unknown_architecture(tmp_path, capsys, data_dir):
+    import transformers
+
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260,
+                                                         n_positions=64)).save_pretrained(path)
+    from tests.conftest import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(path)
+    code, _, err = run_cli(["quantize", "--model", str(path), "--method", "rtn", "--output-dir",
+                            str(tmp_path / "o")], capsys)
+    assert code == 2 and "could not find decoder layers" in err
+
+
+def test_existing_output_dir_needs_overwrite(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("x")
+    base = ["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--group-size", "16",
+            "--output-dir", str(out_dir), "--quiet"]
+    code, _, err = run_cli(base, capsys)
+    assert code == 2 and "not empty; pass --overwrite" in err
+    assert (out_dir / "keep.txt").exists()
+    code, _, err = run_cli(base + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert not (out_dir / "keep.txt").exists() and (out_dir / "plan.json").exists()
+
+
+def test_eval_unknown_task_and_hub_offline(tiny_model_dir, capsys, monkeypatch):
+    code, _, err = run_cli(["eval", "--model", str(tiny_model_dir), "--tasks", "hellaswag"], capsys)
+    assert code == 2 and "unknown task 'hellaswag'" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(["eval", "--model", "someorg/some-model"], capsys)
+    assert code == 2 and "could not get 'someorg/some-model' from the Hugging Face hub" in err
+    assert "--model PATH" in err
+
+
+def test_help_explains_options(capsys):
+    code, out, _ = run_cli(["quantize", "--help"], capsys)
+    assert code == 0
+    for flag in ("--bits", "--group-size", "--calib", "--nsamples", "--seqlen", "--output-dir", "--overwrite"):
+        assert flag in out

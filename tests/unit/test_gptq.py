@@ -1,0 +1,117 @@
+import logging
+
+import pytest
+import torch
+
+from tasa.config import QuantSpec
+from tasa.errors import TasaError
+from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from tasa.quant.rtn import rtn_quantize
+
+
+def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    scale = torch.logspace(0, -2, d)
+    return (torch.randn(n, d, generator=g) * scale) @ mix + 0.1 * torch.randn(n, d, generator=g)
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    h = make_empty_hessian(x.shape[1])
+    accumulate_hessian(h, 0, x)
+    return h
+
+
+def test_accumulate_hessian_equals_direct_formula_over_batches():
+    x = torch.randn(100, 8, dtype=torch.float64).float()
+    h = make_empty_hessian(8)
+    n = 0
+    for chunk in (x[:30], x[30:31], x[31:].reshape(1, 69, 8)):
+        n = accumulate_hessian(h, n, chunk)
+    assert n == 100
+    assert torch.allclose(h, 2.0 / 100 * x.t() @ x, atol=1e-5)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size,block", [(-1, 128), (16, 128), (16, 8), (12, 32), (20, 16)])
+def test_identity_hessian_equals_rtn(sym, group_size, block):
+    torch.manual_seed(1)
+    w = torch.randn(24, 64)
+    r = gptq_quantize(w, torch.eye(64), QuantSpec(bits=3, group_size=group_size, sym=sym, block_size=block))
+    ref = rtn_quantize(w, 3, group_size, sym)
+    assert torch.equal(r.codes, ref.codes)
+    assert torch.allclose(r.weight, ref.weight)
+    assert torch.equal(r.g_idx, ref.g_idx)
+
+
+def test_identity_hessian_act_order_static_groups_equals_rtn():
+    torch.manual_seed(2)
+    w = torch.randn(8, 32)
+    r = gptq_quantize(w, torch.eye(32), QuantSpec(bits=4, group_size=8, act_order=True, static_groups=True))
+    ref = rtn_quantize(w, 4, 8, True)
+    assert torch.equal(r.codes, ref.codes)
+    assert torch.equal(r.g_idx, ref.g_idx)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=3, group_size=16),
+    QuantSpec(bits=4, group_size=-1, sym=False),
+    QuantSpec(bits=3, group_size=16, act_order=True),
+    QuantSpec(bits=2, group_size=32, act_order=True, static_groups=True),
+])
+def test_gptq_output_error_at_most_rtn(seed, spec):
+    x = correlated_inputs(512, 64, seed)  # (n, d_in)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(100 + seed))
+    r = gptq_quantize(w, hessian_of(x), spec)
+    ref = rtn_quantize(w, spec.bits, spec.group_size, spec.sym)
+    err_gptq = (x @ (w - r.weight).t()).norm()
+    err_rtn = (x @ (w - ref.weight).t()).norm()
+    assert err_gptq < err_rtn
+
+
+def test_result_is_consistent_and_deterministic_with_act_order():
+    x = correlated_inputs(256, 48, 7)
+    w = torch.randn(16, 48)
+    spec = QuantSpec(bits=4, group_size=16, act_order=True)
+    a = gptq_quantize(w, hessian_of(x), spec)
+    b = gptq_quantize(w, hessian_of(x), spec)
+    assert torch.equal(a.weight, b.weight)
+    assert torch.allclose(a.dequantize(), a.weight)
+    assert torch.bincount(a.g_idx.long()).tolist() == [16, 16, 16]  # three full groups
+    assert int(a.codes.max()) <= 15
+
+
+def test_inputs_not_modified_and_dead_columns_zeroed():
+    x = correlated_inputs(128, 16, 3)
+    x[:, 5] = 0.0  # a dead input channel
+    w = torch.randn(4, 16)
+    h = hessian_of(x)
+    w0, h0 = w.clone(), h.clone()
+    r = gptq_quantize(w, h, QuantSpec(bits=4, group_size=-1, sym=False))
+    assert torch.equal(w, w0) and torch.equal(h, h0)
+    assert torch.all(r.weight[:, 5] == 0)
+
+
+def test_cholesky_failure_retries_with_more_damping_then_raises(caplog):
+    w = torch.randn(4, 8)
+    bad = -torch.eye(8)  # negative definite: no damping can help
+    with caplog.at_level(logging.WARNING, logger="tasa.quant.gptq"):
+        with pytest.raises(TasaError, match="not positive definite"):
+            gptq_quantize(w, bad, QuantSpec(bits=4, group_size=-1), name="layer.x")
+    assert "retrying with damp" in caplog.text
+
+
+def test_rank_deficient_hessian_handled_by_damping():
+    x = torch.randn(3, 16)  # rank 3 < 16
+    r = gptq_quantize(torch.randn(4, 16), hessian_of(x), QuantSpec(bits=4, group_size=-1))
+    assert torch.isfinite(r.weight).all()
+
+
+def test_shape_mismatch_and_nan():
+    with pytest.raises(TasaError, match="do not match"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(7), QuantSpec())
+    w = torch.randn(4, 8)
+    w[0, 0] = float("inf")
+    with pytest.raises(TasaError, match="NaN/Inf"):
+        gptq_quantize(w, torch.eye(8), QuantSpec())

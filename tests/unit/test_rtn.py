@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from tasa.errors import TasaError
+from tasa.quant.rtn import compute_grid, group_bounds, quantize_codes, rtn_quantize
+
+
+def test_asymmetric_2bit_hand_example():
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    r = rtn_quantize(w, bits=2, group_size=-1, sym=False)
+    assert r.scales.item() == pytest.approx(1.0)
+    assert r.zeros.item() == 1.0
+    assert r.codes.tolist() == [[0, 1, 1, 3]]  # round(0.5) = 0 (half to even)
+    assert r.weight.tolist() == [[-1.0, 0.0, 0.0, 2.0]]
+
+
+def test_symmetric_4bit_hand_example():
+    w = torch.tensor([[-1.0, 0.5, 0.3]])
+    r = rtn_quantize(w, bits=4, group_size=-1, sym=True)
+    scale = 2.0 / 15  # range [-1, 1] over 15 steps, zero point 8
+    assert r.scales.item() == pytest.approx(scale)
+    assert r.zeros.item() == 8.0
+    # 0.5 / scale = 3.75 -> 4 -> code 12; 0.3 / scale = 2.25 -> 2 -> code 10.
+    # The extreme -1 sits at -7.5 steps, a rounding tie that float32 may break either way.
+    assert r.codes[0, 1:].tolist() == [12, 10]
+    assert r.codes[0, 0].item() in (0, 1)
+    assert r.weight[0, 1:].tolist() == pytest.approx([4 * scale, 2 * scale])
+
+
+def test_range_always_contains_zero_and_zero_rows():
+    scale, zero = compute_grid(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), bits=2, sym=False)
+    # positive-only row: lo clamps to 0 -> scale 3/3, zero 0
+    assert scale.tolist() == pytest.approx([1.0, 2.0 / 3])
+    assert zero.tolist() == [0.0, 2.0]  # all-zero row uses [-1, 1]
+
+
+def test_ragged_groups_and_g_idx():
+    assert group_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert group_bounds(10, -1) == [(0, 10)]
+    w = torch.randn(3, 10)
+    r = rtn_quantize(w, bits=3, group_size=4, sym=False)
+    assert r.g_idx.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert r.scales.shape == (3, 3)
+    # each group quantized independently: same as quantizing its slice alone
+    alone = rtn_quantize(w[:, 8:], bits=3, group_size=-1, sym=False)
+    assert torch.equal(r.weight[:, 8:], alone.weight)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sym", [True, False])
+def test_codes_in_range_error_bounded_and_dequantize_consistent(bits, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 64) * 0.1
+    r = rtn_quantize(w, bits=bits, group_size=16, sym=sym)
+    assert int(r.codes.max()) <= 2**bits - 1
+    assert torch.allclose(r.dequantize(), r.weight)
+    step = r.scales[:, r.g_idx.long()]
+    # inside the grid's range the rounding error is at most half a step (sym clips the top by one step)
+    bound = step * (1.0 if sym else 0.5) + 1e-6
+    assert ((w - r.weight).abs() <= bound).all()
+
+
+def test_more_bits_less_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    errs = [(w - rtn_quantize(w, b, 32, False).weight).pow(2).mean().item() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def test_quantize_codes_clamps():
+    codes = quantize_codes(torch.tensor([[-100.0, 100.0]]), torch.tensor([1.0]), torch.tensor([2.0]), bits=2)
+    assert codes.tolist() == [[0.0, 3.0]]
+
+
+def test_nan_weights_rejected():
+    w = torch.randn(4, 8)
+    w[1, 2] = float("nan")
+    with pytest.raises(TasaError, match="NaN/Inf"):
+        rtn_quantize(w, 4, -1, True)
