@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmarks: result schema, atomic row cache, peer environments."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+
+from tasa.artifacts import write_json_atomic  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, no GPU"
+
+
+def row(name, tool, method, bits, group_size, calib, metrics, seconds) -> dict:
+    return {"name": name, "tool": tool, "method": method, "bits": bits, "group_size": group_size, "calib": calib,
+            "metrics": metrics, "seconds": seconds}
+
+
+def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | None = None) -> Path:
+    out = RESULTS / f"{benchmark}.json"
+    payload = {"benchmark": benchmark, "date": date.today().isoformat(), "machine": machine(), "command": command,
+               "rows": rows}
+    if extra:
+        payload.update(extra)
+    write_json_atomic(out, payload)
+    return out
+
+
+def cached(path: Path, compute) -> dict:
+    """Return the JSON at ``path``, or compute it, write it atomically and return it (resumability)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_json_atomic(path, value)
+    return value
+
+
+def peer_venv(name: str, requirements: list[str]) -> Path:
+    """A virtual environment under benchmarks/.work for a peer tool; created once. Returns its python."""
+    venv = WORK / f"{name}-venv"
+    py = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = "\n".join(requirements)
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return py
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *requirements], check=True)
+    stamp.write_text(wanted)
+    return py
+
+
+def run_json(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
+    """Run a worker that prints one JSON object as its last stdout line."""
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,171 @@
+"""Uniform quantization on SmolLM2-135M: tasa vs GPTQModel 7.6.0, side by side in one run.
+
+    .venv/bin/python benchmarks/uniform.py            # resumable; rows cached in benchmarks/.work/uniform
+
+Settings (issue 3): group size 64 (hidden 576 is not a multiple of 128), 128 x 512-token
+WikiText-2 validation calibration built once by tasa (seed 0) and fed identically to
+GPTQModel, symmetric grid, no act-order, damp 0.01, true-sequential, batch 8; perplexity
+on the first 40 test windows of 512 tokens, evaluated by the same tasa code for every row
+(GPTQModel's packed weights are dequantized back to float by GPTQModel itself).
+Each row runs in a fresh subprocess so its wall time and peak RSS are its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+
+BENCH = "uniform"
+GROUP = 64
+NSAMPLES, SEQLEN, SEED = 128, 512, 0
+EVAL_WINDOWS = 40
+DAMP = 0.01
+BATCH = 8
+PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
+ROWS = ["fp", "tasa-rtn-w3", "tasa-rtn-w4", "tasa-gptq-w3", "tasa-gptq-w4", "tasa-gptq-w8",
+        "gptqmodel-w3", "gptqmodel-w4"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def eval_ppl(lm) -> dict:
+    from tasa.data import eval_texts
+    from tasa.eval.perplexity import perplexity
+
+    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=SEQLEN, limit=EVAL_WINDOWS,
+                   progress=False)
+    return {"wikitext2_ppl": r.ppl, "eval_windows": r.windows}
+
+
+def worker(name: str, work: Path) -> dict:
+    """Run one row in this (fresh) process; print its JSON."""
+    import torch
+
+    from tasa.config import QuantSpec
+    from tasa.models import load, resolve
+    from tasa.plan import Plan
+    from tasa.quant.apply import quantize_model
+
+    torch.manual_seed(0)
+    lm = load("smollm2-135m")
+    arch = resolve(lm.model)
+    seconds = None
+    if name.startswith("tasa-"):
+        _, method, w = name.split("-")
+        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=int(w[1:]), group_size=GROUP, damp=DAMP),
+                            method=method)
+        calib = torch.load(work / "calib.pt", weights_only=True) if method == "gptq" else None
+        t0 = time.perf_counter()
+        quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
+        seconds = time.perf_counter() - t0
+        peak_quant = peak_rss_gb()
+    elif name.startswith("gptqmodel-"):
+        from safetensors.torch import load_file
+
+        weights = load_file(work / f"{name}.safetensors")
+        names = {m.name + ".weight" for m in arch.modules}
+        if set(weights) != names:
+            raise RuntimeError(f"GPTQModel weights cover {len(weights)} tensors, expected {len(names)}")
+        state = lm.model.state_dict()
+        with torch.no_grad():
+            for k, v in weights.items():
+                state[k].copy_(v)
+        peak_quant = None
+    else:
+        peak_quant = None
+    metrics = eval_ppl(lm)
+    metrics["peak_rss_gb"] = peak_quant if peak_quant is not None else peak_rss_gb()
+    return {"metrics": metrics, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = WORK / BENCH
+    if args.worker:
+        print(json.dumps(worker(args.worker, work)))
+        return
+
+    import torch
+
+    from tasa.config import CalibSpec
+    from tasa.data import build_calibration
+    from tasa.models import load
+
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load("smollm2-135m")
+    fp_dir = lm.path
+    if not (work / "calib.pt").is_file():
+        cal = build_calibration(lm.tokenizer, CalibSpec(nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED))
+        torch.save(cal.input_ids, work / "calib.pt")
+    del lm
+
+    results = {}
+    for name in args.rows.split(","):
+        print(f"[{BENCH}] {name} ...", flush=True)
+        if name.startswith("gptqmodel-"):
+            bits = int(name.split("-w")[1])
+
+            def quantize_peer(bits=bits, name=name):
+                py = peer_venv("gptqmodel", PEER_REQS)
+                return run_json([str(py), str(Path(__file__).parent / "peers" / "gptqmodel_quantize.py"),
+                                 "--model-dir", fp_dir, "--calib", str(work / "calib.pt"), "--bits", str(bits),
+                                 "--group-size", str(GROUP), "--damp", str(DAMP), "--batch-size", str(BATCH),
+                                 "--out", str(work / f"{name}.safetensors")],
+                                env={"GPTQMODEL_CPU_WORKERS": "2", "GPTQ_TORCH_CACHE_WEIGHTS": "1"},
+                                log=work / "logs" / f"{name}-quantize.log")
+
+            q = cached(work / "rows" / f"{name}-quantize.json", quantize_peer)
+            r = cached(work / "rows" / f"{name}.json",
+                       lambda name=name: run_json([sys.executable, __file__, "--worker", name]))
+            r["seconds"] = q["seconds"]
+            r["metrics"]["peak_rss_gb"] = q["peak_rss_gb"]
+        else:
+            r = cached(work / "rows" / f"{name}.json",
+                       lambda name=name: run_json([sys.executable, __file__, "--worker", name]))
+        results[name] = r
+        print(f"[{BENCH}] {name}: {json.dumps(r)}", flush=True)
+
+    rows = []
+    for name, r in results.items():
+        if name == "fp":
+            rows.append(row(name, "none", "fp", 32, None, None, r["metrics"], None))
+            continue
+        tool, method = ("gptqmodel", "gptq") if name.startswith("gptqmodel") else ("tasa", name.split("-")[1])
+        bits = int(name.split("-w")[1])
+        calib = None if method == "rtn" else f"wikitext2-validation {NSAMPLES}x{SEQLEN} seed {SEED}"
+        rows.append(row(name, tool, method, bits, GROUP, calib, r["metrics"], r["seconds"]))
+    ratios = {}
+    for b in (3, 4):
+        t, g = results.get(f"tasa-gptq-w{b}"), results.get(f"gptqmodel-w{b}")
+        if t and g:
+            ratios[f"w{b}"] = {"ppl_tasa_over_gptqmodel": t["metrics"]["wikitext2_ppl"] / g["metrics"]["wikitext2_ppl"],
+                               "time_tasa_over_gptqmodel": t["seconds"] / g["seconds"]}
+    out = write_results(BENCH, ".venv/bin/python benchmarks/uniform.py", rows,
+                        {"settings": {"group_size": GROUP, "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": SEED,
+                                      "damp": DAMP, "sym": True, "act_order": False, "true_sequential": True,
+                                      "batch_size": BATCH, "eval_windows": EVAL_WINDOWS,
+                                      "peer": "gptqmodel==7.6.0, GPTQMODEL_CPU_WORKERS=2, offload_to_disk=False, "
+                                              "act_group_aware=False"},
+                         "ratios": ratios})
+    print(f"{'name':16} {'bits':>4} {'ppl':>9} {'seconds':>8} {'peak GB':>8}")
+    for r in rows:
+        m = r["metrics"]
+        s = f"{r['seconds']:.0f}" if r["seconds"] else "-"
+        print(f"{r['name']:16} {r['bits']:>4} {m['wikitext2_ppl']:9.3f} {s:>8} {m['peak_rss_gb']:8.2f}")
+    print("ratios:", json.dumps(ratios))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
