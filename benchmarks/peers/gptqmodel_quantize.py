@@ -1,9 +1,12 @@
 """Peer worker, run inside the GPTQModel environment (not tasa's).
 
 Quantizes a float Hugging Face model directory with GPTQModel on the given
-calibration tokens, then dequantizes every packed module back to float
+calibration tokens and saves the GPTQ checkpoint; then loads that checkpoint
+back with GPTQModel (TORCH backend), dequantizes every packed module to float
 (W = dequantize_weight().T) and saves those weights as safetensors, so the
 caller can evaluate GPTQModel's weights with exactly the same code as tasa's.
+(The in-memory modules right after quantize() hold zero points in GPTQModel's
+internal v2 convention; only the saved-and-loaded model dequantizes correctly.)
 
 Prints one JSON line: {"seconds": quantization wall time, "peak_rss_gb", "modules"}.
 """
@@ -41,8 +44,12 @@ def main() -> None:
     t0 = time.perf_counter()
     model.quantize(calib, batch_size=args.batch_size, backend=BACKEND.TORCH)
     seconds = time.perf_counter() - t0
+    quant_dir = args.out + ".gptq"
+    model.save(quant_dir)
+    del model
+    loaded = GPTQModel.load(quant_dir, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
     weights = {}
-    for name, mod in model.model.named_modules():
+    for name, mod in loaded.model.named_modules():
         if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
             w = mod.dequantize_weight().t().contiguous().float()
             assert w.shape == (mod.out_features, mod.in_features), (name, tuple(w.shape))
