@@ -30,6 +30,23 @@ BATCH = 8
 PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 ROWS = ["fp", "tasa-rtn-w3", "tasa-rtn-w4", "tasa-gptq-w3", "tasa-gptq-w4", "tasa-gptq-w8",
         "gptqmodel-w3", "gptqmodel-w4"]
+# Extra calibration seeds for the GPTQ rows (row name suffix -sN), to tell differences from seed noise.
+SEED_ROWS = [f"{tool}-w{b}-s{s}" for s in (1, 2) for b in (3, 4) for tool in ("tasa-gptq", "gptqmodel")]
+
+
+def parse_row(name: str) -> tuple[str, str, int, int]:
+    """'tasa-gptq-w3-s1' -> (tool, method, bits, seed)."""
+    parts = name.split("-")
+    seed = int(parts.pop()[1:]) if parts[-1].startswith("s") else SEED
+    if parts[0] == "fp":
+        return "none", "fp", 32, seed
+    if parts[0] == "gptqmodel":
+        return "gptqmodel", "gptq", int(parts[1][1:]), seed
+    return "tasa", parts[1], int(parts[2][1:]), seed
+
+
+def calib_file(work: Path, seed: int) -> Path:
+    return work / ("calib.pt" if seed == SEED else f"calib-s{seed}.pt")
 
 
 def peak_rss_gb() -> float:
@@ -58,16 +75,16 @@ def worker(name: str, work: Path) -> dict:
     lm = load("smollm2-135m")
     arch = resolve(lm.model)
     seconds = None
-    if name.startswith("tasa-"):
-        _, method, w = name.split("-")
-        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=int(w[1:]), group_size=GROUP, damp=DAMP),
+    tool, method, bits, seed = parse_row(name)
+    if tool == "tasa":
+        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=bits, group_size=GROUP, damp=DAMP),
                             method=method)
-        calib = torch.load(work / "calib.pt", weights_only=True) if method == "gptq" else None
+        calib = torch.load(calib_file(work, seed), weights_only=True) if method == "gptq" else None
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
         seconds = time.perf_counter() - t0
         peak_quant = peak_rss_gb()
-    elif name.startswith("gptqmodel-"):
+    elif tool == "gptqmodel":
         from safetensors.torch import load_file
 
         weights = load_file(work / f"{name}.safetensors")
@@ -88,7 +105,7 @@ def worker(name: str, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
+    ap.add_argument("--rows", default=",".join(ROWS + SEED_ROWS), help="comma-separated subset of rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = WORK / BENCH
@@ -105,21 +122,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lm = load("smollm2-135m")
     fp_dir = lm.path
-    if not (work / "calib.pt").is_file():
-        cal = build_calibration(lm.tokenizer, CalibSpec(nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED))
-        torch.save(cal.input_ids, work / "calib.pt")
+    names = args.rows.split(",")
+    for seed in sorted({parse_row(n)[3] for n in names}):
+        if not calib_file(work, seed).is_file():
+            cal = build_calibration(lm.tokenizer, CalibSpec(nsamples=NSAMPLES, seqlen=SEQLEN, seed=seed))
+            torch.save(cal.input_ids, calib_file(work, seed))
     del lm
 
     results = {}
-    for name in args.rows.split(","):
+    for name in names:
         print(f"[{BENCH}] {name} ...", flush=True)
-        if name.startswith("gptqmodel-"):
-            bits = int(name.split("-w")[1])
+        tool, method, bits, seed = parse_row(name)
+        if tool == "gptqmodel":
 
-            def quantize_peer(bits=bits, name=name):
+            def quantize_peer(bits=bits, name=name, seed=seed):
                 py = peer_venv("gptqmodel", PEER_REQS)
                 return run_json([str(py), str(Path(__file__).parent / "peers" / "gptqmodel_quantize.py"),
-                                 "--model-dir", fp_dir, "--calib", str(work / "calib.pt"), "--bits", str(bits),
+                                 "--model-dir", fp_dir, "--calib", str(calib_file(work, seed)), "--bits", str(bits),
                                  "--group-size", str(GROUP), "--damp", str(DAMP), "--batch-size", str(BATCH),
                                  "--out", str(work / f"{name}.safetensors")],
                                 env={"GPTQMODEL_CPU_WORKERS": "2", "GPTQ_TORCH_CACHE_WEIGHTS": "1"},
@@ -138,19 +157,20 @@ def main() -> None:
 
     rows = []
     for name, r in results.items():
-        if name == "fp":
-            rows.append(row(name, "none", "fp", 32, None, None, r["metrics"], None))
+        tool, method, bits, seed = parse_row(name)
+        if method == "fp":
+            rows.append(row(name, tool, method, bits, None, None, r["metrics"], None))
             continue
-        tool, method = ("gptqmodel", "gptq") if name.startswith("gptqmodel") else ("tasa", name.split("-")[1])
-        bits = int(name.split("-w")[1])
-        calib = None if method == "rtn" else f"wikitext2-validation {NSAMPLES}x{SEQLEN} seed {SEED}"
+        calib = None if method == "rtn" else f"wikitext2-validation {NSAMPLES}x{SEQLEN} seed {seed}"
         rows.append(row(name, tool, method, bits, GROUP, calib, r["metrics"], r["seconds"]))
     ratios = {}
     for b in (3, 4):
-        t, g = results.get(f"tasa-gptq-w{b}"), results.get(f"gptqmodel-w{b}")
-        if t and g:
-            ratios[f"w{b}"] = {"ppl_tasa_over_gptqmodel": t["metrics"]["wikitext2_ppl"] / g["metrics"]["wikitext2_ppl"],
-                               "time_tasa_over_gptqmodel": t["seconds"] / g["seconds"]}
+        for suffix in ("", "-s1", "-s2"):
+            t, g = results.get(f"tasa-gptq-w{b}{suffix}"), results.get(f"gptqmodel-w{b}{suffix}")
+            if t and g:
+                ratios[f"w{b}{suffix}"] = {
+                    "ppl_tasa_over_gptqmodel": t["metrics"]["wikitext2_ppl"] / g["metrics"]["wikitext2_ppl"],
+                    "time_tasa_over_gptqmodel": t["seconds"] / g["seconds"]}
     out = write_results(BENCH, ".venv/bin/python benchmarks/uniform.py", rows,
                         {"settings": {"group_size": GROUP, "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": SEED,
                                       "damp": DAMP, "sym": True, "act_order": False, "true_sequential": True,
