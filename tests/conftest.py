@@ -71,5 +71,34 @@ def data_dir(tmp_path, monkeypatch) -> Path:
             for i in range(n):
                 q = random_text(20, seed * 1000 + i).strip()
                 f.write(json.dumps({"question": q, "answer": f"{i} plus {i} is {2 * i}\n#### {2 * i}"}) + "\n")
+    _write_arc(root / "arc_easy")
+    _write_mmlu(root / "mmlu")
     monkeypatch.setenv("TASA_DATA_DIR", str(root))
     return root
+
+
+def arc_row(i: int, n_choices: int = 4, numeric: bool = False) -> dict:
+    labels = [str(k + 1) for k in range(n_choices)] if numeric else list("ABCDE"[:n_choices])
+    return {"id": f"q{i}", "question": {"stem": f"which {WORDS[i % len(WORDS)]} number {i}?",
+                                        "choices": [{"text": f"{WORDS[(i + k) % len(WORDS)]} {k}", "label": l}
+                                                    for k, l in enumerate(labels)]},
+            "answerKey": labels[i % n_choices]}
+
+
+def _write_arc(root: Path) -> None:
+    root.mkdir()
+    shapes = [(4, False), (3, False), (5, False), (4, True)]
+    for split, n in (("train", 12), ("validation", 4), ("test", 8)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps(arc_row(i, *shapes[i % 4])) + "\n")
+
+
+def _write_mmlu(root: Path) -> None:
+    root.mkdir()
+    for split, n in (("dev", 5), ("test", 6)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for subject in ("college_physics", "virology"):
+                for i in range(n):
+                    f.write(json.dumps({"question": f"{subject} {split} question {i}?", "subject": subject,
+                                        "choices": [f"c{k}" for k in range(4)], "answer": i % 4}) + "\n")

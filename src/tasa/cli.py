@@ -58,20 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
-    e = sub.add_parser("eval", help="evaluate a model (perplexity)",
-                       description="Evaluate a model: wikitext2 = perplexity on WikiText-2 test, GPTQ convention "
-                                   "(non-overlapping windows of --seqlen tokens).", epilog=EPILOG)
+    e = sub.add_parser("eval", help="evaluate a model: perplexity and tasks, optionally against a reference",
+                       description="Evaluate a model on WikiText-2 perplexity (GPTQ convention: non-overlapping "
+                                   "windows of --seqlen tokens of the test split) and on tasks matching lm-eval "
+                                   "0.4.x's default tasks: arc_easy, arc_challenge, mmlu (log-likelihood multiple "
+                                   "choice: acc, acc_norm, gold-choice log-prob and margin) and gsm8k (greedy "
+                                   "chain-of-thought: strict_match, flexible_extract, gold-solution NLL). A task "
+                                   "can also be a user task spec file (.yaml/.json, see docs/TASKS.md).",
+                       epilog=EPILOG)
     _add_model_args(e)
-    e.add_argument("--tasks", default="wikitext2", help="comma-separated tasks (available: wikitext2)")
-    e.add_argument("--limit", type=int, default=None, help="wikitext2: number of windows (default: all)")
+    e.add_argument("--tasks", default="wikitext2",
+                   help="comma-separated: wikitext2, arc_easy, arc_challenge, mmlu, gsm8k or SPEC.yaml "
+                        "(default: wikitext2)")
+    e.add_argument("--limit", type=int, default=None,
+                   help="first N rows of each task's evaluation split (mmlu: of each subject); wikitext2: N "
+                        "windows (default: all)")
+    e.add_argument("--num-fewshot", type=int, default=None,
+                   help="worked examples before each question (default: the task's, 5 for gsm8k, else 0)")
     e.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default: 512)")
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward batch (default: 4)")
+    e.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward pass: windows, answer continuations, generated rows (default: 8)")
+    e.add_argument("--reference", default=None,
+                   help="full-precision reference: a model spec or a results JSON written with --log-samples; "
+                        "adds flip rates per task and the KL divergence on wikitext2")
+    e.add_argument("--kl-topk", type=int, default=256,
+                   help="with --log-samples: keep the top-K next-token log-probs per position for later KL "
+                        "comparisons (default: 256)")
+    e.add_argument("--no-generate", action="store_true",
+                   help="skip generation (gsm8k: gold-solution NLL only)")
+    e.add_argument("--apply-chat-template", action="store_true",
+                   help="wrap each prompt in the model's chat template as one user turn")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="score each continuation as its own sequence instead of sharing its context's KV cache")
+    e.add_argument("--log-samples", action="store_true",
+                   help="write per-item records (and wikitext2 top-k log-probs) with the results")
     e.add_argument("--output", default=None, help="write results JSON here")
     return parser
 
 
-def _print_table(rows: list[tuple[str, str, str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
@@ -97,13 +123,20 @@ def run(argv: list[str] | None = None) -> int:
               f"group size {s['quant_spec']['group_size']}) in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
     elif args.command == "eval":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, seqlen=args.seqlen,
-                                batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                output=args.output, progress=not args.quiet)
-        rows = [("task", "metric", "value")]
+        res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
+                                dtype=args.dtype, output=args.output, log_samples=args.log_samples,
+                                reference=args.reference, kl_topk=args.kl_topk,
+                                apply_chat_template=args.apply_chat_template, generate=not args.no_generate,
+                                prefix_cache=not args.no_prefix_cache, progress=not args.quiet)
+        rows = [("task", "metric", "value", "stderr")]
         for task, metrics in res["results"].items():
             for k, v in metrics.items():
-                rows.append((task, k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+                if k.endswith("_stderr"):
+                    continue
+                err = metrics.get(f"{k}_stderr")
+                rows.append((task, k, f"{v:.4f}" if isinstance(v, float) else str(v),
+                             f"{err:.4f}" if isinstance(err, float) else ""))
         _print_table(rows)
         if args.output:
             print(f"results written to {args.output}")

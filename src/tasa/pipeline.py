@@ -1,12 +1,13 @@
 """Stages wired together; every CLI verb is one function here.
 
 Current stages: load -> calibration data -> quantize (uniform plan) -> write
-model directory; and evaluate (perplexity).  Outputs are written to a
+model directory; and evaluate (perplexity, tasks, comparison with a reference).  Outputs are written to a
 temporary sibling directory and renamed into place, so a failed or killed run
 never leaves a half-written model directory.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -30,9 +31,6 @@ from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
 
 log = logging.getLogger(__name__)
-
-EVAL_TASKS = ("wikitext2",)
-
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     out = Path(output_dir)
@@ -164,33 +162,123 @@ def quantize(
     return summary
 
 
+def _load_reference(reference: str, tasks: list[str], **kw) -> dict:
+    """A reference run: a results JSON written with --log-samples, or a model spec evaluated here."""
+    if reference.endswith(".json"):
+        path = Path(reference)
+        if not path.is_file():
+            raise TasaError(f"reference results not found: {path}")
+        ref = json.loads(path.read_text())
+        if "samples" not in ref:
+            raise TasaError(f"{path} has no per-item records; write it with --log-samples")
+        topk_path = path.with_suffix(".topk.safetensors")
+        if "wikitext2" in tasks:
+            if not topk_path.is_file():
+                raise TasaError(f"{path} has no top-k log-probs ({topk_path.name}) for the KL divergence; "
+                                "evaluate the reference with --tasks wikitext2 --log-samples")
+            from safetensors.torch import load_file
+
+            ref["_topk"] = load_file(str(topk_path))
+        return ref
+    log.info("evaluating the reference model %s", reference)
+    ref = evaluate(reference, tasks, log_samples=True, **kw)
+    return ref
+
+
 def evaluate(
     model: str,
     tasks: list[str] | tuple[str, ...] = ("wikitext2",),
     limit: int | None = None,
+    num_fewshot: int | None = None,
     seqlen: int = 512,
-    batch_size: int = 4,
+    batch_size: int = 8,
     device: str = "cpu",
     dtype: str | None = None,
     output: str | Path | None = None,
+    log_samples: bool = False,
+    reference: str | None = None,
+    kl_topk: int = 256,
+    apply_chat_template: bool = False,
+    generate: bool = True,
+    prefix_cache: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Evaluate ``model`` on ``tasks``; returns (and optionally writes) a results dict."""
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if unknown:
-        raise TasaError(f"unknown task {unknown[0]!r}; available: {', '.join(EVAL_TASKS)}")
+    """Evaluate ``model`` on ``tasks`` (built-in names or task spec files); returns the results dict.
+
+    With ``reference`` (a model spec, or a results JSON written with
+    ``log_samples``) each task also reports flip rates against it and
+    wikitext2 the mean KL divergence from it.  ``output`` writes the JSON
+    (and, with ``log_samples`` and wikitext2, ``<output>.topk.safetensors``
+    holding the top-``kl_topk`` log-probs a later run compares against).
+    """
+    from tasa.eval.runner import add_flips, run_task
+    from tasa.eval.tasks import get_task
+
+    tasks = list(tasks)
+    if not tasks:
+        raise TasaError("no tasks given")
+    if len(set(tasks)) != len(tasks):
+        raise TasaError("a task is listed twice")
+    if batch_size < 1:
+        raise TasaError(f"--batch-size must be positive, got {batch_size}")
+    task_objs = {t: get_task(t) for t in tasks if t != "wikitext2"}  # bad names and specs fail before loading
+    for t in task_objs.values():
+        t.select(limit)  # reads the rows: missing files and a too-large --limit fail early
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    ref = None
+    if reference is not None:
+        ref = _load_reference(reference, tasks, limit=limit, num_fewshot=num_fewshot, seqlen=seqlen,
+                              batch_size=batch_size, device=device, dtype=dtype, kl_topk=kl_topk,
+                              apply_chat_template=apply_chat_template, generate=generate,
+                              prefix_cache=prefix_cache, progress=progress)
+    t0 = time.perf_counter()
     lm = load(model, dtype=dtype, device=device)
-    results: dict = {"model": model, "config": {"limit": limit, "seqlen": seqlen, "batch_size": batch_size,
-                                                "dtype": str(next(lm.model.parameters()).dtype)},
+    results: dict = {"model": model,
+                     "config": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "seqlen": seqlen,
+                                "batch_size": batch_size, "device": device,
+                                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+                                "apply_chat_template": apply_chat_template, "generate": generate,
+                                "reference": reference},
                      "results": {}, "machine": machine_info(),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    for task in tasks:
-        if task == "wikitext2":
+    samples: dict = {}
+    topk = None
+    for name in tasks:
+        if name == "wikitext2":
             text = "\n\n".join(eval_texts("wikitext2"))
+            ref_topk = ref.get("_topk") if ref else None
             r = perplexity(lm.model, lm.tokenizer, text, seqlen=seqlen, limit=limit, batch_size=batch_size,
-                           progress=progress)
-            results["results"]["wikitext2"] = {"wikitext2_ppl": r.ppl, "nll": r.nll, "windows": r.windows,
-                                               "tokens": r.tokens, "seconds": r.seconds}
+                           progress=progress, topk=kl_topk if log_samples else 0, reference=ref_topk)
+            m = {"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "tokens": r.tokens}
+            if r.kl is not None:
+                m.update({"kl": r.kl, "kl_stderr": r.kl_stderr, "ref_topk_mass": r.ref_topk_mass})
+            m["seconds"] = r.seconds
+            results["results"]["wikitext2"] = m
+            topk = r.topk
+            continue
+        task = task_objs[name]
+        res = run_task(lm.model, lm.tokenizer, task, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                       chat_template=apply_chat_template, generate=generate, prefix_cache=prefix_cache,
+                       progress=progress)
+        if ref is not None:
+            if name not in ref.get("samples", {}):
+                raise TasaError(f"the reference has no records of task {name}")
+            add_flips(res, task, ref["samples"][name])
+        results["results"][res.task] = res.metrics
+        samples[res.task] = res.samples
+    results["seconds"] = time.perf_counter() - t0
+    if log_samples:
+        results["samples"] = samples
     if output:
         write_json_atomic(output, results)
+        if log_samples and topk is not None:
+            from safetensors.torch import save_file
+
+            side = Path(output).with_suffix(".topk.safetensors")
+            tmp = side.with_name(side.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in topk.items()}, str(tmp))
+            os.replace(tmp, side)
+    if log_samples and topk is not None:
+        results["_topk"] = topk  # in memory only, for a run that uses this one as its reference
     return results

@@ -48,10 +48,10 @@ def test_quantize_gptq_then_eval(tiny_model_dir, tmp_path, capsys, data_dir):
     code, out, err = run_cli(["eval", "--model", str(out_dir), "--tasks", "wikitext2", "--limit", "3",
                               "--seqlen", "64", "--output", str(res_file), "--quiet"], capsys)
     assert code == 0, err
-    assert "wikitext2_ppl" in out
+    assert "ppl" in out
     res = json.loads(res_file.read_text())
     assert res["results"]["wikitext2"]["windows"] == 3
-    assert res["results"]["wikitext2"]["wikitext2_ppl"] > 1
+    assert res["results"]["wikitext2"]["ppl"] > 1
 
 
 def _corrupt(model_dir, key, value):
@@ -139,3 +139,52 @@ def test_help_explains_options(capsys):
     assert code == 0
     for flag in ("--bits", "--group-size", "--calib", "--nsamples", "--seqlen", "--output-dir", "--overwrite"):
         assert flag in out
+
+
+def test_eval_tasks_with_reference_flips_and_kl(tiny_model_dir, tmp_path, capsys, data_dir):
+    ref_file = tmp_path / "ref.json"
+    code, out, err = run_cli(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2,arc_easy,mmlu",
+                              "--limit", "2", "--seqlen", "64", "--kl-topk", "300", "--log-samples",
+                              "--output", str(ref_file), "--quiet"], capsys)
+    assert code == 0, err
+    ref = json.loads(ref_file.read_text())
+    assert ref["results"]["arc_easy"]["n"] == 2 and ref["results"]["mmlu"]["n"] == 4
+    assert len(ref["samples"]["arc_easy"]) == 2 and "lls" in ref["samples"]["arc_easy"][0]
+    assert (tmp_path / "ref.topk.safetensors").is_file()
+    for line in ("arc_easy   acc_norm", "mmlu       acc ", "wikitext2  ppl "):
+        assert line in out
+    # the model against itself: no flips, KL 0 (top-300 covers the whole 260-token vocabulary)
+    res_file = tmp_path / "self.json"
+    code, out, err = run_cli(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2,arc_easy",
+                              "--limit", "2", "--seqlen", "64", "--reference", str(ref_file),
+                              "--output", str(res_file), "--quiet"], capsys)
+    assert code == 0, err
+    res = json.loads(res_file.read_text())["results"]
+    assert res["wikitext2"]["kl"] == pytest.approx(0.0, abs=1e-5) and res["arc_easy"]["flip_rate"] == 0.0
+    assert res["wikitext2"]["ref_topk_mass"] == pytest.approx(1.0, abs=1e-3)
+    # a quantized model against the reference model itself (a model spec): KL > 0
+    q_dir = tmp_path / "q"
+    assert run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "2", "--group-size",
+                    "16", "--output-dir", str(q_dir), "--quiet"], capsys)[0] == 0
+    code, out, err = run_cli(["eval", "--model", str(q_dir), "--tasks", "wikitext2,arc_easy", "--limit", "2",
+                              "--seqlen", "64", "--reference", str(tiny_model_dir), "--quiet"], capsys)
+    assert code == 0, err
+    kl = [line for line in out.splitlines() if line.startswith("wikitext2  kl ")]
+    assert kl and float(kl[0].split()[2]) > 1e-3  # a random tiny model is near-uniform: small but clearly > 0
+    # a reference evaluated on other windows is refused
+    code, out, err = run_cli(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "3",
+                              "--seqlen", "64", "--reference", str(ref_file), "--quiet"], capsys)
+    assert code == 2 and "use the same --limit and --seqlen" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "hellaswag"], "unknown task 'hellaswag'"),
+    (["--tasks", "arc_easy", "--limit", "100"], "--limit 100 exceeds the 8 rows of arc_easy"),
+    (["--tasks", "arc_easy", "--apply-chat-template"], "no chat template"),
+    (["--tasks", "arc_easy", "--reference", "missing.json"], "reference results not found"),
+    (["--tasks", "arc_easy,arc_easy"], "listed twice"),
+])
+def test_eval_bad_input_one_line(tiny_model_dir, capsys, data_dir, args, message):
+    code, out, err = run_cli(["eval", "--model", str(tiny_model_dir), "--quiet", *args], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -27,9 +27,13 @@ class PerplexityResult:
     tokens: int  # scored tokens
     seqlen: int
     seconds: float
+    kl: float | None = None  # mean KL(reference || model) per token, when a reference was given
+    kl_stderr: float | None = None  # over windows
+    ref_topk_mass: float | None = None  # mean probability mass the reference's top-k covers
+    topk: dict | None = None  # this model's top-k log-probs ("logp" float32, "idx" int32), when asked
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "topk"}
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) -> torch.Tensor:
@@ -44,11 +48,28 @@ def eval_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) ->
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
-               desc: str = "perplexity") -> torch.Tensor:
-    """Summed next-token NLL (nats) of each window, shape (n_windows,)."""
+@dataclass
+class WindowScores:
+    nll: torch.Tensor  # (n_windows,) summed next-token NLL
+    kl: torch.Tensor | None  # (n_windows,) summed KL against the reference
+    topk: dict | None
+
+
+def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, topk: int = 0,
+                  reference: dict | None = None, desc: str = "perplexity") -> WindowScores:
+    """Summed next-token NLL of each window; optionally this model's top-k log-probs and KL to a reference.
+
+    ``reference`` holds a reference model's top-k log-probs on the same windows
+    (``{"logp": (n, T-1, k), "idx": (n, T-1, k)}``, as returned here with ``topk=k``).
+    """
+    from tasa.eval.metrics import topk_kl
+
     device = next(model.parameters()).device
-    sums = []
+    if reference is not None and tuple(reference["idx"].shape[:2]) != (windows.shape[0], windows.shape[1] - 1):
+        raise TasaError(f"the reference was scored on {reference['idx'].shape[0]} windows of "
+                        f"{reference['idx'].shape[1] + 1} tokens, this run on {windows.shape[0]} of "
+                        f"{windows.shape[1]}; use the same --limit and --seqlen")
+    sums, kls, top_lp, top_idx = [], [], [], []
     with torch.no_grad():
         for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
             batch = windows[start:start + batch_size].to(device)
@@ -56,17 +77,40 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -logp.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
             sums.append(nll.sum(dim=1).cpu())
-    return torch.cat(sums)
+            if topk:
+                v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+                top_lp.append(v.cpu())
+                top_idx.append(i.int().cpu())
+            if reference is not None:
+                r_lp = reference["logp"][start:start + batch_size].to(device)
+                r_idx = reference["idx"][start:start + batch_size].to(device).long()
+                kls.append(topk_kl(r_lp, r_idx, logp).sum(dim=1).cpu())
+    return WindowScores(torch.cat(sums), torch.cat(kls) if kls else None,
+                        {"logp": torch.cat(top_lp), "idx": torch.cat(top_idx)} if topk else None)
+
+
+def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+               desc: str = "perplexity") -> torch.Tensor:
+    """Summed next-token NLL (nats) of each window, shape (n_windows,)."""
+    return window_scores(model, windows, batch_size, progress, desc=desc).nll
 
 
 def perplexity(model, tokenizer, text: str, seqlen: int = 512, limit: int | None = None, batch_size: int = 4,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, topk: int = 0, reference: dict | None = None) -> PerplexityResult:
+    """Perplexity on ``text``; with ``reference`` also the mean KL(reference || model) per token."""
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_len is not None and seqlen > max_len:
         raise TasaError(f"seqlen {seqlen} exceeds the model's maximum context of {max_len} tokens")
     t0 = time.perf_counter()
     windows = eval_windows(tokenizer, text, seqlen, limit)
-    sums = window_nll(model, windows, batch_size, progress)
+    s = window_scores(model, windows, batch_size, progress, topk=topk, reference=reference)
     tokens = windows.shape[0] * (seqlen - 1)
-    nll = float(sums.sum()) / tokens
-    return PerplexityResult(math.exp(nll), nll, windows.shape[0], tokens, seqlen, time.perf_counter() - t0)
+    nll = float(s.nll.sum()) / tokens
+    res = PerplexityResult(math.exp(nll), nll, windows.shape[0], tokens, seqlen, 0.0, topk=s.topk)
+    if s.kl is not None:
+        per_window = s.kl / (seqlen - 1)
+        res.kl = float(per_window.mean())
+        res.kl_stderr = float(per_window.std() / math.sqrt(len(per_window))) if len(per_window) > 1 else None
+        res.ref_topk_mass = float(reference["logp"].float().exp().sum(-1).mean())
+    res.seconds = time.perf_counter() - t0
+    return res

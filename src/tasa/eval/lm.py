@@ -1,0 +1,224 @@
+"""Scoring a causal LM: log-likelihood of continuations and greedy generation.
+
+Tokenisation follows lm-eval 0.4.x's Hugging Face backend exactly, so the
+numbers are comparable: a context's trailing whitespace moves to the front of
+the continuation, ``context + continuation`` is encoded as a whole and the
+continuation tokens are what follows the encoded context; no special tokens
+are added (an empty context is replaced by the EOS token).
+
+Speed, without changing results beyond float noise:
+
+- requests are batched by length (longest first, so padding is small);
+- identical contexts are encoded and run once: with ``prefix_cache`` (default)
+  a batch of distinct contexts is run once to fill a KV cache, whose rows are
+  repeated for every continuation of that context; the continuation pass then
+  scores only continuation positions (the vocabulary log-softmax is the costly
+  part for small models, so it is never computed on context positions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tasa.errors import TasaError
+
+
+@dataclass(frozen=True)
+class LLResult:
+    """Log-likelihood of one continuation: summed log-prob (nats), token count, greedy flag."""
+
+    logprob: float
+    tokens: int
+    is_greedy: bool
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) the way lm-eval's HF backend splits them."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if context == "":
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise TasaError("an empty context needs the tokenizer's EOS token, and this tokenizer has none")
+        return [eos], tokenizer(continuation, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    return ctx, whole[len(ctx):]
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+def _score_rows(logits: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:
+    """Sum of target log-probs and greedy flag for each row; logits row r, position j predicts targets[r][j]."""
+    out = []
+    for r, tgt in enumerate(targets):
+        lg = logits[r, : len(tgt)].float()
+        logp = F.log_softmax(lg, dim=-1)
+        t = torch.tensor(tgt, device=lg.device)
+        out.append((float(logp.gather(-1, t[:, None]).sum()), bool((lg.argmax(-1) == t).all())))
+    return out
+
+
+def _pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows to a (B, L) id tensor and its 0/1 attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
+                   prefix_cache: bool = True, progress: bool = True, desc: str = "loglikelihood") -> list[LLResult]:
+    """Log-likelihood of each ``(context, continuation)`` request, in request order.
+
+    ``batch_size`` counts continuations per forward pass.  Results equal a
+    direct forward pass over ``context + continuation`` up to float noise.
+    """
+    if batch_size < 1:
+        raise TasaError(f"batch size must be positive, got {batch_size}")
+    encoded = [encode_pair(tokenizer, c, x) for c, x in requests]
+    for (c, x), (_, cont) in zip(requests, encoded):
+        if not cont:
+            raise TasaError(f"continuation {x!r} encodes to no tokens after context {c[-40:]!r}")
+    max_len = _max_length(model)
+    # lm-eval keeps the last max_length + 1 tokens of context + continuation
+    seqs = []
+    for ctx, cont in encoded:
+        whole = (ctx + cont)[-(max_len + 1):]
+        seqs.append((tuple(whole[: len(whole) - len(cont)]), tuple(cont)))
+    results: list[LLResult | None] = [None] * len(requests)
+    if prefix_cache:
+        _run_prefix_shared(model, seqs, results, batch_size, progress, desc)
+    else:
+        _run_full(model, seqs, results, batch_size, progress, desc)
+    return results  # type: ignore[return-value]
+
+
+def _run_full(model, seqs, results, batch_size, progress, desc) -> None:
+    """Each request as one sequence ``context + continuation[:-1]``; the lm-eval way."""
+    device = _model_device(model)
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            idx = order[start:start + batch_size]
+            rows = [list(seqs[i][0] + seqs[i][1])[:-1] for i in idx]
+            ids, mask = _pad(rows, 0, device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for k, i in enumerate(idx):
+                ctx, cont = seqs[i]
+                first = len(ctx) - 1
+                lp, greedy = _score_rows(logits[k:k + 1, first:], [list(cont)])[0]
+                results[i] = LLResult(lp, len(cont), greedy)
+
+
+def _run_prefix_shared(model, seqs, results, batch_size, progress, desc) -> None:
+    """Run each distinct context once into a KV cache, then all its continuations from that cache."""
+    device = _model_device(model)
+    by_ctx: dict[tuple, list[int]] = {}
+    for i, (ctx, _) in enumerate(seqs):
+        by_ctx.setdefault(ctx, []).append(i)
+    contexts = sorted(by_ctx, key=lambda c: -len(c))
+    bar = tqdm(total=len(seqs), desc=desc, disable=not progress)
+    with torch.no_grad():
+        start = 0
+        while start < len(contexts):
+            # take contexts until their continuations fill a batch (at least one context)
+            chunk, n = [], 0
+            while start < len(contexts) and (not chunk or n + len(by_ctx[contexts[start]]) <= batch_size):
+                chunk.append(contexts[start])
+                n += len(by_ctx[contexts[start]])
+                start += 1
+            _score_chunk(model, device, chunk, by_ctx, seqs, results)
+            bar.update(n)
+    bar.close()
+
+
+def _score_chunk(model, device, chunk, by_ctx, seqs, results) -> None:
+    prefixes = [list(c[:-1]) for c in chunk]  # the last context token is fed with the continuation
+    req_ids = [i for c in chunk for i in by_ctx[c]]
+    owner = [k for k, c in enumerate(chunk) for _ in by_ctx[c]]
+    rows = [[seqs[i][0][-1]] + list(seqs[i][1][:-1]) for i in req_ids]
+    targets = [list(seqs[i][1]) for i in req_ids]
+    ids, cont_mask = _pad(rows, 0, device)
+    if all(len(p) == 0 for p in prefixes):
+        logits = model(input_ids=ids, attention_mask=cont_mask, use_cache=False).logits
+    elif any(len(p) == 0 for p in prefixes):  # a fully padded cache row would attend to nothing
+        for k, c in enumerate(chunk):
+            _score_chunk(model, device, [c], by_ctx, seqs, results)
+        return
+    else:
+        p_ids, p_mask = _pad(prefixes, 0, device)
+        out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        sel = torch.tensor(owner, device=device)
+        cache.reorder_cache(sel)
+        mask = torch.cat([p_mask[sel], cont_mask], dim=1)
+        plen = torch.tensor([len(prefixes[k]) for k in owner], device=device)
+        pos = plen[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits
+    for k, (i, tgt) in enumerate(zip(req_ids, targets)):
+        lp, greedy = _score_rows(logits[k:k + 1], [tgt])[0]
+        results[i] = LLResult(lp, len(tgt), greedy)
+
+
+# ---- generation ----
+
+def greedy_generate(model, tokenizer, contexts: Sequence[str], until: Iterable[str], max_new_tokens: int = 256,
+                    batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy continuations of ``contexts``, each cut at the first stop string (lm-eval's generate_until).
+
+    Batched with left padding and a KV cache, longest contexts first; a row stops
+    at a stop string or EOS and the batch ends when every row has stopped.
+    """
+    if max_new_tokens < 1:
+        raise TasaError(f"max new tokens must be positive, got {max_new_tokens}")
+    device = _model_device(model)
+    stops = [s for s in until if s]
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None:
+        eos_text = tokenizer.decode([eos_id], skip_special_tokens=False)
+        if eos_text and eos_text not in stops:
+            stops.append(eos_text)
+    max_ctx = _max_length(model) - max_new_tokens
+    if max_ctx < 1:
+        raise TasaError(f"max new tokens {max_new_tokens} leave no room for a context in the model's "
+                        f"{_max_length(model)} positions")
+    enc = [tokenizer(c, add_special_tokens=False).input_ids[-max_ctx:] for c in contexts]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id if eos_id is not None else 0)
+    out: list[str | None] = [None] * len(contexts)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            idx = order[start:start + batch_size]
+            width = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding
+                ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
+                mask[r, width - len(enc[i]):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, stop_strings=stops or None, tokenizer=tokenizer,
+                                 pad_token_id=pad_id, eos_token_id=eos_id, num_beams=1, temperature=None,
+                                 top_p=None, top_k=None)
+            for r, i in enumerate(idx):
+                text = tokenizer.decode(gen[r, width:].tolist(), skip_special_tokens=True)
+                for s in stops:
+                    text = text.split(s)[0]
+                out[i] = text
+    return out  # type: ignore[return-value]

@@ -1,0 +1,94 @@
+"""Log-likelihood and generation engine on a tiny random model: equal to a direct forward pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasa.errors import TasaError
+from tasa.eval.lm import encode_pair, greedy_generate, loglikelihoods
+from tests.conftest import tiny_llama
+
+REQUESTS = [
+    ("Question: what is a cat?\nAnswer:", " a mat"),
+    ("Question: what is a cat?\nAnswer:", " the river runs"),
+    ("Question: what is a cat?\nAnswer:", " a"),
+    ("Q: apples\nA:", " seven twelve"),
+    ("", "hello there"),  # empty context -> EOS
+    ("trailing space ", "moves"),
+    ("x", "y"),  # one-token context: an empty cache prefix
+]
+
+
+def direct(model, tok, context, continuation):
+    ctx, cont = encode_pair(tok, context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    tgt = torch.tensor(cont)
+    return float(logp[len(ctx) - 1:].gather(-1, tgt[:, None]).sum()), bool((logp[len(ctx) - 1:].argmax(-1) == tgt).all())
+
+
+def test_encode_pair_moves_trailing_whitespace_and_uses_eos_for_empty_context(tokenizer):
+    ctx, cont = encode_pair(tokenizer, "ab ", "c")
+    assert tokenizer.decode(ctx) == "ab" and tokenizer.decode(cont) == " c"
+    ctx, cont = encode_pair(tokenizer, "", "hi")
+    assert ctx == [tokenizer.eos_token_id] and tokenizer.decode(cont) == "hi"
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_loglikelihoods_equal_direct_forward(tokenizer, prefix_cache, batch_size):
+    model = tiny_llama()
+    expected = [direct(model, tokenizer, c, x) for c, x in REQUESTS]
+    got = loglikelihoods(model, tokenizer, REQUESTS, batch_size, prefix_cache=prefix_cache, progress=False)
+    for r, (lp, greedy), (c, x) in zip(got, expected, REQUESTS):
+        assert r.logprob == pytest.approx(lp, abs=1e-4)
+        assert r.is_greedy == greedy
+        assert r.tokens == len(encode_pair(tokenizer, c, x)[1])
+
+
+def test_loglikelihoods_truncate_long_requests_on_the_left(tokenizer):
+    model = tiny_llama(max_pos=32)
+    ctx, cont = "w" * 50, " end"
+    (r,) = loglikelihoods(model, tokenizer, [(ctx, cont)], progress=False)
+    c, x = encode_pair(tokenizer, ctx, cont)
+    whole = (c + x)[-33:]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), -1)
+    want = float(logp[-len(x):].gather(-1, torch.tensor(x)[:, None]).sum())
+    assert r.logprob == pytest.approx(want, abs=1e-4)
+
+
+def test_loglikelihood_errors(tokenizer):
+    model = tiny_llama()
+    with pytest.raises(TasaError, match="batch size"):
+        loglikelihoods(model, tokenizer, REQUESTS, 0, progress=False)
+    with pytest.raises(TasaError, match="encodes to no tokens"):
+        loglikelihoods(model, tokenizer, [("abc", "")], progress=False)
+
+
+def test_greedy_generation_batched_equals_unbatched_and_matches_manual_argmax(tokenizer):
+    model = tiny_llama(seed=3)
+    contexts = ["the cat sat", "questions about apples and oranges", "seven"]
+    one = greedy_generate(model, tokenizer, contexts, [], max_new_tokens=6, batch_size=1, progress=False)
+    many = greedy_generate(model, tokenizer, contexts, [], max_new_tokens=6, batch_size=3, progress=False)
+    assert one == many
+    ids = tokenizer(contexts[1], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+    n_ctx = len(tokenizer(contexts[1], add_special_tokens=False).input_ids)
+    assert one[1] == tokenizer.decode(ids[n_ctx:], skip_special_tokens=True)
+
+
+def test_generation_cuts_at_stop_strings(tokenizer):
+    model = tiny_llama(seed=3)
+    full = greedy_generate(model, tokenizer, ["the cat sat"], [], max_new_tokens=8, progress=False)[0]
+    assert len(full) >= 3
+    stop = full[2]
+    cut = greedy_generate(model, tokenizer, ["the cat sat"], [stop], max_new_tokens=8, progress=False)[0]
+    assert cut == full.split(stop)[0]
+    with pytest.raises(TasaError, match="max new tokens"):
+        greedy_generate(model, tokenizer, ["x"], [], max_new_tokens=0, progress=False)
