@@ -35,8 +35,9 @@ def tasa_worker(task: str, model_dir: str) -> dict:
 
     limit, shots = WORKLOAD[task]
     lm = load(model_dir)
+    # the same work as lm-eval: no gold-solution NLL pass on top of generation
     res = run_task(lm.model, lm.tokenizer, get_task(task), limit=limit, num_fewshot=shots, batch_size=BATCH,
-                   progress=False)
+                   gold_nll=False, progress=False)
     seconds = time.perf_counter() - t0
     if task == "gsm8k":
         items = [{"doc_id": s["doc"], "strict-match": s["strict_match"], "flexible-extract": s["flexible_extract"],

@@ -80,3 +80,29 @@ def test_gptq_w3_model_perplexity_below_rtn_w3(wiki_text):
         ppl[method] = perplexity(lm.model, lm.tokenizer, wiki_text, seqlen=512, limit=2, progress=False).ppl
         del lm
     assert ppl["gptq"] < ppl["rtn"], ppl
+
+
+def test_arc_easy_log_likelihoods_equal_lm_eval(smollm):
+    """Per-choice log-likelihoods of the first ARC-Easy test rows, as lm-eval 0.4.13 computed them
+    (benchmarks/peers/lmeval_run.py, float32, CPU), and the same acc/acc_norm decisions."""
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    lm_eval = [([-23.543302536010742, -34.062965393066406, -32.448570251464844, -29.223970413208008], 1.0, 1.0),
+               ([-15.36277961730957, -16.443944931030273, -15.42611312866211, -21.408184051513672], 0.0, 0.0),
+               ([-21.121482849121094, -25.087493896484375, -23.08160400390625, -20.192562103271484], 1.0, 1.0)]
+    res = run_task(smollm.model, smollm.tokenizer, get_task("arc_easy"), limit=3, progress=False)
+    for s, (lls, acc, acc_norm) in zip(res.samples, lm_eval):
+        assert s["lls"] == pytest.approx(lls, abs=2e-3)
+        assert (s["acc"], s["acc_norm"]) == (acc, acc_norm)
+
+
+def test_gsm8k_five_shot_generation_and_gold_nll(smollm):
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    res = run_task(smollm.model, smollm.tokenizer, get_task("gsm8k"), limit=2, batch_size=2, progress=False)
+    assert res.metrics["n"] == 2
+    assert all(s["response"].strip() and "Question:" not in s["response"] for s in res.samples)
+    assert 0.3 < res.metrics["gold_nll"] < 3.0  # nats per gold-solution token, 5-shot context
+    assert res.metrics["gold_tokens"] > 100

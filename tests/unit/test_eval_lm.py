@@ -92,3 +92,24 @@ def test_generation_cuts_at_stop_strings(tokenizer):
     assert cut == full.split(stop)[0]
     with pytest.raises(TasaError, match="max new tokens"):
         greedy_generate(model, tokenizer, ["x"], [], max_new_tokens=0, progress=False)
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tokenizer):
+    model = tiny_llama(seed=3)
+    contexts = ["the cat sat", "questions about apples and oranges", "seven", "rivers and mountains"]
+    free = greedy_generate(model, tokenizer, contexts, [], max_new_tokens=10, batch_size=1, progress=False)
+    stop = free[1][1]  # the second row stops after its first character; the others run on
+    one = greedy_generate(model, tokenizer, contexts, [stop], max_new_tokens=10, batch_size=1, progress=False)
+    many = greedy_generate(model, tokenizer, contexts, [stop], max_new_tokens=10, batch_size=4, progress=False)
+    assert one == many == [f.split(stop)[0] for f in free]
+    assert len(many[1]) == 1 and max(len(x) for x in many) > 1
+
+
+def test_greedy_generation_equals_transformers_generate(tokenizer):
+    model = tiny_llama(seed=5)
+    ids = tokenizer("questions about apples", add_special_tokens=False, return_tensors="pt").input_ids
+    ref = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.eos_token_id,
+                         eos_token_id=None)
+    want = tokenizer.decode(ref[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    got = greedy_generate(model, tokenizer, ["questions about apples"], [], max_new_tokens=8, progress=False)[0]
+    assert got == want

@@ -183,12 +183,13 @@ def greedy_generate(model, tokenizer, contexts: Sequence[str], until: Iterable[s
                     batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
     """Greedy continuations of ``contexts``, each cut at the first stop string (lm-eval's generate_until).
 
-    Batched with left padding and a KV cache, longest contexts first; a row stops
-    at a stop string or EOS and the batch ends when every row has stopped.
+    Batched with left padding and a KV cache, longest contexts first.  A row
+    stops at a stop string, at EOS or after ``max_new_tokens``; stopped rows
+    leave the batch (their KV-cache rows are dropped), so a batch costs what its
+    still-running rows need rather than what its longest answer needs.
     """
     if max_new_tokens < 1:
         raise TasaError(f"max new tokens must be positive, got {max_new_tokens}")
-    device = _model_device(model)
     stops = [s for s in until if s]
     eos_id = tokenizer.eos_token_id
     if eos_id is not None:
@@ -200,25 +201,59 @@ def greedy_generate(model, tokenizer, contexts: Sequence[str], until: Iterable[s
         raise TasaError(f"max new tokens {max_new_tokens} leave no room for a context in the model's "
                         f"{_max_length(model)} positions")
     enc = [tokenizer(c, add_special_tokens=False).input_ids[-max_ctx:] for c in contexts]
+    if any(not e for e in enc):
+        raise TasaError("an empty prompt cannot be continued")
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id if eos_id is not None else 0)
     out: list[str | None] = [None] * len(contexts)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             idx = order[start:start + batch_size]
-            width = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding
-                ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
-                mask[r, width - len(enc[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, stop_strings=stops or None, tokenizer=tokenizer,
-                                 pad_token_id=pad_id, eos_token_id=eos_id, num_beams=1, temperature=None,
-                                 top_p=None, top_k=None)
-            for r, i in enumerate(idx):
-                text = tokenizer.decode(gen[r, width:].tolist(), skip_special_tokens=True)
+            texts = _greedy_batch(model, tokenizer, [enc[i] for i in idx], stops, max_new_tokens, eos_id)
+            for i, text in zip(idx, texts):
                 for s in stops:
                     text = text.split(s)[0]
                 out[i] = text
     return out  # type: ignore[return-value]
+
+
+def _greedy_batch(model, tokenizer, rows: list[list[int]], stops: list[str], max_new_tokens: int,
+                  eos_id: int | None) -> list[str]:
+    device = _model_device(model)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):  # left padding
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1)
+    pos = pos[:, -1]
+    generated: list[list[int]] = [[] for _ in rows]
+    texts = [""] * len(rows)
+    active = list(range(len(rows)))  # row index of each batch position
+    for step in range(max_new_tokens):
+        keep = []
+        for b, r in enumerate(active):
+            tok = int(nxt[b])
+            if tok == eos_id:
+                continue
+            generated[r].append(tok)
+            texts[r] = tokenizer.decode(generated[r], skip_special_tokens=True)
+            if not any(s in texts[r] for s in stops):
+                keep.append(b)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, nxt, pos = mask[sel], nxt[sel], pos[sel]
+            active = [active[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
+                    use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+    return texts

@@ -40,9 +40,9 @@ def _add(metrics: dict, name: str, values: list[float]) -> None:
 
 
 def run_task(model, tokenizer, task: Task, limit: int | None = None, num_fewshot: int | None = None,
-             batch_size: int = 16, chat_template: bool = False, generate: bool = True, prefix_cache: bool = True,
-             progress: bool = True) -> TaskResult:
-    """Evaluate ``task``; ``generate=False`` skips generation (continuous metrics only)."""
+             batch_size: int = 16, chat_template: bool = False, generate: bool = True, gold_nll: bool = True,
+             prefix_cache: bool = True, progress: bool = True) -> TaskResult:
+    """Evaluate ``task``; ``generate=False`` skips generation, ``gold_nll=False`` the gold-text NLL pass."""
     t0 = time.perf_counter()
     docs = task.select(limit)
     contexts = task.contexts(docs, num_fewshot)
@@ -68,7 +68,7 @@ def run_task(model, tokenizer, task: Task, limit: int | None = None, num_fewshot
     else:
         samples = [{"doc": i} for i in range(len(docs))]
         targets = [task.doc_to_target(d) for d in docs]
-        if any(targets):
+        if gold_nll and any(targets):
             reqs = [(c, delim + t) for c, t in zip(contexts, targets) if t]
             scored = iter(loglikelihoods(model, tokenizer, reqs, batch_size, prefix_cache, progress,
                                          desc=f"{task.name} gold"))
