@@ -134,11 +134,6 @@ class Task:
 
 # ---- built-in tasks ----
 
-def _builtin_rows(name: str, split: str) -> tuple[Path, list[dict]]:
-    path = data_dir() / BUILTIN[name].files[split]
-    return path, read_jsonl(path)
-
-
 def _convert(path: Path, rows: list[dict], convert: Callable[[dict], dict], what: str) -> list[dict]:
     """Convert raw rows into documents; rows lacking fields are skipped with one warning."""
     docs, bad = [], []
@@ -172,16 +167,21 @@ def _gsm8k_doc(row: dict) -> dict:
     return {"question": str(row["question"]), "answer": str(row["answer"])}
 
 
-def _loader(name: str, split: str, convert: Callable[[dict], dict]) -> Callable[[], list[dict]]:
+def _jsonl_docs(path: Callable[[], Path], convert: Callable[[dict], dict], what: str) -> Callable[[], list[dict]]:
+    """A loader of a JSON-lines file's documents, read once on first use."""
     cache: list = []
 
     def load() -> list[dict]:
         if not cache:
-            path, rows = _builtin_rows(name, split)
-            cache.append(_convert(path, rows, convert, name))
+            p = path()
+            cache.append(_convert(p, read_jsonl(p), convert, what))
         return cache[0]
 
     return load
+
+
+def _loader(name: str, split: str, convert: Callable[[dict], dict]) -> Callable[[], list[dict]]:
+    return _jsonl_docs(lambda: data_dir() / BUILTIN[name].files[split], convert, name)
 
 
 def _arc(name: str) -> Task:
@@ -337,14 +337,7 @@ def load_task_spec(path: str | Path) -> Task:
             return {**row, "_text": prompt(row), "_target": target(row)}
 
     def loader(p: Path) -> Callable[[], list[dict]]:
-        cache: list = []
-
-        def load() -> list[dict]:
-            if not cache:
-                cache.append(_convert(p, read_jsonl(p), convert, name))
-            return cache[0]
-
-        return load
+        return _jsonl_docs(lambda: p, convert, name)
 
     num_fewshot = int(spec.get("num_fewshot", 0))
     task = Task(name=name, kind=kind, docs=loader(data), doc_to_text=lambda d: d["_text"],
