@@ -1,0 +1,1 @@
+"""Stage 2: sensitivity profiling (rank statistics so far; probes follow)."""
