@@ -147,7 +147,7 @@ def _convert(path: Path, rows: list[dict], convert: Callable[[dict], dict], what
     return docs
 
 
-def _arc_doc(row: dict) -> dict:
+def arc_doc(row: dict) -> dict:
     q = row["question"]
     labels = [str(c["label"]) for c in q["choices"]]
     texts = [str(c["text"]) for c in q["choices"]]
@@ -155,7 +155,7 @@ def _arc_doc(row: dict) -> dict:
             "gold": labels.index(str(row["answerKey"]))}
 
 
-def _mmlu_doc(row: dict) -> dict:
+def mmlu_doc(row: dict) -> dict:
     choices = [str(c) for c in row["choices"]]
     if len(choices) != 4 or not 0 <= int(row["answer"]) < 4:
         raise ValueError("MMLU rows have 4 choices")
@@ -163,11 +163,11 @@ def _mmlu_doc(row: dict) -> dict:
             "gold": int(row["answer"])}
 
 
-def _gsm8k_doc(row: dict) -> dict:
+def gsm8k_doc(row: dict) -> dict:
     return {"question": str(row["question"]), "answer": str(row["answer"])}
 
 
-def _jsonl_docs(path: Callable[[], Path], convert: Callable[[dict], dict], what: str) -> Callable[[], list[dict]]:
+def jsonl_docs(path: Callable[[], Path], convert: Callable[[dict], dict], what: str) -> Callable[[], list[dict]]:
     """A loader of a JSON-lines file's documents, read once on first use."""
     cache: list = []
 
@@ -181,14 +181,14 @@ def _jsonl_docs(path: Callable[[], Path], convert: Callable[[dict], dict], what:
 
 
 def _loader(name: str, split: str, convert: Callable[[dict], dict]) -> Callable[[], list[dict]]:
-    return _jsonl_docs(lambda: data_dir() / BUILTIN[name].files[split], convert, name)
+    return jsonl_docs(lambda: data_dir() / BUILTIN[name].files[split], convert, name)
 
 
 def _arc(name: str) -> Task:
-    return Task(name=name, kind="multiple_choice", docs=_loader(name, "test", _arc_doc),
+    return Task(name=name, kind="multiple_choice", docs=_loader(name, "test", arc_doc),
                 doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
                 doc_to_target=lambda d: d["choices"][d["gold"]], doc_to_choices=lambda d: d["choices"],
-                doc_to_gold=lambda d: d["gold"], fewshot_docs=_loader(name, "train", _arc_doc))
+                doc_to_gold=lambda d: d["gold"], fewshot_docs=_loader(name, "train", arc_doc))
 
 
 def _mmlu_text(d: dict) -> str:
@@ -197,10 +197,10 @@ def _mmlu_text(d: dict) -> str:
 
 
 def _mmlu() -> Task:
-    return Task(name="mmlu", kind="multiple_choice", docs=_loader("mmlu", "test", _mmlu_doc),
+    return Task(name="mmlu", kind="multiple_choice", docs=_loader("mmlu", "test", mmlu_doc),
                 doc_to_text=_mmlu_text, doc_to_target=lambda d: "ABCD"[d["gold"]],
                 doc_to_choices=lambda d: ["A", "B", "C", "D"], doc_to_gold=lambda d: d["gold"],
-                fewshot_docs=_loader("mmlu", "dev", _mmlu_doc), fewshot_sampler="first_n",
+                fewshot_docs=_loader("mmlu", "dev", mmlu_doc), fewshot_sampler="first_n",
                 group_key=lambda d: d["subject"],
                 description=lambda d: "The following are multiple choice questions (with answers) about "
                                       f"{d['subject'].replace('_', ' ')}.\n\n")
@@ -212,9 +212,9 @@ GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
 
 
 def _gsm8k() -> Task:
-    return Task(name="gsm8k", kind="generation", docs=_loader("gsm8k", "test", _gsm8k_doc),
+    return Task(name="gsm8k", kind="generation", docs=_loader("gsm8k", "test", gsm8k_doc),
                 doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:", doc_to_target=lambda d: d["answer"],
-                doc_to_answer=lambda d: d["answer"], fewshot_docs=_loader("gsm8k", "train", _gsm8k_doc),
+                doc_to_answer=lambda d: d["answer"], fewshot_docs=_loader("gsm8k", "train", gsm8k_doc),
                 num_fewshot=5, until=("Question:", "</s>", "<|im_end|>"), max_new_tokens=256,
                 answer_patterns={"strict_match": (GSM8K_STRICT, 0), "flexible_extract": (GSM8K_FLEXIBLE, -1)},
                 answer_ignore=GSM8K_IGNORE)
@@ -337,7 +337,7 @@ def load_task_spec(path: str | Path) -> Task:
             return {**row, "_text": prompt(row), "_target": target(row)}
 
     def loader(p: Path) -> Callable[[], list[dict]]:
-        return _jsonl_docs(lambda: p, convert, name)
+        return jsonl_docs(lambda: p, convert, name)
 
     num_fewshot = int(spec.get("num_fewshot", 0))
     task = Task(name=name, kind=kind, docs=loader(data), doc_to_text=lambda d: d["_text"],

@@ -1,0 +1,246 @@
+"""Measured sensitivity probes: RTN-quantize one unit, run only the layers from its own on.
+
+For every objective the hidden states entering decoder layer ``l`` are computed
+once (full precision) and kept; the probe of a unit of layer ``l`` (the whole
+layer, or one linear module) at ``b`` bits quantizes that unit in place with
+RTN, runs layers ``l..L-1`` plus the model's own final norm and head from the
+kept states, scores the objective, and restores the weights.  The kept states
+then advance one layer.  Cost: L(L+1)/2 layer passes per unit kind and
+bit-width instead of L^2.
+
+The tail runs through the model's own forward (its final norm, head, logit
+soft-capping, per-layer attention masks) with the decoder-layer list
+temporarily cut to ``layers[l:]`` and layer ``l``'s input replaced by the kept
+state, so no per-architecture code is needed.
+
+Every finished probe is written atomically to ``store_dir/probes/``; a killed
+run resumes where it stopped and gives the same result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tasa.artifacts import write_json_atomic
+from tasa.errors import TasaError
+from tasa.models.arch import ModelArch
+from tasa.profile.objectives import ItemLosses, Objective, item_losses
+from tasa.quant.rtn import rtn_quantize
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextmanager
+def layers_from(model: nn.Module, arch: ModelArch, start: int, stop: int | None = None):
+    """Temporarily make the model's decoder-layer list ``layers[start:stop]`` (same modules, no copies)."""
+    parent_path, _, attr = arch.spec.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(list(original)[start:stop]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+def _replace_input(hidden: torch.Tensor):
+    def hook(_m, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+    return hook
+
+
+def layer_input(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, layer: int,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden state entering decoder layer ``layer``: from the embeddings (layer 0) or by running
+    layer ``layer - 1`` on ``hidden`` (its own input)."""
+    captured = {}
+    if layer == 0:
+        def grab(_m, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+        handle = arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        ctx = layers_from(model, arch, 0)
+        handles = [handle]
+    else:
+        def grab_out(_m, _args, out):
+            captured["h"] = out[0] if isinstance(out, (tuple, list)) else out
+            raise _Stop
+        src = arch.layers[layer - 1]
+        handles = [src.register_forward_pre_hook(_replace_input(hidden), with_kwargs=True),
+                   src.register_forward_hook(grab_out)]
+        ctx = layers_from(model, arch, layer - 1, layer)
+    try:
+        with ctx, torch.no_grad():
+            try:
+                model(input_ids=input_ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "h" not in captured:
+        raise TasaError("the decoder layer was not reached by the model's forward pass; unsupported layout")
+    return captured["h"]
+
+
+def tail_row_nll(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, score_mask: torch.Tensor,
+                 layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of each row's scored tokens, running layers ``layer..L-1`` from ``hidden``."""
+    scored_rows, scored_pos = score_mask.nonzero(as_tuple=True)
+    first = int(scored_pos.min()) - 1  # the first position whose logits are needed
+    keep = input_ids.shape[1] - first
+    handle = arch.layers[layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    try:
+        with layers_from(model, arch, layer), torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+    finally:
+        handle.remove()
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # positions first..T-2 predict tokens first+1..T-1
+    targets = input_ids[:, first + 1:]
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (nll * score_mask[:, first + 1:]).sum(dim=1)
+
+
+@dataclass
+class Unit:
+    """What one probe quantizes: a whole layer or one module of it."""
+
+    name: str  # "layer.7" or the module's full name
+    layer: int
+    modules: tuple[str, ...]  # full module names
+
+
+def units(arch: ModelArch, granularity: str) -> list[Unit]:
+    if granularity == "layer":
+        return [Unit(f"layer.{i}", i, tuple(m.name for m in arch.layer_modules(i))) for i in range(arch.num_layers)]
+    if granularity == "module":
+        return [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
+    raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+
+
+@contextmanager
+def rtn_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, group_size: int, sym: bool):
+    """RTN-quantize the named linears in place for the duration of the block, then restore them exactly."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for name in module_names:
+                lin = model.get_submodule(name)
+                saved.append((lin, lin.weight.detach().clone()))
+                lin.weight.copy_(rtn_quantize(lin.weight.detach(), bits, group_size, sym).weight.to(lin.weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for lin, w in saved:
+                lin.weight.copy_(w)
+
+
+class ProbeStore:
+    """Finished probes as one JSON file each under ``root/probes``, tied to a settings fingerprint."""
+
+    def __init__(self, root: str | Path, settings: dict):
+        self.root = Path(root)
+        self.dir = self.root / "probes"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fp_file = self.root / "probe_settings.json"
+        if fp_file.is_file():
+            old = json.loads(fp_file.read_text())
+            if old != settings:
+                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise TasaError(f"{self.root} holds probes made with other settings ({', '.join(changed)}); "
+                                "use another output directory or --overwrite")
+        else:
+            write_json_atomic(fp_file, settings)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+
+    def get(self, key: str) -> dict | None:
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        rec = json.loads(p.read_text())
+        return rec if rec.get("key") == key else None
+
+    def put(self, key: str, value: dict) -> None:
+        write_json_atomic(self._path(key), {"key": key, **value})
+
+
+@dataclass
+class ProbeResults:
+    """Per-item losses of the full-precision model and of every probe, per objective."""
+
+    base: dict[str, ItemLosses]
+    probes: dict[tuple[str, int], dict[str, ItemLosses]]  # (unit name, bits) -> objective -> losses
+    units: list[Unit]
+    seconds: float
+
+
+def _losses_record(losses: dict[str, ItemLosses]) -> dict:
+    return {k: {"nll": v.nll.tolist(), "tokens": v.tokens.tolist()} for k, v in losses.items()}
+
+
+def _losses_from(rec: dict) -> dict[str, ItemLosses]:
+    return {k: ItemLosses(torch.tensor(v["nll"], dtype=torch.float64), torch.tensor(v["tokens"], dtype=torch.float64))
+            for k, v in rec.items()}
+
+
+def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
+               group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_size: int = 8,
+               store: ProbeStore | None = None, progress: bool = True) -> ProbeResults:
+    """Measure every unit at every bit-width on every objective (see the module docstring)."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    plan_units = units(arch, granularity)
+    batches = {o.name: [(o.input_ids[s:s + batch_size].to(device), o.score_mask[s:s + batch_size].to(device))
+                        for s in range(0, o.input_ids.shape[0], batch_size)] for o in objectives}
+    hidden = {o.name: [layer_input(model, arch, ids, 0) for ids, _ in batches[o.name]] for o in objectives}
+
+    def score(layer: int) -> dict[str, ItemLosses]:
+        out = {}
+        for o in objectives:
+            rows = [tail_row_nll(model, arch, ids, mask, layer, h)
+                    for (ids, mask), h in zip(batches[o.name], hidden[o.name])]
+            out[o.name] = item_losses(o, torch.cat(rows).cpu())
+        return out
+
+    rec = store.get("base") if store else None
+    base = _losses_from(rec["losses"]) if rec else score(0)
+    if store and rec is None:
+        store.put("base", {"losses": _losses_record(base)})
+    probes: dict = {}
+    total = len(plan_units) * len(bits)
+    bar = tqdm(total=total, desc=f"probes ({granularity})", disable=not progress)
+    for layer in range(arch.num_layers):
+        for unit in (u for u in plan_units if u.layer == layer):
+            for b in bits:
+                key = f"{unit.name}@{b}"
+                rec = store.get(key) if store else None
+                if rec is None:
+                    with rtn_swapped(model, unit.modules, b, group_size, sym):
+                        losses = score(layer)
+                    if store:
+                        store.put(key, {"losses": _losses_record(losses)})
+                else:
+                    losses = _losses_from(rec["losses"])
+                probes[(unit.name, b)] = losses
+                bar.update(1)
+        if layer + 1 < arch.num_layers:
+            hidden = {o.name: [layer_input(model, arch, ids, layer + 1, h)
+                               for (ids, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
+    bar.close()
+    return ProbeResults(base, probes, plan_units, time.perf_counter() - t0)

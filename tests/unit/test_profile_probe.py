@@ -1,0 +1,114 @@
+"""Probe engine on tiny random models: equal to a full forward with only the unit quantized; resumable."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasa.errors import TasaError
+from tasa.models.arch import resolve
+from tasa.profile import probe as probe_mod
+from tasa.profile.objectives import build_objective, item_losses
+from tasa.profile.probe import ProbeStore, layer_input, run_probes
+from tasa.quant.rtn import rtn_quantize
+from tests.conftest import tiny_llama
+
+
+def full_forward_row_nll(model, objective):
+    with torch.no_grad():
+        logits = model(input_ids=objective.input_ids, use_cache=False).logits
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, objective.input_ids[:, 1:, None]).squeeze(-1)
+    return (nll * objective.score_mask[:, 1:]).sum(1)
+
+
+def test_objectives_score_only_answers(data_dir, tokenizer):
+    wiki = build_objective("wikitext2", tokenizer, min_tokens=100, seqlen=32)
+    assert wiki.kind == "nll" and wiki.input_ids.shape == (4, 32) and wiki.scored_tokens == 4 * 31 >= 100
+    gsm = build_objective("gsm8k", tokenizer, min_tokens=60)
+    assert gsm.scored_tokens >= 60 and gsm.n_items == gsm.input_ids.shape[0]
+    row = gsm.input_ids[0][gsm.score_mask[0]]
+    assert tokenizer.decode(row.tolist()).startswith(" ") and "####" in tokenizer.decode(row.tolist())
+    arc = build_objective("arc_easy", tokenizer, min_tokens=30)
+    assert arc.kind == "choice" and arc.input_ids.shape[0] > arc.n_items  # one row per choice
+    with pytest.raises(TasaError, match="fewer than"):
+        build_objective("arc_easy", tokenizer, min_tokens=10**6)
+
+
+def test_choice_item_losses_hand_example():
+    from tasa.profile.objectives import Objective
+
+    obj = Objective("mc", "choice", torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.bool),
+                    item=torch.tensor([0, 0, 0, 1, 1]), choice=torch.tensor([0, 1, 2, 0, 1]), gold=torch.tensor([2, 0]))
+    losses = item_losses(obj, torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0]))  # row NLLs
+    lls = torch.tensor([-1.0, -2.0, -3.0])
+    assert losses.nll[0].item() == pytest.approx(-(lls[2] - torch.logsumexp(lls, 0)).item())
+    assert losses.nll[1].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+def test_layer_input_equals_hidden_states(tokenizer):
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    h = layer_input(model, arch, ids, 0)
+    assert torch.allclose(h, hs[0], atol=1e-6)
+    for layer in (1, 2):
+        h = layer_input(model, arch, ids, layer, h)
+        assert torch.allclose(h, hs[layer], atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, tokenizer, granularity):
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32),
+            build_objective("arc_easy", tokenizer, min_tokens=20)]
+    res = run_probes(model, arch, objs, bits=(2, 4), group_size=16, granularity=granularity, batch_size=3,
+                     progress=False)
+    for o in objs:
+        assert torch.allclose(res.base[o.name].nll, item_losses(o, full_forward_row_nll(model, o)).nll, atol=1e-4)
+    for unit in res.units[::4]:
+        q = copy.deepcopy(model)
+        with torch.no_grad():
+            for name in unit.modules:
+                lin = q.get_submodule(name)
+                lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+        for o in objs:
+            want = item_losses(o, full_forward_row_nll(q, o))
+            assert torch.allclose(res.probes[(unit.name, 2)][o.name].nll, want.nll, atol=1e-4)
+    # weights are restored after every probe
+    fresh = tiny_llama(layers=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, monkeypatch):
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
+    settings = {"bits": [2, 4], "objectives": ["wikitext2"]}
+    full = run_probes(model, arch, objs, bits=(2, 4), group_size=16, progress=False)
+
+    real = probe_mod.rtn_swapped
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed during the 4th probe
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "rtn_swapped", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
+                   progress=False)
+    assert len(list((tmp_path / "probes").glob("*.json"))) == 4  # base + 3 probes
+    monkeypatch.setattr(probe_mod, "rtn_swapped", real)
+    resumed = run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
+                         progress=False)
+    assert resumed.probes.keys() == full.probes.keys()
+    for k in full.probes:
+        assert torch.allclose(resumed.probes[k]["wikitext2"].nll, full.probes[k]["wikitext2"].nll, atol=1e-6)
+    with pytest.raises(TasaError, match="other settings"):
+        ProbeStore(tmp_path, {"bits": [3], "objectives": ["wikitext2"]})
