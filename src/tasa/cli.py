@@ -93,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log-samples", action="store_true",
                    help="write per-item records (and wikitext2 top-k log-probs) with the results")
     e.add_argument("--output", default=None, help="write results JSON here")
+    p = sub.add_parser("profile", help="measure per-layer (or per-module) sensitivity on several objectives",
+                       description="For each decoder layer (or linear module) and bit-width, RTN-quantize only "
+                                   "that unit and measure each objective's degradation against the full-precision "
+                                   "model (cached layer inputs: the probe of layer l runs layers l..L only). "
+                                   "Writes OUTPUT_DIR/sensitivity.json; finished probes are kept in OUTPUT_DIR, "
+                                   "so re-running the same command after a kill resumes.", epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--objectives", default="wikitext2,gsm8k,arc_easy",
+                   help="comma-separated: wikitext2 (log-perplexity), gsm8k (gold-solution NLL), arc_easy, "
+                        "arc_challenge, mmlu (-log p(gold | choices)), or task spec files; probe rows come from "
+                        "validation/train/dev splits, never evaluation ones (default: wikitext2,gsm8k,arc_easy)")
+    p.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
+    p.add_argument("--granularity", choices=["layer", "module"], default="layer",
+                   help="probe whole decoder layers or single linear modules (default: layer)")
+    p.add_argument("--group-size", type=int, default=64, help="RTN group size (default: 64)")
+    p.add_argument("--asym", action="store_true", help="asymmetric RTN grid (default: symmetric)")
+    p.add_argument("--probe-tokens", type=int, default=4096,
+                   help="scored tokens per objective, at least (default: 4096)")
+    p.add_argument("--seqlen", type=int, default=512, help="wikitext2 probe window length (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--output-dir", required=True, help="where sensitivity.json and the probe records go")
+    p.add_argument("--overwrite", action="store_true", help="discard probes made with other settings")
     return parser
 
 
@@ -140,6 +163,26 @@ def run(argv: list[str] | None = None) -> int:
         _print_table(rows)
         if args.output:
             print(f"results written to {args.output}")
+    elif args.command == "profile":
+        try:
+            bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
+        except ValueError:
+            raise TasaError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
+        s = pipeline.profile(
+            model=args.model, output_dir=args.output_dir,
+            objectives=[o.strip() for o in args.objectives.split(",") if o.strip()], bits=bits,
+            granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
+            probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+            device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+        rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
+        for obj, per_bits in s["costs"].items():
+            for b, c in per_bits.items():
+                order = sorted(range(len(c["cost"])), key=lambda i: -c["cost"][i])[:3]
+                top = ", ".join(f"{s['units'][i]['name']} ({c['cost'][i]:.3g})" for i in order)
+                rows.append((obj, b, top, f"{s['stability'][obj][b]:.2f}"))
+        _print_table(rows)
+        print(f"sensitivity of {len(s['units'])} units written to {s['output_dir']}/sensitivity.json "
+              f"in {s['seconds']['total']:.0f} s")
     return 0
 
 

@@ -282,3 +282,77 @@ def evaluate(
     if log_samples and topk is not None:
         results["_topk"] = topk  # in memory only, for a run that uses this one as its reference
     return results
+
+
+def profile(
+    model: str,
+    output_dir: str | Path,
+    objectives: list[str] | tuple[str, ...] = ("wikitext2", "gsm8k", "arc_easy"),
+    bits: tuple[int, ...] = (3, 4, 8),
+    granularity: str = "layer",
+    group_size: int = 64,
+    sym: bool = True,
+    probe_tokens: int = 4096,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Measured layer (or module) sensitivity on each objective; writes ``sensitivity.json``.
+
+    ``output_dir`` also holds every finished probe: running the same command
+    again after a kill resumes; other settings in the same directory need
+    ``overwrite``.
+    """
+    from tasa.profile.objectives import build_objective
+    from tasa.profile.probe import ProbeStore, run_probes
+    from tasa.profile.sensitivity import SCHEMA, sensitivities
+
+    objectives = list(objectives)
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise TasaError("give one or more distinct objectives")
+    bits = tuple(sorted(set(int(b) for b in bits)))
+    for b in bits:
+        QuantSpec(bits=b, group_size=group_size, sym=sym)  # validates bits and group size
+    out = Path(output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not (out / "probe_settings.json").is_file():
+            raise TasaError(f"output directory {out} is not empty and holds no probes; pass --overwrite")
+    t0 = time.perf_counter()
+    lm = load(model, dtype=dtype, device=device)
+    arch = resolve(lm.model)
+    check_group_size(arch, group_size, allow_ragged=False)
+    objs = [build_objective(name, lm.tokenizer, min_tokens=probe_tokens, seqlen=seqlen, seed=seed,
+                            max_length=lm.max_length) for name in objectives]
+    settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
+                "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
+                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", "")}
+    store = ProbeStore(out, settings)
+    res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
+                     batch_size=batch_size, store=store, progress=progress)
+    costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
+    for w in warnings:
+        log.warning(w)
+    numels = arch.numels()
+    summary = {
+        "schema": SCHEMA,
+        **settings,
+        "objectives": {o.name: {"kind": o.kind, "items": o.n_items, "scored_tokens": o.scored_tokens,
+                                "base": res.base[o.name].cost()} for o in objs},
+        "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
+                   "numel": sum(numels[m] for m in u.modules)} for u in res.units],
+        "costs": costs,
+        "stability": stability,
+        "warnings": warnings,
+        "seconds": {"total": time.perf_counter() - t0, "probes": res.seconds},
+        "machine": machine_info(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(out / "sensitivity.json", summary)
+    summary["output_dir"] = str(out)
+    return summary

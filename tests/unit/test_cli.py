@@ -188,3 +188,23 @@ def test_eval_bad_input_one_line(tiny_model_dir, capsys, data_dir, args, message
     code, out, err = run_cli(["eval", "--model", str(tiny_model_dir), "--quiet", *args], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "prof"
+    args = ["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2,arc_easy", "--bits", "2,4",
+            "--group-size", "16", "--probe-tokens", "40", "--seqlen", "32", "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    s = json.loads((out_dir / "sensitivity.json").read_text())
+    assert s["schema"] == "tasa.sensitivity/1" and s["granularity"] == "layer" and len(s["units"]) == 2
+    c = s["costs"]["wikitext2"]["2"]
+    assert len(c["cost"]) == 2 and all(lo <= x <= hi for x, lo, hi in zip(c["cost"], c["ci_low"], c["ci_high"]))
+    assert s["objectives"]["arc_easy"]["kind"] == "choice" and s["objectives"]["wikitext2"]["scored_tokens"] >= 40
+    code, out2, err = run_cli(args, capsys)  # every probe is on disk: the re-run reads them back
+    assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]
+    code, _, err = run_cli(args[:-3] + ["--bits", "3", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 2 and "other settings (bits)" in err
+    code, _, err = run_cli(["profile", "--model", str(tiny_model_dir), "--bits", "9", "--output-dir",
+                            str(tmp_path / "x"), "--quiet"], capsys)
+    assert code == 2 and "bits" in err

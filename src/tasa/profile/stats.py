@@ -67,3 +67,17 @@ def split_half_tau(item_costs: np.ndarray, repeats: int = 20, seed: int = 0) -> 
         b = item_costs[perm[n // 2:]].mean(axis=0)
         taus.append(kendall_tau(a, b))
     return float(np.nanmean(taus))
+
+
+def paired_ratio_diff_ci(q: np.ndarray, base: np.ndarray, tokens: np.ndarray, n_boot: int = 1000,
+                         level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of sum(q - base) / sum(tokens) over items resampled jointly (paired)."""
+    q, base, tokens = (np.asarray(x, dtype=float) for x in (q, base, tokens))
+    n = q.shape[0]
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    stats_ = (q[idx] - base[idx]).sum(axis=1) / tokens[idx].sum(axis=1)
+    lo, hi = np.quantile(stats_, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
