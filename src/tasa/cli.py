@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="wikitext2 probe window length (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--output-dir", required=True, help="where sensitivity.json and the probe records go")
+    p.add_argument("--top-k", type=int, default=8, help="K of the report's top-K overlap table (default: 8)")
+    p.add_argument("--output-dir", required=True,
+                   help="where sensitivity.json, report.md/.html, plots and the probe records go")
     p.add_argument("--overwrite", action="store_true", help="discard probes made with other settings")
     return parser
 
@@ -173,7 +175,8 @@ def run(argv: list[str] | None = None) -> int:
             objectives=[o.strip() for o in args.objectives.split(",") if o.strip()], bits=bits,
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+            device=args.device, dtype=args.dtype, overwrite=args.overwrite, top_k=args.top_k,
+            progress=not args.quiet)
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():
             for b, c in per_bits.items():

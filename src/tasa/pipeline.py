@@ -299,13 +299,16 @@ def profile(
     device: str = "cpu",
     dtype: str | None = None,
     overwrite: bool = False,
+    report: bool = True,
+    top_k: int = 8,
     progress: bool = True,
 ) -> dict:
     """Measured layer (or module) sensitivity on each objective; writes ``sensitivity.json``.
 
     ``output_dir`` also holds every finished probe: running the same command
     again after a kill resumes; other settings in the same directory need
-    ``overwrite``.
+    ``overwrite``.  With ``report``, also report.md/.html and PNG plots
+    (Kendall tau between objectives, top-``top_k`` overlap).
     """
     from tasa.profile.objectives import build_objective
     from tasa.profile.probe import ProbeStore, run_probes
@@ -354,5 +357,9 @@ def profile(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(out / "sensitivity.json", summary)
+    if report:
+        from tasa.report.profile_report import write_report
+
+        write_report(out / "sensitivity.json", k=top_k)
     summary["output_dir"] = str(out)
     return summary

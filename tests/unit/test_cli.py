@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasa.cli import main
+from tasa.profile.stats import kendall_tau
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -201,6 +202,10 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     c = s["costs"]["wikitext2"]["2"]
     assert len(c["cost"]) == 2 and all(lo <= x <= hi for x, lo, hi in zip(c["cost"], c["ci_low"], c["ci_high"]))
     assert s["objectives"]["arc_easy"]["kind"] == "choice" and s["objectives"]["wikitext2"]["scored_tokens"] >= 40
+    report = (out_dir / "report.md").read_text()
+    tau = kendall_tau(s["costs"]["wikitext2"]["4"]["cost"], s["costs"]["arc_easy"]["4"]["cost"])
+    assert f"| wikitext2 | 1.00 | {tau:.2f} |" in report and "| wikitext2 | arc_easy |" in report
+    assert (out_dir / "heatmap_2.png").stat().st_size > 1000 and "<table>" in (out_dir / "report.html").read_text()
     code, out2, err = run_cli(args, capsys)  # every probe is on disk: the re-run reads them back
     assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]
     code, _, err = run_cli(args[:-3] + ["--bits", "3", "--output-dir", str(out_dir), "--quiet"], capsys)

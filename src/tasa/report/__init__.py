@@ -1,0 +1,1 @@
+"""Stage: reports (Markdown, HTML, PNG plots) from the JSON artifacts of earlier stages."""
