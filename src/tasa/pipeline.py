@@ -293,7 +293,7 @@ def profile(
     group_size: int = 64,
     sym: bool = True,
     probe_tokens: int = 4096,
-    seqlen: int = 512,
+    seqlen: int = 128,
     seed: int = 0,
     batch_size: int = 8,
     device: str = "cpu",
