@@ -14,23 +14,46 @@ from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
 
 
-def full_forward_row_nll(model, objective):
+def _sum_nll(model, ids, first):
+    """Summed NLL of ids[first:] given ids[:first], by a plain forward pass."""
     with torch.no_grad():
-        logits = model(input_ids=objective.input_ids, use_cache=False).logits
-    logp = F.log_softmax(logits[:, :-1].float(), -1)
-    nll = -logp.gather(-1, objective.input_ids[:, 1:, None]).squeeze(-1)
-    return (nll * objective.score_mask[:, 1:]).sum(1)
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return -sum(float(logp[t - 1, ids[t]]) for t in range(first, len(ids)))
+
+
+def direct_item_losses(model, o):
+    """Per-item losses computed from scratch: each row (or each prompt + choice) on its own."""
+    out = []
+    for r in range(o.n_items):
+        mask = o.score_mask[r]
+        ids = o.input_ids[r].tolist()
+        pos = mask.nonzero().flatten().tolist()
+        if o.kind == "nll":
+            out.append(_sum_nll(model, ids[: pos[-1] + 1], pos[0]))
+            continue
+        ctx = ids[: pos[0]]
+        lls = []
+        for c in range(int(o.token_choice[r].max()) + 1):
+            cont = [ids[t] for t in pos if o.token_choice[r, t] == c]
+            lls.append(-_sum_nll(model, ctx + cont, len(ctx)))
+        out.append(-float(torch.log_softmax(torch.tensor(lls, dtype=torch.float64), 0)[o.gold[r]]))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def test_objectives_score_only_answers(data_dir, tokenizer):
     wiki = build_objective("wikitext2", tokenizer, min_tokens=100, seqlen=32)
     assert wiki.kind == "nll" and wiki.input_ids.shape == (4, 32) and wiki.scored_tokens == 4 * 31 >= 100
+    assert wiki.attend is None and torch.equal(wiki.pred_pos[0, 1:], torch.arange(31))
     gsm = build_objective("gsm8k", tokenizer, min_tokens=60)
     assert gsm.scored_tokens >= 60 and gsm.n_items == gsm.input_ids.shape[0]
     row = gsm.input_ids[0][gsm.score_mask[0]]
     assert tokenizer.decode(row.tolist()).startswith(" ") and "####" in tokenizer.decode(row.tolist())
     arc = build_objective("arc_easy", tokenizer, min_tokens=30)
-    assert arc.kind == "choice" and arc.input_ids.shape[0] > arc.n_items  # one row per choice
+    assert arc.kind == "choice" and arc.input_ids.shape[0] == arc.n_items  # choices packed after one prompt
+    r = arc.score_mask[0].nonzero().flatten()
+    first = [int(t) for t in r if t == r[0] or arc.token_choice[0, t] != arc.token_choice[0, t - 1]]
+    assert all(int(arc.pred_pos[0, t]) == int(r[0]) - 1 for t in first)  # every choice continues the prompt
+    assert not arc.attend[0, first[1], first[0]]  # the second choice cannot see the first
     with pytest.raises(TasaError, match="fewer than"):
         build_objective("arc_easy", tokenizer, min_tokens=10**6)
 
@@ -38,12 +61,13 @@ def test_objectives_score_only_answers(data_dir, tokenizer):
 def test_choice_item_losses_hand_example():
     from tasa.profile.objectives import Objective
 
-    obj = Objective("mc", "choice", torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.bool),
-                    item=torch.tensor([0, 0, 0, 1, 1]), choice=torch.tensor([0, 1, 2, 0, 1]), gold=torch.tensor([2, 0]))
-    losses = item_losses(obj, torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0]))  # row NLLs
-    lls = torch.tensor([-1.0, -2.0, -3.0])
+    # one item, prompt of 1 token, choices of 1, 2 and 1 tokens (NLL 1, 1+1, 3), gold = choice 2
+    mask = torch.tensor([[False, True, True, True, True]])
+    obj = Objective("mc", "choice", torch.zeros(1, 5, dtype=torch.long), mask, torch.zeros(1, 5, dtype=torch.long),
+                    token_choice=torch.tensor([[0, 0, 1, 1, 2]]), gold=torch.tensor([2]))
+    losses = item_losses(obj, torch.tensor([[9.0, 1.0, 1.0, 1.0, 3.0]]))  # the unscored 9 is ignored
+    lls = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)
     assert losses.nll[0].item() == pytest.approx(-(lls[2] - torch.logsumexp(lls, 0)).item())
-    assert losses.nll[1].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
 
 
 def test_layer_input_equals_hidden_states(tokenizer):
@@ -52,10 +76,10 @@ def test_layer_input_equals_hidden_states(tokenizer):
     ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    h = layer_input(model, arch, ids, 0)
+    h = layer_input(model, arch, {"input_ids": ids}, 0)
     assert torch.allclose(h, hs[0], atol=1e-6)
     for layer in (1, 2):
-        h = layer_input(model, arch, ids, layer, h)
+        h = layer_input(model, arch, {"input_ids": ids}, layer, h)
         assert torch.allclose(h, hs[layer], atol=1e-5)
 
 
@@ -68,7 +92,7 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
     res = run_probes(model, arch, objs, bits=(2, 4), group_size=16, granularity=granularity, batch_size=3,
                      progress=False)
     for o in objs:
-        assert torch.allclose(res.base[o.name].nll, item_losses(o, full_forward_row_nll(model, o)).nll, atol=1e-4)
+        assert torch.allclose(res.base[o.name].nll, direct_item_losses(model, o), atol=1e-4)
     for unit in res.units[::4]:
         q = copy.deepcopy(model)
         with torch.no_grad():
@@ -76,8 +100,7 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
                 lin = q.get_submodule(name)
                 lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
         for o in objs:
-            want = item_losses(o, full_forward_row_nll(q, o))
-            assert torch.allclose(res.probes[(unit.name, 2)][o.name].nll, want.nll, atol=1e-4)
+            assert torch.allclose(res.probes[(unit.name, 2)][o.name].nll, direct_item_losses(q, o), atol=1e-4)
     # weights are restored after every probe
     fresh = tiny_llama(layers=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

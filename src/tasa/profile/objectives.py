@@ -8,10 +8,13 @@ whose token is scored, grouped into items:
   ``gold_nll`` or ``generation`` user task with ``target``): the cost is the
   per-token negative log-likelihood, total NLL / total scored tokens;
 - ``choice`` objectives (``arc_easy``, ``arc_challenge``: train + validation;
-  ``mmlu``: dev; multiple-choice user tasks with ``fewshot_data``): one sequence
-  per choice, the prompt of lm-eval's task followed by the choice; the cost is
-  the mean over items of -log softmax(choice log-likelihoods)[gold], a smooth
-  stand-in for accuracy that rewards both the gold log-likelihood and its margin.
+  ``mmlu``: dev; multiple-choice user tasks with ``fewshot_data``): the prompt of
+  lm-eval's task followed by every choice, packed into one sequence per item:
+  each choice attends to the prompt and to itself only and continues the
+  prompt's positions, so the prompt is computed once instead of once per
+  choice; the cost is the mean over items of -log softmax(choice
+  log-likelihoods)[gold], a smooth stand-in for accuracy that rewards both the
+  gold log-likelihood and its margin.
 
 Probe rows never come from an evaluation split, so profiles cannot leak into
 final tables.  Rows are taken in a seeded random order until the objective
@@ -36,15 +39,23 @@ _CONVERT = {"gsm8k": gsm8k_doc, "arc_easy": arc_doc, "arc_challenge": arc_doc, "
 
 @dataclass
 class Objective:
-    """Sequences of one objective: ids (N, T) right-padded, scored-position mask, item and choice per row."""
+    """Probe sequences of one objective, right-padded, with what to score and how they attend.
+
+    ``pred_pos[r, t]`` is the position whose logits predict token t (t - 1 except
+    for the first token of a packed choice); ``token_choice[r, t]`` the choice a
+    scored token belongs to; ``attend`` (choice kind only) the (N, T, T)
+    may-attend mask and ``position_ids`` the positions of packed rows.
+    """
 
     name: str
     kind: str  # "nll" or "choice"
     input_ids: torch.Tensor  # (N, T)
-    score_mask: torch.Tensor  # (N, T) bool: token t is scored (predicted from position t-1)
-    item: torch.Tensor  # (N,) item index of each row
-    choice: torch.Tensor  # (N,) choice index (0 for nll rows)
-    gold: torch.Tensor  # (n_items,) gold choice (0 for nll items)
+    score_mask: torch.Tensor  # (N, T) bool: token t is scored
+    pred_pos: torch.Tensor  # (N, T) long
+    token_choice: torch.Tensor  # (N, T) long, 0 where unscored
+    gold: torch.Tensor  # (N,) gold choice of each item (row); 0 for nll items
+    attend: torch.Tensor | None = None  # (N, T, T) bool
+    position_ids: torch.Tensor | None = None  # (N, T) long
 
     @property
     def n_items(self) -> int:
@@ -54,17 +65,45 @@ class Objective:
     def scored_tokens(self) -> int:
         return int(self.score_mask.sum())
 
+    def model_inputs(self, rows: slice, dtype: torch.dtype, device) -> dict:
+        """Keyword arguments for the model's forward on ``rows``."""
+        kw = {"input_ids": self.input_ids[rows].to(device)}
+        if self.attend is not None:
+            mask = torch.zeros(self.attend[rows].shape, dtype=dtype)
+            mask.masked_fill_(~self.attend[rows], torch.finfo(dtype).min)
+            kw["attention_mask"] = mask[:, None].to(device)
+            kw["position_ids"] = self.position_ids[rows].to(device)
+        return kw
 
-def _pack(rows: list[tuple[list[int], int]], items: list[int], choices: list[int], gold: list[int], name: str,
-          kind: str) -> Objective:
-    """rows: (token ids, index of the first scored token)."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, (ids, first) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        mask[r, max(first, 1): len(ids)] = True
-    return Objective(name, kind, input_ids, mask, torch.tensor(items), torch.tensor(choices), torch.tensor(gold))
+
+def _pack(rows: list[tuple[list[int], list[int]]], gold: list[int], name: str) -> Objective:
+    """rows: (prompt ids, [choice ids, ...]) per item; nll items have one "choice" (the gold text)."""
+    packed = [ctx + [t for c in conts for t in c] for ctx, conts in rows]
+    width = max(len(p) for p in packed)
+    n = len(rows)
+    input_ids = torch.zeros((n, width), dtype=torch.long)
+    score = torch.zeros((n, width), dtype=torch.bool)
+    pred = (torch.arange(width) - 1).clamp_min(0).repeat(n, 1)
+    token_choice = torch.zeros((n, width), dtype=torch.long)
+    multi = any(len(conts) > 1 for _, conts in rows)
+    attend = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(n, 1, 1) if multi else None
+    position_ids = torch.arange(width).repeat(n, 1) if multi else None
+    for r, ((ctx, conts), p) in enumerate(zip(rows, packed)):
+        input_ids[r, : len(p)] = torch.tensor(p)
+        start = len(ctx)
+        for c, cont in enumerate(conts):
+            end = start + len(cont)
+            score[r, max(start, 1):end] = True
+            token_choice[r, start:end] = c
+            if multi:
+                pred[r, start] = len(ctx) - 1
+                attend[r, start:end, len(ctx):start] = False  # a choice does not see earlier choices
+                position_ids[r, start:end] = torch.arange(len(ctx), len(ctx) + len(cont))
+            start = end
+        if multi and len(p) < width:  # padding: its own causal rows, never scored
+            position_ids[r, len(p):] = torch.arange(len(p), width)
+    return Objective(name, "choice" if multi else "nll", input_ids, score, pred, token_choice, torch.tensor(gold),
+                     attend, position_ids)
 
 
 def _probe_docs(task: Task, name: str) -> list[dict]:
@@ -91,40 +130,42 @@ def build_objective(name: str, tokenizer, min_tokens: int = 4096, seqlen: int = 
         if n * seqlen > len(ids):
             raise TasaError(f"wikitext2 validation holds {len(ids)} tokens, fewer than {n} windows of {seqlen}")
         starts = sorted(random.Random(seed).sample(range(len(ids) // seqlen), n))
-        rows = [(ids[s * seqlen:(s + 1) * seqlen], 1) for s in starts]
-        return _pack(rows, list(range(n)), [0] * n, [0] * n, name, "nll")
+        rows = [(ids[s * seqlen:s * seqlen + 1], [ids[s * seqlen + 1:(s + 1) * seqlen]]) for s in starts]
+        return _pack(rows, [0] * n, name)
     task = get_task(name)
     docs = _probe_docs(task, name)
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    rows, items, choices, gold = [], [], [], []
+    rows, gold = [], []
     scored = 0
     for i in order:
         doc = docs[i]
         context = task.contexts([doc], 0)[0]
         if task.kind == "multiple_choice":
-            conts = [task.target_delimiter + c for c in task.doc_to_choices(doc)]
+            texts = [task.target_delimiter + c for c in task.doc_to_choices(doc)]
             gold.append(task.doc_to_gold(doc))
         else:
             target = task.doc_to_target(doc)
             if not target:
                 raise TasaError(f"task {name} has no gold text to score; give its spec a 'target'")
-            conts = [task.target_delimiter + target]
+            texts = [task.target_delimiter + target]
             gold.append(0)
-        for c, cont in enumerate(conts):
-            ctx_ids, cont_ids = encode_pair(tokenizer, context, cont)
-            whole = ctx_ids + cont_ids
-            if max_length is not None and len(whole) > max_length:
-                whole = whole[-max_length:]
-            rows.append((whole, len(whole) - len(cont_ids)))
-            items.append(len(gold) - 1)
-            choices.append(c)
-            scored += len(cont_ids)
+        pairs = [encode_pair(tokenizer, context, t) for t in texts]  # the prompt's ids are the same for all
+        ctx, conts = pairs[0][0], [p[1] for p in pairs]
+        if max_length is not None and len(ctx) + sum(map(len, conts)) > max_length:
+            keep = max_length - sum(map(len, conts))
+            if keep < 1:
+                continue
+            ctx = ctx[-keep:]
+        rows.append((ctx, conts))
+        scored += sum(map(len, conts))
         if scored >= min_tokens:
             break
     if scored < min_tokens:
         raise TasaError(f"{name}: its probe rows hold only {scored} scored tokens, fewer than {min_tokens}")
-    return _pack(rows, items, choices, gold, name, "choice" if task.kind == "multiple_choice" else "nll")
+    obj = _pack(rows, gold, name)
+    obj.kind = "choice" if task.kind == "multiple_choice" else "nll"
+    return obj
 
 
 @dataclass
@@ -138,15 +179,16 @@ class ItemLosses:
         return float(self.nll.sum() / self.tokens.sum())
 
 
-def item_losses(objective: Objective, row_nll: torch.Tensor) -> ItemLosses:
-    """Combine per-row summed NLL (N,) into per-item losses."""
+def item_losses(objective: Objective, token_nll: torch.Tensor) -> ItemLosses:
+    """Per-item losses from per-token NLL (N, T) (zero where unscored); one item per row."""
     n = objective.n_items
+    token_nll = token_nll.double() * objective.score_mask
     if objective.kind == "nll":
-        nll = torch.zeros(n, dtype=torch.float64).index_add_(0, objective.item, row_nll.double())
-        tokens = torch.zeros(n, dtype=torch.float64).index_add_(0, objective.item,
-                                                                objective.score_mask.sum(1).double())
-        return ItemLosses(nll, tokens)
-    lls = torch.full((n, int(objective.choice.max()) + 1), float("-inf"), dtype=torch.float64)
-    lls[objective.item, objective.choice] = -row_nll.double()
+        return ItemLosses(token_nll.sum(1), objective.score_mask.sum(1).double())
+    n_choices = int(objective.token_choice.max()) + 1
+    lls = -torch.zeros((n, n_choices), dtype=torch.float64).scatter_add_(1, objective.token_choice, token_nll)
+    present = torch.zeros((n, n_choices), dtype=torch.float64).scatter_add_(
+        1, objective.token_choice, objective.score_mask.double()) > 0
+    lls = lls.masked_fill(~present, float("-inf"))
     logp = torch.log_softmax(lls, dim=1)
     return ItemLosses(-logp[torch.arange(n), objective.gold], torch.ones(n, dtype=torch.float64))

@@ -63,18 +63,17 @@ def _replace_input(hidden: torch.Tensor):
     return hook
 
 
-def layer_input(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, layer: int,
+def layer_input(model: nn.Module, arch: ModelArch, inputs: dict, layer: int,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden state entering decoder layer ``layer``: from the embeddings (layer 0) or by running
-    layer ``layer - 1`` on ``hidden`` (its own input)."""
+    layer ``layer - 1`` on ``hidden`` (its own input).  ``inputs``: the model's forward kwargs."""
     captured = {}
     if layer == 0:
         def grab(_m, args, kwargs):
             captured["h"] = args[0] if args else kwargs["hidden_states"]
             raise _Stop
-        handle = arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        handles = [arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)]
         ctx = layers_from(model, arch, 0)
-        handles = [handle]
     else:
         def grab_out(_m, _args, out):
             captured["h"] = out[0] if isinstance(out, (tuple, list)) else out
@@ -86,7 +85,7 @@ def layer_input(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, laye
     try:
         with ctx, torch.no_grad():
             try:
-                model(input_ids=input_ids, use_cache=False)
+                model(**inputs, use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -97,22 +96,21 @@ def layer_input(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, laye
     return captured["h"]
 
 
-def tail_row_nll(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, score_mask: torch.Tensor,
-                 layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of each row's scored tokens, running layers ``layer..L-1`` from ``hidden``."""
-    scored_rows, scored_pos = score_mask.nonzero(as_tuple=True)
-    first = int(scored_pos.min()) - 1  # the first position whose logits are needed
-    keep = input_ids.shape[1] - first
+def tail_token_nll(model: nn.Module, arch: ModelArch, inputs: dict, score_mask: torch.Tensor,
+                   pred_pos: torch.Tensor, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """NLL of every scored token (zero elsewhere), running layers ``layer..L-1`` from ``hidden``."""
+    first = int(pred_pos[score_mask].min())  # the first position whose logits are needed
+    keep = score_mask.shape[1] - first
     handle = arch.layers[layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
     try:
         with layers_from(model, arch, layer), torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     finally:
         handle.remove()
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # positions first..T-2 predict tokens first+1..T-1
-    targets = input_ids[:, first + 1:]
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (nll * score_mask[:, first + 1:]).sum(dim=1)
+    logp = F.log_softmax(logits.float(), dim=-1)  # positions first..T-1
+    rows = torch.arange(logp.shape[0], device=logp.device)[:, None]
+    nll = -logp[rows, (pred_pos - first).clamp_min(0), inputs["input_ids"]]
+    return nll * score_mask
 
 
 @dataclass
@@ -205,17 +203,19 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     """Measure every unit at every bit-width on every objective (see the module docstring)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     plan_units = units(arch, granularity)
-    batches = {o.name: [(o.input_ids[s:s + batch_size].to(device), o.score_mask[s:s + batch_size].to(device))
+    batches = {o.name: [(o.model_inputs(slice(s, s + batch_size), dtype, device),
+                         o.score_mask[s:s + batch_size].to(device), o.pred_pos[s:s + batch_size].to(device))
                         for s in range(0, o.input_ids.shape[0], batch_size)] for o in objectives}
-    hidden = {o.name: [layer_input(model, arch, ids, 0) for ids, _ in batches[o.name]] for o in objectives}
+    hidden = {o.name: [layer_input(model, arch, kw, 0) for kw, _, _ in batches[o.name]] for o in objectives}
 
     def score(layer: int) -> dict[str, ItemLosses]:
         out = {}
         for o in objectives:
-            rows = [tail_row_nll(model, arch, ids, mask, layer, h)
-                    for (ids, mask), h in zip(batches[o.name], hidden[o.name])]
-            out[o.name] = item_losses(o, torch.cat(rows).cpu())
+            toks = [tail_token_nll(model, arch, kw, mask, pred, layer, h)
+                    for (kw, mask, pred), h in zip(batches[o.name], hidden[o.name])]
+            out[o.name] = item_losses(o, torch.cat(toks).cpu())
         return out
 
     rec = store.get("base") if store else None
@@ -240,7 +240,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
                 probes[(unit.name, b)] = losses
                 bar.update(1)
         if layer + 1 < arch.num_layers:
-            hidden = {o.name: [layer_input(model, arch, ids, layer + 1, h)
-                               for (ids, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
+            hidden = {o.name: [layer_input(model, arch, kw, layer + 1, h)
+                               for (kw, _, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
     bar.close()
     return ProbeResults(base, probes, plan_units, time.perf_counter() - t0)
