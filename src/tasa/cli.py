@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "stability at the same token count (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--method", choices=["measured", "fisher", "autoscheme"], default="measured",
+                   help="measured RTN probes, or a one-backward-pass estimator: fisher (HAWQ-V2-style Fisher "
+                        "trace x squared perturbation) or autoscheme (AutoRound's |grad x (W - Q(W))| with all "
+                        "layers quantized) (default: measured)")
+    p.add_argument("--compare-estimators", action="store_true",
+                   help="with measured probes, also run both estimators and report their Kendall tau against "
+                        "the probes and their cost")
     p.add_argument("--top-k", type=int, default=8, help="K of the report's top-K overlap table (default: 8)")
     p.add_argument("--output-dir", required=True,
                    help="where sensitivity.json, report.md/.html, plots and the probe records go")
@@ -177,7 +184,8 @@ def run(argv: list[str] | None = None) -> int:
             objectives=[o.strip() for o in args.objectives.split(",") if o.strip()], bits=bits,
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype, overwrite=args.overwrite, top_k=args.top_k,
+            device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
+            compare_estimators=args.compare_estimators, top_k=args.top_k,
             progress=not args.quiet)
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():

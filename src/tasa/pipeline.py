@@ -299,21 +299,32 @@ def profile(
     device: str = "cpu",
     dtype: str | None = None,
     overwrite: bool = False,
+    method: str = "measured",
+    compare_estimators: bool = False,
     report: bool = True,
     top_k: int = 8,
     progress: bool = True,
 ) -> dict:
-    """Measured layer (or module) sensitivity on each objective; writes ``sensitivity.json``.
+    """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
 
     ``output_dir`` also holds every finished probe: running the same command
     again after a kill resumes; other settings in the same directory need
     ``overwrite``.  With ``report``, also report.md/.html and PNG plots
     (Kendall tau between objectives, top-``top_k`` overlap).
-    """
-    from tasa.profile.objectives import build_objective
-    from tasa.profile.probe import ProbeStore, run_probes
-    from tasa.profile.sensitivity import SCHEMA, sensitivities
 
+    ``method``: ``measured`` (RTN probes), or a gradient estimator, ``fisher`` or
+    ``autoscheme`` (see tasa.profile.estimators), whose costs then stand in for
+    the probes'.  ``compare_estimators`` (with ``measured``) also runs both
+    estimators and records their Kendall tau against the probes and their cost.
+    """
+    from tasa.profile.estimators import ESTIMATORS, estimate
+    from tasa.profile.objectives import build_objective
+    from tasa.profile.probe import ProbeStore, run_probes, units
+    from tasa.profile.sensitivity import SCHEMA, sensitivities
+    from tasa.profile.stats import kendall_tau
+
+    if method not in ("measured", *ESTIMATORS):
+        raise TasaError(f"method must be measured, {' or '.join(ESTIMATORS)}; got {method!r}")
     objectives = list(objectives)
     if not objectives or len(set(objectives)) != len(objectives):
         raise TasaError("give one or more distinct objectives")
@@ -334,25 +345,47 @@ def profile(
                             max_length=lm.max_length) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
-                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", "")}
-    store = ProbeStore(out, settings)
-    res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
-                     batch_size=batch_size, store=store, progress=progress)
-    costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
-    for w in warnings:
-        log.warning(w)
+                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "method": method}
+    plan_units = units(arch, granularity)
+    estimators: dict = {}
+    warnings: list[str] = []
+    stability: dict = {}
+    if method == "measured":
+        store = ProbeStore(out, settings)
+        res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
+                         batch_size=batch_size, store=store, progress=progress)
+        costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
+        base = {o.name: res.base[o.name].cost() for o in objs}
+        probe_seconds = res.seconds
+        for w in warnings:
+            log.warning(w)
+        for est in ESTIMATORS if compare_estimators else ():
+            est_costs, secs = estimate(lm.model, arch, objs, plan_units, bits, est, group_size, sym, batch_size)
+            estimators[est] = {"seconds": secs, "cost_ratio": secs / probe_seconds if probe_seconds else None,
+                               "costs": est_costs,
+                               "tau_vs_measured": {o: {b: kendall_tau(est_costs[o][b], costs[o][b]["cost"])
+                                                       for b in est_costs[o]} for o in est_costs}}
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, bits, method, group_size, sym,
+                                            batch_size)
+        costs = {o: {b: {"cost": c, "ci_low": [float("nan")] * len(c), "ci_high": [float("nan")] * len(c)}
+                     for b, c in per_bits.items()} for o, per_bits in est_costs.items()}
+        stability = {o: {b: float("nan") for b in per_bits} for o, per_bits in est_costs.items()}
+        base = {}
     numels = arch.numels()
     summary = {
         "schema": SCHEMA,
         **settings,
         "objectives": {o.name: {"kind": o.kind, "items": o.n_items, "scored_tokens": o.scored_tokens,
-                                "base": res.base[o.name].cost()} for o in objs},
+                                "base": base.get(o.name)} for o in objs},
         "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
-                   "numel": sum(numels[m] for m in u.modules)} for u in res.units],
+                   "numel": sum(numels[m] for m in u.modules)} for u in plan_units],
         "costs": costs,
         "stability": stability,
+        "estimators": estimators,
         "warnings": warnings,
-        "seconds": {"total": time.perf_counter() - t0, "probes": res.seconds},
+        "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds},
         "machine": machine_info(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

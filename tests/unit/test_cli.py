@@ -210,6 +210,16 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]
     code, _, err = run_cli(args[:-3] + ["--bits", "3", "--output-dir", str(out_dir), "--quiet"], capsys)
     assert code == 2 and "other settings (bits)" in err
+    code, out, err = run_cli(args[:-3] + ["--compare-estimators", "--output-dir", str(tmp_path / "est"), "--quiet"],
+                             capsys)
+    e = json.loads((tmp_path / "est" / "sensitivity.json").read_text())["estimators"]
+    assert set(e) == {"fisher", "autoscheme"} and -1 <= e["fisher"]["tau_vs_measured"]["arc_easy"]["2"] <= 1
+    assert "| fisher | wikitext2 | 2 |" in (tmp_path / "est" / "report.md").read_text()
+    code, out, err = run_cli(args[:-3] + ["--method", "fisher", "--output-dir", str(tmp_path / "f"), "--quiet"],
+                             capsys)
+    f = json.loads((tmp_path / "f" / "sensitivity.json").read_text())
+    assert code == 0 and f["method"] == "fisher" and f["costs"]["wikitext2"]["4"]["cost"] == \
+        e["fisher"]["costs"]["wikitext2"]["4"]
     code, _, err = run_cli(["profile", "--model", str(tiny_model_dir), "--bits", "9", "--output-dir",
                             str(tmp_path / "x"), "--quiet"], capsys)
     assert code == 2 and "bits" in err

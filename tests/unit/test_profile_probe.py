@@ -135,3 +135,44 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
         assert torch.allclose(resumed.probes[k]["wikitext2"].nll, full.probes[k]["wikitext2"].nll, atol=1e-6)
     with pytest.raises(TasaError, match="other settings"):
         ProbeStore(tmp_path, {"bits": [3], "objectives": ["wikitext2"]})
+
+
+def test_estimators_match_their_definitions_on_a_tiny_model(data_dir, tokenizer):
+    from tasa.profile.estimators import estimate
+    from tasa.profile.probe import units
+
+    model = tiny_llama(layers=2)
+    arch = resolve(model)
+    obj = build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)
+    us = units(arch, "layer")
+    # reference: one full-batch backward of the mean per-token NLL
+    names = [m.name for m in arch.modules]
+
+    def grads(m):
+        m.zero_grad()
+        with torch.enable_grad():
+            logits = m(input_ids=obj.input_ids).logits
+            logp = F.log_softmax(logits[:, :-1].float(), -1)
+            nll = -logp.gather(-1, obj.input_ids[:, 1:, None]).squeeze(-1) * obj.score_mask[:, 1:]
+            (nll.sum() / obj.score_mask.sum()).backward()
+        return {n: m.get_submodule(n).weight.grad.clone() for n in names}
+
+    g = grads(model)
+    est, _ = estimate(model, arch, [obj], us, (2,), "fisher", group_size=16, batch_size=100)
+    for u, value in zip(us, est["wikitext2"]["2"]):
+        want = sum(0.5 * float((g[n] ** 2 * (model.get_submodule(n).weight.detach() - rtn_quantize(
+            model.get_submodule(n).weight.detach(), 2, 16, True).weight) ** 2).sum()) for n in u.modules)
+        assert value == pytest.approx(want, rel=1e-4)
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for n in names:
+            q.get_submodule(n).weight.copy_(rtn_quantize(q.get_submodule(n).weight, 2, 16, True).weight)
+    gq = grads(q)
+    est, _ = estimate(model, arch, [obj], us, (2,), "autoscheme", group_size=16, batch_size=2)
+    for u, value in zip(us, est["wikitext2"]["2"]):
+        want = sum(float((gq[n] * (model.get_submodule(n).weight - q.get_submodule(n).weight)).abs().sum().detach())
+                   for n in u.modules)
+        assert value == pytest.approx(want, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    fresh = tiny_llama(layers=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

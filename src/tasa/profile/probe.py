@@ -107,9 +107,15 @@ def tail_token_nll(model: nn.Module, arch: ModelArch, inputs: dict, score_mask: 
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     finally:
         handle.remove()
-    logp = F.log_softmax(logits.float(), dim=-1)  # positions first..T-1
+    return token_nll(logits, first, pred_pos, inputs["input_ids"], score_mask)
+
+
+def token_nll(logits: torch.Tensor, first: int, pred_pos: torch.Tensor, input_ids: torch.Tensor,
+              score_mask: torch.Tensor) -> torch.Tensor:
+    """NLL of each scored token from logits of positions ``first..T-1`` (zero where unscored)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
     rows = torch.arange(logp.shape[0], device=logp.device)[:, None]
-    nll = -logp[rows, (pred_pos - first).clamp_min(0), inputs["input_ids"]]
+    nll = -logp[rows, (pred_pos - first).clamp_min(0), input_ids]
     return nll * score_mask
 
 
@@ -132,19 +138,21 @@ def units(arch: ModelArch, granularity: str) -> list[Unit]:
 
 @contextmanager
 def rtn_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, group_size: int, sym: bool):
-    """RTN-quantize the named linears in place for the duration of the block, then restore them exactly."""
-    saved = []
+    """RTN-quantize the named linears in place for the duration of the block, then restore them exactly.
+
+    Yields {name: original weight}."""
+    saved = {}
     try:
         with torch.no_grad():
             for name in module_names:
                 lin = model.get_submodule(name)
-                saved.append((lin, lin.weight.detach().clone()))
+                saved[name] = lin.weight.detach().clone()
                 lin.weight.copy_(rtn_quantize(lin.weight.detach(), bits, group_size, sym).weight.to(lin.weight.dtype))
-        yield
+        yield saved
     finally:
         with torch.no_grad():
-            for lin, w in saved:
-                lin.weight.copy_(w)
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
 
 
 class ProbeStore:

@@ -89,11 +89,22 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
     k = min(k, n_units)
     md = [f"# Sensitivity profile: {s['model']}", "",
           f"{s['granularity']} granularity, {n_units} units, RTN bits {', '.join(map(str, s['bits']))}, "
-          f"group size {s['group_size']}; {s['seconds']['total']:.0f} s.", "",
+          f"group size {s['group_size']}; {s.get('method', 'measured')} sensitivities; "
+          f"{s['seconds']['total']:.0f} s.", "",
           "| objective | kind | items | scored tokens | full-precision value |", "| --- | --- | ---: | ---: | ---: |"]
     for name, o in s["objectives"].items():
-        md.append(f"| {name} | {o['kind']} | {o['items']} | {o['scored_tokens']} | {o['base']:.4f} |")
+        base = "–" if o["base"] is None else f"{o['base']:.4f}"
+        md.append(f"| {name} | {o['kind']} | {o['items']} | {o['scored_tokens']} | {base} |")
     md.append("")
+    if s.get("estimators"):
+        md += ["Fast estimators against the measured probes (Kendall tau of unit rankings; cost relative to "
+               "the probes):", "", "| estimator | objective | bits | tau | cost ratio |",
+               "| --- | --- | ---: | ---: | ---: |"]
+        for est, e in s["estimators"].items():
+            for obj, per_bits in e["tau_vs_measured"].items():
+                for b, tau in per_bits.items():
+                    md.append(f"| {est} | {obj} | {b} | {tau:.2f} | {e['cost_ratio']:.3f} |")
+        md.append("")
     for bits in map(str, s["bits"]):
         names = list(s["costs"])
         md += [f"## {bits}-bit", ""]

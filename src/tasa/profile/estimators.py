@@ -1,0 +1,112 @@
+"""Fast sensitivity estimators from gradients, the kind existing tools use for generic loss.
+
+- ``fisher`` (HAWQ-V2 / Fisher style, second order): one backward pass per
+  objective on the full-precision model gives the empirical Fisher diagonal
+  F = sum over batches of g^2 (g: the batch-mean gradient of the objective's
+  loss); the cost of unit u at b bits is 1/2 * sum_u F * (W - Q_b(W))^2.
+- ``autoscheme`` (AutoRound AutoScheme, first order): for each candidate
+  bit-width b, RTN-quantize *all* units at b, run one forward and backward, and
+  score u by sum_u |g * (W - Q_b(W))| with g the gradient at the quantized
+  weights.
+
+The loss is the objective's own per-item loss (the probes' cost), averaged over
+items, so estimated and measured sensitivities rank the same quantity.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from tasa.errors import TasaError
+from tasa.models.arch import ModelArch
+from tasa.profile.objectives import Objective, item_losses
+from tasa.profile.probe import Unit, rtn_swapped, token_nll
+from tasa.quant.rtn import rtn_quantize
+
+ESTIMATORS = ("fisher", "autoscheme")
+
+
+@contextmanager
+def _grads_on(model: nn.Module, names: list[str]):
+    """Gradients for the named linears' weights only; everything else frozen; restored afterwards."""
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    wanted = {f"{n}.weight" for n in names}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in wanted)
+            p.grad = None
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
+            p.grad = None
+
+
+def _backward(model: nn.Module, objective: Objective, batch_size: int, on_batch=None) -> None:
+    """Backward of the objective's mean item loss, one batch at a time (``on_batch`` after each)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n = objective.n_items
+    for s in range(0, objective.input_ids.shape[0], batch_size):
+        rows = slice(s, s + batch_size)
+        inputs = objective.model_inputs(rows, dtype, device)
+        mask, pred = objective.score_mask[rows].to(device), objective.pred_pos[rows].to(device)
+        first = int(pred[mask].min())
+        logits = model(**inputs, use_cache=False, logits_to_keep=mask.shape[1] - first).logits
+        nll = token_nll(logits, first, pred, inputs["input_ids"], mask)
+        part = _sub(objective, rows)
+        losses = item_losses(part, nll.cpu() if nll.device.type != "cpu" else nll)
+        if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
+            loss = losses.nll.sum() / objective.score_mask.sum()
+        else:
+            loss = losses.nll.sum() / n
+        loss.backward()
+        if on_batch is not None:
+            on_batch()
+
+
+def _sub(o: Objective, rows: slice) -> Objective:
+    return Objective(o.name, o.kind, o.input_ids[rows], o.score_mask[rows], o.pred_pos[rows], o.token_choice[rows],
+                     o.gold[rows], None if o.attend is None else o.attend[rows],
+                     None if o.position_ids is None else o.position_ids[rows])
+
+
+def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], plan_units: list[Unit],
+             bits: tuple[int, ...], method: str, group_size: int = 64, sym: bool = True,
+             batch_size: int = 8) -> tuple[dict, float]:
+    """Estimated costs[objective][bits] (list in unit order) and the seconds it took."""
+    if method not in ESTIMATORS:
+        raise TasaError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {method!r}")
+    t0 = time.perf_counter()
+    names = [m.name for m in arch.modules]
+    costs: dict = {o.name: {} for o in objectives}
+    with _grads_on(model, names):
+        params = {n: model.get_submodule(n).weight for n in names}
+        if method == "fisher":
+            for o in objectives:
+                fisher = {n: torch.zeros_like(w) for n, w in params.items()}
+
+                def accumulate():
+                    for n, w in params.items():
+                        fisher[n] += w.grad.detach() ** 2
+                        w.grad = None
+
+                _backward(model, o, batch_size, accumulate)
+                for b in bits:
+                    per_module = {n: 0.5 * float((fisher[n] * (w.detach() - rtn_quantize(
+                        w.detach(), b, group_size, sym).weight) ** 2).sum()) for n, w in params.items()}
+                    costs[o.name][str(b)] = [sum(per_module[m] for m in u.modules) for u in plan_units]
+        else:
+            for b in bits:
+                with rtn_swapped(model, tuple(names), b, group_size, sym) as originals:
+                    for o in objectives:
+                        for w in params.values():
+                            w.grad = None
+                        _backward(model, o, batch_size)
+                        per_module = {n: float((params[n].grad * (originals[n] - params[n].detach())).abs().sum())
+                                      for n in names}
+                        costs[o.name][str(b)] = [sum(per_module[m] for m in u.modules) for u in plan_units]
+    return costs, time.perf_counter() - t0
