@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-estimators", action="store_true",
                    help="with measured probes, also run both estimators and report their Kendall tau against "
                         "the probes and their cost")
+    p.add_argument("--layers", default=None, help="probe only these layers, e.g. 0,15,29 (default: all)")
     p.add_argument("--top-k", type=int, default=8, help="K of the report's top-K overlap table (default: 8)")
     p.add_argument("--output-dir", required=True,
                    help="where sensitivity.json, report.md/.html, plots and the probe records go")
@@ -179,8 +180,12 @@ def run(argv: list[str] | None = None) -> int:
             bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
         except ValueError:
             raise TasaError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
+        try:
+            layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        except ValueError:
+            raise TasaError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
         s = pipeline.profile(
-            model=args.model, output_dir=args.output_dir,
+            model=args.model, layers=layers, output_dir=args.output_dir,
             objectives=[o.strip() for o in args.objectives.split(",") if o.strip()], bits=bits,
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,

@@ -301,6 +301,7 @@ def profile(
     overwrite: bool = False,
     method: str = "measured",
     compare_estimators: bool = False,
+    layers: list[int] | None = None,
     report: bool = True,
     top_k: int = 8,
     progress: bool = True,
@@ -316,11 +317,12 @@ def profile(
     ``autoscheme`` (see tasa.profile.estimators), whose costs then stand in for
     the probes'.  ``compare_estimators`` (with ``measured``) also runs both
     estimators and records their Kendall tau against the probes and their cost.
+    ``layers`` restricts the units to those layers (e.g. to time module probes).
     """
     from tasa.profile.estimators import ESTIMATORS, estimate
     from tasa.profile.objectives import build_objective
     from tasa.profile.probe import ProbeStore, run_probes, units
-    from tasa.profile.sensitivity import SCHEMA, sensitivities
+    from tasa.profile.sensitivity import SCHEMA, objective_taus, sensitivities
     from tasa.profile.stats import kendall_tau
 
     if method not in ("measured", *ESTIMATORS):
@@ -345,16 +347,18 @@ def profile(
                             max_length=lm.max_length) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
-                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "method": method}
-    plan_units = units(arch, granularity)
+                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "method": method,
+                "layers": sorted(set(layers)) if layers is not None else None}
+    plan_units = [u for u in units(arch, granularity) if layers is None or u.layer in set(layers)]
     estimators: dict = {}
     warnings: list[str] = []
     stability: dict = {}
     if method == "measured":
         store = ProbeStore(out, settings)
         res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
-                         batch_size=batch_size, store=store, progress=progress)
+                         batch_size=batch_size, store=store, layers=layers, progress=progress)
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
+        taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}
         probe_seconds = res.seconds
         for w in warnings:
@@ -372,6 +376,7 @@ def profile(
         costs = {o: {b: {"cost": c, "ci_low": [float("nan")] * len(c), "ci_high": [float("nan")] * len(c)}
                      for b, c in per_bits.items()} for o, per_bits in est_costs.items()}
         stability = {o: {b: float("nan") for b in per_bits} for o, per_bits in est_costs.items()}
+        taus = {}
         base = {}
     numels = arch.numels()
     summary = {
@@ -383,6 +388,7 @@ def profile(
                    "numel": sum(numels[m] for m in u.modules)} for u in plan_units],
         "costs": costs,
         "stability": stability,
+        "objective_taus": taus,
         "estimators": estimators,
         "warnings": warnings,
         "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds},

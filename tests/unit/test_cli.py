@@ -205,6 +205,8 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     report = (out_dir / "report.md").read_text()
     tau = kendall_tau(s["costs"]["wikitext2"]["4"]["cost"], s["costs"]["arc_easy"]["4"]["cost"])
     assert f"| wikitext2 | 1.00 | {tau:.2f} |" in report and "| wikitext2 | arc_easy |" in report
+    t = s["objective_taus"]["4"]["wikitext2|arc_easy"]
+    assert t["tau"] == pytest.approx(tau) and t["ci_low"] <= t["ci_high"] and "tau(wikitext2, arc_easy) =" in report
     assert (out_dir / "heatmap_2.png").stat().st_size > 1000 and "<table>" in (out_dir / "report.html").read_text()
     code, out2, err = run_cli(args, capsys)  # every probe is on disk: the re-run reads them back
     assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]

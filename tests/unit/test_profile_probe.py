@@ -176,3 +176,17 @@ def test_estimators_match_their_definitions_on_a_tiny_model(data_dir, tokenizer)
     assert all(p.grad is None for p in model.parameters())
     fresh = tiny_llama(layers=2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_layer_subset_gives_the_same_probes(data_dir, tokenizer):
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
+    full = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity="module", progress=False)
+    part = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity="module", layers=[1],
+                      progress=False)
+    assert {u.layer for u in part.units} == {1} and len(part.probes) == 7
+    for key, losses in part.probes.items():
+        assert torch.allclose(losses["wikitext2"].nll, full.probes[key]["wikitext2"].nll, atol=1e-6)
+    with pytest.raises(TasaError, match="out of range"):
+        run_probes(model, arch, objs, bits=(2,), group_size=16, layers=[3], progress=False)

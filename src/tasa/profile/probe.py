@@ -207,12 +207,18 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
 
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
                group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_size: int = 8,
-               store: ProbeStore | None = None, progress: bool = True) -> ProbeResults:
-    """Measure every unit at every bit-width on every objective (see the module docstring)."""
+               store: ProbeStore | None = None, layers: list[int] | None = None,
+               progress: bool = True) -> ProbeResults:
+    """Measure every unit (of ``layers``, default all) at every bit-width on every objective."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     plan_units = units(arch, granularity)
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < arch.num_layers]
+        if bad:
+            raise TasaError(f"layer {bad[0]} out of range; the model has layers 0..{arch.num_layers - 1}")
+        plan_units = [u for u in plan_units if u.layer in set(layers)]
     batches = {o.name: [(o.model_inputs(slice(s, s + batch_size), dtype, device),
                          o.score_mask[s:s + batch_size].to(device), o.pred_pos[s:s + batch_size].to(device))
                         for s in range(0, o.input_ids.shape[0], batch_size)] for o in objectives}
@@ -233,7 +239,8 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     probes: dict = {}
     total = len(plan_units) * len(bits)
     bar = tqdm(total=total, desc=f"probes ({granularity})", disable=not progress)
-    for layer in range(arch.num_layers):
+    last = max(u.layer for u in plan_units)
+    for layer in range(last + 1):
         for unit in (u for u in plan_units if u.layer == layer):
             for b in bits:
                 key = f"{unit.name}@{b}"
@@ -247,7 +254,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
                     losses = _losses_from(rec["losses"])
                 probes[(unit.name, b)] = losses
                 bar.update(1)
-        if layer + 1 < arch.num_layers:
+        if layer < last:
             hidden = {o.name: [layer_input(model, arch, kw, layer + 1, h)
                                for (kw, _, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
     bar.close()

@@ -46,3 +46,38 @@ def sensitivities(results: ProbeResults, objectives: list[Objective], bits: tupl
                 warnings.append(f"{o.name} at {b} bits: split-half rank stability {tau:.2f} < {UNSTABLE_TAU}; "
                                 f"{o.n_items} items are too few to rank units reliably (raise --probe-tokens)")
     return costs, stability, warnings
+
+
+def objective_taus(results: ProbeResults, objectives: list[Objective], bits: tuple[int, ...], n_boot: int = 200,
+                   level: float = 0.95, seed: int = 0) -> dict:
+    """Kendall tau between every pair of objectives' unit rankings, with a bootstrap interval.
+
+    Each replicate resamples every objective's items (independently: objectives
+    use different rows), recomputes all unit costs and the tau.
+    """
+    from itertools import combinations
+
+    from tasa.profile.stats import kendall_tau
+
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for b in bits:
+        mats = {}
+        for o in objectives:
+            base = results.base[o.name]
+            diff = np.stack([results.probes[(u.name, b)][o.name].nll.numpy() - base.nll.numpy()
+                             for u in results.units], axis=1)  # (items, units)
+            mats[o.name] = (diff, base.tokens.numpy())
+        point = {o: mats[o][0].sum(0) / mats[o][1].sum() for o in mats}
+        boots: dict = {o: [] for o in mats}
+        for _ in range(n_boot):
+            for o, (diff, tok) in mats.items():
+                idx = rng.integers(0, diff.shape[0], diff.shape[0])
+                boots[o].append(diff[idx].sum(0) / tok[idx].sum())
+        out[str(b)] = {}
+        for a, c in combinations(list(mats), 2):
+            taus = [kendall_tau(x, y) for x, y in zip(boots[a], boots[c])]
+            lo, hi = np.nanquantile(taus, [(1 - level) / 2, (1 + level) / 2])
+            out[str(b)][f"{a}|{c}"] = {"tau": kendall_tau(point[a], point[c]), "ci_low": float(lo),
+                                       "ci_high": float(hi)}
+    return out

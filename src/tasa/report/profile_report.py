@@ -113,6 +113,10 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
             md += ["Kendall tau between objectives' unit rankings:", "",
                    "| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
             md += [f"| {a} | " + " | ".join(f"{tm[a][b]:.2f}" for b in names) + " |" for a in names]
+            if s.get("objective_taus", {}).get(bits):
+                md += ["", "With 95 % bootstrap intervals (items resampled within each objective):", ""]
+                md += [f"- tau({pair.replace('|', ', ')}) = {t['tau']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]"
+                       for pair, t in s["objective_taus"][bits].items()]
             md += ["", f"Top-{k} overlap (units among the {k} most sensitive of both):", "",
                    "| objective A | objective B | shared |", "| --- | --- | ---: |"]
             md += [f"| {a} | {b} | {n} of {k} |" for a, b, n in overlap_table(s["costs"], bits, k)]
