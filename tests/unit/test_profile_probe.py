@@ -190,3 +190,14 @@ def test_a_layer_subset_gives_the_same_probes(data_dir, tokenizer):
         assert torch.allclose(losses["wikitext2"].nll, full.probes[key]["wikitext2"].nll, atol=1e-6)
     with pytest.raises(TasaError, match="out of range"):
         run_probes(model, arch, objs, bits=(2,), group_size=16, layers=[3], progress=False)
+
+
+def test_a_small_logits_budget_shrinks_batches_without_changing_results(data_dir, tokenizer):
+    model = tiny_llama(layers=2)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
+    big = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_size=8, progress=False)
+    tiny = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_size=8, max_logits_gb=1e-9,
+                      progress=False)
+    for key in big.probes:
+        assert torch.allclose(big.probes[key]["wikitext2"].nll, tiny.probes[key]["wikitext2"].nll, atol=1e-5)

@@ -207,9 +207,14 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
 
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
                group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_size: int = 8,
-               store: ProbeStore | None = None, layers: list[int] | None = None,
+               store: ProbeStore | None = None, layers: list[int] | None = None, max_logits_gb: float = 2.0,
                progress: bool = True) -> ProbeResults:
-    """Measure every unit (of ``layers``, default all) at every bit-width on every objective."""
+    """Measure every unit (of ``layers``, default all) at every bit-width on every objective.
+
+    Batches shrink below ``batch_size`` where their float32 logits and
+    log-probabilities would exceed ``max_logits_gb``.  The kept layer inputs take
+    rows x tokens x hidden size floats per objective.
+    """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -219,9 +224,12 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
         if bad:
             raise TasaError(f"layer {bad[0]} out of range; the model has layers 0..{arch.num_layers - 1}")
         plan_units = [u for u in plan_units if u.layer in set(layers)]
-    batches = {o.name: [(o.model_inputs(slice(s, s + batch_size), dtype, device),
-                         o.score_mask[s:s + batch_size].to(device), o.pred_pos[s:s + batch_size].to(device))
-                        for s in range(0, o.input_ids.shape[0], batch_size)] for o in objectives}
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batches = {}
+    for o in objectives:
+        bs = max(1, min(batch_size, int(max_logits_gb * 2**30 // (o.input_ids.shape[1] * vocab * 8))))
+        batches[o.name] = [(o.model_inputs(slice(s, s + bs), dtype, device), o.score_mask[s:s + bs].to(device),
+                            o.pred_pos[s:s + bs].to(device)) for s in range(0, o.input_ids.shape[0], bs)]
     hidden = {o.name: [layer_input(model, arch, kw, 0) for kw, _, _ in batches[o.name]] for o in objectives}
 
     def score(layer: int) -> dict[str, ItemLosses]:
