@@ -18,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+# benchmarks/ must not be on sys.path: benchmarks/profile.py would shadow the standard 'profile' module
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
 
 BENCH = "eval_crosscheck"
 WORKLOAD = {"arc_easy": (500, 0), "arc_challenge": (500, 0), "gsm8k": (100, 5)}  # task -> (limit, shots)

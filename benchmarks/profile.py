@@ -17,8 +17,11 @@ import resource
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, cached, row, run_json, write_results  # noqa: E402
+# benchmarks/ must not be on sys.path: benchmarks/profile.py would shadow the standard 'profile' module
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import WORK, cached, row, run_json, write_results  # noqa: E402
 
 BENCH = "profile"
 OBJECTIVES = ["wikitext2", "gsm8k", "arc_easy"]

@@ -19,8 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+# benchmarks/ must not be on sys.path: benchmarks/profile.py would shadow the standard 'profile' module
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
 
 BENCH = "uniform"
 GROUP = 64
