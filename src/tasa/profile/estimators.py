@@ -53,7 +53,8 @@ def _backward(model: nn.Module, objective: Objective, batch_size: int, on_batch=
     for s in range(0, objective.input_ids.shape[0], batch_size):
         rows = slice(s, s + batch_size)
         inputs = objective.model_inputs(rows, dtype, device)
-        mask, pred = objective.score_mask[rows].to(device), objective.pred_pos[rows].to(device)
+        w = inputs["input_ids"].shape[1]
+        mask, pred = objective.score_mask[rows, :w].to(device), objective.pred_pos[rows, :w].to(device)
         first = int(pred[mask].min())
         logits = model(**inputs, use_cache=False, logits_to_keep=mask.shape[1] - first).logits
         nll = token_nll(logits, first, pred, inputs["input_ids"], mask)

@@ -65,19 +65,30 @@ class Objective:
     def scored_tokens(self) -> int:
         return int(self.score_mask.sum())
 
+    def width(self, rows: slice) -> int:
+        """Columns ``rows`` need: up to their last scored token (padding beyond is dropped)."""
+        used = self.score_mask[rows].any(0).nonzero()
+        return int(used.max()) + 1 if used.numel() else 1
+
     def model_inputs(self, rows: slice, dtype: torch.dtype, device) -> dict:
-        """Keyword arguments for the model's forward on ``rows``."""
-        kw = {"input_ids": self.input_ids[rows].to(device)}
+        """Keyword arguments for the model's forward on ``rows``, trimmed to their own width."""
+        w = self.width(rows)
+        kw = {"input_ids": self.input_ids[rows, :w].to(device)}
         if self.attend is not None:
-            mask = torch.zeros(self.attend[rows].shape, dtype=dtype)
-            mask.masked_fill_(~self.attend[rows], torch.finfo(dtype).min)
+            attend = self.attend[rows, :w, :w]
+            mask = torch.zeros(attend.shape, dtype=dtype)
+            mask.masked_fill_(~attend, torch.finfo(dtype).min)
             kw["attention_mask"] = mask[:, None].to(device)
-            kw["position_ids"] = self.position_ids[rows].to(device)
+            kw["position_ids"] = self.position_ids[rows, :w].to(device)
         return kw
 
 
 def _pack(rows: list[tuple[list[int], list[int]]], gold: list[int], name: str) -> Objective:
-    """rows: (prompt ids, [choice ids, ...]) per item; nll items have one "choice" (the gold text)."""
+    """rows: (prompt ids, [choice ids, ...]) per item; nll items have one "choice" (the gold text).
+
+    Items are ordered by length, longest first, so that batches of neighbours carry little padding."""
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + sum(map(len, rows[i][1]))))
+    rows, gold = [rows[i] for i in order], [gold[i] for i in order]
     packed = [ctx + [t for c in conts for t in c] for ctx, conts in rows]
     width = max(len(p) for p in packed)
     n = len(rows)
@@ -180,8 +191,11 @@ class ItemLosses:
 
 
 def item_losses(objective: Objective, token_nll: torch.Tensor) -> ItemLosses:
-    """Per-item losses from per-token NLL (N, T) (zero where unscored); one item per row."""
+    """Per-item losses from per-token NLL (N, <= T) (zero where unscored); one item per row."""
     n = objective.n_items
+    width = objective.score_mask.shape[1]
+    if token_nll.shape[1] < width:  # trimmed batches: the columns beyond hold no scored token
+        token_nll = torch.nn.functional.pad(token_nll, (0, width - token_nll.shape[1]))
     token_nll = token_nll.double() * objective.score_mask
     if objective.kind == "nll":
         return ItemLosses(token_nll.sum(1), objective.score_mask.sum(1).double())

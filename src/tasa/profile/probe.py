@@ -228,8 +228,12 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     batches = {}
     for o in objectives:
         bs = max(1, min(batch_size, int(max_logits_gb * 2**30 // (o.input_ids.shape[1] * vocab * 8))))
-        batches[o.name] = [(o.model_inputs(slice(s, s + bs), dtype, device), o.score_mask[s:s + bs].to(device),
-                            o.pred_pos[s:s + bs].to(device)) for s in range(0, o.input_ids.shape[0], bs)]
+        batches[o.name] = []
+        for s in range(0, o.input_ids.shape[0], bs):
+            rows = slice(s, s + bs)
+            w = o.width(rows)
+            batches[o.name].append((o.model_inputs(rows, dtype, device), o.score_mask[rows, :w].to(device),
+                                    o.pred_pos[rows, :w].to(device)))
     hidden = {o.name: [layer_input(model, arch, kw, 0) for kw, _, _ in batches[o.name]] for o in objectives}
 
     def score(layer: int) -> dict[str, ItemLosses]:
@@ -237,7 +241,8 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
         for o in objectives:
             toks = [tail_token_nll(model, arch, kw, mask, pred, layer, h)
                     for (kw, mask, pred), h in zip(batches[o.name], hidden[o.name])]
-            out[o.name] = item_losses(o, torch.cat(toks).cpu())
+            width = o.input_ids.shape[1]
+            out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
         return out
 
     rec = store.get("base") if store else None
