@@ -51,11 +51,7 @@ def _plots(s: dict, out: Path, bits: str) -> list[str]:
     axes[-1, 0].set_xticks(x, [n.replace("layer.", "") for n in names], rotation=90, fontsize=7)
     axes[-1, 0].set_xlabel("unit (layer index)" if s["granularity"] == "layer" else "module")
     fig.suptitle(f"Sensitivity by {s['granularity']}, RTN {bits}-bit, group size {s['group_size']}")
-    fig.tight_layout()
-    name = f"sensitivity_{bits}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(fig, out / f"sensitivity_{bits}.png"))
 
     mat = []
     for obj in s["costs"]:
@@ -68,12 +64,17 @@ def _plots(s: dict, out: Path, bits: str) -> list[str]:
     ax.set_xticks(x, [n.replace("layer.", "") for n in names], rotation=90, fontsize=7)
     fig.colorbar(im, ax=ax, label="cost scaled to [0, 1] per objective")
     ax.set_title(f"Which units each objective finds sensitive ({bits}-bit)")
-    fig.tight_layout()
-    name = f"heatmap_{bits}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(fig, out / f"heatmap_{bits}.png"))
     return files
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
