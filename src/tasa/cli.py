@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: collect all of a layer's Hessians before quantizing any of its modules")
     q.add_argument("--allow-ragged-groups", action="store_true",
                    help="allow a group size that does not divide an input size (last group shorter)")
+    q.add_argument("--plan", default=None,
+                   help="plan.json (e.g. from tasa allocate): per-module bits and group sizes; overrides --method, "
+                        "--bits, --group-size")
     q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
@@ -128,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True,
                    help="where sensitivity.json, report.md/.html, plots and the probe records go")
     p.add_argument("--overwrite", action="store_true", help="discard probes made with other settings")
+    a = sub.add_parser("allocate", help="choose bits per layer from a sensitivity profile under a budget",
+                       description="Normalise each objective's costs (by its mean cost at the lowest bit-width), "
+                                   "combine them (beta * perplexity + (1 - beta) * tasks), and choose one bit-width "
+                                   "per layer minimising the combined cost with the parameter-weighted average "
+                                   "bits at most --budget (exact dynamic programming). Writes a plan.json for "
+                                   "tasa quantize --plan.", epilog=EPILOG)
+    a.add_argument("--sensitivity", required=True, help="sensitivity.json (or its directory) from tasa profile")
+    a.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
+    a.add_argument("--bits", default=None, help="candidate bit-widths (default: all profiled ones)")
+    a.add_argument("--beta", default="0.5",
+                   help="weight of perplexity against the task objectives in [0, 1], or ppl-only / task-only "
+                        "(default: 0.5)")
+    a.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
+    a.add_argument("--budget-includes-metadata", action="store_true",
+                   help="count scale/zero storage ((16 + bits) / group size per weight) against the budget")
+    a.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer the plan asks for")
+    a.add_argument("--output", required=True, help="plan.json to write")
     return parser
 
 
@@ -153,9 +173,11 @@ def run(argv: list[str] | None = None) -> int:
             static_groups=args.static_groups, damp=args.damp, calib=args.calib, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             true_sequential=not args.no_true_sequential, allow_ragged_groups=args.allow_ragged_groups,
-            overwrite=args.overwrite, progress=not args.quiet)
-        print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, "
-              f"group size {s['quant_spec']['group_size']}) in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
+            overwrite=args.overwrite, plan=args.plan, progress=not args.quiet)
+        how = (f"group size {s['quant_spec']['group_size']}" if s["quant_spec"]
+               else f"plan: bits {', '.join(map(str, s['plan_bits']))}")
+        print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, {how}) "
+              f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
     elif args.command == "eval":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
@@ -175,6 +197,23 @@ def run(argv: list[str] | None = None) -> int:
         _print_table(rows)
         if args.output:
             print(f"results written to {args.output}")
+    elif args.command == "allocate":
+        try:
+            beta = args.beta if args.beta in ("ppl-only", "task-only") else float(args.beta)
+            bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
+            weights = ({k: float(v) for k, v in (x.split(":") for x in args.task_weights.split(","))}
+                       if args.task_weights else None)
+        except ValueError:
+            raise TasaError("--beta is a number or a preset, --bits integers, --task-weights NAME:WEIGHT,...") \
+                from None
+        s = pipeline.allocate_bits(args.sensitivity, args.budget, args.output, bits=bits, beta=beta,
+                                   task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
+                                   method=args.method)
+        per_layer = " ".join(str(b) for b in s["layer_bits"].values())
+        print(f"bits per layer: {per_layer}")
+        print(f"average weight bits {s['average_weight_bits']:.4f}, with scale/zero storage "
+              f"{s['effective_bits_with_metadata']:.4f} (budget {s['budget']:g}"
+              f"{' incl. metadata' if s['budget_includes_metadata'] else ''}) -> {s['output']}")
     elif args.command == "profile":
         try:
             bits = tuple(int(b) for b in args.bits.split(",") if b.strip())

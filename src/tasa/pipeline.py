@@ -103,9 +103,10 @@ def quantize(
     true_sequential: bool = True,
     allow_ragged_groups: bool = False,
     overwrite: bool = False,
+    plan: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Quantize every decoder-layer linear of ``model`` uniformly and write the result.
+    """Quantize every decoder-layer linear of ``model`` uniformly (or by ``plan``, a plan.json) and write it.
 
     The output directory holds the dequantized float model (safetensors, loadable
     by plain transformers), its tokenizer, ``plan.json`` and ``quantize.json``
@@ -114,6 +115,9 @@ def quantize(
     out = check_output_dir(output_dir, overwrite)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
                      damp=damp)
+    plan_obj = Plan.load(plan) if plan is not None else None
+    if plan_obj is not None:
+        method = plan_obj.method
     calib_spec = CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed) if method == "gptq" else None
     if calib_spec is not None:  # fail on bad sources before the (slow) model load
         for name, _ in calib_spec.sources:
@@ -121,9 +125,19 @@ def quantize(
     t0 = time.perf_counter()
     lm = load(model, dtype=dtype, device=device)
     arch = resolve(lm.model)
-    check_group_size(arch, group_size, allow_ragged_groups)
+    if plan_obj is None:
+        check_group_size(arch, group_size, allow_ragged_groups)
     check_finite_weights(arch)
-    plan = Plan.uniform([m.name for m in arch.modules], spec, method=method, model=model)
+    if plan_obj is not None:
+        plan = plan_obj
+        names = {m.name for m in arch.modules}
+        unknown = [n for n in plan.modules if n not in names]
+        if unknown:
+            raise TasaError(f"the plan names {unknown[0]!r}, which is not a quantizable linear of this model")
+        for qs in plan.modules.values():
+            check_group_size(arch, qs.group_size, allow_ragged_groups)
+    else:
+        plan = Plan.uniform([m.name for m in arch.modules], spec, method=method, model=model)
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
@@ -134,13 +148,15 @@ def quantize(
     summary = {
         "model": model,
         "method": method,
-        "quant_spec": spec.to_dict(),
+        "quant_spec": spec.to_dict() if not plan.meta.get("allocation") else None,
+        "plan_bits": sorted({qs.bits for qs in plan.modules.values()}),
         "calib": calib_spec.describe() if calib_spec else None,
         "calib_counts": calib_counts,
         "nsamples": nsamples if calib_spec else None,
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,
         "average_bits": plan.average_bits(arch.numels()),
+        "modules_in_plan": len(plan),
         "seconds": {"load_and_data": t_load, "quantize": report.seconds},
         "modules": {n: s.__dict__ for n, s in report.modules.items()},
         "machine": machine_info(),
@@ -401,4 +417,34 @@ def profile(
 
         write_report(out / "sensitivity.json", k=top_k)
     summary["output_dir"] = str(out)
+    return summary
+
+
+def allocate_bits(
+    sensitivity: str | Path,
+    budget: float,
+    output: str | Path,
+    bits: tuple[int, ...] | None = None,
+    beta: float | str = 0.5,
+    task_weights: dict[str, float] | None = None,
+    budget_includes_metadata: bool = False,
+    method: str = "gptq",
+) -> dict:
+    """Aggregate a layer profile, allocate bits per layer under ``budget`` exactly, write plan.json."""
+    from tasa.allocate.plan import plan_from_sensitivity
+
+    path = Path(sensitivity)
+    if path.is_dir():
+        path = path / "sensitivity.json"
+    if not path.is_file():
+        raise TasaError(f"sensitivity file not found: {path}")
+    try:
+        sens = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TasaError(f"{path} is not valid JSON: {e}") from None
+    plan, summary = plan_from_sensitivity(sens, budget, bits=bits, beta=beta, task_weights=task_weights,
+                                          budget_includes_metadata=budget_includes_metadata, method=method)
+    plan.meta["sensitivity"] = str(path)
+    plan.save(output)
+    summary["output"] = str(output)
     return summary

@@ -225,3 +225,28 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     code, _, err = run_cli(["profile", "--model", str(tiny_model_dir), "--bits", "9", "--output-dir",
                             str(tmp_path / "x"), "--quiet"], capsys)
     assert code == 2 and "bits" in err
+
+
+def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, data_dir):
+    prof = tmp_path / "prof"
+    assert run_cli(["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2,gsm8k", "--bits", "2,4",
+                    "--group-size", "16", "--probe-tokens", "40", "--seqlen", "32", "--output-dir", str(prof),
+                    "--quiet"], capsys)[0] == 0
+    plan_file = tmp_path / "plan.json"
+    code, out, err = run_cli(["allocate", "--sensitivity", str(prof), "--budget", "3", "--beta", "task-only",
+                              "--method", "rtn", "--output", str(plan_file)], capsys)
+    assert code == 0, err
+    plan = json.loads(plan_file.read_text())
+    bits = [s["bits"] for s in plan["modules"].values()]
+    assert sorted(set(bits)) == [2, 4] and sum(bits) / len(bits) == 3  # equal-size layers: one at 2, one at 4
+    assert "bits per layer:" in out and "average weight bits 3.0000" in out
+    q_dir = tmp_path / "q"
+    code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--plan", str(plan_file),
+                              "--output-dir", str(q_dir), "--quiet"], capsys)
+    assert code == 0, err
+    written = json.loads((q_dir / "plan.json").read_text())["modules"]
+    assert {k: v["bits"] for k, v in written.items()} == {k: v["bits"] for k, v in plan["modules"].items()}
+    assert json.loads((q_dir / "quantize.json").read_text())["average_bits"] == 3
+    code, _, err = run_cli(["allocate", "--sensitivity", str(prof), "--budget", "1.5", "--output",
+                            str(tmp_path / "p2.json")], capsys)
+    assert code == 2 and "infeasible" in err
