@@ -376,7 +376,7 @@ def profile(
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
         taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}
-        probe_seconds = res.seconds
+        probe_seconds = res.probe_seconds
         for w in warnings:
             log.warning(w)
         for est in ESTIMATORS if compare_estimators else ():
@@ -407,7 +407,8 @@ def profile(
         "objective_taus": taus,
         "estimators": estimators,
         "warnings": warnings,
-        "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds},
+        "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds,
+                    **({"probe_wall_this_run": res.seconds} if method == "measured" else {})},
         "machine": machine_info(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

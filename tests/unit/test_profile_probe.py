@@ -1,5 +1,6 @@
 """Probe engine on tiny random models: equal to a full forward with only the unit quantized; resumable."""
 import copy
+import json
 
 import pytest
 import torch
@@ -131,6 +132,8 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
     resumed = run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
                          progress=False)
     assert resumed.probes.keys() == full.probes.keys()
+    stored = [json.loads(f.read_text())["seconds"] for f in (tmp_path / "probes").glob("*.json")]
+    assert len(stored) == 7 and resumed.probe_seconds == pytest.approx(sum(stored))  # resumed probes counted
     for k in full.probes:
         assert torch.allclose(resumed.probes[k]["wikitext2"].nll, full.probes[k]["wikitext2"].nll, atol=1e-6)
     with pytest.raises(TasaError, match="other settings"):

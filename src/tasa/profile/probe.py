@@ -193,7 +193,8 @@ class ProbeResults:
     base: dict[str, ItemLosses]
     probes: dict[tuple[str, int], dict[str, ItemLosses]]  # (unit name, bits) -> objective -> losses
     units: list[Unit]
-    seconds: float
+    seconds: float  # wall time of this call
+    probe_seconds: float = 0.0  # compute of all probes, also those resumed from an earlier run
 
 
 def _losses_record(losses: dict[str, ItemLosses]) -> dict:
@@ -245,10 +246,17 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
             out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
         return out
 
+    probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
     rec = store.get("base") if store else None
-    base = _losses_from(rec["losses"]) if rec else score(0)
-    if store and rec is None:
-        store.put("base", {"losses": _losses_record(base)})
+    if rec is None:
+        t = time.perf_counter()
+        base = score(0)
+        secs = time.perf_counter() - t
+        if store:
+            store.put("base", {"losses": _losses_record(base), "seconds": secs})
+    else:
+        base, secs = _losses_from(rec["losses"]), float(rec.get("seconds", 0.0))
+    probe_seconds += secs
     probes: dict = {}
     total = len(plan_units) * len(bits)
     bar = tqdm(total=total, desc=f"probes ({granularity})", disable=not progress)
@@ -259,16 +267,19 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
                 key = f"{unit.name}@{b}"
                 rec = store.get(key) if store else None
                 if rec is None:
+                    t = time.perf_counter()
                     with rtn_swapped(model, unit.modules, b, group_size, sym):
                         losses = score(layer)
+                    secs = time.perf_counter() - t
                     if store:
-                        store.put(key, {"losses": _losses_record(losses)})
+                        store.put(key, {"losses": _losses_record(losses), "seconds": secs})
                 else:
-                    losses = _losses_from(rec["losses"])
+                    losses, secs = _losses_from(rec["losses"]), float(rec.get("seconds", 0.0))
+                probe_seconds += secs
                 probes[(unit.name, b)] = losses
                 bar.update(1)
         if layer < last:
             hidden = {o.name: [layer_input(model, arch, kw, layer + 1, h)
                                for (kw, _, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
     bar.close()
-    return ProbeResults(base, probes, plan_units, time.perf_counter() - t0)
+    return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
