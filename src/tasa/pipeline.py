@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tasa import __version__
-from tasa.artifacts import write_json_atomic
+from tasa.artifacts import write_bytes_atomic, write_json_atomic
 from tasa.config import CalibSpec, QuantSpec
 from tasa.data import build_calibration, eval_texts, resolve_calibration_source
 from tasa.errors import TasaError
@@ -65,6 +65,10 @@ def check_finite_weights(arch: ModelArch) -> None:
         w = arch.layers[m.layer].get_submodule(m.local).weight
         if not torch.isfinite(w).all():
             raise TasaError(f"{m.name} holds NaN/Inf weights; refusing to quantize this model")
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def machine_info() -> dict:
@@ -148,7 +152,7 @@ def quantize(
     summary = {
         "model": model,
         "method": method,
-        "quant_spec": spec.to_dict() if not plan.meta.get("allocation") else None,
+        "quant_spec": spec.to_dict() if plan_obj is None else None,
         "plan_bits": sorted({qs.bits for qs in plan.modules.values()}),
         "calib": calib_spec.describe() if calib_spec else None,
         "calib_counts": calib_counts,
@@ -156,7 +160,6 @@ def quantize(
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,
         "average_bits": plan.average_bits(arch.numels()),
-        "modules_in_plan": len(plan),
         "seconds": {"load_and_data": t_load, "quantize": report.seconds},
         "modules": {n: s.__dict__ for n, s in report.modules.items()},
         "machine": machine_info(),
@@ -197,8 +200,7 @@ def _load_reference(reference: str, tasks: list[str], **kw) -> dict:
             ref["_topk"] = load_file(str(topk_path))
         return ref
     log.info("evaluating the reference model %s", reference)
-    ref = evaluate(reference, tasks, log_samples=True, **kw)
-    return ref
+    return evaluate(reference, tasks, log_samples=True, **kw)
 
 
 def evaluate(
@@ -253,7 +255,7 @@ def evaluate(
     results: dict = {"model": model,
                      "config": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "seqlen": seqlen,
                                 "batch_size": batch_size, "device": device,
-                                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+                                "dtype": _dtype_name(lm.model),
                                 "apply_chat_template": apply_chat_template, "generate": generate,
                                 "reference": reference},
                      "results": {}, "machine": machine_info(),
@@ -289,12 +291,10 @@ def evaluate(
     if output:
         write_json_atomic(output, results)
         if log_samples and topk is not None:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            side = Path(output).with_suffix(".topk.safetensors")
-            tmp = side.with_name(side.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in topk.items()}, str(tmp))
-            os.replace(tmp, side)
+            write_bytes_atomic(Path(output).with_suffix(".topk.safetensors"),
+                               save({k: v.contiguous() for k, v in topk.items()}))
     if log_samples and topk is not None:
         results["_topk"] = topk  # in memory only, for a run that uses this one as its reference
     return results
@@ -363,7 +363,7 @@ def profile(
                             max_length=lm.max_length) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
-                "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "method": method,
+                "dtype": _dtype_name(lm.model), "method": method,
                 "layers": sorted(set(layers)) if layers is not None else None}
     plan_units = [u for u in units(arch, granularity) if layers is None or u.layer in set(layers)]
     estimators: dict = {}

@@ -89,12 +89,6 @@ def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: b
                         {"logp": torch.cat(top_lp), "idx": torch.cat(top_idx)} if topk else None)
 
 
-def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
-               desc: str = "perplexity") -> torch.Tensor:
-    """Summed next-token NLL (nats) of each window, shape (n_windows,)."""
-    return window_scores(model, windows, batch_size, progress, desc=desc).nll
-
-
 def perplexity(model, tokenizer, text: str, seqlen: int = 512, limit: int | None = None, batch_size: int = 4,
                progress: bool = True, topk: int = 0, reference: dict | None = None) -> PerplexityResult:
     """Perplexity on ``text``; with ``reference`` also the mean KL(reference || model) per token."""

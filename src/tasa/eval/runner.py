@@ -15,10 +15,6 @@ from tasa.eval.lm import greedy_generate, loglikelihoods
 from tasa.eval.metrics import flips, generation_scores, mean_stderr, multiple_choice, ratio_stderr
 from tasa.eval.tasks import Task
 
-# The per-item correctness that flip rates compare, by task kind.
-PRIMARY = {"multiple_choice": "acc"}
-
-
 @dataclass
 class TaskResult:
     task: str
@@ -59,10 +55,9 @@ def run_task(model, tokenizer, task: Task, limit: int | None = None, num_fewshot
             requests += [(ctx, delim + c) for c in choices]
         lls = loglikelihoods(model, tokenizer, requests, batch_size, prefix_cache, progress, desc=task.name)
         for i, (doc, (start, n)) in enumerate(zip(docs, spans)):
-            r = multiple_choice([x.logprob for x in lls[start:start + n]], task.doc_to_choices(doc),
-                                task.doc_to_gold(doc))
-            samples.append({"doc": i, "lls": [x.logprob for x in lls[start:start + n]], "gold": task.doc_to_gold(doc),
-                            **r})
+            item_lls, gold = [x.logprob for x in lls[start:start + n]], task.doc_to_gold(doc)
+            samples.append({"doc": i, "lls": item_lls, "gold": gold,
+                            **multiple_choice(item_lls, task.doc_to_choices(doc), gold)})
         for name in ("acc", "acc_norm", "gold_logprob", "margin"):
             _add(metrics, name, [s[name] for s in samples])
     else:
