@@ -365,7 +365,7 @@ def profile(
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
                 "dtype": _dtype_name(lm.model), "method": method,
                 "layers": sorted(set(layers)) if layers is not None else None}
-    plan_units = [u for u in units(arch, granularity) if layers is None or u.layer in set(layers)]
+    plan_units = units(arch, granularity, layers)
     estimators: dict = {}
     warnings: list[str] = []
     stability: dict = {}

@@ -23,7 +23,7 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
-from tasa.profile.probe import Unit, rtn_swapped, token_nll
+from tasa.profile.probe import Unit, forward_token_nll, rtn_swapped
 from tasa.quant.rtn import rtn_quantize
 
 ESTIMATORS = ("fisher", "autoscheme")
@@ -49,30 +49,17 @@ def _backward(model: nn.Module, objective: Objective, batch_size: int, on_batch=
     """Backward of the objective's mean item loss, one batch at a time (``on_batch`` after each)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    n = objective.n_items
     for s in range(0, objective.input_ids.shape[0], batch_size):
         rows = slice(s, s + batch_size)
-        inputs = objective.model_inputs(rows, dtype, device)
-        w = inputs["input_ids"].shape[1]
-        mask, pred = objective.score_mask[rows, :w].to(device), objective.pred_pos[rows, :w].to(device)
-        first = int(pred[mask].min())
-        logits = model(**inputs, use_cache=False, logits_to_keep=mask.shape[1] - first).logits
-        nll = token_nll(logits, first, pred, inputs["input_ids"], mask)
-        part = _sub(objective, rows)
-        losses = item_losses(part, nll.cpu() if nll.device.type != "cpu" else nll)
+        nll = forward_token_nll(model, objective.batch(rows, dtype, device))
+        losses = item_losses(objective.subset(rows), nll.cpu())
         if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
             loss = losses.nll.sum() / objective.score_mask.sum()
         else:
-            loss = losses.nll.sum() / n
+            loss = losses.nll.sum() / objective.n_items
         loss.backward()
         if on_batch is not None:
             on_batch()
-
-
-def _sub(o: Objective, rows: slice) -> Objective:
-    return Objective(o.name, o.kind, o.input_ids[rows], o.score_mask[rows], o.pred_pos[rows], o.token_choice[rows],
-                     o.gold[rows], None if o.attend is None else o.attend[rows],
-                     None if o.position_ids is None else o.position_ids[rows])
 
 
 def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], plan_units: list[Unit],

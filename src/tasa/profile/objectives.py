@@ -65,14 +65,10 @@ class Objective:
     def scored_tokens(self) -> int:
         return int(self.score_mask.sum())
 
-    def width(self, rows: slice) -> int:
-        """Columns ``rows`` need: up to their last scored token (padding beyond is dropped)."""
+    def batch(self, rows: slice, dtype: torch.dtype, device) -> "Batch":
+        """The model's forward kwargs and scoring tensors for ``rows``, trimmed to their last scored column."""
         used = self.score_mask[rows].any(0).nonzero()
-        return int(used.max()) + 1 if used.numel() else 1
-
-    def model_inputs(self, rows: slice, dtype: torch.dtype, device) -> dict:
-        """Keyword arguments for the model's forward on ``rows``, trimmed to their own width."""
-        w = self.width(rows)
+        w = int(used.max()) + 1 if used.numel() else 1
         kw = {"input_ids": self.input_ids[rows, :w].to(device)}
         if self.attend is not None:
             attend = self.attend[rows, :w, :w]
@@ -80,7 +76,23 @@ class Objective:
             mask.masked_fill_(~attend, torch.finfo(dtype).min)
             kw["attention_mask"] = mask[:, None].to(device)
             kw["position_ids"] = self.position_ids[rows, :w].to(device)
-        return kw
+        return Batch(kw, self.score_mask[rows, :w].to(device), self.pred_pos[rows, :w].to(device))
+
+    def subset(self, rows: slice) -> "Objective":
+        """The objective restricted to ``rows`` (items)."""
+        return Objective(self.name, self.kind, self.input_ids[rows], self.score_mask[rows], self.pred_pos[rows],
+                         self.token_choice[rows], self.gold[rows],
+                         None if self.attend is None else self.attend[rows],
+                         None if self.position_ids is None else self.position_ids[rows])
+
+
+@dataclass
+class Batch:
+    """Rows of an objective ready for a forward pass."""
+
+    inputs: dict  # model forward kwargs
+    score_mask: torch.Tensor  # (B, w)
+    pred_pos: torch.Tensor  # (B, w)
 
 
 def _pack(rows: list[tuple[list[int], list[int]]], gold: list[int], name: str) -> Objective:

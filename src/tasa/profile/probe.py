@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tasa.artifacts import write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.profile.objectives import ItemLosses, Objective, item_losses
+from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -96,27 +96,25 @@ def layer_input(model: nn.Module, arch: ModelArch, inputs: dict, layer: int,
     return captured["h"]
 
 
-def tail_token_nll(model: nn.Module, arch: ModelArch, inputs: dict, score_mask: torch.Tensor,
-                   pred_pos: torch.Tensor, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """NLL of every scored token (zero elsewhere), running layers ``layer..L-1`` from ``hidden``."""
-    first = int(pred_pos[score_mask].min())  # the first position whose logits are needed
-    keep = score_mask.shape[1] - first
+def forward_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """NLL of every scored token of ``batch`` (zero elsewhere) from one forward pass of ``model``;
+    logits are computed only from the first position that predicts a scored token."""
+    first = int(batch.pred_pos[batch.score_mask].min())
+    logits = model(**batch.inputs, use_cache=False, logits_to_keep=batch.score_mask.shape[1] - first).logits
+    logp = F.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(logp.shape[0], device=logp.device)[:, None]
+    nll = -logp[rows, (batch.pred_pos - first).clamp_min(0), batch.inputs["input_ids"]]
+    return nll * batch.score_mask
+
+
+def tail_token_nll(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """:func:`forward_token_nll`, running only layers ``layer..L-1`` from ``hidden``."""
     handle = arch.layers[layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
     try:
         with layers_from(model, arch, layer), torch.no_grad():
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+            return forward_token_nll(model, batch)
     finally:
         handle.remove()
-    return token_nll(logits, first, pred_pos, inputs["input_ids"], score_mask)
-
-
-def token_nll(logits: torch.Tensor, first: int, pred_pos: torch.Tensor, input_ids: torch.Tensor,
-              score_mask: torch.Tensor) -> torch.Tensor:
-    """NLL of each scored token from logits of positions ``first..T-1`` (zero where unscored)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    rows = torch.arange(logp.shape[0], device=logp.device)[:, None]
-    nll = -logp[rows, (pred_pos - first).clamp_min(0), input_ids]
-    return nll * score_mask
 
 
 @dataclass
@@ -128,12 +126,19 @@ class Unit:
     modules: tuple[str, ...]  # full module names
 
 
-def units(arch: ModelArch, granularity: str) -> list[Unit]:
+def units(arch: ModelArch, granularity: str, layers: list[int] | None = None) -> list[Unit]:
+    """The probe units (of ``layers`` only, when given) in layer order."""
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < arch.num_layers]
+        if bad:
+            raise TasaError(f"layer {bad[0]} out of range; the model has layers 0..{arch.num_layers - 1}")
     if granularity == "layer":
-        return [Unit(f"layer.{i}", i, tuple(m.name for m in arch.layer_modules(i))) for i in range(arch.num_layers)]
-    if granularity == "module":
-        return [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
-    raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+        out = [Unit(f"layer.{i}", i, tuple(m.name for m in arch.layer_modules(i))) for i in range(arch.num_layers)]
+    elif granularity == "module":
+        out = [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
+    else:
+        raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+    return out if layers is None else [u for u in out if u.layer in set(layers)]
 
 
 @contextmanager
@@ -219,44 +224,40 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    plan_units = units(arch, granularity)
-    if layers is not None:
-        bad = [i for i in layers if not 0 <= i < arch.num_layers]
-        if bad:
-            raise TasaError(f"layer {bad[0]} out of range; the model has layers 0..{arch.num_layers - 1}")
-        plan_units = [u for u in plan_units if u.layer in set(layers)]
+    plan_units = units(arch, granularity, layers)
     vocab = model.get_output_embeddings().weight.shape[0]
     batches = {}
     for o in objectives:
         bs = max(1, min(batch_size, int(max_logits_gb * 2**30 // (o.input_ids.shape[1] * vocab * 8))))
-        batches[o.name] = []
-        for s in range(0, o.input_ids.shape[0], bs):
-            rows = slice(s, s + bs)
-            w = o.width(rows)
-            batches[o.name].append((o.model_inputs(rows, dtype, device), o.score_mask[rows, :w].to(device),
-                                    o.pred_pos[rows, :w].to(device)))
-    hidden = {o.name: [layer_input(model, arch, kw, 0) for kw, _, _ in batches[o.name]] for o in objectives}
+        batches[o.name] = [o.batch(slice(s, s + bs), dtype, device) for s in range(0, o.input_ids.shape[0], bs)]
+    hidden = {o.name: [layer_input(model, arch, b.inputs, 0) for b in batches[o.name]] for o in objectives}
 
     def score(layer: int) -> dict[str, ItemLosses]:
         out = {}
         for o in objectives:
-            toks = [tail_token_nll(model, arch, kw, mask, pred, layer, h)
-                    for (kw, mask, pred), h in zip(batches[o.name], hidden[o.name])]
+            toks = [tail_token_nll(model, arch, b, layer, h) for b, h in zip(batches[o.name], hidden[o.name])]
             width = o.input_ids.shape[1]
             out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
         return out
 
     probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
-    rec = store.get("base") if store else None
-    if rec is None:
+
+    def recorded(key: str, compute) -> dict[str, ItemLosses]:
+        """The probe's losses from the store, or computed now, timed and stored."""
+        nonlocal probe_seconds
+        rec = store.get(key) if store else None
+        if rec is not None:
+            probe_seconds += float(rec.get("seconds", 0.0))
+            return _losses_from(rec["losses"])
         t = time.perf_counter()
-        base = score(0)
+        losses = compute()
         secs = time.perf_counter() - t
+        probe_seconds += secs
         if store:
-            store.put("base", {"losses": _losses_record(base), "seconds": secs})
-    else:
-        base, secs = _losses_from(rec["losses"]), float(rec.get("seconds", 0.0))
-    probe_seconds += secs
+            store.put(key, {"losses": _losses_record(losses), "seconds": secs})
+        return losses
+
+    base = recorded("base", lambda: score(0))
     probes: dict = {}
     total = len(plan_units) * len(bits)
     bar = tqdm(total=total, desc=f"probes ({granularity})", disable=not progress)
@@ -264,22 +265,14 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     for layer in range(last + 1):
         for unit in (u for u in plan_units if u.layer == layer):
             for b in bits:
-                key = f"{unit.name}@{b}"
-                rec = store.get(key) if store else None
-                if rec is None:
-                    t = time.perf_counter()
+                def probe(unit=unit, b=b, layer=layer):
                     with rtn_swapped(model, unit.modules, b, group_size, sym):
-                        losses = score(layer)
-                    secs = time.perf_counter() - t
-                    if store:
-                        store.put(key, {"losses": _losses_record(losses), "seconds": secs})
-                else:
-                    losses, secs = _losses_from(rec["losses"]), float(rec.get("seconds", 0.0))
-                probe_seconds += secs
-                probes[(unit.name, b)] = losses
+                        return score(layer)
+
+                probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
                 bar.update(1)
         if layer < last:
-            hidden = {o.name: [layer_input(model, arch, kw, layer + 1, h)
-                               for (kw, _, _), h in zip(batches[o.name], hidden[o.name])] for o in objectives}
+            hidden = {o.name: [layer_input(model, arch, b.inputs, layer + 1, h)
+                               for b, h in zip(batches[o.name], hidden[o.name])] for o in objectives}
     bar.close()
     return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
