@@ -151,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names, blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    """A comma-separated list of integers (None for no text); a bad entry is a one-line error."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in _names(text)]
+    except ValueError:
+        raise TasaError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -179,7 +194,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, {how}) "
               f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
     elif args.command == "eval":
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = _names(args.tasks)
         res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                                 seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
                                 dtype=args.dtype, output=args.output, log_samples=args.log_samples,
@@ -198,14 +213,13 @@ def run(argv: list[str] | None = None) -> int:
         if args.output:
             print(f"results written to {args.output}")
     elif args.command == "allocate":
+        bits = _ints(args.bits, "--bits")
         try:
             beta = args.beta if args.beta in ("ppl-only", "task-only") else float(args.beta)
-            bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
-            weights = ({k: float(v) for k, v in (x.split(":") for x in args.task_weights.split(","))}
+            weights = ({k: float(v) for k, v in (x.split(":") for x in _names(args.task_weights))}
                        if args.task_weights else None)
         except ValueError:
-            raise TasaError("--beta is a number or a preset, --bits integers, --task-weights NAME:WEIGHT,...") \
-                from None
+            raise TasaError("--beta is a number or a preset, --task-weights NAME:WEIGHT,...") from None
         s = pipeline.allocate_bits(args.sensitivity, args.budget, args.output, bits=bits, beta=beta,
                                    task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                                    method=args.method)
@@ -215,17 +229,11 @@ def run(argv: list[str] | None = None) -> int:
               f"{s['effective_bits_with_metadata']:.4f} (budget {s['budget']:g}"
               f"{' incl. metadata' if s['budget_includes_metadata'] else ''}) -> {s['output']}")
     elif args.command == "profile":
-        try:
-            bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
-        except ValueError:
-            raise TasaError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
-        try:
-            layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        except ValueError:
-            raise TasaError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+        from tasa.profile.stats import top_k
+
         s = pipeline.profile(
-            model=args.model, layers=layers, output_dir=args.output_dir,
-            objectives=[o.strip() for o in args.objectives.split(",") if o.strip()], bits=bits,
+            model=args.model, layers=_ints(args.layers, "--layers"), output_dir=args.output_dir,
+            objectives=_names(args.objectives), bits=tuple(_ints(args.bits, "--bits") or ()),
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
@@ -234,7 +242,7 @@ def run(argv: list[str] | None = None) -> int:
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():
             for b, c in per_bits.items():
-                order = sorted(range(len(c["cost"])), key=lambda i: -c["cost"][i])[:3]
+                order = top_k(c["cost"], min(3, len(c["cost"])))
                 top = ", ".join(f"{s['units'][i]['name']} ({c['cost'][i]:.3g})" for i in order)
                 rows.append((obj, b, top, f"{s['stability'][obj][b]:.2f}"))
         _print_table(rows)

@@ -75,12 +75,23 @@ def format_gsm8k(row: dict) -> str:
     return f"Question: {row['question']}\nAnswer: {row['answer']}"
 
 
-def format_arc(row: dict) -> str:
+def arc_doc(row: dict) -> dict:
+    """An original AI2 ARC row as a document: question, choice texts and labels, gold index.
+
+    Raises ValueError when ``answerKey`` is not among the row's labels."""
     q = row["question"]
-    gold = next((c["text"] for c in q["choices"] if c["label"] == row["answerKey"]), None)
-    if gold is None:
-        raise TasaError(f"ARC row {row.get('id')} has answerKey {row['answerKey']!r} not among its choices")
-    return f"Question: {q['stem']}\nAnswer: {gold}"
+    labels = [str(c["label"]) for c in q["choices"]]
+    texts = [str(c["text"]) for c in q["choices"]]
+    return {"id": row.get("id"), "question": str(q["stem"]), "choices": texts, "labels": labels,
+            "gold": labels.index(str(row["answerKey"]))}
+
+
+def format_arc(row: dict) -> str:
+    try:
+        doc = arc_doc(row)
+    except ValueError:
+        raise TasaError(f"ARC row {row.get('id')} has answerKey {row['answerKey']!r} not among its choices") from None
+    return f"Question: {doc['question']}\nAnswer: {doc['choices'][doc['gold']]}"
 
 
 def format_mmlu(row: dict) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tasa.data.sources import BUILTIN, data_dir, read_jsonl
+from tasa.data.sources import BUILTIN, arc_doc, data_dir, read_jsonl
 from tasa.errors import TasaError
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,6 @@ def _convert(path: Path, rows: list[dict], convert: Callable[[dict], dict], what
     if bad:
         log.warning("%s: skipped %d malformed %s row(s), first at row %d", path, len(bad), what, bad[0])
     return docs
-
-
-def arc_doc(row: dict) -> dict:
-    q = row["question"]
-    labels = [str(c["label"]) for c in q["choices"]]
-    texts = [str(c["text"]) for c in q["choices"]]
-    return {"id": row.get("id"), "question": str(q["stem"]), "choices": texts, "labels": labels,
-            "gold": labels.index(str(row["answerKey"]))}
 
 
 def mmlu_doc(row: dict) -> dict:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tasa.data.sources import BUILTIN, data_dir, wikitext_rows
+from tasa.data.sources import BUILTIN, arc_doc, data_dir, wikitext_rows
 from tasa.errors import TasaError
 from tasa.eval.lm import encode_pair
-from tasa.eval.tasks import Task, arc_doc, gsm8k_doc, jsonl_docs, mmlu_doc, get_task
+from tasa.eval.tasks import Task, get_task, gsm8k_doc, jsonl_docs, mmlu_doc
 
 PROBE_SPLITS = {"gsm8k": ("train",), "arc_easy": ("train", "validation"),
                 "arc_challenge": ("train", "validation"), "mmlu": ("dev",)}
