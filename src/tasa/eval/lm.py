@@ -60,15 +60,12 @@ def _max_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
 
-def _score_rows(logits: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:
-    """Sum of target log-probs and greedy flag for each row; logits row r, position j predicts targets[r][j]."""
-    out = []
-    for r, tgt in enumerate(targets):
-        lg = logits[r, : len(tgt)].float()
-        logp = F.log_softmax(lg, dim=-1)
-        t = torch.tensor(tgt, device=lg.device)
-        out.append((float(logp.gather(-1, t[:, None]).sum()), bool((lg.argmax(-1) == t).all())))
-    return out
+def _score(logits: torch.Tensor, target: Sequence[int]) -> LLResult:
+    """Log-likelihood of ``target`` where ``logits[j]`` predicts ``target[j]`` (extra positions ignored)."""
+    lg = logits[: len(target)].float()
+    logp = F.log_softmax(lg, dim=-1)
+    t = torch.tensor(list(target), device=lg.device)
+    return LLResult(float(logp.gather(-1, t[:, None]).sum()), len(target), bool((lg.argmax(-1) == t).all()))
 
 
 def _pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +118,7 @@ def _run_full(model, seqs, results, batch_size, progress, desc) -> None:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for k, i in enumerate(idx):
                 ctx, cont = seqs[i]
-                first = len(ctx) - 1
-                lp, greedy = _score_rows(logits[k:k + 1, first:], [list(cont)])[0]
-                results[i] = LLResult(lp, len(cont), greedy)
+                results[i] = _score(logits[k, len(ctx) - 1:], cont)
 
 
 def _run_prefix_shared(model, seqs, results, batch_size, progress, desc) -> None:
@@ -153,12 +148,11 @@ def _score_chunk(model, device, chunk, by_ctx, seqs, results) -> None:
     req_ids = [i for c in chunk for i in by_ctx[c]]
     owner = [k for k, c in enumerate(chunk) for _ in by_ctx[c]]
     rows = [[seqs[i][0][-1]] + list(seqs[i][1][:-1]) for i in req_ids]
-    targets = [list(seqs[i][1]) for i in req_ids]
     ids, cont_mask = _pad(rows, 0, device)
     if all(len(p) == 0 for p in prefixes):
         logits = model(input_ids=ids, attention_mask=cont_mask, use_cache=False).logits
     elif any(len(p) == 0 for p in prefixes):  # a fully padded cache row would attend to nothing
-        for k, c in enumerate(chunk):
+        for c in chunk:
             _score_chunk(model, device, [c], by_ctx, seqs, results)
         return
     else:
@@ -172,9 +166,8 @@ def _score_chunk(model, device, chunk, by_ctx, seqs, results) -> None:
         pos = plen[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits
-    for k, (i, tgt) in enumerate(zip(req_ids, targets)):
-        lp, greedy = _score_rows(logits[k:k + 1], [tgt])[0]
-        results[i] = LLResult(lp, len(tgt), greedy)
+    for k, i in enumerate(req_ids):
+        results[i] = _score(logits[k], seqs[i][1])
 
 
 # ---- generation ----
