@@ -47,3 +47,11 @@ def test_split_half_tau_separates_signal_from_noise():
     noise = rng.normal(0, 1.0, (200, 10))
     assert split_half_tau(signal) > 0.9
     assert abs(split_half_tau(noise)) < 0.3
+
+
+def test_bootstrap_ci_of_a_ratio_of_sums():
+    tokens = np.array([10.0, 30.0, 20.0, 40.0])
+    lo, hi = bootstrap_ci(2.5 * tokens, tokens)  # every item has the same per-token value
+    assert lo == pytest.approx(2.5) and hi == pytest.approx(2.5)
+    lo, hi = bootstrap_ci(np.array([1.0, 9.0, 2.0, 8.0]), tokens)
+    assert lo < 20.0 / 100.0 < hi

@@ -62,12 +62,15 @@ def allocate(costs: Sequence[dict[int, float]], sizes: Sequence[int], budget: fl
         unit = gcd(unit, s)
     weights = [{b: int(f * denom) * (sizes[i] // unit) for b, f in per_weight[i].items()} for i in range(n)]
     capacity = int(_as_fraction(budget) * denom * (sum(sizes) // unit))
-    minimum = sum(min(w.values()) for w in weights)
-    if minimum > capacity:
+    # rest_min[i]: the least weight units i.. can take, to prune states that cannot finish within budget
+    rest_min = [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        rest_min[i] = rest_min[i + 1] + min(weights[i].values())
+    if rest_min[0] > capacity:
         lowest = sum(sizes[i] * float(min(per_weight[i].values())) for i in range(n)) / sum(sizes)
         raise TasaError(f"budget {budget:g} bits per weight is infeasible: even the lowest candidates need "
                         f"{lowest:.4f}")
-    # frontier: list of (weight, cost, bits_sum, choice_index_path) kept Pareto-minimal in (weight, cost)
+    # frontier: (used weight, cost, bits chosen so far), kept Pareto-minimal in (weight, cost)
     frontier: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
     for i in range(n):
         options = sorted(costs[i])
@@ -75,7 +78,7 @@ def allocate(costs: Sequence[dict[int, float]], sizes: Sequence[int], budget: fl
         for w0, c0, path in frontier:
             for b in options:
                 w = w0 + weights[i][b]
-                if w + sum(min(weights[j].values()) for j in range(i + 1, n)) > capacity:
+                if w + rest_min[i + 1] > capacity:
                     continue
                 cand.append((w, c0 + float(costs[i][b]), path + (b,)))
         cand.sort(key=lambda t: (t[1], t[0], t[2]))  # cost, then used weight, then bits

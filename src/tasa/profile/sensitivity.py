@@ -13,10 +13,18 @@ import numpy as np
 
 from tasa.profile.objectives import Objective
 from tasa.profile.probe import ProbeResults
-from tasa.profile.stats import paired_ratio_diff_ci, split_half_tau
+from tasa.profile.stats import bootstrap_ci, split_half_tau
 
 SCHEMA = "tasa.sensitivity/1"
 UNSTABLE_TAU = 0.5
+
+
+def _item_diffs(results: ProbeResults, objective: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item loss increase of every unit, (items, units), and the items' token counts."""
+    base = results.base[objective]
+    diff = np.stack([results.probes[(u.name, bits)][objective].nll.numpy() - base.nll.numpy()
+                     for u in results.units], axis=1)
+    return diff, base.tokens.numpy()
 
 
 def sensitivities(results: ProbeResults, objectives: list[Objective], bits: tuple[int, ...],
@@ -27,20 +35,14 @@ def sensitivities(results: ProbeResults, objectives: list[Objective], bits: tupl
     stability: dict = {}
     warnings: list[str] = []
     for o in objectives:
-        base = results.base[o.name]
-        b_nll, tokens = base.nll.numpy(), base.tokens.numpy()
         costs[o.name], stability[o.name] = {}, {}
         for b in bits:
-            c, lo, hi, per_item = [], [], [], []
-            for u in results.units:
-                q = results.probes[(u.name, b)][o.name].nll.numpy()
-                c.append(float((q - b_nll).sum() / tokens.sum()))
-                ci = paired_ratio_diff_ci(q, b_nll, tokens, n_boot=n_boot, seed=seed)
-                lo.append(ci[0])
-                hi.append(ci[1])
-                per_item.append(q - b_nll)
-            costs[o.name][str(b)] = {"cost": c, "ci_low": lo, "ci_high": hi}
-            tau = split_half_tau(np.stack(per_item, axis=1), seed=seed)
+            diff, tokens = _item_diffs(results, o.name, b)
+            cis = [bootstrap_ci(diff[:, j], tokens, n_boot=n_boot, seed=seed)
+                   for j in range(diff.shape[1])]
+            costs[o.name][str(b)] = {"cost": [float(x) for x in diff.sum(0) / tokens.sum()],
+                                     "ci_low": [c[0] for c in cis], "ci_high": [c[1] for c in cis]}
+            tau = split_half_tau(diff, seed=seed)
             stability[o.name][str(b)] = tau
             if not tau >= UNSTABLE_TAU:
                 warnings.append(f"{o.name} at {b} bits: split-half rank stability {tau:.2f} < {UNSTABLE_TAU}; "
@@ -62,12 +64,7 @@ def objective_taus(results: ProbeResults, objectives: list[Objective], bits: tup
     rng = np.random.default_rng(seed)
     out: dict = {}
     for b in bits:
-        mats = {}
-        for o in objectives:
-            base = results.base[o.name]
-            diff = np.stack([results.probes[(u.name, b)][o.name].nll.numpy() - base.nll.numpy()
-                             for u in results.units], axis=1)  # (items, units)
-            mats[o.name] = (diff, base.tokens.numpy())
+        mats = {o.name: _item_diffs(results, o.name, b) for o in objectives}
         point = {o: mats[o][0].sum(0) / mats[o][1].sum() for o in mats}
         boots: dict = {o: [] for o in mats}
         for _ in range(n_boot):

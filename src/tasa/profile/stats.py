@@ -2,7 +2,7 @@
 
 - :func:`kendall_tau`: Kendall's tau-b (ties handled), scipy's implementation;
 - :func:`top_k_overlap`: how many of the K most sensitive units two objectives share;
-- :func:`bootstrap_ci`: percentile interval of a mean over items, resampling items;
+- :func:`bootstrap_ci`: percentile interval of a mean (or a ratio of sums) over items, resampling items;
 - :func:`split_half_tau`: rank stability of a profile, tau between the rankings from
   two random halves of the items (averaged over repeats).
 """
@@ -37,15 +37,19 @@ def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> int:
     return len(set(top_k(a, k)) & set(top_k(b, k)))
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (items along axis 0)."""
+def bootstrap_ci(values: np.ndarray, weights: np.ndarray | None = None, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(values) / sum(weights) over items (axis 0) resampled together;
+    without weights, of the mean."""
     values = np.asarray(values, dtype=float)
-    if values.shape[0] < 2:
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, dtype=float)
+    n = values.shape[0]
+    if n < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
-    means = values[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    idx = rng.integers(0, n, size=(n_boot, n))
+    stats_ = values[idx].sum(axis=1) / weights[idx].sum(axis=1)
+    lo, hi = np.quantile(stats_, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -68,16 +72,3 @@ def split_half_tau(item_costs: np.ndarray, repeats: int = 20, seed: int = 0) -> 
         taus.append(kendall_tau(a, b))
     return float(np.nanmean(taus))
 
-
-def paired_ratio_diff_ci(q: np.ndarray, base: np.ndarray, tokens: np.ndarray, n_boot: int = 1000,
-                         level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of sum(q - base) / sum(tokens) over items resampled jointly (paired)."""
-    q, base, tokens = (np.asarray(x, dtype=float) for x in (q, base, tokens))
-    n = q.shape[0]
-    if n < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    stats_ = (q[idx] - base[idx]).sum(axis=1) / tokens[idx].sum(axis=1)
-    lo, hi = np.quantile(stats_, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
