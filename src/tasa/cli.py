@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wikitext2 probe window length; shorter windows give more items for intervals and rank "
                         "stability at the same token count (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--batch-tokens", type=int, default=512,
+                   help="padded tokens per forward pass; rows of similar length are batched together (default: 512)")
     p.add_argument("--method", choices=["measured", "fisher", "autoscheme"], default="measured",
                    help="measured RTN probes, or a one-backward-pass estimator: fisher (HAWQ-V2-style Fisher "
                         "trace x squared perturbation) or autoscheme (AutoRound's |grad x (W - Q(W))| with all "
@@ -235,7 +236,7 @@ def run(argv: list[str] | None = None) -> int:
             model=args.model, layers=_ints(args.layers, "--layers"), output_dir=args.output_dir,
             objectives=_names(args.objectives), bits=tuple(_ints(args.bits, "--bits") or ()),
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
-            probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+            probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_tokens=args.batch_tokens,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
             compare_estimators=args.compare_estimators, top_k=args.top_k,
             progress=not args.quiet)

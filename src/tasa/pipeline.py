@@ -311,7 +311,7 @@ def profile(
     probe_tokens: int = 4096,
     seqlen: int = 128,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_tokens: int = 512,
     device: str = "cpu",
     dtype: str | None = None,
     overwrite: bool = False,
@@ -372,7 +372,7 @@ def profile(
     if method == "measured":
         store = ProbeStore(out, settings)
         res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
-                         batch_size=batch_size, store=store, layers=layers, progress=progress)
+                         batch_tokens=batch_tokens, store=store, layers=layers, progress=progress)
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
         taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}
@@ -380,7 +380,7 @@ def profile(
         for w in warnings:
             log.warning(w)
         for est in ESTIMATORS if compare_estimators else ():
-            est_costs, secs = estimate(lm.model, arch, objs, plan_units, bits, est, group_size, sym, batch_size)
+            est_costs, secs = estimate(lm.model, arch, objs, plan_units, bits, est, group_size, sym, batch_tokens)
             estimators[est] = {"seconds": secs, "cost_ratio": secs / probe_seconds if probe_seconds else None,
                                "costs": est_costs,
                                "tau_vs_measured": {o: {b: kendall_tau(est_costs[o][b], costs[o][b]["cost"])
@@ -388,7 +388,7 @@ def profile(
     else:
         out.mkdir(parents=True, exist_ok=True)
         est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, bits, method, group_size, sym,
-                                            batch_size)
+                                            batch_tokens)
         costs = {o: {b: {"cost": c, "ci_low": [float("nan")] * len(c), "ci_high": [float("nan")] * len(c)}
                      for b, c in per_bits.items()} for o, per_bits in est_costs.items()}
         stability = {o: {b: float("nan") for b in per_bits} for o, per_bits in est_costs.items()}

@@ -90,7 +90,7 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32),
             build_objective("arc_easy", tokenizer, min_tokens=20)]
-    res = run_probes(model, arch, objs, bits=(2, 4), group_size=16, granularity=granularity, batch_size=3,
+    res = run_probes(model, arch, objs, bits=(2, 4), group_size=16, granularity=granularity, batch_tokens=70,
                      progress=False)
     for o in objs:
         assert torch.allclose(res.base[o.name].nll, direct_item_losses(model, o), atol=1e-4)
@@ -161,7 +161,7 @@ def test_estimators_match_their_definitions_on_a_tiny_model(data_dir, tokenizer)
         return {n: m.get_submodule(n).weight.grad.clone() for n in names}
 
     g = grads(model)
-    est, _ = estimate(model, arch, [obj], us, (2,), "fisher", group_size=16, batch_size=100)
+    est, _ = estimate(model, arch, [obj], us, (2,), "fisher", group_size=16, batch_tokens=10**4)
     for u, value in zip(us, est["wikitext2"]["2"]):
         want = sum(0.5 * float((g[n] ** 2 * (model.get_submodule(n).weight.detach() - rtn_quantize(
             model.get_submodule(n).weight.detach(), 2, 16, True).weight) ** 2).sum()) for n in u.modules)
@@ -171,7 +171,7 @@ def test_estimators_match_their_definitions_on_a_tiny_model(data_dir, tokenizer)
         for n in names:
             q.get_submodule(n).weight.copy_(rtn_quantize(q.get_submodule(n).weight, 2, 16, True).weight)
     gq = grads(q)
-    est, _ = estimate(model, arch, [obj], us, (2,), "autoscheme", group_size=16, batch_size=2)
+    est, _ = estimate(model, arch, [obj], us, (2,), "autoscheme", group_size=16, batch_tokens=40)
     for u, value in zip(us, est["wikitext2"]["2"]):
         want = sum(float((gq[n] * (model.get_submodule(n).weight - q.get_submodule(n).weight)).abs().sum().detach())
                    for n in u.modules)
@@ -199,8 +199,61 @@ def test_a_small_logits_budget_shrinks_batches_without_changing_results(data_dir
     model = tiny_llama(layers=2)
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
-    big = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_size=8, progress=False)
-    tiny = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_size=8, max_logits_gb=1e-9,
+    big = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=256, progress=False)
+    tiny = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=256, max_logits_gb=1e-9,
                       progress=False)
     for key in big.probes:
         assert torch.allclose(big.probes[key]["wikitext2"].nll, tiny.probes[key]["wikitext2"].nll, atol=1e-5)
+
+
+def test_head_nll_equals_log_softmax():
+    from tasa.profile.probe import head_nll
+
+    model = tiny_llama(layers=1)
+    hidden = torch.randn(7, 64)
+    targets = torch.randint(0, 260, (7,))
+    with torch.no_grad():
+        logp = F.log_softmax(model.lm_head(hidden), -1)
+        got = head_nll(model, hidden, targets, chunk=100)  # 260 = 100 + 100 + 60: a ragged last chunk
+    assert torch.allclose(got, -logp[torch.arange(7), targets], atol=1e-5)
+
+
+def test_soft_capped_logits_use_the_models_own_head(data_dir, tokenizer):
+    """A model whose logits are not the plain output-embedding map (Gemma-2 soft-capping) is detected and
+    scored through its own head, and the probes still equal full forwards."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tasa.profile.probe import head_is_plain, objective_batches
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+                       max_position_embeddings=256)
+    model = Gemma2ForCausalLM(cfg).eval()
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=40, seqlen=32)]
+    assert not head_is_plain(model, objective_batches(model, objs, 256)["wikitext2"][0])
+    res = run_probes(model, arch, objs, bits=(2,), group_size=16, progress=False)
+    assert torch.allclose(res.base["wikitext2"].nll, direct_item_losses(model, objs[0]), atol=1e-4)
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in res.units[1].modules:
+            lin = q.get_submodule(name)
+            lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+    assert torch.allclose(res.probes[(res.units[1].name, 2)]["wikitext2"].nll, direct_item_losses(q, objs[0]),
+                          atol=1e-4)
+    assert head_is_plain(tiny_llama(layers=1), objective_batches(tiny_llama(layers=1), objs, 256)["wikitext2"][0])
+
+
+def test_row_slices_respect_the_token_budget(data_dir, tokenizer):
+    o = build_objective("gsm8k", tokenizer, min_tokens=400)
+    lengths = [int(m.nonzero().max()) + 1 for m in o.score_mask]
+    for budget in (1, 300, 700, 10**6):
+        slices = o.row_slices(budget)
+        assert [i for s in slices for i in range(s.start, s.stop)] == list(range(o.n_items))  # all rows, in order
+        for s in slices:
+            assert s.stop - s.start == 1 or (s.stop - s.start) * max(lengths[s]) <= budget
+    assert len(o.row_slices(10**6)) == 1 and len(o.row_slices(1)) == o.n_items
+    assert all(s.stop - s.start == 1 for s in o.row_slices(10**6, max_scored=1))
+    with pytest.raises(TasaError, match="positive"):
+        o.row_slices(0)

@@ -17,8 +17,8 @@ def test_asymmetric_2bit_hand_example():
 def test_symmetric_4bit_hand_example():
     w = torch.tensor([[-1.0, 0.5, 0.3]])
     r = rtn_quantize(w, bits=4, group_size=-1, sym=True)
-    scale = 2.0 / 15  # range [-1, 1] over 15 steps, zero point 8
-    assert r.scales.item() == pytest.approx(scale)
+    scale = float(torch.tensor(2.0 / 15).half())  # range [-1, 1] over 15 steps, stored as fp16; zero point 8
+    assert r.scales.item() == scale
     assert r.zeros.item() == 8.0
     # 0.5 / scale = 3.75 -> 4 -> code 12; 0.3 / scale = 2.25 -> 2 -> code 10.
     # The extreme -1 sits at -7.5 steps, a rounding tie that float32 may break either way.
@@ -30,8 +30,15 @@ def test_symmetric_4bit_hand_example():
 def test_range_always_contains_zero_and_zero_rows():
     scale, zero = compute_grid(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), bits=2, sym=False)
     # positive-only row: lo clamps to 0 -> scale 3/3, zero 0
-    assert scale.tolist() == pytest.approx([1.0, 2.0 / 3])
+    assert scale.tolist() == [1.0, float(torch.tensor(2.0 / 3).half())]
     assert zero.tolist() == [0.0, 2.0]  # all-zero row uses [-1, 1]
+
+
+def test_scales_are_fp16_values_and_never_zero():
+    w = torch.randn(8, 64) * torch.logspace(-12, 2, 8)[:, None]
+    r = rtn_quantize(w, bits=4, group_size=32, sym=True)
+    assert torch.equal(r.scales, r.scales.half().float()) and (r.scales > 0).all()
+    assert torch.isfinite(r.weight).all() and torch.equal(r.weight, r.dequantize())
 
 
 def test_ragged_groups_and_g_idx():
@@ -55,8 +62,9 @@ def test_codes_in_range_error_bounded_and_dequantize_consistent(bits, sym):
     assert int(r.codes.max()) <= 2**bits - 1
     assert torch.allclose(r.dequantize(), r.weight)
     step = r.scales[:, r.g_idx.long()]
-    # inside the grid's range the rounding error is at most half a step (sym clips the top by one step)
-    bound = step * (1.0 if sym else 0.5) + 1e-6
+    # inside the grid's range the rounding error is at most half a step (sym clips the top by one step); the
+    # fp16 scale (relative error <= 2^-11) can shift the range's ends by up to 2^bits * 2^-11 steps more
+    bound = step * ((1.0 if sym else 0.5) + 2.0**bits * 2.0**-11) + 1e-6
     assert ((w - r.weight).abs() <= bound).all()
 
 

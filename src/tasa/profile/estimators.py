@@ -23,7 +23,7 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
-from tasa.profile.probe import Unit, forward_token_nll, rtn_swapped
+from tasa.profile.probe import Unit, forward_token_nll, head_is_plain, rtn_swapped
 from tasa.quant.rtn import rtn_quantize
 
 ESTIMATORS = ("fisher", "autoscheme")
@@ -45,13 +45,11 @@ def _grads_on(model: nn.Module, names: list[str]):
             p.grad = None
 
 
-def _backward(model: nn.Module, objective: Objective, batch_size: int, on_batch=None) -> None:
+def _backward(model: nn.Module, objective: Objective, batch_tokens: int, plain_head: bool, on_batch=None) -> None:
     """Backward of the objective's mean item loss, one batch at a time (``on_batch`` after each)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    for s in range(0, objective.input_ids.shape[0], batch_size):
-        rows = slice(s, s + batch_size)
-        nll = forward_token_nll(model, objective.batch(rows, dtype, device))
+    p = next(model.parameters())
+    for rows in objective.row_slices(batch_tokens):
+        nll = forward_token_nll(model, objective.batch(rows, p.dtype, p.device), plain_head)
         losses = item_losses(objective.subset(rows), nll.cpu())
         if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
             loss = losses.nll.sum() / objective.score_mask.sum()
@@ -64,13 +62,15 @@ def _backward(model: nn.Module, objective: Objective, batch_size: int, on_batch=
 
 def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], plan_units: list[Unit],
              bits: tuple[int, ...], method: str, group_size: int = 64, sym: bool = True,
-             batch_size: int = 8) -> tuple[dict, float]:
+             batch_tokens: int = 512) -> tuple[dict, float]:
     """Estimated costs[objective][bits] (list in unit order) and the seconds it took."""
     if method not in ESTIMATORS:
         raise TasaError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {method!r}")
     t0 = time.perf_counter()
     names = [m.name for m in arch.modules]
     costs: dict = {o.name: {} for o in objectives}
+    p = next(model.parameters())
+    plain = head_is_plain(model, objectives[0].batch(objectives[0].row_slices(batch_tokens)[0], p.dtype, p.device))
     with _grads_on(model, names):
         params = {n: model.get_submodule(n).weight for n in names}
         if method == "fisher":
@@ -82,7 +82,7 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
                         fisher[n] += w.grad.detach() ** 2
                         w.grad = None
 
-                _backward(model, o, batch_size, accumulate)
+                _backward(model, o, batch_tokens, plain, accumulate)
                 for b in bits:
                     per_module = {n: 0.5 * float((fisher[n] * (w.detach() - rtn_quantize(
                         w.detach(), b, group_size, sym).weight) ** 2).sum()) for n, w in params.items()}
@@ -93,7 +93,7 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
                     for o in objectives:
                         for w in params.values():
                             w.grad = None
-                        _backward(model, o, batch_size)
+                        _backward(model, o, batch_tokens, plain)
                         per_module = {n: float((params[n].grad * (originals[n] - params[n].detach())).abs().sum())
                                       for n in names}
                         costs[o.name][str(b)] = [sum(per_module[m] for m in u.modules) for u in plan_units]

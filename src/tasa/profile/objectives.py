@@ -78,6 +78,24 @@ class Objective:
             kw["position_ids"] = self.position_ids[rows, :w].to(device)
         return Batch(kw, self.score_mask[rows, :w].to(device), self.pred_pos[rows, :w].to(device))
 
+    def row_slices(self, batch_tokens: int, max_scored: int | None = None) -> list[slice]:
+        """Consecutive rows grouped so that each batch holds at most ``batch_tokens`` padded tokens (and
+        ``max_scored`` scored ones); one row at least.  Rows are sorted longest first, so padding stays small."""
+        if batch_tokens < 1:
+            raise TasaError(f"batch tokens must be positive, got {batch_tokens}")
+        lengths = [int(m.nonzero().max()) + 1 if m.any() else 1 for m in self.score_mask]
+        scored = self.score_mask.sum(1).tolist()
+        out, s = [], 0
+        while s < len(lengths):
+            e, n = s + 1, scored[s]
+            while (e < len(lengths) and (e - s + 1) * max(lengths[s:e + 1]) <= batch_tokens
+                   and (max_scored is None or n + scored[e] <= max_scored)):
+                n += scored[e]
+                e += 1
+            out.append(slice(s, e))
+            s = e
+        return out
+
     def subset(self, rows: slice) -> "Objective":
         """The objective restricted to ``rows`` (items)."""
         return Objective(self.name, self.kind, self.input_ids[rows], self.score_mask[rows], self.pred_pos[rows],

@@ -96,23 +96,84 @@ def layer_input(model: nn.Module, arch: ModelArch, inputs: dict, layer: int,
     return captured["h"]
 
 
-def forward_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """NLL of every scored token of ``batch`` (zero elsewhere) from one forward pass of ``model``;
-    logits are computed only from the first position that predicts a scored token."""
-    first = int(batch.pred_pos[batch.score_mask].min())
-    logits = model(**batch.inputs, use_cache=False, logits_to_keep=batch.score_mask.shape[1] - first).logits
-    logp = F.log_softmax(logits.float(), dim=-1)
-    rows = torch.arange(logp.shape[0], device=logp.device)[:, None]
-    nll = -logp[rows, (batch.pred_pos - first).clamp_min(0), batch.inputs["input_ids"]]
-    return nll * batch.score_mask
+def head_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """NLL of ``targets`` (n,) from final hidden states (n, H) through the model's output embedding;
+    the log-partition is accumulated over vocabulary chunks, so no (n, vocab) tensor is ever held."""
+    head = model.get_output_embeddings()
+    w, b = head.weight, head.bias
+    lse = None
+    for s in range(0, w.shape[0], chunk):
+        part = torch.logsumexp(F.linear(hidden, w[s:s + chunk], None if b is None else b[s:s + chunk]).float(), -1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    target = (hidden * w[targets]).sum(-1).float()
+    return lse - (target if b is None else target + b[targets].float())
 
 
-def tail_token_nll(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -> torch.Tensor:
+    """NLL of every scored token of ``batch`` (zero elsewhere) from one forward pass of ``model``.
+
+    The output embedding sees only the positions that predict a scored token.
+    ``plain_head``: the logits are the output embedding's linear map of its
+    input (checked by :func:`head_is_plain`), so the head is computed here in
+    vocabulary chunks; otherwise (soft-capping, logit scaling) the model's own
+    head and post-processing run on the gathered positions.
+    """
+    sel = batch.score_mask.nonzero(as_tuple=True)
+    rows, pos = sel[0], batch.pred_pos[sel]
+    targets = batch.inputs["input_ids"][sel]
+    captured = {}
+
+    def gather(_m, args, kwargs):
+        h = (args[0] if args else kwargs.pop("input"))[rows, pos]
+        captured["reached"] = True
+        if plain_head:
+            captured["h"] = h
+            raise _Stop
+        return (h[None], *args[1:]), kwargs
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather, with_kwargs=True)
+    try:
+        try:
+            out = model(**batch.inputs, use_cache=False)
+        except _Stop:
+            out = None
+    finally:
+        handle.remove()
+    if "reached" not in captured:
+        raise TasaError("the model's forward pass does not use its output embeddings; unsupported layout")
+    if plain_head:
+        nll = head_nll(model, captured["h"], targets)
+    else:
+        logits = out.logits[0].float()
+        nll = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+    return torch.zeros(batch.score_mask.shape, dtype=nll.dtype, device=nll.device).index_put(sel, nll)
+
+
+def objective_batches(model: nn.Module, objectives: list[Objective], batch_tokens: int,
+                      max_logits_gb: float = 2.0) -> dict[str, list[Batch]]:
+    """Each objective's rows in forward batches (see :meth:`Objective.row_slices`), on the model's device."""
+    p = next(model.parameters())
+    max_scored = max(1, int(max_logits_gb * 2**30 // (model.get_output_embeddings().weight.shape[0] * 8)))
+    return {o.name: [o.batch(r, p.dtype, p.device) for r in o.row_slices(batch_tokens, max_scored)]
+            for o in objectives}
+
+
+def head_is_plain(model: nn.Module, batch: Batch) -> bool:
+    """Whether the model's logits are just its output embedding applied to the final hidden state
+    (no soft-capping or scaling after it), judged on ``batch``."""
+    with torch.no_grad():
+        fast = forward_token_nll(model, batch, plain_head=True)
+        own = forward_token_nll(model, batch, plain_head=False)
+    return bool(torch.allclose(fast, own, atol=1e-3, rtol=1e-4))
+
+
+def tail_token_nll(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor,
+                   plain_head: bool = True) -> torch.Tensor:
     """:func:`forward_token_nll`, running only layers ``layer..L-1`` from ``hidden``."""
     handle = arch.layers[layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
     try:
         with layers_from(model, arch, layer), torch.no_grad():
-            return forward_token_nll(model, batch)
+            return forward_token_nll(model, batch, plain_head)
     finally:
         handle.remove()
 
@@ -212,30 +273,27 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
 
 
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
-               group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_size: int = 8,
+               group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_tokens: int = 512,
                store: ProbeStore | None = None, layers: list[int] | None = None, max_logits_gb: float = 2.0,
                progress: bool = True) -> ProbeResults:
     """Measure every unit (of ``layers``, default all) at every bit-width on every objective.
 
-    Batches shrink below ``batch_size`` where their float32 logits and
-    log-probabilities would exceed ``max_logits_gb``.  The kept layer inputs take
-    rows x tokens x hidden size floats per objective.
+    A batch holds at most ``batch_tokens`` padded tokens, and at most as many
+    scored tokens as keep their float32 logits within ``max_logits_gb``.  The
+    kept layer inputs take rows x tokens x hidden size floats per objective.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     plan_units = units(arch, granularity, layers)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    batches = {}
-    for o in objectives:
-        bs = max(1, min(batch_size, int(max_logits_gb * 2**30 // (o.input_ids.shape[1] * vocab * 8))))
-        batches[o.name] = [o.batch(slice(s, s + bs), dtype, device) for s in range(0, o.input_ids.shape[0], bs)]
+    batches = objective_batches(model, objectives, batch_tokens, max_logits_gb)
+    plain = head_is_plain(model, batches[objectives[0].name][0])
     hidden = {o.name: [layer_input(model, arch, b.inputs, 0) for b in batches[o.name]] for o in objectives}
 
     def score(layer: int) -> dict[str, ItemLosses]:
         out = {}
         for o in objectives:
-            toks = [tail_token_nll(model, arch, b, layer, h) for b, h in zip(batches[o.name], hidden[o.name])]
+            toks = [tail_token_nll(model, arch, b, layer, h, plain) for b, h in zip(batches[o.name], hidden[o.name])]
             width = o.input_ids.shape[1]
             out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
         return out

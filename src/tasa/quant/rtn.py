@@ -6,7 +6,7 @@ For a group of weights x (one row, ``g`` input columns) and ``maxq = 2**bits - 1
     lo = min(min(x), 0)          hi = max(max(x), 0)        # range always holds 0
     sym:  hi = max(|lo|, hi); lo = -hi (if lo < 0)
     (lo == hi == 0)  ->  lo, hi = -1, +1
-    scale = (hi - lo) / maxq
+    scale = fp16((hi - lo) / maxq)                        # checkpoints store fp16 scales
     zero  = (maxq + 1) / 2          if sym   (e.g. 8 for 4 bits)
             round(-lo / scale)      otherwise
     code  = clamp(round(x / scale) + zero, 0, maxq)          # integer in [0, maxq]
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from tasa.errors import TasaError
+
+FP16_MIN_SCALE = 2.0**-24  # the smallest positive fp16 value; a scale never rounds to zero
 
 
 @dataclass
@@ -65,6 +67,8 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     lo = torch.where(both_zero, torch.full_like(lo, -1.0), lo)
     hi = torch.where(both_zero, torch.full_like(hi, 1.0), hi)
     scale = (hi - lo) / maxq
+    # checkpoints store scales as fp16: quantize against the fp16 value, so what is measured is what ships
+    scale = scale.to(torch.float16).float().clamp_min(FP16_MIN_SCALE)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
