@@ -9,6 +9,7 @@ import logging
 import sys
 
 from tasa import __version__
+from tasa.allocate.targets import TARGETS
 from tasa.errors import TasaError
 
 EPILOG = "Data come from $TASA_DATA_DIR (default: ../shared/data beside the repository)."
@@ -148,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--budget-includes-metadata", action="store_true",
                    help="count scale/zero storage ((16 + bits) / group size per weight) against the budget")
     a.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer the plan asks for")
+    a.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
+                   help="engine the checkpoint must load in: gptqmodel (2/3/4/8 bits), vllm or sglang (symmetric "
+                        "4/8 bits, q/k/v and gate/up tied); constrains the allocation (default: gptqmodel)")
+    a.add_argument("--module-sensitivity", default=None,
+                   help="a module-granularity sensitivity.json: split each layer's bits among its modules "
+                        "(intra-layer allocation) under the layer's total")
+    a.add_argument("--tie-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="one bit-width per fusion group (q/k/v, gate/up) within a layer (default: as the target "
+                        "needs)")
     a.add_argument("--output", required=True, help="plan.json to write")
     return parser
 
@@ -223,9 +233,10 @@ def run(argv: list[str] | None = None) -> int:
             raise TasaError("--beta is a number or a preset, --task-weights NAME:WEIGHT,...") from None
         s = pipeline.allocate_bits(args.sensitivity, args.budget, args.output, bits=bits, beta=beta,
                                    task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
-                                   method=args.method)
-        per_layer = " ".join(str(b) for b in s["layer_bits"].values())
-        print(f"bits per layer: {per_layer}")
+                                   method=args.method, target=args.target, module_sensitivity=args.module_sensitivity,
+                                   tie_fused=args.tie_fused)
+        per_layer = " ".join(f"{b:g}" for b in s["layer_bits"].values())
+        print(f"bits per layer{' (average of its modules)' if s['intra_layer'] else ''}: {per_layer}")
         print(f"average weight bits {s['average_weight_bits']:.4f}, with scale/zero storage "
               f"{s['effective_bits_with_metadata']:.4f} (budget {s['budget']:g}"
               f"{' incl. metadata' if s['budget_includes_metadata'] else ''}) -> {s['output']}")

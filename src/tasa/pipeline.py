@@ -402,6 +402,7 @@ def profile(
                                 "base": base.get(o.name)} for o in objs},
         "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
                    "numel": sum(numels[m] for m in u.modules)} for u in plan_units],
+        "fusion_groups": [list(g) for g in arch.fusion_groups()],
         "costs": costs,
         "stability": stability,
         "objective_taus": taus,
@@ -421,6 +422,18 @@ def profile(
     return summary
 
 
+def _read_profile(path: str | Path) -> tuple[dict, Path]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "sensitivity.json"
+    if not path.is_file():
+        raise TasaError(f"sensitivity file not found: {path}")
+    try:
+        return json.loads(path.read_text()), path
+    except json.JSONDecodeError as e:
+        raise TasaError(f"{path} is not valid JSON: {e}") from None
+
+
 def allocate_bits(
     sensitivity: str | Path,
     budget: float,
@@ -430,21 +443,19 @@ def allocate_bits(
     task_weights: dict[str, float] | None = None,
     budget_includes_metadata: bool = False,
     method: str = "gptq",
+    target: str = "gptqmodel",
+    module_sensitivity: str | Path | None = None,
+    tie_fused: bool | None = None,
 ) -> dict:
-    """Aggregate a layer profile, allocate bits per layer under ``budget`` exactly, write plan.json."""
+    """Aggregate a layer profile, allocate bits per layer under ``budget`` exactly (and split them within layers
+    by a module profile), for ``target``; write plan.json."""
     from tasa.allocate.plan import plan_from_sensitivity
 
-    path = Path(sensitivity)
-    if path.is_dir():
-        path = path / "sensitivity.json"
-    if not path.is_file():
-        raise TasaError(f"sensitivity file not found: {path}")
-    try:
-        sens = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TasaError(f"{path} is not valid JSON: {e}") from None
+    sens, path = _read_profile(sensitivity)
+    module_sens = _read_profile(module_sensitivity)[0] if module_sensitivity is not None else None
     plan, summary = plan_from_sensitivity(sens, budget, bits=bits, beta=beta, task_weights=task_weights,
-                                          budget_includes_metadata=budget_includes_metadata, method=method)
+                                          budget_includes_metadata=budget_includes_metadata, method=method,
+                                          target=target, module_sens=module_sens, tie_fused=tie_fused)
     plan.meta["sensitivity"] = str(path)
     plan.save(output)
     summary["output"] = str(output)

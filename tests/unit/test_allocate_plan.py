@@ -45,3 +45,66 @@ def test_plan_errors():
         plan_from_sensitivity(s, 2.5)
     with pytest.raises(TasaError, match="layer-granularity"):
         plan_from_sensitivity({**s, "granularity": "module"}, 3.5)
+
+
+def module_profile(cost_of):
+    """Module profile of the 4 layers x modules a (1/8 of the layer) and b (7/8); a, b are one fusion group."""
+    units = [{"name": f"m.{i}.{x}", "layer": i, "modules": [f"m.{i}.{x}"], "numel": 1024 if x == "a" else 7168}
+             for i in range(4) for x in "ab"]
+    costs = {b: [cost_of(u["name"], int(b)) for u in units] for b in ("3", "4", "8")}
+    return {"schema": "tasa.sensitivity/1", "granularity": "module", "bits": [3, 4, 8], "group_size": 64,
+            "sym": True, "units": units, "model": "tiny", "fusion_groups": [[f"m.{i}.a", f"m.{i}.b"] for i in range(4)],
+            "costs": {k: {b: {"cost": c, "ci_low": c, "ci_high": c} for b, c in costs.items()}
+                      for k in ("wikitext2", "gsm8k")}}
+
+
+def test_intra_layer_split_keeps_each_layers_total_and_ties_fusion_groups():
+    # a is 10x as sensitive as b: a 4-bit layer (32768 bits) is best as a=8 (8192) + b=3 (21504) = 29696 bits,
+    # cost 0 + 1 instead of 10 * 0.3 + 0.3 at 4/4; a=8 with b=4 would need 36864 bits, over the layer's total
+    mods = module_profile(lambda name, b: (10.0 if name.endswith("a") else 1.0) * {3: 1.0, 4: 0.3, 8: 0.0}[b])
+    layer = profile(PPL, GSM)
+    plan, s = plan_from_sensitivity(layer, 3.5, beta=0.5, module_sens=mods)
+    split = {i: (plan[f"m.{i}.a"].bits, plan[f"m.{i}.b"].bits) for i in range(4)}
+    for i, (a, b) in split.items():
+        assert (a * 1024 + b * 7168) / 8192 <= s["layer_bits"][f"layer.{i}"] + 1e-9
+    assert (8, 3) in split.values() and s["intra_layer"] and not s["tie_fused"]
+    assert s["average_weight_bits"] <= 3.5
+    tied, st = plan_from_sensitivity(layer, 3.5, beta=0.5, module_sens=mods, tie_fused=True)
+    assert all(tied[f"m.{i}.a"].bits == tied[f"m.{i}.b"].bits for i in range(4)) and st["tie_fused"]
+    assert st["average_weight_bits"] <= 3.5
+    with pytest.raises(TasaError, match="module-granularity"):
+        plan_from_sensitivity(layer, 3.5, module_sens=layer)
+    with pytest.raises(TasaError, match="no costs for m.3.b"):
+        plan_from_sensitivity(layer, 3.5, module_sens={**mods, "units": mods["units"][:-1]})
+
+
+def test_vllm_target_allocates_over_4_and_8_with_ties_and_refuses_the_rest():
+    layer = profile(PPL, GSM)
+    plan, s = plan_from_sensitivity(layer, 5.0, beta=0.5, target="vllm")
+    assert set(s["candidates"]) == {4, 8} and {q.bits for q in plan.modules.values()} <= {4, 8}
+    assert s["average_weight_bits"] <= 5.0 and plan.meta["target"] == "vllm"
+    with pytest.raises(TasaError, match=r"none of the bit-widths \[3\] is servable by vllm"):
+        plan_from_sensitivity(layer, 3.5, bits=[3], target="vllm")
+    with pytest.raises(TasaError, match="symmetric"):
+        plan_from_sensitivity({**layer, "sym": False}, 5.0, target="vllm")
+    with pytest.raises(TasaError, match="cannot be untied"):
+        plan_from_sensitivity(layer, 5.0, target="vllm", tie_fused=False)
+    with pytest.raises(TasaError, match="unknown target"):
+        plan_from_sensitivity(layer, 5.0, target="tgi")
+
+
+def test_servability_rules_name_module_and_rule():
+    from tasa.allocate.targets import TARGETS, check_servable, violations
+    from tasa.config import QuantSpec
+
+    mods = {"l.0.q": QuantSpec(bits=4, group_size=64), "l.0.k": QuantSpec(bits=8, group_size=64),
+            "l.0.v": QuantSpec(bits=4, group_size=64), "l.0.o": QuantSpec(bits=3, group_size=64, sym=False)}
+    groups = [("l.0.q", "l.0.k", "l.0.v")]
+    assert violations(mods, TARGETS["gptqmodel"], groups) == []
+    bad = violations(mods, TARGETS["vllm"], groups)
+    assert any(v.startswith("l.0.o: 3-bit") for v in bad) and any("l.0.o: asymmetric" in v for v in bad)
+    assert any("fusion group with different grids (q=4b, k=8b, v=4b)" in v for v in bad)
+    with pytest.raises(TasaError, match=r"not servable by vllm: l\.0: fusion group"):
+        check_servable({k: v for k, v in mods.items() if k != "l.0.o"}, TARGETS["vllm"], groups)
+    assert violations({"l.0.q": QuantSpec(bits=4, group_size=48)}, TARGETS["sglang"], [])[0].startswith(
+        "l.0.q: group size 48")

@@ -1,15 +1,32 @@
-"""From a sensitivity profile to a quantization plan: aggregate, allocate per layer, expand to modules."""
+"""From sensitivity profiles to a quantization plan: aggregate, allocate per layer, split within layers.
+
+1. Inter-layer: the layer profile's costs are aggregated (see
+   :mod:`tasa.allocate.aggregate`) and one bit-width per layer is chosen by the
+   exact DP under the model-wide budget.
+2. Intra-layer (with a module profile): each layer's bits are split among its
+   modules, by the same DP on the module costs, under that layer's own total
+   (its parameter count times its bit-width, metadata included when the budget
+   includes it), so the model-wide budget still holds.  Modules of a fusion
+   group (q/k/v, gate/up) can be tied to one bit-width: they then form a single
+   unit whose cost is the sum of theirs.  Without a module profile every module
+   takes its layer's bit-width.
+
+The target (see :mod:`tasa.allocate.targets`) restricts the candidates, forces
+symmetric grids and ties fusion groups where its engine needs it.
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 from tasa.allocate.aggregate import aggregate
 from tasa.allocate.dp import allocate
+from tasa.allocate.targets import check_servable, get_target, target_bits
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.plan import Plan
 
 SCALE_BITS = 16  # fp16 scale per group; the zero point takes `bits` more
+SCHEMA = "tasa.sensitivity/1"
 
 
 def metadata_bits(bits: int, group_size: int, in_features: int | None = None) -> float:
@@ -18,35 +35,98 @@ def metadata_bits(bits: int, group_size: int, in_features: int | None = None) ->
     return (SCALE_BITS + bits) / g
 
 
-def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None = None, beta: float | str = 0.5,
-                          task_weights: Mapping[str, float] | None = None, budget_includes_metadata: bool = False,
-                          method: str = "gptq") -> tuple[Plan, dict]:
-    """Per-layer bit-widths minimising the aggregated cost under ``budget``; returns the plan and a summary."""
-    if sens.get("schema") != "tasa.sensitivity/1":
+def _check_profile(sens: dict, granularity: str, flag: str) -> None:
+    if sens.get("schema") != SCHEMA:
         raise TasaError(f"not a tasa sensitivity profile (schema {sens.get('schema')!r})")
-    if sens["granularity"] != "layer":
-        raise TasaError("inter-layer allocation needs a layer-granularity profile (tasa profile --granularity layer)")
+    if sens["granularity"] != granularity:
+        raise TasaError(f"{flag} needs a {granularity}-granularity profile (tasa profile --granularity {granularity})")
+
+
+def _combined_costs(sens: dict, bits: Sequence[int], beta, task_weights) -> list[dict[int, float]]:
     available = [int(b) for b in sens["bits"]]
-    bits = sorted(set(int(b) for b in (bits or available)))
     missing = [b for b in bits if b not in available]
     if missing:
         raise TasaError(f"bit-width {missing[0]} was not profiled; profiled: {', '.join(map(str, available))}")
     point = {obj: {b: v["cost"] for b, v in per_bits.items()} for obj, per_bits in sens["costs"].items()}
     combined = aggregate(point, beta=beta, task_weights=task_weights)
-    units = sens["units"]
+    return [{b: combined[str(b)][i] for b in bits} for i in range(len(sens["units"]))]
+
+
+def _split_layer(layer_units: list[dict], costs: list[dict[int, float]], layer_bits: int, group: int,
+                 include_metadata: bool, tie_groups: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Bits per module of one layer: the DP over its modules (tied groups as one unit) under the layer's total."""
+    index = {u["modules"][0]: i for i, u in enumerate(layer_units)}
+    units: list[list[str]] = []
+    seen: set[str] = set()
+    for g in tie_groups:
+        members = [m for m in g if m in index]
+        if members:
+            units.append(members)
+            seen.update(members)
+    units += [[m] for m in index if m not in seen]
+    unit_costs = [{b: sum(costs[index[m]][b] for m in u) for b in costs[index[u[0]]]} for u in units]
+    sizes = [sum(int(layer_units[index[m]]["numel"]) for m in u) for u in units]
+    extra = [{b: metadata_bits(b, group) for b in c} for c in unit_costs] if include_metadata else None
+    budget = layer_bits + (metadata_bits(layer_bits, group) if include_metadata else 0.0)
+    result = allocate(unit_costs, sizes, budget, extra)
+    return {m: b for u, b in zip(units, result.bits) for m in u}
+
+
+def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None = None, beta: float | str = 0.5,
+                          task_weights: Mapping[str, float] | None = None, budget_includes_metadata: bool = False,
+                          method: str = "gptq", target: str = "gptqmodel", module_sens: dict | None = None,
+                          tie_fused: bool | None = None) -> tuple[Plan, dict]:
+    """Per-layer (and, with ``module_sens``, per-module) bit-widths minimising the aggregated cost under
+    ``budget`` for ``target``; returns the plan and a summary.
+
+    ``tie_fused``: one bit-width per fusion group within a layer (default: what the target needs)."""
+    _check_profile(sens, "layer", "inter-layer allocation")
+    tgt = get_target(target)
+    tie = tgt.tie_fused if tie_fused is None else bool(tie_fused)
+    if tgt.tie_fused and not tie:
+        raise TasaError(f"{tgt.name} fuses q/k/v and gate/up into one matmul: their bits cannot be untied")
+    sym = bool(sens.get("sym", True))
+    if tgt.sym_only and not sym:
+        raise TasaError(f"the profile used asymmetric grids, but {tgt.name} serves only symmetric GPTQ weights")
+    bits = target_bits(tgt, bits or [int(b) for b in sens["bits"]])
     g = int(sens["group_size"])
-    costs = [{b: combined[str(b)][i] for b in bits} for i in range(len(units))]
+    units = sens["units"]
+    costs = _combined_costs(sens, bits, beta, task_weights)
     sizes = [int(u["numel"]) for u in units]
     extra = [{b: metadata_bits(b, g) for b in bits} for _ in units] if budget_includes_metadata else None
     result = allocate(costs, sizes, budget, extra)
-    spec_of = {b: QuantSpec(bits=b, group_size=g, sym=bool(sens.get("sym", True))) for b in bits}
-    modules = {m: spec_of[b] for u, b in zip(units, result.bits) for m in u["modules"]}
-    weight_bits = sum(s * b for s, b in zip(sizes, result.bits)) / sum(sizes)
-    effective = sum(s * (b + metadata_bits(b, g)) for s, b in zip(sizes, result.bits)) / sum(sizes)
+    layer_bits = {u["name"]: b for u, b in zip(units, result.bits)}
+    module_bits = {m: b for u, b in zip(units, result.bits) for m in u["modules"]}
+    numel = {m: int(u["numel"]) / len(u["modules"]) for u in units for m in u["modules"]}  # refined below
+    if module_sens is not None:
+        _check_profile(module_sens, "module", "intra-layer allocation")
+        if module_sens.get("model") != sens.get("model") or int(module_sens["group_size"]) != g:
+            raise TasaError("the module profile is of another model or group size than the layer profile")
+        mod_units = module_sens["units"]
+        missing = sorted(set(module_bits) - {u["modules"][0] for u in mod_units})
+        if missing:
+            raise TasaError(f"the module profile has no costs for {missing[0]} (profile every layer's modules)")
+        mod_costs = _combined_costs(module_sens, target_bits(tgt, bits), beta, task_weights)
+        groups = [tuple(x) for x in module_sens.get("fusion_groups", [])] if tie else []
+        if tie and not groups:
+            raise TasaError("tying fusion groups needs them in the module profile; re-run tasa profile")
+        numel = {u["modules"][0]: int(u["numel"]) for u in mod_units}
+        for u, b in zip(units, result.bits):
+            members = [i for i, mu in enumerate(mod_units) if mu["layer"] == u["layer"]]
+            module_bits.update(_split_layer([mod_units[i] for i in members], [mod_costs[i] for i in members], b, g,
+                                            budget_includes_metadata, groups))
+    spec_of = {b: QuantSpec(bits=b, group_size=g, sym=sym) for b in bits}
+    modules = {m: spec_of[b] for m, b in module_bits.items()}
+    check_servable(modules, tgt, [tuple(x) for x in sens.get("fusion_groups", [])])
+    total = sum(numel.values())
+    weight_bits = sum(numel[m] * b for m, b in module_bits.items()) / total
+    effective = sum(numel[m] * (b + metadata_bits(b, g)) for m, b in module_bits.items()) / total
     summary = {"budget": budget, "budget_includes_metadata": budget_includes_metadata, "beta": beta,
-               "task_weights": dict(task_weights or {}), "candidates": bits, "cost": result.cost,
+               "task_weights": dict(task_weights or {}), "candidates": bits, "target": tgt.name,
+               "tie_fused": tie, "intra_layer": module_sens is not None, "cost": result.cost,
                "average_weight_bits": weight_bits, "effective_bits_with_metadata": effective,
-               "layer_bits": {u["name"]: b for u, b in zip(units, result.bits)},
-               "objectives": list(sens["costs"]), "model": sens.get("model")}
-    plan = Plan(modules, method=method, meta={"allocation": summary})
+               "layer_bits": {u["name"]: sum(numel[m] * module_bits[m] for m in u["modules"])
+                              / sum(numel[m] for m in u["modules"]) for u in units},
+               "module_bits": module_bits, "objectives": list(sens["costs"]), "model": sens.get("model")}
+    plan = Plan(modules, method=method, meta={"allocation": summary, "target": tgt.name})
     return plan, summary

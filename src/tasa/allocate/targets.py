@@ -1,0 +1,90 @@
+"""What an inference engine can serve from a GPTQ checkpoint, as data, and the check of a plan against it.
+
+A target constrains the allocation itself (candidate bit-widths, symmetric
+grids, one bit-width per fusion group) and is checked again by the exporter,
+which refuses a plan the target cannot serve and names the module and the rule.
+
+- ``gptqmodel``: 2, 3, 4 and 8 bits, symmetric or not; with mixed bit-widths
+  GPTQModel runs every module on its plain Torch kernel (``BACKEND.TORCH``),
+  since its fast kernels take one bit-width per model.
+- ``vllm`` and ``sglang``: their GPTQ paths serve symmetric 4- and 8-bit
+  weights with group size -1, 32, 64 or 128, and fuse q/k/v and gate/up into
+  one matmul each, so the members of a fusion group share one bit-width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tasa.config import QuantSpec
+from tasa.errors import TasaError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    bits: tuple[int, ...]
+    sym_only: bool
+    tie_fused: bool
+    group_sizes: tuple[int, ...] | None  # None: any
+    note: str
+
+
+TARGETS: dict[str, Target] = {
+    "gptqmodel": Target("gptqmodel", (2, 3, 4, 8), False, False, None,
+                        "mixed bit-widths load on GPTQModel's Torch kernel: GPTQModel.load(path, "
+                        "backend=BACKEND.TORCH)"),
+    "vllm": Target("vllm", (4, 8), True, True, (-1, 32, 64, 128),
+                   "vLLM's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
+    "sglang": Target("sglang", (4, 8), True, True, (-1, 32, 64, 128),
+                     "SGLang's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise TasaError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}") from None
+
+
+def target_bits(target: Target, candidates: Sequence[int]) -> list[int]:
+    """The candidate bit-widths the target serves; an error when none is left."""
+    keep = sorted(b for b in set(candidates) if b in target.bits)
+    if not keep:
+        raise TasaError(f"none of the bit-widths {sorted(set(candidates))} is servable by {target.name} "
+                        f"(it serves {', '.join(map(str, target.bits))})")
+    return keep
+
+
+def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]]) -> list[str]:
+    """Every way the per-module specs break the target's rules, one line each (empty: servable)."""
+    out = []
+    for name, s in modules.items():
+        if s.bits not in target.bits:
+            out.append(f"{name}: {s.bits}-bit, but {target.name} serves only "
+                       f"{', '.join(map(str, target.bits))}-bit GPTQ weights")
+        if target.sym_only and not s.sym:
+            out.append(f"{name}: asymmetric grid, but {target.name} serves only symmetric GPTQ weights")
+        if target.group_sizes is not None and s.group_size not in target.group_sizes:
+            out.append(f"{name}: group size {s.group_size}, but {target.name} serves group sizes "
+                       f"{', '.join(map(str, target.group_sizes))}")
+    if target.tie_fused:
+        for group in fusion_groups:
+            present = [m for m in group if m in modules]
+            if present and len(present) != len(group):
+                out.append(f"{', '.join(group)}: only {', '.join(present)} quantized, but {target.name} fuses "
+                           "them into one matmul")
+            specs = {(modules[m].bits, modules[m].group_size, modules[m].sym) for m in present}
+            if len(specs) > 1:
+                detail = ", ".join(f"{m.rsplit('.', 1)[-1]}={modules[m].bits}b" for m in present)
+                out.append(f"{group[0].rsplit('.', 1)[0]}: fusion group with different grids ({detail}), but "
+                           f"{target.name} fuses them into one matmul and needs one bit-width")
+    return out
+
+
+def check_servable(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]]) -> None:
+    bad = violations(modules, target, fusion_groups)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise TasaError(f"plan not servable by {target.name}: {bad[0]}{more}")
