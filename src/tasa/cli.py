@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", default=None,
                    help="plan.json (e.g. from tasa allocate): per-module bits and group sizes; overrides --method, "
                         "--bits, --group-size")
+    q.add_argument("--format", choices=["gptq", "fp"], default="gptq", dest="export_format",
+                   help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
+                        "quantize_config.json 'dynamic'); fp: the dequantized float model, loadable by plain "
+                        "transformers (default: gptq)")
+    q.add_argument("--target", choices=sorted(TARGETS), default=None,
+                   help="engine the GPTQ checkpoint must be servable by (default: the plan's, else gptqmodel)")
     q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
@@ -199,11 +205,19 @@ def run(argv: list[str] | None = None) -> int:
             static_groups=args.static_groups, damp=args.damp, calib=args.calib, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             true_sequential=not args.no_true_sequential, allow_ragged_groups=args.allow_ragged_groups,
-            overwrite=args.overwrite, plan=args.plan, progress=not args.quiet)
+            overwrite=args.overwrite, plan=args.plan, export_format=args.export_format, target=args.target,
+            progress=not args.quiet)
         how = (f"group size {s['quant_spec']['group_size']}" if s["quant_spec"]
                else f"plan: bits {', '.join(map(str, s['plan_bits']))}")
         print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, {how}) "
-              f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']}")
+              f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']} ({s['format']}, "
+              f"{s['size_bytes'] / 2**20:.1f} MiB of weights)")
+        if s["format"] == "gptq":
+            print(f"GPTQ checkpoint for {s['target']}; per-module bits are in quantize_config.json 'dynamic'")
+            if len(s["plan_bits"]) > 1:
+                print("note: plain transformers/optimum loading ignores 'dynamic' and would read every module at "
+                      "the default bit-width; load it with GPTQModel (backend=BACKEND.TORCH), vLLM/SGLang "
+                      "(their targets) or tasa")
     elif args.command == "eval":
         tasks = _names(args.tasks)
         res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,

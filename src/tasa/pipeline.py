@@ -108,14 +108,22 @@ def quantize(
     allow_ragged_groups: bool = False,
     overwrite: bool = False,
     plan: str | Path | None = None,
+    export_format: str = "gptq",
+    target: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Quantize every decoder-layer linear of ``model`` uniformly (or by ``plan``, a plan.json) and write it.
 
-    The output directory holds the dequantized float model (safetensors, loadable
-    by plain transformers), its tokenizer, ``plan.json`` and ``quantize.json``
-    (settings, calibration counts, per-module errors, timings).
+    ``export_format``: ``gptq``, a packed GPTQ checkpoint (see tasa.export.gptq) that must be servable by
+    ``target`` (default: the plan's target, else gptqmodel); or ``fp``, the dequantized float model
+    (loadable by plain transformers).  Either way the directory also holds the tokenizer, ``plan.json`` and
+    ``quantize.json`` (settings, calibration counts, per-module errors, sizes, timings).
     """
+    from tasa.allocate.targets import check_servable, get_target
+    from tasa.export.gptq import checkpoint_format, pack_result, quantize_config, write_checkpoint
+
+    if export_format not in ("gptq", "fp"):
+        raise TasaError(f"export format must be gptq or fp, got {export_format!r}")
     out = check_output_dir(output_dir, overwrite)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
                      damp=damp)
@@ -142,13 +150,25 @@ def quantize(
             check_group_size(arch, qs.group_size, allow_ragged_groups)
     else:
         plan = Plan.uniform([m.name for m in arch.modules], spec, method=method, model=model)
+    target = target or plan.meta.get("target", "gptqmodel")
+    packed: dict = {}
+    on_result = None
+    if export_format == "gptq":
+        try:
+            check_servable(plan.modules, get_target(target), arch.fusion_groups())
+        except TasaError as e:
+            raise TasaError(f"{e}; or write a float model with --format fp") from None
+        fmt = checkpoint_format(plan)
+
+        def on_result(name, result):
+            packed.update(pack_result(name, result, fmt))
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
         calib_ids, calib_counts = cal.input_ids, cal.counts
     t_load = time.perf_counter() - t0
     report = quantize_model(lm.model, arch, plan, calib_ids, batch_size=batch_size, device=device,
-                            true_sequential=true_sequential, progress=progress)
+                            true_sequential=true_sequential, on_result=on_result, progress=progress)
     summary = {
         "model": model,
         "method": method,
@@ -160,6 +180,8 @@ def quantize(
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,
         "average_bits": plan.average_bits(arch.numels()),
+        "format": export_format,
+        "target": target if export_format == "gptq" else None,
         "seconds": {"load_and_data": t_load, "quantize": report.seconds},
         "modules": {n: s.__dict__ for n, s in report.modules.items()},
         "machine": machine_info(),
@@ -168,8 +190,14 @@ def quantize(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        if export_format == "gptq":
+            qcfg = quantize_config(plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
+                                   target, checkpoint_format(plan))
+            write_checkpoint(tmp, lm.model, lm.tokenizer, packed, qcfg)
+        else:
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+        summary["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", summary)
         tmp.chmod(0o755)

@@ -19,6 +19,7 @@ import torch
 
 from tasa.artifacts import sha256_file
 from tasa.errors import TasaError
+from tasa.export.gptq import dequantized_state_dict, is_gptq_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,34 @@ def resolve_source(spec: str) -> tuple[str, Path | str]:
     return "hub", spec
 
 
+def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """A GPTQ checkpoint (tasa's, GPTQModel's, any ``checkpoint_format: gptq``) as a float model: the packed
+    linears are dequantized on load, per-module bit-widths taken from ``dynamic``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    state, _ = dequantized_state_dict(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    really_missing = [k for k in missing if not _is_tied(model, k)]
+    if really_missing or unexpected:
+        what = really_missing[0] if really_missing else unexpected[0]
+        raise TasaError(f"GPTQ checkpoint {path} does not match its config ({'missing' if really_missing else 'unexpected'}"
+                        f" tensor {what})")
+    return model
+
+
+def _is_tied(model, key: str) -> bool:
+    """Whether parameter ``key`` shares storage with another parameter (a tied output embedding)."""
+    p = model.get_parameter(key)
+    return any(q.data_ptr() == p.data_ptr() for n, q in model.named_parameters(remove_duplicate=False) if n != key)
+
+
 def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str = "cpu",
          trust_remote_code: bool = False) -> LoadedModel:
     """Load model + tokenizer from a directory, a .gguf file, a hub id or an embedded name."""
@@ -144,7 +173,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         kind = "dir"
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     try:
-        if kind == "dir":
+        if kind == "dir" and is_gptq_dir(Path(where)):
+            model = _load_gptq(Path(where), torch_dtype, trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
+        elif kind == "dir":
             model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **kwargs)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
         else:

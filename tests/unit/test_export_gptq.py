@@ -1,0 +1,142 @@
+"""GPTQ checkpoint export: exact round trip through tasa's loader, the config, refusals; GPTQModel load."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasa.config import QuantSpec
+from tasa.errors import TasaError
+from tasa.models.arch import resolve
+from tasa.plan import Plan
+from tests.conftest import byte_tokenizer, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+MIXED = {"self_attn.q_proj": 4, "self_attn.k_proj": 4, "self_attn.v_proj": 4, "self_attn.o_proj": 8,
+         "mlp.gate_proj": 3, "mlp.up_proj": 3, "mlp.down_proj": 2}
+
+
+def mixed_plan(model, method="rtn", sym=True, skip=()):
+    arch = resolve(model)
+    return Plan({m.name: QuantSpec(bits=MIXED[m.local] if m.layer == 0 else 4, group_size=32, sym=sym)
+                 for m in arch.modules if m.local not in skip}, method=method, meta={"target": "gptqmodel"})
+
+
+def export(tmp_path, plan, name="ckpt", **kw):
+    from tasa.pipeline import quantize
+
+    src = tmp_path / "src"
+    if not src.exists():
+        tiny_llama(layers=2, hidden=64).save_pretrained(src)
+        byte_tokenizer().save_pretrained(src)
+    plan_file = tmp_path / f"{name}.plan.json"
+    plan.save(plan_file)
+    out = tmp_path / name
+    s = quantize(str(src), out, plan=plan_file, progress=False, **kw)
+    return out, s
+
+
+def reference(plan):
+    """The float model quantized in memory by the same plan (what tasa evaluates)."""
+    from tasa.quant.apply import quantize_model
+
+    model = tiny_llama(layers=2, hidden=64)
+    quantize_model(model, resolve(model), plan, progress=False)
+    return model
+
+
+def test_export_round_trips_exactly_through_tasas_loader(tmp_path):
+    from tasa.models import load
+
+    plan = mixed_plan(tiny_llama(layers=2, hidden=64))
+    out, s = export(tmp_path, plan)
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "quantize_config.json", "model.safetensors", "plan.json", "README.md"} <= set(files)
+    assert s["format"] == "gptq" and s["size_bytes"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.int32
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (128 * 2 // 32, 64)
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype == torch.float16
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.g_idx").dtype == torch.int32
+    assert "model.layers.0.mlp.down_proj.weight" not in keys and "model.embed_tokens.weight" in keys
+    loaded = load(str(out)).model
+    ref = reference(plan)
+    for (k, a), (k2, b) in zip(sorted(loaded.state_dict().items()), sorted(ref.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_quantize_config_default_and_dynamic_overrides(tmp_path):
+    plan = mixed_plan(tiny_llama(layers=2, hidden=64), skip=("mlp.down_proj",))
+    out, _ = export(tmp_path, plan)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == qc
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, False)
+    assert qc["checkpoint_format"] == "gptq" and qc["quant_method"] == "gptq"
+    dyn = qc["dynamic"]
+    assert dyn[r"+:^model\.layers\.0\.self_attn\.o_proj$"] == {"bits": 8}
+    assert dyn[r"+:^model\.layers\.0\.mlp\.gate_proj$"] == {"bits": 3}
+    assert r"+:^model\.layers\.0\.self_attn\.q_proj$" not in dyn  # the default needs no override
+    assert dyn[r"-:^model\.layers\.1\.mlp\.down_proj$"] == {}  # left in full precision
+    from tasa.models import load
+
+    ref = reference(plan)
+    loaded = load(str(out)).model
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, ref.model.layers[1].mlp.down_proj.weight)
+
+
+def test_asymmetric_plans_use_gptq_v2_and_round_trip(tmp_path):
+    from tasa.models import load
+
+    plan = mixed_plan(tiny_llama(layers=2, hidden=64), sym=False)
+    out, _ = export(tmp_path, plan)
+    assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    ref = reference(plan)
+    assert all(torch.equal(a, b) for a, b in zip(load(str(out)).model.state_dict().values(), ref.state_dict().values()))
+
+
+def test_unservable_plans_are_refused_before_quantizing(tmp_path):
+    model = tiny_llama(layers=2, hidden=64)
+    with pytest.raises(TasaError, match=r"not servable by vllm: model\.layers\.0\.self_attn\.o_proj: 8-bit|"
+                                        r"not servable by vllm: model\.layers\.0\.mlp\.gate_proj: 3-bit"):
+        export(tmp_path, mixed_plan(model), target="vllm")
+    five = Plan({m.name: QuantSpec(bits=5, group_size=32) for m in resolve(model).modules}, method="rtn")
+    with pytest.raises(TasaError, match="5-bit.*--format fp"):
+        export(tmp_path, five, name="five")
+    out, s = export(tmp_path, five, name="five-fp", export_format="fp")
+    assert s["format"] == "fp" and (out / "model.safetensors").is_file()
+
+
+def gptqmodel_python() -> Path | None:
+    env = os.environ.get("TASA_GPTQMODEL_PYTHON")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    venv = ROOT / ".venv-gptqmodel"
+    return venv / "bin" / "python" if (venv / ".installed").is_file() else None  # made by `make test`
+
+
+@pytest.mark.skipif(gptqmodel_python() is None,
+                    reason="GPTQModel 7.6.0 is not installed (make test installs it in .venv-gptqmodel; "
+                           "or set TASA_GPTQMODEL_PYTHON)")
+def test_gptqmodel_loads_the_mixed_checkpoint_with_matching_logits(tmp_path):
+    plan = mixed_plan(tiny_llama(layers=2, hidden=64))
+    out, _ = export(tmp_path, plan)
+    ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
+    proc = subprocess.run([str(gptqmodel_python()), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"), str(out),
+                           json.dumps(ids.tolist())], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = {n: s.bits for n, s in plan.modules.items()}
+    assert got["bits"] == want  # GPTQModel read every module's bit-width from 'dynamic'
+    with torch.no_grad():
+        ref = reference(plan)(input_ids=ids).logits
+    diff = (torch.tensor(got["logits"]) - ref).abs().max().item()
+    print(f"max |logits(GPTQModel fp16) - logits(tasa)| = {diff:.2e}")
+    assert diff < 5e-3 * max(1.0, ref.abs().max().item())
