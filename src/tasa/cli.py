@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
@@ -139,6 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True,
                    help="where sensitivity.json, report.md/.html, plots and the probe records go")
     p.add_argument("--overwrite", action="store_true", help="discard probes made with other settings")
+    r = sub.add_parser("run", help="profile -> allocate -> quantize -> export -> evaluate -> report, resumable",
+                       description="The whole method on one model: measure layer sensitivities on wikitext2 and "
+                                   "the tasks, allocate bits per layer under the budget (exact DP), quantize with "
+                                   "GPTQ on the calibration mixture, export a GPTQ checkpoint, evaluate it against "
+                                   "the full-precision model on held-out test rows, and write report.md/.html. "
+                                   "Each stage is recorded in OUTPUT_DIR/stages.json under a hash of its inputs: "
+                                   "rerunning skips finished stages, a killed run resumes.", epilog=EPILOG)
+    _add_model_args(r)
+    r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
+    r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
+    r.add_argument("--calib", default="wikitext2:0.5,gsm8k:0.5",
+                   help="GPTQ calibration mixture (default: wikitext2:0.5,gsm8k:0.5)")
+    r.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
+    r.add_argument("--beta", default="0.5", help="weight of perplexity against the tasks, or ppl-only/task-only "
+                                                 "(default: 0.5)")
+    r.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
+    r.add_argument("--budget-includes-metadata", action="store_true",
+                   help="count scale/zero storage against the budget")
+    r.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
+                   help="engine the checkpoint must be servable by (default: gptqmodel)")
+    r.add_argument("--group-size", type=int, default=64, help="group size (default: 64)")
+    r.add_argument("--probe-tokens", type=int, default=1024,
+                   help="scored tokens per objective for the profile; 4096 gives steadier rankings at 4x the "
+                        "time (default: 1024)")
+    r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
+    r.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    r.add_argument("--eval-limit", type=int, default=100,
+                   help="test rows per task (wikitext2: windows of 512 tokens) (default: 100)")
+    r.add_argument("--generate", action="store_true",
+                   help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
+    r.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
+    r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
+
     a = sub.add_parser("allocate", help="choose bits per layer from a sensitivity profile under a budget",
                        description="Normalise each objective's costs (by its mean cost at the lowest bit-width), "
                                    "combine them (beta * perplexity + (1 - beta) * tasks), and choose one bit-width "
@@ -166,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs)")
     a.add_argument("--output", required=True, help="plan.json to write")
     return parser
+
+
+def _beta_weights(args) -> tuple[float | str, dict[str, float] | None]:
+    """--beta (a number or a preset) and --task-weights NAME:WEIGHT,..."""
+    try:
+        beta = args.beta if args.beta in ("ppl-only", "task-only") else float(args.beta)
+        weights = ({k: float(v) for k, v in (x.split(":") for x in _names(args.task_weights))}
+                   if args.task_weights else None)
+    except ValueError:
+        raise TasaError("--beta is a number or a preset, --task-weights NAME:WEIGHT,...") from None
+    return beta, weights
 
 
 def _names(text: str) -> list[str]:
@@ -237,14 +284,21 @@ def run(argv: list[str] | None = None) -> int:
         _print_table(rows)
         if args.output:
             print(f"results written to {args.output}")
+    elif args.command == "run":
+        beta, weights = _beta_weights(args)
+        s = pipeline.run(model=args.model, tasks=_names(args.tasks), budget=args.budget, output_dir=args.output_dir,
+                         calib=args.calib, bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
+                         task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
+                         target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
+                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
+                         generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                         progress=not args.quiet)
+        ran = ", ".join(s["ran"]) or "none (all stages up to date)"
+        print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s")
+        print(f"GPTQ checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
     elif args.command == "allocate":
         bits = _ints(args.bits, "--bits")
-        try:
-            beta = args.beta if args.beta in ("ppl-only", "task-only") else float(args.beta)
-            weights = ({k: float(v) for k, v in (x.split(":") for x in _names(args.task_weights))}
-                       if args.task_weights else None)
-        except ValueError:
-            raise TasaError("--beta is a number or a preset, --task-weights NAME:WEIGHT,...") from None
+        beta, weights = _beta_weights(args)
         s = pipeline.allocate_bits(args.sensitivity, args.budget, args.output, bits=bits, beta=beta,
                                    task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                                    method=args.method, target=args.target, module_sensitivity=args.module_sensitivity,

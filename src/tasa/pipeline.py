@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -152,23 +153,24 @@ def quantize(
         plan = Plan.uniform([m.name for m in arch.modules], spec, method=method, model=model)
     target = target or plan.meta.get("target", "gptqmodel")
     packed: dict = {}
-    on_result = None
+
+    def on_result(name, result):
+        packed.update(pack_result(name, result, fmt))
+
     if export_format == "gptq":
         try:
             check_servable(plan.modules, get_target(target), arch.fusion_groups())
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
         fmt = checkpoint_format(plan)
-
-        def on_result(name, result):
-            packed.update(pack_result(name, result, fmt))
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
         calib_ids, calib_counts = cal.input_ids, cal.counts
     t_load = time.perf_counter() - t0
     report = quantize_model(lm.model, arch, plan, calib_ids, batch_size=batch_size, device=device,
-                            true_sequential=true_sequential, on_result=on_result, progress=progress)
+                            true_sequential=true_sequential, on_result=on_result if export_format == "gptq" else None,
+                            progress=progress)
     summary = {
         "model": model,
         "method": method,
@@ -488,3 +490,116 @@ def allocate_bits(
     plan.save(output)
     summary["output"] = str(output)
     return summary
+
+
+def run(
+    model: str,
+    tasks: list[str] | tuple[str, ...],
+    budget: float,
+    output_dir: str | Path,
+    calib: str = "wikitext2:0.5,gsm8k:0.5",
+    bits: tuple[int, ...] = (3, 4, 8),
+    beta: float | str = 0.5,
+    task_weights: dict[str, float] | None = None,
+    budget_includes_metadata: bool = False,
+    target: str = "gptqmodel",
+    group_size: int = 64,
+    probe_tokens: int = 1024,
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    eval_limit: int = 100,
+    generate: bool = False,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """profile -> aggregate + allocate -> quantize (GPTQ) -> export -> evaluate (vs full precision) -> report.
+
+    Every stage writes its artifact into ``output_dir`` and is recorded in
+    ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
+    finished stages, a killed run resumes at the unfinished one.  The
+    objectives profiled are wikitext2 (perplexity) and ``tasks``; evaluation
+    covers the same on held-out test rows.
+    """
+    from tasa.eval.tasks import get_task
+    from tasa.report.run_report import write_run_report
+    from tasa.stages import Stages, stage_key as _key
+
+    tasks = list(tasks)
+    if not tasks or "wikitext2" in tasks or len(set(tasks)) != len(tasks):
+        raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
+    for t in tasks:
+        get_task(t)  # bad names and specs fail before any work
+    CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if eval_limit < 1:
+        raise TasaError(f"--eval-limit must be positive, got {eval_limit}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TasaError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").is_file():
+        raise TasaError(f"output directory {out} is not empty and holds no tasa run")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    objectives = ["wikitext2", *tasks]
+
+    p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
+            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype}
+
+    def do_profile():
+        changed = stages.previous_key("profile") not in (None, _key(p_in))
+        s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
+                    probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
+                    progress=progress)
+        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
+
+    prof = stages.run("profile", p_in, do_profile)
+    a_in = {"profile": _key(p_in), "budget": budget, "bits": sorted(bits), "beta": beta,
+            "task_weights": task_weights, "target": target, "budget_includes_metadata": budget_includes_metadata}
+    stages.run("allocate", a_in, lambda: allocate_bits(
+        prof["sensitivity"], budget, out / "plan.json", bits=tuple(bits), beta=beta, task_weights=task_weights,
+        budget_includes_metadata=budget_includes_metadata, target=target))
+    q_in = {"allocate": _key(a_in), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+    def do_quantize():
+        s = quantize(model, out / "model", calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                     batch_size=batch_size, device=device, dtype=dtype, overwrite=True, plan=out / "plan.json",
+                     export_format="gptq", target=target, progress=progress)
+        return {"average_bits": s["average_bits"], "size_bytes": s["size_bytes"], "seconds": s["seconds"]}
+
+    stages.run("quantize", q_in, do_quantize)
+    e_common = {"tasks": objectives, "limit": eval_limit, "generate": generate, "seqlen": seqlen}
+    fp_in = {"model": model, "dtype": dtype, **e_common}
+    stages.run("eval_fp", fp_in, lambda: evaluate(
+        model, objectives, limit=eval_limit, seqlen=seqlen, batch_size=batch_size, device=device, dtype=dtype,
+        output=out / "eval-fp.json", log_samples=True, generate=generate, progress=progress)["results"])
+    stages.run("eval_quant", {"quantize": _key(q_in), "eval_fp": _key(fp_in), **e_common}, lambda: evaluate(
+        str(out / "model"), objectives, limit=eval_limit, seqlen=seqlen, batch_size=batch_size, device=device,
+        dtype=dtype,
+        output=out / "eval-quant.json", reference=str(out / "eval-fp.json"), generate=generate,
+        progress=progress)["results"])
+    summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": eval_limit, "seqlen": seqlen,
+               "probe_tokens": probe_tokens, "warnings": prof["warnings"], "sizes": _sizes(out / "model"),
+               "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
+    summary["report"] = str(write_run_report(out, summary))
+    write_json_atomic(out / "run.json", summary)
+    return summary
+
+
+def _sizes(model_dir: Path) -> dict:
+    """Bytes of the quantized linears at fp16, packed in the checkpoint, and of the whole checkpoint."""
+    from safetensors import safe_open
+
+    packed = fp16 = total = 0
+    shapes = {}
+    for f in model_dir.glob("*.safetensors"):
+        total += f.stat().st_size
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+    for k, shape in shapes.items():
+        if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+            packed += math.prod(shape) * (2 if k.endswith(".scales") else 4)
+        if k.endswith(".g_idx"):  # in_features x out_features weights of 2 bytes at fp16
+            fp16 += shape[0] * shapes[k[: -len(".g_idx")] + ".scales"][1] * 2
+    return {"linears_fp16_bytes": fp16, "linears_packed_bytes": packed, "checkpoint_bytes": total}

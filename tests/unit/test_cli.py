@@ -20,9 +20,9 @@ def run_cli(args, capsys):
 def test_quantize_rtn_writes_loadable_model_and_plan(tiny_model_dir, tmp_path, capsys, data_dir):
     out_dir = tmp_path / "q"
     code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "3",
-                              "--group-size", "16", "--output-dir", str(out_dir), "--quiet"], capsys)
+                              "--group-size", "16", "--format", "fp", "--output-dir", str(out_dir), "--quiet"], capsys)
     assert code == 0, err
-    assert "quantized 14 modules (rtn, 3 bits" in out
+    assert "quantized 14 modules (rtn, 3 bits" in out and "(fp," in out
     plan = json.loads((out_dir / "plan.json").read_text())
     assert len(plan["modules"]) == 14 and plan["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 3
     from transformers import AutoModelForCausalLM
@@ -250,3 +250,40 @@ def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, dat
     code, _, err = run_cli(["allocate", "--sensitivity", str(prof), "--budget", "1.5", "--output",
                             str(tmp_path / "p2.json")], capsys)
     assert code == 2 and "infeasible" in err
+
+
+def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
+    from tasa import pipeline
+
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k,arc_easy", "--budget", "3", "--bits", "2,4",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "3",
+            "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "stages run: profile, allocate, quantize, eval_fp, eval_quant" in out
+    for f in ("plan.json", "plan.png", "report.md", "report.html", "eval-fp.json", "eval-quant.json", "run.json",
+              "profile/sensitivity.json", "model/quantize_config.json", "stages.json"):
+        assert (out_dir / f).is_file(), f
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert sorted({m["bits"] for m in plan["modules"].values()}) == [2, 4]
+    report = (out_dir / "report.md").read_text()
+    assert "## Plan" in report and "| gsm8k | gold-solution NLL" in report and "| wikitext2 | KL" in report
+    q = json.loads((out_dir / "eval-quant.json").read_text())["results"]
+    assert q["arc_easy"]["flip_rate"] >= 0 and q["wikitext2"]["kl"] > 0
+    before = json.loads((out_dir / "stages.json").read_text())
+    code, out, err = run_cli(args, capsys)  # nothing changed: every stage is skipped
+    assert code == 0 and "stages run: none" in out
+    assert json.loads((out_dir / "stages.json").read_text()) == before
+    # a new budget redoes allocation and everything after it, not the profile or the full-precision evaluation;
+    # a failure during quantization leaves those recorded, and the next run resumes there
+    real = pipeline.quantize
+    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
+    assert code == 130 and "interrupted" in err
+    monkeypatch.setattr(pipeline, "quantize", real)
+    code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
+    assert code == 0 and "stages run: quantize, eval_quant" in out, out + err
+    assert json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["budget"] == 4
+    code, out, err = run_cli(args[:4] + ["wikitext2"] + args[5:], capsys)
+    assert code == 2 and "wikitext2 perplexity is always profiled" in err

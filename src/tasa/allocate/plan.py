@@ -95,7 +95,6 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
     sizes = [int(u["numel"]) for u in units]
     extra = [{b: metadata_bits(b, g) for b in bits} for _ in units] if budget_includes_metadata else None
     result = allocate(costs, sizes, budget, extra)
-    layer_bits = {u["name"]: b for u, b in zip(units, result.bits)}
     module_bits = {m: b for u, b in zip(units, result.bits) for m in u["modules"]}
     numel = {m: int(u["numel"]) / len(u["modules"]) for u in units for m in u["modules"]}  # refined below
     if module_sens is not None:

@@ -283,8 +283,6 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
     kept layer inputs take rows x tokens x hidden size floats per objective.
     """
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     plan_units = units(arch, granularity, layers)
     batches = objective_batches(model, objectives, batch_tokens, max_logits_gb)
     plain = head_is_plain(model, batches[objectives[0].name][0])

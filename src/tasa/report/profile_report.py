@@ -9,7 +9,6 @@ Reads ``sensitivity.json`` (schema ``tasa.sensitivity/1``) and writes, next to i
 """
 from __future__ import annotations
 
-import html
 import json
 from itertools import combinations
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasa.errors import TasaError
+from tasa.report.common import markdown_to_html, save_figure
 from tasa.profile.stats import kendall_tau, top_k, top_k_overlap
 
 
@@ -51,7 +51,7 @@ def _plots(s: dict, out: Path, bits: str) -> list[str]:
     axes[-1, 0].set_xticks(x, [n.replace("layer.", "") for n in names], rotation=90, fontsize=7)
     axes[-1, 0].set_xlabel("unit (layer index)" if s["granularity"] == "layer" else "module")
     fig.suptitle(f"Sensitivity by {s['granularity']}, RTN {bits}-bit, group size {s['group_size']}")
-    files.append(_save(fig, out / f"sensitivity_{bits}.png"))
+    files.append(save_figure(fig, out / f"sensitivity_{bits}.png"))
 
     mat = []
     for obj in s["costs"]:
@@ -64,17 +64,8 @@ def _plots(s: dict, out: Path, bits: str) -> list[str]:
     ax.set_xticks(x, [n.replace("layer.", "") for n in names], rotation=90, fontsize=7)
     fig.colorbar(im, ax=ax, label="cost scaled to [0, 1] per objective")
     ax.set_title(f"Which units each objective finds sensitive ({bits}-bit)")
-    files.append(_save(fig, out / f"heatmap_{bits}.png"))
+    files.append(save_figure(fig, out / f"heatmap_{bits}.png"))
     return files
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
 
 
 def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
@@ -133,40 +124,5 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
         md += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)
-    (out / "report.html").write_text(_markdown_to_html(text, f"Sensitivity profile: {s['model']}"))
+    (out / "report.html").write_text(markdown_to_html(text, f"Sensitivity profile: {s['model']}"))
     return out / "report.md"
-
-
-def _markdown_to_html(md: str, title: str) -> str:
-    """The small Markdown subset the report uses (headings, tables, lists, images, paragraphs)."""
-    body, table = [], []
-
-    def flush_table():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            body.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
-                + "</tr>" for i, row in enumerate(cells)) + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            src = line[line.index("(") + 1:line.rindex(")")]
-            body.append(f'<p><img src="{html.escape(src)}" style="max-width:100%"></p>')
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
-            + "\n".join(body) + "</body></html>")

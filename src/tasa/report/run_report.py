@@ -1,0 +1,103 @@
+"""The report of a ``tasa run``: the plan, the sensitivities behind it, the evaluation against full
+precision, sizes and timings (report.md, report.html, plan.png in the run directory)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasa.report.common import markdown_to_html, save_figure
+
+# metrics shown per task, lower-is-better marked with a trailing "-"
+_SHOWN = {"wikitext2": [("ppl", "perplexity", "-"), ("kl", "KL to full precision", "-")],
+          "_mc": [("acc", "acc", "+"), ("acc_norm", "acc_norm", "+"), ("gold_logprob", "gold log-prob", "+"),
+                  ("flip_rate", "flips vs full precision", "-")],
+          "_gen": [("strict_match", "strict match", "+"), ("gold_nll", "gold-solution NLL", "-"),
+                   ("flip_rate", "flips vs full precision", "-")]}
+
+
+def _plan_figure(plan: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(plan["modules"])
+    layer_of = {}
+    for n in names:
+        head, _, local = n.partition(".layers.")
+        idx, _, local = local.partition(".")
+        layer_of[n] = (int(idx), local)
+    layers = sorted({i for i, _ in layer_of.values()})
+    locals_ = list(dict.fromkeys(loc for _, loc in layer_of.values()))
+    grid = np.full((len(locals_), len(layers)), np.nan)
+    for n, spec in plan["modules"].items():
+        i, loc = layer_of[n]
+        grid[locals_.index(loc), layers.index(i)] = spec["bits"]
+    fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.32), 0.45 * len(locals_) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=8)
+    for (r, c), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=7, color="white" if v < 6 else "black")
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_yticks(range(len(locals_)), locals_, fontsize=8)
+    ax.set_xlabel("decoder layer")
+    fig.colorbar(im, ax=ax, label="bits")
+    ax.set_title("Bits per module")
+    return save_figure(fig, out / "plan.png")
+
+
+def _rows(task: str, fp: dict, q: dict) -> list[str]:
+    kind = "wikitext2" if task == "wikitext2" else ("_mc" if "acc" in q else "_gen")
+    rows = []
+    for key, label, better in _SHOWN[kind]:
+        if key not in q:
+            continue
+        a = fp.get(key)
+        delta = "" if a is None else f"{q[key] - a:+.4f}"
+        rows.append(f"| {task} | {label} ({'lower' if better == '-' else 'higher'} is better) | "
+                    f"{'' if a is None else f'{a:.4f}'} | {q[key]:.4f} | {delta} |")
+    return rows
+
+
+def write_run_report(run_dir: Path, summary: dict) -> Path:
+    """Write report.md / report.html / plan.png into ``run_dir`` from the run's artifacts and ``summary``."""
+    plan = json.loads((run_dir / "plan.json").read_text())
+    alloc = plan["meta"]["allocation"]
+    fp = json.loads((run_dir / "eval-fp.json").read_text())["results"]
+    q = json.loads((run_dir / "eval-quant.json").read_text())["results"]
+    md = [f"# tasa run: {summary['model']}", "",
+          f"Budget {alloc['budget']:g} bits per weight{' (scale/zero storage included)' if alloc['budget_includes_metadata'] else ''}"
+          f", candidates {', '.join(map(str, alloc['candidates']))}, beta {alloc['beta']}, target {alloc['target']}, "
+          f"calibration {summary['calib']}.", "",
+          f"Average weight bits {alloc['average_weight_bits']:.4f}; with scale/zero storage "
+          f"{alloc['effective_bits_with_metadata']:.4f}.", "",
+          "## Plan", "", f"![plan.png]({_plan_figure(plan, run_dir)})", "",
+          "| layer | bits (average of its modules) |", "| --- | ---: |"]
+    md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
+    md += ["", "## Evaluation against full precision", "",
+           f"Held-out test rows, first {summary['eval_limit']} per task (wikitext2: windows of "
+           f"{summary['seqlen']} tokens).", "",
+           "| task | metric | full precision | quantized | change |", "| --- | --- | ---: | ---: | ---: |"]
+    for task in q:
+        md += _rows(task, fp.get(task, {}), q[task])
+    md += ["", "## Sensitivities", "",
+           f"Measured layer sensitivities ({summary['probe_tokens']} scored tokens per objective; Kendall tau "
+           "between objectives and top-K overlaps in [profile/report.md](profile/report.md)):", ""]
+    md += [f"![{p.name}](profile/{p.name})" for p in sorted((run_dir / "profile").glob("sensitivity_*.png"))]
+    md.append("")
+    if summary.get("warnings"):
+        md += [f"- {w}" for w in summary["warnings"]] + [""]
+    sizes = summary["sizes"]
+    md += ["## Sizes", "", "| what | MiB |", "| --- | ---: |",
+           f"| quantized linears at fp16 | {sizes['linears_fp16_bytes'] / 2**20:.1f} |",
+           f"| quantized linears packed (codes + scales + zeros + g_idx) | {sizes['linears_packed_bytes'] / 2**20:.1f} |",
+           f"| whole checkpoint on disk | {sizes['checkpoint_bytes'] / 2**20:.1f} |", "",
+           "## Timings", "", "| stage | seconds | this invocation |", "| --- | ---: | --- |"]
+    md += [f"| {k} | {v:.0f} | {'ran' if k in summary['ran'] else 'cached'} |" for k, v in summary["seconds"].items()]
+    md.append("")
+    text = "\n".join(md)
+    (run_dir / "report.md").write_text(text)
+    (run_dir / "report.html").write_text(markdown_to_html(text, f"tasa run: {summary['model']}"))
+    return run_dir / "report.md"
