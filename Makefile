@@ -1,10 +1,10 @@
 # Two entry points for a fresh machine (see README):
-#   make run   - set up .venv and run the main job on the embedded SmolLM2-135M
+#   make run   - set up .venv and run the main job (tasa run at 3.5 bits) on the embedded SmolLM2-135M
 #   make test  - set up .venv and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= runs/smollm2-135m-gptq-w4g64
+RUN_DIR ?= runs/smollm2-135m-3.5bit
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,8 @@ $(GPTQMODEL_VENV)/.installed:
 	  touch $@) || echo "GPTQModel 7.6.0 could not be installed: the GPTQModel load test will be skipped"
 
 run: setup
-	$(VENV)/bin/tasa quantize --model smollm2-135m --method gptq --bits 4 --group-size 64 \
-		--calib wikitext2 --nsamples 128 --seqlen 512 --output-dir $(RUN_DIR) --overwrite
-	$(VENV)/bin/tasa eval --model $(RUN_DIR) --tasks wikitext2 --limit 40 --output $(RUN_DIR)/eval.json
+	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 \
+		--calib wikitext2:0.5,gsm8k:0.5 --output-dir $(RUN_DIR)
 
 test: setup $(GPTQMODEL_VENV)/.installed
 	$(PY) -m pytest

@@ -1,0 +1,193 @@
+"""Mixed-precision allocation on SmolLM2-135M (group size 64): does task-aware allocation pay?
+
+    .venv/bin/python benchmarks/allocation.py      # resumable: rows cached in benchmarks/.work/allocation
+
+Rows (all GPTQ, symmetric, group size 64, calibration wikitext2:0.5,gsm8k:0.5, 64 x 512 tokens, seed 0):
+at 3.5 average bits, uniform W3 and W4 around it, a naive split (first half of the layers 4-bit, second
+half 3-bit), and the exact DP allocation over {3, 4, 8} from the measured layer profile of
+benchmarks/profile.py (wikitext2 / gsm8k / arc_easy, 4,096 scored tokens each) for beta = 0 (task-only),
+0.25, 0.5, 0.75 and 1 (ppl-only); at 4.25 bits a vLLM-servable plan (target vllm: {4, 8}, q/k/v and
+gate/up tied, beta 0.5) against uniform W4 and W8.  Every row is evaluated on held-out test rows:
+wikitext2 perplexity and KL divergence to the full-precision model (top-256 log-probs) on the first 40
+windows of 512 tokens, ARC-Easy (first 500) and ARC-Challenge (first 250) accuracy, GSM8K gold-solution
+NLL (first 200, 5-shot).  The beta = 0.5 row is also exported as a GPTQ checkpoint and loaded in
+GPTQModel 7.6.0 (TORCH backend, fp16): the max |logit difference| to tasa's dequantized model is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import ROOT, WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+
+BENCH = "allocation"
+GROUP = 64
+CALIB = "wikitext2:0.5,gsm8k:0.5"
+NSAMPLES, SEQLEN = 64, 512
+BUDGET, VLLM_BUDGET = 3.5, 4.25
+BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+LIMITS = {"wikitext2": 40, "arc_easy": 500, "arc_challenge": 250, "gsm8k": 200}
+PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
+ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", *[f"tasa-beta{b:g}" for b in BETAS], "uniform-w8",
+        "vllm-4.25"]
+
+
+def plan_for(name: str, arch):
+    from tasa.allocate.plan import plan_from_sensitivity
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    names = [m.name for m in arch.modules]
+    if name.startswith("uniform-w"):
+        return Plan.uniform(names, QuantSpec(bits=int(name[9:]), group_size=GROUP), target="gptqmodel")
+    if name == "naive-3.5":
+        half = arch.num_layers // 2
+        return Plan({m.name: QuantSpec(bits=4 if m.layer < half else 3, group_size=GROUP) for m in arch.modules})
+    sens = json.loads(PROFILE.read_text())
+    if name == "vllm-4.25":
+        return plan_from_sensitivity(sens, VLLM_BUDGET, bits=[4, 8], beta=0.5, target="vllm")[0]
+    return plan_from_sensitivity(sens, BUDGET, bits=[3, 4, 8], beta=float(name[len("tasa-beta"):]))[0]
+
+
+def evaluate(lm, work: Path, reference_topk: dict | None) -> dict:
+    from tasa.data import eval_texts
+    from tasa.eval.perplexity import perplexity
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=SEQLEN,
+                   limit=LIMITS["wikitext2"], progress=False, topk=256 if reference_topk is None else 0,
+                   reference=reference_topk)
+    m = {"wikitext2_ppl": r.ppl}
+    if r.kl is not None:
+        m["wikitext2_kl"] = r.kl
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in r.topk.items()}, str(work / "fp.topk.safetensors"))
+    for task in ("arc_easy", "arc_challenge", "gsm8k"):
+        res = run_task(lm.model, lm.tokenizer, get_task(task), limit=LIMITS[task], generate=False, progress=False)
+        if task == "gsm8k":
+            m["gsm8k_gold_nll"] = res.metrics["gold_nll"]
+        else:
+            m[f"{task}_acc"], m[f"{task}_acc_norm"] = res.metrics["acc"], res.metrics["acc_norm"]
+    return m
+
+
+def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
+    """Export the quantized model, load it in GPTQModel, return the max |logit difference| on 2 x 64 tokens."""
+    import shutil
+
+    import torch
+
+    from tasa import __version__
+    from tasa.export.gptq import checkpoint_format, quantize_config, write_checkpoint
+
+    out = work / "ckpt-beta0.5"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    qcfg = quantize_config(plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
+                           "gptqmodel", checkpoint_format(plan))
+    write_checkpoint(out, lm.model, lm.tokenizer, packed, qcfg)
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    peer = run_json([str(peer_venv("gptqmodel", PEER_REQS)), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"),
+                     str(out), json.dumps(ids.tolist())], env={"GPTQMODEL_CPU_WORKERS": "2"})
+    if peer["bits"] != {n: s.bits for n, s in plan.modules.items()}:
+        raise RuntimeError("GPTQModel read other bit-widths than the plan's")
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+    return float((torch.tensor(peer["logits"]) - ref).abs().max())
+
+
+def worker(name: str, work: Path) -> dict:
+    import torch
+
+    from tasa.allocate.plan import metadata_bits
+    from tasa.export.gptq import pack_result
+    from tasa.models import load, resolve
+    from tasa.quant.apply import quantize_model
+
+    torch.manual_seed(0)
+    lm = load("smollm2-135m")
+    arch = resolve(lm.model)
+    if name == "fp":
+        return {"metrics": evaluate(lm, work, None), "seconds": None, "plan": None}
+    from safetensors.torch import load_file
+
+    ref = load_file(str(work / "fp.topk.safetensors"))
+    plan = plan_for(name, arch)
+    calib = torch.load(work / "calib.pt", weights_only=True)
+    packed: dict = {}
+    t0 = time.perf_counter()
+    quantize_model(lm.model, arch, plan, calib, batch_size=8, progress=False,
+                   on_result=lambda n, r: packed.update(pack_result(n, r)) if name == "tasa-beta0.5" else None)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(lm, work, ref)
+    numels = arch.numels()
+    total = sum(numels.values())
+    metrics["effective_bits_with_metadata"] = sum(
+        numels[n] * (s.bits + metadata_bits(s.bits, s.group_size)) for n, s in plan.modules.items()) / total
+    metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if name == "tasa-beta0.5":
+        metrics["gptqmodel_logits_max_abs_diff"] = gptqmodel_check(lm, arch, plan, packed, work)
+    layer_bits = [sum(numels[m.name] * plan[m.name].bits for m in arch.layer_modules(i))
+                  / sum(numels[m.name] for m in arch.layer_modules(i)) for i in range(arch.num_layers)]
+    return {"metrics": metrics, "seconds": seconds, "bits": plan.average_bits(numels), "layer_bits": layer_bits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = WORK / BENCH
+    if args.worker:
+        print(json.dumps(worker(args.worker, work)))
+        return
+    import torch
+
+    from tasa.config import CalibSpec
+    from tasa.data import build_calibration
+    from tasa.models import load
+
+    if not PROFILE.is_file():
+        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "calib.pt").is_file():
+        lm = load("smollm2-135m")
+        cal = build_calibration(lm.tokenizer, CalibSpec.parse(CALIB, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0))
+        torch.save(cal.input_ids, work / "calib.pt")
+        del lm
+    results = {}
+    for name in args.rows.split(","):
+        print(f"[{BENCH}] {name} ...", flush=True)
+        results[name] = cached(work / f"{name}.json", lambda n=name: run_json(
+            [sys.executable, __file__, "--worker", n], log=work / "logs" / f"{n}.log"))
+        print(f"  {json.dumps(results[name]['metrics'])}", flush=True)
+    rows = []
+    for name, r in results.items():
+        bits = None if name == "fp" else r["bits"]
+        method = "fp" if name == "fp" else "gptq"
+        rows.append(row(name, "tasa" if name != "fp" else "none", method, bits, GROUP,
+                        None if name == "fp" else CALIB, {**r["metrics"], **({"layer_bits": r["layer_bits"]}
+                                                                              if r.get("layer_bits") else {})},
+                        r["seconds"]))
+    out = write_results(BENCH, ".venv/bin/python benchmarks/allocation.py", rows,
+                        {"settings": {"calib": CALIB, "nsamples": NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
+                                      "budget": BUDGET, "vllm_budget": VLLM_BUDGET, "eval_limits": LIMITS,
+                                      "profile": str(PROFILE.relative_to(ROOT))}})
+    for r in rows:
+        print(r["name"], r["bits"], json.dumps({k: v for k, v in r["metrics"].items() if k != "layer_bits"}))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
