@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wikitext2 probe window length; shorter windows give more items for intervals and rank "
                         "stability at the same token count (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
+    p.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
+                   help="multiple-choice objectives: kl = divergence of the answer distribution from full "
+                        "precision, gold = increase of -log p(gold | choices) (default: kl)")
     p.add_argument("--batch-tokens", type=int, default=512,
                    help="padded tokens per forward pass; rows of similar length are batched together (default: 512)")
     p.add_argument("--method", choices=["measured", "fisher", "autoscheme"], default="measured",
@@ -161,15 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
                    help="engine the checkpoint must be servable by (default: gptqmodel)")
     r.add_argument("--group-size", type=int, default=64, help="group size (default: 64)")
-    r.add_argument("--probe-tokens", type=int, default=1024,
-                   help="scored tokens per objective for the profile; 4096 gives steadier rankings at 4x the "
-                        "time (default: 1024)")
+    r.add_argument("--probe-tokens", type=int, default=768,
+                   help="scored tokens per objective for the profile; 4096 gives steadier rankings at ~5x the "
+                        "time (default: 768)")
+    r.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
+                   help="how multiple-choice objectives score a probe (see tasa profile --help) (default: kl)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
     r.add_argument("--seqlen", type=int, default=512,
                    help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
     r.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     r.add_argument("--eval-limit", type=int, default=100,
-                   help="test rows per task (wikitext2: windows of 512 tokens) (default: 100)")
+                   help="test rows per task, evaluated zero-shot as profiled (default: 100)")
+    r.add_argument("--eval-windows", type=int, default=40,
+                   help="wikitext2 test windows of --seqlen tokens (default: 40)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
     r.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
@@ -290,7 +297,9 @@ def run(argv: list[str] | None = None) -> int:
                          calib=args.calib, bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
+                         choice_cost=args.choice_cost,
                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
+                         eval_windows=args.eval_windows,
                          generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                          progress=not args.quiet)
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
@@ -317,7 +326,7 @@ def run(argv: list[str] | None = None) -> int:
             granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_tokens=args.batch_tokens,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
-            compare_estimators=args.compare_estimators, top_k=args.top_k,
+            compare_estimators=args.compare_estimators, top_k=args.top_k, choice_cost=args.choice_cost,
             progress=not args.quiet)
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():

@@ -249,9 +249,12 @@ def evaluate(
     apply_chat_template: bool = False,
     generate: bool = True,
     prefix_cache: bool = True,
+    windows: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model`` on ``tasks`` (built-in names or task spec files); returns the results dict.
+
+    ``limit``: first rows per task; ``windows``: wikitext2 windows (default: ``limit``).
 
     With ``reference`` (a model spec, or a results JSON written with
     ``log_samples``) each task also reports flip rates against it and
@@ -276,14 +279,15 @@ def evaluate(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
     ref = None
     if reference is not None:
-        ref = _load_reference(reference, tasks, limit=limit, num_fewshot=num_fewshot, seqlen=seqlen,
+        ref = _load_reference(reference, tasks, limit=limit, windows=windows, num_fewshot=num_fewshot, seqlen=seqlen,
                               batch_size=batch_size, device=device, dtype=dtype, kl_topk=kl_topk,
                               apply_chat_template=apply_chat_template, generate=generate,
                               prefix_cache=prefix_cache, progress=progress)
     t0 = time.perf_counter()
     lm = load(model, dtype=dtype, device=device)
     results: dict = {"model": model,
-                     "config": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "seqlen": seqlen,
+                     "config": {"tasks": tasks, "limit": limit, "windows": windows, "num_fewshot": num_fewshot,
+                                "seqlen": seqlen,
                                 "batch_size": batch_size, "device": device,
                                 "dtype": _dtype_name(lm.model),
                                 "apply_chat_template": apply_chat_template, "generate": generate,
@@ -296,7 +300,8 @@ def evaluate(
         if name == "wikitext2":
             text = "\n\n".join(eval_texts("wikitext2"))
             ref_topk = ref.get("_topk") if ref else None
-            r = perplexity(lm.model, lm.tokenizer, text, seqlen=seqlen, limit=limit, batch_size=batch_size,
+            r = perplexity(lm.model, lm.tokenizer, text, seqlen=seqlen, limit=windows if windows is not None else limit,
+                           batch_size=batch_size,
                            progress=progress, topk=kl_topk if log_samples else 0, reference=ref_topk)
             m = {"ppl": r.ppl, "nll": r.nll, "windows": r.windows, "tokens": r.tokens}
             if r.kl is not None:
@@ -350,6 +355,7 @@ def profile(
     layers: list[int] | None = None,
     report: bool = True,
     top_k: int = 8,
+    choice_cost: str = "kl",
     progress: bool = True,
 ) -> dict:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
@@ -364,6 +370,9 @@ def profile(
     the probes'.  ``compare_estimators`` (with ``measured``) also runs both
     estimators and records their Kendall tau against the probes and their cost.
     ``layers`` restricts the units to those layers (e.g. to time module probes).
+    ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` (the
+    divergence of the answer distribution from full precision) or ``gold`` (the
+    increase of -log p(gold | choices)); see tasa.profile.objectives.
     """
     from tasa.profile.estimators import ESTIMATORS, estimate
     from tasa.profile.objectives import build_objective
@@ -390,7 +399,7 @@ def profile(
     arch = resolve(lm.model)
     check_group_size(arch, group_size, allow_ragged=False)
     objs = [build_objective(name, lm.tokenizer, min_tokens=probe_tokens, seqlen=seqlen, seed=seed,
-                            max_length=lm.max_length) for name in objectives]
+                            max_length=lm.max_length, choice_cost=choice_cost) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
                 "dtype": _dtype_name(lm.model), "method": method,
@@ -428,6 +437,7 @@ def profile(
     summary = {
         "schema": SCHEMA,
         **settings,
+        "choice_cost": choice_cost,
         "objectives": {o.name: {"kind": o.kind, "items": o.n_items, "scored_tokens": o.scored_tokens,
                                 "base": base.get(o.name)} for o in objs},
         "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
@@ -504,11 +514,13 @@ def run(
     budget_includes_metadata: bool = False,
     target: str = "gptqmodel",
     group_size: int = 64,
-    probe_tokens: int = 1024,
+    probe_tokens: int = 768,
+    choice_cost: str = "kl",
     nsamples: int = 64,
     seqlen: int = 512,
     seed: int = 0,
     eval_limit: int = 100,
+    eval_windows: int = 40,
     generate: bool = False,
     batch_size: int = 8,
     device: str = "cpu",
@@ -521,7 +533,8 @@ def run(
     ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
     finished stages, a killed run resumes at the unfinished one.  The
     objectives profiled are wikitext2 (perplexity) and ``tasks``; evaluation
-    covers the same on held-out test rows.
+    covers the same on held-out test rows: the first ``eval_limit`` rows of each
+    task, zero-shot (as profiled), and ``eval_windows`` wikitext2 windows.
     """
     from tasa.eval.tasks import get_task
     from tasa.report.run_report import write_run_report
@@ -533,8 +546,8 @@ def run(
     for t in tasks:
         get_task(t)  # bad names and specs fail before any work
     CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    if eval_limit < 1:
-        raise TasaError(f"--eval-limit must be positive, got {eval_limit}")
+    if eval_limit < 1 or eval_windows < 1:
+        raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise TasaError(f"output path {out} exists and is not a directory")
@@ -545,13 +558,14 @@ def run(
     objectives = ["wikitext2", *tasks]
 
     p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
-            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype}
+            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost}
+
+    changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
 
     def do_profile():
-        changed = stages.previous_key("profile") not in (None, _key(p_in))
         s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
                     probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
-                    progress=progress)
+                    choice_cost=choice_cost, progress=progress)
         return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
 
     prof = stages.run("profile", p_in, do_profile)
@@ -569,17 +583,19 @@ def run(
         return {"average_bits": s["average_bits"], "size_bytes": s["size_bytes"], "seconds": s["seconds"]}
 
     stages.run("quantize", q_in, do_quantize)
-    e_common = {"tasks": objectives, "limit": eval_limit, "generate": generate, "seqlen": seqlen}
+    e_common = {"tasks": objectives, "limit": eval_limit, "windows": eval_windows, "num_fewshot": 0,
+                "generate": generate, "seqlen": seqlen}
     fp_in = {"model": model, "dtype": dtype, **e_common}
     stages.run("eval_fp", fp_in, lambda: evaluate(
-        model, objectives, limit=eval_limit, seqlen=seqlen, batch_size=batch_size, device=device, dtype=dtype,
-        output=out / "eval-fp.json", log_samples=True, generate=generate, progress=progress)["results"])
+        model, objectives, limit=eval_limit, windows=eval_windows, num_fewshot=0, seqlen=seqlen,
+        batch_size=batch_size, device=device, dtype=dtype, output=out / "eval-fp.json", log_samples=True, generate=generate, progress=progress)["results"])
     stages.run("eval_quant", {"quantize": _key(q_in), "eval_fp": _key(fp_in), **e_common}, lambda: evaluate(
-        str(out / "model"), objectives, limit=eval_limit, seqlen=seqlen, batch_size=batch_size, device=device,
-        dtype=dtype,
+        str(out / "model"), objectives, limit=eval_limit, windows=eval_windows, num_fewshot=0, seqlen=seqlen,
+        batch_size=batch_size, device=device, dtype=dtype,
         output=out / "eval-quant.json", reference=str(out / "eval-fp.json"), generate=generate,
         progress=progress)["results"])
-    summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": eval_limit, "seqlen": seqlen,
+    summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": eval_limit,
+               "eval_windows": eval_windows, "seqlen": seqlen,
                "probe_tokens": probe_tokens, "warnings": prof["warnings"], "sizes": _sizes(out / "model"),
                "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
     summary["report"] = str(write_run_report(out, summary))

@@ -257,7 +257,7 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
 
     out_dir = tmp_path / "run"
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k,arc_easy", "--budget", "3", "--bits", "2,4",
-            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "3",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "3", "--eval-windows", "2",
             "--output-dir", str(out_dir), "--quiet"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
@@ -285,5 +285,9 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
     assert code == 0 and "stages run: quantize, eval_quant" in out, out + err
     assert json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["budget"] == 4
+    # other profile settings: the probes start over in the same directory, and everything after reruns
+    code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:] + ["--probe-tokens", "60"], capsys)
+    assert code == 0 and "stages run: profile, allocate, quantize, eval_quant" in out, out + err
+    assert json.loads((out_dir / "profile" / "sensitivity.json").read_text())["probe_tokens"] == 60
     code, out, err = run_cli(args[:4] + ["wikitext2"] + args[5:], capsys)
     assert code == 2 and "wikitext2 perplexity is always profiled" in err

@@ -257,3 +257,31 @@ def test_row_slices_respect_the_token_budget(data_dir, tokenizer):
     assert all(s.stop - s.start == 1 for s in o.row_slices(10**6, max_scored=1))
     with pytest.raises(TasaError, match="positive"):
         o.row_slices(0)
+
+
+def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path):
+    from tasa.profile.objectives import choice_kl
+    from tasa.profile.sensitivity import sensitivities
+
+    base = torch.log(torch.tensor([[0.5, 0.5, 0.0], [0.25, 0.75, 0.0]], dtype=torch.float64))
+    probe = torch.log(torch.tensor([[0.25, 0.75, 0.0], [0.25, 0.75, 0.0]], dtype=torch.float64))
+    want = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    assert torch.allclose(choice_kl(base, probe), torch.tensor([want.item(), 0.0], dtype=torch.float64))
+
+    model = tiny_llama(layers=2)
+    arch = resolve(model)
+    kl_obj = build_objective("arc_easy", tokenizer, min_tokens=20)
+    gold_obj = build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="gold")
+    assert kl_obj.choice_cost == "kl" and kl_obj.subset(slice(0, 2)).choice_cost == "kl"
+    store = ProbeStore(tmp_path, {"objectives": ["arc_easy"]})
+    run_probes(model, arch, [kl_obj], bits=(2,), group_size=16, store=store, progress=False)
+    res = run_probes(model, arch, [kl_obj], bits=(2,), group_size=16, store=store, progress=False)  # read back
+    kl_costs = sensitivities(res, [kl_obj], (2,))[0]["arc_easy"]["2"]["cost"]
+    gold_costs = sensitivities(res, [gold_obj], (2,))[0]["arc_easy"]["2"]["cost"]
+    for j, unit in enumerate(res.units):
+        p = res.probes[(unit.name, 2)]["arc_easy"]
+        assert kl_costs[j] == pytest.approx(float(choice_kl(res.base["arc_easy"].choice_logp, p.choice_logp).mean()))
+        assert kl_costs[j] >= 0
+        assert gold_costs[j] == pytest.approx(float((p.nll - res.base["arc_easy"].nll).mean()))
+    with pytest.raises(TasaError, match="choice cost"):
+        build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="margin")

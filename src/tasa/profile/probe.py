@@ -264,11 +264,14 @@ class ProbeResults:
 
 
 def _losses_record(losses: dict[str, ItemLosses]) -> dict:
-    return {k: {"nll": v.nll.tolist(), "tokens": v.tokens.tolist()} for k, v in losses.items()}
+    return {k: {"nll": v.nll.tolist(), "tokens": v.tokens.tolist(),
+                **({} if v.choice_logp is None else {"choice_logp": v.choice_logp.tolist()})}
+            for k, v in losses.items()}
 
 
 def _losses_from(rec: dict) -> dict[str, ItemLosses]:
-    return {k: ItemLosses(torch.tensor(v["nll"], dtype=torch.float64), torch.tensor(v["tokens"], dtype=torch.float64))
+    return {k: ItemLosses(torch.tensor(v["nll"], dtype=torch.float64), torch.tensor(v["tokens"], dtype=torch.float64),
+                          torch.tensor(v["choice_logp"], dtype=torch.float64) if "choice_logp" in v else None)
             for k, v in rec.items()}
 
 

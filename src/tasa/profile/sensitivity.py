@@ -2,7 +2,9 @@
 
 The cost of unit u at b bits on objective k is the objective's increase over
 the full-precision model: per-token NLL for ``nll`` objectives (log-perplexity,
-gold-solution NLL), mean -log p(gold | choices) for ``choice`` objectives.
+gold-solution NLL); for ``choice`` objectives the mean KL divergence of the
+distribution over choices from full precision (``kl``) or the increase of the
+mean -log p(gold | choices) (``gold``).
 Each cost has a 95 % paired bootstrap interval over items; each objective and
 bit-width a split-half rank stability (Kendall tau between the unit rankings
 of two random halves of the items), with a warning below 0.5.
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasa.profile.objectives import Objective
+from tasa.errors import TasaError
+from tasa.profile.objectives import Objective, choice_kl
 from tasa.profile.probe import ProbeResults
 from tasa.profile.stats import bootstrap_ci, split_half_tau
 
@@ -19,11 +22,17 @@ SCHEMA = "tasa.sensitivity/1"
 UNSTABLE_TAU = 0.5
 
 
-def _item_diffs(results: ProbeResults, objective: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item loss increase of every unit, (items, units), and the items' token counts."""
-    base = results.base[objective]
-    diff = np.stack([results.probes[(u.name, bits)][objective].nll.numpy() - base.nll.numpy()
-                     for u in results.units], axis=1)
+def _item_diffs(results: ProbeResults, objective: Objective, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item degradation of every unit, (items, units), and the items' token counts."""
+    base = results.base[objective.name]
+    probes = [results.probes[(u.name, bits)][objective.name] for u in results.units]
+    if objective.kind == "choice" and objective.choice_cost == "kl":
+        if base.choice_logp is None or any(p.choice_logp is None for p in probes):
+            raise TasaError(f"{objective.name}: the recorded probes hold no choice log-likelihoods (made by an "
+                            "older tasa); re-run the profile with --overwrite, or use --choice-cost gold")
+        diff = np.stack([choice_kl(base.choice_logp, p.choice_logp).numpy() for p in probes], axis=1)
+    else:
+        diff = np.stack([p.nll.numpy() - base.nll.numpy() for p in probes], axis=1)
     return diff, base.tokens.numpy()
 
 
@@ -37,7 +46,7 @@ def sensitivities(results: ProbeResults, objectives: list[Objective], bits: tupl
     for o in objectives:
         costs[o.name], stability[o.name] = {}, {}
         for b in bits:
-            diff, tokens = _item_diffs(results, o.name, b)
+            diff, tokens = _item_diffs(results, o, b)
             cis = [bootstrap_ci(diff[:, j], tokens, n_boot=n_boot, seed=seed)
                    for j in range(diff.shape[1])]
             costs[o.name][str(b)] = {"cost": [float(x) for x in diff.sum(0) / tokens.sum()],
@@ -64,7 +73,7 @@ def objective_taus(results: ProbeResults, objectives: list[Objective], bits: tup
     rng = np.random.default_rng(seed)
     out: dict = {}
     for b in bits:
-        mats = {o.name: _item_diffs(results, o.name, b) for o in objectives}
+        mats = {o.name: _item_diffs(results, o, b) for o in objectives}
         point = {o: mats[o][0].sum(0) / mats[o][1].sum() for o in mats}
         boots: dict = {o: [] for o in mats}
         for _ in range(n_boot):

@@ -77,8 +77,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
           "| layer | bits (average of its modules) |", "| --- | ---: |"]
     md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
     md += ["", "## Evaluation against full precision", "",
-           f"Held-out test rows, first {summary['eval_limit']} per task (wikitext2: windows of "
-           f"{summary['seqlen']} tokens).", "",
+           f"Held-out test rows: the first {summary['eval_limit']} of each task, zero-shot; wikitext2: the "
+           f"first {summary['eval_windows']} windows of {summary['seqlen']} tokens.", "",
            "| task | metric | full precision | quantized | change |", "| --- | --- | ---: | ---: | ---: |"]
     for task in q:
         md += _rows(task, fp.get(task, {}), q[task])
