@@ -15,7 +15,6 @@ GPTQModel 7.6.0 (TORCH backend, fp16): the max |logit difference| to tasa's dequ
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import ROOT, WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+from benchmarks.common import parse_or_work, ROOT, WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
 
 BENCH = "allocation"
 GROUP = 64
@@ -145,14 +144,7 @@ def worker(name: str, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    work = WORK / BENCH
-    if args.worker:
-        print(json.dumps(worker(args.worker, work)))
-        return
+    args, work = parse_or_work(__doc__, BENCH, worker, ROWS)
     import torch
 
     from tasa.config import CalibSpec

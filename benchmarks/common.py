@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: result schema, atomic row cache, peer environments."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -79,3 +80,18 @@ def run_json(cmd: list[str], env: dict | None = None, log: Path | None = None) -
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_or_work(doc: str, bench: str, worker, rows: list[str] | None = None):
+    """A benchmark's command line. In a ``--worker NAME`` process (one row, in a fresh process) run
+    ``worker(NAME, work dir)``, print its JSON and exit; otherwise return (args, work dir)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if rows is not None:
+        ap.add_argument("--rows", default=",".join(rows), help="comma-separated subset of rows")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = WORK / bench
+    if args.worker:
+        print(json.dumps(worker(args.worker, work)))
+        raise SystemExit(0)
+    return args, work

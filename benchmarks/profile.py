@@ -11,7 +11,6 @@ per-probe time. Each part runs in a fresh process.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import WORK, cached, row, run_json, write_results  # noqa: E402
+from benchmarks.common import parse_or_work, cached, row, run_json, write_results  # noqa: E402
 
 BENCH = "profile"
 OBJECTIVES = ["wikitext2", "gsm8k", "arc_easy"]
@@ -45,13 +44,7 @@ def worker(part: str, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    work = WORK / BENCH
-    if args.worker:
-        print(json.dumps(worker(args.worker, work)))
-        return
+    args, work = parse_or_work(__doc__, BENCH, worker)
     from tasa.profile.stats import top_k
 
     work.mkdir(parents=True, exist_ok=True)

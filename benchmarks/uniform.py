@@ -11,7 +11,6 @@ Each row runs in a fresh subprocess so its wall time and peak RSS are its own.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -23,7 +22,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+from benchmarks.common import parse_or_work, cached, peer_venv, row, run_json, write_results  # noqa: E402
 
 BENCH = "uniform"
 GROUP = 64
@@ -108,14 +107,7 @@ def worker(name: str, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS + SEED_ROWS), help="comma-separated subset of rows")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    work = WORK / BENCH
-    if args.worker:
-        print(json.dumps(worker(args.worker, work)))
-        return
+    args, work = parse_or_work(__doc__, BENCH, worker, ROWS + SEED_ROWS)
 
     import torch
 
