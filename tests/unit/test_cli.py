@@ -253,7 +253,10 @@ def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, dat
 
 
 def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from tasa import pipeline
+    from tasa.models.arch import resolve
 
     out_dir = tmp_path / "run"
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k,arc_easy", "--budget", "3", "--bits", "2,4",
@@ -271,6 +274,12 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert "## Plan" in report and "| gsm8k | gold-solution NLL" in report and "| wikitext2 | KL" in report
     q = json.loads((out_dir / "eval-quant.json").read_text())["results"]
     assert q["arc_easy"]["flip_rate"] >= 0 and q["wikitext2"]["kl"] > 0
+    assert q["wikitext2"]["windows"] == 2 and json.loads((out_dir / "eval-fp.json").read_text())["config"][
+        "num_fewshot"] == 0
+    sizes = json.loads((out_dir / "run.json").read_text())["sizes"]
+    fp16 = sum(m.numel * 2 for m in resolve(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).modules)
+    assert sizes["linears_fp16_bytes"] == fp16 and 0 < sizes["linears_packed_bytes"] < fp16
+    assert sizes["checkpoint_bytes"] == sum(f.stat().st_size for f in (out_dir / "model").glob("*.safetensors"))
     before = json.loads((out_dir / "stages.json").read_text())
     code, out, err = run_cli(args, capsys)  # nothing changed: every stage is skipped
     assert code == 0 and "stages run: none" in out
