@@ -140,3 +140,21 @@ def test_gptqmodel_loads_the_mixed_checkpoint_with_matching_logits(tmp_path):
     diff = (torch.tensor(got["logits"]) - ref).abs().max().item()
     print(f"max |logits(GPTQModel fp16) - logits(tasa)| = {diff:.2e}")
     assert diff < 5e-3 * max(1.0, ref.abs().max().item())
+
+
+def test_ragged_groups_round_trip(tmp_path):
+    """Group size 48 on 64 and 128 input features: the last group of each row is shorter (g_idx says so)."""
+    from safetensors import safe_open
+
+    from tasa.models import load
+
+    model = tiny_llama(layers=2, hidden=64)
+    plan = Plan({m.name: QuantSpec(bits=[2, 3, 4, 8][m.layer * 2 % 4 + (m.local == "mlp.down_proj")], group_size=48)
+                 for m in resolve(model).modules}, method="rtn")
+    out, _ = export(tmp_path, plan, allow_ragged_groups=True)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        g = f.get_tensor("model.layers.0.mlp.down_proj.g_idx")
+        assert g.tolist() == [0] * 48 + [1] * 48 + [2] * 32
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (3, 64)
+    ref = reference(plan)
+    assert all(torch.equal(a, b) for a, b in zip(load(str(out)).model.state_dict().values(), ref.state_dict().values()))
