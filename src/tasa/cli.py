@@ -182,6 +182,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
 
+    m = sub.add_parser("search-mixture", help="choose the calibration mixture of general and task text",
+                       description="Score calibration mixtures of a general source and task sources without "
+                                   "training: hessian-trace (tr(H_test H_mix^-1) from per-input Hessians, closed "
+                                   "form for every ratio), grad-align (cosine between mixture and held-out loss "
+                                   "gradients) or measured (GPTQ at --measure-bits per ratio, NLL of held-out "
+                                   "task rows). Held-out rows are split from the task's calibration rows; "
+                                   "evaluation rows are never used. Writes mixture.json and a report.",
+                       epilog=EPILOG)
+    _add_model_args(m)
+    m.add_argument("--general", default="wikitext2", help="general-text source (default: wikitext2)")
+    m.add_argument("--task", required=True, help="task source(s), comma-separated, e.g. gsm8k or gsm8k,arc_easy")
+    m.add_argument("--target", default=None,
+                   help="sources whose held-out rows define the target distribution (default: the task sources)")
+    m.add_argument("--criterion", default="hessian-trace",
+                   help="hessian-trace, grad-align or measured; a comma list computes several, the first chooses "
+                        "(default: hessian-trace)")
+    m.add_argument("--ratios", default=None,
+                   help="general-text shares to score, one task source (default: 0,0.125,0.25,0.5,0.75,0.875,1)")
+    m.add_argument("--grid-step", type=float, default=0.125,
+                   help="simplex grid step with several task sources (default: 0.125)")
+    m.add_argument("--nsamples", type=int, default=128, help="sequences per source (default: 128)")
+    m.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default: 512)")
+    m.add_argument("--heldout-samples", type=int, default=32, help="held-out target sequences (default: 32)")
+    m.add_argument("--heldout-fraction", type=float, default=0.2,
+                   help="share of each target's calibration rows held out (default: 0.2)")
+    m.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default: 0.01)")
+    m.add_argument("--sketch-dim", type=int, default=1 << 16,
+                   help="grad-align: count-sketch size per layer (default: 65536)")
+    m.add_argument("--measure-bits", type=int, default=3, help="measured: GPTQ bit-width (default: 3)")
+    m.add_argument("--group-size", type=int, default=64, help="measured: GPTQ group size (default: 64)")
+    m.add_argument("--batch-size", type=int, default=4, help="sequences per forward batch (default: 4)")
+    m.add_argument("--seed", type=int, default=0, help="sampling and held-out split seed (default: 0)")
+    m.add_argument("--output-dir", required=True, help="directory for mixture.json and the report")
+
     a = sub.add_parser("allocate", help="choose bits per layer from a sensitivity profile under a budget",
                        description="Normalise each objective's costs (by its mean cost at the lowest bit-width), "
                                    "combine them (beta * perplexity + (1 - beta) * tasks), and choose one bit-width "
@@ -305,6 +339,26 @@ def run(argv: list[str] | None = None) -> int:
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s")
         print(f"GPTQ checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
+    elif args.command == "search-mixture":
+        try:
+            ratios = [float(x) for x in _names(args.ratios)] if args.ratios else None
+        except ValueError:
+            raise TasaError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+        s = pipeline.search_mixture(
+            model=args.model, output_dir=args.output_dir, general=args.general, tasks=_names(args.task),
+            targets=_names(args.target) if args.target else None, criteria=_names(args.criterion), ratios=ratios,
+            grid_step=args.grid_step, nsamples=args.nsamples, seqlen=args.seqlen,
+            heldout_samples=args.heldout_samples, heldout_fraction=args.heldout_fraction, damp=args.damp,
+            sketch_dim=args.sketch_dim, measure_bits=args.measure_bits, group_size=args.group_size,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+            progress=not args.quiet)
+        rows = [("weights (" + ", ".join(s["sources"]) + ")", *s["results"])]
+        for j, w in enumerate(s["grid"]):
+            rows.append((" ".join(f"{x:g}" for x in w),
+                         *(f"{r['values'][j]:.5g}{' *' if list(w) == r['best'] else ''}" for r in s["results"].values())))
+        _print_table(rows)
+        print(f"chosen by {s['criteria'][0]}: --calib {s['calib']}  ({s['output_dir']}/mixture.json, "
+              f"{s['seconds']['total']:.0f} s)")
     elif args.command == "allocate":
         bits = _ints(args.bits, "--bits")
         beta, weights = _beta_weights(args)

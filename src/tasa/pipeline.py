@@ -502,6 +502,68 @@ def allocate_bits(
     return summary
 
 
+def search_mixture(
+    model: str,
+    output_dir: str | Path,
+    general: str = "wikitext2",
+    tasks: list[str] | tuple[str, ...] = ("gsm8k",),
+    targets: list[str] | None = None,
+    criteria: list[str] | tuple[str, ...] = ("hessian-trace",),
+    ratios: list[float] | None = None,
+    grid_step: float = 0.125,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    heldout_samples: int = 32,
+    heldout_fraction: float = 0.2,
+    damp: float = 0.01,
+    sketch_dim: int = 1 << 16,
+    measure_bits: int = 3,
+    group_size: int = 64,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Score calibration mixtures of ``general`` and ``tasks`` by training-free criteria (or measured GPTQ
+    quality on held-out task rows) and choose one; writes ``mixture.json`` (and a report) in ``output_dir``.
+
+    The first of ``criteria`` chooses; the others are computed alongside for comparison.  See
+    tasa.mixture.search for the token sets and the criteria.  ``ratios`` are general-text shares (one task
+    source; default 0, 1/8, 1/4, 1/2, 3/4, 7/8, 1); with several task sources the grid is the simplex at
+    ``grid_step``.
+    Measured points are stored as they finish, so a killed search resumes.
+    """
+    from tasa.mixture.search import search
+
+    tasks = list(tasks)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TasaError(f"output path {out} exists and is not a directory")
+    t0 = time.perf_counter()
+    lm = load(model, dtype=dtype, device=device)
+    if lm.max_length is not None and seqlen > lm.max_length:
+        raise TasaError(f"seqlen {seqlen} exceeds the model's maximum context of {lm.max_length} tokens")
+    check_group_size(resolve(lm.model), group_size, allow_ragged=False)
+    s = search(lm, lambda: load(model, dtype=dtype, device=device), general, tasks, targets=targets,
+               criteria=criteria, ratios=list(ratios) if ratios is not None else None, grid_step=grid_step,
+               nsamples=nsamples, seqlen=seqlen, heldout_samples=heldout_samples,
+               heldout_fraction=heldout_fraction, damp=damp, sketch_dim=sketch_dim, measure_bits=measure_bits,
+               group_size=group_size, batch_size=batch_size, seed=seed, device=device, out_dir=out,
+               progress=progress)
+    s.update({"model": model, "dtype": _dtype_name(lm.model), "machine": machine_info(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    s["seconds"]["with_loading"] = time.perf_counter() - t0
+    write_json_atomic(out / "mixture.json", s)
+    if report:
+        from tasa.report.mixture_report import write_report
+
+        write_report(out / "mixture.json")
+    s["output_dir"] = str(out)
+    return s
+
+
 def run(
     model: str,
     tasks: list[str] | tuple[str, ...],

@@ -9,6 +9,7 @@ Shares follow the weights by largest-remainder rounding, so
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -70,13 +71,19 @@ def sample_source(tokenizer, source: TextSource, n: int, seqlen: int, seed: int)
 
 def build_calibration(tokenizer, spec: CalibSpec, max_length: int | None = None) -> CalibrationSet:
     """Build the (nsamples, seqlen) calibration token tensor described by ``spec``."""
-    if max_length is not None and spec.seqlen > max_length:
-        raise TasaError(f"seqlen {spec.seqlen} exceeds the model's maximum context of {max_length} tokens")
     names = [n for n, _ in spec.sources]
     if len(set(names)) != len(names):
         raise TasaError(f"calibration source listed twice in {spec.describe()!r}")
     sources = [resolve_calibration_source(n) for n in names]
-    counts = apportion([w for _, w in spec.sources], spec.nsamples)
+    return mix_sources(tokenizer, sources, [w for _, w in spec.sources], spec, max_length)
+
+
+def mix_sources(tokenizer, sources: list[TextSource], weights: list[float], spec: CalibSpec,
+                max_length: int | None = None) -> CalibrationSet:
+    """``spec.nsamples`` windows of ``spec.seqlen`` tokens, shared among resolved sources by weight, shuffled."""
+    if max_length is not None and spec.seqlen > max_length:
+        raise TasaError(f"seqlen {spec.seqlen} exceeds the model's maximum context of {max_length} tokens")
+    counts = apportion(weights, spec.nsamples)
     blocks = []
     for src, n in zip(sources, counts):
         if n:
@@ -84,3 +91,30 @@ def build_calibration(tokenizer, spec: CalibSpec, max_length: int | None = None)
     ids = torch.cat(blocks)
     perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
     return CalibrationSet(ids[perm], {s.name: n for s, n in zip(sources, counts)}, spec)
+
+
+def _heldout_hash(seed: int, text: str) -> float:
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_heldout(source: TextSource, fraction: float, seed: int) -> tuple[TextSource, TextSource]:
+    """Split a row source into (calibration rows, held-out rows), disjoint by content.
+
+    A row is held out when a seeded hash of its text falls below ``fraction``, so
+    identical rows always land on the same side and the split does not depend on
+    row order.  Only row sources can be split (a single document cannot).
+    """
+    if source.kind != "rows":
+        raise TasaError(f"source {source.name!r} is one document; held-out rows need a row source "
+                        "(gsm8k, arc_easy, a .jsonl file ...)")
+    if not 0.0 < fraction < 1.0:
+        raise TasaError(f"held-out fraction must be in (0, 1), got {fraction}")
+
+    def part(held: bool):
+        def load() -> list[str]:
+            return [t for t in source.load() if (_heldout_hash(seed, t) < fraction) == held]
+        return load
+
+    return (TextSource(source.name, "rows", part(False)),
+            TextSource(f"{source.name}#heldout", "rows", part(True)))

@@ -1,0 +1,151 @@
+"""Model adapters for the mixture criteria: per-input Hessians and per-layer gradient sketches.
+
+Hessians are collected the way GPTQ collects them, one decoder layer at a time: the
+hidden states of every token set enter layer 0, each layer runs once per batch with a
+pre-hook on the first linear of every input group (linears fed the same tensor, e.g.
+q/k/v) accumulating ``H = 2/n X^T X``, and its outputs become the next layer's inputs.
+Only one layer's Hessians are alive at a time: ``on_layer`` turns them into what the
+criterion keeps (a few vectors per input) before the next layer starts.
+
+Gradients are those of the mean next-token loss of a token set with respect to the
+linear weights of each decoder layer.  No second copy of the weights is held: as soon
+as a weight's gradient of a batch exists it is folded into its layer's count sketch
+(see :func:`count_sketch`) and dropped.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tasa.errors import TasaError
+from tasa.models.arch import ModelArch
+from tasa.quant.apply import _input_groups, _layer_output, _move_outside_layers, capture_layer0_inputs
+from tasa.quant.gptq import accumulate_hessian, make_empty_hessian
+
+_P = 2**31 - 1  # Mersenne prime for the sketch hashes
+
+
+def count_sketch(flat: torch.Tensor, k: int, offset: int, seed: int, total: int) -> torch.Tensor:
+    """The count sketch (k buckets) of a slice of a longer vector of length ``total``.
+
+    ``flat`` holds entries ``offset .. offset + len - 1`` of the vector; sketching the
+    slices of one vector and summing gives the sketch of the whole vector.  Each entry i
+    goes to bucket h(i) with sign s(i) (seeded multiply-add hashes), so
+    ``<sketch(x), sketch(y)>`` estimates ``<x, y>`` without bias.  When the whole vector
+    fits (``total <= k``) the sketch is the vector itself, zero-padded: exact.
+    """
+    flat = flat.reshape(-1).double()
+    if total <= k:
+        out = torch.zeros(k, dtype=torch.float64, device=flat.device)
+        out[offset:offset + flat.numel()] = flat
+        return out
+    g = torch.Generator().manual_seed(seed)
+    a, b, c, d = (int(x) for x in torch.randint(1, _P, (4,), generator=g))
+    idx = torch.arange(offset, offset + flat.numel(), dtype=torch.int64, device=flat.device)
+    bucket = ((a * idx + b) % _P) % k
+    sign = 1.0 - 2.0 * (((c * idx + d) % _P) & 1).double()
+    return torch.zeros(k, dtype=torch.float64, device=flat.device).index_add_(0, bucket, flat * sign)
+
+
+def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
+                     on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, int]], None],
+                     device: torch.device | str = "cpu", progress: bool = True) -> None:
+    """Call ``on_layer(layer, {set: {input: H}}, {input: numel of the linears reading it})`` for each layer.
+
+    Inputs are named by the first linear module reading them (e.g. ``model.layers.3.self_attn.q_proj``).
+    The model is not modified.
+    """
+    device = torch.device(device)
+    with torch.no_grad():
+        _move_outside_layers(model, arch, device)
+        batches = {name: capture_layer0_inputs(model, arch, ids, batch_size, device) for name, ids in token_sets.items()}
+        first_set = next(iter(batches.values()))
+        for index in tqdm(range(arch.num_layers), desc="Hessians", disable=not progress):
+            layer = arch.layers[index]
+            home = next(layer.parameters()).device
+            layer.to(device)
+            mods = {m.local: m for m in arch.layer_modules(index)}
+            groups = _input_groups(layer, list(mods), first_set[0])
+            numel = {mods[g[0]].name: sum(mods[x].numel for x in g) for g in groups}
+            hessians: dict[str, dict[str, torch.Tensor]] = {}
+            for set_name, set_batches in batches.items():
+                state = {}
+                handles = []
+                for g in groups:
+                    lin = layer.get_submodule(g[0])
+                    state[g[0]] = [make_empty_hessian(lin.in_features, device), 0]
+
+                    def hook(_m, args, key=g[0]):
+                        st = state[key]
+                        st[1] = accumulate_hessian(st[0], st[1], args[0])
+                    handles.append(lin.register_forward_pre_hook(hook))
+                try:
+                    for b, (hidden, kwargs) in enumerate(set_batches):
+                        out = _layer_output(layer(hidden, **kwargs))
+                        if not torch.isfinite(out).all():
+                            raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
+                        set_batches[b] = (out, kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                hessians[set_name] = {mods[k].name: v[0] for k, v in state.items()}
+            layer.to(home)
+            on_layer(index, hessians, numel)
+
+
+def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
+                      k: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per token set, a (layers, k) count sketch of the mean-loss gradient of each layer's linear weights."""
+    layer_params: list[list[tuple[str, nn.Parameter]]] = []
+    for i in range(arch.num_layers):
+        layer = arch.layers[i]
+        layer_params.append([(m.name, layer.get_submodule(m.local).weight) for m in arch.layer_modules(i)])
+    offsets: dict[int, tuple[int, int, int]] = {}  # id(param) -> (layer, offset, layer total)
+    for i, params in enumerate(layer_params):
+        total = sum(p.numel() for _, p in params)
+        off = 0
+        for _, p in params:
+            offsets[id(p)] = (i, off, total)
+            off += p.numel()
+    wanted = {id(p) for params in layer_params for _, p in params}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def fold(p: torch.Tensor) -> None:
+        i, off, total = offsets[id(p)]
+        current["s"][i] += count_sketch(p.grad, k, off, seed * 1_000_003 + i, total)
+        p.grad = None
+
+    handles = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            if id(p) in wanted:
+                handles.append(p.register_post_accumulate_grad_hook(fold))
+        for name, ids in token_sets.items():
+            if ids.ndim != 2 or ids.shape[1] < 2:
+                raise TasaError(f"token set {name!r} needs shape (sequences, tokens >= 2)")
+            current["s"] = torch.zeros(arch.num_layers, k, dtype=torch.float64)
+            n_tokens = ids.shape[0] * (ids.shape[1] - 1)
+            dev = next(model.parameters()).device
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc=f"gradients {name}", disable=not progress):
+                batch = ids[start:start + batch_size].to(dev)
+                logits = model(input_ids=batch, use_cache=False).logits
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                       batch[:, 1:].reshape(-1), reduction="sum") / n_tokens
+                loss.backward()
+                del logits, loss
+            out[name] = current["s"]
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+            p.grad = None
+    return out

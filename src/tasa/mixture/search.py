@@ -1,0 +1,240 @@
+"""Calibration-mixture search: score every mixture of a grid, keep the best.
+
+Token sets (all ``seqlen`` tokens per sequence, seeded):
+
+- ``general``: ``nsamples`` windows of the general source (e.g. wikitext2 validation);
+- one set per task source: ``nsamples`` windows of its calibration rows, **minus** the
+  held-out rows (a seeded content-hash split, tasa.data.split_heldout);
+- ``heldout``: ``heldout_samples`` windows of the held-out rows of the target sources
+  (default: the task sources), shared equally among them.
+
+Evaluation rows never enter any of them: sources resolve to calibration splits only.
+
+Criteria (tasa.mixture.criteria):
+
+- ``hessian-trace``: f(w) = tr(H_test H_w^-1) per linear input (damped), combined over
+  inputs as the parameter-weighted mean of f / d (d the input size; 1 when every held-out
+  Hessian equals the mixture's), the weight of an input being the number of weights of the
+  linears reading it.  Lower is better.  With two sources, also the curve for other
+  dampings and on a fine alpha grid (convexity, blow-up as alpha -> 0).
+- ``grad-align``: the mean over decoder layers of the cosine between the mixture's
+  loss gradient and the held-out gradient, from count sketches.  Higher is better.
+- ``measured``: per grid point, GPTQ-quantize the model at ``measure_bits`` on that
+  mixture and measure the mean NLL of the held-out windows.  Lower is better.  Each
+  point is stored as it finishes (resumable).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tasa.artifacts import write_json_atomic
+from tasa.config import CalibSpec, QuantSpec
+from tasa.data.calib import apportion, mix_sources, sample_source, split_heldout
+from tasa.data.sources import resolve_calibration_source
+from tasa.errors import TasaError
+from tasa.mixture.criteria import is_convex, mixture_cosine, pencil_trace, simplex_grid, trace_direct
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "tasa.mixture/1"
+CRITERIA = ("hessian-trace", "grad-align", "measured")
+LOWER_IS_BETTER = {"hessian-trace": True, "grad-align": False, "measured": True}
+DAMP_STUDY = (1e-4, 1e-3, 1e-2, 1e-1)
+FINE_STEPS = 200
+DEFAULT_RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
+
+
+def mixture_grid(n_task_sources: int, ratios: list[float] | None, step: float) -> list[tuple[float, ...]]:
+    """Weights (general, task_1, ..): from ``ratios`` (general shares; default DEFAULT_RATIOS) with one task
+    source, else the simplex grid at ``step``."""
+    if n_task_sources == 1:
+        ratios = DEFAULT_RATIOS if ratios is None else ratios
+        if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+            raise TasaError(f"ratios are general-text shares in [0, 1], got {ratios}")
+        return [(float(r), 1.0 - float(r)) for r in sorted(set(ratios), reverse=True)]
+    if ratios is not None:
+        raise TasaError("with several task sources the grid is a simplex: give --grid-step, not --ratios")
+    return simplex_grid(n_task_sources + 1, step)
+
+
+def calib_string(names: list[str], weights: tuple[float, ...]) -> str:
+    """The --calib spec of a mixture (zero shares dropped)."""
+    return ",".join(f"{n}:{w:g}" for n, w in zip(names, weights) if w > 0)
+
+
+def token_sets(tokenizer, general: str, tasks: list[str], targets: list[str], nsamples: int, seqlen: int,
+               heldout_samples: int, heldout_fraction: float, seed: int):
+    """The general, per-task calibration and held-out token sets, and the resolved calibration sources."""
+    gen = resolve_calibration_source(general)
+    calib_sources = [gen]
+    split = {}
+    for name in dict.fromkeys([*tasks, *targets]):
+        split[name] = split_heldout(resolve_calibration_source(name), heldout_fraction, seed)
+    calib_sources += [split[t][0] for t in tasks]
+    sets = {"general": sample_source(tokenizer, gen, nsamples, seqlen, seed)}
+    for t in tasks:
+        sets[t] = sample_source(tokenizer, split[t][0], nsamples, seqlen, seed)
+    held = [sample_source(tokenizer, split[t][1], n, seqlen, seed)
+            for t, n in zip(targets, apportion([1.0] * len(targets), heldout_samples)) if n]
+    sets["heldout"] = torch.cat(held)
+    return sets, calib_sources
+
+
+def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, progress) -> dict:
+    from tasa.mixture.collect import collect_hessians
+
+    two = len(names) == 2
+    alphas = [w[0] for w in grid]
+    fine = [i / FINE_STEPS for i in range(FINE_STEPS + 1)]
+    layer_vals: list[list[float]] = []
+    layer_weight: list[float] = []
+    study = {d: [0.0] * len(grid) for d in DAMP_STUDY} if two else {}
+    fine_vals = [0.0] * len(fine)
+    inputs = []
+    total_numel = sum(arch.numels().values())
+
+    def on_layer(index, hessians, numel):
+        vals = [0.0] * len(grid)
+        lw = 0.0
+        for inp, n in numel.items():
+            hs = [hessians[s][inp] for s in names]
+            h_test = hessians["heldout"][inp]
+            d = h_test.shape[0]
+            weight = n / total_numel
+            if two:
+                pt = pencil_trace(hs[0], hs[1], h_test, damp)
+                f = (pt(alphas) / d).tolist()
+                for j, v in enumerate((pt(fine) / d).tolist()):
+                    fine_vals[j] += weight * v
+                for dmp in DAMP_STUDY:
+                    g = (pencil_trace(hs[0], hs[1], h_test, dmp)(alphas) / d).tolist()
+                    study[dmp] = [a + weight * b for a, b in zip(study[dmp], g)]
+            else:
+                f = [trace_direct(hs, h_test, w, damp) / d for w in grid]
+            inputs.append({"input": inp, "layer": index, "dim": d, "numel": n, "values": f})
+            vals = [a + weight * b for a, b in zip(vals, f)]
+            lw += weight
+        layer_vals.append([v / lw for v in vals])
+        layer_weight.append(lw)
+
+    collect_hessians(model, arch, {k: sets[k] for k in ("general", *names[1:], "heldout")}, batch_size, on_layer,
+                     device=device, progress=progress)
+    values = [sum(w * lv[j] for w, lv in zip(layer_weight, layer_vals)) for j in range(len(grid))]
+    out = {"values": values, "per_layer": layer_vals, "inputs": inputs, "lower_is_better": True}
+    if two:
+        out["damping"] = {f"{d:g}": v for d, v in study.items()}
+        out["fine"] = {"alpha": fine, "values": fine_vals}
+        out["convex"] = is_convex(fine_vals)
+        out["blowup_ratio"] = fine_vals[0] / min(fine_vals)  # f(alpha = 0) over the minimum
+    return out
+
+
+def _grad_align(model, arch, sets, names, grid, sketch_dim, batch_size, seed, progress) -> dict:
+    from tasa.mixture.collect import gradient_sketches
+
+    keys = ["general", *names[1:], "heldout"]
+    sk = gradient_sketches(model, arch, {k: sets[k] for k in keys}, batch_size, sketch_dim, seed, progress)
+    stacked = torch.stack([sk[k] for k in keys], dim=1)  # (layers, K+1, k)
+    grams = stacked @ stacked.transpose(1, 2)
+    per_layer = [[mixture_cosine(grams[i], w) for w in grid] for i in range(grams.shape[0])]
+    values = [sum(pl[j] for pl in per_layer) / len(per_layer) for j in range(len(grid))]
+    return {"values": values, "per_layer": per_layer, "lower_is_better": False}
+
+
+def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen, seed, bits, group_size,
+              batch_size, out_dir: Path | None, progress) -> dict:
+    from tasa.eval.perplexity import window_scores
+    from tasa.models import resolve
+    from tasa.plan import Plan
+    from tasa.quant.apply import quantize_model
+
+    values = []
+    seconds = []
+    for w in grid:
+        key = "-".join(f"{x:.6g}" for x in w)
+        path = out_dir / "measured" / f"{key}.json" if out_dir else None
+        if path is not None and path.is_file():
+            rec = json.loads(path.read_text())
+            if rec.get("bits") == bits and rec.get("group_size") == group_size:
+                values.append(rec["nll"])
+                seconds.append(rec["seconds"])
+                continue
+        t0 = time.perf_counter()
+        lm = load_model()
+        arch = resolve(lm.model)
+        spec = CalibSpec(sources=tuple((s.name, x) for s, x in zip(calib_sources, w) if x > 0),
+                         nsamples=nsamples, seqlen=seqlen, seed=seed)
+        cal = mix_sources(lm.tokenizer, calib_sources, list(w), spec)
+        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=bits, group_size=group_size))
+        quantize_model(lm.model, arch, plan, cal.input_ids, batch_size=batch_size, progress=progress)
+        held = sets["heldout"]
+        nll = float(window_scores(lm.model, held, batch_size=batch_size, progress=False).nll.sum()) / (
+            held.shape[0] * (held.shape[1] - 1))
+        secs = time.perf_counter() - t0
+        if path is not None:
+            write_json_atomic(path, {"weights": list(w), "bits": bits, "group_size": group_size, "nll": nll,
+                                     "seconds": secs})
+        values.append(nll)
+        seconds.append(secs)
+        del lm
+    return {"values": values, "lower_is_better": True, "bits": bits, "group_size": group_size,
+            "seconds_per_point": seconds}
+
+
+def search(lm, load_model: Callable, general: str, tasks: list[str], targets: list[str] | None = None,
+           criteria: list[str] | tuple[str, ...] = ("hessian-trace",), ratios: list[float] | None = None,
+           grid_step: float = 0.125, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
+           heldout_fraction: float = 0.2, damp: float = 0.01, sketch_dim: int = 1 << 16, measure_bits: int = 3,
+           group_size: int = 64, batch_size: int = 4, seed: int = 0, device="cpu", out_dir: Path | None = None,
+           progress: bool = True) -> dict:
+    """Score every mixture of the grid by each criterion; the first criterion chooses."""
+    from tasa.models import resolve
+
+    criteria = list(criteria)
+    if not criteria or any(c not in CRITERIA for c in criteria) or len(set(criteria)) != len(criteria):
+        raise TasaError(f"criteria are one or more of {', '.join(CRITERIA)}; got {criteria}")
+    if not tasks or len(set(tasks)) != len(tasks) or general in tasks:
+        raise TasaError("give one or more distinct task sources, other than the general source")
+    targets = list(targets) if targets else list(tasks)
+    if nsamples < 1 or heldout_samples < 1 or sketch_dim < 1:
+        raise TasaError("--nsamples, --heldout-samples and --sketch-dim must be positive")
+    QuantSpec(bits=measure_bits, group_size=group_size)
+    if not 0.0 < damp < 1.0:
+        raise TasaError(f"damp must be in (0, 1), got {damp}")
+    grid = mixture_grid(len(tasks), ratios, grid_step)
+    names = ["general", *tasks]
+    t0 = time.perf_counter()
+    sets, calib_sources = token_sets(lm.tokenizer, general, tasks, targets, nsamples, seqlen, heldout_samples,
+                                     heldout_fraction, seed)
+    arch = resolve(lm.model)
+    results: dict = {}
+    seconds: dict = {"token_sets": time.perf_counter() - t0}
+    for crit in criteria:
+        t = time.perf_counter()
+        if crit == "hessian-trace":
+            results[crit] = _hessian_trace(lm.model, arch, sets, names, grid, damp, batch_size, device, progress)
+        elif crit == "grad-align":
+            results[crit] = _grad_align(lm.model, arch, sets, names, grid, sketch_dim, batch_size, seed, progress)
+        else:
+            results[crit] = _measured(load_model, sets, calib_sources, grid, nsamples, seqlen, seed, measure_bits,
+                                      group_size, batch_size, out_dir, progress)
+        seconds[crit] = time.perf_counter() - t
+        vals = results[crit]["values"]
+        best = (min if LOWER_IS_BETTER[crit] else max)(range(len(grid)), key=lambda j: (vals[j], j))
+        results[crit]["best"] = list(grid[best])
+    chosen = results[criteria[0]]["best"]
+    source_names = [general, *tasks]
+    return {
+        "schema": SCHEMA, "general": general, "tasks": tasks, "targets": targets, "criteria": criteria,
+        "sources": source_names, "grid": [list(w) for w in grid], "results": results,
+        "chosen": chosen, "calib": calib_string(source_names, tuple(chosen)),
+        "nsamples": nsamples, "seqlen": seqlen, "heldout_samples": heldout_samples,
+        "heldout_fraction": heldout_fraction, "damp": damp, "sketch_dim": sketch_dim, "seed": seed,
+        "seconds": {**seconds, "total": time.perf_counter() - t0},
+    }
