@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
     r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
     r.add_argument("--calib", default="wikitext2:0.5,gsm8k:0.5",
-                   help="GPTQ calibration mixture (default: wikitext2:0.5,gsm8k:0.5)")
+                   help="GPTQ calibration mixture, or 'auto': search the wikitext2 share against the tasks "
+                        "(tasa search-mixture) as the run's first stage (default: wikitext2:0.5,gsm8k:0.5)")
+    r.add_argument("--mixture-criterion", default="hessian-trace",
+                   choices=["hessian-trace", "grad-align", "measured"],
+                   help="with --calib auto: how the mixture is chosen (default: hessian-trace)")
     r.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
     r.add_argument("--beta", default="0.5", help="weight of perplexity against the tasks, or ppl-only/task-only "
                                                  "(default: 0.5)")
@@ -199,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hessian-trace, grad-align or measured; a comma list computes several, the first chooses "
                         "(default: hessian-trace)")
     m.add_argument("--ratios", default=None,
-                   help="general-text shares to score, one task source (default: 0,0.125,0.25,0.5,0.75,0.875,1)")
-    m.add_argument("--grid-step", type=float, default=0.125,
-                   help="simplex grid step with several task sources (default: 0.125)")
+                   help="general-text shares to score, task sources sharing the rest equally "
+                        "(default: 0,0.125,0.25,0.5,0.75,0.875,1)")
+    m.add_argument("--grid-step", type=float, default=None,
+                   help="score the whole simplex over all sources at this step instead (e.g. 0.25)")
     m.add_argument("--nsamples", type=int, default=128, help="sequences per source (default: 128)")
     m.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default: 512)")
     m.add_argument("--heldout-samples", type=int, default=32, help="held-out target sequences (default: 32)")
@@ -328,7 +333,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         beta, weights = _beta_weights(args)
         s = pipeline.run(model=args.model, tasks=_names(args.tasks), budget=args.budget, output_dir=args.output_dir,
-                         calib=args.calib, bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
+                         calib=args.calib, mixture_criterion=args.mixture_criterion,
+                         bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
                          choice_cost=args.choice_cost,
@@ -337,7 +343,7 @@ def run(argv: list[str] | None = None) -> int:
                          generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                          progress=not args.quiet)
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
-        print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s")
+        print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")
         print(f"GPTQ checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
     elif args.command == "search-mixture":
         try:

@@ -510,7 +510,7 @@ def search_mixture(
     targets: list[str] | None = None,
     criteria: list[str] | tuple[str, ...] = ("hessian-trace",),
     ratios: list[float] | None = None,
-    grid_step: float = 0.125,
+    grid_step: float | None = None,
     nsamples: int = 128,
     seqlen: int = 512,
     heldout_samples: int = 32,
@@ -530,9 +530,9 @@ def search_mixture(
     quality on held-out task rows) and choose one; writes ``mixture.json`` (and a report) in ``output_dir``.
 
     The first of ``criteria`` chooses; the others are computed alongside for comparison.  See
-    tasa.mixture.search for the token sets and the criteria.  ``ratios`` are general-text shares (one task
-    source; default 0, 1/8, 1/4, 1/2, 3/4, 7/8, 1); with several task sources the grid is the simplex at
-    ``grid_step``.
+    tasa.mixture.search for the token sets and the criteria.  ``ratios`` are general-text shares (default
+    0, 1/8, 1/4, 1/2, 3/4, 7/8, 1), the task sources sharing the rest equally; with ``grid_step`` the grid is
+    the simplex over all sources instead.
     Measured points are stored as they finish, so a killed search resumes.
     """
     from tasa.mixture.search import search
@@ -570,6 +570,7 @@ def run(
     budget: float,
     output_dir: str | Path,
     calib: str = "wikitext2:0.5,gsm8k:0.5",
+    mixture_criterion: str = "hessian-trace",
     bits: tuple[int, ...] = (3, 4, 8),
     beta: float | str = 0.5,
     task_weights: dict[str, float] | None = None,
@@ -589,7 +590,10 @@ def run(
     dtype: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """profile -> aggregate + allocate -> quantize (GPTQ) -> export -> evaluate (vs full precision) -> report.
+    """[mixture search ->] profile -> aggregate + allocate -> quantize (GPTQ) -> export -> evaluate -> report.
+
+    ``calib="auto"`` first chooses the calibration mixture of wikitext2 and the tasks by
+    ``mixture_criterion`` (see :func:`search_mixture`; ``nsamples`` x ``seqlen`` tokens per source).
 
     Every stage writes its artifact into ``output_dir`` and is recorded in
     ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
@@ -607,7 +611,17 @@ def run(
         raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
     for t in tasks:
         get_task(t)  # bad names and specs fail before any work
-    CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if calib == "auto":
+        for t in tasks:
+            try:
+                kind = resolve_calibration_source(t).kind
+            except TasaError as e:
+                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r}: {e}") from None
+            if kind != "rows":
+                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r} is not a built-in "
+                                "dataset with calibration rows (pass --calib explicitly)")
+    else:
+        CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
@@ -630,6 +644,13 @@ def run(
                     choice_cost=choice_cost, progress=progress)
         return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
 
+    if calib == "auto":
+        m_in = {"model": model, "tasks": tasks, "criterion": mixture_criterion, "nsamples": nsamples,
+                "seqlen": seqlen, "seed": seed, "dtype": dtype, "group_size": group_size}
+        calib = stages.run("mixture", m_in, lambda: {"calib": search_mixture(
+            model, out / "mixture", general="wikitext2", tasks=tasks, criteria=(mixture_criterion,),
+            nsamples=nsamples, seqlen=seqlen, group_size=group_size, seed=seed, device=device, dtype=dtype,
+            progress=progress)["calib"]})["calib"]
     prof = stages.run("profile", p_in, do_profile)
     a_in = {"profile": _key(p_in), "budget": budget, "bits": sorted(bits), "beta": beta,
             "task_weights": task_weights, "target": target, "budget_includes_metadata": budget_includes_metadata}

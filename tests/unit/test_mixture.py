@@ -168,17 +168,18 @@ def test_collect_hessians_match_a_hooked_forward():
 # ---- grids, held-out rows ---------------------------------------------------------------------------------
 
 def test_grids():
-    assert mixture_grid(1, None, 0.5)[0] == (1.0, 0.0) and len(mixture_grid(1, None, 0.5)) == 7
-    assert mixture_grid(1, [0.5, 0.0, 0.5], 0.5) == [(0.5, 0.5), (0.0, 1.0)]
+    assert mixture_grid(1, None, None)[0] == (1.0, 0.0) and len(mixture_grid(1, None, None)) == 7
+    assert mixture_grid(1, [0.5, 0.0, 0.5], None) == [(0.5, 0.5), (0.0, 1.0)]
+    assert mixture_grid(2, [0.5], None) == [(0.5, 0.25, 0.25)]
     grid = simplex_grid(3, 0.5)
     assert len(grid) == 6 and all(abs(sum(w) - 1) < 1e-12 for w in grid)
     assert mixture_grid(2, None, 0.25) == simplex_grid(3, 0.25)
-    with pytest.raises(TasaError, match="simplex"):
+    with pytest.raises(TasaError, match="either ratios"):
         mixture_grid(2, [0.5], 0.25)
     with pytest.raises(TasaError, match="divide 1"):
         simplex_grid(2, 0.3)
     with pytest.raises(TasaError, match=r"\[0, 1\]"):
-        mixture_grid(1, [1.5], 0.5)
+        mixture_grid(1, [1.5], None)
     assert calib_string(["wikitext2", "gsm8k"], (0.75, 0.25)) == "wikitext2:0.75,gsm8k:0.25"
     assert calib_string(["wikitext2", "gsm8k"], (1.0, 0.0)) == "wikitext2:1"
 
@@ -243,14 +244,24 @@ def test_search_mixture_cli_all_criteria_and_resume(tiny_model_dir, tmp_path, ca
     assert again["results"]["measured"]["values"] == s["results"]["measured"]["values"]
 
 
-def test_search_mixture_two_task_sources_simplex(tiny_model_dir, tmp_path, capsys, data_dir):
-    code, out, err = run_cli(["search-mixture", "--model", str(tiny_model_dir), "--task", "gsm8k,arc_easy",
-                              "--grid-step", "0.5", "--nsamples", "2", "--seqlen", "32", "--heldout-samples", "2",
-                              "--output-dir", str(tmp_path / "m"), "--quiet"], capsys)
+def test_search_mixture_two_task_sources(tiny_model_dir, tmp_path, capsys, data_dir):
+    common = ["search-mixture", "--model", str(tiny_model_dir), "--task", "gsm8k,arc_easy", "--nsamples", "2",
+              "--seqlen", "32", "--heldout-samples", "2", "--quiet"]
+    code, out, err = run_cli([*common, "--grid-step", "0.5", "--output-dir", str(tmp_path / "m")], capsys)
     assert code == 0, err
     s = json.loads((tmp_path / "m" / "mixture.json").read_text())
-    assert len(s["grid"]) == 6 and s["targets"] == ["gsm8k", "arc_easy"]
+    assert len(s["grid"]) == 6 and s["targets"] == ["gsm8k", "arc_easy"] and s["simplex"]
     assert "damping" not in s["results"]["hessian-trace"]
+    # tasks sharing the non-general part equally: a 1-D family with the closed form, which equals the simplex
+    # values at the same points
+    code, out, err = run_cli([*common, "--ratios", "1,0.5,0", "--output-dir", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r" / "mixture.json").read_text())
+    assert r["grid"] == [[1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.0, 0.5, 0.5]] and "damping" in r["results"]["hessian-trace"]
+    for j, w in ((0, [1.0, 0.0, 0.0]), (2, [0.0, 0.5, 0.5])):
+        assert r["results"]["hessian-trace"]["values"][j] == pytest.approx(
+            s["results"]["hessian-trace"]["values"][s["grid"].index(w)], rel=1e-6)
+    assert r["calib"].count(":") in (1, 3)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -265,3 +276,30 @@ def test_search_mixture_bad_input_one_line(extra, message, tiny_model_dir, tmp_p
     code, out, err = run_cli(["search-mixture", "--model", str(tiny_model_dir), "--nsamples", "2", "--seqlen",
                               "32", "--output-dir", str(tmp_path / "m"), "--quiet", *extra], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_run_with_calib_auto_searches_first_and_caches(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
+            "--eval-windows", "2", "--calib", "auto", "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "stages run: mixture, profile, allocate" in out
+    mix = json.loads((out_dir / "mixture" / "mixture.json").read_text())
+    stages = json.loads((out_dir / "stages.json").read_text())
+    assert stages["quantize"]["inputs"]["calib"] == mix["calib"] and f"calibration {mix['calib']}" in out
+    assert json.loads((out_dir / "run.json").read_text())["calib"] == mix["calib"]
+    assert "## Calibration mixture" in (out_dir / "report.md").read_text()
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "stages run: none" in out
+
+
+def test_run_calib_auto_needs_task_sources(tiny_model_dir, tmp_path, capsys, data_dir):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    spec = tmp_path / "t.json"
+    spec.write_text(json.dumps({"kind": "gold_nll", "data": "rows.jsonl", "prompt": "{question}",
+                                "target": "{solution}"}))
+    code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
+                              "--seqlen", "32", "--calib", "auto", "--output-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--calib auto calibrates on the tasks' own rows" in err and err.count("\n") == 1

@@ -50,17 +50,21 @@ FINE_STEPS = 200
 DEFAULT_RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
 
 
-def mixture_grid(n_task_sources: int, ratios: list[float] | None, step: float) -> list[tuple[float, ...]]:
-    """Weights (general, task_1, ..): from ``ratios`` (general shares; default DEFAULT_RATIOS) with one task
-    source, else the simplex grid at ``step``."""
-    if n_task_sources == 1:
-        ratios = DEFAULT_RATIOS if ratios is None else ratios
-        if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
-            raise TasaError(f"ratios are general-text shares in [0, 1], got {ratios}")
-        return [(float(r), 1.0 - float(r)) for r in sorted(set(ratios), reverse=True)]
-    if ratios is not None:
-        raise TasaError("with several task sources the grid is a simplex: give --grid-step, not --ratios")
-    return simplex_grid(n_task_sources + 1, step)
+def mixture_grid(n_task_sources: int, ratios: list[float] | None, step: float | None) -> list[tuple[float, ...]]:
+    """Weights (general, task_1, .., task_K) of the mixtures to score.
+
+    Without ``step``: one point per general share r in ``ratios`` (default DEFAULT_RATIOS), the task
+    sources sharing 1 - r equally.  With ``step``: the whole simplex over all sources at that step.
+    """
+    if step is not None:
+        if ratios is not None:
+            raise TasaError("give either ratios (general shares, tasks sharing the rest equally) or a simplex step")
+        return simplex_grid(n_task_sources + 1, step)
+    ratios = DEFAULT_RATIOS if ratios is None else ratios
+    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise TasaError(f"ratios are general-text shares in [0, 1], got {ratios}")
+    return [(float(r), *([(1.0 - float(r)) / n_task_sources] * n_task_sources))
+            for r in sorted(set(ratios), reverse=True)]
 
 
 def calib_string(names: list[str], weights: tuple[float, ...]) -> str:
@@ -89,7 +93,7 @@ def token_sets(tokenizer, general: str, tasks: list[str], targets: list[str], ns
 def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, progress) -> dict:
     from tasa.mixture.collect import collect_hessians
 
-    two = len(names) == 2
+    two = all(w[1:] == (w[1],) * (len(w) - 1) for w in grid)  # a 1-D family: closed form in alpha
     alphas = [w[0] for w in grid]
     fine = [i / FINE_STEPS for i in range(FINE_STEPS + 1)]
     layer_vals: list[list[float]] = []
@@ -108,12 +112,13 @@ def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, pro
             d = h_test.shape[0]
             weight = n / total_numel
             if two:
-                pt = pencil_trace(hs[0], hs[1], h_test, damp)
+                h_tasks = sum(hs[1:]) / (len(hs) - 1)
+                pt = pencil_trace(hs[0], h_tasks, h_test, damp)
                 f = (pt(alphas) / d).tolist()
                 for j, v in enumerate((pt(fine) / d).tolist()):
                     fine_vals[j] += weight * v
                 for dmp in DAMP_STUDY:
-                    g = (pencil_trace(hs[0], hs[1], h_test, dmp)(alphas) / d).tolist()
+                    g = (pencil_trace(hs[0], h_tasks, h_test, dmp)(alphas) / d).tolist()
                     study[dmp] = [a + weight * b for a, b in zip(study[dmp], g)]
             else:
                 f = [trace_direct(hs, h_test, w, damp) / d for w in grid]
@@ -189,7 +194,7 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
 
 def search(lm, load_model: Callable, general: str, tasks: list[str], targets: list[str] | None = None,
            criteria: list[str] | tuple[str, ...] = ("hessian-trace",), ratios: list[float] | None = None,
-           grid_step: float = 0.125, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
+           grid_step: float | None = None, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
            heldout_fraction: float = 0.2, damp: float = 0.01, sketch_dim: int = 1 << 16, measure_bits: int = 3,
            group_size: int = 64, batch_size: int = 4, seed: int = 0, device="cpu", out_dir: Path | None = None,
            progress: bool = True) -> dict:
@@ -232,7 +237,8 @@ def search(lm, load_model: Callable, general: str, tasks: list[str], targets: li
     source_names = [general, *tasks]
     return {
         "schema": SCHEMA, "general": general, "tasks": tasks, "targets": targets, "criteria": criteria,
-        "sources": source_names, "grid": [list(w) for w in grid], "results": results,
+        "sources": source_names, "simplex": grid_step is not None, "grid": [list(w) for w in grid],
+        "results": results,
         "chosen": chosen, "calib": calib_string(source_names, tuple(chosen)),
         "nsamples": nsamples, "seqlen": seqlen, "heldout_samples": heldout_samples,
         "heldout_fraction": heldout_fraction, "damp": damp, "sketch_dim": sketch_dim, "seed": seed,

@@ -3,13 +3,13 @@
 Reads ``mixture.json`` (schema ``tasa.mixture/1``) and writes, next to it, ``report.md``,
 ``report.html`` and PNG plots:
 
-- ``criteria.png``: every criterion against the general-text share (two sources), each with
-  its best point marked;
+- ``criteria.png``: every criterion against the general-text share, each with its best point
+  marked;
 - ``hessian_layers.png``: the Hessian-trace curve of every decoder layer, each divided by its
-  minimum (two sources);
-- ``damping.png``: the combined Hessian-trace curve for several dampings (two sources).
+  minimum;
+- ``damping.png``: the combined Hessian-trace curve for several dampings.
 
-With several task sources the report lists the grid points ranked by each criterion instead.
+On a simplex grid (several task sources weighted freely) the report has the table only.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def write_report(path: str | Path) -> Path:
     path = Path(path)
     s = json.loads(path.read_text())
     out = path.parent
-    two = len(s["sources"]) == 2
+    two = not s["simplex"]
     lines = [f"# Calibration-mixture search: {s['general']} + {', '.join(s['tasks'])}", "",
              f"Held-out target rows: {', '.join(s['targets'])} ({s['heldout_samples']} windows; "
              f"{s['heldout_fraction']:g} of each target's calibration rows held out by content hash, "

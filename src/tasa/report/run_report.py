@@ -76,6 +76,11 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
           "## Plan", "", f"![plan.png]({_plan_figure(plan, run_dir)})", "",
           "| layer | bits (average of its modules) |", "| --- | ---: |"]
     md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
+    if (run_dir / "mixture" / "mixture.json").is_file():
+        mix = json.loads((run_dir / "mixture" / "mixture.json").read_text())
+        md += ["", "## Calibration mixture", "",
+               f"Chosen by {mix['criteria'][0]}: {mix['calib']} (details in [mixture/report.md](mixture/report.md)).",
+               "", "![criteria.png](mixture/criteria.png)"]
     md += ["", "## Evaluation against full precision", "",
            f"Held-out test rows: the first {summary['eval_limit']} of each task, zero-shot; wikitext2: the "
            f"first {summary['eval_windows']} windows of {summary['seqlen']} tokens.", "",
