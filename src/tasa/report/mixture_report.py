@@ -91,7 +91,7 @@ def write_report(path: str | Path) -> Path:
                   f"f(alpha = 0) / min f = {ht['blowup_ratio']:.3g} (the task-only side's blow-up); "
                   "damping study at alpha = 0: " + ", ".join(
                       f"damp {d}: {v[-1]:.4g}" for d, v in ht["damping"].items()), ""]
-    lines += [f"Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()), ""]
+    lines += ["Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()), ""]
     if two:
         lines += [f"![{f}]({f})" for f in _plots(s, out)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
