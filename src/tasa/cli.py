@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heldout-fraction", type=float, default=0.2,
                    help="share of each target's calibration rows held out (default: 0.2)")
     m.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default: 0.01)")
+    m.add_argument("--no-damping-study", action="store_true",
+                   help="hessian-trace: skip the curves at dampings 1e-4..1e-1 (4 more factorisations per input)")
     m.add_argument("--sketch-dim", type=int, default=1 << 16,
                    help="grad-align: count-sketch size per layer (default: 65536)")
     m.add_argument("--measure-bits", type=int, default=3, help="measured: GPTQ bit-width (default: 3)")
@@ -355,8 +357,8 @@ def run(argv: list[str] | None = None) -> int:
             targets=_names(args.target) if args.target else None, criteria=_names(args.criterion), ratios=ratios,
             grid_step=args.grid_step, nsamples=args.nsamples, seqlen=args.seqlen,
             heldout_samples=args.heldout_samples, heldout_fraction=args.heldout_fraction, damp=args.damp,
-            sketch_dim=args.sketch_dim, measure_bits=args.measure_bits, group_size=args.group_size,
-            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+            damping_study=not args.no_damping_study, sketch_dim=args.sketch_dim, measure_bits=args.measure_bits,
+            group_size=args.group_size, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
             progress=not args.quiet)
         rows = [("weights (" + ", ".join(s["sources"]) + ")", *s["results"])]
         for j, w in enumerate(s["grid"]):

@@ -516,6 +516,7 @@ def search_mixture(
     heldout_samples: int = 32,
     heldout_fraction: float = 0.2,
     damp: float = 0.01,
+    damping_study: bool = True,
     sketch_dim: int = 1 << 16,
     measure_bits: int = 3,
     group_size: int = 64,
@@ -549,7 +550,8 @@ def search_mixture(
     s = search(lm, lambda: load(model, dtype=dtype, device=device), general, tasks, targets=targets,
                criteria=criteria, ratios=list(ratios) if ratios is not None else None, grid_step=grid_step,
                nsamples=nsamples, seqlen=seqlen, heldout_samples=heldout_samples,
-               heldout_fraction=heldout_fraction, damp=damp, sketch_dim=sketch_dim, measure_bits=measure_bits,
+               heldout_fraction=heldout_fraction, damp=damp, damping_study=damping_study, sketch_dim=sketch_dim,
+               measure_bits=measure_bits,
                group_size=group_size, batch_size=batch_size, seed=seed, device=device, out_dir=out,
                progress=progress)
     s.update({"model": model, "dtype": _dtype_name(lm.model), "machine": machine_info(),

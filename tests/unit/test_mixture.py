@@ -258,6 +258,11 @@ def test_search_mixture_two_task_sources(tiny_model_dir, tmp_path, capsys, data_
     assert code == 0, err
     r = json.loads((tmp_path / "r" / "mixture.json").read_text())
     assert r["grid"] == [[1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.0, 0.5, 0.5]] and "damping" in r["results"]["hessian-trace"]
+    code, out, err = run_cli([*common, "--ratios", "1,0.5,0", "--no-damping-study", "--output-dir",
+                              str(tmp_path / "n")], capsys)
+    assert code == 0, err
+    n = json.loads((tmp_path / "n" / "mixture.json").read_text())["results"]["hessian-trace"]
+    assert "damping" not in n and n["values"] == r["results"]["hessian-trace"]["values"]
     for j, w in ((0, [1.0, 0.0, 0.0]), (2, [0.0, 0.5, 0.5])):
         assert r["results"]["hessian-trace"]["values"][j] == pytest.approx(
             s["results"]["hessian-trace"]["values"][s["grid"].index(w)], rel=1e-6)

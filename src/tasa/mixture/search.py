@@ -90,7 +90,7 @@ def token_sets(tokenizer, general: str, tasks: list[str], targets: list[str], ns
     return sets, calib_sources
 
 
-def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, progress) -> dict:
+def _hessian_trace(model, arch, sets, names, grid, damp, damping_study, batch_size, device, progress) -> dict:
     from tasa.mixture.collect import collect_hessians
 
     two = all(w[1:] == (w[1],) * (len(w) - 1) for w in grid)  # a 1-D family: closed form in alpha
@@ -98,7 +98,7 @@ def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, pro
     fine = [i / FINE_STEPS for i in range(FINE_STEPS + 1)]
     layer_vals: list[list[float]] = []
     layer_weight: list[float] = []
-    study = {d: [0.0] * len(grid) for d in DAMP_STUDY} if two else {}
+    study = {d: [0.0] * len(grid) for d in DAMP_STUDY} if two and damping_study else {}
     fine_vals = [0.0] * len(fine)
     inputs = []
     total_numel = sum(arch.numels().values())
@@ -117,7 +117,7 @@ def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, pro
                 f = (pt(alphas) / d).tolist()
                 for j, v in enumerate((pt(fine) / d).tolist()):
                     fine_vals[j] += weight * v
-                for dmp in DAMP_STUDY:
+                for dmp in study:
                     g = (pencil_trace(hs[0], h_tasks, h_test, dmp)(alphas) / d).tolist()
                     study[dmp] = [a + weight * b for a, b in zip(study[dmp], g)]
             else:
@@ -132,8 +132,9 @@ def _hessian_trace(model, arch, sets, names, grid, damp, batch_size, device, pro
                      device=device, progress=progress)
     values = [sum(w * lv[j] for w, lv in zip(layer_weight, layer_vals)) for j in range(len(grid))]
     out = {"values": values, "per_layer": layer_vals, "inputs": inputs, "lower_is_better": True}
-    if two:
+    if study:
         out["damping"] = {f"{d:g}": v for d, v in study.items()}
+    if two:
         out["fine"] = {"alpha": fine, "values": fine_vals}
         out["convex"] = is_convex(fine_vals)
         out["blowup_ratio"] = fine_vals[0] / min(fine_vals)  # f(alpha = 0) over the minimum
@@ -195,7 +196,8 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
 def search(lm, load_model: Callable, general: str, tasks: list[str], targets: list[str] | None = None,
            criteria: list[str] | tuple[str, ...] = ("hessian-trace",), ratios: list[float] | None = None,
            grid_step: float | None = None, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
-           heldout_fraction: float = 0.2, damp: float = 0.01, sketch_dim: int = 1 << 16, measure_bits: int = 3,
+           heldout_fraction: float = 0.2, damp: float = 0.01, damping_study: bool = True,
+           sketch_dim: int = 1 << 16, measure_bits: int = 3,
            group_size: int = 64, batch_size: int = 4, seed: int = 0, device="cpu", out_dir: Path | None = None,
            progress: bool = True) -> dict:
     """Score every mixture of the grid by each criterion; the first criterion chooses."""
@@ -223,7 +225,8 @@ def search(lm, load_model: Callable, general: str, tasks: list[str], targets: li
     for crit in criteria:
         t = time.perf_counter()
         if crit == "hessian-trace":
-            results[crit] = _hessian_trace(lm.model, arch, sets, names, grid, damp, batch_size, device, progress)
+            results[crit] = _hessian_trace(lm.model, arch, sets, names, grid, damp, damping_study, batch_size, device,
+                                           progress)
         elif crit == "grad-align":
             results[crit] = _grad_align(lm.model, arch, sets, names, grid, sketch_dim, batch_size, seed, progress)
         else:

@@ -55,6 +55,7 @@ def _plots(s: dict, out: Path) -> list[str]:
         ax.set_ylabel("f(alpha) / min f (per layer)")
         ax.set_title("Hessian trace by decoder layer (dark: first layer)", fontsize=9)
         files.append(save_figure(fig, out / "hessian_layers.png"))
+    if ht is not None and "damping" in ht:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for d, vals in ht["damping"].items():
             ax.plot(alphas, vals, marker=".", label=f"damp {d}")
@@ -87,10 +88,11 @@ def write_report(path: str | Path) -> Path:
     lines += ["", "\\* best by that criterion.", ""]
     ht = s["results"].get("hessian-trace")
     if ht is not None and two:
+        study = ("; damping study at alpha = 0: " + ", ".join(f"damp {d}: {v[-1]:.4g}"
+                                                             for d, v in ht["damping"].items())
+                 if "damping" in ht else "")
         lines += [f"Hessian trace on a fine grid: convex {'yes' if ht['convex'] else 'NO'}; "
-                  f"f(alpha = 0) / min f = {ht['blowup_ratio']:.3g} (the task-only side's blow-up); "
-                  "damping study at alpha = 0: " + ", ".join(
-                      f"damp {d}: {v[-1]:.4g}" for d, v in ht["damping"].items()), ""]
+                  f"f(alpha = 0) / min f = {ht['blowup_ratio']:.3g} (the task-only side's blow-up){study}", ""]
     lines += ["Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()), ""]
     if two:
         lines += [f"![{f}]({f})" for f in _plots(s, out)]

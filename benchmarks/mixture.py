@@ -1,0 +1,210 @@
+"""Calibration-mixture search on SmolLM2-135M: do the training-free criteria predict post-quantization quality?
+
+    .venv/bin/python benchmarks/mixture.py      # resumable: every part cached in benchmarks/.work/mixture
+
+For each target task (gsm8k, arc_easy) and general share r in 0, 1/8, 1/4, 1/2, 3/4, 7/8, 1 of the calibration
+mixture wikitext2:r,TASK:1-r:
+
+- criteria: `tasa search-mixture` (hessian-trace and grad-align; 128 x 512 tokens per source, 32 held-out task
+  windows split off the task's calibration rows, damping 0.01, count sketch 65,536 per layer);
+- measured: the model GPTQ-quantized on that mixture (64 x 512 tokens, seed 0, group size 64) at W3 and with the
+  3.5-bit task-aware plan of benchmarks/allocation.py (beta 0.5), evaluated on held-out test rows: GSM8K
+  gold-solution NLL (first 150, zero-shot), ARC-Easy accuracy and the KL divergence of its answer distribution
+  from the full-precision model's (first 300, zero-shot), WikiText-2 perplexity (first 20 windows of 512).
+
+Single-domain failure cases ride along: every quantized model is evaluated on all three, so GSM8K-only calibration
+is also scored on ARC-Easy and vice versa, and an MBPP-only (code) calibration is scored on both.
+
+Reported per target and configuration: Kendall tau between each criterion and the measured quality over the grid
+(sign-adjusted so that +1 means the criterion orders the ratios exactly as quality does), the ratio each criterion
+chooses, the measured best, whether the choice is within one grid step, and the costs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import parse_or_work, ROOT, WORK, cached, row, run_json, write_results  # noqa: E402
+
+BENCH = "mixture"
+GROUP = 64
+RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
+TARGETS = ("gsm8k", "arc_easy")
+NSAMPLES, SEQLEN = 64, 512
+SEARCH_NSAMPLES = 128
+LIMITS = {"wikitext2": 20, "arc_easy": 300, "gsm8k": 150}
+PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+QUALITY = {"gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_choice_kl"}  # lower is better
+
+
+def point_name(target: str, ratio: float, config: str) -> str:
+    return f"{target}-r{ratio:g}-{config}"
+
+
+def all_points() -> list[str]:
+    pts = [point_name(t, r, c) for c in ("w3", "plan3.5") for t in TARGETS for r in RATIOS]
+    return ["fp", *pts, "mbpp-r0-w3", "mbpp-r0-plan3.5"]
+
+
+def _calib(name: str) -> str | None:
+    if name == "fp":
+        return None
+    target, r, _ = name.split("-")
+    r = float(r[1:])
+    parts = [("wikitext2", r), (target, 1 - r)]
+    return ",".join(f"{n}:{w:g}" for n, w in parts if w > 0)
+
+
+def evaluate(lm, fp_items: list | None) -> tuple[dict, list]:
+    import torch
+
+    from tasa.data import eval_texts
+    from tasa.eval.perplexity import perplexity
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    m = {"wikitext2_ppl": perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=SEQLEN,
+                                     limit=LIMITS["wikitext2"], progress=False).ppl}
+    g = run_task(lm.model, lm.tokenizer, get_task("gsm8k"), limit=LIMITS["gsm8k"], num_fewshot=0, generate=False,
+                 progress=False)
+    m["gsm8k_gold_nll"] = g.metrics["gold_nll"]
+    a = run_task(lm.model, lm.tokenizer, get_task("arc_easy"), limit=LIMITS["arc_easy"], num_fewshot=0,
+                 progress=False)
+    m["arc_easy_acc"], m["arc_easy_acc_norm"] = a.metrics["acc"], a.metrics["acc_norm"]
+    items = [s["lls"] for s in a.samples]
+    golds = [s["gold"] for s in a.samples]
+    logp = [torch.tensor(x, dtype=torch.float64).log_softmax(0) for x in items]
+    m["arc_easy_choice_nll"] = float(sum(-lp[gd] for lp, gd in zip(logp, golds)) / len(logp))
+    if fp_items is not None:
+        ref = [torch.tensor(x, dtype=torch.float64).log_softmax(0) for x in fp_items]
+        m["arc_easy_choice_kl"] = float(sum((r.exp() * (r - lp)).sum() for r, lp in zip(ref, logp)) / len(logp))
+    return m, items
+
+
+def plan_35(arch):
+    from tasa.allocate.plan import plan_from_sensitivity
+
+    return plan_from_sensitivity(json.loads(PROFILE.read_text()), 3.5, bits=[3, 4, 8], beta=0.5)[0]
+
+
+def worker(name: str, work: Path) -> dict:
+    import torch
+
+    from tasa.config import CalibSpec, QuantSpec
+    from tasa.data import build_calibration
+    from tasa.models import load, resolve
+    from tasa.plan import Plan
+    from tasa.quant.apply import quantize_model
+
+    torch.manual_seed(0)
+    lm = load("smollm2-135m")
+    if name == "fp":
+        m, items = evaluate(lm, None)
+        return {"metrics": m, "seconds": None, "arc_items": items}
+    if name.startswith("search-"):
+        from tasa.pipeline import search_mixture
+
+        target = name[len("search-"):]
+        s = search_mixture("smollm2-135m", work / name, general="wikitext2", tasks=[target],
+                           criteria=("hessian-trace", "grad-align"), ratios=list(RATIOS), nsamples=SEARCH_NSAMPLES,
+                           seqlen=SEQLEN, group_size=GROUP, progress=False)
+        return {k: s[k] for k in ("grid", "results", "calib", "seconds")}
+    fp = json.loads((work / "fp.json").read_text())
+    arch = resolve(lm.model)
+    config = name.rsplit("-", 1)[1]
+    plan = (Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=3, group_size=GROUP)) if config == "w3"
+            else plan_35(arch))
+    calib = "mbpp" if name.startswith("mbpp") else _calib(name)
+    cal = build_calibration(lm.tokenizer, CalibSpec.parse(calib, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0))
+    t0 = time.perf_counter()
+    quantize_model(lm.model, arch, plan, cal.input_ids, batch_size=8, progress=False)
+    seconds = time.perf_counter() - t0
+    m, _ = evaluate(lm, fp["arc_items"])
+    return {"metrics": m, "seconds": seconds, "bits": plan.average_bits(arch.numels()), "calib": calib}
+
+
+def _tau(x: list[float], y: list[float]) -> float:
+    from tasa.profile.stats import kendall_tau
+
+    return kendall_tau(x, y)
+
+
+def analyse(points: dict, searches: dict) -> dict:
+    """Per target and configuration: criterion vs measured quality over the ratio grid."""
+    out = {}
+    for target in TARGETS:
+        s = searches[target]
+        alphas = [w[0] for w in s["grid"]]
+        for config in ("w3", "plan3.5"):
+            names = [point_name(target, a, config) for a in alphas]
+            if not all(n in points for n in names):
+                continue
+            quality = [points[n]["metrics"][QUALITY[target]] for n in names]  # lower is better
+            best_j = min(range(len(alphas)), key=lambda j: quality[j])
+            entry = {"quality_metric": QUALITY[target], "alphas": alphas, "quality": quality,
+                     "measured_best": alphas[best_j], "criteria": {}}
+            ordered = sorted(alphas)
+            for crit, r in s["results"].items():
+                v = r["values"]
+                # +1: the criterion's "better" order equals the measured quality's "better" order
+                tau = _tau(v, quality) if r["lower_is_better"] else _tau([-x for x in v], quality)
+                chosen = r["best"][0]
+                steps = abs(ordered.index(chosen) - ordered.index(alphas[best_j]))
+                entry["criteria"][crit] = {"tau_vs_quality": tau, "chosen": chosen, "grid_steps_from_best": steps,
+                                           "within_one_step": steps <= 1, "seconds": s["seconds"][crit]}
+            out[f"{target}/{config}"] = entry
+    return out
+
+
+def main() -> None:
+    args, work = parse_or_work(__doc__, BENCH, worker, [*(f"search-{t}" for t in TARGETS), *all_points()])
+    if not PROFILE.is_file():
+        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the 3.5-bit plan needs it)")
+    work.mkdir(parents=True, exist_ok=True)
+    names = args.rows.split(",")
+    if any(n != "fp" and not n.startswith("search-") for n in names) and "fp" not in names \
+            and not (work / "fp.json").is_file():
+        names.insert(0, "fp")
+    results = {}
+    for name in names:
+        print(f"[{BENCH}] {name} ...", flush=True)
+        results[name] = cached(work / f"{name}.json", lambda n=name: run_json(
+            [sys.executable, __file__, "--worker", n], log=work / "logs" / f"{n}.log"))
+        if "metrics" in results[name]:
+            print(f"  {json.dumps(results[name]['metrics'])}", flush=True)
+    # everything finished so far, this invocation's or earlier ones'
+    done = {p.stem: json.loads(p.read_text()) for p in work.glob("*.json")}
+    searches = {t: done[f"search-{t}"] for t in TARGETS if f"search-{t}" in done}
+    points = {n: r for n, r in done.items() if not n.startswith("search-")}
+    rows = []
+    for name in all_points():
+        if name not in points:
+            continue
+        r = points[name]
+        rows.append(row(name, "tasa" if name != "fp" else "none", "fp" if name == "fp" else "gptq",
+                        r.get("bits"), GROUP, r.get("calib"), r["metrics"], r["seconds"]))
+    analysis = analyse(points, searches) if searches else {}
+    criteria = {t: {"grid": s["grid"], "calib": s["calib"], "seconds": s["seconds"],
+                    **{c: {k: v for k, v in r.items() if k in ("values", "per_layer", "best", "damping", "fine",
+                                                               "convex", "blowup_ratio", "lower_is_better")}
+                       for c, r in s["results"].items()}} for t, s in searches.items()}
+    out = write_results(BENCH, ".venv/bin/python benchmarks/mixture.py", rows,
+                        {"settings": {"ratios": RATIOS, "nsamples_quantize": NSAMPLES,
+                                      "nsamples_search": SEARCH_NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
+                                      "eval_limits": LIMITS, "quality": QUALITY,
+                                      "profile": str(PROFILE.relative_to(ROOT))},
+                         "criteria": criteria, "analysis": analysis})
+    for key, e in analysis.items():
+        crit = ", ".join(f"{c}: tau {v['tau_vs_quality']:+.2f}, chose {v['chosen']:g}"
+                         for c, v in e["criteria"].items())
+        print(f"{key}: measured best {e['measured_best']:g} ({e['quality_metric']}); {crit}")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
