@@ -33,7 +33,7 @@ NSAMPLES, SEQLEN = 64, 512
 BUDGET, VLLM_BUDGET = 3.5, 4.25
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LIMITS = {"wikitext2": 30, "arc_easy": 300, "arc_challenge": 200, "gsm8k": 150}
-PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
 PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", *[f"tasa-beta{b:g}" for b in BETAS], "uniform-w8",
         "vllm-4.25"]

@@ -38,7 +38,7 @@ TARGETS = ("gsm8k", "arc_easy")
 NSAMPLES, SEQLEN = 64, 512
 SEARCH_NSAMPLES = 128
 LIMITS = {"wikitext2": 20, "arc_easy": 300, "gsm8k": 150}
-PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
 QUALITY = {"gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_choice_kl"}  # lower is better
 
 
