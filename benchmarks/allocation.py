@@ -143,6 +143,25 @@ def worker(name: str, work: Path) -> dict:
     return {"metrics": metrics, "seconds": seconds, "bits": plan.average_bits(numels), "layer_bits": layer_bits}
 
 
+def normalisation_study() -> dict:
+    """The effect of normalising objectives (no quantization): plans with and without it, per beta."""
+    from tasa.allocate.aggregate import aggregate
+    from tasa.allocate.dp import allocate
+
+    sens = json.loads(PROFILE.read_text())
+    costs = {o: {b: c["cost"] for b, c in per_bits.items() if int(b) in (3, 4, 8)} for o, per_bits in sens["costs"].items()}
+    sizes = [int(u["numel"]) for u in sens["units"]]
+    scale = {o: sum(max(0.0, x) for x in per_bits["3"]) / len(per_bits["3"]) for o, per_bits in costs.items()}
+    out = {"mean_cost_at_3_bits": scale, "plans": {}}
+    for beta in BETAS:
+        for norm in (True, False):
+            table = aggregate(costs, beta=beta, normalize=norm)
+            per_unit = [{int(b): table[b][i] for b in table} for i in range(len(sizes))]
+            bits = allocate(per_unit, sizes, BUDGET).bits
+            out["plans"][f"beta{beta:g}-{'normalised' if norm else 'raw'}"] = "".join(str(b) for b in bits)
+    return out
+
+
 def main() -> None:
     args, work = parse_or_work(__doc__, BENCH, worker, ROWS)
     import torch
@@ -176,7 +195,8 @@ def main() -> None:
     out = write_results(BENCH, ".venv/bin/python benchmarks/allocation.py", rows,
                         {"settings": {"calib": CALIB, "nsamples": NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
                                       "budget": BUDGET, "vllm_budget": VLLM_BUDGET, "eval_limits": LIMITS,
-                                      "profile": str(PROFILE.relative_to(ROOT))}})
+                                      "profile": str(PROFILE.relative_to(ROOT))},
+                         "normalisation": normalisation_study()})
     for r in rows:
         print(r["name"], r["bits"], json.dumps({k: v for k, v in r["metrics"].items() if k != "layer_bits"}))
     print(f"written {out}")
