@@ -112,7 +112,7 @@ def worker(name: str, work: Path) -> dict:
         target = name[len("search-"):]
         s = search_mixture("smollm2-135m", work / name, general="wikitext2", tasks=[target],
                            criteria=("hessian-trace", "grad-align"), ratios=list(RATIOS), nsamples=SEARCH_NSAMPLES,
-                           seqlen=SEQLEN, group_size=GROUP, progress=False)
+                           seqlen=SEQLEN, group_size=GROUP, batch_size=8, progress=False)
         return {k: s[k] for k in ("grid", "results", "calib", "seconds")}
     fp = json.loads((work / "fp.json").read_text())
     arch = resolve(lm.model)
