@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
                    help="multiple-choice objectives: kl = divergence of the answer distribution from full "
                         "precision, gold = increase of -log p(gold | choices) (default: kl)")
+    p.add_argument("--max-state-gb", type=float, default=4.0,
+                   help="RAM budget for the kept layer inputs; past it they are spilled to OUTPUT_DIR/kept-states "
+                        "(default: 4)")
     p.add_argument("--batch-tokens", type=int, default=512,
                    help="padded tokens per forward pass; rows of similar length are batched together (default: 512)")
     p.add_argument("--method", choices=["measured", "fisher", "autoscheme"], default="measured",
@@ -389,7 +392,7 @@ def run(argv: list[str] | None = None) -> int:
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_tokens=args.batch_tokens,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
             compare_estimators=args.compare_estimators, top_k=args.top_k, choice_cost=args.choice_cost,
-            progress=not args.quiet)
+            max_state_gb=args.max_state_gb, progress=not args.quiet)
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():
             for b, c in per_bits.items():

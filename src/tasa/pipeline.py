@@ -356,6 +356,7 @@ def profile(
     report: bool = True,
     top_k: int = 8,
     choice_cost: str = "kl",
+    max_state_gb: float = 4.0,
     progress: bool = True,
 ) -> dict:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
@@ -373,6 +374,8 @@ def profile(
     ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` (the
     divergence of the answer distribution from full precision) or ``gold`` (the
     increase of -log p(gold | choices)); see tasa.profile.objectives.
+    ``max_state_gb``: RAM budget for the kept layer inputs; past it they are spilled
+    to ``output_dir/kept-states`` (removed when done).
     """
     from tasa.profile.estimators import ESTIMATORS, estimate
     from tasa.profile.objectives import build_objective
@@ -382,6 +385,8 @@ def profile(
 
     if method not in ("measured", *ESTIMATORS):
         raise TasaError(f"method must be measured, {' or '.join(ESTIMATORS)}; got {method!r}")
+    if max_state_gb < 0:
+        raise TasaError(f"--max-state-gb must be non-negative, got {max_state_gb}")
     objectives = list(objectives)
     if not objectives or len(set(objectives)) != len(objectives):
         raise TasaError("give one or more distinct objectives")
@@ -411,7 +416,8 @@ def profile(
     if method == "measured":
         store = ProbeStore(out, settings)
         res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
-                         batch_tokens=batch_tokens, store=store, layers=layers, progress=progress)
+                         batch_tokens=batch_tokens, store=store, layers=layers, max_state_gb=max_state_gb,
+                         progress=progress)
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
         taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}

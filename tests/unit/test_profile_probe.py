@@ -285,3 +285,31 @@ def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path):
         assert gold_costs[j] == pytest.approx(float((p.nll - res.base["arc_easy"].nll).mean()))
     with pytest.raises(TasaError, match="choice cost"):
         build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="margin")
+
+
+def test_kept_states_spill_to_disk_past_the_ram_budget(data_dir, tokenizer, tmp_path, monkeypatch):
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32),
+            build_objective("arc_easy", tokenizer, min_tokens=20)]
+    batches = probe_mod.objective_batches(model, objs, 70)
+    assert probe_mod.state_bytes(model, batches) == sum(b.inputs["input_ids"].numel() for bs in batches.values()
+                                                        for b in bs) * 64 * 4
+    in_memory = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=70, progress=False)
+    seen = []
+    real_put = probe_mod.KeptStates.put
+
+    def put(self, key, t):
+        seen.append(self.dir)
+        real_put(self, key, t)
+        assert self.dir is None or self._path(key).is_file()
+
+    monkeypatch.setattr(probe_mod.KeptStates, "put", put)
+    store = ProbeStore(tmp_path, {"x": 1})
+    spilled = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=70, store=store,
+                         max_state_gb=0.0, progress=False)
+    assert seen and all(d == tmp_path / "kept-states" for d in seen)
+    assert not (tmp_path / "kept-states").exists()  # removed when done
+    for k in in_memory.probes:
+        for o in objs:
+            assert torch.equal(spilled.probes[k][o.name].nll, in_memory.probes[k][o.name].nll)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -221,6 +223,50 @@ def rtn_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, grou
                 model.get_submodule(name).weight.copy_(w)
 
 
+class KeptStates:
+    """The hidden states entering the current layer, one per (objective, batch): held in memory, or,
+    when ``spill_dir`` is given, written to safetensors files there and read back on use (for
+    profiles whose kept states would not fit the RAM budget)."""
+
+    def __init__(self, spill_dir: Path | None = None):
+        self.dir = spill_dir
+        self.mem: dict[tuple[str, int], torch.Tensor] = {}
+        self.device: dict[tuple[str, int], torch.device] = {}
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: tuple[str, int]) -> Path:
+        return self.dir / f"{hashlib.sha1(key[0].encode()).hexdigest()[:12]}-{key[1]}.safetensors"
+
+    def put(self, key: tuple[str, int], t: torch.Tensor) -> None:
+        if self.dir is None:
+            self.mem[key] = t
+            return
+        from safetensors.torch import save_file
+
+        self.device[key] = t.device
+        save_file({"h": t.detach().contiguous().cpu()}, str(self._path(key)))
+
+    def get(self, key: tuple[str, int]) -> torch.Tensor:
+        if self.dir is None:
+            return self.mem[key]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(key)))["h"].to(self.device[key])
+
+    def close(self) -> None:
+        self.mem.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def state_bytes(model: nn.Module, batches: dict[str, list[Batch]]) -> int:
+    """Bytes of the hidden states kept for every batch (padded tokens x hidden size x element size)."""
+    emb = model.get_input_embeddings()
+    per_token = emb.weight.shape[1] * emb.weight.element_size()
+    return sum(b.inputs["input_ids"].numel() * per_token for bs in batches.values() for b in bs)
+
+
 class ProbeStore:
     """Finished probes as one JSON file each under ``root/probes``, tied to a settings fingerprint."""
 
@@ -278,23 +324,41 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
                group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_tokens: int = 512,
                store: ProbeStore | None = None, layers: list[int] | None = None, max_logits_gb: float = 2.0,
-               progress: bool = True) -> ProbeResults:
+               max_state_gb: float = 4.0, progress: bool = True) -> ProbeResults:
     """Measure every unit (of ``layers``, default all) at every bit-width on every objective.
 
     A batch holds at most ``batch_tokens`` padded tokens, and at most as many
     scored tokens as keep their float32 logits within ``max_logits_gb``.  The
-    kept layer inputs take rows x tokens x hidden size floats per objective.
+    kept layer inputs take padded tokens x hidden size elements per objective;
+    past ``max_state_gb`` they are spilled to disk (under the store's directory,
+    or a temporary one) and read back batch by batch.
     """
     t0 = time.perf_counter()
     plan_units = units(arch, granularity, layers)
     batches = objective_batches(model, objectives, batch_tokens, max_logits_gb)
     plain = head_is_plain(model, batches[objectives[0].name][0])
-    hidden = {o.name: [layer_input(model, arch, b.inputs, 0) for b in batches[o.name]] for o in objectives}
+    spill = None
+    if state_bytes(model, batches) > max_state_gb * 2**30:
+        spill = (store.root / "kept-states") if store else Path(tempfile.mkdtemp(prefix="tasa-states-"))
+    hidden = KeptStates(spill)
+    try:
+        return _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches,
+                           plain, hidden, t0, progress)
+    finally:
+        hidden.close()
+
+
+def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches, plain,
+                hidden: KeptStates, t0, progress) -> ProbeResults:
+    for o in objectives:
+        for i, b in enumerate(batches[o.name]):
+            hidden.put((o.name, i), layer_input(model, arch, b.inputs, 0))
 
     def score(layer: int) -> dict[str, ItemLosses]:
         out = {}
         for o in objectives:
-            toks = [tail_token_nll(model, arch, b, layer, h, plain) for b, h in zip(batches[o.name], hidden[o.name])]
+            toks = [tail_token_nll(model, arch, b, layer, hidden.get((o.name, i)), plain)
+                    for i, b in enumerate(batches[o.name])]
             width = o.input_ids.shape[1]
             out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
         return out
@@ -331,7 +395,8 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
                 probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
                 bar.update(1)
         if layer < last:
-            hidden = {o.name: [layer_input(model, arch, b.inputs, layer + 1, h)
-                               for b, h in zip(batches[o.name], hidden[o.name])] for o in objectives}
+            for o in objectives:
+                for i, b in enumerate(batches[o.name]):
+                    hidden.put((o.name, i), layer_input(model, arch, b.inputs, layer + 1, hidden.get((o.name, i))))
     bar.close()
     return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
