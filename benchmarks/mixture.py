@@ -5,7 +5,7 @@
 For each target task (gsm8k, arc_easy) and general share r in 0, 1/8, 1/4, 1/2, 3/4, 7/8, 1 of the calibration
 mixture wikitext2:r,TASK:1-r:
 
-- criteria: `tasa search-mixture` (hessian-trace and grad-align; 128 x 512 tokens per source, 32 held-out task
+- criteria: `tasa search-mixture` (hessian-trace and grad-align; 64 x 512 tokens per source, 32 held-out task
   windows split off the task's calibration rows, damping 0.01, count sketch 65,536 per layer);
 - measured: the model GPTQ-quantized on that mixture (64 x 512 tokens, seed 0, group size 64) at W3 and with the
   3.5-bit task-aware plan of benchmarks/allocation.py (beta 0.5), evaluated on held-out test rows: GSM8K
@@ -36,7 +36,7 @@ GROUP = 64
 RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0)
 TARGETS = ("gsm8k", "arc_easy")
 NSAMPLES, SEQLEN = 64, 512
-SEARCH_NSAMPLES = 128
+SEARCH_NSAMPLES = 64  # the same calibration size as the quantized points
 LIMITS = {"wikitext2": 20, "arc_easy": 300, "gsm8k": 150}
 PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
 QUALITY = {"gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_choice_kl"}  # lower is better
