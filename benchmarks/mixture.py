@@ -15,6 +15,9 @@ mixture wikitext2:r,TASK:1-r:
 Single-domain failure cases ride along: every quantized model is evaluated on all three, so GSM8K-only calibration
 is also scored on ARC-Easy and vice versa, and an MBPP-only (code) calibration is scored on both.
 
+Calibration-seed replicates (rows ``...-s1``, ``...-s2``: other calibration windows, same mixture) measure how much
+one GPTQ W3 point moves with the calibration sample alone, the yardstick for the differences between ratios.
+
 Reported per target and configuration: Kendall tau between each criterion and the measured quality over the grid
 (sign-adjusted so that +1 means the criterion orders the ratios exactly as quality does), the ratio each criterion
 chooses, the measured best, whether the choice is within one grid step, and the costs.
@@ -40,6 +43,8 @@ SEARCH_NSAMPLES = 64  # the same calibration size as the quantized points
 LIMITS = {"wikitext2": 20, "arc_easy": 300, "gsm8k": 150}
 PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
 QUALITY = {"gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_choice_kl"}  # lower is better
+# calibration-seed replicates of one grid point: how far apart must two ratios be to differ beyond sampling noise?
+SEED_REPLICATES = ("gsm8k-r0.5-w3-s1", "gsm8k-r0.5-w3-s2", "gsm8k-r0-w3-s1", "gsm8k-r0-w3-s2")
 
 
 def point_name(target: str, ratio: float, config: str) -> str:
@@ -48,14 +53,21 @@ def point_name(target: str, ratio: float, config: str) -> str:
 
 def all_points() -> list[str]:
     pts = [point_name(t, r, c) for c in ("w3", "plan3.5") for t in TARGETS for r in RATIOS]
-    return ["fp", *pts, "mbpp-r0-w3", "mbpp-r0-plan3.5"]
+    return ["fp", *pts, "mbpp-r0-w3", "mbpp-r0-plan3.5", *SEED_REPLICATES]
 
 
-def _calib(name: str) -> str | None:
-    if name == "fp":
-        return None
-    target, r, _ = name.split("-")
-    r = float(r[1:])
+def parse_point(name: str) -> tuple[str, float, str, int]:
+    """``TARGET-rRATIO-CONFIG[-sSEED]`` -> (target, general share, config, calibration seed)."""
+    parts = name.split("-")
+    seed = int(parts.pop()[1:]) if len(parts) == 4 else 0
+    target, r, config = parts
+    return target, float(r[1:]), config, seed
+
+
+def _calib(name: str) -> str:
+    target, r, _, _ = parse_point(name)
+    if target == "mbpp":
+        return "mbpp"
     parts = [("wikitext2", r), (target, 1 - r)]
     return ",".join(f"{n}:{w:g}" for n, w in parts if w > 0)
 
@@ -116,16 +128,16 @@ def worker(name: str, work: Path) -> dict:
         return {k: s[k] for k in ("grid", "results", "calib", "seconds")}
     fp = json.loads((work / "fp.json").read_text())
     arch = resolve(lm.model)
-    config = name.rsplit("-", 1)[1]
+    _, _, config, seed = parse_point(name)
     plan = (Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=3, group_size=GROUP)) if config == "w3"
             else plan_35(arch))
-    calib = "mbpp" if name.startswith("mbpp") else _calib(name)
-    cal = build_calibration(lm.tokenizer, CalibSpec.parse(calib, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0))
+    calib = _calib(name)
+    cal = build_calibration(lm.tokenizer, CalibSpec.parse(calib, nsamples=NSAMPLES, seqlen=SEQLEN, seed=seed))
     t0 = time.perf_counter()
     quantize_model(lm.model, arch, plan, cal.input_ids, batch_size=8, progress=False)
     seconds = time.perf_counter() - t0
     m, _ = evaluate(lm, fp["arc_items"])
-    return {"metrics": m, "seconds": seconds, "bits": plan.average_bits(arch.numels()), "calib": calib}
+    return {"metrics": m, "seconds": seconds, "bits": plan.average_bits(arch.numels()), "calib": calib, "seed": seed}
 
 
 def _tau(x: list[float], y: list[float]) -> float:
@@ -158,6 +170,20 @@ def analyse(points: dict, searches: dict) -> dict:
                 entry["criteria"][crit] = {"tau_vs_quality": tau, "chosen": chosen, "grid_steps_from_best": steps,
                                            "within_one_step": steps <= 1, "seconds": s["seconds"][crit]}
             out[f"{target}/{config}"] = entry
+    return out
+
+
+def seed_noise(points: dict) -> dict:
+    """Per replicated grid point: the quality metrics of every calibration seed measured so far."""
+    out = {}
+    for rep in SEED_REPLICATES:
+        target, r, config, _ = parse_point(rep)
+        base = point_name(target, r, config)
+        names = [base] + [n for n in SEED_REPLICATES if n.startswith(base + "-s")]
+        have = [n for n in names if n in points]
+        if len(have) > 1 and base not in out:
+            out[base] = {k: {n: points[n]["metrics"][k] for n in have} for k in ("gsm8k_gold_nll", "arc_easy_choice_kl",
+                                                                                 "wikitext2_ppl")}
     return out
 
 
@@ -198,7 +224,7 @@ def main() -> None:
                                       "nsamples_search": SEARCH_NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
                                       "eval_limits": LIMITS, "quality": QUALITY,
                                       "profile": str(PROFILE.relative_to(ROOT))},
-                         "criteria": criteria, "analysis": analysis})
+                         "criteria": criteria, "analysis": analysis, "seed_noise": seed_noise(points)})
     for key, e in analysis.items():
         crit = ", ".join(f"{c}: tau {v['tau_vs_quality']:+.2f}, chose {v['chosen']:g}"
                          for c, v in e["criteria"].items())
