@@ -42,6 +42,7 @@ NSAMPLES, SEQLEN = 64, 512
 SEARCH_NSAMPLES = 64  # the same calibration size as the quantized points
 LIMITS = {"wikitext2": 20, "arc_easy": 300, "gsm8k": 150}
 PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
+FIGURE = ROOT / "docs" / "figures" / "mixture.png"
 QUALITY = {"gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_choice_kl"}  # lower is better
 # calibration-seed replicates of one grid point: how far apart must two ratios be to differ beyond sampling noise?
 SEED_REPLICATES = ("gsm8k-r0.5-w3-s1", "gsm8k-r0.5-w3-s2", "gsm8k-r0-w3-s1", "gsm8k-r0-w3-s2")
@@ -168,7 +169,10 @@ def analyse(points: dict, searches: dict) -> dict:
                 chosen = r["best"][0]
                 steps = abs(ordered.index(chosen) - ordered.index(alphas[best_j]))
                 entry["criteria"][crit] = {"tau_vs_quality": tau, "chosen": chosen, "grid_steps_from_best": steps,
-                                           "within_one_step": steps <= 1, "seconds": s["seconds"][crit]}
+                                           "within_one_step": steps <= 1,
+                                           # how much worse the chosen ratio's model is than the best one's
+                                           "regret": quality[alphas.index(chosen)] - quality[best_j],
+                                           "seconds": s["seconds"][crit]}
             out[f"{target}/{config}"] = entry
     return out
 
@@ -189,7 +193,10 @@ def same_point(name: str, work: Path) -> dict | None:
 
 
 def seed_noise(points: dict) -> dict:
-    """Per replicated grid point: the quality metrics of every calibration seed measured so far."""
+    """Per replicated grid point: the quality metrics of every calibration seed measured so far, with their
+    sample standard deviation, and the standard deviation pooled over the replicated points."""
+    import statistics
+
     out = {}
     for rep in SEED_REPLICATES:
         target, r, config, _ = parse_point(rep)
@@ -197,9 +204,48 @@ def seed_noise(points: dict) -> dict:
         names = [base] + [n for n in SEED_REPLICATES if n.startswith(base + "-s")]
         have = [n for n in names if n in points]
         if len(have) > 1 and base not in out:
-            out[base] = {k: {n: points[n]["metrics"][k] for n in have} for k in ("gsm8k_gold_nll", "arc_easy_choice_kl",
-                                                                                 "wikitext2_ppl")}
+            out[base] = {k: {"values": {n: points[n]["metrics"][k] for n in have},
+                             "sd": statistics.stdev(points[n]["metrics"][k] for n in have)}
+                         for k in ("gsm8k_gold_nll", "arc_easy_choice_kl", "wikitext2_ppl")}
+    if out:
+        out["pooled_sd"] = {k: statistics.fmean(e[k]["sd"] ** 2 for e in out.values()) ** 0.5
+                            for k in ("gsm8k_gold_nll", "arc_easy_choice_kl", "wikitext2_ppl")}
     return out
+
+
+def figure(points: dict, searches: dict, noise: dict, path: Path) -> Path:
+    """Per target: both criteria and the measured quality (W3 and the 3.5-bit plan) against the general share,
+    with the pooled calibration-seed standard deviation as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasa.report.common import save_figure
+
+    fig, axes = plt.subplots(len(searches), 3, figsize=(12, 3.3 * len(searches)), squeeze=False)
+    for ax_row, (target, s) in zip(axes, searches.items()):
+        alphas = [w[0] for w in s["grid"]]
+        for ax, crit in zip(ax_row, ("hessian-trace", "grad-align")):
+            r = s["results"][crit]
+            ax.plot(alphas, r["values"], marker="o")
+            ax.axvline(r["best"][0], color="#cc3311", linestyle="--", linewidth=1)
+            ax.set_title(f"{target}: {crit} ({'lower' if r['lower_is_better'] else 'higher'} is better)",
+                         fontsize=9)
+            ax.set_xlabel("general share r (wikitext2)")
+        ax = ax_row[2]
+        sd = noise.get("pooled_sd", {}).get(QUALITY[target])
+        for config, colour in (("w3", "#0077bb"), ("plan3.5", "#ee7733")):
+            have = [a for a in alphas if point_name(target, a, config) in points]
+            if have:
+                q = [points[point_name(target, a, config)]["metrics"][QUALITY[target]] for a in have]
+                ax.errorbar(have, q, yerr=sd, marker="o", capsize=3, color=colour, label=config)
+        ax.set_title(f"{target}: measured {QUALITY[target]} (lower is better)", fontsize=9)
+        ax.set_xlabel("general share r (wikitext2)")
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
+    return path
 
 
 def main() -> None:
@@ -231,6 +277,9 @@ def main() -> None:
         rows.append(row(name, "tasa" if name != "fp" else "none", "fp" if name == "fp" else "gptq",
                         r.get("bits"), GROUP, r.get("calib"), r["metrics"], r["seconds"]))
     analysis = analyse(points, searches) if searches else {}
+    noise = seed_noise(points)
+    if searches:
+        print(f"figure {figure(points, searches, noise, FIGURE)}")
     criteria = {t: {"grid": s["grid"], "calib": s["calib"], "seconds": s["seconds"],
                     **{c: {k: v for k, v in r.items() if k in ("values", "per_layer", "best", "damping", "fine",
                                                                "convex", "blowup_ratio", "lower_is_better")}
@@ -240,7 +289,7 @@ def main() -> None:
                                       "nsamples_search": SEARCH_NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
                                       "eval_limits": LIMITS, "quality": QUALITY,
                                       "profile": str(PROFILE.relative_to(ROOT))},
-                         "criteria": criteria, "analysis": analysis, "seed_noise": seed_noise(points)})
+                         "criteria": criteria, "analysis": analysis, "seed_noise": noise})
     for key, e in analysis.items():
         crit = ", ".join(f"{c}: tau {v['tau_vs_quality']:+.2f}, chose {v['chosen']:g}"
                          for c, v in e["criteria"].items())
