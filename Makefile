@@ -24,8 +24,7 @@ $(GPTQMODEL_VENV)/.installed:
 	  touch $@) || echo "GPTQModel 7.6.0 could not be installed: the GPTQModel load test will be skipped"
 
 run: setup
-	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 \
-		--calib wikitext2:0.5,gsm8k:0.5 --output-dir $(RUN_DIR)
+	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 --output-dir $(RUN_DIR)
 
 test: setup $(GPTQMODEL_VENV)/.installed
 	$(PY) -m pytest

@@ -156,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
     r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
-    r.add_argument("--calib", default="wikitext2:0.5,gsm8k:0.5",
-                   help="GPTQ calibration mixture, or 'auto': search the wikitext2 share against the tasks "
-                        "(tasa search-mixture) as the run's first stage (default: wikitext2:0.5,gsm8k:0.5)")
-    r.add_argument("--mixture-criterion", default="hessian-trace",
+    r.add_argument("--calib", default=None,
+                   help="GPTQ calibration mixture, e.g. wikitext2:0.5,gsm8k:0.5, or 'auto': search the wikitext2 "
+                        "share against the tasks (tasa search-mixture) as the run's first stage (default: auto "
+                        "when every task is a built-in dataset with calibration rows, else wikitext2)")
+    r.add_argument("--mixture-criterion", default="grad-align",
                    choices=["hessian-trace", "grad-align", "measured"],
-                   help="with --calib auto: how the mixture is chosen (default: hessian-trace)")
+                   help="with --calib auto: how the mixture is chosen (default: grad-align, the criterion whose "
+                        "choice matched measured quality on SmolLM2-135M; see docs/MIXTURE.md)")
     r.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
     r.add_argument("--beta", default="0.5", help="weight of perplexity against the tasks, or ppl-only/task-only "
                                                  "(default: 0.5)")
@@ -202,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--task", required=True, help="task source(s), comma-separated, e.g. gsm8k or gsm8k,arc_easy")
     m.add_argument("--target", default=None,
                    help="sources whose held-out rows define the target distribution (default: the task sources)")
-    m.add_argument("--criterion", default="hessian-trace",
+    m.add_argument("--criterion", default="grad-align",
                    help="hessian-trace, grad-align or measured; a comma list computes several, the first chooses "
-                        "(default: hessian-trace)")
+                        "(default: grad-align)")
     m.add_argument("--ratios", default=None,
                    help="general-text shares to score, task sources sharing the rest equally "
                         "(default: 0,0.125,0.25,0.5,0.75,0.875,1)")

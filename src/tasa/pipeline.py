@@ -514,7 +514,7 @@ def search_mixture(
     general: str = "wikitext2",
     tasks: list[str] | tuple[str, ...] = ("gsm8k",),
     targets: list[str] | None = None,
-    criteria: list[str] | tuple[str, ...] = ("hessian-trace",),
+    criteria: list[str] | tuple[str, ...] = ("grad-align",),
     ratios: list[float] | None = None,
     grid_step: float | None = None,
     nsamples: int = 128,
@@ -577,8 +577,8 @@ def run(
     tasks: list[str] | tuple[str, ...],
     budget: float,
     output_dir: str | Path,
-    calib: str = "wikitext2:0.5,gsm8k:0.5",
-    mixture_criterion: str = "hessian-trace",
+    calib: str | None = None,
+    mixture_criterion: str = "grad-align",
     bits: tuple[int, ...] = (3, 4, 8),
     beta: float | str = 0.5,
     task_weights: dict[str, float] | None = None,
@@ -602,6 +602,8 @@ def run(
 
     ``calib="auto"`` first chooses the calibration mixture of wikitext2 and the tasks by
     ``mixture_criterion`` (see :func:`search_mixture`; ``nsamples`` x ``seqlen`` tokens per source).
+    ``calib=None`` (the default) means ``"auto"`` when every task is a built-in dataset with
+    calibration rows, else plain wikitext2, with a warning saying so.
 
     Every stage writes its artifact into ``output_dir`` and is recorded in
     ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
@@ -619,15 +621,26 @@ def run(
         raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
     for t in tasks:
         get_task(t)  # bad names and specs fail before any work
-    if calib == "auto":
+    run_warnings = []
+    if calib in (None, "auto"):
         for t in tasks:
             try:
                 kind = resolve_calibration_source(t).kind
+                problem = None if kind == "rows" else "is not a built-in dataset with calibration rows"
             except TasaError as e:
-                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r}: {e}") from None
-            if kind != "rows":
-                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r} is not a built-in "
-                                "dataset with calibration rows (pass --calib explicitly)")
+                problem = f"cannot be a calibration source: {e}"
+            if problem is None:
+                continue
+            if calib == "auto":
+                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r} {problem}"
+                                " (pass --calib explicitly)")
+            run_warnings.append(f"calibration: task {t!r} {problem}, so no mixture is searched; calibrating "
+                                "on wikitext2 (pass --calib to choose)")
+            log.warning(run_warnings[-1])
+            calib = "wikitext2"
+            break
+        else:
+            calib = "auto"
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     if eval_limit < 1 or eval_windows < 1:
@@ -687,7 +700,7 @@ def run(
         progress=progress)["results"])
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": eval_limit,
                "eval_windows": eval_windows, "seqlen": seqlen,
-               "probe_tokens": probe_tokens, "warnings": prof["warnings"], "sizes": _sizes(out / "model"),
+               "probe_tokens": probe_tokens, "warnings": run_warnings + prof["warnings"], "sizes": _sizes(out / "model"),
                "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
     summary["report"] = str(write_run_report(out, summary))
     write_json_atomic(out / "run.json", summary)

@@ -261,7 +261,7 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     out_dir = tmp_path / "run"
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k,arc_easy", "--budget", "3", "--bits", "2,4",
             "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "3", "--eval-windows", "2",
-            "--output-dir", str(out_dir), "--quiet"]
+            "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "stages run: profile, allocate, quantize, eval_fp, eval_quant" in out

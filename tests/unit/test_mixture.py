@@ -245,8 +245,8 @@ def test_search_mixture_cli_all_criteria_and_resume(tiny_model_dir, tmp_path, ca
 
 
 def test_search_mixture_two_task_sources(tiny_model_dir, tmp_path, capsys, data_dir):
-    common = ["search-mixture", "--model", str(tiny_model_dir), "--task", "gsm8k,arc_easy", "--nsamples", "2",
-              "--seqlen", "32", "--heldout-samples", "2", "--quiet"]
+    common = ["search-mixture", "--model", str(tiny_model_dir), "--task", "gsm8k,arc_easy", "--criterion",
+              "hessian-trace", "--nsamples", "2", "--seqlen", "32", "--heldout-samples", "2", "--quiet"]
     code, out, err = run_cli([*common, "--grid-step", "0.5", "--output-dir", str(tmp_path / "m")], capsys)
     assert code == 0, err
     s = json.loads((tmp_path / "m" / "mixture.json").read_text())
@@ -287,11 +287,14 @@ def test_run_with_calib_auto_searches_first_and_caches(tiny_model_dir, tmp_path,
     out_dir = tmp_path / "run"
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
             "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
-            "--eval-windows", "2", "--calib", "auto", "--output-dir", str(out_dir), "--quiet"]
+            "--eval-windows", "2", "--output-dir", str(out_dir), "--quiet"]  # no --calib: auto is the default
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "stages run: mixture, profile, allocate" in out
     mix = json.loads((out_dir / "mixture" / "mixture.json").read_text())
+    assert mix["criteria"] == ["grad-align"]  # the default criterion
+    assert mix["results"]["grad-align"]["best"] == mix["grid"][
+        max(range(len(mix["grid"])), key=lambda j: mix["results"]["grad-align"]["values"][j])]
     stages = json.loads((out_dir / "stages.json").read_text())
     assert stages["quantize"]["inputs"]["calib"] == mix["calib"] and f"calibration {mix['calib']}" in out
     assert json.loads((out_dir / "run.json").read_text())["calib"] == mix["calib"]
@@ -308,3 +311,29 @@ def test_run_calib_auto_needs_task_sources(tiny_model_dir, tmp_path, capsys, dat
     code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
                               "--seqlen", "32", "--calib", "auto", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "--calib auto calibrates on the tasks' own rows" in err and err.count("\n") == 1
+
+
+def test_run_default_calib_falls_back_to_wikitext2_for_tasks_without_rows(tiny_model_dir, tmp_path, capsys,
+                                                                          data_dir, monkeypatch, caplog):
+    from tasa import pipeline
+
+    rows = "".join(json.dumps({"question": f"What is {i} plus one?", "solution": f"{i} plus one is {i + 1}."})
+                   + "\n" for i in range(12))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    (tmp_path / "probe.jsonl").write_text(rows)
+    spec = tmp_path / "t.json"
+    spec.write_text(json.dumps({"kind": "gold_nll", "data": "rows.jsonl", "fewshot_data": "probe.jsonl",
+                                "prompt": "{question}", "target": "{solution}"}))
+    seen = {}
+
+    def stop(*a, **k):  # the calibration reaching the quantize stage is all this test needs
+        seen["calib"] = k["calib"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "quantize", stop)
+    code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
+                              "--bits", "2,4", "--group-size", "16", "--probe-tokens", "20", "--seqlen", "32",
+                              "--output-dir", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 130 and seen["calib"] == "wikitext2" and not (tmp_path / "r" / "mixture").exists(), err
+    assert any(f"calibration: task {str(spec)!r} is not a built-in dataset with calibration rows" in r.getMessage()
+               for r in caplog.records)

@@ -340,9 +340,10 @@ def load_task_spec(path: str | Path) -> Task:
                 fewshot_delimiter=str(spec.get("fewshot_delimiter", "\n\n")))
     if task.fewshot_sampler not in ("random", "first_n"):
         raise TasaError(f"{path}: fewshot_sampler must be random or first_n")
-    if num_fewshot > 0:
-        task.fewshot_docs = loader(fewshot) if fewshot else task.docs
-        task.fewshot_from_eval = fewshot is None
+    if fewshot:  # also the probe rows of a zero-shot task (tasa profile)
+        task.fewshot_docs = loader(fewshot)
+    elif num_fewshot > 0:
+        task.fewshot_docs, task.fewshot_from_eval = task.docs, True
     if kind == "multiple_choice":
         task.doc_to_choices = lambda d: d["_choices"]
         task.doc_to_gold = lambda d: d["_gold"]

@@ -194,7 +194,7 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
 
 
 def search(lm, load_model: Callable, general: str, tasks: list[str], targets: list[str] | None = None,
-           criteria: list[str] | tuple[str, ...] = ("hessian-trace",), ratios: list[float] | None = None,
+           criteria: list[str] | tuple[str, ...] = ("grad-align",), ratios: list[float] | None = None,
            grid_step: float | None = None, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
            heldout_fraction: float = 0.2, damp: float = 0.01, damping_study: bool = True,
            sketch_dim: int = 1 << 16, measure_bits: int = 3,
