@@ -24,7 +24,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import parse_or_work, ROOT, WORK, cached, peer_venv, row, run_json, write_results  # noqa: E402
+from benchmarks.common import (parse_or_work, ROOT, WORK, cached, peer_venv, row, run_json,  # noqa: E402
+                               score_model, write_results)
 
 BENCH = "allocation"
 GROUP = 64
@@ -54,32 +55,6 @@ def plan_for(name: str, arch):
     if name == "vllm-4.25":
         return plan_from_sensitivity(sens, VLLM_BUDGET, bits=[4, 8], beta=0.5, target="vllm")[0]
     return plan_from_sensitivity(sens, BUDGET, bits=[3, 4, 8], beta=float(name[len("tasa-beta"):]))[0]
-
-
-def evaluate(lm, work: Path, reference_topk: dict | None) -> dict:
-    from tasa.data import eval_texts
-    from tasa.eval.perplexity import perplexity
-    from tasa.eval.runner import run_task
-    from tasa.eval.tasks import get_task
-
-    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=SEQLEN,
-                   limit=LIMITS["wikitext2"], progress=False, topk=256 if reference_topk is None else 0,
-                   reference=reference_topk)
-    m = {"wikitext2_ppl": r.ppl}
-    if r.kl is not None:
-        m["wikitext2_kl"] = r.kl
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in r.topk.items()}, str(work / "fp.topk.safetensors"))
-    for task in ("arc_easy", "arc_challenge", "gsm8k"):
-        res = run_task(lm.model, lm.tokenizer, get_task(task), limit=LIMITS[task], num_fewshot=0, generate=False,
-                       progress=False)
-        if task == "gsm8k":
-            m["gsm8k_gold_nll"] = res.metrics["gold_nll"]
-        else:
-            m[f"{task}_acc"], m[f"{task}_acc_norm"] = res.metrics["acc"], res.metrics["acc_norm"]
-    return m
 
 
 def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
@@ -119,7 +94,7 @@ def worker(name: str, work: Path) -> dict:
     lm = load("smollm2-135m")
     arch = resolve(lm.model)
     if name == "fp":
-        return {"metrics": evaluate(lm, work, None), "seconds": None, "plan": None}
+        return {"metrics": score_model(lm, work, None, LIMITS, SEQLEN), "seconds": None, "plan": None}
     from safetensors.torch import load_file
 
     ref = load_file(str(work / "fp.topk.safetensors"))
@@ -130,7 +105,7 @@ def worker(name: str, work: Path) -> dict:
     quantize_model(lm.model, arch, plan, calib, batch_size=8, progress=False,
                    on_result=lambda n, r: packed.update(pack_result(n, r)) if name == "tasa-beta0.5" else None)
     seconds = time.perf_counter() - t0
-    metrics = evaluate(lm, work, ref)
+    metrics = score_model(lm, work, ref, LIMITS, SEQLEN)
     numels = arch.numels()
     total = sum(numels.values())
     metrics["effective_bits_with_metadata"] = sum(

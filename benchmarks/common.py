@@ -95,3 +95,51 @@ def parse_or_work(doc: str, bench: str, worker, rows: list[str] | None = None):
         print(json.dumps(worker(args.worker, work)))
         raise SystemExit(0)
     return args, work
+
+
+def score_model(lm, work: Path, reference: dict | None, limits: dict, seqlen: int) -> dict:
+    """The benchmarks' held-out scores of a model: WikiText-2 perplexity on the first limits['wikitext2']
+    windows of ``seqlen`` tokens with KL(FP || model) against ``reference`` (top-256 log-probs; with
+    ``reference=None`` the model is the reference and its top-256 are saved to work/fp.topk.safetensors),
+    ARC-Easy / ARC-Challenge acc and acc_norm (with stderr) and GSM8K gold-solution NLL, zero-shot, on the
+    first limits[task] test rows."""
+    from tasa.data import eval_texts
+    from tasa.eval.perplexity import perplexity
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=seqlen,
+                   limit=limits["wikitext2"], progress=False, topk=256 if reference is None else 0,
+                   reference=reference)
+    m = {"wikitext2_ppl": r.ppl}
+    if r.kl is not None:
+        m["wikitext2_kl"] = r.kl
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in r.topk.items()}, str(work / "fp.topk.safetensors"))
+    for task in ("arc_easy", "arc_challenge", "gsm8k"):
+        res = run_task(lm.model, lm.tokenizer, get_task(task), limit=limits[task], num_fewshot=0, generate=False,
+                       progress=False)
+        if task == "gsm8k":
+            m["gsm8k_gold_nll"] = res.metrics["gold_nll"]
+        else:
+            for k in ("acc", "acc_norm"):
+                m[f"{task}_{k}"], m[f"{task}_{k}_stderr"] = res.metrics[k], res.metrics[f"{k}_stderr"]
+    return m
+
+
+def load_linear_weights(lm, arch, path: Path) -> None:
+    """Copy a peer's (dequantized) linear weights, saved as safetensors, into the loaded float model."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    expected = {m.name + ".weight" for m in arch.modules}
+    if set(weights) != expected:
+        raise RuntimeError(f"{path.name}: {len(weights)} weights, expected the model's {len(expected)} linears")
+    state = lm.model.state_dict()
+    with torch.no_grad():
+        for k, v in weights.items():
+            state[k].copy_(v)
+

@@ -22,7 +22,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import parse_or_work, cached, peer_venv, row, run_json, write_results  # noqa: E402
+from benchmarks.common import (parse_or_work, cached, load_linear_weights, peer_venv, row, run_json,  # noqa: E402
+                               write_results)
 
 BENCH = "uniform"
 GROUP = 64
@@ -88,16 +89,7 @@ def worker(name: str, work: Path) -> dict:
         seconds = time.perf_counter() - t0
         peak_quant = peak_rss_gb()
     elif tool == "gptqmodel":
-        from safetensors.torch import load_file
-
-        weights = load_file(work / f"{name}.safetensors")
-        names = {m.name + ".weight" for m in arch.modules}
-        if set(weights) != names:
-            raise RuntimeError(f"GPTQModel weights cover {len(weights)} tensors, expected {len(names)}")
-        state = lm.model.state_dict()
-        with torch.no_grad():
-            for k, v in weights.items():
-                state[k].copy_(v)
+        load_linear_weights(lm, arch, work / f"{name}.safetensors")
         peak_quant = None
     else:
         peak_quant = None

@@ -1,0 +1,423 @@
+"""The paper's main table in shape on SmolLM2-135M, against peers, side by side in one run (issue 8).
+
+    .venv/bin/python benchmarks/paper_table.py                 # everything; resumable
+    .venv/bin/python benchmarks/paper_table.py --stage quality # quantize + score every row, no generation
+    .venv/bin/python benchmarks/paper_table.py --stage generate # GSM8K 5-shot strict-match (seed 0 models)
+    .venv/bin/python benchmarks/paper_table.py --stage report   # tables and figures from what is cached
+
+Every (row, calibration seed) is quantized and scored in a fresh process and cached under
+benchmarks/.work/paper_table, so a killed run resumes at the first missing one.
+
+Setup: group size 64, symmetric, GPTQ damp 0.01, 128 x 512-token calibration built by tasa
+(seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
+(WikiText-2 validation; the baselines' convention), ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks'
+train rows), ``searched`` (``tasa search-mixture`` with its default criterion, grad-align,
+over WikiText-2 and both tasks; 64 x 512 tokens per source, as ``tasa run --calib auto``).
+The layer profile is the 4,096-token measured profile of benchmarks/profile.py (wikitext2, gsm8k,
+arc_easy; KL cost for ARC-Easy; bits 3, 4, 8).
+
+Rows: FP; RTN W3/W4; tasa GPTQ W3/W4 (wiki, and on the searched calibration); GPTQModel 7.6.0
+W3/W4 (wiki); AutoRound 0.16 AutoScheme at 3.5 average bits over W3/W4/W8 g64 quantized by
+AutoRound (its defaults: 200 tuning steps, AutoScheme's own 16 x 256 scoring samples, both from
+the wiki calibration text), and the same per-module choice quantized by tasa's GPTQ (wiki); the
+ppl-only allocation (measured perplexity sensitivities alone, beta 1; wiki) and TASA (beta 0.5)
+at budgets 3.0, 3.25, 3.5, 3.75, 4.0 (searched calibration), and TASA 3.5 on task-only and
+general-only calibration.
+
+Scores, on test rows never used for calibration, profiling or search: WikiText-2 perplexity and
+KL(FP || quantized) per token (top-256 log-probs) on the first 40 windows of 512 tokens; ARC-Easy
+and ARC-Challenge acc and acc_norm on the first 1,000 test rows, zero-shot; GSM8K gold-solution
+NLL on the first 250 test rows, zero-shot; GSM8K 5-shot strict-match (greedy, lm-eval's
+gsm8k prompt) on the first 250 test rows, for the seed-0 model of each row. The aggregate task
+score (0 = chance/uniform, 100 = full precision) is the mean of ARC-Easy acc and acc_norm
+retention above chance ((x - 0.25) / (x_FP - 0.25)) and the GSM8K per-token likelihood
+retention exp(NLL_FP - NLL); ARC-Challenge and GSM8K strict-match are reported but not
+aggregated: SmolLM2-135M scores at chance on them in full precision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import (ROOT, WORK, cached, load_linear_weights, peer_venv, row, run_json,  # noqa: E402
+                               score_model, write_results)
+
+BENCH = "paper_table"
+COMMAND = ".venv/bin/python benchmarks/paper_table.py"
+GROUP, NSAMPLES, SEQLEN, DAMP, BATCH = 64, 128, 512, 0.01, 8
+SEEDS = (0, 1, 2)
+BUDGETS = (3.0, 3.25, 3.5, 3.75, 4.0)
+SWEEP_SEEDS = (0,)  # budgets other than 3.5: one calibration seed
+LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
+CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
+PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
+AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
+BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
+             "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",
+             "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki"]
+SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
+              for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
+
+
+def parse(name: str) -> dict:
+    """'tasa-3.5-searched-s1' -> {kind, bits, calib, seed}; 'gptq-w3-wiki' -> bits 3."""
+    parts = name.split("-")
+    seed = int(parts.pop()[1:]) if len(parts) > 1 and parts[-1][:1] == "s" and parts[-1][1:].isdigit() else 0
+    kind = parts[0]
+    if kind == "fp":
+        return {"kind": "fp", "bits": None, "calib": None, "seed": 0, "base": "fp"}
+    bits = parts[1]
+    bits = float(bits[2:]) if bits.startswith("as") else float(bits[1:]) if bits.startswith("w") else float(bits)
+    calib = parts[2] if len(parts) > 2 else None
+    return {"kind": kind, "bits": bits, "calib": calib, "seed": seed, "base": "-".join(parts)}
+
+
+def seeds_of(base: str) -> tuple[int, ...]:
+    p = parse(base)
+    if p["kind"] in ("fp", "rtn"):
+        return (0,)
+    if p["kind"] in ("tasa", "pplonly") and p["bits"] != 3.5:
+        return SWEEP_SEEDS
+    return SEEDS
+
+
+def with_seed(base: str, seed: int) -> str:
+    return base if seed == 0 else f"{base}-s{seed}"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def searched_calib(work: Path) -> str:
+    """The mixture `tasa run --calib auto` would choose (grad-align, the default), searched once."""
+    def search():
+        from tasa.pipeline import search_mixture
+
+        want = {"tasks": ["gsm8k", "arc_easy"], "nsamples": 64, "seqlen": SEQLEN, "seed": 0,
+                "criteria": ["grad-align"]}
+        done = work / "search" / "mixture.json"  # e.g. a `tasa run --calib auto` mixture/ directory, same settings
+        if done.is_file():
+            s = json.loads(done.read_text())
+            if any(s.get(k) != v for k, v in want.items()):
+                raise SystemExit(f"{done} was searched with other settings than {want}")
+        else:
+            s = search_mixture("smollm2-135m", work / "search", general="wikitext2", tasks=want["tasks"],
+                               criteria=want["criteria"], nsamples=want["nsamples"], seqlen=SEQLEN,
+                               group_size=GROUP, seed=want["seed"], progress=False)
+        return {"calib": s["calib"], "criteria": s["criteria"], "grid": s["grid"],
+                "values": s["results"][s["criteria"][0]]["values"], "seconds": s["seconds"]}
+
+    return cached(work / "search.json", search)["calib"]
+
+
+def calib_string(kind: str, work: Path) -> str:
+    return searched_calib(work) if kind == "searched" else CALIBS[kind]
+
+
+def calib_file(work: Path, kind: str, seed: int) -> Path:
+    """Token file of a calibration; a searched mixture equal to a fixed one shares its file."""
+    spec = calib_string(kind, work)
+    for k, v in CALIBS.items():
+        if v == spec:
+            kind = k
+    return work / "calib" / f"{kind}-s{seed}.pt"
+
+
+def build_calib(work: Path, kind: str, seed: int) -> Path:
+    path = calib_file(work, kind, seed)
+    if not path.is_file():
+        import io
+
+        import torch
+
+        from tasa.artifacts import write_bytes_atomic
+        from tasa.config import CalibSpec
+        from tasa.data import build_calibration
+        from tasa.models import load
+
+        lm = load("smollm2-135m")
+        cal = build_calibration(lm.tokenizer, CalibSpec.parse(calib_string(kind, work), nsamples=NSAMPLES,
+                                                              seqlen=SEQLEN, seed=seed))
+        buf = io.BytesIO()
+        torch.save(cal.input_ids, buf)
+        write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def same_model_as(name: str, work: Path) -> str | None:
+    """A searched-calibration row whose mixture equals task-only is the task-only model: reuse it."""
+    p = parse(name)
+    if p["calib"] == "searched" and calib_string("searched", work) == CALIBS["task"]:
+        return name.replace("-searched", "-task")
+    return None
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def strict_match(lm) -> dict:
+    from tasa.eval.runner import run_task
+    from tasa.eval.tasks import get_task
+
+    res = run_task(lm.model, lm.tokenizer, get_task("gsm8k"), limit=LIMITS["gsm8k_5shot"], num_fewshot=5,
+                   generate=True, gold_nll=False, progress=False)
+    return {"gsm8k_strict_match": res.metrics["strict_match"],
+            "gsm8k_strict_match_stderr": res.metrics["strict_match_stderr"],
+            "gsm8k_flexible_extract": res.metrics["flexible_extract"], "seconds": res.metrics["seconds"]}
+
+
+def aggregate(m: dict, fp: dict) -> float:
+    """Mean retention of FP quality on the metrics that carry signal on this model (x 100)."""
+    acc = [(m[k] - 0.25) / (fp[k] - 0.25) for k in ("arc_easy_acc", "arc_easy_acc_norm")]
+    return 100 * statistics.mean([*acc, math.exp(fp["gsm8k_gold_nll"] - m["gsm8k_gold_nll"])])
+
+
+# ---------------------------------------------------------------- plans
+
+
+def plan_for(name: str, arch, work: Path):
+    from tasa.allocate.plan import plan_from_sensitivity
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    p = parse(name)
+    names = [m.name for m in arch.modules]
+    if p["kind"] in ("rtn", "gptq"):
+        return Plan.uniform(names, QuantSpec(bits=int(p["bits"]), group_size=GROUP, damp=DAMP), method=p["kind"])
+    if p["kind"] == "asgptq":  # AutoScheme's per-module choice, from AutoRound's run on the same seed
+        layers = json.loads((work / "peers" / f"{with_seed('autoround-as3.5-wiki', p['seed'])}.safetensors"
+                             ".layers.json").read_text())["bits"]
+        if set(layers) != set(names):
+            raise RuntimeError(f"AutoScheme chose bits for {len(layers)} modules, the model has {len(names)}")
+        return Plan({n: QuantSpec(bits=layers[n], group_size=GROUP, damp=DAMP) for n in names})
+    sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
+    return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)[0]
+
+
+def layer_bits(plan, arch) -> list[float]:
+    numels = arch.numels()
+    return [sum(numels[m.name] * plan[m.name].bits for m in arch.layer_modules(i))
+            / sum(numels[m.name] for m in arch.layer_modules(i)) for i in range(arch.num_layers)]
+
+
+# ---------------------------------------------------------------- workers
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(name: str, work: Path) -> dict:
+    """Quantize (or load a peer's weights) and score one row in this fresh process."""
+    import torch
+
+    from tasa.models import load, resolve
+    from tasa.quant.apply import quantize_model
+
+    generate = name.startswith("gen:")
+    name = name[4:] if generate else name
+    torch.manual_seed(0)
+    lm = load("smollm2-135m")
+    arch = resolve(lm.model)
+    p = parse(name)
+    out: dict = {"seconds": None}
+    if p["kind"] in ("gptqmodel", "autoround"):
+        load_linear_weights(lm, arch, work / "peers" / f"{name}.safetensors")
+        if p["kind"] == "autoround":
+            bits = json.loads((work / "peers" / f"{name}.safetensors.layers.json").read_text())["bits"]
+            out["layer_bits"] = [sum(arch.numels()[m.name] * bits[m.name] for m in arch.layer_modules(i))
+                                 / sum(arch.numels()[m.name] for m in arch.layer_modules(i))
+                                 for i in range(arch.num_layers)]
+    elif p["kind"] != "fp":
+        plan = plan_for(name, arch, work)
+        calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
+                 if p["kind"] != "rtn" else None)
+        t0 = time.perf_counter()
+        quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
+        out["seconds"] = time.perf_counter() - t0
+        out["bits"] = plan.average_bits(arch.numels())
+        out["layer_bits"] = layer_bits(plan, arch)
+        out["peak_rss_gb"] = peak_rss_gb()
+    if generate:
+        return strict_match(lm)
+    reference = None
+    if p["kind"] != "fp":
+        from safetensors.torch import load_file
+
+        reference = load_file(str(work / "fp.topk.safetensors"))
+    t0 = time.perf_counter()
+    out["metrics"] = score_model(lm, work, reference, LIMITS, SEQLEN)
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
+    p = parse(name)
+    dest = work / "peers" / f"{name}.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    calib = str(calib_file(work, p["calib"], p["seed"]))
+    if p["kind"] == "gptqmodel":
+        py = peer_venv("gptqmodel", GPTQMODEL_REQS)
+        cmd = [str(py), str(_HERE / "peers" / "gptqmodel_quantize.py"), "--model-dir", fp_dir, "--calib", calib,
+               "--bits", str(int(p["bits"])), "--group-size", str(GROUP), "--damp", str(DAMP),
+               "--batch-size", str(BATCH), "--out", str(dest)]
+        env = {"GPTQMODEL_CPU_WORKERS": "2", "GPTQ_TORCH_CACHE_WEIGHTS": "1"}
+    else:
+        py = peer_venv("autoround", AUTOROUND_REQS)
+        cmd = [str(py), str(_HERE / "peers" / "autoround_autoscheme.py"), "--model-dir", fp_dir, "--calib", calib,
+               "--avg-bits", str(p["bits"]), "--options", "3,4,8", "--group-size", str(GROUP),
+               "--batch-size", str(BATCH), "--seed", str(42 + p["seed"]), "--out", str(dest)]
+        env = {}
+    return run_json(cmd, env=env, log=work / "logs" / f"{name}-quantize.log")
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_row(name: str, work: Path, fp_dir: str) -> dict:
+    twin = same_model_as(name, work)
+    if twin is not None:
+        return run_row(twin, work, fp_dir)
+    p = parse(name)
+    if p["calib"]:
+        build_calib(work, p["calib"], p["seed"])
+    if p["kind"] in ("gptqmodel", "autoround"):
+        q = cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
+    if p["kind"] == "asgptq":
+        run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
+    r = cached(work / "rows" / f"{name}.json", lambda: run_json(
+        [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
+    if p["kind"] in ("gptqmodel", "autoround"):
+        r = {**r, "seconds": q["seconds"], "bits": q.get("average_bits", p["bits"]), "peer": q}
+        r["metrics"] = {**r["metrics"], "peak_rss_gb": q["peak_rss_gb"]}
+    elif "peak_rss_gb" in r:
+        r["metrics"] = {**r["metrics"], "peak_rss_gb": r["peak_rss_gb"]}
+    return r
+
+
+def run_generation(name: str, work: Path, fp_dir: str) -> dict:
+    twin = same_model_as(name, work)
+    if twin is not None:
+        return run_generation(twin, work, fp_dir)
+    run_row(name, work, fp_dir)  # the model's inputs (peer weights, calibration, AutoScheme choice) exist
+    return cached(work / "rows" / f"{name}-gen.json", lambda: run_json(
+        [sys.executable, __file__, "--worker", f"gen:{name}"], log=work / "logs" / f"{name}-gen.log"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["all", "quality", "generate", "report"], default="all")
+    ap.add_argument("--rows", default=",".join(BASE_ROWS + SWEEP_ROWS), help="comma-separated subset of rows")
+    ap.add_argument("--seeds", default=None, help="calibration seeds to run (default: each row's own: "
+                                                   "0,1,2; budget-sweep rows 0)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = WORK / BENCH
+    if args.worker:
+        print(json.dumps(worker(args.worker, work)))
+        raise SystemExit(0)
+    if not PROFILE.is_file():
+        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
+    from tasa.models import load
+
+    fp_dir = str(load("smollm2-135m").path)
+    bases = args.rows.split(",")
+    unknown = [b for b in bases if b not in BASE_ROWS + SWEEP_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows: {', '.join(unknown)}")
+    wanted = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+    run_row("fp", work, fp_dir)
+    if args.stage in ("all", "quality"):
+        for seed in sorted({s for b in bases for s in seeds_of(b)}):  # every row at seed 0 first, then seed 1, ...
+            if wanted is not None and seed not in wanted:
+                continue
+            for base in bases:
+                if seed in seeds_of(base):
+                    name = with_seed(base, seed)
+                    t0 = time.perf_counter()
+                    r = run_row(name, work, fp_dir)
+                    print(f"[{BENCH}] {name}: {json.dumps(r['metrics'])} ({time.perf_counter() - t0:.0f} s)",
+                          flush=True)
+    if args.stage in ("all", "generate"):
+        for base in bases:
+            t0 = time.perf_counter()
+            g = run_generation(base, work, fp_dir)
+            print(f"[{BENCH}] {base} strict-match {g['gsm8k_strict_match']:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    report(work, bases)
+
+
+def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
+    """Result rows (one per row and seed) and per-row mean/sd over the seeds that are cached."""
+    fp = json.loads((work / "rows" / "fp.json").read_text())["metrics"]
+    rows, table = [], {}
+    for base in bases:
+        per_seed = []
+        for seed in seeds_of(base):
+            name = with_seed(base, seed)
+            src = same_model_as(name, work) or name
+            path = work / "rows" / f"{src}.json"
+            if not path.is_file():
+                continue
+            r = json.loads(path.read_text())
+            m = dict(r["metrics"])
+            for extra in (work / "rows" / f"{src}-quantize.json",):
+                if extra.is_file():
+                    q = json.loads(extra.read_text())
+                    r["seconds"], r["bits"], m["peak_rss_gb"] = q["seconds"], q.get("average_bits"), q["peak_rss_gb"]
+            gen = work / "rows" / f"{src}-gen.json"
+            if gen.is_file():
+                m.update({k: v for k, v in json.loads(gen.read_text()).items() if k != "seconds"})
+            m["aggregate_task_score"] = aggregate(m, fp)
+            if r.get("layer_bits"):
+                m["layer_bits"] = r["layer_bits"]
+            p = parse(name)
+            tool = {"gptqmodel": "gptqmodel", "autoround": "auto-round", "fp": "none"}.get(p["kind"], "tasa")
+            method = {"fp": "fp", "rtn": "rtn", "autoround": "autoround+autoscheme"}.get(p["kind"], "gptq")
+            calib = None if p["kind"] in ("fp", "rtn") else \
+                f"{calib_string(p['calib'], work)} {NSAMPLES}x{SEQLEN} seed {p['seed']}"
+            rows.append(row(name, tool, method, r.get("bits", p["bits"]), None if p["kind"] == "fp" else GROUP,
+                            calib, m, r.get("seconds")))
+            per_seed.append(m)
+        if per_seed:
+            keys = [k for k, v in per_seed[0].items() if isinstance(v, float) and not k.endswith("_stderr")]
+            table[base] = {"seeds": len(per_seed), **{
+                k: {"mean": statistics.mean(x[k] for x in per_seed if k in x),
+                    "sd": statistics.stdev([x[k] for x in per_seed if k in x])
+                    if sum(k in x for x in per_seed) > 1 else None} for k in keys}}
+    return rows, table
+
+
+def report(work: Path, bases: list[str]) -> None:
+    rows, table = summarise(work, bases)
+    extra = {"settings": {"group_size": GROUP, "nsamples": NSAMPLES, "seqlen": SEQLEN, "damp": DAMP,
+                          "seeds": list(SEEDS), "sweep_seeds": list(SWEEP_SEEDS), "eval_limits": LIMITS,
+                          "calibrations": {**CALIBS, "searched": calib_string("searched", work)},
+                          "profile": str(PROFILE.relative_to(ROOT)),
+                          "aggregate": "mean of (acc - 0.25) / (acc_FP - 0.25) for ARC-Easy acc and acc_norm and "
+                                       "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
+             "table": table, "search": json.loads((work / "search.json").read_text())}
+    out = write_results(BENCH, COMMAND, rows, extra)
+    print(f"{'row':24} {'n':>2} {'bits':>5} {'ppl':>8} {'KL':>6} {'ARC-E':>6} {'ARC-C':>6} {'NLL':>6} {'agg':>6}")
+    for base, t in table.items():
+        def f(k, fmt="{:.3f}"):
+            return fmt.format(t[k]["mean"]) if k in t else "-"
+        bits = parse(base)["bits"] or 16
+        print(f"{base:24} {t['seeds']:>2} {bits:5.2f} {f('wikitext2_ppl', '{:.1f}'):>8} {f('wikitext2_kl'):>6} "
+              f"{f('arc_easy_acc'):>6} {f('arc_challenge_acc'):>6} {f('gsm8k_gold_nll'):>6} "
+              f"{f('aggregate_task_score', '{:.1f}'):>6}")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
