@@ -408,6 +408,8 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((work / "search.json").read_text())}
     out = write_results(BENCH, COMMAND, rows, extra)
+    for f in figures(work, table):
+        print(f"figure {f}")
     print(f"{'row':24} {'n':>2} {'bits':>5} {'ppl':>8} {'KL':>6} {'ARC-E':>6} {'ARC-C':>6} {'NLL':>6} {'agg':>6}")
     for base, t in table.items():
         def f(k, fmt="{:.3f}"):
@@ -417,6 +419,109 @@ def report(work: Path, bases: list[str]) -> None:
               f"{f('arc_easy_acc'):>6} {f('arc_challenge_acc'):>6} {f('gsm8k_gold_nll'):>6} "
               f"{f('aggregate_task_score', '{:.1f}'):>6}")
     print(f"written {out}")
+
+
+def figures(work: Path, table: dict) -> list[Path]:
+    """docs/figures/paper_*.png: quality against average bits per method, the 3.5-bit layer plans of
+    ppl-only and TASA side by side, and the Perplexity Illusion of the profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasa.models import load, resolve
+
+    figdir = ROOT / "docs" / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    families = {  # line label -> row bases in bit order
+        "TASA (searched calibration)": [f"tasa-{b:g}-searched" for b in BUDGETS],
+        "ppl-only allocation (WikiText-2)": [f"pplonly-{b:g}-wiki" for b in BUDGETS],
+        "tasa GPTQ uniform (WikiText-2)": ["gptq-w3-wiki", "gptq-w4-wiki"],
+        "tasa GPTQ uniform (searched)": ["gptq-w3-searched", "gptq-w4-searched"],
+        "GPTQModel uniform (WikiText-2)": ["gptqmodel-w3-wiki", "gptqmodel-w4-wiki"],
+        "RTN uniform": ["rtn-w3", "rtn-w4"],
+        "AutoRound AutoScheme": ["autoround-as3.5-wiki"],
+        "AutoScheme choice + tasa GPTQ": ["asgptq-3.5-wiki"],
+    }
+    metrics = [("aggregate_task_score", "aggregate task score (FP = 100)"), ("gsm8k_gold_nll", "GSM8K gold NLL"),
+               ("arc_easy_acc", "ARC-Easy acc"), ("wikitext2_ppl", "WikiText-2 perplexity")]
+    if any(b in table for rows in families.values() for b in rows):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2))
+        for ax, (key, label) in zip(axes, metrics):
+            for name, bases in families.items():
+                pts = [(parse(b)["bits"], table[b][key]) for b in bases if b in table and key in table[b]]
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                y = [p[1]["mean"] for p in pts]
+                err = [p[1]["sd"] or 0.0 for p in pts]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+            if "fp" in table and key in table["fp"]:
+                ax.axhline(table["fp"][key]["mean"], color="black", lw=0.8, ls="--", label="full precision")
+            ax.set_xlabel("average weight bits")
+            ax.set_title(label)
+            if key == "wikitext2_ppl":
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(figdir / "paper_quality_vs_bits.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    arch = resolve(load("smollm2-135m").model)
+    plans = {"ppl-only (beta 1)": layer_bits(plan_for("pplonly-3.5-wiki", arch, work), arch),
+             "TASA (beta 0.5)": layer_bits(plan_for("tasa-3.5-searched", arch, work), arch)}
+    as_layers = work / "peers" / "autoround-as3.5-wiki.safetensors.layers.json"
+    if as_layers.is_file():
+        plans["AutoRound AutoScheme"] = layer_bits(plan_for("asgptq-3.5-wiki", arch, work), arch)
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    width = 0.8 / len(plans)
+    for k, (name, bits) in enumerate(plans.items()):
+        ax.bar([i + (k - (len(plans) - 1) / 2) * width for i in range(len(bits))], bits, width, label=name)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("bits (parameter-weighted)")
+    ax.set_title("3.5-bit plans")
+    ax.set_xticks(range(arch.num_layers))
+    ax.set_ylim(0, max(max(b) for b in plans.values()) + 1.5)
+    ax.legend(fontsize=8, ncol=len(plans), loc="upper left")
+    fig.tight_layout()
+    written.append(figdir / "paper_plans.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    sens = json.loads(PROFILE.read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for obj, per_bits in sens["costs"].items():
+        c = per_bits["3"]["cost"]
+        mean = sum(max(0.0, x) for x in c) / len(c)
+        axes[0].plot(range(len(c)), [x / mean for x in c], marker="o", ms=3, label=obj)
+    axes[0].set_xlabel("decoder layer (RTN 3-bit, alone)")
+    axes[0].set_ylabel("cost / mean cost")
+    axes[0].set_title("measured layer sensitivity per objective")
+    axes[0].legend(fontsize=8)
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: -v[i])
+        r = [0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = pos + 1
+        return r
+
+    ppl, gsm = ranks(sens["costs"]["wikitext2"]["3"]["cost"]), ranks(sens["costs"]["gsm8k"]["3"]["cost"])
+    axes[1].scatter(ppl, gsm)
+    for i, (a, b) in enumerate(zip(ppl, gsm)):
+        axes[1].annotate(str(i), (a, b), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    t = sens["objective_taus"]["3"]["wikitext2|gsm8k"]
+    axes[1].set_title(f"layer rank: perplexity vs GSM8K (Kendall tau {t['tau']:.2f} "
+                      f"[{t['ci_low']:.2f}, {t['ci_high']:.2f}])")
+    axes[1].set_xlabel("rank by perplexity cost (1 = most sensitive)")
+    axes[1].set_ylabel("rank by GSM8K cost")
+    fig.tight_layout()
+    written.append(figdir / "paper_illusion.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
 
 
 if __name__ == "__main__":
