@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tasa.errors import TasaError
-from tasa.quant.rtn import compute_grid, group_bounds, quantize_codes, rtn_quantize
+from tasa.quant.rtn import compute_grid, dequantize, group_bounds, quantize_codes, rtn_quantize
 
 
 def test_asymmetric_2bit_hand_example():
@@ -85,3 +85,18 @@ def test_nan_weights_rejected():
     w[1, 2] = float("nan")
     with pytest.raises(TasaError, match="NaN/Inf"):
         rtn_quantize(w, 4, -1, True)
+
+
+@pytest.mark.parametrize("cols,group_size", [(96, 32), (100, 32), (20, 32), (64, -1), (70, 7)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_matches_group_by_group_definition(cols, group_size, sym):
+    w = torch.randn(9, cols, generator=torch.Generator().manual_seed(cols)) * torch.rand(9, 1) * 3
+    w[3] = 0  # an all-zero row
+    r = rtn_quantize(w, 3, group_size, sym)
+    for gi, (s, e) in enumerate(group_bounds(cols, group_size)):  # each group on its own, as the grid is defined
+        scale, zero = compute_grid(w[:, s:e], 3, sym)
+        q = quantize_codes(w[:, s:e], scale, zero, 3)
+        assert torch.equal(r.scales[:, gi], scale) and torch.equal(r.zeros[:, gi], zero)
+        assert torch.equal(r.codes[:, s:e], q.to(torch.uint8))
+        assert torch.equal(r.weight[:, s:e], dequantize(q, scale, zero))
+        assert (r.g_idx[s:e] == gi).all()
