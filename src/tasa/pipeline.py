@@ -623,24 +623,15 @@ def run(
         get_task(t)  # bad names and specs fail before any work
     run_warnings = []
     if calib in (None, "auto"):
-        for t in tasks:
-            try:
-                kind = resolve_calibration_source(t).kind
-                problem = None if kind == "rows" else "is not a built-in dataset with calibration rows"
-            except TasaError as e:
-                problem = f"cannot be a calibration source: {e}"
-            if problem is None:
-                continue
-            if calib == "auto":
-                raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {t!r} {problem}"
-                                " (pass --calib explicitly)")
-            run_warnings.append(f"calibration: task {t!r} {problem}, so no mixture is searched; calibrating "
-                                "on wikitext2 (pass --calib to choose)")
+        problem = next(((t, p) for t in tasks if (p := _no_calibration_rows(t))), None)
+        if problem and calib == "auto":
+            raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {problem[0]!r} {problem[1]}"
+                            " (pass --calib explicitly)")
+        if problem:
+            run_warnings.append(f"calibration: task {problem[0]!r} {problem[1]}, so no mixture is searched; "
+                                "calibrating on wikitext2 (pass --calib to choose)")
             log.warning(run_warnings[-1])
-            calib = "wikitext2"
-            break
-        else:
-            calib = "auto"
+        calib = "wikitext2" if problem else "auto"
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     if eval_limit < 1 or eval_windows < 1:
@@ -700,11 +691,20 @@ def run(
         progress=progress)["results"])
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": eval_limit,
                "eval_windows": eval_windows, "seqlen": seqlen,
-               "probe_tokens": probe_tokens, "warnings": run_warnings + prof["warnings"], "sizes": _sizes(out / "model"),
-               "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
+               "probe_tokens": probe_tokens, "warnings": run_warnings + prof["warnings"],
+               "sizes": _sizes(out / "model"), "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
     summary["report"] = str(write_run_report(out, summary))
     write_json_atomic(out / "run.json", summary)
     return summary
+
+
+def _no_calibration_rows(task: str) -> str | None:
+    """Why ``task`` cannot supply calibration rows to a mixture search, or None when it can."""
+    try:
+        kind = resolve_calibration_source(task).kind
+    except TasaError as e:
+        return f"cannot be a calibration source: {e}"
+    return None if kind == "rows" else "is not a built-in dataset with calibration rows"
 
 
 def _sizes(model_dir: Path) -> dict:
