@@ -82,12 +82,15 @@ def run_json(cmd: list[str], env: dict | None = None, log: Path | None = None) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def parse_or_work(doc: str, bench: str, worker, rows: list[str] | None = None):
+def parse_or_work(doc: str, bench: str, worker, rows: list[str] | None = None, options=None):
     """A benchmark's command line. In a ``--worker NAME`` process (one row, in a fresh process) run
-    ``worker(NAME, work dir)``, print its JSON and exit; otherwise return (args, work dir)."""
+    ``worker(NAME, work dir)``, print its JSON and exit; otherwise return (args, work dir).
+    ``options(parser)`` adds the benchmark's own arguments."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if rows is not None:
         ap.add_argument("--rows", default=",".join(rows), help="comma-separated subset of rows")
+    if options is not None:
+        options(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = WORK / bench

@@ -36,7 +36,6 @@ aggregated: SmolLM2-135M scores at chance on them in full precision.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -48,8 +47,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (ROOT, WORK, cached, load_linear_weights, peer_venv, row, run_json,  # noqa: E402
-                               score_model, write_results)
+from benchmarks.common import (ROOT, WORK, cached, load_linear_weights, parse_or_work, peer_venv, row,  # noqa: E402
+                               run_json, score_model, write_results)
 
 BENCH = "paper_table"
 COMMAND = ".venv/bin/python benchmarks/paper_table.py"
@@ -195,13 +194,20 @@ def plan_for(name: str, arch, work: Path):
     if p["kind"] in ("rtn", "gptq"):
         return Plan.uniform(names, QuantSpec(bits=int(p["bits"]), group_size=GROUP, damp=DAMP), method=p["kind"])
     if p["kind"] == "asgptq":  # AutoScheme's per-module choice, from AutoRound's run on the same seed
-        layers = json.loads((work / "peers" / f"{with_seed('autoround-as3.5-wiki', p['seed'])}.safetensors"
-                             ".layers.json").read_text())["bits"]
-        if set(layers) != set(names):
-            raise RuntimeError(f"AutoScheme chose bits for {len(layers)} modules, the model has {len(names)}")
-        return Plan({n: QuantSpec(bits=layers[n], group_size=GROUP, damp=DAMP) for n in names})
+        return autoscheme_plan(with_seed("autoround-as3.5-wiki", p["seed"]), names, work)
     sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
     return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)[0]
+
+
+def autoscheme_plan(autoround_row: str, names: list[str], work: Path):
+    """The bits AutoScheme chose for every linear in an AutoRound row, as a plan."""
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    bits = json.loads((work / "peers" / f"{autoround_row}.safetensors.layers.json").read_text())["bits"]
+    if set(bits) != set(names):
+        raise RuntimeError(f"AutoScheme chose bits for {len(bits)} modules, the model has {len(names)}")
+    return Plan({n: QuantSpec(bits=bits[n], group_size=GROUP, damp=DAMP) for n in names})
 
 
 def layer_bits(plan, arch) -> list[float]:
@@ -234,10 +240,7 @@ def worker(name: str, work: Path) -> dict:
     if p["kind"] in ("gptqmodel", "autoround"):
         load_linear_weights(lm, arch, work / "peers" / f"{name}.safetensors")
         if p["kind"] == "autoround":
-            bits = json.loads((work / "peers" / f"{name}.safetensors.layers.json").read_text())["bits"]
-            out["layer_bits"] = [sum(arch.numels()[m.name] * bits[m.name] for m in arch.layer_modules(i))
-                                 / sum(arch.numels()[m.name] for m in arch.layer_modules(i))
-                                 for i in range(arch.num_layers)]
+            out["layer_bits"] = layer_bits(autoscheme_plan(name, [m.name for m in arch.modules], work), arch)
     elif p["kind"] != "fp":
         plan = plan_for(name, arch, work)
         calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
@@ -292,16 +295,33 @@ def run_row(name: str, work: Path, fp_dir: str) -> dict:
     if p["calib"]:
         build_calib(work, p["calib"], p["seed"])
     if p["kind"] in ("gptqmodel", "autoround"):
-        q = cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
+        cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
-    r = cached(work / "rows" / f"{name}.json", lambda: run_json(
+    cached(work / "rows" / f"{name}.json", lambda: run_json(
         [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
-    if p["kind"] in ("gptqmodel", "autoround"):
-        r = {**r, "seconds": q["seconds"], "bits": q.get("average_bits", p["bits"]), "peer": q}
-        r["metrics"] = {**r["metrics"], "peak_rss_gb": q["peak_rss_gb"]}
+    return merged(name, work)
+
+
+def merged(name: str, work: Path) -> dict | None:
+    """A row's cached pieces as one record (None if it has not run): the scores, a peer's quantization
+    time, bits and peak memory (else tasa's, from the row itself), and the generation scores if run."""
+    path = work / "rows" / f"{name}.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    m = dict(r["metrics"])
+    peer = work / "rows" / f"{name}-quantize.json"
+    if peer.is_file():
+        q = json.loads(peer.read_text())
+        r.update(seconds=q["seconds"], bits=q.get("average_bits", parse(name)["bits"]), peer=q)
+        m["peak_rss_gb"] = q["peak_rss_gb"]
     elif "peak_rss_gb" in r:
-        r["metrics"] = {**r["metrics"], "peak_rss_gb": r["peak_rss_gb"]}
+        m["peak_rss_gb"] = r["peak_rss_gb"]
+    gen = work / "rows" / f"{name}-gen.json"
+    if gen.is_file():
+        m.update({k: v for k, v in json.loads(gen.read_text()).items() if k != "seconds"})
+    r["metrics"] = m
     return r
 
 
@@ -314,18 +334,14 @@ def run_generation(name: str, work: Path, fp_dir: str) -> dict:
         [sys.executable, __file__, "--worker", f"gen:{name}"], log=work / "logs" / f"{name}-gen.log"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(ap) -> None:
     ap.add_argument("--stage", choices=["all", "quality", "generate", "report"], default="all")
-    ap.add_argument("--rows", default=",".join(BASE_ROWS + SWEEP_ROWS), help="comma-separated subset of rows")
     ap.add_argument("--seeds", default=None, help="calibration seeds to run (default: each row's own: "
                                                    "0,1,2; budget-sweep rows 0)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    work = WORK / BENCH
-    if args.worker:
-        print(json.dumps(worker(args.worker, work)))
-        raise SystemExit(0)
+
+
+def main() -> None:
+    args, work = parse_or_work(__doc__, BENCH, worker, BASE_ROWS + SWEEP_ROWS, options)
     if not PROFILE.is_file():
         raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
     from tasa.models import load
@@ -365,19 +381,10 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
         per_seed = []
         for seed in seeds_of(base):
             name = with_seed(base, seed)
-            src = same_model_as(name, work) or name
-            path = work / "rows" / f"{src}.json"
-            if not path.is_file():
+            r = merged(same_model_as(name, work) or name, work)
+            if r is None:
                 continue
-            r = json.loads(path.read_text())
-            m = dict(r["metrics"])
-            for extra in (work / "rows" / f"{src}-quantize.json",):
-                if extra.is_file():
-                    q = json.loads(extra.read_text())
-                    r["seconds"], r["bits"], m["peak_rss_gb"] = q["seconds"], q.get("average_bits"), q["peak_rss_gb"]
-            gen = work / "rows" / f"{src}-gen.json"
-            if gen.is_file():
-                m.update({k: v for k, v in json.loads(gen.read_text()).items() if k != "seconds"})
+            m = r["metrics"]
             m["aggregate_task_score"] = aggregate(m, fp)
             if r.get("layer_bits"):
                 m["layer_bits"] = r["layer_bits"]
@@ -446,7 +453,7 @@ def figures(work: Path, table: dict) -> list[Path]:
     }
     metrics = [("aggregate_task_score", "aggregate task score (FP = 100)"), ("gsm8k_gold_nll", "GSM8K gold NLL"),
                ("arc_easy_acc", "ARC-Easy acc"), ("wikitext2_ppl", "WikiText-2 perplexity")]
-    if any(b in table for rows in families.values() for b in rows):
+    if all(b in table for rows in families.values() for b in rows):  # drawn once every row has landed
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2))
         for ax, (key, label) in zip(axes, metrics):
             for name, bases in families.items():
