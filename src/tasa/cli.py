@@ -384,6 +384,11 @@ def run(argv: list[str] | None = None) -> int:
         print(f"average weight bits {s['average_weight_bits']:.4f}, with scale/zero storage "
               f"{s['effective_bits_with_metadata']:.4f} (budget {s['budget']:g}"
               f"{' incl. metadata' if s['budget_includes_metadata'] else ''}) -> {s['output']}")
+        pos = {o: p for o, p in s["predicted"].items() if "gap_position" in p}
+        if pos:
+            lo, hi = next(iter(pos.values()))["between"]
+            print(f"profile's additive prediction (layer plan): 0 = uniform {hi}-bit, 1 = uniform {lo}-bit: "
+                  + ", ".join(f"{o} {p['gap_position']:.2f}" for o, p in pos.items()))
     elif args.command == "profile":
         from tasa.profile.stats import top_k
 

@@ -1,7 +1,7 @@
 """Plans from sensitivity profiles: budget honoured, metadata accounting, errors."""
 import pytest
 
-from tasa.allocate.plan import metadata_bits, plan_from_sensitivity
+from tasa.allocate.plan import metadata_bits, plan_from_sensitivity, predicted_costs
 from tasa.errors import TasaError
 
 
@@ -25,6 +25,23 @@ def test_ppl_only_and_task_only_protect_different_layers():
     assert ppl["layer_bits"] == {"layer.0": 4, "layer.1": 3, "layer.2": 3, "layer.3": 3}
     assert task["layer_bits"] == {"layer.0": 3, "layer.1": 3, "layer.2": 3, "layer.3": 4}
     assert ppl["average_weight_bits"] == 3.25
+
+
+def test_predicted_costs_add_single_layer_costs_and_place_the_plan_between_uniform_widths():
+    s = profile(PPL, GSM)
+    _, ppl = plan_from_sensitivity(s, 3.25, beta="ppl-only")  # layer 0 at 4 bits, the rest at 3
+    w = ppl["predicted"]["wikitext2"]
+    assert w["plan"] == pytest.approx(1.0 + 3 * 1.0)
+    assert w["uniform"] == pytest.approx({3: 7.0, 4: 1.6, 8: 0.0})
+    assert w["between"] == [3, 4] and w["gap_position"] == pytest.approx((4.0 - 1.6) / (7.0 - 1.6))
+    g = ppl["predicted"]["gsm8k"]  # the plan spends its bit where math does not need it
+    assert g["plan"] == pytest.approx(0.2 + 1 + 1 + 4) and g["gap_position"] == pytest.approx((6.2 - 1.6) / 5.4)
+    # a plan at a profiled width has no position; one at 8 bits sits at uniform 8's cost
+    at4 = predicted_costs(s, [4, 4, 4, 4])
+    assert "gap_position" not in at4["gsm8k"] and at4["gsm8k"]["plan"] == pytest.approx(1.6)
+    assert predicted_costs(s, [8, 8, 4, 4])["wikitext2"]["between"] == [4, 8]
+    with pytest.raises(TasaError, match="3 bit-widths for a profile of 4 layers"):
+        predicted_costs(s, [3, 3, 3])
 
 
 def test_plan_modules_and_metadata_budget():

@@ -240,6 +240,7 @@ def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, dat
     bits = [s["bits"] for s in plan["modules"].values()]
     assert sorted(set(bits)) == [2, 4] and sum(bits) / len(bits) == 3  # equal-size layers: one at 2, one at 4
     assert "bits per layer:" in out and "average weight bits 3.0000" in out
+    assert "additive prediction (layer plan): 0 = uniform 4-bit, 1 = uniform 2-bit: wikitext2 " in out
     q_dir = tmp_path / "q"
     code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--plan", str(plan_file),
                               "--output-dir", str(q_dir), "--quiet"], capsys)
@@ -272,6 +273,9 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert sorted({m["bits"] for m in plan["modules"].values()}) == [2, 4]
     report = (out_dir / "report.md").read_text()
     assert "## Plan" in report and "| gsm8k | gold-solution NLL" in report and "| wikitext2 | KL" in report
+    pred = json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["predicted"]
+    assert f"from uniform 4-bit (0) to uniform 2-bit (1): wikitext2 {pred['wikitext2']['gap_position']:.2f}, " \
+           f"gsm8k {pred['gsm8k']['gap_position']:.2f}" in report
     q = json.loads((out_dir / "eval-quant.json").read_text())["results"]
     assert q["arc_easy"]["flip_rate"] >= 0 and q["wikitext2"]["kl"] > 0
     assert q["wikitext2"]["windows"] == 2 and json.loads((out_dir / "eval-fp.json").read_text())["config"][

@@ -52,6 +52,32 @@ def _combined_costs(sens: dict, bits: Sequence[int], beta, task_weights) -> list
     return [{b: combined[str(b)][i] for b in bits} for i in range(len(sens["units"]))]
 
 
+def predicted_costs(sens: dict, layer_bits: Sequence[int]) -> dict[str, dict]:
+    """What the layer profile predicts for a per-layer plan, objective by objective, if single-layer
+    costs add up: the plan's summed cost, uniform's at every profiled bit-width, and - for a plan whose
+    average weight bits lie strictly between two profiled widths lo < avg < hi - its position on the way
+    from uniform hi (0) to uniform lo (1).  Raw costs (the objective's own units), before normalisation."""
+    if len(layer_bits) != len(sens["units"]):
+        raise TasaError(f"{len(layer_bits)} bit-widths for a profile of {len(sens['units'])} layers")
+    widths = sorted(int(b) for b in sens["bits"])
+    sizes = [int(u["numel"]) for u in sens["units"]]
+    avg = sum(n * b for n, b in zip(sizes, layer_bits)) / sum(sizes)
+    below = [b for b in widths if b < avg]
+    above = [b for b in widths if b > avg]
+    at_width = any(abs(avg - b) < 1e-9 for b in widths)
+    out = {}
+    for obj, per_bits in sens["costs"].items():
+        cost = {int(b): v["cost"] for b, v in per_bits.items()}
+        plan = sum(cost[b][i] for i, b in enumerate(layer_bits))
+        uniform = {b: sum(cost[b]) for b in widths}
+        entry = {"plan": plan, "uniform": uniform}
+        if below and above and not at_width and uniform[below[-1]] != uniform[above[0]]:
+            entry["gap_position"] = (plan - uniform[above[0]]) / (uniform[below[-1]] - uniform[above[0]])
+            entry["between"] = [below[-1], above[0]]
+        out[obj] = entry
+    return out
+
+
 def _split_layer(layer_units: list[dict], costs: list[dict[int, float]], layer_bits: int, group: int,
                  include_metadata: bool, tie_groups: Sequence[Sequence[str]]) -> dict[str, int]:
     """Bits per module of one layer: the DP over its modules (tied groups as one unit) under the layer's total."""
@@ -124,6 +150,7 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
                "task_weights": dict(task_weights or {}), "candidates": bits, "target": tgt.name,
                "tie_fused": tie, "intra_layer": module_sens is not None, "cost": result.cost,
                "average_weight_bits": weight_bits, "effective_bits_with_metadata": effective,
+               "predicted": predicted_costs(sens, result.bits),
                "layer_bits": {u["name"]: sum(numel[m] * module_bits[m] for m in u["modules"])
                               / sum(numel[m] for m in u["modules"]) for u in units},
                "module_bits": module_bits, "objectives": list(sens["costs"]), "model": sens.get("model")}

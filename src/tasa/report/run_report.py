@@ -61,6 +61,17 @@ def _rows(task: str, fp: dict, q: dict) -> list[str]:
     return rows
 
 
+def _prediction(alloc: dict) -> list[str]:
+    """The profile's additive prediction of where the plan lands between the uniform widths around it."""
+    pos = {o: p for o, p in alloc.get("predicted", {}).items() if "gap_position" in p}
+    if not pos:
+        return []
+    lo, hi = next(iter(pos.values()))["between"]
+    return [f"If single-layer costs added up, this plan would sit at this fraction of the way from uniform "
+            f"{hi}-bit (0) to uniform {lo}-bit (1): " + ", ".join(f"{o} {p['gap_position']:.2f}" for o, p in pos.items())
+            + ".", ""]
+
+
 def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md / report.html / plan.png into ``run_dir`` from the run's artifacts and ``summary``."""
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -72,7 +83,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
           f", candidates {', '.join(map(str, alloc['candidates']))}, beta {alloc['beta']}, target {alloc['target']}, "
           f"calibration {summary['calib']}.", "",
           f"Average weight bits {alloc['average_weight_bits']:.4f}; with scale/zero storage "
-          f"{alloc['effective_bits_with_metadata']:.4f}.", "",
+          f"{alloc['effective_bits_with_metadata']:.4f}.", "", *_prediction(alloc),
           "## Plan", "", f"![plan.png]({_plan_figure(plan, run_dir)})", "",
           "| layer | bits (average of its modules) |", "| --- | ---: |"]
     md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
