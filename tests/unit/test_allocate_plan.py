@@ -40,7 +40,7 @@ def test_predicted_costs_add_single_layer_costs_and_place_the_plan_between_unifo
     at4 = predicted_costs(s, [4, 4, 4, 4])
     assert "gap_position" not in at4["gsm8k"] and at4["gsm8k"]["plan"] == pytest.approx(1.6)
     assert predicted_costs(s, [8, 8, 4, 4])["wikitext2"]["between"] == [4, 8]
-    with pytest.raises(TasaError, match="3 bit-widths for a profile of 4 layers"):
+    with pytest.raises(TasaError, match="3 bit-widths for a profile of 4 units"):
         predicted_costs(s, [3, 3, 3])
 
 
@@ -61,7 +61,7 @@ def test_plan_errors():
     with pytest.raises(TasaError, match="infeasible"):
         plan_from_sensitivity(s, 2.5)
     with pytest.raises(TasaError, match="layer-granularity"):
-        plan_from_sensitivity({**s, "granularity": "module"}, 3.5)
+        plan_from_sensitivity({**s, "granularity": "head"}, 3.5)
 
 
 def module_profile(cost_of):
@@ -93,6 +93,26 @@ def test_intra_layer_split_keeps_each_layers_total_and_ties_fusion_groups():
         plan_from_sensitivity(layer, 3.5, module_sens=layer)
     with pytest.raises(TasaError, match="no costs for m.3.b"):
         plan_from_sensitivity(layer, 3.5, module_sens={**mods, "units": mods["units"][:-1]})
+
+
+def test_module_profile_allocates_over_all_modules_of_the_model():
+    # every a (1/8 of its layer) costs 1.0 at 3 bits, every b 0.1; 4 bits cost nothing.  The 0.5 extra bit per
+    # weight of 3.5 bits (16384 bits) buys 4 bits for all four a's (4096) and one b (7168), not two b's:
+    # cost 3 x 0.1.  Per layer (layer costs 1.1 each) only two layers can go to 4 bits: cost 2.2.
+    mods = module_profile(lambda name, b: {3: 1.0 if name.endswith("a") else 0.1, 4: 0.0, 8: 0.0}[b])
+    plan, s = plan_from_sensitivity(mods, 3.5, bits=[3, 4], beta=0.5)
+    assert all(plan[f"m.{i}.a"].bits == 4 for i in range(4))
+    assert sorted(plan[f"m.{i}.b"].bits for i in range(4)) == [3, 3, 3, 4]
+    assert s["granularity"] == "module" and s["cost"] == pytest.approx(3 * 0.1 / 0.55)  # normalised by the mean
+    assert s["predicted"]["gsm8k"]["plan"] == pytest.approx(0.3) and s["average_weight_bits"] <= 3.5
+    assert s["layer_bits"]["layer.0"] in (3.125, 4.0) and len(s["layer_bits"]) == 4
+    tied, st = plan_from_sensitivity(mods, 3.5, bits=[3, 4], beta=0.5, tie_fused=True)  # a, b fused: per layer
+    assert all(tied[f"m.{i}.a"].bits == tied[f"m.{i}.b"].bits for i in range(4))
+    assert sorted(st["layer_bits"].values()) == [3, 3, 4, 4] and st["predicted"]["gsm8k"]["plan"] == pytest.approx(2.2)
+    with pytest.raises(TasaError, match="allocated over its modules directly"):
+        plan_from_sensitivity(mods, 3.5, module_sens=mods)
+    with pytest.raises(TasaError, match="fusion groups"):
+        plan_from_sensitivity({**mods, "fusion_groups": []}, 3.5, tie_fused=True)
 
 
 def test_vllm_target_allocates_over_4_and_8_with_ties_and_refuses_the_rest():

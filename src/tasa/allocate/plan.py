@@ -2,7 +2,9 @@
 
 1. Inter-layer: the layer profile's costs are aggregated (see
    :mod:`tasa.allocate.aggregate`) and one bit-width per layer is chosen by the
-   exact DP under the model-wide budget.
+   exact DP under the model-wide budget.  Given a module profile instead, the
+   same DP chooses one bit-width per module (per fusion group when tied) over
+   the whole model: the finest granularity, no per-layer totals.
 2. Intra-layer (with a module profile): each layer's bits are split among its
    modules, by the same DP on the module costs, under that layer's own total
    (its parameter count times its bit-width, metadata included when the budget
@@ -42,6 +44,13 @@ def _check_profile(sens: dict, granularity: str, flag: str) -> None:
         raise TasaError(f"{flag} needs a {granularity}-granularity profile (tasa profile --granularity {granularity})")
 
 
+def _fusion_groups(sens: dict) -> list[tuple[str, ...]]:
+    groups = [tuple(x) for x in sens.get("fusion_groups", [])]
+    if not groups:
+        raise TasaError("tying fusion groups needs them in the module profile; re-run tasa profile")
+    return groups
+
+
 def _combined_costs(sens: dict, bits: Sequence[int], beta, task_weights) -> list[dict[int, float]]:
     available = [int(b) for b in sens["bits"]]
     missing = [b for b in bits if b not in available]
@@ -52,23 +61,24 @@ def _combined_costs(sens: dict, bits: Sequence[int], beta, task_weights) -> list
     return [{b: combined[str(b)][i] for b in bits} for i in range(len(sens["units"]))]
 
 
-def predicted_costs(sens: dict, layer_bits: Sequence[int]) -> dict[str, dict]:
-    """What the layer profile predicts for a per-layer plan, objective by objective, if single-layer
-    costs add up: the plan's summed cost, uniform's at every profiled bit-width, and - for a plan whose
-    average weight bits lie strictly between two profiled widths lo < avg < hi - its position on the way
-    from uniform hi (0) to uniform lo (1).  Raw costs (the objective's own units), before normalisation."""
-    if len(layer_bits) != len(sens["units"]):
-        raise TasaError(f"{len(layer_bits)} bit-widths for a profile of {len(sens['units'])} layers")
+def predicted_costs(sens: dict, unit_bits: Sequence[int]) -> dict[str, dict]:
+    """What a profile predicts for a plan (one bit-width per profiled unit: layer or module), objective by
+    objective, if single-unit costs add up: the plan's summed cost, uniform's at every profiled bit-width,
+    and - for a plan whose average weight bits lie strictly between two profiled widths lo < avg < hi - its
+    position on the way from uniform hi (0) to uniform lo (1).  Raw costs (the objective's own units),
+    before normalisation."""
+    if len(unit_bits) != len(sens["units"]):
+        raise TasaError(f"{len(unit_bits)} bit-widths for a profile of {len(sens['units'])} units")
     widths = sorted(int(b) for b in sens["bits"])
     sizes = [int(u["numel"]) for u in sens["units"]]
-    avg = sum(n * b for n, b in zip(sizes, layer_bits)) / sum(sizes)
+    avg = sum(n * b for n, b in zip(sizes, unit_bits)) / sum(sizes)
     below = [b for b in widths if b < avg]
     above = [b for b in widths if b > avg]
     at_width = any(abs(avg - b) < 1e-9 for b in widths)
     out = {}
     for obj, per_bits in sens["costs"].items():
         cost = {int(b): v["cost"] for b, v in per_bits.items()}
-        plan = sum(cost[b][i] for i, b in enumerate(layer_bits))
+        plan = sum(cost[b][i] for i, b in enumerate(unit_bits))
         uniform = {b: sum(cost[b]) for b in widths}
         entry = {"plan": plan, "uniform": uniform}
         if below and above and not at_width and uniform[below[-1]] != uniform[above[0]]:
@@ -78,35 +88,48 @@ def predicted_costs(sens: dict, layer_bits: Sequence[int]) -> dict[str, dict]:
     return out
 
 
-def _split_layer(layer_units: list[dict], costs: list[dict[int, float]], layer_bits: int, group: int,
-                 include_metadata: bool, tie_groups: Sequence[Sequence[str]]) -> dict[str, int]:
-    """Bits per module of one layer: the DP over its modules (tied groups as one unit) under the layer's total."""
-    index = {u["modules"][0]: i for i, u in enumerate(layer_units)}
-    units: list[list[str]] = []
+def _tied(names: Sequence[str], tie_groups: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Allocation units over single-module units ``names``: each tie group present is one unit (in the
+    group's order), every other module its own unit."""
+    index = {n: i for i, n in enumerate(names)}
+    out: list[list[int]] = []
     seen: set[str] = set()
     for g in tie_groups:
         members = [m for m in g if m in index]
         if members:
-            units.append(members)
+            out.append([index[m] for m in members])
             seen.update(members)
-    units += [[m] for m in index if m not in seen]
-    unit_costs = [{b: sum(costs[index[m]][b] for m in u) for b in costs[index[u[0]]]} for u in units]
-    sizes = [sum(int(layer_units[index[m]]["numel"]) for m in u) for u in units]
-    extra = [{b: metadata_bits(b, group) for b in c} for c in unit_costs] if include_metadata else None
-    budget = layer_bits + (metadata_bits(layer_bits, group) if include_metadata else 0.0)
-    result = allocate(unit_costs, sizes, budget, extra)
-    return {m: b for u, b in zip(units, result.bits) for m in u}
+    return out + [[index[n]] for n in names if n not in seen]
+
+
+def _allocate_units(costs: list[dict[int, float]], sizes: list[int], groups: list[list[int]], budget: float,
+                    group_size: int, include_metadata: bool) -> tuple[list[int], float]:
+    """The DP over ``groups`` of units (costs summed, sizes summed): one bit-width per unit, and the cost."""
+    g_costs = [{b: sum(costs[i][b] for i in grp) for b in costs[grp[0]]} for grp in groups]
+    g_sizes = [sum(sizes[i] for i in grp) for grp in groups]
+    extra = [{b: metadata_bits(b, group_size) for b in c} for c in g_costs] if include_metadata else None
+    result = allocate(g_costs, g_sizes, budget, extra)
+    unit_bits = [0] * len(costs)
+    for grp, b in zip(groups, result.bits):
+        for i in grp:
+            unit_bits[i] = b
+    return unit_bits, result.cost
 
 
 def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None = None, beta: float | str = 0.5,
                           task_weights: Mapping[str, float] | None = None, budget_includes_metadata: bool = False,
                           method: str = "gptq", target: str = "gptqmodel", module_sens: dict | None = None,
                           tie_fused: bool | None = None) -> tuple[Plan, dict]:
-    """Per-layer (and, with ``module_sens``, per-module) bit-widths minimising the aggregated cost under
-    ``budget`` for ``target``; returns the plan and a summary.
+    """Bit-widths minimising the aggregated cost under ``budget`` for ``target``: per layer from a layer
+    profile (split within layers by ``module_sens`` when given), or per module over the whole model from a
+    module profile.  Returns the plan and a summary.
 
     ``tie_fused``: one bit-width per fusion group within a layer (default: what the target needs)."""
-    _check_profile(sens, "layer", "inter-layer allocation")
+    granularity = sens.get("granularity")
+    _check_profile(sens, "module" if granularity == "module" else "layer", "inter-layer allocation")
+    if granularity == "module" and module_sens is not None:
+        raise TasaError("a module profile is allocated over its modules directly: give it alone, "
+                        "or a layer profile with the module profile for the intra-layer split")
     tgt = get_target(target)
     tie = tgt.tie_fused if tie_fused is None else bool(tie_fused)
     if tgt.tie_fused and not tie:
@@ -119,9 +142,10 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
     units = sens["units"]
     costs = _combined_costs(sens, bits, beta, task_weights)
     sizes = [int(u["numel"]) for u in units]
-    extra = [{b: metadata_bits(b, g) for b in bits} for _ in units] if budget_includes_metadata else None
-    result = allocate(costs, sizes, budget, extra)
-    module_bits = {m: b for u, b in zip(units, result.bits) for m in u["modules"]}
+    ties = _fusion_groups(sens) if granularity == "module" and tie else []
+    unit_bits, cost = _allocate_units(costs, sizes, _tied([u["modules"][0] for u in units], ties), budget, g,
+                                      budget_includes_metadata)
+    module_bits = {m: b for u, b in zip(units, unit_bits) for m in u["modules"]}
     numel = {m: int(u["numel"]) / len(u["modules"]) for u in units for m in u["modules"]}  # refined below
     if module_sens is not None:
         _check_profile(module_sens, "module", "intra-layer allocation")
@@ -132,27 +156,31 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
         if missing:
             raise TasaError(f"the module profile has no costs for {missing[0]} (profile every layer's modules)")
         mod_costs = _combined_costs(module_sens, target_bits(tgt, bits), beta, task_weights)
-        groups = [tuple(x) for x in module_sens.get("fusion_groups", [])] if tie else []
-        if tie and not groups:
-            raise TasaError("tying fusion groups needs them in the module profile; re-run tasa profile")
+        ties = _fusion_groups(module_sens) if tie else []
         numel = {u["modules"][0]: int(u["numel"]) for u in mod_units}
-        for u, b in zip(units, result.bits):
+        for u, b in zip(units, unit_bits):  # each layer's modules share its total: the DP under that total
             members = [i for i, mu in enumerate(mod_units) if mu["layer"] == u["layer"]]
-            module_bits.update(_split_layer([mod_units[i] for i in members], [mod_costs[i] for i in members], b, g,
-                                            budget_includes_metadata, groups))
+            split, _ = _allocate_units([mod_costs[i] for i in members], [numel[mod_units[i]["modules"][0]] for i in members],
+                                       _tied([mod_units[i]["modules"][0] for i in members], ties),
+                                       b + (metadata_bits(b, g) if budget_includes_metadata else 0.0), g,
+                                       budget_includes_metadata)
+            module_bits.update({mod_units[i]["modules"][0]: x for i, x in zip(members, split)})
     spec_of = {b: QuantSpec(bits=b, group_size=g, sym=sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
     check_servable(modules, tgt, [tuple(x) for x in sens.get("fusion_groups", [])])
     total = sum(numel.values())
     weight_bits = sum(numel[m] * b for m, b in module_bits.items()) / total
     effective = sum(numel[m] * (b + metadata_bits(b, g)) for m, b in module_bits.items()) / total
+    layers: dict[int, list[str]] = {}
+    for u in units:
+        layers.setdefault(int(u["layer"]), []).extend(u["modules"])
     summary = {"budget": budget, "budget_includes_metadata": budget_includes_metadata, "beta": beta,
                "task_weights": dict(task_weights or {}), "candidates": bits, "target": tgt.name,
-               "tie_fused": tie, "intra_layer": module_sens is not None, "cost": result.cost,
+               "tie_fused": tie, "granularity": granularity, "intra_layer": module_sens is not None, "cost": cost,
                "average_weight_bits": weight_bits, "effective_bits_with_metadata": effective,
-               "predicted": predicted_costs(sens, result.bits),
-               "layer_bits": {u["name"]: sum(numel[m] * module_bits[m] for m in u["modules"])
-                              / sum(numel[m] for m in u["modules"]) for u in units},
+               "predicted": predicted_costs(sens, unit_bits),
+               "layer_bits": {f"layer.{i}": sum(numel[m] * module_bits[m] for m in ms) / sum(numel[m] for m in ms)
+                              for i, ms in layers.items()},
                "module_bits": module_bits, "objectives": list(sens["costs"]), "model": sens.get("model")}
     plan = Plan(modules, method=method, meta={"allocation": summary, "target": tgt.name})
     return plan, summary
