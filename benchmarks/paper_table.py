@@ -185,7 +185,6 @@ def aggregate(m: dict, fp: dict) -> float:
 
 
 def plan_for(name: str, arch, work: Path):
-    from tasa.allocate.plan import plan_from_sensitivity
     from tasa.config import QuantSpec
     from tasa.plan import Plan
 
@@ -195,8 +194,16 @@ def plan_for(name: str, arch, work: Path):
         return Plan.uniform(names, QuantSpec(bits=int(p["bits"]), group_size=GROUP, damp=DAMP), method=p["kind"])
     if p["kind"] == "asgptq":  # AutoScheme's per-module choice, from AutoRound's run on the same seed
         return autoscheme_plan(with_seed("autoround-as3.5-wiki", p["seed"]), names, work)
+    return allocation(name)[0]
+
+
+def allocation(name: str):
+    """(plan, summary) of an allocated row (ppl-only or TASA) from the measured layer profile."""
+    from tasa.allocate.plan import plan_from_sensitivity
+
+    p = parse(name)
     sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
-    return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)[0]
+    return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)
 
 
 def autoscheme_plan(autoround_row: str, names: list[str], work: Path):
@@ -414,6 +421,7 @@ def report(work: Path, bases: list[str]) -> None:
                           "aggregate": "mean of (acc - 0.25) / (acc_FP - 0.25) for ARC-Easy acc and acc_norm and "
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((work / "search.json").read_text())}
+    extra["gap_positions"] = gap_positions(table)
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
         print(f"figure {f}")
@@ -425,7 +433,40 @@ def report(work: Path, bases: list[str]) -> None:
         print(f"{base:24} {t['seeds']:>2} {bits:5.2f} {f('wikitext2_ppl', '{:.1f}'):>8} {f('wikitext2_kl'):>6} "
               f"{f('arc_easy_acc'):>6} {f('arc_challenge_acc'):>6} {f('gsm8k_gold_nll'):>6} "
               f"{f('aggregate_task_score', '{:.1f}'):>6}")
+    for base, g in extra["gap_positions"].items():
+        print(f"{base:24} position between uniform W4 (0) and W3 (1), measured / profile-predicted: " + ", ".join(
+            f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
+            for k, v in g.items()))
     print(f"written {out}")
+
+
+GAP_METRICS = {"wikitext2": "wikitext2_ppl", "gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_acc"}
+
+
+def position(x: float, w4: float, w3: float, log: bool = False) -> float:
+    """Where x lies on the way from the uniform W4 value (0) to the uniform W3 value (1)."""
+    if log:
+        x, w4, w3 = math.log(x), math.log(w4), math.log(w3)
+    return (x - w4) / (w3 - w4)
+
+
+def gap_positions(table: dict) -> dict:
+    """Each mixed-precision row's measured position between the uniform GPTQ W4 and W3 rows of its own
+    calibration (seed means; perplexity on a log scale), next to what the layer profile predicts if
+    single-layer costs added up (layer-wise plans only)."""
+    out = {}
+    for base, t in table.items():
+        p = parse(base)
+        if p["kind"] not in ("tasa", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
+            continue
+        w4, w3 = table.get(f"gptq-w4-{p['calib']}"), table.get(f"gptq-w3-{p['calib']}")
+        if w4 is None or w3 is None:
+            continue
+        pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "pplonly") else {}
+        out[base] = {obj: {"measured": position(t[k]["mean"], w4[k]["mean"], w3[k]["mean"], log=k.endswith("ppl")),
+                           "predicted": pred.get(obj, {}).get("gap_position")}
+                     for obj, k in GAP_METRICS.items() if k in t}
+    return out
 
 
 def figures(work: Path, table: dict) -> list[Path]:
