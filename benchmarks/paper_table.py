@@ -24,6 +24,11 @@ ppl-only allocation (measured perplexity sensitivities alone, beta 1; wiki) and 
 at budgets 3.0, 3.25, 3.5, 3.75, 4.0 (searched calibration), and TASA 3.5 on task-only and
 general-only calibration.
 
+Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
+(beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
+layers at 3 and 4 bits (same probes, objectives and settings as the layer profile; the 21 module probes
+benchmarks/profile.py already measured at 3 bits are reused), quantized like the TASA rows.
+
 Scores, on test rows never used for calibration, profiling or search: WikiText-2 perplexity and
 KL(FP || quantized) per token (top-256 log-probs) on the first 40 windows of 512 tokens; ARC-Easy
 and ARC-Challenge acc and acc_norm on the first 1,000 test rows, zero-shot; GSM8K gold-solution
@@ -59,11 +64,12 @@ SWEEP_SEEDS = (0,)  # budgets other than 3.5: one calibration seed
 LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
 CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
+MODULE_PROFILE = WORK / BENCH / "module-profile"
 GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
              "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",
-             "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki"]
+             "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki", "tasamod-3.5-searched"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
@@ -202,6 +208,9 @@ def allocation(name: str):
     from tasa.allocate.plan import plan_from_sensitivity
 
     p = parse(name)
+    if p["kind"] == "tasamod":  # every module at once, from the module profile (3 and 4 bits)
+        sens = json.loads((MODULE_PROFILE / "sensitivity.json").read_text())
+        return plan_from_sensitivity(sens, p["bits"], bits=[3, 4], beta=0.5)
     sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
     return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)
 
@@ -237,6 +246,8 @@ def worker(name: str, work: Path) -> dict:
     from tasa.models import load, resolve
     from tasa.quant.apply import quantize_model
 
+    if name == "profile:module":
+        return module_profile_worker()
     generate = name.startswith("gen:")
     name = name[4:] if generate else name
     torch.manual_seed(0)
@@ -269,6 +280,20 @@ def worker(name: str, work: Path) -> dict:
     out["metrics"] = score_model(lm, work, reference, LIMITS, SEQLEN)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+def module_profile_worker() -> dict:
+    """The module profile of every layer at 3 and 4 bits (resumes from its probes on disk)."""
+    import shutil
+
+    from tasa.pipeline import profile
+
+    earlier = WORK / "profile" / "module" / "probes"  # benchmarks/profile.py's 3-layer, 3-bit module probes
+    if earlier.is_dir() and not (MODULE_PROFILE / "probes").is_dir():
+        shutil.copytree(earlier, MODULE_PROFILE / "probes")
+    s = profile("smollm2-135m", MODULE_PROFILE, objectives=["wikitext2", "gsm8k", "arc_easy"], bits=(3, 4),
+                granularity="module", group_size=GROUP, probe_tokens=4096, report=False, progress=False)
+    return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
 
 
 def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
@@ -305,6 +330,9 @@ def run_row(name: str, work: Path, fp_dir: str) -> dict:
         cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
+    if p["kind"] == "tasamod":
+        cached(work / "rows" / "module-profile.json", lambda: run_json(
+            [sys.executable, __file__, "--worker", "profile:module"], log=work / "logs" / "module-profile.log"))
     cached(work / "rows" / f"{name}.json", lambda: run_json(
         [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
     return merged(name, work)
@@ -457,12 +485,12 @@ def gap_positions(table: dict) -> dict:
     out = {}
     for base, t in table.items():
         p = parse(base)
-        if p["kind"] not in ("tasa", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
+        if p["kind"] not in ("tasa", "tasamod", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
         w4, w3 = table.get(f"gptq-w4-{p['calib']}"), table.get(f"gptq-w3-{p['calib']}")
         if w4 is None or w3 is None:
             continue
-        pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "pplonly") else {}
+        pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "tasamod", "pplonly") else {}
         out[base] = {obj: {"measured": position(t[k]["mean"], w4[k]["mean"], w3[k]["mean"], log=k.endswith("ppl")),
                            "predicted": pred.get(obj, {}).get("gap_position")}
                      for obj, k in GAP_METRICS.items() if k in t}
@@ -491,6 +519,7 @@ def figures(work: Path, table: dict) -> list[Path]:
         "RTN uniform": ["rtn-w3", "rtn-w4"],
         "AutoRound AutoScheme": ["autoround-as3.5-wiki"],
         "AutoScheme choice + tasa GPTQ": ["asgptq-3.5-wiki"],
+        "TASA per module (searched)": ["tasamod-3.5-searched"],
     }
     metrics = [("aggregate_task_score", "aggregate task score (FP = 100)"), ("gsm8k_gold_nll", "GSM8K gold NLL"),
                ("arc_easy_acc", "ARC-Easy acc"), ("wikitext2_ppl", "WikiText-2 perplexity")]
@@ -520,6 +549,8 @@ def figures(work: Path, table: dict) -> list[Path]:
     arch = resolve(load("smollm2-135m").model)
     plans = {"ppl-only (beta 1)": layer_bits(plan_for("pplonly-3.5-wiki", arch, work), arch),
              "TASA (beta 0.5)": layer_bits(plan_for("tasa-3.5-searched", arch, work), arch)}
+    if (MODULE_PROFILE / "sensitivity.json").is_file():
+        plans["TASA per module (beta 0.5)"] = layer_bits(plan_for("tasamod-3.5-searched", arch, work), arch)
     as_layers = work / "peers" / "autoround-as3.5-wiki.safetensors.layers.json"
     if as_layers.is_file():
         plans["AutoRound AutoScheme"] = layer_bits(plan_for("asgptq-3.5-wiki", arch, work), arch)
