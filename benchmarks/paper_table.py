@@ -450,6 +450,7 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((work / "search.json").read_text())}
     extra["gap_positions"] = gap_positions(table)
+    extra["profile_noise"] = profile_noise()
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
         print(f"figure {f}")
@@ -476,6 +477,63 @@ def position(x: float, w4: float, w3: float, log: bool = False) -> float:
     if log:
         x, w4, w3 = math.log(x), math.log(w4), math.log(w3)
     return (x - w4) / (w3 - w4)
+
+
+def profile_noise(budget: float = 3.5, splits: int = 20, seed: int = 0) -> dict:
+    """How much the layer profile's item noise costs the TASA plan, in the profile's own additive terms.
+
+    For each of ``splits`` random halvings of every objective's probe items (from the recorded probes):
+    allocate on half A, then place that plan between uniform W4 and W3 on half B ("held out"), next to
+    the plan half B would choose for itself ("in sample") and the plan of all items; and count the layers
+    on which the plans of the two halves agree."""
+    import numpy as np
+    import torch
+
+    from tasa.allocate.plan import plan_from_sensitivity, predicted_costs
+    from tasa.profile.objectives import choice_kl
+
+    sens = json.loads(PROFILE.read_text())
+    recs = {}
+    for f in (PROFILE.parent / "probes").glob("*.json"):
+        r = json.loads(f.read_text())
+        recs[r["key"]] = r["losses"]
+    names = [u["name"] for u in sens["units"]]
+    diffs = {}  # objective -> bits -> (items, units) degradations, and the items' token counts
+    for obj in sens["costs"]:
+        base = recs["base"][obj]
+        tokens = np.array(base["tokens"])
+        diffs[obj] = {}
+        for b in sens["bits"]:
+            cols = []
+            for n in names:
+                probe = recs[f"{n}@{b}"][obj]
+                if "choice_logp" in base and sens.get("choice_cost") == "kl":
+                    cols.append(choice_kl(torch.tensor(base["choice_logp"], dtype=torch.float64),
+                                          torch.tensor(probe["choice_logp"], dtype=torch.float64)).numpy())
+                else:
+                    cols.append(np.array(probe["nll"]) - np.array(base["nll"]))
+            diffs[obj][str(b)] = (np.stack(cols, 1), tokens)
+    full = np.array([int(x) for x in plan_from_sensitivity(sens, budget, bits=[3, 4, 8], beta=0.5)[1]["layer_bits"].values()])
+
+    def half(idx: dict) -> dict:
+        return {**sens, "costs": {o: {b: {"cost": list(d[i].sum(0) / t[i].sum())} for b, (d, t) in per.items()}
+                                  for o, per in diffs.items() for i in [idx[o]]}}
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(splits):
+        perms = {o: rng.permutation(len(per["3"][1])) for o, per in diffs.items()}
+        a = half({o: p[: len(p) // 2] for o, p in perms.items()})
+        b = half({o: p[len(p) // 2:] for o, p in perms.items()})
+        plan_a = [int(x) for x in plan_from_sensitivity(a, budget, bits=[3, 4, 8], beta=0.5)[1]["layer_bits"].values()]
+        plan_b = [int(x) for x in plan_from_sensitivity(b, budget, bits=[3, 4, 8], beta=0.5)[1]["layer_bits"].values()]
+        held, ins, whole = predicted_costs(b, plan_a), predicted_costs(b, plan_b), predicted_costs(b, list(full))
+        rows.append({"agree": int(sum(x == y for x, y in zip(plan_a, plan_b))),
+                     **{f"{o}_{k}": v[o]["gap_position"] for k, v in (("held_out", held), ("in_sample", ins),
+                                                                      ("full_plan", whole)) for o in v}})
+    return {"splits": splits, "budget": budget,
+            **{k: {"mean": statistics.mean(r[k] for r in rows), "sd": statistics.stdev(r[k] for r in rows)}
+               for k in rows[0]}}
 
 
 def gap_positions(table: dict) -> dict:
