@@ -40,7 +40,7 @@ def probe_lls() -> dict:
 
     from tasa.models import load, resolve
     from tasa.profile.objectives import build_objective
-    from tasa.profile.probe import layer_input, objective_batches, rtn_swapped, tail_token_nll
+    from tasa.profile.probe import layer_input, objective_batches, quant_swapped, tail_token_nll
 
     lm = load("smollm2-135m")
     arch, m = resolve(lm.model), lm.model
@@ -63,7 +63,7 @@ def probe_lls() -> dict:
     t0 = time.perf_counter()  # probes only
     for layer in range(arch.num_layers):
         for b in BITS:
-            with rtn_swapped(m, tuple(x.name for x in arch.layer_modules(layer)), b, 64, True):
+            with quant_swapped(m, tuple(x.name for x in arch.layer_modules(layer)), b, 64, True):
                 out["probes"][f"{layer}@{b}"] = lls(layer)
         if layer < arch.num_layers - 1:
             hidden = [layer_input(m, arch, bb.inputs, layer + 1, h) for bb, h in zip(batches, hidden)]

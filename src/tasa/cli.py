@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write per-item records (and wikitext2 top-k log-probs) with the results")
     e.add_argument("--output", default=None, help="write results JSON here")
     p = sub.add_parser("profile", help="measure per-layer (or per-module) sensitivity on several objectives",
-                       description="For each decoder layer (or linear module) and bit-width, RTN-quantize only "
-                                   "that unit and measure each objective's degradation against the full-precision "
+                       description="For each decoder layer (or linear module) and bit-width, quantize only "
+                                   "that unit (RTN, or GPTQ on a calibration) and measure each objective's degradation against the full-precision "
                                    "model (cached layer inputs: the probe of layer l runs layers l..L only). "
                                    "Writes OUTPUT_DIR/sensitivity.json; finished probes are kept in OUTPUT_DIR, "
                                    "so re-running the same command after a kill resumes.", epilog=EPILOG)
@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-estimators", action="store_true",
                    help="with measured probes, also run both estimators and report their Kendall tau against "
                         "the probes and their cost")
+    p.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="how a probe quantizes its unit: rtn (intrinsic sensitivity) or gptq (the damage GPTQ "
+                        "leaves, with Hessians from --calib) (default: rtn)")
+    p.add_argument("--calib", default=None,
+                   help="with --probe-quantizer gptq: calibration mixture, e.g. wikitext2:0.5,gsm8k:0.5")
+    p.add_argument("--nsamples", type=int, default=128, help="with gptq probes: calibration sequences (default: 128)")
+    p.add_argument("--calib-seqlen", type=int, default=512,
+                   help="with gptq probes: calibration sequence length (default: 512)")
     p.add_argument("--layers", default=None, help="probe only these layers, e.g. 0,15,29 (default: all)")
     p.add_argument("--top-k", type=int, default=8, help="K of the report's top-K overlap table (default: 8)")
     p.add_argument("--output-dir", required=True,
@@ -399,7 +407,8 @@ def run(argv: list[str] | None = None) -> int:
             probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_tokens=args.batch_tokens,
             device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
             compare_estimators=args.compare_estimators, top_k=args.top_k, choice_cost=args.choice_cost,
-            max_state_gb=args.max_state_gb, progress=not args.quiet)
+            max_state_gb=args.max_state_gb, progress=not args.quiet, probe_quantizer=args.probe_quantizer,
+            calib=args.calib, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen)
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():
             for b, c in per_bits.items():

@@ -358,6 +358,11 @@ def profile(
     choice_cost: str = "kl",
     max_state_gb: float = 4.0,
     progress: bool = True,
+    probe_quantizer: str = "rtn",
+    calib: str | None = None,
+    nsamples: int = 128,
+    calib_seqlen: int = 512,
+    damp: float = 0.01,
 ) -> dict:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
 
@@ -376,6 +381,10 @@ def profile(
     increase of -log p(gold | choices)); see tasa.profile.objectives.
     ``max_state_gb``: RAM budget for the kept layer inputs; past it they are spilled
     to ``output_dir/kept-states`` (removed when done).
+    ``probe_quantizer``: ``rtn`` (the unit's intrinsic sensitivity, the method's
+    default) or ``gptq`` (the damage GPTQ leaves: each probe GPTQ-quantizes its unit
+    with Hessians from ``nsamples`` x ``calib_seqlen`` tokens of the calibration
+    ``calib``, dampening ``damp``; measured probes only).
     """
     from tasa.profile.estimators import ESTIMATORS, estimate
     from tasa.profile.objectives import build_objective
@@ -392,7 +401,15 @@ def profile(
         raise TasaError("give one or more distinct objectives")
     bits = tuple(sorted(set(int(b) for b in bits)))
     for b in bits:
-        QuantSpec(bits=b, group_size=group_size, sym=sym)  # validates bits and group size
+        QuantSpec(bits=b, group_size=group_size, sym=sym, damp=damp)  # validates bits, group size, dampening
+    if probe_quantizer not in ("rtn", "gptq"):
+        raise TasaError(f"probe quantizer must be rtn or gptq, got {probe_quantizer!r}")
+    if probe_quantizer == "gptq":
+        if method != "measured":
+            raise TasaError("GPTQ probes are measured probes: they cannot be combined with an estimator method")
+        if calib is None:
+            raise TasaError("GPTQ probes need calibration data (--calib)")
+        calib_spec = CalibSpec.parse(calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     out = Path(output_dir)
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
@@ -409,6 +426,10 @@ def profile(
                 "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
                 "dtype": _dtype_name(lm.model), "method": method,
                 "layers": sorted(set(layers)) if layers is not None else None}
+    calib_ids = None
+    if probe_quantizer == "gptq":  # recorded only then, so RTN profiles keep their fingerprint
+        settings.update(probe_quantizer="gptq", calib=calib, nsamples=nsamples, calib_seqlen=calib_seqlen, damp=damp)
+        calib_ids = build_calibration(lm.tokenizer, calib_spec, lm.max_length).input_ids
     plan_units = units(arch, granularity, layers)
     estimators: dict = {}
     warnings: list[str] = []
@@ -417,7 +438,7 @@ def profile(
         store = ProbeStore(out, settings)
         res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
                          batch_tokens=batch_tokens, store=store, layers=layers, max_state_gb=max_state_gb,
-                         progress=progress)
+                         progress=progress, calib_ids=calib_ids, damp=damp)
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
         taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}

@@ -191,6 +191,25 @@ def test_eval_bad_input_one_line(tiny_model_dir, capsys, data_dir, args, message
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_profile_with_gptq_probes_records_its_calibration(tiny_model_dir, tmp_path, capsys, data_dir):
+    base = ["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2", "--bits", "2,4", "--group-size",
+            "16", "--probe-tokens", "40", "--seqlen", "32", "--quiet", "--probe-quantizer", "gptq"]
+    code, out, err = run_cli(base + ["--calib", "wikitext2:0.5,gsm8k:0.5", "--nsamples", "4", "--calib-seqlen", "24",
+                                     "--output-dir", str(tmp_path / "g")], capsys)
+    assert code == 0, err
+    s = json.loads((tmp_path / "g" / "sensitivity.json").read_text())
+    assert (s["probe_quantizer"], s["calib"], s["nsamples"], s["calib_seqlen"]) == \
+        ("gptq", "wikitext2:0.5,gsm8k:0.5", 4, 24)
+    code, _, err = run_cli(base + ["--calib", "wikitext2", "--nsamples", "4", "--calib-seqlen", "24",
+                                   "--output-dir", str(tmp_path / "g")], capsys)  # same directory, other calibration
+    assert code == 2 and "other settings (calib)" in err
+    code, _, err = run_cli(base + ["--output-dir", str(tmp_path / "h")], capsys)
+    assert code == 2 and "GPTQ probes need calibration data (--calib)" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(base + ["--calib", "wikitext2", "--method", "fisher", "--output-dir", str(tmp_path / "i")],
+                           capsys)
+    assert code == 2 and "cannot be combined with an estimator" in err
+
+
 def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir):
     out_dir = tmp_path / "prof"
     args = ["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2,arc_easy", "--bits", "2,4",

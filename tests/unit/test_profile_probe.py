@@ -107,6 +107,33 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_gptq_probe_equals_gptq_of_only_that_unit_then_a_full_forward(data_dir, tokenizer, granularity):
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+    from tasa.quant.apply import quantize_model
+
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
+    calib = torch.randint(0, 250, (6, 24), generator=torch.Generator().manual_seed(1))
+    res = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity=granularity, batch_tokens=70,
+                     progress=False, calib_ids=calib, calib_batch=4)
+    rtn = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity=granularity, batch_tokens=70,
+                     progress=False)
+    gap = 0.0
+    for unit in res.units[::3]:  # units of every layer: the calibration states advance correctly
+        q = copy.deepcopy(model)  # GPTQ of the unit alone (Hessians of the full-precision model), then a plain forward
+        plan = Plan.uniform(list(unit.modules), QuantSpec(bits=2, group_size=16, damp=0.01), method="gptq")
+        quantize_model(q, resolve(q), plan, calib, batch_size=4, true_sequential=False, progress=False)
+        got = res.probes[(unit.name, 2)]["wikitext2"].nll
+        assert torch.allclose(got, direct_item_losses(q, objs[0]), atol=1e-4)
+        gap = max(gap, float((got - rtn.probes[(unit.name, 2)]["wikitext2"].nll).abs().max()))
+    assert gap > 1e-3  # not RTN's damage
+    fresh = tiny_llama(layers=3)  # weights restored
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
 def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, monkeypatch):
     model = tiny_llama(layers=3)
     arch = resolve(model)
@@ -114,7 +141,7 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
     settings = {"bits": [2, 4], "objectives": ["wikitext2"]}
     full = run_probes(model, arch, objs, bits=(2, 4), group_size=16, progress=False)
 
-    real = probe_mod.rtn_swapped
+    real = probe_mod.quant_swapped
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -123,12 +150,12 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
             raise KeyboardInterrupt  # killed during the 4th probe
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe_mod, "rtn_swapped", failing)
+    monkeypatch.setattr(probe_mod, "quant_swapped", failing)
     with pytest.raises(KeyboardInterrupt):
         run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
                    progress=False)
     assert len(list((tmp_path / "probes").glob("*.json"))) == 4  # base + 3 probes
-    monkeypatch.setattr(probe_mod, "rtn_swapped", real)
+    monkeypatch.setattr(probe_mod, "quant_swapped", real)
     resumed = run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
                          progress=False)
     assert resumed.probes.keys() == full.probes.keys()

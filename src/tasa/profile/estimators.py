@@ -23,7 +23,7 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
-from tasa.profile.probe import Unit, forward_token_nll, head_is_plain, rtn_swapped
+from tasa.profile.probe import Unit, forward_token_nll, head_is_plain, quant_swapped
 from tasa.quant.rtn import rtn_quantize
 
 ESTIMATORS = ("fisher", "autoscheme")
@@ -89,7 +89,7 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
                     costs[o.name][str(b)] = [sum(per_module[m] for m in u.modules) for u in plan_units]
         else:
             for b in bits:
-                with rtn_swapped(model, tuple(names), b, group_size, sym) as originals:
+                with quant_swapped(model, tuple(names), b, group_size, sym) as originals:
                     for o in objectives:
                         for w in params.values():
                             w.grad = None

@@ -1,4 +1,4 @@
-"""Measured sensitivity probes: RTN-quantize one unit, run only the layers from its own on.
+"""Measured sensitivity probes: quantize one unit, run only the layers from its own on.
 
 For every objective the hidden states entering decoder layer ``l`` are computed
 once (full precision) and kept; the probe of a unit of layer ``l`` (the whole
@@ -12,6 +12,12 @@ The tail runs through the model's own forward (its final norm, head, logit
 soft-capping, per-layer attention masks) with the decoder-layer list
 temporarily cut to ``layers[l:]`` and layer ``l``'s input replaced by the kept
 state, so no per-architecture code is needed.
+
+The probe quantizer is RTN (the unit's intrinsic sensitivity), or, given
+calibration token ids, GPTQ: each module with the Hessian of its input in the
+full-precision model on that calibration (the calibration's hidden states
+advance layer by layer beside the objectives'), so the probe measures the
+damage GPTQ leaves, which the final model will carry.
 
 Every finished probe is written atomically to ``store_dir/probes/``; a killed
 run resumes where it stopped and gives the same result.
@@ -36,6 +42,9 @@ from tasa.artifacts import write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
+from tasa.config import QuantSpec
+from tasa.quant.apply import _collect_hessian, _input_groups, _layer_output, capture_layer0_inputs
+from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -205,8 +214,10 @@ def units(arch: ModelArch, granularity: str, layers: list[int] | None = None) ->
 
 
 @contextmanager
-def rtn_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, group_size: int, sym: bool):
-    """RTN-quantize the named linears in place for the duration of the block, then restore them exactly.
+def quant_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, group_size: int, sym: bool,
+                  hessians: dict[str, torch.Tensor] | None = None, damp: float = 0.01):
+    """Quantize the named linears in place for the duration of the block, then restore them exactly:
+    RTN, or GPTQ with ``hessians[name]`` (2/n X^T X of the module's input) when given.
 
     Yields {name: original weight}."""
     saved = {}
@@ -215,7 +226,12 @@ def rtn_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, grou
             for name in module_names:
                 lin = model.get_submodule(name)
                 saved[name] = lin.weight.detach().clone()
-                lin.weight.copy_(rtn_quantize(lin.weight.detach(), bits, group_size, sym).weight.to(lin.weight.dtype))
+                if hessians is None:
+                    q = rtn_quantize(lin.weight.detach(), bits, group_size, sym)
+                else:
+                    q = gptq_quantize(lin.weight.detach(), hessians[name],
+                                      QuantSpec(bits=bits, group_size=group_size, sym=sym, damp=damp), name=name)
+                lin.weight.copy_(q.weight.to(lin.weight.dtype))
         yield saved
     finally:
         with torch.no_grad():
@@ -324,8 +340,12 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
                group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_tokens: int = 512,
                store: ProbeStore | None = None, layers: list[int] | None = None, max_logits_gb: float = 2.0,
-               max_state_gb: float = 4.0, progress: bool = True) -> ProbeResults:
+               max_state_gb: float = 4.0, progress: bool = True, calib_ids: torch.Tensor | None = None,
+               damp: float = 0.01, calib_batch: int = 8) -> ProbeResults:
     """Measure every unit (of ``layers``, default all) at every bit-width on every objective.
+
+    Probes quantize with RTN, or with GPTQ (dampening ``damp``) on the Hessians of ``calib_ids``
+    ((n, seqlen) token ids, run ``calib_batch`` sequences at a time) when given.
 
     A batch holds at most ``batch_tokens`` padded tokens, and at most as many
     scored tokens as keep their float32 logits within ``max_logits_gb``.  The
@@ -342,14 +362,45 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], b
         spill = (store.root / "kept-states") if store else Path(tempfile.mkdtemp(prefix="tasa-states-"))
     hidden = KeptStates(spill)
     try:
+        calib = None if calib_ids is None else _Calibration(model, arch, calib_ids, calib_batch)
         return _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches,
-                           plain, hidden, t0, progress)
+                           plain, hidden, t0, progress, calib, damp)
     finally:
         hidden.close()
 
 
+class _Calibration:
+    """The calibration's inputs of the current decoder layer (full precision) and, computed on first use,
+    the Hessian of every linear's input in that layer."""
+
+    def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int):
+        self.arch = arch
+        self.batches = capture_layer0_inputs(model, arch, calib_ids, batch_size, next(model.parameters()).device)
+        self.layer = 0
+        self._hessians: dict[str, torch.Tensor] | None = None
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        if self._hessians is None:
+            layer = self.arch.layers[self.layer]
+            mods = {m.local: m.name for m in self.arch.layer_modules(self.layer)}
+            self._hessians = {}
+            with torch.no_grad():
+                for group in _input_groups(layer, list(mods), self.batches[0]):
+                    h = _collect_hessian(layer, group[0], self.batches)
+                    self._hessians.update({mods[local]: h for local in group})
+        return self._hessians
+
+    def advance(self) -> None:
+        layer = self.arch.layers[self.layer]
+        with torch.no_grad():
+            self.batches = [(_layer_output(layer(hidden, **kw)), kw) for hidden, kw in self.batches]
+        self.layer += 1
+        self._hessians = None
+
+
 def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches, plain,
-                hidden: KeptStates, t0, progress) -> ProbeResults:
+                hidden: KeptStates, t0, progress, calib: _Calibration | None = None, damp: float = 0.01
+                ) -> ProbeResults:
     for o in objectives:
         for i, b in enumerate(batches[o.name]):
             hidden.put((o.name, i), layer_input(model, arch, b.inputs, 0))
@@ -389,12 +440,15 @@ def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, sto
         for unit in (u for u in plan_units if u.layer == layer):
             for b in bits:
                 def probe(unit=unit, b=b, layer=layer):
-                    with rtn_swapped(model, unit.modules, b, group_size, sym):
+                    hessians = calib.hessians() if calib is not None else None
+                    with quant_swapped(model, unit.modules, b, group_size, sym, hessians, damp):
                         return score(layer)
 
                 probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
                 bar.update(1)
         if layer < last:
+            if calib is not None:
+                calib.advance()
             for o in objectives:
                 for i, b in enumerate(batches[o.name]):
                     hidden.put((o.name, i), layer_input(model, arch, b.inputs, layer + 1, hidden.get((o.name, i))))
