@@ -29,6 +29,11 @@ Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3
 layers at 3 and 4 bits (same probes, objectives and settings as the layer profile; the 21 module probes
 benchmarks/profile.py already measured at 3 bits are reused), quantized like the TASA rows.
 
+Experiment (RTN probes against the quantizer that is used): ``tasagptq-3.5-searched`` is TASA (beta
+0.5) from a layer profile whose probes GPTQ-quantize their layer (``tasa profile --probe-quantizer
+gptq``) with Hessians from the row's own calibration (searched, seed 0, 128 x 512), same objectives,
+probe rows and bit-widths as the RTN layer profile.
+
 Scores, on test rows never used for calibration, profiling or search: WikiText-2 perplexity and
 KL(FP || quantized) per token (top-256 log-probs) on the first 40 windows of 512 tokens; ARC-Easy
 and ARC-Challenge acc and acc_norm on the first 1,000 test rows, zero-shot; GSM8K gold-solution
@@ -65,11 +70,13 @@ LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250
 CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 MODULE_PROFILE = WORK / BENCH / "module-profile"
+GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
 GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
              "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",
-             "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki", "tasamod-3.5-searched"]
+             "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki", "tasamod-3.5-searched",
+             "tasagptq-3.5-searched"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
@@ -208,6 +215,9 @@ def allocation(name: str):
     from tasa.allocate.plan import plan_from_sensitivity
 
     p = parse(name)
+    if p["kind"] == "tasagptq":  # from the GPTQ-probe layer profile
+        sens = json.loads((GPTQ_PROFILE / "sensitivity.json").read_text())
+        return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=0.5)
     if p["kind"] == "tasamod":  # every module at once, from the module profile (3 and 4 bits)
         sens = json.loads((MODULE_PROFILE / "sensitivity.json").read_text())
         return plan_from_sensitivity(sens, p["bits"], bits=[3, 4], beta=0.5)
@@ -248,6 +258,8 @@ def worker(name: str, work: Path) -> dict:
 
     if name == "profile:module":
         return module_profile_worker()
+    if name == "profile:gptq":
+        return gptq_profile_worker(work)
     generate = name.startswith("gen:")
     name = name[4:] if generate else name
     torch.manual_seed(0)
@@ -296,6 +308,17 @@ def module_profile_worker() -> dict:
     return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
 
 
+def gptq_profile_worker(work: Path) -> dict:
+    """The layer profile with GPTQ probes on the searched calibration (resumes from its probes on disk)."""
+    from tasa.pipeline import profile
+
+    s = profile("smollm2-135m", GPTQ_PROFILE, objectives=["wikitext2", "gsm8k", "arc_easy"], bits=(3, 4, 8),
+                granularity="layer", group_size=GROUP, probe_tokens=4096, probe_quantizer="gptq",
+                calib=calib_string("searched", work), nsamples=NSAMPLES, calib_seqlen=SEQLEN, damp=DAMP,
+                report=False, progress=False)
+    return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
+
+
 def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
     p = parse(name)
     dest = work / "peers" / f"{name}.safetensors"
@@ -330,9 +353,10 @@ def run_row(name: str, work: Path, fp_dir: str) -> dict:
         cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
-    if p["kind"] == "tasamod":
-        cached(work / "rows" / "module-profile.json", lambda: run_json(
-            [sys.executable, __file__, "--worker", "profile:module"], log=work / "logs" / "module-profile.log"))
+    for kind, part in (("tasamod", "module"), ("tasagptq", "gptq")):
+        if p["kind"] == kind:
+            cached(work / "rows" / f"{part}-profile.json", lambda: run_json(
+                [sys.executable, __file__, "--worker", f"profile:{part}"], log=work / "logs" / f"{part}-profile.log"))
     cached(work / "rows" / f"{name}.json", lambda: run_json(
         [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
     return merged(name, work)
@@ -543,12 +567,12 @@ def gap_positions(table: dict) -> dict:
     out = {}
     for base, t in table.items():
         p = parse(base)
-        if p["kind"] not in ("tasa", "tasamod", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
+        if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
         w4, w3 = table.get(f"gptq-w4-{p['calib']}"), table.get(f"gptq-w3-{p['calib']}")
         if w4 is None or w3 is None:
             continue
-        pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "tasamod", "pplonly") else {}
+        pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "tasamod", "tasagptq", "pplonly") else {}
         out[base] = {obj: {"measured": position(t[k]["mean"], w4[k]["mean"], w3[k]["mean"], log=k.endswith("ppl")),
                            "predicted": pred.get(obj, {}).get("gap_position")}
                      for obj, k in GAP_METRICS.items() if k in t}
@@ -578,6 +602,7 @@ def figures(work: Path, table: dict) -> list[Path]:
         "AutoRound AutoScheme": ["autoround-as3.5-wiki"],
         "AutoScheme choice + tasa GPTQ": ["asgptq-3.5-wiki"],
         "TASA per module (searched)": ["tasamod-3.5-searched"],
+        "TASA from GPTQ probes (searched)": ["tasagptq-3.5-searched"],
     }
     metrics = [("aggregate_task_score", "aggregate task score (FP = 100)"), ("gsm8k_gold_nll", "GSM8K gold NLL"),
                ("arc_easy_acc", "ARC-Easy acc"), ("wikitext2_ppl", "WikiText-2 perplexity")]
@@ -607,6 +632,8 @@ def figures(work: Path, table: dict) -> list[Path]:
     arch = resolve(load("smollm2-135m").model)
     plans = {"ppl-only (beta 1)": layer_bits(plan_for("pplonly-3.5-wiki", arch, work), arch),
              "TASA (beta 0.5)": layer_bits(plan_for("tasa-3.5-searched", arch, work), arch)}
+    if (GPTQ_PROFILE / "sensitivity.json").is_file():
+        plans["TASA from GPTQ probes"] = layer_bits(plan_for("tasagptq-3.5-searched", arch, work), arch)
     if (MODULE_PROFILE / "sensitivity.json").is_file():
         plans["TASA per module (beta 0.5)"] = layer_bits(plan_for("tasamod-3.5-searched", arch, work), arch)
     as_layers = work / "peers" / "autoround-as3.5-wiki.safetensors.layers.json"
