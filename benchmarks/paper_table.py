@@ -478,19 +478,34 @@ def report(work: Path, bases: list[str]) -> None:
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
         print(f"figure {f}")
-    print(f"{'row':24} {'n':>2} {'bits':>5} {'ppl':>8} {'KL':>6} {'ARC-E':>6} {'ARC-C':>6} {'NLL':>6} {'agg':>6}")
-    for base, t in table.items():
-        def f(k, fmt="{:.3f}"):
-            return fmt.format(t[k]["mean"]) if k in t else "-"
-        bits = parse(base)["bits"] or 16
-        print(f"{base:24} {t['seeds']:>2} {bits:5.2f} {f('wikitext2_ppl', '{:.1f}'):>8} {f('wikitext2_kl'):>6} "
-              f"{f('arc_easy_acc'):>6} {f('arc_challenge_acc'):>6} {f('gsm8k_gold_nll'):>6} "
-              f"{f('aggregate_task_score', '{:.1f}'):>6}")
+    print(markdown_table(table))
     for base, g in extra["gap_positions"].items():
         print(f"{base:24} position between uniform W4 (0) and W3 (1), measured / profile-predicted: " + ", ".join(
             f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
             for k, v in g.items()))
     print(f"written {out}")
+
+
+def markdown_table(table: dict) -> str:
+    """The table for docs/RESULTS.md: seed mean (± sd when there are several seeds) per row."""
+    def cell(t, k, fmt):
+        if k not in t:
+            return "—"
+        v = t[k]
+        return fmt.format(v["mean"]) + (f" ± {fmt.format(v['sd'])}" if v.get("sd") is not None else "")
+
+    lines = ["| row | seeds | bits | WikiText-2 ppl | KL to FP | ARC-E acc / acc_norm | ARC-C acc / acc_norm | "
+             "GSM8K gold NLL | GSM8K 5-shot strict | aggregate |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | "
+             "---: | ---: | ---: |"]
+    for base, t in table.items():
+        bits = t["bits"]["mean"] if "bits" in t else (parse(base)["bits"] or 16)
+        lines.append(
+            f"| {base} | {t['seeds']} | {bits:.2f} | {cell(t, 'wikitext2_ppl', '{:.1f}')} | {cell(t, 'wikitext2_kl', '{:.3f}')} | "
+            f"{cell(t, 'arc_easy_acc', '{:.3f}')} / {cell(t, 'arc_easy_acc_norm', '{:.3f}')} | "
+            f"{cell(t, 'arc_challenge_acc', '{:.3f}')} / {cell(t, 'arc_challenge_acc_norm', '{:.3f}')} | "
+            f"{cell(t, 'gsm8k_gold_nll', '{:.3f}')} | {cell(t, 'gsm8k_strict_match', '{:.3f}')} | "
+            f"{cell(t, 'aggregate_task_score', '{:.1f}')} |")
+    return "\n".join(lines)
 
 
 GAP_METRICS = {"wikitext2": "wikitext2_ppl", "gsm8k": "gsm8k_gold_nll", "arc_easy": "arc_easy_acc"}
