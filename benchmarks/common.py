@@ -106,21 +106,13 @@ def score_model(lm, work: Path, reference: dict | None, limits: dict, seqlen: in
     ``reference=None`` the model is the reference and its top-256 are saved to work/fp.topk.safetensors),
     ARC-Easy / ARC-Challenge acc and acc_norm (with stderr) and GSM8K gold-solution NLL, zero-shot, on the
     first limits[task] test rows."""
-    from tasa.data import eval_texts
-    from tasa.eval.perplexity import perplexity
     from tasa.eval.runner import run_task
     from tasa.eval.tasks import get_task
 
-    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=seqlen,
-                   limit=limits["wikitext2"], progress=False, topk=256 if reference is None else 0,
-                   reference=reference)
+    r = wikitext2(lm, work, reference, limits, seqlen)
     m = {"wikitext2_ppl": r.ppl}
     if r.kl is not None:
         m["wikitext2_kl"] = r.kl
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in r.topk.items()}, str(work / "fp.topk.safetensors"))
     for task in ("arc_easy", "arc_challenge", "gsm8k"):
         res = run_task(lm.model, lm.tokenizer, get_task(task), limit=limits[task], num_fewshot=0, generate=False,
                        progress=False)
@@ -130,6 +122,23 @@ def score_model(lm, work: Path, reference: dict | None, limits: dict, seqlen: in
             for k in ("acc", "acc_norm"):
                 m[f"{task}_{k}"], m[f"{task}_{k}_stderr"] = res.metrics[k], res.metrics[f"{k}_stderr"]
     return m
+
+
+def wikitext2(lm, work: Path, reference: dict | None, limits: dict, seqlen: int):
+    """WikiText-2 perplexity of score_model; with ``reference=None`` the model's top-256 log-probs are
+    saved to work/fp.topk.safetensors (the reference of later rows' KL), else KL to ``reference``."""
+    from tasa.data import eval_texts
+    from tasa.eval.perplexity import perplexity
+
+    r = perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=seqlen,
+                   limit=limits["wikitext2"], progress=False, topk=256 if reference is None else 0,
+                   reference=reference)
+    if reference is None:
+        from safetensors.torch import save_file
+
+        work.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in r.topk.items()}, str(work / "fp.topk.safetensors"))
+    return r
 
 
 def load_linear_weights(lm, arch, path: Path) -> None:

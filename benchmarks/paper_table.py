@@ -5,8 +5,10 @@
     .venv/bin/python benchmarks/paper_table.py --stage generate # GSM8K 5-shot strict-match (seed 0 models)
     .venv/bin/python benchmarks/paper_table.py --stage report   # tables and figures from what is cached
 
-Every (row, calibration seed) is quantized and scored in a fresh process and cached under
-benchmarks/.work/paper_table, so a killed run resumes at the first missing one.
+Every (row, calibration seed) is quantized and scored in a fresh process; its record (scores, times,
+bits; a few KB) is written atomically to benchmarks/results/paper_table/ and committed, so a killed run
+or a fresh checkout resumes at the first row not yet measured. Re-derivable inputs (profiles,
+calibration tokens, the FP reference log-probs, peer weights) live in benchmarks/.work/paper_table.
 
 Setup: group size 64, symmetric, GPTQ damp 0.01, 128 x 512-token calibration built by tasa
 (seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
@@ -57,8 +59,9 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (ROOT, WORK, cached, load_linear_weights, parse_or_work, peer_venv, row,  # noqa: E402
-                               run_json, score_model, write_results)
+from benchmarks.common import (RESULTS, ROOT, WORK, cached, load_linear_weights, parse_or_work, peer_venv,  # noqa: E402
+                               row, run_json, score_model, wikitext2, write_results)
+from tasa.artifacts import write_json_atomic  # noqa: E402
 
 BENCH = "paper_table"
 COMMAND = ".venv/bin/python benchmarks/paper_table.py"
@@ -71,6 +74,10 @@ CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 MODULE_PROFILE = WORK / BENCH / "module-profile"
 GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
+# Each row's record (scores, times, bits: a few KB) is committed here, so the table survives the loss of
+# benchmarks/.work (a fresh checkout) and a later run resumes from the rows already measured. Heavy,
+# re-derivable inputs (profiles, calibration tokens, the FP reference log-probs, peer weights) stay in .work.
+RECORDS = RESULTS / BENCH
 GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
@@ -129,7 +136,7 @@ def searched_calib(work: Path) -> str:
         return {"calib": s["calib"], "criteria": s["criteria"], "grid": s["grid"],
                 "values": s["results"][s["criteria"][0]]["values"], "seconds": s["seconds"]}
 
-    return cached(work / "search.json", search)["calib"]
+    return cached(RECORDS / "search.json", search)["calib"]
 
 
 def calib_string(kind: str, work: Path) -> str:
@@ -221,6 +228,8 @@ def allocation(name: str):
     if p["kind"] == "tasamod":  # every module at once, from the module profile (3 and 4 bits)
         sens = json.loads((MODULE_PROFILE / "sensitivity.json").read_text())
         return plan_from_sensitivity(sens, p["bits"], bits=[3, 4], beta=0.5)
+    if not PROFILE.is_file():
+        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
     sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
     return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)
 
@@ -230,7 +239,7 @@ def autoscheme_plan(autoround_row: str, names: list[str], work: Path):
     from tasa.config import QuantSpec
     from tasa.plan import Plan
 
-    bits = json.loads((work / "peers" / f"{autoround_row}.safetensors.layers.json").read_text())["bits"]
+    bits = json.loads((RECORDS / f"{autoround_row}-scheme.json").read_text())["bits"]
     if set(bits) != set(names):
         raise RuntimeError(f"AutoScheme chose bits for {len(bits)} modules, the model has {len(names)}")
     return Plan({n: QuantSpec(bits=bits[n], group_size=GROUP, damp=DAMP) for n in names})
@@ -260,6 +269,8 @@ def worker(name: str, work: Path) -> dict:
         return module_profile_worker()
     if name == "profile:gptq":
         return gptq_profile_worker(work)
+    if name == "fp-reference":  # the FP top-256 log-probs alone (lost with .work; the FP row's record is kept)
+        return {"wikitext2_ppl": wikitext2(load("smollm2-135m"), work, None, LIMITS, SEQLEN).ppl}
     generate = name.startswith("gen:")
     name = name[4:] if generate else name
     torch.manual_seed(0)
@@ -336,28 +347,44 @@ def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
                "--avg-bits", str(p["bits"]), "--options", "3,4,8", "--group-size", str(GROUP),
                "--batch-size", str(BATCH), "--seed", str(42 + p["seed"]), "--out", str(dest)]
         env = {}
-    return run_json(cmd, env=env, log=work / "logs" / f"{name}-quantize.log")
+    out = run_json(cmd, env=env, log=work / "logs" / f"{name}-quantize.log")
+    scheme = Path(f"{dest}.layers.json")  # AutoScheme's per-module bits: kept with the row's records
+    if scheme.is_file():
+        write_json_atomic(RECORDS / f"{name}-scheme.json", json.loads(scheme.read_text()))
+    return out
 
 
 # ---------------------------------------------------------------- driver
 
 
-def run_row(name: str, work: Path, fp_dir: str) -> dict:
+def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
+    """Measure a row unless its record exists. ``model``: also make sure the inputs its model is rebuilt
+    from are on disk (a peer's weights live in .work and are lost with it; requantizing them keeps the
+    record of the first run)."""
     twin = same_model_as(name, work)
     if twin is not None:
-        return run_row(twin, work, fp_dir)
+        return run_row(twin, work, fp_dir, model)
     p = parse(name)
+    model = model or not (RECORDS / f"{name}.json").is_file()
     if p["calib"]:
         build_calib(work, p["calib"], p["seed"])
     if p["kind"] in ("gptqmodel", "autoround"):
-        cached(work / "rows" / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
+        cached(RECORDS / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
+        if model and not (work / "peers" / f"{name}.safetensors").is_file():
+            quantize_peer(name, work, fp_dir)
+    if p["kind"] != "fp" and model and not (work / "fp.topk.safetensors").is_file():
+        ref = run_json([sys.executable, __file__, "--worker", "fp-reference"], log=work / "logs" / "fp-reference.log")
+        fp = json.loads((RECORDS / "fp.json").read_text())["metrics"]["wikitext2_ppl"]
+        if abs(ref["wikitext2_ppl"] / fp - 1) > 1e-4:
+            raise RuntimeError(f"the FP model now has WikiText-2 ppl {ref['wikitext2_ppl']}, its record {fp}: "
+                               "the reference would not match the recorded rows")
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
     for kind, part in (("tasamod", "module"), ("tasagptq", "gptq")):
         if p["kind"] == kind:
-            cached(work / "rows" / f"{part}-profile.json", lambda: run_json(
+            cached(work / f"{part}-profile.json", lambda: run_json(
                 [sys.executable, __file__, "--worker", f"profile:{part}"], log=work / "logs" / f"{part}-profile.log"))
-    cached(work / "rows" / f"{name}.json", lambda: run_json(
+    cached(RECORDS / f"{name}.json", lambda: run_json(
         [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
     return merged(name, work)
 
@@ -365,19 +392,19 @@ def run_row(name: str, work: Path, fp_dir: str) -> dict:
 def merged(name: str, work: Path) -> dict | None:
     """A row's cached pieces as one record (None if it has not run): the scores, a peer's quantization
     time, bits and peak memory (else tasa's, from the row itself), and the generation scores if run."""
-    path = work / "rows" / f"{name}.json"
+    path = RECORDS / f"{name}.json"
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
     m = dict(r["metrics"])
-    peer = work / "rows" / f"{name}-quantize.json"
+    peer = RECORDS / f"{name}-quantize.json"
     if peer.is_file():
         q = json.loads(peer.read_text())
         r.update(seconds=q["seconds"], bits=q.get("average_bits", parse(name)["bits"]), peer=q)
         m["peak_rss_gb"] = q["peak_rss_gb"]
     elif "peak_rss_gb" in r:
         m["peak_rss_gb"] = r["peak_rss_gb"]
-    gen = work / "rows" / f"{name}-gen.json"
+    gen = RECORDS / f"{name}-gen.json"
     if gen.is_file():
         m.update({k: v for k, v in json.loads(gen.read_text()).items() if k != "seconds"})
     r["metrics"] = m
@@ -388,8 +415,8 @@ def run_generation(name: str, work: Path, fp_dir: str) -> dict:
     twin = same_model_as(name, work)
     if twin is not None:
         return run_generation(twin, work, fp_dir)
-    run_row(name, work, fp_dir)  # the model's inputs (peer weights, calibration, AutoScheme choice) exist
-    return cached(work / "rows" / f"{name}-gen.json", lambda: run_json(
+    run_row(name, work, fp_dir, model=True)  # the model's inputs (peer weights, calibration, AutoScheme choice) exist
+    return cached(RECORDS / f"{name}-gen.json", lambda: run_json(
         [sys.executable, __file__, "--worker", f"gen:{name}"], log=work / "logs" / f"{name}-gen.log"))
 
 
@@ -401,8 +428,6 @@ def options(ap) -> None:
 
 def main() -> None:
     args, work = parse_or_work(__doc__, BENCH, worker, BASE_ROWS + SWEEP_ROWS, options)
-    if not PROFILE.is_file():
-        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
     from tasa.models import load
 
     fp_dir = str(load("smollm2-135m").path)
@@ -434,7 +459,7 @@ def main() -> None:
 
 def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
     """Result rows (one per row and seed) and per-row mean/sd over the seeds that are cached."""
-    fp = json.loads((work / "rows" / "fp.json").read_text())["metrics"]
+    fp = json.loads((RECORDS / "fp.json").read_text())["metrics"]
     rows, table = [], {}
     for base in bases:
         per_seed = []
@@ -472,7 +497,7 @@ def report(work: Path, bases: list[str]) -> None:
                           "profile": str(PROFILE.relative_to(ROOT)),
                           "aggregate": "mean of (acc - 0.25) / (acc_FP - 0.25) for ARC-Easy acc and acc_norm and "
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
-             "table": table, "search": json.loads((work / "search.json").read_text())}
+             "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["gap_positions"] = gap_positions(table)
     extra["profile_noise"] = profile_noise()
     out = write_results(BENCH, COMMAND, rows, extra)
@@ -498,9 +523,9 @@ def markdown_table(table: dict) -> str:
              "GSM8K gold NLL | GSM8K 5-shot strict | aggregate |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | "
              "---: | ---: | ---: |"]
     for base, t in table.items():
-        bits = t["bits"]["mean"] if "bits" in t else (parse(base)["bits"] or 16)
+        bits = t["bits"]["mean"] if "bits" in t else parse(base)["bits"]
         lines.append(
-            f"| {base} | {t['seeds']} | {bits:.2f} | {cell(t, 'wikitext2_ppl', '{:.1f}')} | {cell(t, 'wikitext2_kl', '{:.3f}')} | "
+            f"| {base} | {t['seeds']} | {'float' if bits is None else f'{bits:.2f}'} | {cell(t, 'wikitext2_ppl', '{:.1f}')} | {cell(t, 'wikitext2_kl', '{:.3f}')} | "
             f"{cell(t, 'arc_easy_acc', '{:.3f}')} / {cell(t, 'arc_easy_acc_norm', '{:.3f}')} | "
             f"{cell(t, 'arc_challenge_acc', '{:.3f}')} / {cell(t, 'arc_challenge_acc_norm', '{:.3f}')} | "
             f"{cell(t, 'gsm8k_gold_nll', '{:.3f}')} | {cell(t, 'gsm8k_strict_match', '{:.3f}')} | "
