@@ -380,9 +380,9 @@ def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
                                "the reference would not match the recorded rows")
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
-    for kind, part in (("tasamod", "module"), ("tasagptq", "gptq")):
-        if p["kind"] == kind:
-            cached(work / f"{part}-profile.json", lambda: run_json(
+    for kind, part, where in (("tasamod", "module", MODULE_PROFILE), ("tasagptq", "gptq", GPTQ_PROFILE)):
+        if p["kind"] == kind and model and not (where / "sensitivity.json").is_file():  # resumes from its probes
+            write_json_atomic(RECORDS / f"{part}-profile.json", run_json(
                 [sys.executable, __file__, "--worker", f"profile:{part}"], log=work / "logs" / f"{part}-profile.log"))
     cached(RECORDS / f"{name}.json", lambda: run_json(
         [sys.executable, __file__, "--worker", name], log=work / "logs" / f"{name}.log"))
@@ -406,7 +406,9 @@ def merged(name: str, work: Path) -> dict | None:
         m["peak_rss_gb"] = r["peak_rss_gb"]
     gen = RECORDS / f"{name}-gen.json"
     if gen.is_file():
-        m.update({k: v for k, v in json.loads(gen.read_text()).items() if k != "seconds"})
+        g = json.loads(gen.read_text())
+        m.update({k: v for k, v in g.items() if k != "seconds"})
+        r["generate_seconds"] = g.get("seconds")
     r["metrics"] = m
     return r
 
@@ -498,17 +500,50 @@ def report(work: Path, bases: list[str]) -> None:
                           "aggregate": "mean of (acc - 0.25) / (acc_FP - 0.25) for ARC-Easy acc and acc_norm and "
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
+    extra["wall_times"] = wall_times(work, bases)
     extra["gap_positions"] = gap_positions(table)
     extra["profile_noise"] = profile_noise()
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
         print(f"figure {f}")
     print(markdown_table(table))
+    print(wall_times_markdown(extra["wall_times"]))
     for base, g in extra["gap_positions"].items():
         print(f"{base:24} position between uniform W4 (0) and W3 (1), measured / profile-predicted: " + ", ".join(
             f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
             for k, v in g.items()))
     print(f"written {out}")
+
+
+def wall_times(work: Path, bases: list[str]) -> dict:
+    """Wall seconds of every stage that has run: the shared ones (mixture search, profiles) and, per row
+    and seed, quantization (a peer's own process for GPTQModel/AutoRound), scoring and 5-shot generation."""
+    stages = {"mixture search (grad-align, 64 x 512 per source)": json.loads(
+        (RECORDS / "search.json").read_text())["seconds"]["with_loading"]}
+    for label, path in (("layer profile (RTN probes, 90)", PROFILE),
+                        ("module profile (RTN probes, 3 and 4 bits)", MODULE_PROFILE / "sensitivity.json"),
+                        ("layer profile (GPTQ probes, 90)", GPTQ_PROFILE / "sensitivity.json")):
+        if path.is_file():
+            stages[label] = json.loads(path.read_text())["seconds"]["sensitivity"]
+    rows = {}
+    for base in bases:
+        for seed in seeds_of(base):
+            name = with_seed(base, seed)
+            r = merged(same_model_as(name, work) or name, work)
+            if r is not None:
+                rows[name] = {"quantize": r.get("seconds"), "score": r.get("eval_seconds"),
+                              "generate": r.get("generate_seconds")}
+    return {"stages": stages, "rows": rows}
+
+
+def wall_times_markdown(w: dict) -> str:
+    def sec(v):
+        return "—" if v is None else f"{v:.0f}"
+
+    lines = ["| stage | wall s |", "| --- | ---: |"] + [f"| {k} | {sec(v)} |" for k, v in w["stages"].items()]
+    lines += ["", "| row | quantize s | score s | 5-shot generate s |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {sec(v['quantize'])} | {sec(v['score'])} | {sec(v['generate'])} |" for k, v in w["rows"].items()]
+    return "\n".join(lines)
 
 
 def markdown_table(table: dict) -> str:
