@@ -74,6 +74,7 @@ CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 MODULE_PROFILE = WORK / BENCH / "module-profile"
 GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
+PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
 # Each row's record (scores, times, bits: a few KB) is committed here, so the table survives the loss of
 # benchmarks/.work (a fresh checkout) and a later run resumes from the rows already measured. Heavy,
 # re-derivable inputs (profiles, calibration tokens, the FP reference log-probs, peer weights) stay in .work.
@@ -217,20 +218,35 @@ def plan_for(name: str, arch, work: Path):
     return allocation(name)[0]
 
 
+def sensitivity(part: str) -> dict | None:
+    """The profile ("layer", "module" or "gptq") rows are allocated from, as committed with the rows
+    (benchmarks/results/paper_table/PART-sensitivity.json): copied there from its profile directory the
+    first time it is read, so a later checkout allocates the same plans without profiling again. None
+    if neither exists."""
+    rec = RECORDS / f"{part}-sensitivity.json"
+    if not rec.is_file():
+        src = PROFILES[part] / "sensitivity.json"
+        if not src.is_file():
+            return None
+        write_json_atomic(rec, json.loads(src.read_text()))
+    return json.loads(rec.read_text())
+
+
 def allocation(name: str):
     """(plan, summary) of an allocated row (ppl-only or TASA) from the measured layer profile."""
     from tasa.allocate.plan import plan_from_sensitivity
 
     p = parse(name)
     if p["kind"] == "tasagptq":  # from the GPTQ-probe layer profile
-        sens = json.loads((GPTQ_PROFILE / "sensitivity.json").read_text())
+        sens = sensitivity("gptq")
         return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=0.5)
     if p["kind"] == "tasamod":  # every module at once, from the module profile (3 and 4 bits)
-        sens = json.loads((MODULE_PROFILE / "sensitivity.json").read_text())
+        sens = sensitivity("module")
         return plan_from_sensitivity(sens, p["bits"], bits=[3, 4], beta=0.5)
-    if not PROFILE.is_file():
+    sens = sensitivity("layer")
+    if sens is None:
         raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
-    sens = json.loads(PROFILE.read_text())  # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
+    # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
     return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)
 
 
@@ -380,8 +396,8 @@ def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
                                "the reference would not match the recorded rows")
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
-    for kind, part, where in (("tasamod", "module", MODULE_PROFILE), ("tasagptq", "gptq", GPTQ_PROFILE)):
-        if p["kind"] == kind and model and not (where / "sensitivity.json").is_file():  # resumes from its probes
+    for kind, part in (("tasamod", "module"), ("tasagptq", "gptq")):
+        if p["kind"] == kind and model and sensitivity(part) is None:  # resumes from its probes
             write_json_atomic(RECORDS / f"{part}-profile.json", run_json(
                 [sys.executable, __file__, "--worker", f"profile:{part}"], log=work / "logs" / f"{part}-profile.log"))
     cached(RECORDS / f"{name}.json", lambda: run_json(
@@ -496,13 +512,16 @@ def report(work: Path, bases: list[str]) -> None:
     extra = {"settings": {"group_size": GROUP, "nsamples": NSAMPLES, "seqlen": SEQLEN, "damp": DAMP,
                           "seeds": list(SEEDS), "sweep_seeds": list(SWEEP_SEEDS), "eval_limits": LIMITS,
                           "calibrations": {**CALIBS, "searched": calib_string("searched", work)},
-                          "profile": str(PROFILE.relative_to(ROOT)),
+                          "profile": str((RECORDS / "layer-sensitivity.json").relative_to(ROOT)),
                           "aggregate": "mean of (acc - 0.25) / (acc_FP - 0.25) for ARC-Easy acc and acc_norm and "
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["wall_times"] = wall_times(work, bases)
     extra["gap_positions"] = gap_positions(table)
     extra["profile_noise"] = profile_noise()
+    earlier = RESULTS / f"{BENCH}.json"
+    if "skipped" in extra["profile_noise"] and earlier.is_file():  # keep the last measured experiment
+        extra["profile_noise"] = json.loads(earlier.read_text()).get("profile_noise", extra["profile_noise"])
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
         print(f"figure {f}")
@@ -520,11 +539,11 @@ def wall_times(work: Path, bases: list[str]) -> dict:
     and seed, quantization (a peer's own process for GPTQModel/AutoRound), scoring and 5-shot generation."""
     stages = {"mixture search (grad-align, 64 x 512 per source)": json.loads(
         (RECORDS / "search.json").read_text())["seconds"]["with_loading"]}
-    for label, path in (("layer profile (RTN probes, 90)", PROFILE),
-                        ("module profile (RTN probes, 3 and 4 bits)", MODULE_PROFILE / "sensitivity.json"),
-                        ("layer profile (GPTQ probes, 90)", GPTQ_PROFILE / "sensitivity.json")):
-        if path.is_file():
-            stages[label] = json.loads(path.read_text())["seconds"]["sensitivity"]
+    for label, part in (("layer profile (RTN probes, 90)", "layer"),
+                        ("module profile (RTN probes, 3 and 4 bits)", "module"),
+                        ("layer profile (GPTQ probes, 90)", "gptq")):
+        if (sens := sensitivity(part)) is not None:
+            stages[label] = sens["seconds"]["sensitivity"]
     rows = {}
     for base in bases:
         for seed in seeds_of(base):
@@ -591,7 +610,9 @@ def profile_noise(budget: float = 3.5, splits: int = 20, seed: int = 0) -> dict:
     from tasa.allocate.plan import plan_from_sensitivity, predicted_costs
     from tasa.profile.objectives import choice_kl
 
-    sens = json.loads(PROFILE.read_text())
+    sens = sensitivity("layer")
+    if not (PROFILE.parent / "probes").is_dir():
+        return {"skipped": f"needs the layer profile's probe records in {PROFILE.parent / 'probes'}"}
     recs = {}
     for f in (PROFILE.parent / "probes").glob("*.json"):
         r = json.loads(f.read_text())
@@ -707,11 +728,11 @@ def figures(work: Path, table: dict) -> list[Path]:
     arch = resolve(load("smollm2-135m").model)
     plans = {"ppl-only (beta 1)": layer_bits(plan_for("pplonly-3.5-wiki", arch, work), arch),
              "TASA (beta 0.5)": layer_bits(plan_for("tasa-3.5-searched", arch, work), arch)}
-    if (GPTQ_PROFILE / "sensitivity.json").is_file():
+    if sensitivity("gptq") is not None:
         plans["TASA from GPTQ probes"] = layer_bits(plan_for("tasagptq-3.5-searched", arch, work), arch)
-    if (MODULE_PROFILE / "sensitivity.json").is_file():
+    if sensitivity("module") is not None:
         plans["TASA per module (beta 0.5)"] = layer_bits(plan_for("tasamod-3.5-searched", arch, work), arch)
-    as_layers = work / "peers" / "autoround-as3.5-wiki.safetensors.layers.json"
+    as_layers = RECORDS / "autoround-as3.5-wiki-scheme.json"
     if as_layers.is_file():
         plans["AutoRound AutoScheme"] = layer_bits(plan_for("asgptq-3.5-wiki", arch, work), arch)
     fig, ax = plt.subplots(figsize=(11, 3.6))
@@ -729,7 +750,7 @@ def figures(work: Path, table: dict) -> list[Path]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    sens = json.loads(PROFILE.read_text())
+    sens = sensitivity("layer")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for obj, per_bits in sens["costs"].items():
         c = per_bits["3"]["cost"]
