@@ -611,7 +611,7 @@ def profile_noise(budget: float = 3.5, splits: int = 20, seed: int = 0) -> dict:
     from tasa.profile.objectives import choice_kl
 
     sens = sensitivity("layer")
-    if not (PROFILE.parent / "probes").is_dir():
+    if sens is None or not (PROFILE.parent / "probes").is_dir():
         return {"skipped": f"needs the layer profile's probe records in {PROFILE.parent / 'probes'}"}
     recs = {}
     for f in (PROFILE.parent / "probes").glob("*.json"):
