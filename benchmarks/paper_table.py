@@ -223,31 +223,33 @@ def sensitivity(part: str) -> dict | None:
     (benchmarks/results/paper_table/PART-sensitivity.json): copied there from its profile directory the
     first time it is read, so a later checkout allocates the same plans without profiling again. None
     if neither exists."""
-    rec = RECORDS / f"{part}-sensitivity.json"
-    if not rec.is_file():
-        src = PROFILES[part] / "sensitivity.json"
-        if not src.is_file():
-            return None
-        write_json_atomic(rec, json.loads(src.read_text()))
-    return json.loads(rec.read_text())
+    rec, src = RECORDS / f"{part}-sensitivity.json", PROFILES[part] / "sensitivity.json"
+    if rec.is_file():
+        return json.loads(rec.read_text())
+    if not src.is_file():
+        return None
+    sens = json.loads(src.read_text())
+    write_json_atomic(rec, sens)
+    return sens
+
+
+# row kind -> (profile it is allocated from, bit-widths, beta); every other allocated kind is TASA from the layer profile
+ALLOCATED_FROM = {"pplonly": ("layer", [3, 4, 8], 1.0), "tasagptq": ("gptq", [3, 4, 8], 0.5),
+                  "tasamod": ("module", [3, 4], 0.5)}  # module profile: 3 and 4 bits, every module at once
 
 
 def allocation(name: str):
-    """(plan, summary) of an allocated row (ppl-only or TASA) from the measured layer profile."""
+    """(plan, summary) of an allocated row (ppl-only, TASA and the TASA experiments) from its profile; group
+    size 64 like every row, GPTQ damp 0.01 is QuantSpec's default."""
     from tasa.allocate.plan import plan_from_sensitivity
 
-    p = parse(name)
-    if p["kind"] == "tasagptq":  # from the GPTQ-probe layer profile
-        sens = sensitivity("gptq")
-        return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=0.5)
-    if p["kind"] == "tasamod":  # every module at once, from the module profile (3 and 4 bits)
-        sens = sensitivity("module")
-        return plan_from_sensitivity(sens, p["bits"], bits=[3, 4], beta=0.5)
-    sens = sensitivity("layer")
+    part, bits, beta = ALLOCATED_FROM.get(parse(name)["kind"], ("layer", [3, 4, 8], 0.5))
+    sens = sensitivity(part)
     if sens is None:
-        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
-    # group size 64 like every row; GPTQ damp 0.01 is QuantSpec's default
-    return plan_from_sensitivity(sens, p["bits"], bits=[3, 4, 8], beta=1.0 if p["kind"] == "pplonly" else 0.5)
+        raise SystemExit(f"{PROFILES[part]} holds no finished profile: run "
+                         + ("benchmarks/profile.py first (the measured layer profile)" if part == "layer"
+                            else f"this benchmark's {name} row, which profiles first"))
+    return plan_from_sensitivity(sens, parse(name)["bits"], bits=bits, beta=beta)
 
 
 def autoscheme_plan(autoround_row: str, names: list[str], work: Path):
