@@ -5,7 +5,7 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.plan import Plan
-from tasa.quant.apply import _input_groups, capture_layer0_inputs, quantize_model
+from tasa.quant.apply import input_groups, capture_layer0_inputs, quantize_model
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
@@ -37,7 +37,7 @@ def test_input_groups_follow_shared_inputs_in_execution_order():
     batches = capture_layer0_inputs(model, arch, calib_ids(), batch_size=6, device=torch.device("cpu"))
     locals_ = [m.local for m in arch.layer_modules(0)]
     with torch.no_grad():
-        groups = _input_groups(arch.layers[0], locals_, batches[0])
+        groups = input_groups(arch.layers[0], locals_, batches[0])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 

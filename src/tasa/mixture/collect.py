@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.quant.apply import _input_groups, _layer_output, _move_outside_layers, capture_layer0_inputs
+from tasa.quant.apply import input_groups, layer_output, move_outside_layers, capture_layer0_inputs
 from tasa.quant.gptq import accumulate_hessian, make_empty_hessian
 
 _P = 2**31 - 1  # Mersenne prime for the sketch hashes
@@ -61,7 +61,7 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
     """
     device = torch.device(device)
     with torch.no_grad():
-        _move_outside_layers(model, arch, device)
+        move_outside_layers(model, arch, device)
         batches = {name: capture_layer0_inputs(model, arch, ids, batch_size, device) for name, ids in token_sets.items()}
         first_set = next(iter(batches.values()))
         for index in tqdm(range(arch.num_layers), desc="Hessians", disable=not progress):
@@ -69,7 +69,7 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
             home = next(layer.parameters()).device
             layer.to(device)
             mods = {m.local: m for m in arch.layer_modules(index)}
-            groups = _input_groups(layer, list(mods), first_set[0])
+            groups = input_groups(layer, list(mods), first_set[0])
             numel = {mods[g[0]].name: sum(mods[x].numel for x in g) for g in groups}
             hessians: dict[str, dict[str, torch.Tensor]] = {}
             for set_name, set_batches in batches.items():
@@ -85,7 +85,7 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
                     handles.append(lin.register_forward_pre_hook(hook))
                 try:
                     for b, (hidden, kwargs) in enumerate(set_batches):
-                        out = _layer_output(layer(hidden, **kwargs))
+                        out = layer_output(layer(hidden, **kwargs))
                         if not torch.isfinite(out).all():
                             raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
                         set_batches[b] = (out, kwargs)

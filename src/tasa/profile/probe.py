@@ -43,7 +43,7 @@ from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
 from tasa.config import QuantSpec
-from tasa.quant.apply import _collect_hessian, _input_groups, _layer_output, capture_layer0_inputs
+from tasa.quant.apply import collect_hessian, input_groups, layer_output, capture_layer0_inputs
 from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
 
@@ -385,15 +385,15 @@ class _Calibration:
             mods = {m.local: m.name for m in self.arch.layer_modules(self.layer)}
             self._hessians = {}
             with torch.no_grad():
-                for group in _input_groups(layer, list(mods), self.batches[0]):
-                    h = _collect_hessian(layer, group[0], self.batches)
+                for group in input_groups(layer, list(mods), self.batches[0]):
+                    h = collect_hessian(layer, group[0], self.batches)
                     self._hessians.update({mods[local]: h for local in group})
         return self._hessians
 
     def advance(self) -> None:
         layer = self.arch.layers[self.layer]
         with torch.no_grad():
-            self.batches = [(_layer_output(layer(hidden, **kw)), kw) for hidden, kw in self.batches]
+            self.batches = [(layer_output(layer(hidden, **kw)), kw) for hidden, kw in self.batches]
         self.layer += 1
         self._hessians = None
 

@@ -53,7 +53,8 @@ class QuantReport:
     seconds: float = 0.0
 
 
-def _layer_output(out):
+def layer_output(out):
+    """The hidden states of a decoder layer's output (layers return a tuple in some transformers versions)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -83,7 +84,7 @@ def capture_layer0_inputs(model: nn.Module, arch: ModelArch, input_ids: torch.Te
     return captured
 
 
-def _input_groups(layer: nn.Module, locals_: list[str], sample: tuple[torch.Tensor, dict]) -> list[list[str]]:
+def input_groups(layer: nn.Module, locals_: list[str], sample: tuple[torch.Tensor, dict]) -> list[list[str]]:
     """Group linears by identical input tensor, ordered by first call, by running one batch."""
     # Inputs are kept referenced until grouping is done: a freed tensor's memory
     # could otherwise be reused by a later, different input at the same address.
@@ -109,7 +110,7 @@ def _input_groups(layer: nn.Module, locals_: list[str], sample: tuple[torch.Tens
     return list(groups.values())
 
 
-def _collect_hessian(layer: nn.Module, first: str, batches: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
+def collect_hessian(layer: nn.Module, first: str, batches: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
     """H = 2/n X^T X of the input of ``first``, running each batch only up to that module."""
     mod = layer.get_submodule(first)
     state = {"h": make_empty_hessian(mod.in_features, mod.weight.device), "n": 0}
@@ -190,7 +191,7 @@ def _apply_rtn(arch, plan, report, on_result, progress):
             on_result(m.name, result)
 
 
-def _move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
+def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
     """Move every parameter and buffer not inside a decoder layer to ``device``."""
     prefix = arch.spec.layers_path
     for name, mod in model.named_modules():
@@ -205,7 +206,7 @@ def _move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device
 
 
 def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result, progress):
-    _move_outside_layers(model, arch, device)
+    move_outside_layers(model, arch, device)
     batches = capture_layer0_inputs(model, arch, calib_ids, batch_size, device)
     for index in tqdm(range(arch.num_layers), desc="GPTQ layers", disable=not progress):
         layer = arch.layers[index]
@@ -214,11 +215,11 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
         planned = [m for m in arch.layer_modules(index) if m.name in plan]
         by_local = {m.local: m for m in planned}
         if planned:
-            groups = _input_groups(layer, [m.local for m in planned], batches[0])
+            groups = input_groups(layer, [m.local for m in planned], batches[0])
             if not true_sequential:
-                hessians = {g[0]: _collect_hessian(layer, g[0], batches) for g in groups}
+                hessians = {g[0]: collect_hessian(layer, g[0], batches) for g in groups}
             for group in groups:
-                h = hessians[group[0]] if not true_sequential else _collect_hessian(layer, group[0], batches)
+                h = hessians[group[0]] if not true_sequential else collect_hessian(layer, group[0], batches)
                 for local in group:
                     m = by_local[local]
                     spec = plan[m.name]
@@ -232,7 +233,7 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
                         on_result(m.name, result)
                 del h
         for b, (hidden, kwargs) in enumerate(batches):
-            out = _layer_output(layer(hidden, **kwargs))
+            out = layer_output(layer(hidden, **kwargs))
             if not torch.isfinite(out).all():
                 raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
             batches[b] = (out, kwargs)
