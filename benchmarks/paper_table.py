@@ -521,6 +521,7 @@ def report(work: Path, bases: list[str]) -> None:
     extra["wall_times"] = wall_times(work, bases)
     extra["gap_positions"] = gap_positions(table)
     extra["profile_noise"] = profile_noise()
+    extra["objective_bounds"] = objective_bounds()
     earlier = RESULTS / f"{BENCH}.json"
     if "skipped" in extra["profile_noise"] and earlier.is_file():  # keep the last measured experiment
         extra["profile_noise"] = json.loads(earlier.read_text()).get("profile_noise", extra["profile_noise"])
@@ -533,6 +534,11 @@ def report(work: Path, bases: list[str]) -> None:
         print(f"{base:24} position between uniform W4 (0) and W3 (1), measured / profile-predicted: " + ", ".join(
             f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
             for k, v in g.items()))
+    for part, per in extra["objective_bounds"].items():
+        for budget, b in per.items():
+            print(f"{part} profile, {budget} bits: lowest position per objective "
+                  + ", ".join(f"{o} {v:.2f}" for o, v in b["best_alone"].items()) + "; TASA beta 0.5 "
+                  + ", ".join(f"{o} {v:.2f}" for o, v in b["tasa_beta_0.5"].items()))
     print(f"written {out}")
 
 
@@ -656,6 +662,35 @@ def profile_noise(budget: float = 3.5, splits: int = 20, seed: int = 0) -> dict:
     return {"splits": splits, "budget": budget,
             **{k: {"mean": statistics.mean(r[k] for r in rows), "sd": statistics.stdev(r[k] for r in rows)}
                for k in rows[0]}}
+
+
+def objective_bounds(budgets=(3.25, 3.5, 3.75)) -> dict:
+    """The best any plan from each finished profile can do, objective by objective, in the profile's own
+    additive terms: per budget, the position between uniform W4 (0) and W3 (1) of the plan allocated on one
+    objective alone - the lowest that objective can reach, since any weighting or normalisation of the
+    objectives gives a plan at or above it there - next to the positions of TASA's beta-0.5 plan."""
+    from tasa.allocate.aggregate import PPL_OBJECTIVE
+    from tasa.allocate.plan import plan_from_sensitivity
+
+    out = {}
+    for part, bits in {pt: b for pt, b, _ in ALLOCATED_FROM.values()}.items():
+        sens = sensitivity(part)
+        if sens is None:
+            continue
+        objs = list(sens["costs"])
+
+        def positions(**kw):
+            return {o: v["gap_position"] for o, v in plan_from_sensitivity(sens, budget, bits=bits, **kw)[1][
+                "predicted"].items() if "gap_position" in v}
+
+        out[part] = {}
+        for budget in budgets:
+            alone = {o: positions(beta=1.0) if o == PPL_OBJECTIVE else
+                     positions(beta=0.0, task_weights={t: float(t == o) for t in objs if t != PPL_OBJECTIVE})
+                     for o in objs}
+            out[part][str(budget)] = {"best_alone": {o: alone[o][o] for o in objs}, "alone_plans": alone,
+                                      "tasa_beta_0.5": positions(beta=0.5)}
+    return out
 
 
 def gap_positions(table: dict) -> dict:
