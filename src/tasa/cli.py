@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "time (default: 768)")
     r.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
                    help="how multiple-choice objectives score a probe (see tasa profile --help) (default: kl)")
+    r.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="how a profile probe quantizes its layer: rtn (intrinsic sensitivity, the method's "
+                        "default) or gptq (the damage GPTQ leaves, on the run's calibration; about 1.6x the "
+                        "profile time; see docs/RESULTS.md) (default: rtn)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
     r.add_argument("--seqlen", type=int, default=512,
                    help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
@@ -352,7 +356,7 @@ def run(argv: list[str] | None = None) -> int:
                          bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
-                         choice_cost=args.choice_cost,
+                         choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
                          eval_windows=args.eval_windows,
                          generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,

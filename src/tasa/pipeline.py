@@ -608,6 +608,7 @@ def run(
     group_size: int = 64,
     probe_tokens: int = 768,
     choice_cost: str = "kl",
+    probe_quantizer: str = "rtn",
     nsamples: int = 64,
     seqlen: int = 512,
     seed: int = 0,
@@ -625,6 +626,9 @@ def run(
     ``mixture_criterion`` (see :func:`search_mixture`; ``nsamples`` x ``seqlen`` tokens per source).
     ``calib=None`` (the default) means ``"auto"`` when every task is a built-in dataset with
     calibration rows, else plain wikitext2, with a warning saying so.
+
+    ``probe_quantizer``: ``rtn`` profiles with RTN probes (the method's default); ``gptq`` with probes that
+    GPTQ-quantize their layer on the run's calibration (``nsamples`` x ``seqlen``; see :func:`profile`).
 
     Every stage writes its artifact into ``output_dir`` and is recorded in
     ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
@@ -655,6 +659,8 @@ def run(
         calib = "wikitext2" if problem else "auto"
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if probe_quantizer not in ("rtn", "gptq"):
+        raise TasaError(f"probe quantizer must be rtn or gptq, got {probe_quantizer!r}")
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
@@ -669,12 +675,11 @@ def run(
     p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
             "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost}
 
-    changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
-
     def do_profile():
+        gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
         s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
                     probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
-                    choice_cost=choice_cost, progress=progress)
+                    choice_cost=choice_cost, progress=progress, probe_quantizer=probe_quantizer, **gptq)
         return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
 
     if calib == "auto":
@@ -684,6 +689,9 @@ def run(
             model, out / "mixture", general="wikitext2", tasks=tasks, criteria=(mixture_criterion,),
             nsamples=nsamples, seqlen=seqlen, group_size=group_size, seed=seed, device=device, dtype=dtype,
             progress=progress)["calib"]})["calib"]
+    if probe_quantizer == "gptq":  # in the key only then, so RTN-profiled runs keep theirs
+        p_in.update(probe_quantizer="gptq", calib=calib, nsamples=nsamples, seqlen=seqlen)
+    changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
     prof = stages.run("profile", p_in, do_profile)
     a_in = {"profile": _key(p_in), "budget": budget, "bits": sorted(bits), "beta": beta,
             "task_weights": task_weights, "target": target, "budget_includes_metadata": budget_includes_metadata}

@@ -272,6 +272,26 @@ def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, dat
     assert code == 2 and "infeasible" in err
 
 
+def test_run_with_gptq_probes_profiles_on_the_run_calibration(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
+            "--eval-windows", "1", "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args + ["--probe-quantizer", "gptq"], capsys)
+    assert code == 0, err
+    s = json.loads((out_dir / "profile" / "sensitivity.json").read_text())
+    assert (s["probe_quantizer"], s["calib"], s["nsamples"], s["calib_seqlen"]) == \
+        ("gptq", "wikitext2:0.5,gsm8k:0.5", 4, 32)
+    code, out, err = run_cli(args + ["--probe-quantizer", "gptq"], capsys)
+    assert code == 0 and "stages run: none" in out, out + err
+    # RTN probes are another profile: it and everything after rerun; the RTN profile records no calibration
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "stages run: profile, allocate, quantize, eval_quant" in out, out + err
+    assert "probe_quantizer" not in json.loads((out_dir / "profile" / "sensitivity.json").read_text())
+    code, _, err = run_cli(args + ["--probe-quantizer", "awq"], capsys)
+    assert code == 2 and "--probe-quantizer" in err
+
+
 def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
