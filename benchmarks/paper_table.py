@@ -679,17 +679,17 @@ def objective_bounds(budgets=(3.25, 3.5, 3.75)) -> dict:
             continue
         objs = list(sens["costs"])
 
-        def positions(**kw):
+        def positions(budget, **kw):
             return {o: v["gap_position"] for o, v in plan_from_sensitivity(sens, budget, bits=bits, **kw)[1][
                 "predicted"].items() if "gap_position" in v}
 
         out[part] = {}
         for budget in budgets:
-            alone = {o: positions(beta=1.0) if o == PPL_OBJECTIVE else
-                     positions(beta=0.0, task_weights={t: float(t == o) for t in objs if t != PPL_OBJECTIVE})
+            alone = {o: positions(budget, beta=1.0) if o == PPL_OBJECTIVE else
+                     positions(budget, beta=0.0, task_weights={t: float(t == o) for t in objs if t != PPL_OBJECTIVE})
                      for o in objs}
             out[part][str(budget)] = {"best_alone": {o: alone[o][o] for o in objs}, "alone_plans": alone,
-                                      "tasa_beta_0.5": positions(beta=0.5)}
+                                      "tasa_beta_0.5": positions(budget, beta=0.5)}
     return out
 
 

@@ -335,6 +335,11 @@ def evaluate(
     return results
 
 
+def _check_probe_quantizer(probe_quantizer: str) -> None:
+    if probe_quantizer not in ("rtn", "gptq"):
+        raise TasaError(f"probe quantizer must be rtn or gptq, got {probe_quantizer!r}")
+
+
 def profile(
     model: str,
     output_dir: str | Path,
@@ -402,8 +407,7 @@ def profile(
     bits = tuple(sorted(set(int(b) for b in bits)))
     for b in bits:
         QuantSpec(bits=b, group_size=group_size, sym=sym, damp=damp)  # validates bits, group size, dampening
-    if probe_quantizer not in ("rtn", "gptq"):
-        raise TasaError(f"probe quantizer must be rtn or gptq, got {probe_quantizer!r}")
+    _check_probe_quantizer(probe_quantizer)
     if probe_quantizer == "gptq":
         if method != "measured":
             raise TasaError("GPTQ probes are measured probes: they cannot be combined with an estimator method")
@@ -659,8 +663,7 @@ def run(
         calib = "wikitext2" if problem else "auto"
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    if probe_quantizer not in ("rtn", "gptq"):
-        raise TasaError(f"probe quantizer must be rtn or gptq, got {probe_quantizer!r}")
+    _check_probe_quantizer(probe_quantizer)
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
@@ -672,16 +675,6 @@ def run(
     stages = Stages(out)
     objectives = ["wikitext2", *tasks]
 
-    p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
-            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost}
-
-    def do_profile():
-        gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
-        s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
-                    probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
-                    choice_cost=choice_cost, progress=progress, probe_quantizer=probe_quantizer, **gptq)
-        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
-
     if calib == "auto":
         m_in = {"model": model, "tasks": tasks, "criterion": mixture_criterion, "nsamples": nsamples,
                 "seqlen": seqlen, "seed": seed, "dtype": dtype, "group_size": group_size}
@@ -689,9 +682,18 @@ def run(
             model, out / "mixture", general="wikitext2", tasks=tasks, criteria=(mixture_criterion,),
             nsamples=nsamples, seqlen=seqlen, group_size=group_size, seed=seed, device=device, dtype=dtype,
             progress=progress)["calib"]})["calib"]
-    if probe_quantizer == "gptq":  # in the key only then, so RTN-profiled runs keep theirs
-        p_in.update(probe_quantizer="gptq", calib=calib, nsamples=nsamples, seqlen=seqlen)
+    gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
+    p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
+            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost,
+            **({"probe_quantizer": "gptq", **gptq} if gptq else {})}  # GPTQ settings only then: RTN keys stay
     changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
+
+    def do_profile():
+        s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
+                    probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
+                    choice_cost=choice_cost, progress=progress, probe_quantizer=probe_quantizer, **gptq)
+        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
+
     prof = stages.run("profile", p_in, do_profile)
     a_in = {"profile": _key(p_in), "budget": budget, "bits": sorted(bits), "beta": beta,
             "task_weights": task_weights, "target": target, "budget_includes_metadata": budget_includes_metadata}

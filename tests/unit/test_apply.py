@@ -5,7 +5,7 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.plan import Plan
-from tasa.quant.apply import input_groups, capture_layer0_inputs, quantize_model
+from tasa.quant.apply import capture_layer0_inputs, input_groups, quantize_model
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama

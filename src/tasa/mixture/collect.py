@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.quant.apply import input_groups, layer_output, move_outside_layers, capture_layer0_inputs
+from tasa.quant.apply import capture_layer0_inputs, input_groups, layer_output, move_outside_layers
 from tasa.quant.gptq import accumulate_hessian, make_empty_hessian
 
 _P = 2**31 - 1  # Mersenne prime for the sketch hashes

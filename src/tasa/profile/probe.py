@@ -43,7 +43,7 @@ from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
 from tasa.config import QuantSpec
-from tasa.quant.apply import collect_hessian, input_groups, layer_output, capture_layer0_inputs
+from tasa.quant.apply import capture_layer0_inputs, collect_hessian, input_groups, layer_output
 from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
 
