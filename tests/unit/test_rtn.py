@@ -17,14 +17,33 @@ def test_asymmetric_2bit_hand_example():
 def test_symmetric_4bit_hand_example():
     w = torch.tensor([[-1.0, 0.5, 0.3]])
     r = rtn_quantize(w, bits=4, group_size=-1, sym=True)
-    scale = float(torch.tensor(2.0 / 15).half())  # range [-1, 1] over 15 steps, stored as fp16; zero point 8
-    assert r.scales.item() == scale
-    assert r.zeros.item() == 8.0
-    # 0.5 / scale = 3.75 -> 4 -> code 12; 0.3 / scale = 2.25 -> 2 -> code 10.
-    # The extreme -1 sits at -7.5 steps, a rounding tie that float32 may break either way.
-    assert r.codes[0, 1:].tolist() == [12, 10]
-    assert r.codes[0, 0].item() in (0, 1)
-    assert r.weight[0, 1:].tolist() == pytest.approx([4 * scale, 2 * scale])
+    # signed max: the extreme -1 lands exactly on code 0, scale -(-1)/8, zero point 8
+    assert r.scales.item() == 0.125 and r.zeros.item() == 8.0
+    assert r.codes.tolist() == [[0, 12, 10]]  # 0.5 / 0.125 = 4; 0.3 / 0.125 = 2.4 -> 2
+    assert r.weight.tolist() == [[-1.0, 0.5, 0.25]]
+
+
+def test_symmetric_grid_takes_the_sign_of_the_extreme_and_uses_every_level():
+    w = torch.tensor([[1.0, -0.5, -0.9, 0.0]])
+    r = rtn_quantize(w, bits=3, group_size=-1, sym=True)
+    assert r.scales.item() == -0.25 and r.zeros.item() == 4.0  # positive extreme: negative scale
+    # 1 / -0.25 = -4 -> code 0 -> x_hat 1 exactly; -0.5 -> 2 -> 6; -0.9 -> 3.6 -> 4 -> 8 clips to code 7 (-0.75)
+    assert r.codes.tolist() == [[0, 6, 7, 4]]
+    assert r.weight.tolist() == [[1.0, -0.5, -0.75, 0.0]]
+    # 8 distinct levels over [-0.75, 1]: the 3-bit grid of the GPTQ reference (scale 2/7) reaches 1 only as 6/7
+    assert sorted((r.scales * (torch.arange(8.0) - 4)).flatten().tolist()) == [-0.75, -0.5, -0.25, 0.0, 0.25, 0.5,
+                                                                                 0.75, 1.0]
+
+
+def test_symmetric_grid_error_is_below_the_reference_grids_on_gaussian_weights():
+    """The signed-max grid against the GPTQ reference one (scale 2 max|x| / maxq): less squared error."""
+    w = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4):
+        ref_scale = (2 * w.abs().amax(1, keepdim=True) / (2**bits - 1)).half().float()
+        ref = ref_scale * (quantize_codes(w, ref_scale, torch.full_like(ref_scale, 2.0 ** (bits - 1)), bits)
+                           - 2.0 ** (bits - 1))
+        ours = rtn_quantize(w, bits, -1, True).weight
+        assert (ours - w).pow(2).sum() < (ref - w).pow(2).sum()
 
 
 def test_range_always_contains_zero_and_zero_rows():
@@ -37,7 +56,7 @@ def test_range_always_contains_zero_and_zero_rows():
 def test_scales_are_fp16_values_and_never_zero():
     w = torch.randn(8, 64) * torch.logspace(-12, 2, 8)[:, None]
     r = rtn_quantize(w, bits=4, group_size=32, sym=True)
-    assert torch.equal(r.scales, r.scales.half().float()) and (r.scales > 0).all()
+    assert torch.equal(r.scales, r.scales.half().float()) and (r.scales != 0).all()
     assert torch.isfinite(r.weight).all() and torch.equal(r.weight, r.dequantize())
 
 
@@ -61,8 +80,8 @@ def test_codes_in_range_error_bounded_and_dequantize_consistent(bits, sym):
     r = rtn_quantize(w, bits=bits, group_size=16, sym=sym)
     assert int(r.codes.max()) <= 2**bits - 1
     assert torch.allclose(r.dequantize(), r.weight)
-    step = r.scales[:, r.g_idx.long()]
-    # inside the grid's range the rounding error is at most half a step (sym clips the top by one step); the
+    step = r.scales[:, r.g_idx.long()].abs()
+    # inside the grid's range the rounding error is at most half a step (sym clips the far side by one step); the
     # fp16 scale (relative error <= 2^-11) can shift the range's ends by up to 2^bits * 2^-11 steps more
     bound = step * ((1.0 if sym else 0.5) + 2.0**bits * 2.0**-11) + 1e-6
     assert ((w - r.weight).abs() <= bound).all()
