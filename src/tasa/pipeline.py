@@ -30,6 +30,7 @@ from tasa.models import load, resolve
 from tasa.models.arch import ModelArch
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
+from tasa.quant.rtn import SYM_GRID
 
 log = logging.getLogger(__name__)
 
@@ -427,8 +428,8 @@ def profile(
     objs = [build_objective(name, lm.tokenizer, min_tokens=probe_tokens, seqlen=seqlen, seed=seed,
                             max_length=lm.max_length, choice_cost=choice_cost) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
-                "group_size": group_size, "sym": sym, "probe_tokens": probe_tokens, "seqlen": seqlen, "seed": seed,
-                "dtype": _dtype_name(lm.model), "method": method,
+                "group_size": group_size, "sym": sym, "grid": SYM_GRID, "probe_tokens": probe_tokens, "seqlen": seqlen,
+                "seed": seed, "dtype": _dtype_name(lm.model), "method": method,
                 "layers": sorted(set(layers)) if layers is not None else None}
     calib_ids = None
     if probe_quantizer == "gptq":  # recorded only then, so RTN profiles keep their fingerprint
@@ -677,14 +678,15 @@ def run(
 
     if calib == "auto":
         m_in = {"model": model, "tasks": tasks, "criterion": mixture_criterion, "nsamples": nsamples,
-                "seqlen": seqlen, "seed": seed, "dtype": dtype, "group_size": group_size}
+                "seqlen": seqlen, "seed": seed, "dtype": dtype, "group_size": group_size,
+                **({"grid": SYM_GRID} if mixture_criterion == "measured" else {})}  # only it quantizes
         calib = stages.run("mixture", m_in, lambda: {"calib": search_mixture(
             model, out / "mixture", general="wikitext2", tasks=tasks, criteria=(mixture_criterion,),
             nsamples=nsamples, seqlen=seqlen, group_size=group_size, seed=seed, device=device, dtype=dtype,
             progress=progress)["calib"]})["calib"]
     gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
     p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
-            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost,
+            "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost, "grid": SYM_GRID,
             **({"probe_quantizer": "gptq", **gptq} if gptq else {})}  # GPTQ settings only then: RTN keys stay
     changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
 
@@ -700,7 +702,8 @@ def run(
     stages.run("allocate", a_in, lambda: allocate_bits(
         prof["sensitivity"], budget, out / "plan.json", bits=tuple(bits), beta=beta, task_weights=task_weights,
         budget_includes_metadata=budget_includes_metadata, target=target))
-    q_in = {"allocate": _key(a_in), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    q_in = {"allocate": _key(a_in), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "grid": SYM_GRID}
 
     def do_quantize():
         s = quantize(model, out / "model", calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,

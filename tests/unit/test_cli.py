@@ -231,6 +231,12 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]
     code, _, err = run_cli(args[:-3] + ["--bits", "3", "--output-dir", str(out_dir), "--quiet"], capsys)
     assert code == 2 and "other settings (bits)" in err
+    settings = json.loads((out_dir / "probe_settings.json").read_text())
+    assert settings["grid"] == "signed-max"
+    settings.pop("grid")  # probes made before the signed-max grid: never mixed into a profile made after it
+    (out_dir / "probe_settings.json").write_text(json.dumps(settings))
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "other settings (grid)" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(args[:-3] + ["--compare-estimators", "--output-dir", str(tmp_path / "est"), "--quiet"],
                              capsys)
     e = json.loads((tmp_path / "est" / "sensitivity.json").read_text())["estimators"]

@@ -33,6 +33,9 @@ import torch
 from tasa.errors import TasaError
 
 FP16_MIN_SCALE = 2.0**-24  # the smallest positive fp16 value; a scale never rounds to zero
+# The symmetric grid's name, recorded with profiles and run stages so that results made with an earlier grid
+# (the GPTQ reference one, tasa < 2026-11-25) are never resumed into or reused.
+SYM_GRID = "signed-max"
 
 
 @dataclass
