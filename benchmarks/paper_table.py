@@ -224,12 +224,17 @@ def sensitivity(part: str) -> dict | None:
     first time it is read, so a later checkout allocates the same plans without profiling again. None
     if neither exists."""
     rec, src = RECORDS / f"{part}-sensitivity.json", PROFILES[part] / "sensitivity.json"
-    if rec.is_file():
-        return json.loads(rec.read_text())
-    if not src.is_file():
+    from tasa.quant.rtn import SYM_GRID
+
+    path = rec if rec.is_file() else src if src.is_file() else None
+    if path is None:
         return None
-    sens = json.loads(src.read_text())
-    write_json_atomic(rec, sens)
+    sens = json.loads(path.read_text())
+    if sens.get("grid") != SYM_GRID:
+        raise SystemExit(f"{path} was profiled on another quantization grid than tasa's ({SYM_GRID}): "
+                         "remove it (and its probes) to profile again")
+    if path == src:
+        write_json_atomic(rec, sens)
     return sens
 
 
@@ -282,6 +287,7 @@ def worker(name: str, work: Path) -> dict:
 
     from tasa.models import load, resolve
     from tasa.quant.apply import quantize_model
+    from tasa.quant.rtn import SYM_GRID
 
     if name == "profile:module":
         return module_profile_worker()
@@ -307,6 +313,7 @@ def worker(name: str, work: Path) -> dict:
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
         out["seconds"] = time.perf_counter() - t0
+        out["grid"] = SYM_GRID  # records say which grid they measured (rows made on an earlier one were removed)
         out["bits"] = plan.average_bits(arch.numels())
         out["layer_bits"] = layer_bits(plan, arch)
         out["peak_rss_gb"] = peak_rss_gb()
