@@ -10,7 +10,7 @@ bits; a few KB) is written atomically to benchmarks/results/paper_table/ and com
 or a fresh checkout resumes at the first row not yet measured. Re-derivable inputs (profiles,
 calibration tokens, the FP reference log-probs, peer weights) live in benchmarks/.work/paper_table.
 
-Setup: group size 64, symmetric, GPTQ damp 0.01, 128 x 512-token calibration built by tasa
+Setup: group size 64, symmetric (tasa's signed-max grid since 2026-11-25), GPTQ damp 0.01, 128 x 512-token calibration built by tasa
 (seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
 (WikiText-2 validation; the baselines' convention), ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks'
 train rows), ``searched`` (``tasa search-mixture`` with its default criterion, grad-align,
