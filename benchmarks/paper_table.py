@@ -10,8 +10,8 @@ bits; a few KB) is written atomically to benchmarks/results/paper_table/ and com
 or a fresh checkout resumes at the first row not yet measured. Re-derivable inputs (profiles,
 calibration tokens, the FP reference log-probs, peer weights) live in benchmarks/.work/paper_table.
 
-Setup: group size 64, symmetric (tasa's signed-max grid since 2026-11-25), GPTQ damp 0.01, 128 x 512-token calibration built by tasa
-(seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
+Setup: group size 64, symmetric (tasa's signed-max grid since 2026-11-25), GPTQ damp 0.01,
+128 x 512-token calibration built by tasa (seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
 (WikiText-2 validation; the baselines' convention), ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks'
 train rows), ``searched`` (``tasa search-mixture`` with its default criterion, grad-align,
 over WikiText-2 and both tasks; 64 x 512 tokens per source, as ``tasa run --calib auto``).
@@ -222,10 +222,10 @@ def sensitivity(part: str) -> dict | None:
     """The profile ("layer", "module" or "gptq") rows are allocated from, as committed with the rows
     (benchmarks/results/paper_table/PART-sensitivity.json): copied there from its profile directory the
     first time it is read, so a later checkout allocates the same plans without profiling again. None
-    if neither exists."""
-    rec, src = RECORDS / f"{part}-sensitivity.json", PROFILES[part] / "sensitivity.json"
+    if neither exists; a profile measured on another quantization grid than tasa's is refused."""
     from tasa.quant.rtn import SYM_GRID
 
+    rec, src = RECORDS / f"{part}-sensitivity.json", PROFILES[part] / "sensitivity.json"
     path = rec if rec.is_file() else src if src.is_file() else None
     if path is None:
         return None

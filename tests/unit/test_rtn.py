@@ -40,8 +40,8 @@ def test_symmetric_grid_error_is_below_the_reference_grids_on_gaussian_weights()
     w = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
     for bits in (2, 3, 4):
         ref_scale = (2 * w.abs().amax(1, keepdim=True) / (2**bits - 1)).half().float()
-        ref = ref_scale * (quantize_codes(w, ref_scale, torch.full_like(ref_scale, 2.0 ** (bits - 1)), bits)
-                           - 2.0 ** (bits - 1))
+        ref_zero = torch.full_like(ref_scale, 2.0 ** (bits - 1))
+        ref = dequantize(quantize_codes(w, ref_scale, ref_zero, bits), ref_scale, ref_zero)
         ours = rtn_quantize(w, bits, -1, True).weight
         assert (ours - w).pow(2).sum() < (ref - w).pow(2).sum()
 
