@@ -38,15 +38,15 @@ def scale_of(grid: str, x, bits: int, gen):
     """(rows, 1) scale of each row of ``x`` (rows, GROUP) under ``grid``; the zero point is 2^(bits-1)."""
     import torch
 
-    from tasa.quant.rtn import compute_grid
+    from tasa.quant.rtn import FP16_MIN_SCALE, compute_grid
 
     z = 2.0 ** (bits - 1)
     if grid == "signed-max":
         return compute_grid(x, bits, sym=True)[0][:, None]
     if grid == "fit":
         pos, neg = x.amax(1, keepdim=True).clamp_min(0), (-x.amin(1, keepdim=True)).clamp_min(0)
-        return torch.maximum(pos / (z - 1), neg / z).clamp_min(2.0**-24).half().float()
-    s = 2 * x.abs().amax(1, keepdim=True).clamp_min(2.0**-24) / (2**bits - 1)
+        return torch.maximum(pos / (z - 1), neg / z).clamp_min(FP16_MIN_SCALE).half().float()
+    s = 2 * x.abs().amax(1, keepdim=True).clamp_min(FP16_MIN_SCALE) / (2**bits - 1)
     if grid == "reference-fp16":
         return s.half().float()
     if grid == "reference-fp16-down":

@@ -11,10 +11,11 @@ or a fresh checkout resumes at the first row not yet measured. Re-derivable inpu
 calibration tokens, the FP reference log-probs, peer weights) live in benchmarks/.work/paper_table.
 
 Setup: group size 64, symmetric (tasa's signed-max grid since 2026-11-25), GPTQ damp 0.01,
-128 x 512-token calibration built by tasa (seed s) and fed identically to every quantizer that takes calibration. Calibrations: ``wiki``
-(WikiText-2 validation; the baselines' convention), ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks'
-train rows), ``searched`` (``tasa search-mixture`` with its default criterion, grad-align,
-over WikiText-2 and both tasks; 64 x 512 tokens per source, as ``tasa run --calib auto``).
+128 x 512-token calibration built by tasa (seed s) and fed identically to every quantizer that
+takes calibration. Calibrations: ``wiki`` (WikiText-2 validation; the baselines' convention),
+``task`` (gsm8k:0.5,arc_easy:0.5, the tasks' train rows), ``searched`` (``tasa search-mixture``
+with its default criterion, grad-align, over WikiText-2 and both tasks; 64 x 512 tokens per
+source, as ``tasa run --calib auto``).
 The layer profile is the 4,096-token measured profile of benchmarks/profile.py (wikitext2, gsm8k,
 arc_easy; KL cost for ARC-Easy; bits 3, 4, 8).
 
