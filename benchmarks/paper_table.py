@@ -36,6 +36,7 @@ Experiment (RTN probes against the quantizer that is used): ``tasagptq-3.5-searc
 0.5) from a layer profile whose probes GPTQ-quantize their layer (``tasa profile --probe-quantizer
 gptq``) with Hessians from the row's own calibration (searched, seed 0, 128 x 512), same objectives,
 probe rows and bit-widths as the RTN layer profile.
+The two experiment rows are measured on calibration seed 0 only, like the budget sweep.
 
 Scores, on test rows never used for calibration, profiling or search: WikiText-2 perplexity and
 KL(FP || quantized) per token (top-256 log-probs) on the first 40 windows of 512 tokens; ARC-Easy
@@ -69,7 +70,7 @@ COMMAND = ".venv/bin/python benchmarks/paper_table.py"
 GROUP, NSAMPLES, SEQLEN, DAMP, BATCH = 64, 128, 512, 0.01, 8
 SEEDS = (0, 1, 2)
 BUDGETS = (3.0, 3.25, 3.5, 3.75, 4.0)
-SWEEP_SEEDS = (0,)  # budgets other than 3.5: one calibration seed
+SWEEP_SEEDS = (0,)  # budgets other than 3.5, and the two experiment rows (tasamod, tasagptq): one calibration seed
 LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
 CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
@@ -107,7 +108,7 @@ def seeds_of(base: str) -> tuple[int, ...]:
     p = parse(base)
     if p["kind"] in ("fp", "rtn"):
         return (0,)
-    if p["kind"] in ("tasa", "pplonly") and p["bits"] != 3.5:
+    if p["kind"] in ("tasa", "pplonly") and p["bits"] != 3.5 or p["kind"] in ("tasamod", "tasagptq"):
         return SWEEP_SEEDS
     return SEEDS
 
