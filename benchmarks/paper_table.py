@@ -108,7 +108,7 @@ def seeds_of(base: str) -> tuple[int, ...]:
     p = parse(base)
     if p["kind"] in ("fp", "rtn"):
         return (0,)
-    if p["kind"] in ("tasa", "pplonly") and p["bits"] != 3.5 or p["kind"] in ("tasamod", "tasagptq"):
+    if (p["kind"] in ("tasa", "pplonly") and p["bits"] != 3.5) or p["kind"] in ("tasamod", "tasagptq"):
         return SWEEP_SEEDS
     return SEEDS
 
@@ -452,7 +452,7 @@ def run_generation(name: str, work: Path, fp_dir: str) -> dict:
 def options(ap) -> None:
     ap.add_argument("--stage", choices=["all", "quality", "generate", "report"], default="all")
     ap.add_argument("--seeds", default=None, help="calibration seeds to run (default: each row's own: "
-                                                   "0,1,2; budget-sweep rows 0)")
+                                                   "0,1,2; budget-sweep and experiment rows 0)")
 
 
 def main() -> None:
