@@ -177,11 +177,35 @@ def build_calib(work: Path, kind: str, seed: int) -> Path:
 
 
 def same_model_as(name: str, work: Path) -> str | None:
-    """A searched-calibration row whose mixture equals task-only is the task-only model: reuse it."""
-    p = parse(name)
-    if p["calib"] == "searched" and calib_string("searched", work) == CALIBS["task"]:
-        return name.replace("-searched", "-task")
-    return None
+    """The row whose model this row's is, token for token and bit for bit, or None: a searched-calibration
+    row whose mixture equals task-only is the task-only row, and an allocated row whose plan is uniform
+    (every module at b bits: TASA and ppl-only at 3.0) is uniform GPTQ at b bits on its calibration and seed.
+    Reusing the twin's record saves a quantization and scoring run with the same result."""
+    twin = None
+    while True:
+        p = parse(name)
+        if p["calib"] == "searched" and calib_string("searched", work) == CALIBS["task"]:
+            name = name.replace("-searched", "-task")
+        elif p["kind"] in ("tasa", "pplonly", "tasamod", "tasagptq") and uniform_bits(name) is not None:
+            name = with_seed(f"gptq-w{uniform_bits(name)}-{p['calib']}", p["seed"])
+        else:
+            return twin
+        twin = name
+
+
+def uniform_bits(name: str) -> int | None:
+    """b when an allocated row's plan is uniform GPTQ at b bits with the uniform rows' settings, else None
+    (also while its profile is not measured yet)."""
+    from tasa.config import QuantSpec
+
+    if sensitivity(ALLOCATED_FROM.get(parse(name)["kind"], ("layer",))[0]) is None:
+        return None
+    plan = allocation(name)[0]
+    specs = set(plan.modules.values())
+    if plan.method != "gptq" or len(specs) != 1:
+        return None
+    (spec,) = specs
+    return spec.bits if spec == QuantSpec(bits=spec.bits, group_size=GROUP, damp=DAMP) else None
 
 
 # ---------------------------------------------------------------- scoring
@@ -748,7 +772,8 @@ def figures(work: Path, table: dict) -> list[Path]:
     }
     metrics = [("aggregate_task_score", "aggregate task score (FP = 100)"), ("gsm8k_gold_nll", "GSM8K gold NLL"),
                ("arc_easy_acc", "ARC-Easy acc"), ("wikitext2_ppl", "WikiText-2 perplexity")]
-    if all(b in table for rows in families.values() for b in rows):  # drawn once every row has landed
+    curves = families["TASA (searched calibration)"] + families["ppl-only allocation (WikiText-2)"]
+    if all(b in table for b in curves):  # drawn once both budget sweeps have landed; other rows as they land
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2))
         for ax, (key, label) in zip(axes, metrics):
             for name, bases in families.items():
