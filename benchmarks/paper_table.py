@@ -25,7 +25,9 @@ AutoRound (its defaults: 200 tuning steps, AutoScheme's own 16 x 256 scoring sam
 the wiki calibration text), and the same per-module choice quantized by tasa's GPTQ (wiki); the
 ppl-only allocation (measured perplexity sensitivities alone, beta 1; wiki) and TASA (beta 0.5)
 at budgets 3.0, 3.25, 3.5, 3.75, 4.0 (searched calibration), and TASA 3.5 on task-only and
-general-only calibration.
+general-only calibration. A row whose model is another row's, bit for bit, reuses that row's record
+(same_model_as): the searched rows when the search chose task-only, and the 3.0-bit allocations,
+whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on the same calibration).
 
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
