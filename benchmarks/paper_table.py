@@ -554,7 +554,7 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["wall_times"] = wall_times(work, bases)
-    extra["gap_positions"] = gap_positions(table)
+    extra["gap_positions"] = gap_positions(table, work)
     extra["profile_noise"] = profile_noise()
     extra["objective_bounds"] = objective_bounds()
     earlier = RESULTS / f"{BENCH}.json"
@@ -566,9 +566,10 @@ def report(work: Path, bases: list[str]) -> None:
     print(markdown_table(table))
     print(wall_times_markdown(extra["wall_times"]))
     for base, g in extra["gap_positions"].items():
-        print(f"{base:24} position between uniform W4 (0) and W3 (1), measured / profile-predicted: " + ", ".join(
-            f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
-            for k, v in g.items()))
+        print(f"{base:24} position between uniform W4 (0) and W3 (1) on seeds {g['seeds']}, measured / "
+              "profile-predicted: " + ", ".join(
+                  f"{k} {v['measured']:.2f}" + (f" / {v['predicted']:.2f}" if v.get("predicted") is not None else "")
+                  for k, v in g.items() if k != "seeds"))
     for part, per in extra["objective_bounds"].items():
         for budget, b in per.items():
             print(f"{part} profile, {budget} bits: lowest position per objective "
@@ -728,22 +729,32 @@ def objective_bounds(budgets=(3.25, 3.5, 3.75)) -> dict:
     return out
 
 
-def gap_positions(table: dict) -> dict:
+def gap_positions(table: dict, work: Path) -> dict:
     """Each mixed-precision row's measured position between the uniform GPTQ W4 and W3 rows of its own
-    calibration (seed means; perplexity on a log scale), next to what the layer profile predicts if
-    single-layer costs added up (layer-wise plans only)."""
+    calibration, on the same calibration seeds (means over the seeds the row has; perplexity on a log
+    scale), next to what the layer profile predicts if single-layer costs added up (layer-wise plans only)."""
+    def means(base: str, seeds: list[int]) -> dict | None:
+        recs = [merged(same_model_as(n, work) or n, work) for n in (with_seed(base, s) for s in seeds)]
+        if not seeds or any(r is None for r in recs):
+            return None
+        return {k: statistics.mean(r["metrics"][k] for r in recs) for k in GAP_METRICS.values()
+                if all(k in r["metrics"] for r in recs)}
+
     out = {}
-    for base, t in table.items():
+    for base in table:
         p = parse(base)
         if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
-        w4, w3 = table.get(f"gptq-w4-{p['calib']}"), table.get(f"gptq-w3-{p['calib']}")
+        seeds = [s for s in seeds_of(base) if merged(same_model_as(with_seed(base, s), work)
+                                                     or with_seed(base, s), work) is not None]
+        t, w4, w3 = (means(b, seeds) for b in (base, f"gptq-w4-{p['calib']}", f"gptq-w3-{p['calib']}"))
         if w4 is None or w3 is None:
             continue
         pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "tasamod", "tasagptq", "pplonly") else {}
-        out[base] = {obj: {"measured": position(t[k]["mean"], w4[k]["mean"], w3[k]["mean"], log=k.endswith("ppl")),
-                           "predicted": pred.get(obj, {}).get("gap_position")}
-                     for obj, k in GAP_METRICS.items() if k in t}
+        out[base] = {"seeds": seeds, **{
+            obj: {"measured": position(t[k], w4[k], w3[k], log=k.endswith("ppl")),
+                  "predicted": pred.get(obj, {}).get("gap_position")}
+            for obj, k in GAP_METRICS.items() if k in t and k in w4 and k in w3}}
     return out
 
 
