@@ -188,8 +188,8 @@ def same_model_as(name: str, work: Path) -> str | None:
         p = parse(name)
         if p["calib"] == "searched" and calib_string("searched", work) == CALIBS["task"]:
             name = name.replace("-searched", "-task")
-        elif p["kind"] in ("tasa", "pplonly", "tasamod", "tasagptq") and uniform_bits(name) is not None:
-            name = with_seed(f"gptq-w{uniform_bits(name)}-{p['calib']}", p["seed"])
+        elif p["kind"] in ("tasa", "pplonly", "tasamod", "tasagptq") and (b := uniform_bits(name)) is not None:
+            name = with_seed(f"gptq-w{b}-{p['calib']}", p["seed"])
         else:
             return twin
         twin = name
@@ -200,7 +200,7 @@ def uniform_bits(name: str) -> int | None:
     (also while its profile is not measured yet)."""
     from tasa.config import QuantSpec
 
-    if sensitivity(ALLOCATED_FROM.get(parse(name)["kind"], ("layer",))[0]) is None:
+    if sensitivity(ALLOCATED_FROM.get(parse(name)["kind"], TASA_LAYER)[0]) is None:
         return None
     plan = allocation(name)[0]
     specs = set(plan.modules.values())
@@ -267,6 +267,7 @@ def sensitivity(part: str) -> dict | None:
 
 
 # row kind -> (profile it is allocated from, bit-widths, beta); every other allocated kind is TASA from the layer profile
+TASA_LAYER = ("layer", [3, 4, 8], 0.5)  # (profile, bit-widths, beta) of the TASA rows
 ALLOCATED_FROM = {"pplonly": ("layer", [3, 4, 8], 1.0), "tasagptq": ("gptq", [3, 4, 8], 0.5),
                   "tasamod": ("module", [3, 4], 0.5)}  # module profile: 3 and 4 bits, every module at once
 
@@ -276,7 +277,7 @@ def allocation(name: str):
     size 64 like every row, GPTQ damp 0.01 is QuantSpec's default."""
     from tasa.allocate.plan import plan_from_sensitivity
 
-    part, bits, beta = ALLOCATED_FROM.get(parse(name)["kind"], ("layer", [3, 4, 8], 0.5))
+    part, bits, beta = ALLOCATED_FROM.get(parse(name)["kind"], TASA_LAYER)
     sens = sensitivity(part)
     if sens is None:
         raise SystemExit(f"{PROFILES[part]} holds no finished profile: run "
@@ -442,6 +443,11 @@ def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
     return merged(name, work)
 
 
+def record(name: str, work: Path) -> dict | None:
+    """The merged record of a row, or of the row whose model it is (same_model_as); None if not run."""
+    return merged(same_model_as(name, work) or name, work)
+
+
 def merged(name: str, work: Path) -> dict | None:
     """A row's cached pieces as one record (None if it has not run): the scores, a peer's quantization
     time, bits and peak memory (else tasa's, from the row itself), and the generation scores if run."""
@@ -520,7 +526,7 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
         per_seed = []
         for seed in seeds_of(base):
             name = with_seed(base, seed)
-            r = merged(same_model_as(name, work) or name, work)
+            r = record(name, work)
             if r is None:
                 continue
             m = r["metrics"]
@@ -592,7 +598,7 @@ def wall_times(work: Path, bases: list[str]) -> dict:
     for base in bases:
         for seed in seeds_of(base):
             name = with_seed(base, seed)
-            r = merged(same_model_as(name, work) or name, work)
+            r = record(name, work)
             if r is not None:
                 rows[name] = {"quantize": r.get("seconds"), "score": r.get("eval_seconds"),
                               "generate": r.get("generate_seconds")}
@@ -734,7 +740,7 @@ def gap_positions(table: dict, work: Path) -> dict:
     calibration, on the same calibration seeds (means over the seeds the row has; perplexity on a log
     scale), next to what the layer profile predicts if single-layer costs added up (layer-wise plans only)."""
     def means(base: str, seeds: list[int]) -> dict | None:
-        recs = [merged(same_model_as(n, work) or n, work) for n in (with_seed(base, s) for s in seeds)]
+        recs = [record(n, work) for n in (with_seed(base, s) for s in seeds)]
         if not seeds or any(r is None for r in recs):
             return None
         return {k: statistics.mean(r["metrics"][k] for r in recs) for k in GAP_METRICS.values()
@@ -745,8 +751,7 @@ def gap_positions(table: dict, work: Path) -> dict:
         p = parse(base)
         if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
-        seeds = [s for s in seeds_of(base) if merged(same_model_as(with_seed(base, s), work)
-                                                     or with_seed(base, s), work) is not None]
+        seeds = [s for s in seeds_of(base) if record(with_seed(base, s), work) is not None]
         t, w4, w3 = (means(b, seeds) for b in (base, f"gptq-w4-{p['calib']}", f"gptq-w3-{p['calib']}"))
         if w4 is None or w3 is None:
             continue
