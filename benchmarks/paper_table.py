@@ -518,10 +518,11 @@ def main() -> None:
     report(work, bases)
 
 
-def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
-    """Result rows (one per row and seed) and per-row mean/sd over the seeds that are cached."""
+def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
+    """Result rows (one per row and seed), per-row mean/sd over the seeds that are cached, and the
+    metrics of every cached (row, seed) by name."""
     fp = json.loads((RECORDS / "fp.json").read_text())["metrics"]
-    rows, table = [], {}
+    rows, table, metrics = [], {}, {}
     for base in bases:
         per_seed = []
         for seed in seeds_of(base):
@@ -541,17 +542,18 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict]:
             rows.append(row(name, tool, method, r.get("bits", p["bits"]), None if p["kind"] == "fp" else GROUP,
                             calib, m, r.get("seconds")))
             per_seed.append(m)
+            metrics[name] = m
         if per_seed:
             keys = [k for k, v in per_seed[0].items() if isinstance(v, float) and not k.endswith("_stderr")]
             table[base] = {"seeds": len(per_seed), **{
                 k: {"mean": statistics.mean(x[k] for x in per_seed if k in x),
                     "sd": statistics.stdev([x[k] for x in per_seed if k in x])
                     if sum(k in x for x in per_seed) > 1 else None} for k in keys}}
-    return rows, table
+    return rows, table, metrics
 
 
 def report(work: Path, bases: list[str]) -> None:
-    rows, table = summarise(work, bases)
+    rows, table, metrics = summarise(work, bases)
     extra = {"settings": {"group_size": GROUP, "nsamples": NSAMPLES, "seqlen": SEQLEN, "damp": DAMP,
                           "seeds": list(SEEDS), "sweep_seeds": list(SWEEP_SEEDS), "eval_limits": LIMITS,
                           "calibrations": {**CALIBS, "searched": calib_string("searched", work)},
@@ -560,7 +562,9 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["wall_times"] = wall_times(work, bases)
-    extra["gap_positions"] = gap_positions(table, work)
+    refs = [r for r in dict.fromkeys(f"gptq-w{w}-{parse(x)['calib']}" for x in bases for w in (4, 3))
+            if r not in bases]  # the uniform rows that positions are measured against (gptq-w4-task is a twin's)
+    extra["gap_positions"] = gap_positions({**metrics, **summarise(work, refs)[2]})
     extra["profile_noise"] = profile_noise()
     extra["objective_bounds"] = objective_bounds()
     earlier = RESULTS / f"{BENCH}.json"
@@ -735,23 +739,23 @@ def objective_bounds(budgets=(3.25, 3.5, 3.75)) -> dict:
     return out
 
 
-def gap_positions(table: dict, work: Path) -> dict:
+def gap_positions(metrics: dict) -> dict:
     """Each mixed-precision row's measured position between the uniform GPTQ W4 and W3 rows of its own
     calibration, on the same calibration seeds (means over the seeds the row has; perplexity on a log
-    scale), next to what the layer profile predicts if single-layer costs added up (layer-wise plans only)."""
+    scale), next to what the layer profile predicts if single-layer costs added up (layer-wise plans only).
+    ``metrics`` maps each measured (row, seed) name to its metrics, as summarise() returns them."""
     def means(base: str, seeds: list[int]) -> dict | None:
-        recs = [record(n, work) for n in (with_seed(base, s) for s in seeds)]
-        if not seeds or any(r is None for r in recs):
+        ms = [metrics.get(with_seed(base, s)) for s in seeds]
+        if not seeds or any(m is None for m in ms):
             return None
-        return {k: statistics.mean(r["metrics"][k] for r in recs) for k in GAP_METRICS.values()
-                if all(k in r["metrics"] for r in recs)}
+        return {k: statistics.mean(m[k] for m in ms) for k in GAP_METRICS.values() if all(k in m for m in ms)}
 
     out = {}
-    for base in table:
+    for base in dict.fromkeys(parse(n)["base"] for n in metrics):
         p = parse(base)
         if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
-        seeds = [s for s in seeds_of(base) if record(with_seed(base, s), work) is not None]
+        seeds = [s for s in seeds_of(base) if with_seed(base, s) in metrics]
         t, w4, w3 = (means(b, seeds) for b in (base, f"gptq-w4-{p['calib']}", f"gptq-w3-{p['calib']}"))
         if w4 is None or w3 is None:
             continue
