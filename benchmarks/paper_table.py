@@ -562,7 +562,8 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["wall_times"] = wall_times(work, bases)
-    refs = [r for r in dict.fromkeys(f"gptq-w{w}-{parse(x)['calib']}" for x in bases for w in (4, 3))
+    refs = [r for r in dict.fromkeys(f"gptq-w{w}-{parse(x)['calib']}" for x in bases if parse(x)["calib"]
+                                     for w in (4, 3))
             if r not in bases]  # the uniform rows that positions are measured against (gptq-w4-task is a twin's)
     extra["gap_positions"] = gap_positions({**metrics, **summarise(work, refs)[2]})
     extra["profile_noise"] = profile_noise()
