@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/paper_table.py                 # everything; resumable
     .venv/bin/python benchmarks/paper_table.py --stage quality # quantize + score every row, no generation
-    .venv/bin/python benchmarks/paper_table.py --stage generate # GSM8K 5-shot strict-match (seed 0 models)
+    .venv/bin/python benchmarks/paper_table.py --stage generate # GSM8K 5-shot strict-match (seed-0 models;
+                                                                # --seeds 1 for another seed's model)
     .venv/bin/python benchmarks/paper_table.py --stage report   # tables and figures from what is cached
 
 Every (row, calibration seed) is quantized and scored in a fresh process; its record (scores, times,
@@ -486,7 +487,8 @@ def run_generation(name: str, work: Path, fp_dir: str) -> dict:
 def options(ap) -> None:
     ap.add_argument("--stage", choices=["all", "quality", "generate", "report"], default="all")
     ap.add_argument("--seeds", default=None, help="calibration seeds to run (default: each row's own: "
-                                                   "0,1,2; budget-sweep and experiment rows 0)")
+                                                   "0,1,2; budget-sweep and module-experiment rows 0; "
+                                                   "generation: 0)")
 
 
 def main() -> None:
@@ -511,12 +513,15 @@ def main() -> None:
                     r = run_row(name, work, fp_dir)
                     print(f"[{BENCH}] {name}: {json.dumps(r['metrics'])} ({time.perf_counter() - t0:.0f} s)",
                           flush=True)
-    if args.stage in ("all", "generate"):
+    if args.stage in ("all", "generate"):  # the seed-0 models unless --seeds names others
         for base in bases:
-            t0 = time.perf_counter()
-            g = run_generation(base, work, fp_dir)
-            print(f"[{BENCH}] {base} strict-match {g['gsm8k_strict_match']:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            for seed in sorted(wanted or {0}):
+                if seed in seeds_of(base):
+                    name = with_seed(base, seed)
+                    t0 = time.perf_counter()
+                    g = run_generation(name, work, fp_dir)
+                    print(f"[{BENCH}] {name} strict-match {g['gsm8k_strict_match']:.3f} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
     report(work, bases)
 
 
@@ -546,7 +551,8 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
             per_seed.append(m)
             metrics[name] = m
         if per_seed:
-            keys = [k for k, v in per_seed[0].items() if isinstance(v, float) and not k.endswith("_stderr")]
+            keys = list(dict.fromkeys(k for m in per_seed for k, v in m.items()  # strict-match: the seeds generated
+                                      if isinstance(v, float) and not k.endswith("_stderr")))
             table[base] = {"seeds": len(per_seed), **{
                 k: {"mean": statistics.mean(x[k] for x in per_seed if k in x),
                     "sd": statistics.stdev([x[k] for x in per_seed if k in x])
