@@ -503,26 +503,24 @@ def main() -> None:
     wanted = {int(s) for s in args.seeds.split(",")} if args.seeds else None
     run_row("fp", work, fp_dir)
     if args.stage in ("all", "quality"):
-        for seed in sorted({s for b in bases for s in seeds_of(b)}):  # every row at seed 0 first, then seed 1, ...
-            if wanted is not None and seed not in wanted:
-                continue
-            for base in bases:
-                if seed in seeds_of(base):
-                    name = with_seed(base, seed)
-                    t0 = time.perf_counter()
-                    r = run_row(name, work, fp_dir)
-                    print(f"[{BENCH}] {name}: {json.dumps(r['metrics'])} ({time.perf_counter() - t0:.0f} s)",
-                          flush=True)
+        for name in runs(bases, wanted):
+            t0 = time.perf_counter()
+            r = run_row(name, work, fp_dir)
+            print(f"[{BENCH}] {name}: {json.dumps(r['metrics'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.stage in ("all", "generate"):  # the seed-0 models unless --seeds names others
-        for base in bases:
-            for seed in sorted(wanted or {0}):
-                if seed in seeds_of(base):
-                    name = with_seed(base, seed)
-                    t0 = time.perf_counter()
-                    g = run_generation(name, work, fp_dir)
-                    print(f"[{BENCH}] {name} strict-match {g['gsm8k_strict_match']:.3f} "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for name in runs(bases, wanted or {0}):
+            t0 = time.perf_counter()
+            g = run_generation(name, work, fp_dir)
+            print(f"[{BENCH}] {name} strict-match {g['gsm8k_strict_match']:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
     report(work, bases)
+
+
+def runs(bases: list[str], seeds: set[int] | None) -> list[str]:
+    """The (row, seed) names to run: every row at seed 0 first, then seed 1, ...; each row only at its own
+    seeds, and of those only ``seeds`` (None: all)."""
+    return [with_seed(base, seed) for seed in sorted({s for b in bases for s in seeds_of(b)})
+            if seeds is None or seed in seeds for base in bases if seed in seeds_of(base)]
 
 
 def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
@@ -576,9 +574,7 @@ def report(work: Path, bases: list[str]) -> None:
     extra["gap_positions"] = gap_positions({**metrics, **summarise(work, refs)[2]})
     earlier = RESULTS / f"{BENCH}.json"  # keep the last measured noise of profiles whose probes are gone
     kept = json.loads(earlier.read_text()).get("profile_noise", {}) if earlier.is_file() else {}
-    if "splits" in kept:  # the one-profile record of the earlier grid (2026-11-25)
-        kept = {"layer": {"grid": "reference (before 2026-11-25)", **kept}}
-    extra["profile_noise"] = {**{k: v for k, v in kept.items() if "splits" in v}, **profile_noise()}
+    extra["profile_noise"] = {**kept, **profile_noise()}
     extra["objective_bounds"] = objective_bounds()
     out = write_results(BENCH, COMMAND, rows, extra)
     for f in figures(work, table):
