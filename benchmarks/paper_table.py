@@ -33,7 +33,10 @@ whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on t
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
 layers at 3 and 4 bits (same probes, objectives and settings as the layer profile; the 21 module probes
-benchmarks/profile.py already measured at 3 bits are reused), quantized like the TASA rows.
+benchmarks/profile.py already measured at 3 bits are reused), quantized like the TASA rows. Its 420
+probes take about 2.8 hours here, so they are written straight into the committed records
+(benchmarks/results/paper_table/module-profile/probes, a few KB each): a profile killed in one checkout
+resumes in the next.
 
 Experiment (RTN probes against the quantizer that is used): ``tasagptq-3.5-searched`` is TASA (beta
 0.5) from a layer profile whose probes GPTQ-quantize their layer (``tasa profile --probe-quantizer
@@ -79,13 +82,14 @@ SWEEP_SEEDS = (0,)  # budgets other than 3.5, and the module-granularity experim
 LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
 CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
-MODULE_PROFILE = WORK / BENCH / "module-profile"
-GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
-PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
 # Each row's record (scores, times, bits: a few KB) is committed here, so the table survives the loss of
 # benchmarks/.work (a fresh checkout) and a later run resumes from the rows already measured. Heavy,
-# re-derivable inputs (profiles, calibration tokens, the FP reference log-probs, peer weights) stay in .work.
+# re-derivable inputs (profiles, calibration tokens, the FP reference log-probs, peer weights) stay in .work,
+# except the module profile's probes (longer than a working session here: see the docstring).
 RECORDS = RESULTS / BENCH
+MODULE_PROFILE = RECORDS / "module-profile"
+GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
+PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
 GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
@@ -252,7 +256,8 @@ def plan_for(name: str, arch, work: Path):
 def sensitivity(part: str) -> dict | None:
     """The profile ("layer", "module" or "gptq") rows are allocated from, as committed with the rows
     (benchmarks/results/paper_table/PART-sensitivity.json): copied there from its profile directory the
-    first time it is read, so a later checkout allocates the same plans without profiling again. None
+    first time it is read, so a later checkout allocates the same plans without profiling again (the module
+    profile's directory is itself committed, module-profile/sensitivity.json). None
     if neither exists; a profile measured on another quantization grid than tasa's is refused."""
     from tasa.quant.rtn import SYM_GRID
 
@@ -264,7 +269,7 @@ def sensitivity(part: str) -> dict | None:
     if sens.get("grid") != SYM_GRID:
         raise SystemExit(f"{path} was profiled on another quantization grid than tasa's ({SYM_GRID}): "
                          "remove it (and its probes) to profile again")
-    if path == src:
+    if path == src and not src.is_relative_to(RECORDS):
         write_json_atomic(rec, sens)
     return sens
 
