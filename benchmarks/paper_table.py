@@ -32,11 +32,11 @@ whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on t
 
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
-layers at 3 and 4 bits (same probes, objectives and settings as the layer profile; the 21 module probes
-benchmarks/profile.py already measured at 3 bits are reused), quantized like the TASA rows. Its 420
-probes take about 2.8 hours here, so they are written straight into the committed records
-(benchmarks/results/paper_table/module-profile/probes, a few KB each): a profile killed in one checkout
-resumes in the next.
+layers at 3 and 4 bits (same probes, objectives and settings as the layer profile), quantized like the
+TASA rows. Its 420 probes take about 2.9 hours here (40-43 s each in the first layers, fewer further
+on), so they are written straight into the committed records
+(benchmarks/results/paper_table/module-profile/probes, about 47 KB each): a profile killed in one
+checkout resumes in the next.
 
 Experiment (RTN probes against the quantizer that is used): ``tasagptq-3.5-searched`` is TASA (beta
 0.5) from a layer profile whose probes GPTQ-quantize their layer (``tasa profile --probe-quantizer
@@ -368,14 +368,9 @@ def worker(name: str, work: Path) -> dict:
 
 
 def module_profile_worker() -> dict:
-    """The module profile of every layer at 3 and 4 bits (resumes from its probes on disk)."""
-    import shutil
-
+    """The module profile of every layer at 3 and 4 bits (resumes from its committed probes)."""
     from tasa.pipeline import profile
 
-    earlier = WORK / "profile" / "module" / "probes"  # benchmarks/profile.py's 3-layer, 3-bit module probes
-    if earlier.is_dir() and not (MODULE_PROFILE / "probes").is_dir():
-        shutil.copytree(earlier, MODULE_PROFILE / "probes")
     s = profile("smollm2-135m", MODULE_PROFILE, objectives=["wikitext2", "gsm8k", "arc_easy"], bits=(3, 4),
                 granularity="module", group_size=GROUP, probe_tokens=4096, report=False, progress=False)
     return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
