@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a profile probe quantizes its layer: rtn (intrinsic sensitivity, the method's "
                         "default) or gptq (the damage GPTQ leaves, on the run's calibration; about 1.6x the "
                         "profile time; see docs/RESULTS.md) (default: rtn)")
+    r.add_argument("--granularity", choices=["layer", "module"], default="layer",
+                   help="profile and allocate whole decoder layers, or every linear module at once (7x the "
+                        "probes; see docs/RESULTS.md) (default: layer)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
     r.add_argument("--seqlen", type=int, default=512,
                    help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
@@ -357,7 +360,7 @@ def run(argv: list[str] | None = None) -> int:
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
                          choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
-                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
+                         granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
                          eval_windows=args.eval_windows,
                          generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                          progress=not args.quiet)

@@ -614,6 +614,7 @@ def run(
     probe_tokens: int = 768,
     choice_cost: str = "kl",
     probe_quantizer: str = "rtn",
+    granularity: str = "layer",
     nsamples: int = 64,
     seqlen: int = 512,
     seed: int = 0,
@@ -634,6 +635,8 @@ def run(
 
     ``probe_quantizer``: ``rtn`` profiles with RTN probes (the method's default); ``gptq`` with probes that
     GPTQ-quantize their layer on the run's calibration (``nsamples`` x ``seqlen``; see :func:`profile`).
+    ``granularity``: ``layer`` profiles and allocates whole decoder layers (the method's default); ``module``
+    probes every linear module and allocates over all of them at once (7x the probes).
 
     Every stage writes its artifact into ``output_dir`` and is recorded in
     ``stages.json`` under a hash of its inputs (see tasa.stages): a rerun skips
@@ -665,6 +668,8 @@ def run(
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     _check_probe_quantizer(probe_quantizer)
+    if granularity not in ("layer", "module"):
+        raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
@@ -687,13 +692,15 @@ def run(
     gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
     p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
             "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost, "grid": SYM_GRID,
-            **({"probe_quantizer": "gptq", **gptq} if gptq else {})}  # GPTQ settings only then: RTN keys stay
+            **({"probe_quantizer": "gptq", **gptq} if gptq else {}),  # GPTQ settings only then: RTN keys stay
+            **({"granularity": "module"} if granularity == "module" else {})}  # so do layer-granularity keys
     changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
 
     def do_profile():
         s = profile(model, out / "profile", objectives=objectives, bits=tuple(bits), group_size=group_size,
                     probe_tokens=probe_tokens, seed=seed, device=device, dtype=dtype, overwrite=changed,
-                    choice_cost=choice_cost, progress=progress, probe_quantizer=probe_quantizer, **gptq)
+                    choice_cost=choice_cost, progress=progress, probe_quantizer=probe_quantizer,
+                    granularity=granularity, **gptq)
         return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s["warnings"]}
 
     prof = stages.run("profile", p_in, do_profile)

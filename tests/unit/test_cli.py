@@ -298,6 +298,41 @@ def test_run_with_gptq_probes_profiles_on_the_run_calibration(tiny_model_dir, tm
     assert code == 2 and "--probe-quantizer" in err
 
 
+def test_run_at_module_granularity_profiles_and_allocates_every_module(tiny_model_dir, tmp_path, capsys, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tasa.models.arch import resolve
+
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
+            "--eval-windows", "1", "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args + ["--granularity", "module"], capsys)
+    assert code == 0, err
+    arch = resolve(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    s = json.loads((out_dir / "profile" / "sensitivity.json").read_text())
+    assert s["granularity"] == "module"
+    assert [u["modules"] for u in s["units"]] == [[m.name] for m in arch.modules]
+    plan = json.loads((out_dir / "plan.json").read_text())
+    assert plan["meta"]["allocation"]["granularity"] == "module"
+    numels = {m.name: m.numel for m in arch.modules}
+    assert set(plan["modules"]) == set(numels)
+    used = sum(numels[k] * v["bits"] for k, v in plan["modules"].items())
+    assert used <= 3 * sum(numels.values())  # the budget holds over the modules
+    report = (out_dir / "report.md").read_text()
+    assert "Measured module sensitivities" in report and "If single-module costs added up" in report
+    assert (out_dir / "model" / "quantize_config.json").is_file()
+    code, out, err = run_cli(args + ["--granularity", "module"], capsys)
+    assert code == 0 and "stages run: none" in out, out + err
+    # layer granularity is another profile: the probes start over and the plan is per layer again
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "stages run: profile, allocate, quantize, eval_quant" in out, out + err
+    assert json.loads((out_dir / "profile" / "sensitivity.json").read_text())["granularity"] == "layer"
+    assert "Measured layer sensitivities" in (out_dir / "report.md").read_text()
+    code, _, err = run_cli(args + ["--granularity", "head"], capsys)
+    assert code == 2 and "--granularity" in err
+
+
 def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -67,7 +67,8 @@ def _prediction(alloc: dict) -> list[str]:
     if not pos:
         return []
     lo, hi = next(iter(pos.values()))["between"]
-    return [f"If single-layer costs added up, this plan would sit at this fraction of the way from uniform "
+    unit = "module" if alloc.get("granularity") == "module" else "layer"
+    return [f"If single-{unit} costs added up, this plan would sit at this fraction of the way from uniform "
             f"{hi}-bit (0) to uniform {lo}-bit (1): " + ", ".join(f"{o} {p['gap_position']:.2f}" for o, p in pos.items())
             + ".", ""]
 
@@ -99,7 +100,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     for task in q:
         md += _rows(task, fp.get(task, {}), q[task])
     md += ["", "## Sensitivities", "",
-           f"Measured layer sensitivities ({summary['probe_tokens']} scored tokens per objective; Kendall tau "
+           f"Measured {'module' if alloc.get('granularity') == 'module' else 'layer'} sensitivities "
+           f"({summary['probe_tokens']} scored tokens per objective; Kendall tau "
            "between objectives and top-K overlaps in [profile/report.md](profile/report.md)):", ""]
     md += [f"![{p.name}](profile/{p.name})" for p in sorted((run_dir / "profile").glob("sensitivity_*.png"))]
     md.append("")
