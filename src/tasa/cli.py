@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile time; see docs/RESULTS.md) (default: rtn)")
     r.add_argument("--granularity", choices=["layer", "module"], default="layer",
                    help="profile and allocate whole decoder layers, or every linear module at once (7x the "
-                        "probes; see docs/RESULTS.md) (default: layer)")
+                        "probes; on SmolLM2-135M it scored below the layer plan, see docs/RESULTS.md) "
+                        "(default: layer)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
     r.add_argument("--seqlen", type=int, default=512,
                    help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
