@@ -278,11 +278,16 @@ def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, dat
     assert code == 2 and "infeasible" in err
 
 
-def test_run_with_gptq_probes_profiles_on_the_run_calibration(tiny_model_dir, tmp_path, capsys, data_dir):
-    out_dir = tmp_path / "run"
-    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
+def _small_run(model_dir, out_dir) -> list[str]:
+    """A `tasa run` on the tiny model that takes seconds: budget 3 over bits 2/4, one task, a fixed calibration."""
+    return ["run", "--model", str(model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
             "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
             "--eval-windows", "1", "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
+
+
+def test_run_with_gptq_probes_profiles_on_the_run_calibration(tiny_model_dir, tmp_path, capsys, data_dir):
+    out_dir = tmp_path / "run"
+    args = _small_run(tiny_model_dir, out_dir)
     code, out, err = run_cli(args + ["--probe-quantizer", "gptq"], capsys)
     assert code == 0, err
     s = json.loads((out_dir / "profile" / "sensitivity.json").read_text())
@@ -304,9 +309,7 @@ def test_run_at_module_granularity_profiles_and_allocates_every_module(tiny_mode
     from tasa.models.arch import resolve
 
     out_dir = tmp_path / "run"
-    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4",
-            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
-            "--eval-windows", "1", "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
+    args = _small_run(tiny_model_dir, out_dir)
     code, out, err = run_cli(args + ["--granularity", "module"], capsys)
     assert code == 0, err
     arch = resolve(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
