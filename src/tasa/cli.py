@@ -361,8 +361,8 @@ def run(argv: list[str] | None = None) -> int:
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
                          choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
-                         granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_limit=args.eval_limit,
-                         eval_windows=args.eval_windows,
+                         granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         eval_limit=args.eval_limit, eval_windows=args.eval_windows,
                          generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                          progress=not args.quiet)
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"

@@ -667,9 +667,10 @@ def run(
         calib = "wikitext2" if problem else "auto"
     else:
         CalibSpec.parse(calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    from tasa.profile.probe import check_granularity
+
     _check_probe_quantizer(probe_quantizer)
-    if granularity not in ("layer", "module"):
-        raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+    check_granularity(granularity)  # before the mixture search, not after it
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)

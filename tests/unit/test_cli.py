@@ -334,6 +334,12 @@ def test_run_at_module_granularity_profiles_and_allocates_every_module(tiny_mode
     assert "Measured layer sensitivities" in (out_dir / "report.md").read_text()
     code, _, err = run_cli(args + ["--granularity", "head"], capsys)
     assert code == 2 and "--granularity" in err
+    from tasa import pipeline  # the Python API refuses it too, before any stage runs
+    from tasa.errors import TasaError
+
+    with pytest.raises(TasaError, match="granularity must be 'layer' or 'module', got 'head'"):
+        pipeline.run(str(tiny_model_dir), ["gsm8k"], 3, tmp_path / "api", granularity="head")
+    assert not (tmp_path / "api").exists()
 
 
 def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):

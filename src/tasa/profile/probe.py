@@ -198,18 +198,22 @@ class Unit:
     modules: tuple[str, ...]  # full module names
 
 
+def check_granularity(granularity: str) -> None:
+    if granularity not in ("layer", "module"):
+        raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+
+
 def units(arch: ModelArch, granularity: str, layers: list[int] | None = None) -> list[Unit]:
     """The probe units (of ``layers`` only, when given) in layer order."""
+    check_granularity(granularity)
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < arch.num_layers]
         if bad:
             raise TasaError(f"layer {bad[0]} out of range; the model has layers 0..{arch.num_layers - 1}")
     if granularity == "layer":
         out = [Unit(f"layer.{i}", i, tuple(m.name for m in arch.layer_modules(i))) for i in range(arch.num_layers)]
-    elif granularity == "module":
-        out = [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
     else:
-        raise TasaError(f"granularity must be 'layer' or 'module', got {granularity!r}")
+        out = [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
     return out if layers is None else [u for u in out if u.layer in set(layers)]
 
 

@@ -61,14 +61,18 @@ def _rows(task: str, fp: dict, q: dict) -> list[str]:
     return rows
 
 
+def _unit(alloc: dict) -> str:
+    """What the plan's profile probed one at a time: "module" or "layer"."""
+    return "module" if alloc.get("granularity") == "module" else "layer"
+
+
 def _prediction(alloc: dict) -> list[str]:
     """The profile's additive prediction of where the plan lands between the uniform widths around it."""
     pos = {o: p for o, p in alloc.get("predicted", {}).items() if "gap_position" in p}
     if not pos:
         return []
     lo, hi = next(iter(pos.values()))["between"]
-    unit = "module" if alloc.get("granularity") == "module" else "layer"
-    return [f"If single-{unit} costs added up, this plan would sit at this fraction of the way from uniform "
+    return [f"If single-{_unit(alloc)} costs added up, this plan would sit at this fraction of the way from uniform "
             f"{hi}-bit (0) to uniform {lo}-bit (1): " + ", ".join(f"{o} {p['gap_position']:.2f}" for o, p in pos.items())
             + ".", ""]
 
@@ -100,9 +104,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     for task in q:
         md += _rows(task, fp.get(task, {}), q[task])
     md += ["", "## Sensitivities", "",
-           f"Measured {'module' if alloc.get('granularity') == 'module' else 'layer'} sensitivities "
-           f"({summary['probe_tokens']} scored tokens per objective; Kendall tau "
-           "between objectives and top-K overlaps in [profile/report.md](profile/report.md)):", ""]
+           f"Measured {_unit(alloc)} sensitivities ({summary['probe_tokens']} scored tokens per objective; "
+           "Kendall tau between objectives and top-K overlaps in [profile/report.md](profile/report.md)):", ""]
     md += [f"![{p.name}](profile/{p.name})" for p in sorted((run_dir / "profile").glob("sensitivity_*.png"))]
     md.append("")
     if summary.get("warnings"):
