@@ -93,8 +93,9 @@ def main() -> None:
         print(json.dumps(tasa_worker(args.worker, args.model_dir)))
         return
 
-    from tasa.data import data_dir
+    from tasa.data import store
     from tasa.models import load
+    from tasa.models.loading import cache_dir
 
     work = WORK / BENCH
     work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def main() -> None:
             py = peer_venv("lmeval", PEER_REQS)
             cmd = [str(py), str(Path(__file__).parent / "peers" / "lmeval_run.py"), "--model", model_dir,
                    "--task", task, "--limit", str(limit), "--num-fewshot", str(shots), "--batch-size", str(BATCH),
-                   "--data-dir", str(data_dir()), "--work", str(work / "lmeval-tasks")]
+                   "--data-dir", str(store.plain_dir(cache_dir())), "--work", str(work / "lmeval-tasks")]
             t0 = time.perf_counter()
             r = run_json(["/usr/bin/time", "-f", "%M", *cmd], log=work / "logs" / f"lmeval-{task}.log")
             r["seconds_wall"] = time.perf_counter() - t0

@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
-    """A tiny data directory with the layout of ../shared/data; TASA_DATA_DIR points at it."""
+    """A tiny data directory in the layout of the built-in data; TASA_DATA_DIR points at it (the override)."""
     root = tmp_path / "data"
     (root / "wikitext2").mkdir(parents=True)
     (root / "wikitext2" / "validation.txt").write_text(random_text(6000, 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from tasa import __version__
 from tasa.allocate.targets import TARGETS
 from tasa.errors import TasaError
 
-EPILOG = "Data come from $TASA_DATA_DIR (default: ../shared/data beside the repository)."
+EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
+          "$TASA_DATA_DIR (a folder with the same layout) overrides them and --data-source hub reads them "
+          "from the Hugging Face hub instead.")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +26,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--data-source", choices=["package", "hub"], default=None,
+                   help="where the built-in datasets come from: package (the copies shipped with tasa, or "
+                        "$TASA_DATA_DIR) or hub (their usual Hugging Face ids, through 'datasets'; cached after "
+                        "the first download) (default: $TASA_DATA_SOURCE, else package)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +314,8 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "data_source", None):
+        os.environ["TASA_DATA_SOURCE"] = args.data_source  # read by tasa.data.store, as the Python API does
     import transformers
 
     from tasa import pipeline  # heavy imports after argument parsing, so --help is fast

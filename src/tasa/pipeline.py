@@ -23,7 +23,7 @@ import torch
 from tasa import __version__
 from tasa.artifacts import write_bytes_atomic, write_json_atomic
 from tasa.config import CalibSpec, QuantSpec
-from tasa.data import build_calibration, eval_texts, resolve_calibration_source
+from tasa.data import build_calibration, eval_texts, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.eval.perplexity import perplexity
 from tasa.models import load, resolve
@@ -182,6 +182,7 @@ def quantize(
         "nsamples": nsamples if calib_spec else None,
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,
+        "data": store.fingerprint(),
         "average_bits": plan.average_bits(arch.numels()),
         "format": export_format,
         "target": target if export_format == "gptq" else None,
@@ -292,7 +293,7 @@ def evaluate(
                                 "batch_size": batch_size, "device": device,
                                 "dtype": _dtype_name(lm.model),
                                 "apply_chat_template": apply_chat_template, "generate": generate,
-                                "reference": reference},
+                                "reference": reference, "data": store.fingerprint()},
                      "results": {}, "machine": machine_info(),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     samples: dict = {}
@@ -432,6 +433,8 @@ def profile(
                 "seed": seed, "dtype": _dtype_name(lm.model), "method": method,
                 "layers": sorted(set(layers)) if layers is not None else None}
     calib_ids = None
+    if store.data_source() != "package" or store.override_dir() is not None:
+        settings["data"] = store.fingerprint()  # the package copy holds the rows earlier profiles used
     if probe_quantizer == "gptq":  # recorded only then, so RTN profiles keep their fingerprint
         settings.update(probe_quantizer="gptq", calib=calib, nsamples=nsamples, calib_seqlen=calib_seqlen, damp=damp)
         calib_ids = build_calibration(lm.tokenizer, calib_spec, lm.max_length).input_ids
@@ -440,9 +443,9 @@ def profile(
     warnings: list[str] = []
     stability: dict = {}
     if method == "measured":
-        store = ProbeStore(out, settings)
+        probe_store = ProbeStore(out, settings)
         res = run_probes(lm.model, arch, objs, bits=bits, group_size=group_size, sym=sym, granularity=granularity,
-                         batch_tokens=batch_tokens, store=store, layers=layers, max_state_gb=max_state_gb,
+                         batch_tokens=batch_tokens, store=probe_store, layers=layers, max_state_gb=max_state_gb,
                          progress=progress, calib_ids=calib_ids, damp=damp)
         costs, stability, warnings = sensitivities(res, objs, bits, seed=seed)
         taus = objective_taus(res, objs, bits, seed=seed) if len(objs) > 1 else {}
@@ -681,9 +684,10 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     objectives = ["wikitext2", *tasks]
+    data_fp = store.fingerprint()  # where the built-in rows come from: part of every stage's inputs
 
     if calib == "auto":
-        m_in = {"model": model, "tasks": tasks, "criterion": mixture_criterion, "nsamples": nsamples,
+        m_in = {"model": model, "data": data_fp, "tasks": tasks, "criterion": mixture_criterion, "nsamples": nsamples,
                 "seqlen": seqlen, "seed": seed, "dtype": dtype, "group_size": group_size,
                 **({"grid": SYM_GRID} if mixture_criterion == "measured" else {})}  # only it quantizes
         calib = stages.run("mixture", m_in, lambda: {"calib": search_mixture(
@@ -691,7 +695,7 @@ def run(
             nsamples=nsamples, seqlen=seqlen, group_size=group_size, seed=seed, device=device, dtype=dtype,
             progress=progress)["calib"]})["calib"]
     gptq = {"calib": calib, "nsamples": nsamples, "calib_seqlen": seqlen} if probe_quantizer == "gptq" else {}
-    p_in = {"model": model, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
+    p_in = {"model": model, "data": data_fp, "objectives": objectives, "bits": sorted(bits), "group_size": group_size,
             "probe_tokens": probe_tokens, "seed": seed, "dtype": dtype, "choice_cost": choice_cost, "grid": SYM_GRID,
             **({"probe_quantizer": "gptq", **gptq} if gptq else {}),  # GPTQ settings only then: RTN keys stay
             **({"granularity": "module"} if granularity == "module" else {})}  # so do layer-granularity keys
@@ -710,7 +714,7 @@ def run(
     stages.run("allocate", a_in, lambda: allocate_bits(
         prof["sensitivity"], budget, out / "plan.json", bits=tuple(bits), beta=beta, task_weights=task_weights,
         budget_includes_metadata=budget_includes_metadata, target=target))
-    q_in = {"allocate": _key(a_in), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+    q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "grid": SYM_GRID}
 
     def do_quantize():
@@ -722,7 +726,7 @@ def run(
     stages.run("quantize", q_in, do_quantize)
     e_common = {"tasks": objectives, "limit": eval_limit, "windows": eval_windows, "num_fewshot": 0,
                 "generate": generate, "seqlen": seqlen}
-    fp_in = {"model": model, "dtype": dtype, **e_common}
+    fp_in = {"model": model, "data": data_fp, "dtype": dtype, **e_common}
     stages.run("eval_fp", fp_in, lambda: evaluate(
         model, objectives, limit=eval_limit, windows=eval_windows, num_fewshot=0, seqlen=seqlen,
         batch_size=batch_size, device=device, dtype=dtype, output=out / "eval-fp.json", log_samples=True, generate=generate, progress=progress)["results"])

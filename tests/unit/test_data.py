@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasa.config import CalibSpec
-from tasa.data import apportion, build_calibration, data_dir, resolve_calibration_source
+from tasa.data import apportion, build_calibration, resolve_calibration_source, store
 from tasa.data.sources import eval_texts, format_arc, read_jsonl, wikitext_rows
 from tasa.errors import TasaError
 
@@ -76,7 +76,7 @@ def test_unknown_dataset_and_split(data_dir):
 def test_missing_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TASA_DATA_DIR", str(tmp_path / "nope"))
     with pytest.raises(TasaError, match="TASA_DATA_DIR=.* is not a directory"):
-        data_dir()
+        store.override_dir()
 
 
 def test_user_files(tmp_path, data_dir, tokenizer):

@@ -42,9 +42,9 @@ def test_embedded_model_missing_package(monkeypatch):
 
 
 def test_hub_dataset_source_errors(monkeypatch):
-    with pytest.raises(TasaError, match="needs a field"):
+    with pytest.raises(TasaError, match="needs a dataset and a field"):
         resolve_calibration_source("hf:someone/data?split=train")
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     src = resolve_calibration_source("hf:someone/data?split=train&field=text")
-    with pytest.raises(TasaError, match="pip install datasets"):
+    with pytest.raises(TasaError, match=r"pip install 'tasa\[hub\]'"):
         src.load()

@@ -1,9 +1,9 @@
-"""Text sources for calibration and evaluation, read from one local data directory.
+"""Text sources for calibration and evaluation.
 
-The data directory is ``$TASA_DATA_DIR`` or, when unset, ``../shared/data``
-relative to the repository root (or the current directory).  Each built-in
-source has *calibration* splits and one *evaluation* split; asking to calibrate
-on an evaluation split is refused, so evaluation rows never leak into
+Built-in datasets are read through tasa.data.store: the copies shipped inside tasa (default),
+``$TASA_DATA_DIR`` (a folder with the same layout, overriding them), or the Hugging Face hub
+(``--data-source hub``).  Each built-in source has *calibration* splits and one *evaluation* split;
+asking to calibrate on an evaluation split is refused, so evaluation rows never leak into
 calibration.
 
 Source names (used in ``--calib``):
@@ -12,61 +12,33 @@ Source names (used in ``--calib``):
   ``arc_easy``, ``arc_challenge``, ``mmlu``, ``mbpp``; optionally ``NAME/SPLIT``;
 - a ``.txt`` file; a ``.jsonl`` file as ``FILE.jsonl#FIELD`` or
   ``FILE.jsonl#{question} {answer}`` (a template of row fields; no commas);
-- ``hf:DATASET?split=train&field=text[&config=NAME]`` (needs the ``datasets``
-  package and hub access).
+- ``hf:DATASET?split=train&field=text[&config=NAME]`` (any hub dataset through ``datasets``;
+  DATASET may also be a local folder in the hub's layout).
 """
 from __future__ import annotations
 
-import json
-import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
+from tasa.data import store
 from tasa.errors import TasaError
-
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def data_dir() -> Path:
-    """The data directory: $TASA_DATA_DIR, else ../shared/data beside the repository."""
-    env = os.environ.get("TASA_DATA_DIR")
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise TasaError(f"TASA_DATA_DIR={env} is not a directory")
-        return path
-    for base in (_REPO_ROOT, Path.cwd()):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise TasaError("no data directory: set TASA_DATA_DIR to the folder holding wikitext2/, gsm8k/, arc_easy/ ...")
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSON-lines file; a malformed line fails with its line number."""
     if not path.is_file():
         raise TasaError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TasaError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-    return rows
+    return store.read_jsonl_text(path.read_text(encoding="utf-8"), str(path))
 
 
 def wikitext_rows(path: Path) -> list[str]:
     """Hugging Face `wikitext` rows: non-blank lines keep their newline, blank ones are ''."""
     if not path.is_file():
         raise TasaError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [line if line.strip() else "" for line in f]
+    return store.wikitext_rows_text(path.read_text(encoding="utf-8"))
 
 
 # ---- row formatting: task rows become "question + gold solution" text ----
@@ -149,19 +121,27 @@ class TextSource:
     load: Callable[[], list[str]]
 
 
-def _builtin_split_texts(src: BuiltinSource, split: str) -> list[str]:
-    path = data_dir() / src.files[split]
-    if src.kind == "text":
-        return ["\n\n".join(wikitext_rows(path))]
-    rows = read_jsonl(path)
+def builtin_rows(name: str, split: str) -> tuple[list, str]:
+    """(rows, where) of built-in source ``name``'s ``split``, from the configured data source."""
+    src = BUILTIN[name]
+    if split not in src.files:
+        raise TasaError(f"{name} has no split '{split}'")
+    rows, where = store.split_rows(name, split, src.files[split])
     if src.row_filter is not None:
         rows = [r for r in rows if src.row_filter(split, r)]
+    return rows, where
+
+
+def _builtin_split_texts(src: BuiltinSource, split: str) -> list[str]:
+    rows, where = builtin_rows(src.name, split)
+    if src.kind == "text":
+        return ["\n\n".join(rows)]
     texts = []
     for i, row in enumerate(rows):
         try:
             texts.append(src.formatter(row))
         except (KeyError, TypeError, IndexError) as e:
-            raise TasaError(f"{path}: row {i + 1} lacks the fields {src.name} needs ({e})") from None
+            raise TasaError(f"{where}: row {i + 1} lacks the fields {src.name} needs ({e})") from None
     return texts
 
 
@@ -198,20 +178,17 @@ def _jsonl_with_template(path: Path, selector: str) -> Callable[[], list[str]]:
 def _hub_loader(spec: str) -> Callable[[], list[str]]:
     dataset, _, query = spec[len("hf:"):].partition("?")
     params = {k: v[-1] for k, v in parse_qs(query).items()}
-    if "field" not in params:
-        raise TasaError(f"hub source {spec!r} needs a field, e.g. hf:{dataset}?split=train&field=text")
+    if not dataset or "field" not in params:
+        raise TasaError(f"hub source {spec!r} needs a dataset and a field, e.g. hf:{dataset or 'DATASET'}?split=train&field=text")
+    unknown = sorted(set(params) - {"split", "field", "config"})
+    if unknown:
+        raise TasaError(f"hub source {spec!r}: unknown parameter(s) {', '.join(unknown)}; use split, field, config")
 
     def load() -> list[str]:
-        try:
-            import datasets
-        except ImportError:
-            raise TasaError("hub datasets need the 'datasets' package: pip install datasets") from None
-        try:
-            ds = datasets.load_dataset(dataset, params.get("config"), split=params.get("split", "train"))
-        except Exception as e:  # network and hub errors come in many types
-            raise TasaError(f"could not load hub dataset {dataset!r} ({type(e).__name__}); "
-                            "offline? use a local .jsonl or .txt file instead") from None
-        return [str(x) for x in ds[params["field"]]]
+        rows = store.hub_rows(dataset, params.get("config"), params.get("split", "train"))
+        if rows and params["field"] not in rows[0]:
+            raise TasaError(f"hub dataset {dataset} has no field {params['field']!r}; fields: {', '.join(rows[0])}")
+        return [str(r[params["field"]]) for r in rows]
 
     return load
 
@@ -242,8 +219,8 @@ def resolve_calibration_source(spec: str) -> TextSource:
             raise TasaError(f"{name} split '{s}' is used for evaluation; calibrate on {'/'.join(src.calib_splits)}")
         if s not in src.files:
             raise TasaError(f"{name} has no split '{s}'; calibration splits: {', '.join(src.calib_splits)}")
-        if not (data_dir() / src.files[s]).is_file():
-            raise TasaError(f"data file not found: {data_dir() / src.files[s]}")
+        if store.data_source() == "package" and store.override_dir() is not None:
+            store.file_text(src.files[s])  # a missing override file fails here, before any work
 
     def load() -> list[str]:
         return [t for s in splits for t in _builtin_split_texts(src, s)]
@@ -252,12 +229,12 @@ def resolve_calibration_source(spec: str) -> TextSource:
 
 
 def _is_eval_file(path: Path) -> bool:
-    try:
-        root = data_dir().resolve()
-    except TasaError:
-        return False
-    resolved = path.resolve()
-    return any(resolved == (root / s.files[s.eval_split]).resolve() for s in BUILTIN.values())
+    """Whether ``path`` is (or holds the bytes of) a built-in evaluation split."""
+    eval_files = [s.files[s.eval_split] for s in BUILTIN.values()]
+    override = store.override_dir()
+    if override is not None and any(path.resolve() == (override / rel).resolve() for rel in eval_files):
+        return True
+    return store.is_eval_copy(path, eval_files)
 
 
 def iter_builtin() -> Iterator[BuiltinSource]:

@@ -33,8 +33,10 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import parse_qs
 
-from tasa.data.sources import BUILTIN, arc_doc, data_dir, read_jsonl
+from tasa.data.sources import arc_doc, builtin_rows, read_jsonl
+from tasa.data.store import hub_rows
 from tasa.errors import TasaError
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ class Task:
 
 # ---- built-in tasks ----
 
-def _convert(path: Path, rows: list[dict], convert: Callable[[dict], dict], what: str) -> list[dict]:
+def _convert(where: str, rows: list[dict], convert: Callable[[dict], dict], what: str) -> list[dict]:
     """Convert raw rows into documents; rows lacking fields are skipped with one warning."""
     docs, bad = [], []
     for i, row in enumerate(rows):
@@ -143,7 +145,7 @@ def _convert(path: Path, rows: list[dict], convert: Callable[[dict], dict], what
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             bad.append(i + 1)
     if bad:
-        log.warning("%s: skipped %d malformed %s row(s), first at row %d", path, len(bad), what, bad[0])
+        log.warning("%s: skipped %d malformed %s row(s), first at row %d", where, len(bad), what, bad[0])
     return docs
 
 
@@ -159,21 +161,36 @@ def gsm8k_doc(row: dict) -> dict:
     return {"question": str(row["question"]), "answer": str(row["answer"])}
 
 
-def jsonl_docs(path: Callable[[], Path], convert: Callable[[dict], dict], what: str) -> Callable[[], list[dict]]:
-    """A loader of a JSON-lines file's documents, read once on first use."""
+def row_docs(rows: Callable[[], tuple[list[dict], str]], convert: Callable[[dict], dict],
+             what: str) -> Callable[[], list[dict]]:
+    """A loader of documents converted from ``rows()`` (rows, where), read once on first use."""
     cache: list = []
 
     def load() -> list[dict]:
         if not cache:
-            p = path()
-            cache.append(_convert(p, read_jsonl(p), convert, what))
+            raw, where = rows()
+            cache.append(_convert(where, raw, convert, what))
         return cache[0]
 
     return load
 
 
 def _loader(name: str, split: str, convert: Callable[[dict], dict]) -> Callable[[], list[dict]]:
-    return jsonl_docs(lambda: data_dir() / BUILTIN[name].files[split], convert, name)
+    return row_docs(lambda: builtin_rows(name, split), convert, name)
+
+
+def data_rows(ref: str | Path) -> Callable[[], tuple[list[dict], str]]:
+    """Rows of a task's data: a local JSON-lines file, or ``hf:DATASET?split=S[&config=C]``."""
+    ref = str(ref)
+    if ref.startswith("hf:"):
+        dataset, _, query = ref[3:].partition("?")
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        unknown = sorted(set(params) - {"split", "config"})
+        if not dataset or unknown:
+            raise TasaError(f"hub data {ref!r}: write hf:DATASET?split=SPLIT[&config=NAME]")
+        return lambda: (hub_rows(dataset, params.get("config"), params.get("split", "test")), ref)
+    path = Path(ref)
+    return lambda: (read_jsonl(path), str(path))
 
 
 def _arc(name: str) -> Task:
@@ -295,8 +312,8 @@ def load_task_spec(path: str | Path) -> Task:
     if kind not in KINDS:
         raise TasaError(f"{path}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(spec.get("name") or path.stem)
-    data = (path.parent / spec["data"]).resolve()
-    fewshot = (path.parent / spec["fewshot_data"]).resolve() if spec.get("fewshot_data") else None
+    data = _data_ref(path, spec["data"])
+    fewshot = _data_ref(path, spec["fewshot_data"]) if spec.get("fewshot_data") else None
     prompt = _template(str(spec["prompt"]), "prompt")
     target = _template(str(spec["target"]), "target") if spec.get("target") else None
 
@@ -328,8 +345,8 @@ def load_task_spec(path: str | Path) -> Task:
         def convert(row: dict) -> dict:
             return {**row, "_text": prompt(row), "_target": target(row)}
 
-    def loader(p: Path) -> Callable[[], list[dict]]:
-        return jsonl_docs(lambda: p, convert, name)
+    def loader(ref: str | Path) -> Callable[[], list[dict]]:
+        return row_docs(data_rows(ref), convert, name)
 
     num_fewshot = int(spec.get("num_fewshot", 0))
     task = Task(name=name, kind=kind, docs=loader(data), doc_to_text=lambda d: d["_text"],
@@ -360,8 +377,14 @@ def load_task_spec(path: str | Path) -> Task:
         task.answer_ignore = (",", r"\$", r"\.$")
         if num_fewshot > 0 and target is None:
             raise TasaError(f"{path}: few-shot generation needs 'target' (template of a worked answer)")
-    if not data.is_file():
+    if isinstance(data, Path) and not data.is_file():
         raise TasaError(f"{path}: data file not found: {data}")
-    if fewshot is not None and not fewshot.is_file():
+    if isinstance(fewshot, Path) and not fewshot.is_file():
         raise TasaError(f"{path}: few-shot data file not found: {fewshot}")
     return task
+
+
+def _data_ref(spec_path: Path, value) -> str | Path:
+    """A spec's data entry: ``hf:...`` as it is, else a file path relative to the spec."""
+    value = str(value)
+    return value if value.startswith("hf:") else (spec_path.parent / value).resolve()

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tasa.data.sources import BUILTIN, arc_doc, data_dir, wikitext_rows
+from tasa.data.sources import arc_doc, builtin_rows
 from tasa.errors import TasaError
 from tasa.eval.lm import encode_pair
-from tasa.eval.tasks import Task, get_task, gsm8k_doc, jsonl_docs, mmlu_doc
+from tasa.eval.tasks import Task, get_task, gsm8k_doc, mmlu_doc, row_docs
 
 PROBE_SPLITS = {"gsm8k": ("train",), "arc_easy": ("train", "validation"),
                 "arc_challenge": ("train", "validation"), "mmlu": ("dev",)}
@@ -160,7 +160,7 @@ def _probe_docs(task: Task, name: str) -> list[dict]:
     if name in PROBE_SPLITS:
         docs = []
         for split in PROBE_SPLITS[name]:
-            docs += jsonl_docs(lambda s=split: data_dir() / BUILTIN[name].files[s], _CONVERT[name], name)()
+            docs += row_docs(lambda s=split: builtin_rows(name, s), _CONVERT[name], name)()
         return docs
     if task.fewshot_docs is None or task.fewshot_from_eval:
         raise TasaError(f"user task {name}: profiling needs probe rows apart from the evaluation rows; "
@@ -179,7 +179,7 @@ def build_objective(name: str, tokenizer, min_tokens: int = 4096, seqlen: int = 
     if choice_cost not in CHOICE_COSTS:
         raise TasaError(f"choice cost must be {' or '.join(CHOICE_COSTS)}, got {choice_cost!r}")
     if name == "wikitext2":
-        text = "\n\n".join(wikitext_rows(data_dir() / BUILTIN["wikitext2"].files["validation"]))
+        text = "\n\n".join(builtin_rows("wikitext2", "validation")[0])
         ids = tokenizer(text, add_special_tokens=False).input_ids
         n = -(-min_tokens // (seqlen - 1))
         if n * seqlen > len(ids):
