@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,19 @@ def _write_mmlu(root: Path) -> None:
                 for i in range(n):
                     f.write(json.dumps({"question": f"{subject} {split} question {i}?", "subject": subject,
                                         "choices": [f"c{k}" for k in range(4)], "answer": i % 4}) + "\n")
+
+
+@pytest.fixture
+def gptqmodel_python() -> Path:
+    """The Python of GPTQModel 7.6.0's environment (.venv-gptqmodel from `make test`, or $TASA_GPTQMODEL_PYTHON).
+
+    Missing: the test is skipped, except in CI (CI=true), where it fails: the peer check is never skipped there."""
+    env = os.environ.get("TASA_GPTQMODEL_PYTHON")
+    venv = Path(__file__).resolve().parents[1] / ".venv-gptqmodel"
+    py = Path(env) if env else venv / "bin" / "python"
+    if py.is_file() and (env or (venv / ".installed").is_file()):
+        return py
+    reason = "GPTQModel 7.6.0 is not installed (make test installs it in .venv-gptqmodel; or set TASA_GPTQMODEL_PYTHON)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + "; CI does not skip it")
+    pytest.skip(reason)

@@ -1,6 +1,5 @@
 """GPTQ checkpoint export: exact round trip through tasa's loader, the config, refusals; GPTQModel load."""
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -114,22 +113,11 @@ def test_unservable_plans_are_refused_before_quantizing(tmp_path):
     assert s["format"] == "fp" and (out / "model.safetensors").is_file()
 
 
-def gptqmodel_python() -> Path | None:
-    env = os.environ.get("TASA_GPTQMODEL_PYTHON")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    venv = ROOT / ".venv-gptqmodel"
-    return venv / "bin" / "python" if (venv / ".installed").is_file() else None  # made by `make test`
-
-
-@pytest.mark.skipif(gptqmodel_python() is None,
-                    reason="GPTQModel 7.6.0 is not installed (make test installs it in .venv-gptqmodel; "
-                           "or set TASA_GPTQMODEL_PYTHON)")
-def test_gptqmodel_loads_the_mixed_checkpoint_with_matching_logits(tmp_path):
+def test_gptqmodel_loads_the_mixed_checkpoint_with_matching_logits(tmp_path, gptqmodel_python):
     plan = mixed_plan(tiny_llama(layers=2, hidden=64))
     out, _ = export(tmp_path, plan)
     ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
-    proc = subprocess.run([str(gptqmodel_python()), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"), str(out),
+    proc = subprocess.run([str(gptqmodel_python), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"), str(out),
                            json.dumps(ids.tolist())], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
