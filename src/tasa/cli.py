@@ -19,6 +19,11 @@ EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, m
           "from the Hugging Face hub instead.")
 
 
+GROUP_SIZE_HELP = ("input columns per scale/zero group; -1 = one group per output channel (default: auto, the largest "
+                   "of 128, 64, 32, 16 that divides every input size: 64 on SmolLM2, whose hidden size 576 is not a "
+                   "multiple of 128)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (embedded default)")
@@ -45,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
-    q.add_argument("--group-size", type=int, default=128,
-                   help="input columns per scale/zero group; -1 = per output channel (default: 128; "
-                        "SmolLM2 needs 64 since its hidden size 576 is not a multiple of 128)")
+    q.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true",
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", default=None,
                    help="plan.json (e.g. from tasa allocate): per-module bits and group sizes; overrides --method, "
                         "--bits, --group-size")
+    q.add_argument("--allow-partial-plan", action="store_true",
+                   help="keep the linears a --plan leaves out in full precision (default: such a plan is refused); "
+                        "the reported average bits count them at their stored bits")
     q.add_argument("--format", choices=["gptq", "fp"], default="gptq", dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); fp: the dequantized float model, loadable by plain "
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
     p.add_argument("--granularity", choices=["layer", "module"], default="layer",
                    help="probe whole decoder layers or single linear modules (default: layer)")
-    p.add_argument("--group-size", type=int, default=64, help="RTN group size (default: 64)")
+    p.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     p.add_argument("--asym", action="store_true", help="asymmetric RTN grid (default: symmetric)")
     p.add_argument("--probe-tokens", type=int, default=4096,
                    help="scored tokens per objective, at least (default: 4096)")
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["hessian-trace", "grad-align", "measured"],
                    help="with --calib auto: how the mixture is chosen (default: grad-align, the criterion whose "
                         "choice matched measured quality on SmolLM2-135M; see docs/MIXTURE.md)")
-    r.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
+    r.add_argument("--bits", default=None,
+                   help="candidate bit-widths, each servable by --target (default: those of 3,4,8 the target serves)")
     r.add_argument("--beta", default="0.5", help="weight of perplexity against the tasks, or ppl-only/task-only "
                                                  "(default: 0.5)")
     r.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
@@ -187,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count scale/zero storage against the budget")
     r.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
                    help="engine the checkpoint must be servable by (default: gptqmodel)")
-    r.add_argument("--group-size", type=int, default=64, help="group size (default: 64)")
+    r.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     r.add_argument("--probe-tokens", type=int, default=768,
                    help="scored tokens per objective for the profile; 4096 gives steadier rankings at ~5x the "
                         "time (default: 768)")
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sketch-dim", type=int, default=1 << 16,
                    help="grad-align: count-sketch size per layer (default: 65536)")
     m.add_argument("--measure-bits", type=int, default=3, help="measured: GPTQ bit-width (default: 3)")
-    m.add_argument("--group-size", type=int, default=64, help="measured: GPTQ group size (default: 64)")
+    m.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     m.add_argument("--batch-size", type=int, default=4, help="sequences per forward batch (default: 4)")
     m.add_argument("--seed", type=int, default=0, help="sampling and held-out split seed (default: 0)")
     m.add_argument("--output-dir", required=True, help="directory for mixture.json and the report")
@@ -331,12 +338,17 @@ def run(argv: list[str] | None = None) -> int:
             seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
             true_sequential=not args.no_true_sequential, allow_ragged_groups=args.allow_ragged_groups,
             overwrite=args.overwrite, plan=args.plan, export_format=args.export_format, target=args.target,
-            progress=not args.quiet)
-        how = (f"group size {s['quant_spec']['group_size']}" if s["quant_spec"]
+            progress=not args.quiet, allow_partial_plan=args.allow_partial_plan)
+        how = (f"group size {s['quant_spec']['group_size']}{' (auto)' if args.group_size is None else ''}"
+               if s["quant_spec"]
                else f"plan: bits {', '.join(map(str, s['plan_bits']))}")
         print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, {how}) "
               f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']} ({s['format']}, "
               f"{s['size_bytes'] / 2**20:.1f} MiB of weights)")
+        if s["unquantized_modules"]:
+            print(f"{len(s['unquantized_modules'])} linears left out of the plan stay at {s['unquantized_bits']} bits: "
+                  f"{s['average_bits']:.4g} bits on average over all linears, {s['planned_average_bits']:g} over "
+                  "the planned ones")
         if s["format"] == "gptq":
             print(f"GPTQ checkpoint for {s['target']}; per-module bits are in quantize_config.json 'dynamic'")
             if len(s["plan_bits"]) > 1:
@@ -366,7 +378,7 @@ def run(argv: list[str] | None = None) -> int:
         beta, weights = _beta_weights(args)
         s = pipeline.run(model=args.model, tasks=_names(args.tasks), budget=args.budget, output_dir=args.output_dir,
                          calib=args.calib, mixture_criterion=args.mixture_criterion,
-                         bits=tuple(_ints(args.bits, "--bits") or ()), beta=beta,
+                         bits=_ints(args.bits, "--bits"), beta=beta,
                          task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                          target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
                          choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tasa import __version__
-from tasa.artifacts import write_bytes_atomic, write_json_atomic
+from tasa.artifacts import read_json, usual_modes, write_bytes_atomic, write_json_atomic
 from tasa.config import CalibSpec, QuantSpec
 from tasa.data import build_calibration, eval_texts, resolve_calibration_source, store
 from tasa.errors import TasaError
@@ -34,13 +34,37 @@ from tasa.quant.rtn import SYM_GRID
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BITS = (3, 4, 8)  # tasa run's candidate bit-widths (those the target serves)
+
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """An output directory that can be written (checked now, before any expensive work)."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise TasaError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TasaError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    _check_writable(out.parent, out)
     return out
+
+
+def check_output_file(output: str | Path, flag: str = "--output") -> Path:
+    """An output file path that can be written: not a directory, in a directory that can be written."""
+    path = Path(output)
+    if path.is_dir():
+        raise TasaError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'results.json'}")
+    _check_writable(path.parent, path)
+    return path
+
+
+def _check_writable(directory: Path, what: Path) -> None:
+    """Create ``directory`` if needed and prove it writable by creating and removing a file there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tasa-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TasaError(f"cannot write {what}: {e.strerror or e} ({directory})") from None
 
 
 def check_group_size(arch: ModelArch, group_size: int, allow_ragged: bool) -> None:
@@ -55,6 +79,31 @@ def check_group_size(arch: ModelArch, group_size: int, allow_ragged: bool) -> No
             )
 
 
+AUTO_GROUP_SIZES = (128, 64, 32, 16)
+
+
+def resolve_group_size(arch: ModelArch, group_size: int | None, allow_ragged: bool = False) -> int:
+    """``group_size`` checked against every input size; ``None`` (auto) chooses the largest of 128, 64, 32, 16
+    that divides every input size (SmolLM2's hidden size 576 gives 64) and logs the choice."""
+    if group_size is not None:
+        check_group_size(arch, group_size, allow_ragged)
+        return group_size
+    for g in AUTO_GROUP_SIZES:
+        if all(m.in_features % g == 0 for m in arch.modules):
+            odd = next((m for m in arch.modules if m.in_features % AUTO_GROUP_SIZES[0]), None)
+            log.info("group size: auto -> %d%s", g, f" ({AUTO_GROUP_SIZES[0]} does not divide {odd.in_features}, "
+                     f"the input size of {odd.name})" if odd else "")
+            return g
+    sizes = sorted({m.in_features for m in arch.modules})
+    raise TasaError(f"no group size of {', '.join(map(str, AUTO_GROUP_SIZES))} divides every input size "
+                    f"({', '.join(map(str, sizes[:6]))}); pass --group-size (-1: one group per output channel)")
+
+
+def _validation_group_size(group_size: int | None) -> int:
+    """A stand-in for checking a spec before the model (and so the automatic group size) is known."""
+    return -1 if group_size is None else group_size
+
+
 def _largest_pow2_divisor(n: int, below: int) -> int:
     g = 1
     while g * 2 <= below and n % (g * 2) == 0:
@@ -62,11 +111,31 @@ def _largest_pow2_divisor(n: int, below: int) -> int:
     return g
 
 
-def check_finite_weights(arch: ModelArch) -> None:
-    for m in arch.modules:
-        w = arch.layers[m.layer].get_submodule(m.local).weight
-        if not torch.isfinite(w).all():
-            raise TasaError(f"{m.name} holds NaN/Inf weights; refusing to quantize this model")
+def check_plan_covers(plan: Plan, arch: ModelArch, allow_partial: bool) -> None:
+    """A plan names exactly the model's quantizable linears; left-out ones only with ``allow_partial``."""
+    missing, extra = plan.coverage(m.name for m in arch.modules)
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if extra:
+        raise TasaError(f"the plan names {len(extra)} module(s) that are not quantizable linears of this model "
+                        f"({listed(extra)}); was it made for another model?")
+    if missing and not allow_partial:
+        raise TasaError(f"the plan leaves {len(missing)} of the model's {len(arch.modules)} quantizable linears "
+                        f"unplanned ({listed(missing)}); pass --allow-partial-plan to keep them in full precision")
+
+
+def bits_summary(plan: Plan, arch: ModelArch, dtype: str) -> dict:
+    """Average weight bits over every quantizable linear (unplanned ones at their stored dtype's bits) and over
+    the planned ones alone, with the unplanned modules named."""
+    numels = arch.numels()
+    stored = torch.finfo(getattr(torch, dtype)).bits
+    unplanned = [n for n in numels if n not in plan.modules]
+    total = sum(numels.values())
+    bits = sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels) / total
+    return {"average_bits": bits, "planned_average_bits": plan.average_bits(numels),
+            "unquantized_modules": unplanned, "unquantized_bits": stored if unplanned else None}
 
 
 def _dtype_name(model) -> str:
@@ -94,7 +163,7 @@ def quantize(
     output_dir: str | Path,
     method: str = "gptq",
     bits: int = 4,
-    group_size: int = 128,
+    group_size: int | None = None,
     sym: bool = True,
     act_order: bool = False,
     static_groups: bool = False,
@@ -113,8 +182,12 @@ def quantize(
     export_format: str = "gptq",
     target: str | None = None,
     progress: bool = True,
+    allow_partial_plan: bool = False,
 ) -> dict:
     """Quantize every decoder-layer linear of ``model`` uniformly (or by ``plan``, a plan.json) and write it.
+
+    A plan must name exactly the model's quantizable linears; ``allow_partial_plan`` keeps the linears it
+    leaves out in full precision, and the summary's ``average_bits`` then counts them at their stored bits.
 
     ``export_format``: ``gptq``, a packed GPTQ checkpoint (see tasa.export.gptq) that must be servable by
     ``target`` (default: the plan's target, else gptqmodel); or ``fp``, the dequantized float model
@@ -127,8 +200,8 @@ def quantize(
     if export_format not in ("gptq", "fp"):
         raise TasaError(f"export format must be gptq or fp, got {export_format!r}")
     out = check_output_dir(output_dir, overwrite)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp)
+    spec_kw = dict(bits=bits, sym=sym, act_order=act_order, static_groups=static_groups, damp=damp)
+    QuantSpec(group_size=_validation_group_size(group_size), **spec_kw)  # bad settings fail before the load
     plan_obj = Plan.load(plan) if plan is not None else None
     if plan_obj is not None:
         method = plan_obj.method
@@ -140,14 +213,10 @@ def quantize(
     lm = load(model, dtype=dtype, device=device)
     arch = resolve(lm.model)
     if plan_obj is None:
-        check_group_size(arch, group_size, allow_ragged_groups)
-    check_finite_weights(arch)
+        spec = QuantSpec(group_size=resolve_group_size(arch, group_size, allow_ragged_groups), **spec_kw)
     if plan_obj is not None:
         plan = plan_obj
-        names = {m.name for m in arch.modules}
-        unknown = [n for n in plan.modules if n not in names]
-        if unknown:
-            raise TasaError(f"the plan names {unknown[0]!r}, which is not a quantizable linear of this model")
+        check_plan_covers(plan, arch, allow_partial_plan)
         for qs in plan.modules.values():
             check_group_size(arch, qs.group_size, allow_ragged_groups)
     else:
@@ -183,7 +252,7 @@ def quantize(
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,
         "data": store.fingerprint(),
-        "average_bits": plan.average_bits(arch.numels()),
+        **bits_summary(plan, arch, _dtype_name(lm.model)),
         "format": export_format,
         "target": target if export_format == "gptq" else None,
         "seconds": {"load_and_data": t_load, "quantize": report.seconds},
@@ -204,7 +273,7 @@ def quantize(
         summary["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", summary)
-        tmp.chmod(0o755)
+        usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
         _publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +288,7 @@ def _load_reference(reference: str, tasks: list[str], **kw) -> dict:
         path = Path(reference)
         if not path.is_file():
             raise TasaError(f"reference results not found: {path}")
-        ref = json.loads(path.read_text())
+        ref = read_json(path)
         if "samples" not in ref:
             raise TasaError(f"{path} has no per-item records; write it with --log-samples")
         topk_path = path.with_suffix(".topk.safetensors")
@@ -278,7 +347,7 @@ def evaluate(
     for t in task_objs.values():
         t.select(limit)  # reads the rows: missing files and a too-large --limit fail early
     if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        check_output_file(output)
     ref = None
     if reference is not None:
         ref = _load_reference(reference, tasks, limit=limit, windows=windows, num_fewshot=num_fewshot, seqlen=seqlen,
@@ -348,7 +417,7 @@ def profile(
     objectives: list[str] | tuple[str, ...] = ("wikitext2", "gsm8k", "arc_easy"),
     bits: tuple[int, ...] = (3, 4, 8),
     granularity: str = "layer",
-    group_size: int = 64,
+    group_size: int | None = None,
     sym: bool = True,
     probe_tokens: int = 4096,
     seqlen: int = 128,
@@ -408,7 +477,7 @@ def profile(
         raise TasaError("give one or more distinct objectives")
     bits = tuple(sorted(set(int(b) for b in bits)))
     for b in bits:
-        QuantSpec(bits=b, group_size=group_size, sym=sym, damp=damp)  # validates bits, group size, dampening
+        QuantSpec(bits=b, group_size=_validation_group_size(group_size), sym=sym, damp=damp)  # bits, dampening
     _check_probe_quantizer(probe_quantizer)
     if probe_quantizer == "gptq":
         if method != "measured":
@@ -417,15 +486,18 @@ def profile(
             raise TasaError("GPTQ probes need calibration data (--calib)")
         calib_spec = CalibSpec.parse(calib, nsamples=nsamples, seqlen=calib_seqlen, seed=seed)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TasaError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
         elif not (out / "probe_settings.json").is_file():
             raise TasaError(f"output directory {out} is not empty and holds no probes; pass --overwrite")
+    _check_writable(out.parent, out)
     t0 = time.perf_counter()
     lm = load(model, dtype=dtype, device=device)
     arch = resolve(lm.model)
-    check_group_size(arch, group_size, allow_ragged=False)
+    group_size = resolve_group_size(arch, group_size)
     objs = [build_objective(name, lm.tokenizer, min_tokens=probe_tokens, seqlen=seqlen, seed=seed,
                             max_length=lm.max_length, choice_cost=choice_cost) for name in objectives]
     settings = {"model": model, "objectives": objectives, "bits": list(bits), "granularity": granularity,
@@ -504,7 +576,7 @@ def _read_profile(path: str | Path) -> tuple[dict, Path]:
     if not path.is_file():
         raise TasaError(f"sensitivity file not found: {path}")
     try:
-        return json.loads(path.read_text()), path
+        return read_json(path), path
     except json.JSONDecodeError as e:
         raise TasaError(f"{path} is not valid JSON: {e}") from None
 
@@ -526,6 +598,7 @@ def allocate_bits(
     by a module profile), for ``target``; write plan.json."""
     from tasa.allocate.plan import plan_from_sensitivity
 
+    check_output_file(output)
     sens, path = _read_profile(sensitivity)
     module_sens = _read_profile(module_sensitivity)[0] if module_sensitivity is not None else None
     plan, summary = plan_from_sensitivity(sens, budget, bits=bits, beta=beta, task_weights=task_weights,
@@ -554,7 +627,7 @@ def search_mixture(
     damping_study: bool = True,
     sketch_dim: int = 1 << 16,
     measure_bits: int = 3,
-    group_size: int = 64,
+    group_size: int | None = None,
     batch_size: int = 4,
     seed: int = 0,
     device: str = "cpu",
@@ -577,11 +650,12 @@ def search_mixture(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise TasaError(f"output path {out} exists and is not a directory")
+    _check_writable(out.parent, out)
     t0 = time.perf_counter()
     lm = load(model, dtype=dtype, device=device)
     if lm.max_length is not None and seqlen > lm.max_length:
         raise TasaError(f"seqlen {seqlen} exceeds the model's maximum context of {lm.max_length} tokens")
-    check_group_size(resolve(lm.model), group_size, allow_ragged=False)
+    group_size = resolve_group_size(resolve(lm.model), group_size)
     s = search(lm, lambda: load(model, dtype=dtype, device=device), general, tasks, targets=targets,
                criteria=criteria, ratios=list(ratios) if ratios is not None else None, grid_step=grid_step,
                nsamples=nsamples, seqlen=seqlen, heldout_samples=heldout_samples,
@@ -608,12 +682,12 @@ def run(
     output_dir: str | Path,
     calib: str | None = None,
     mixture_criterion: str = "grad-align",
-    bits: tuple[int, ...] = (3, 4, 8),
+    bits: tuple[int, ...] | None = None,
     beta: float | str = 0.5,
     task_weights: dict[str, float] | None = None,
     budget_includes_metadata: bool = False,
     target: str = "gptqmodel",
-    group_size: int = 64,
+    group_size: int | None = None,
     probe_tokens: int = 768,
     choice_cost: str = "kl",
     probe_quantizer: str = "rtn",
@@ -674,6 +748,16 @@ def run(
 
     _check_probe_quantizer(probe_quantizer)
     check_granularity(granularity)  # before the mixture search, not after it
+    from tasa.allocate.plan import candidate_bits, check_budget
+    from tasa.allocate.targets import get_target
+
+    tgt = get_target(target)
+    bits = tuple(candidate_bits(tgt, None, DEFAULT_BITS) if bits is None else candidate_bits(tgt, bits, bits))
+    for b in bits:
+        QuantSpec(bits=b, group_size=_validation_group_size(group_size))  # bits in range, a valid group size
+    # before the mixture search and profile (with an automatic group size, the metadata bound uses the
+    # smallest per-weight metadata; allocation checks the chosen one exactly)
+    check_budget(budget, bits, group_size or AUTO_GROUP_SIZES[0], budget_includes_metadata)
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)
@@ -681,7 +765,7 @@ def run(
         raise TasaError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").is_file():
         raise TasaError(f"output directory {out} is not empty and holds no tasa run")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out, out)
     stages = Stages(out)
     objectives = ["wikitext2", *tasks]
     data_fp = store.fingerprint()  # where the built-in rows come from: part of every stage's inputs

@@ -1,7 +1,8 @@
 """The per-module quantization plan: an ordered ``{module name -> QuantSpec}``.
 
 A plan is the single object that says what happens to every linear module.
-Modules absent from the plan stay in full precision.  Plans serialise to JSON
+Modules absent from the plan stay in full precision; ``tasa quantize`` refuses a plan
+that leaves out any of the model's quantizable linears unless told to keep them so.  Plans serialise to JSON
 (``plan.json``) and round-trip exactly.
 """
 from __future__ import annotations
@@ -59,14 +60,35 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
+        if not isinstance(d, dict):
+            raise TasaError(f"{where}: a plan is a JSON object with 'version' and 'modules', not a {type(d).__name__}")
         if d.get("version") != PLAN_VERSION:
-            raise TasaError(f"unsupported plan version {d.get('version')!r} (expected {PLAN_VERSION})")
-        return cls(
-            {n: QuantSpec.from_dict(s) for n, s in d["modules"].items()},
-            method=d.get("method", "gptq"),
-            meta=d.get("meta", {}),
-        )
+            raise TasaError(f"{where}: unsupported plan version {d.get('version')!r} (expected {PLAN_VERSION})")
+        modules = d.get("modules")
+        if not isinstance(modules, dict):
+            raise TasaError(f"{where}: 'modules' must map module names to quantization specs")
+        specs = {}
+        for name, spec in modules.items():
+            if not isinstance(spec, dict):
+                raise TasaError(f"{where}: module {name!r} has spec {spec!r}; expected an object such as "
+                                '{"bits": 4, "group_size": 64}')
+            try:
+                specs[name] = QuantSpec.from_dict(spec)
+            except TasaError as e:
+                raise TasaError(f"{where}: module {name!r}: {e}") from None
+            except TypeError as e:
+                raise TasaError(f"{where}: module {name!r}: bad spec ({e})") from None
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise TasaError(f"{where}: 'meta' must be an object")
+        return cls(specs, method=d.get("method", "gptq"), meta=meta)
+
+    def coverage(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(missing, extra): the given quantizable modules the plan leaves out, and planned names not among them."""
+        names = list(names)
+        known = set(names)
+        return [n for n in names if n not in self.modules], [n for n in self.modules if n not in known]
 
     def save(self, path: str | Path) -> None:
         from tasa.artifacts import write_json_atomic
@@ -75,10 +97,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if path.is_dir():
+            raise TasaError(f"plan {path} is a directory; give its plan.json")
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise TasaError(f"plan file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TasaError(f"plan file {path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=str(path))

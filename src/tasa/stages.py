@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tasa.artifacts import write_json_atomic
+from tasa.artifacts import read_json, write_json_atomic
 from tasa.errors import TasaError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Stages:
         self.records: dict = {}
         if self.file.is_file():
             try:
-                self.records = json.loads(self.file.read_text())
+                self.records = read_json(self.file)
             except json.JSONDecodeError:
                 raise TasaError(f"{self.file} is damaged; remove it (the stages will run again)") from None
         self.ran: list[str] = []  # stages computed (not skipped) by this process

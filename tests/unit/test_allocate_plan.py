@@ -56,10 +56,22 @@ def test_plan_modules_and_metadata_budget():
 
 def test_plan_errors():
     s = profile(PPL, GSM)
-    with pytest.raises(TasaError, match="bit-width 2 was not profiled"):
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 2 were not profiled; profiled: 3, 4, 8"):
         plan_from_sensitivity(s, 3.5, bits=[2, 4])
-    with pytest.raises(TasaError, match="infeasible"):
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 5 were not profiled"):  # never dropped silently
+        plan_from_sensitivity(s, 3.5, bits=[4, 5, 8])
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm \(it serves 4, 8\)"):
+        plan_from_sensitivity(s, 4.5, bits=[3, 4, 8], target="vllm")
+    plan, summary = plan_from_sensitivity(s, 4.5, target="vllm")  # default candidates: the profiled ones it serves
+    assert summary["candidates"] == [4, 8] and {q.bits for q in plan.modules.values()} <= {4, 8}
+    with pytest.raises(TasaError, match=r"budget 2.5 bits per weight is infeasible: the lowest candidate, 3-bit"):
         plan_from_sensitivity(s, 2.5)
+    with pytest.raises(TasaError, match=r"budget 3 bits per weight is infeasible: .*3.297 with scale/zero"):
+        plan_from_sensitivity(s, 3.0, budget_includes_metadata=True)  # 3 + (16 + 3) / 64
+    with pytest.raises(TasaError, match=r"budget 9 bits per weight is above the widest candidate, 8-bit"):
+        plan_from_sensitivity(s, 9.0)
+    with pytest.raises(TasaError, match="positive number"):
+        plan_from_sensitivity(s, float("nan"))
     with pytest.raises(TasaError, match="layer-granularity"):
         plan_from_sensitivity({**s, "granularity": "head"}, 3.5)
 
@@ -120,7 +132,7 @@ def test_vllm_target_allocates_over_4_and_8_with_ties_and_refuses_the_rest():
     plan, s = plan_from_sensitivity(layer, 5.0, beta=0.5, target="vllm")
     assert set(s["candidates"]) == {4, 8} and {q.bits for q in plan.modules.values()} <= {4, 8}
     assert s["average_weight_bits"] <= 5.0 and plan.meta["target"] == "vllm"
-    with pytest.raises(TasaError, match=r"none of the bit-widths \[3\] is servable by vllm"):
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm"):
         plan_from_sensitivity(layer, 3.5, bits=[3], target="vllm")
     with pytest.raises(TasaError, match="symmetric"):
         plan_from_sensitivity({**layer, "sym": False}, 5.0, target="vllm")

@@ -88,7 +88,7 @@ def test_nan_weights_rejected(tiny_model_dir, tmp_path, capsys, data_dir):
     _corrupt(tiny_model_dir, "model.layers.1.mlp.up_proj.weight", float("nan"))
     code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--group-size", "16",
                             "--output-dir", str(tmp_path / "o")], capsys)
-    assert code == 2 and "model.layers.1.mlp.up_proj holds NaN/Inf" in err
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight holds 1 NaN/infinite value(s)" in err
 
 
 def test_missing_data_dir(tiny_model_dir, tmp_path, capsys, monkeypatch):

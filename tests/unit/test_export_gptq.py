@@ -73,8 +73,20 @@ def test_export_round_trips_exactly_through_tasas_loader(tmp_path):
 
 
 def test_quantize_config_default_and_dynamic_overrides(tmp_path):
-    plan = mixed_plan(tiny_llama(layers=2, hidden=64), skip=("mlp.down_proj",))
-    out, _ = export(tmp_path, plan)
+    model = tiny_llama(layers=2, hidden=64)
+    plan = mixed_plan(model, skip=("mlp.down_proj",))
+    with pytest.raises(TasaError, match=r"the plan leaves 2 of the model's 14 quantizable linears unplanned "
+                                        r"\(model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj\); pass "
+                                        r"--allow-partial-plan"):
+        export(tmp_path, plan, name="refused")
+    out, s = export(tmp_path, plan, allow_partial_plan=True)
+    # honest sizes: the two float32 down_proj (128 x 64 each) count at 32 bits among all 14 linears
+    numels = {m.name: m.in_features * m.out_features for m in resolve(model).modules}
+    planned = sum(numels[n] * q.bits for n, q in plan.modules.items())
+    assert s["unquantized_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert s["unquantized_bits"] == 32
+    assert s["average_bits"] == pytest.approx((planned + 32 * 2 * 128 * 64) / sum(numels.values()))
+    assert s["planned_average_bits"] == pytest.approx(planned / sum(numels[n] for n in plan.modules))
     qc = json.loads((out / "quantize_config.json").read_text())
     assert json.loads((out / "config.json").read_text())["quantization_config"] == qc
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, False)

@@ -18,6 +18,7 @@ symmetric grids and ties fusion groups where its engine needs it.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 from tasa.allocate.aggregate import aggregate
@@ -35,6 +36,43 @@ def metadata_bits(bits: int, group_size: int, in_features: int | None = None) ->
     """Scale and zero-point storage per weight: (16 + bits) per group."""
     g = group_size if group_size > 0 else (in_features or 1)
     return (SCALE_BITS + bits) / g
+
+
+def check_budget(budget: float, bits: Sequence[int], group_size: int | None = None,
+                 includes_metadata: bool = False) -> None:
+    """Refuse a budget the candidate bit-widths cannot meet, or one above the widest (every unit at the widest).
+
+    With ``includes_metadata`` the budget also pays each group's scale and zero point (needs ``group_size``)."""
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise TasaError(f"the budget must be a positive number of bits per weight, got {budget!r}")
+    per_weight = {b: b + (metadata_bits(b, group_size) if includes_metadata and group_size else 0.0) for b in bits}
+    lo, hi = min(per_weight, key=per_weight.get), max(per_weight, key=per_weight.get)
+    what = " with scale/zero storage" if includes_metadata and group_size else ""
+    if budget < per_weight[lo] - 1e-9:
+        raise TasaError(f"budget {budget:g} bits per weight is infeasible: the lowest candidate, {lo}-bit, needs "
+                        f"{per_weight[lo]:.4g}{what} (candidates: {', '.join(map(str, sorted(bits)))})")
+    if budget > per_weight[hi] + 1e-9:
+        raise TasaError(f"budget {budget:g} bits per weight is above the widest candidate, {hi}-bit "
+                        f"({per_weight[hi]:.4g}{what}): every unit would get {hi} bits; give a budget of at most "
+                        f"{per_weight[hi]:.4g} or add wider candidates")
+
+
+def candidate_bits(tgt, requested: Sequence[int] | None, profiled: Sequence[int]) -> list[int]:
+    """The bit-widths to allocate over: the requested ones (each must be profiled and servable by the target), or
+    the profiled ones the target serves."""
+    profiled = sorted({int(b) for b in profiled})
+    if requested is None:
+        return target_bits(tgt, profiled)
+    requested = sorted({int(b) for b in requested})
+    unprofiled = [b for b in requested if b not in profiled]
+    if unprofiled:
+        raise TasaError(f"bit-width(s) {', '.join(map(str, unprofiled))} were not profiled; profiled: "
+                        f"{', '.join(map(str, profiled))} (profile them with tasa profile --bits)")
+    unservable = [b for b in requested if b not in tgt.bits]
+    if unservable:
+        raise TasaError(f"bit-width(s) {', '.join(map(str, unservable))} are not servable by {tgt.name} "
+                        f"(it serves {', '.join(map(str, tgt.bits))})")
+    return requested
 
 
 def _check_profile(sens: dict, granularity: str, flag: str) -> None:
@@ -137,8 +175,9 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
     sym = bool(sens.get("sym", True))
     if tgt.sym_only and not sym:
         raise TasaError(f"the profile used asymmetric grids, but {tgt.name} serves only symmetric GPTQ weights")
-    bits = target_bits(tgt, bits or [int(b) for b in sens["bits"]])
+    bits = candidate_bits(tgt, bits or None, sens["bits"])
     g = int(sens["group_size"])
+    check_budget(budget, bits, g, budget_includes_metadata)
     units = sens["units"]
     costs = _combined_costs(sens, bits, beta, task_weights)
     sizes = [int(u["numel"]) for u in units]

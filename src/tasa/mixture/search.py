@@ -25,7 +25,6 @@ Criteria (tasa.mixture.criteria):
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from tasa.artifacts import write_json_atomic
+from tasa.artifacts import read_json, write_json_atomic
 from tasa.config import CalibSpec, QuantSpec
 from tasa.data.calib import apportion, mix_sources, sample_source, split_heldout
 from tasa.data.sources import resolve_calibration_source
@@ -166,7 +165,7 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
         key = "-".join(f"{x:.6g}" for x in w)
         path = out_dir / "measured" / f"{key}.json" if out_dir else None
         if path is not None and path.is_file():
-            rec = json.loads(path.read_text())
+            rec = read_json(path)
             if rec.get("bits") == bits and rec.get("group_size") == group_size:
                 values.append(rec["nll"])
                 seconds.append(rec["seconds"])

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from tasa.artifacts import sha256_file
+from tasa.artifacts import sha256_file, usual_modes
 from tasa.errors import TasaError
 from tasa.export.gptq import dequantized_state_dict, is_gptq_dir
 
@@ -98,10 +99,10 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
         os.replace(tmp, target)
     except FileExistsError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +156,19 @@ def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def check_finite(model: torch.nn.Module, spec: str) -> None:
+    """Refuse a model whose weights hold NaN or infinite values (every verb loads through here)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise TasaError(f"model {spec}: {name} holds {bad} NaN/infinite value(s); refusing to use it")
+
+
 def _is_tied(model, key: str) -> bool:
     """Whether parameter ``key`` shares storage with another parameter (a tied output embedding)."""
     p = model.get_parameter(key)
@@ -188,9 +202,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
                 f"could not get '{spec}' from the Hugging Face hub (offline, or no such model): "
                 f"download it where the hub is reachable and pass the local directory with --model PATH"
             ) from None
-        raise TasaError(f"could not load model from {where}: {e}") from None
-    except ValueError as e:
-        raise TasaError(f"could not load model from {where}: {e}") from None
+        raise TasaError(f"could not load model from {where}: {_first_line(e)}") from None
+    except (ValueError, KeyError, SafetensorError) as e:  # damaged weights, configs or tokenizer files
+        raise TasaError(f"could not load model from {where}: {type(e).__name__}: {_first_line(e)}") from None
+    check_finite(model, spec)
     model.eval()
     model.to(device)
     if tok.pad_token is None:

@@ -25,7 +25,6 @@ run resumes where it stopped and gives the same result.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tasa.artifacts import write_json_atomic
+from tasa.artifacts import read_json, write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
@@ -296,7 +295,7 @@ class ProbeStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         fp_file = self.root / "probe_settings.json"
         if fp_file.is_file():
-            old = json.loads(fp_file.read_text())
+            old = read_json(fp_file)
             if old != settings:
                 changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise TasaError(f"{self.root} holds probes made with other settings ({', '.join(changed)}); "
@@ -311,7 +310,7 @@ class ProbeStore:
         p = self._path(key)
         if not p.is_file():
             return None
-        rec = json.loads(p.read_text())
+        rec = read_json(p)
         return rec if rec.get("key") == key else None
 
     def put(self, key: str, value: dict) -> None:

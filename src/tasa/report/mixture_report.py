@@ -13,9 +13,9 @@ On a simplex grid (several task sources weighted freely) the report has the tabl
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from tasa.artifacts import read_json
 from tasa.report.common import markdown_to_html, save_figure
 
 
@@ -69,7 +69,7 @@ def _plots(s: dict, out: Path) -> list[str]:
 
 def write_report(path: str | Path) -> Path:
     path = Path(path)
-    s = json.loads(path.read_text())
+    s = read_json(path)
     out = path.parent
     two = not s["simplex"]
     lines = [f"# Calibration-mixture search: {s['general']} + {', '.join(s['tasks'])}", "",

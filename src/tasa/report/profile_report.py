@@ -9,12 +9,12 @@ Reads ``sensitivity.json`` (schema ``tasa.sensitivity/1``) and writes, next to i
 """
 from __future__ import annotations
 
-import json
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
+from tasa.artifacts import read_json
 from tasa.errors import TasaError
 from tasa.report.common import markdown_to_html, save_figure
 from tasa.profile.stats import kendall_tau, top_k, top_k_overlap
@@ -73,7 +73,7 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
     path = Path(sensitivity_json)
     if not path.is_file():
         raise TasaError(f"sensitivity file not found: {path}")
-    s = json.loads(path.read_text())
+    s = read_json(path)
     if s.get("schema") != "tasa.sensitivity/1":
         raise TasaError(f"{path} is not a tasa sensitivity file (schema {s.get('schema')!r})")
     out = path.parent

@@ -2,11 +2,11 @@
 precision, sizes and timings (report.md, report.html, plan.png in the run directory)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from tasa.artifacts import read_json
 from tasa.report.common import markdown_to_html, save_figure
 
 # metrics shown per task, lower-is-better marked with a trailing "-"
@@ -79,10 +79,10 @@ def _prediction(alloc: dict) -> list[str]:
 
 def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md / report.html / plan.png into ``run_dir`` from the run's artifacts and ``summary``."""
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = read_json(run_dir / "plan.json")
     alloc = plan["meta"]["allocation"]
-    fp = json.loads((run_dir / "eval-fp.json").read_text())["results"]
-    q = json.loads((run_dir / "eval-quant.json").read_text())["results"]
+    fp = read_json(run_dir / "eval-fp.json")["results"]
+    q = read_json(run_dir / "eval-quant.json")["results"]
     md = [f"# tasa run: {summary['model']}", "",
           f"Budget {alloc['budget']:g} bits per weight{' (scale/zero storage included)' if alloc['budget_includes_metadata'] else ''}"
           f", candidates {', '.join(map(str, alloc['candidates']))}, beta {alloc['beta']}, target {alloc['target']}, "
@@ -93,7 +93,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
           "| layer | bits (average of its modules) |", "| --- | ---: |"]
     md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
     if (run_dir / "mixture" / "mixture.json").is_file():
-        mix = json.loads((run_dir / "mixture" / "mixture.json").read_text())
+        mix = read_json(run_dir / "mixture" / "mixture.json")
         md += ["", "## Calibration mixture", "",
                f"Chosen by {mix['criteria'][0]}: {mix['calib']} (details in [mixture/report.md](mixture/report.md)).",
                "", "![criteria.png](mixture/criteria.png)"]
