@@ -15,7 +15,7 @@ WORK = ROOT / "benchmarks" / ".work"
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
-from tasa.artifacts import write_json_atomic  # noqa: E402
+from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
 
 
 def machine() -> str:
@@ -49,7 +49,7 @@ def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | 
 def cached(path: Path, compute) -> dict:
     """Return the JSON at ``path``, or compute it, write it atomically and return it (resumability)."""
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     value = compute()
     write_json_atomic(path, value)
     return value

@@ -7,6 +7,7 @@ never leaves a half-written model directory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -248,6 +249,11 @@ def quantize(
         "plan_bits": sorted({qs.bits for qs in plan.modules.values()}),
         "calib": calib_spec.describe() if calib_spec else None,
         "calib_counts": calib_counts,
+        # what the result also depends on: the exact calibration tokens, and the CPU thread count (it changes the
+        # summation order of the Hessians and GPTQ updates; see README "Reproducibility")
+        "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
+                         else None),
+        "threads": torch.get_num_threads(),
         "nsamples": nsamples if calib_spec else None,
         "seqlen": seqlen if calib_spec else None,
         "seed": seed,

@@ -94,7 +94,9 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
                      progress=False)
     for o in objs:
         assert torch.allclose(res.base[o.name].nll, direct_item_losses(model, o), atol=1e-4)
-    for unit in res.units[::4]:
+    checked = res.units if granularity == "layer" else res.units[::4]
+    assert {u.layer for u in checked} == {0, 1, 2}  # every layer's probe is checked
+    for unit in checked:
         q = copy.deepcopy(model)
         with torch.no_grad():
             for name in unit.modules:
@@ -122,7 +124,9 @@ def test_gptq_probe_equals_gptq_of_only_that_unit_then_a_full_forward(data_dir, 
     rtn = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity=granularity, batch_tokens=70,
                      progress=False)
     gap = 0.0
-    for unit in res.units[::3]:  # units of every layer: the calibration states advance correctly
+    checked = res.units if granularity == "layer" else res.units[::3]
+    assert {u.layer for u in checked} == {0, 1, 2}  # every layer: the calibration states advance correctly
+    for unit in checked:
         q = copy.deepcopy(model)  # GPTQ of the unit alone (Hessians of the full-precision model), then a plain forward
         plan = Plan.uniform(list(unit.modules), QuantSpec(bits=2, group_size=16, damp=0.01), method="gptq")
         quantize_model(q, resolve(q), plan, calib, batch_size=4, true_sequential=False, progress=False)
