@@ -5,11 +5,11 @@ Run once by a maintainer, with tasa's environment and GPTQModel's (`make test` b
 
     .venv/bin/python tools/make_gptqmodel_fixtures.py [--gptqmodel-python .venv-gptqmodel/bin/python]
 
-It builds a one-layer random Llama (hidden 64, vocabulary 260) in tasa's environment, then, in GPTQModel's,
-quantizes it under each configuration of CONFIGS on fixed random calibration tokens (GPTQModel's GPTQ, CPU),
-saves the checkpoint, loads it back with GPTQModel (TORCH backend) and stores every linear's weight as
-GPTQModel dequantizes it (``dequantize_weight()``, float16; a module GPTQModel skipped keeps its float
-weight).  Each fixture folder holds: model.safetensors, config.json, quantize_config.json (the checkpoint, as
+It builds a one-layer random Llama (hidden 64, vocabulary 260) in tasa's environment, then, in GPTQModel's
+(benchmarks/peers/gptqmodel_quantize.py), quantizes it under each configuration of CONFIGS on fixed random
+calibration tokens (GPTQModel's GPTQ, CPU, batch size 8), saves the checkpoint, loads it back with GPTQModel
+(TORCH backend) and stores every linear's weight as GPTQModel dequantizes it (``dequantize_weight()``,
+float16; a module GPTQModel skipped keeps its float weight).  Each fixture folder holds: model.safetensors, config.json, quantize_config.json (the checkpoint, as
 GPTQModel wrote it, less its tokenizer files and the tensors outside the decoder layers) and
 gptqmodel_dequantized.safetensors.
 """
@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT / "benchmarks" / "peers" / "gptqmodel_quantize.py"  # quantize, save, reload, dequantize
 OUT = ROOT / "tests" / "fixtures" / "gptqmodel"
 KEEP = ("model.safetensors", "config.json", "quantize_config.json")
 
@@ -40,34 +44,6 @@ CONFIGS = {
                                   r"-:.*\.self_attn\.o_proj": {}}},
 }
 
-WORKER = r'''
-import json, os, sys
-import torch
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
-from safetensors.torch import save_file
-
-src, out, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, 256, (32, 64), generator=g)
-calib = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones_like(r).unsqueeze(0)} for r in ids]
-model = GPTQModel.load(src, QuantizeConfig(damp_percent=0.05, offload_to_disk=False, **kw), dtype=torch.float32,
-                       device="cpu")
-model.quantize(calib, batch_size=8, backend=BACKEND.TORCH)
-model.save(out)
-del model
-loaded = GPTQModel.load(out, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
-weights = {}
-for name, mod in loaded.model.named_modules():
-    if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
-        weights[name + ".weight"] = mod.dequantize_weight().t().contiguous().to(torch.float16)
-    elif isinstance(mod, torch.nn.Linear) and ".layers." in name:
-        weights[name + ".weight"] = mod.weight.detach().to(torch.float16).contiguous()
-save_file(weights, os.path.join(out, "gptqmodel_dequantized.safetensors"))
-print(json.dumps({"modules": len(weights)}))
-sys.stdout.flush()
-os._exit(0)
-'''
 
 
 def strip_to_layers(path: Path) -> None:
@@ -93,14 +69,20 @@ def main() -> int:
         src = Path(tmp) / "float"
         tiny_llama(seed=0, layers=1, hidden=64, vocab=260).save_pretrained(src)
         byte_tokenizer().save_pretrained(src)  # GPTQModel loads a tokenizer with the model
+        calib = Path(tmp) / "calib.pt"
+        torch.save(torch.randint(0, 256, (32, 64), generator=torch.Generator().manual_seed(0)), calib)
         OUT.mkdir(parents=True, exist_ok=True)
         for name, kw in CONFIGS.items():
-            dest = Path(tmp) / name
-            proc = subprocess.run([args.gptqmodel_python, "-c", WORKER, str(src), str(dest), json.dumps(kw)],
-                                  capture_output=True, text=True)
+            dequantized = Path(tmp) / f"{name}.safetensors"
+            dest = Path(f"{dequantized}.gptq")  # the checkpoint the peer worker keeps
+            proc = subprocess.run([args.gptqmodel_python, str(PEER), "--model-dir", str(src), "--calib", str(calib),
+                                   "--bits", str(kw["bits"]), "--group-size", str(kw["group_size"]), "--damp", "0.05",
+                                   "--qconfig", json.dumps(kw), "--float16", "--out", str(dequantized)],
+                                  capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 return 1
+            shutil.copy(dequantized, dest / "gptqmodel_dequantized.safetensors")
             final = OUT / name
             shutil.rmtree(final, ignore_errors=True)
             final.mkdir()

@@ -8,6 +8,8 @@ caller can evaluate GPTQModel's weights with exactly the same code as tasa's.
 (The in-memory modules right after quantize() hold zero points in GPTQModel's
 internal v2 convention; only the saved-and-loaded model dequantizes correctly.)
 
+The GPTQ checkpoint itself is kept beside it, as OUT.gptq.
+
 Prints one JSON line: {"seconds": quantization wall time, "peak_rss_gb", "modules"}.
 """
 import argparse
@@ -30,6 +32,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--act-group-aware", action="store_true")
     p.add_argument("--out", required=True, help="safetensors file for the dequantized linear weights")
+    p.add_argument("--qconfig", default="{}",
+                   help="JSON of further QuantizeConfig keywords (e.g. sym, desc_act, dynamic), applied last")
+    p.add_argument("--float16", action="store_true",
+                   help="store the dequantized weights in float16 (the TORCH kernel's own dtype) and also the "
+                        "decoder linears GPTQModel left unquantized")
     args = p.parse_args()
 
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -37,9 +44,10 @@ def main() -> None:
 
     ids = torch.load(args.calib, weights_only=True)
     calib = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in ids]
-    qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, desc_act=False,
-                          act_group_aware=args.act_group_aware, damp_percent=args.damp, true_sequential=True,
-                          offload_to_disk=False)
+    settings = dict(bits=args.bits, group_size=args.group_size, sym=True, desc_act=False,
+                    act_group_aware=args.act_group_aware, damp_percent=args.damp, true_sequential=True,
+                    offload_to_disk=False)
+    qcfg = QuantizeConfig(**{**settings, **json.loads(args.qconfig)})
     model = GPTQModel.load(args.model_dir, qcfg, dtype=torch.float32, device="cpu")
     t0 = time.perf_counter()
     model.quantize(calib, batch_size=args.batch_size, backend=BACKEND.TORCH)
@@ -49,11 +57,14 @@ def main() -> None:
     del model
     loaded = GPTQModel.load(quant_dir, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
     weights = {}
+    out_dtype = torch.float16 if args.float16 else torch.float32
     for name, mod in loaded.model.named_modules():
         if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
-            w = mod.dequantize_weight().t().contiguous().float()
+            w = mod.dequantize_weight().t().contiguous().to(out_dtype)
             assert w.shape == (mod.out_features, mod.in_features), (name, tuple(w.shape))
             weights[name + ".weight"] = w
+        elif args.float16 and isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            weights[name + ".weight"] = mod.weight.detach().to(out_dtype).contiguous()
     save_file(weights, args.out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "modules": len(weights)}))

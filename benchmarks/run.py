@@ -1,0 +1,95 @@
+"""The main job, `make run`, measured: wall time, per-stage seconds, peak RSS, and the run's small records
+committed, so every figure RESULTS.md gives for it can be read back from the repository.
+
+    .venv/bin/python benchmarks/run.py                 # runs `tasa run` as `make run` does, in a fresh directory
+    .venv/bin/python benchmarks/run.py --record DIR --time-log LOG --command "..." --note "..."
+                                                       # records a run made elsewhere (e.g. `make run` on a fresh
+                                                       # clone under /usr/bin/time -v, LOG its output)
+
+Writes benchmarks/results/run.json (schema of docs/RESULTS.md; one row, the quantized model, with the
+evaluation metrics and per-stage seconds) and benchmarks/results/run/ (stages.json, run.json, plan.json,
+quantize.json, sensitivity.json, mixture.json, eval-fp.json and eval-quant.json without per-item samples).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# benchmarks/ must not be on sys.path: benchmarks/profile.py would shadow the standard 'profile' module
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import RESULTS, ROOT, WORK, row, write_results  # noqa: E402
+
+from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
+
+RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", "3.5"]  # make run's
+RECORDS = RESULTS / "run"
+FILES = {"stages.json": "stages.json", "run.json": "run.json", "plan.json": "plan.json",
+         "model/quantize.json": "quantize.json", "profile/sensitivity.json": "sensitivity.json",
+         "mixture/mixture.json": "mixture.json", "eval-fp.json": "eval-fp.json", "eval-quant.json": "eval-quant.json"}
+
+
+def parse_time_log(text: str) -> dict:
+    """Wall seconds and peak RSS (GB) from GNU time -v output."""
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if not wall or not rss:
+        raise SystemExit("the time log holds no GNU time -v summary")
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return {"wall_seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20}
+
+
+def record(run_dir: Path, timing: dict, command: str, note: str) -> Path:
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    for src, dest in FILES.items():
+        data = read_json(run_dir / src)
+        data.pop("samples", None)  # per-item records: large, and not needed for any figure
+        write_json_atomic(RECORDS / dest, data)
+    stages = read_json(run_dir / "stages.json")
+    fp, q = read_json(run_dir / "eval-fp.json")["results"], read_json(run_dir / "eval-quant.json")["results"]
+    quant = read_json(run_dir / "model" / "quantize.json")
+    metrics = {"wikitext2_ppl": q["wikitext2"]["ppl"], "wikitext2_kl": q["wikitext2"].get("kl"),
+               "fp_wikitext2_ppl": fp["wikitext2"]["ppl"],
+               "arc_easy_acc": q["arc_easy"]["acc"], "arc_easy_acc_norm": q["arc_easy"]["acc_norm"],
+               "fp_arc_easy_acc": fp["arc_easy"]["acc"], "fp_arc_easy_acc_norm": fp["arc_easy"]["acc_norm"],
+               "gsm8k_gold_nll": q["gsm8k"]["gold_nll"], "fp_gsm8k_gold_nll": fp["gsm8k"]["gold_nll"],
+               "peak_rss_gb": timing["peak_rss_gb"], "wall_seconds": timing["wall_seconds"],
+               "stage_seconds": {k: v.get("seconds") for k, v in stages.items()}}
+    group_size = next(iter(read_json(run_dir / "plan.json")["modules"].values()))["group_size"]
+    rows = [row("tasa-run-3.5", "tasa", "tasa run (layer plan, GPTQ)", quant["average_bits"], group_size,
+                quant["calib"], metrics, timing["wall_seconds"])]
+    return write_results("run", command, rows, extra={"note": note, "records": "benchmarks/results/run/"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", type=Path, help="an existing run directory to record instead of running")
+    ap.add_argument("--time-log", type=Path, help="with --record: GNU time -v output of that run")
+    ap.add_argument("--command", default=".venv/bin/python benchmarks/run.py")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    if args.record:
+        if not args.time_log:
+            raise SystemExit("--record needs --time-log")
+        out = record(args.record, parse_time_log(args.time_log.read_text(errors="replace")), args.command, args.note)
+    else:
+        run_dir = WORK / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log = WORK / "run-time.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            subprocess.run(["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "tasa"), "run", *RUN_ARGS,
+                            "--output-dir", str(run_dir), "--quiet"], stderr=f, check=True)
+        out = record(run_dir, parse_time_log(log.read_text()), args.command, args.note)
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
