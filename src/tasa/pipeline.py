@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BITS = (3, 4, 8)  # tasa run's candidate bit-widths (those the target serves)
 
+
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """An output directory that can be written (checked now, before any expensive work)."""
     out = Path(output_dir)
@@ -761,9 +762,10 @@ def run(
     bits = tuple(candidate_bits(tgt, None, DEFAULT_BITS) if bits is None else candidate_bits(tgt, bits, bits))
     for b in bits:
         QuantSpec(bits=b, group_size=_validation_group_size(group_size))  # bits in range, a valid group size
-    # before the mixture search and profile (with an automatic group size, the metadata bound uses the
-    # smallest per-weight metadata; allocation checks the chosen one exactly)
-    check_budget(budget, bits, group_size or AUTO_GROUP_SIZES[0], budget_includes_metadata)
+    # before the mixture search and profile; the metadata bound uses the smallest per-weight metadata the group
+    # size allows (auto: 128's; per channel: none, it depends on the input sizes); allocation checks it exactly
+    metadata_group = AUTO_GROUP_SIZES[0] if group_size is None else (group_size if group_size > 0 else None)
+    check_budget(budget, bits, metadata_group, budget_includes_metadata)
     if eval_limit < 1 or eval_windows < 1:
         raise TasaError(f"--eval-limit and --eval-windows must be positive, got {eval_limit}, {eval_windows}")
     out = Path(output_dir)

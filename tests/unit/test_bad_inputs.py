@@ -261,3 +261,18 @@ def test_json_results_are_strict_json_with_non_finite_values_listed(tiny_model_d
     from tasa.artifacts import read_json
 
     assert torch.isnan(torch.tensor(read_json(res)["results"]["arc_easy"]["acc_stderr"]))
+
+
+def test_run_budget_check_with_metadata_and_per_channel_groups_is_not_refused(tiny_model_dir, tmp_path, no_work):
+    """Per-channel groups: metadata per weight depends on the input sizes, so the early bound skips it (the
+    allocation checks it exactly): the run proceeds to its first expensive step."""
+    with pytest.raises(AssertionError, match="expensive work started"):
+        main(["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3.5", "--group-size", "-1",
+              "--budget-includes-metadata", "--calib", "wikitext2", "--output-dir", str(tmp_path / "run")])
+
+
+def test_run_budget_check_counts_metadata_of_the_given_group_size(tiny_model_dir, tmp_path, capsys, no_work):
+    expect_error(["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3.2", "--group-size", "16",
+                  "--budget-includes-metadata", "--output-dir", str(tmp_path / "run")],
+                 "budget 3.2 bits per weight is infeasible: the lowest candidate, 3-bit, needs 4.188 with scale/zero",
+                 capsys)
