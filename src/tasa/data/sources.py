@@ -21,7 +21,6 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import parse_qs
 
 from tasa.data import store
 from tasa.errors import TasaError
@@ -176,8 +175,7 @@ def _jsonl_with_template(path: Path, selector: str) -> Callable[[], list[str]]:
 
 
 def _hub_loader(spec: str) -> Callable[[], list[str]]:
-    dataset, _, query = spec[len("hf:"):].partition("?")
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    dataset, params = store.parse_hf(spec)
     if not dataset or "field" not in params:
         raise TasaError(f"hub source {spec!r} needs a dataset and a field, e.g. hf:{dataset or 'DATASET'}?split=train&field=text")
     unknown = sorted(set(params) - {"split", "field", "config"})

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import parse_qs
 
 from tasa.errors import TasaError
 
@@ -140,6 +141,12 @@ def plain_dir(cache: Path) -> Path:
 # ---- the hub ----
 
 _HUB_CACHE: dict[tuple, list[dict]] = {}
+
+
+def parse_hf(ref: str) -> tuple[str, dict[str, str]]:
+    """(dataset, parameters) of ``hf:DATASET?key=value&...`` (the last value of a repeated key wins)."""
+    dataset, _, query = ref[len("hf:"):].partition("?")
+    return dataset, {k: v[-1] for k, v in parse_qs(query).items()}
 
 
 def hub_rows(dataset: str, config: str | None, split: str) -> list[dict]:

@@ -33,10 +33,9 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import parse_qs
 
 from tasa.data.sources import arc_doc, builtin_rows, read_jsonl
-from tasa.data.store import hub_rows
+from tasa.data.store import hub_rows, parse_hf
 from tasa.errors import TasaError
 
 log = logging.getLogger(__name__)
@@ -183,8 +182,7 @@ def data_rows(ref: str | Path) -> Callable[[], tuple[list[dict], str]]:
     """Rows of a task's data: a local JSON-lines file, or ``hf:DATASET?split=S[&config=C]``."""
     ref = str(ref)
     if ref.startswith("hf:"):
-        dataset, _, query = ref[3:].partition("?")
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        dataset, params = parse_hf(ref)
         unknown = sorted(set(params) - {"split", "config"})
         if not dataset or unknown:
             raise TasaError(f"hub data {ref!r}: write hf:DATASET?split=SPLIT[&config=NAME]")
