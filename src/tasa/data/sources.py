@@ -217,8 +217,8 @@ def resolve_calibration_source(spec: str) -> TextSource:
             raise TasaError(f"{name} split '{s}' is used for evaluation; calibrate on {'/'.join(src.calib_splits)}")
         if s not in src.files:
             raise TasaError(f"{name} has no split '{s}'; calibration splits: {', '.join(src.calib_splits)}")
-        if store.data_source() == "package" and store.override_dir() is not None:
-            store.file_text(src.files[s])  # a missing override file fails here, before any work
+        if store.data_source() == "package":
+            store.override_file(src.files[s])  # a missing override file fails here, before any work
 
     def load() -> list[str]:
         return [t for s in splits for t in _builtin_split_texts(src, s)]

@@ -109,14 +109,22 @@ def package_text(rel: str) -> str:
     return _VERIFIED[rel]
 
 
-def file_text(rel: str) -> tuple[str, str]:
-    """(text, where) of a built-in file: from ``$TASA_DATA_DIR`` when set, else the package copy."""
+def override_file(rel: str) -> Path | None:
+    """The ``$TASA_DATA_DIR`` file standing in for built-in file ``rel`` (it must exist), or None without one."""
     override = override_dir()
     if override is None:
-        return package_text(rel), f"tasa:{rel}"
+        return None
     path = override / rel
     if not path.is_file():
         raise TasaError(f"data file not found: {path} (TASA_DATA_DIR overrides the built-in data)")
+    return path
+
+
+def file_text(rel: str) -> tuple[str, str]:
+    """(text, where) of a built-in file: from ``$TASA_DATA_DIR`` when set, else the package copy."""
+    path = override_file(rel)
+    if path is None:
+        return package_text(rel), f"tasa:{rel}"
     return path.read_text(encoding="utf-8"), str(path)
 
 
