@@ -62,7 +62,13 @@ def tiny_model_dir(tmp_path) -> Path:
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """A tiny data directory in the layout of the built-in data; TASA_DATA_DIR points at it (the override)."""
-    root = tmp_path / "data"
+    root = write_tiny_data(tmp_path / "data")
+    monkeypatch.setenv("TASA_DATA_DIR", str(root))
+    return root
+
+
+def write_tiny_data(root: Path) -> Path:
+    """The tiny data directory of :func:`data_dir` at ``root``."""
     (root / "wikitext2").mkdir(parents=True)
     (root / "wikitext2" / "validation.txt").write_text(random_text(6000, 1))
     (root / "wikitext2" / "test.txt").write_text(random_text(3000, 2))
@@ -74,7 +80,6 @@ def data_dir(tmp_path, monkeypatch) -> Path:
                 f.write(json.dumps({"question": q, "answer": f"{i} plus {i} is {2 * i}\n#### {2 * i}"}) + "\n")
     _write_arc(root / "arc_easy")
     _write_mmlu(root / "mmlu")
-    monkeypatch.setenv("TASA_DATA_DIR", str(root))
     return root
 
 
