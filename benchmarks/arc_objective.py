@@ -40,13 +40,15 @@ def probe_lls() -> dict:
 
     from tasa.models import load, resolve
     from tasa.profile.objectives import build_objective
-    from tasa.profile.probe import layer_input, objective_batches, quant_swapped, tail_token_nll
+    from tasa.models.walker import capture, forward_layer
+    from tasa.profile.probe import objective_batches, quant_swapped, tail_token_nll
 
     lm = load("smollm2-135m")
     arch, m = resolve(lm.model), lm.model
     o = build_objective("arc_easy", lm.tokenizer, TOKENS, 128, 0, lm.max_length)
     batches = objective_batches(m, [o], 512)["arc_easy"]
-    hidden = [layer_input(m, arch, b.inputs, 0) for b in batches]
+    captured = capture(m, arch, [b.inputs for b in batches])
+    hidden = captured.hidden
 
     def lls(layer: int) -> list:
         toks = [tail_token_nll(m, arch, b, layer, h) for b, h in zip(batches, hidden)]
@@ -66,7 +68,9 @@ def probe_lls() -> dict:
             with quant_swapped(m, tuple(x.name for x in arch.layer_modules(layer)), b, 64, True):
                 out["probes"][f"{layer}@{b}"] = lls(layer)
         if layer < arch.num_layers - 1:
-            hidden = [layer_input(m, arch, bb.inputs, layer + 1, h) for bb, h in zip(batches, hidden)]
+            with torch.no_grad():
+                hidden = [forward_layer(arch.layers[layer], h, kw[layer], layer)
+                          for h, kw in zip(hidden, captured.kwargs)]
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -5,7 +5,7 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.plan import Plan
-from tasa.quant.apply import capture_layer0_inputs, input_groups, quantize_model
+from tasa.quant.apply import quantize_model
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
@@ -29,17 +29,6 @@ def test_rtn_plan_replaces_exactly_the_planned_weights():
             assert torch.equal(p, rtn_quantize(before[n], 3, 16, False).weight)
         else:
             assert torch.equal(p, before[n]), n
-
-
-def test_input_groups_follow_shared_inputs_in_execution_order():
-    model = tiny_llama()
-    arch = resolve(model)
-    batches = capture_layer0_inputs(model, arch, calib_ids(), batch_size=6, device=torch.device("cpu"))
-    locals_ = [m.local for m in arch.layer_modules(0)]
-    with torch.no_grad():
-        groups = input_groups(arch.layers[0], locals_, batches[0])
-    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_gptq_layer0_qkv_uses_hessian_of_normed_embeddings():

@@ -10,7 +10,8 @@ from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.profile import probe as probe_mod
 from tasa.profile.objectives import build_objective, item_losses
-from tasa.profile.probe import ProbeStore, layer_input, run_probes
+from tasa.models.walker import capture, run_layer
+from tasa.profile.probe import ProbeStore, run_probes
 from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
 
@@ -71,17 +72,17 @@ def test_choice_item_losses_hand_example():
     assert losses.nll[0].item() == pytest.approx(-(lls[2] - torch.logsumexp(lls, 0)).item())
 
 
-def test_layer_input_equals_hidden_states(tokenizer):
+def test_walker_inputs_equal_hidden_states(tokenizer):
     model = tiny_llama(layers=3)
     arch = resolve(model)
     ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    h = layer_input(model, arch, {"input_ids": ids}, 0)
-    assert torch.allclose(h, hs[0], atol=1e-6)
-    for layer in (1, 2):
-        h = layer_input(model, arch, {"input_ids": ids}, layer, h)
-        assert torch.allclose(h, hs[layer], atol=1e-5)
+        inputs = capture(model, arch, [{"input_ids": ids}])
+        assert torch.equal(inputs.hidden[0], hs[0])
+        for layer in (1, 2):
+            run_layer(arch.layers[layer - 1], inputs, advance=True)
+            assert inputs.index == layer and torch.allclose(inputs.hidden[0], hs[layer], atol=1e-5)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])

@@ -1,9 +1,10 @@
 """Model adapters for the mixture criteria: per-input Hessians and per-layer gradient sketches.
 
-Hessians are collected the way GPTQ collects them, one decoder layer at a time: the
-hidden states of every token set enter layer 0, each layer runs once per batch with a
-pre-hook on the first linear of every input group (linears fed the same tensor, e.g.
-q/k/v) accumulating ``H = 2/n X^T X``, and its outputs become the next layer's inputs.
+Hessians are collected the way GPTQ collects them, one decoder layer at a time on the layer
+walker (tasa.models.walker): the hidden states of every token set enter layer 0, each layer
+runs once per batch with a tap on the first linear of every input group (linears fed the
+same tensor, e.g. q/k/v) accumulating ``H = 2/n X^T X``, and its outputs become the next
+layer's inputs.
 Only one layer's Hessians are alive at a time: ``on_layer`` turns them into what the
 criterion keeps (a few vectors per input) before the next layer starts.
 
@@ -23,8 +24,8 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.quant.apply import capture_layer0_inputs, input_groups, layer_output, move_outside_layers
-from tasa.quant.gptq import accumulate_hessian, make_empty_hessian
+from tasa.models.walker import capture_ids, input_groups, move_outside_layers, walk
+from tasa.quant.apply import layer_hessians
 
 _P = 2**31 - 1  # Mersenne prime for the sketch hashes
 
@@ -62,38 +63,16 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
     device = torch.device(device)
     with torch.no_grad():
         move_outside_layers(model, arch, device)
-        batches = {name: capture_layer0_inputs(model, arch, ids, batch_size, device) for name, ids in token_sets.items()}
-        first_set = next(iter(batches.values()))
-        for index in tqdm(range(arch.num_layers), desc="Hessians", disable=not progress):
-            layer = arch.layers[index]
-            home = next(layer.parameters()).device
-            layer.to(device)
+        inputs = {name: capture_ids(model, arch, ids, batch_size, device) for name, ids in token_sets.items()}
+        first_set = next(iter(inputs.values()))
+        for index, layer in walk(arch, device, "Hessians", progress):
             mods = {m.local: m for m in arch.layer_modules(index)}
-            groups = input_groups(layer, list(mods), first_set[0])
+            groups = input_groups(layer, list(mods), first_set)
             numel = {mods[g[0]].name: sum(mods[x].numel for x in g) for g in groups}
-            hessians: dict[str, dict[str, torch.Tensor]] = {}
-            for set_name, set_batches in batches.items():
-                state = {}
-                handles = []
-                for g in groups:
-                    lin = layer.get_submodule(g[0])
-                    state[g[0]] = [make_empty_hessian(lin.in_features, device), 0]
-
-                    def hook(_m, args, key=g[0]):
-                        st = state[key]
-                        st[1] = accumulate_hessian(st[0], st[1], args[0])
-                    handles.append(lin.register_forward_pre_hook(hook))
-                try:
-                    for b, (hidden, kwargs) in enumerate(set_batches):
-                        out = layer_output(layer(hidden, **kwargs))
-                        if not torch.isfinite(out).all():
-                            raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
-                        set_batches[b] = (out, kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                hessians[set_name] = {mods[k].name: v[0] for k, v in state.items()}
-            layer.to(home)
+            hessians = {}
+            for set_name, set_inputs in inputs.items():  # one pass per set: Hessians, and the next layer's inputs
+                h = layer_hessians(layer, set_inputs, [g[0] for g in groups], advance=True)
+                hessians[set_name] = {mods[local].name: v for local, v in h.items()}
             on_layer(index, hessians, numel)
 
 

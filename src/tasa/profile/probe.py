@@ -42,68 +42,11 @@ from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
 from tasa.config import QuantSpec
-from tasa.quant.apply import capture_layer0_inputs, collect_hessian, input_groups, layer_output
+from tasa.models.walker import (StopForward, capture, capture_ids, forward_layer, input_groups, run_layer,
+                                tail_from)
+from tasa.quant.apply import layer_hessians
 from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextmanager
-def layers_from(model: nn.Module, arch: ModelArch, start: int, stop: int | None = None):
-    """Temporarily make the model's decoder-layer list ``layers[start:stop]`` (same modules, no copies)."""
-    parent_path, _, attr = arch.spec.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    original = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList(list(original)[start:stop]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, original)
-
-
-def _replace_input(hidden: torch.Tensor):
-    def hook(_m, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
-    return hook
-
-
-def layer_input(model: nn.Module, arch: ModelArch, inputs: dict, layer: int,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden state entering decoder layer ``layer``: from the embeddings (layer 0) or by running
-    layer ``layer - 1`` on ``hidden`` (its own input).  ``inputs``: the model's forward kwargs."""
-    captured = {}
-    if layer == 0:
-        def grab(_m, args, kwargs):
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
-            raise _Stop
-        handles = [arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)]
-        ctx = layers_from(model, arch, 0)
-    else:
-        def grab_out(_m, _args, out):
-            captured["h"] = out[0] if isinstance(out, (tuple, list)) else out
-            raise _Stop
-        src = arch.layers[layer - 1]
-        handles = [src.register_forward_pre_hook(_replace_input(hidden), with_kwargs=True),
-                   src.register_forward_hook(grab_out)]
-        ctx = layers_from(model, arch, layer - 1, layer)
-    try:
-        with ctx, torch.no_grad():
-            try:
-                model(**inputs, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    if "h" not in captured:
-        raise TasaError("the decoder layer was not reached by the model's forward pass; unsupported layout")
-    return captured["h"]
 
 
 def head_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -138,14 +81,14 @@ def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -
         captured["reached"] = True
         if plain_head:
             captured["h"] = h
-            raise _Stop
+            raise StopForward
         return (h[None], *args[1:]), kwargs
 
     handle = model.get_output_embeddings().register_forward_pre_hook(gather, with_kwargs=True)
     try:
         try:
             out = model(**batch.inputs, use_cache=False)
-        except _Stop:
+        except StopForward:
             out = None
     finally:
         handle.remove()
@@ -180,12 +123,8 @@ def head_is_plain(model: nn.Module, batch: Batch) -> bool:
 def tail_token_nll(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor,
                    plain_head: bool = True) -> torch.Tensor:
     """:func:`forward_token_nll`, running only layers ``layer..L-1`` from ``hidden``."""
-    handle = arch.layers[layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
-    try:
-        with layers_from(model, arch, layer), torch.no_grad():
-            return forward_token_nll(model, batch, plain_head)
-    finally:
-        handle.remove()
+    with tail_from(model, arch, layer, hidden), torch.no_grad():
+        return forward_token_nll(model, batch, plain_head)
 
 
 @dataclass
@@ -378,35 +317,36 @@ class _Calibration:
 
     def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int):
         self.arch = arch
-        self.batches = capture_layer0_inputs(model, arch, calib_ids, batch_size, next(model.parameters()).device)
-        self.layer = 0
+        self.inputs = capture_ids(model, arch, calib_ids, batch_size, next(model.parameters()).device)
         self._hessians: dict[str, torch.Tensor] | None = None
 
     def hessians(self) -> dict[str, torch.Tensor]:
         if self._hessians is None:
-            layer = self.arch.layers[self.layer]
-            mods = {m.local: m.name for m in self.arch.layer_modules(self.layer)}
-            self._hessians = {}
+            index = self.inputs.index
+            layer = self.arch.layers[index]
+            mods = {m.local: m.name for m in self.arch.layer_modules(index)}
             with torch.no_grad():
-                for group in input_groups(layer, list(mods), self.batches[0]):
-                    h = collect_hessian(layer, group[0], self.batches)
-                    self._hessians.update({mods[local]: h for local in group})
+                groups = input_groups(layer, list(mods), self.inputs)
+                h = layer_hessians(layer, self.inputs, [g[0] for g in groups])
+            self._hessians = {mods[local]: h[g[0]] for g in groups for local in g}
         return self._hessians
 
     def advance(self) -> None:
-        layer = self.arch.layers[self.layer]
         with torch.no_grad():
-            self.batches = [(layer_output(layer(hidden, **kw)), kw) for hidden, kw in self.batches]
-        self.layer += 1
+            run_layer(self.arch.layers[self.inputs.index], self.inputs, advance=True)
         self._hessians = None
 
 
 def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches, plain,
                 hidden: KeptStates, t0, progress, calib: _Calibration | None = None, damp: float = 0.01
                 ) -> ProbeResults:
+    layer_kwargs = {}  # objective -> [batch][layer] -> the keyword arguments the model passes that layer
     for o in objectives:
-        for i, b in enumerate(batches[o.name]):
-            hidden.put((o.name, i), layer_input(model, arch, b.inputs, 0))
+        captured = capture(model, arch, [b.inputs for b in batches[o.name]])
+        layer_kwargs[o.name] = captured.kwargs
+        for i, h in enumerate(captured.hidden):
+            hidden.put((o.name, i), h)
+        del captured
 
     def score(layer: int) -> dict[str, ItemLosses]:
         out = {}
@@ -452,8 +392,10 @@ def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, sto
         if layer < last:
             if calib is not None:
                 calib.advance()
-            for o in objectives:
-                for i, b in enumerate(batches[o.name]):
-                    hidden.put((o.name, i), layer_input(model, arch, b.inputs, layer + 1, hidden.get((o.name, i))))
+            with torch.no_grad():
+                for o in objectives:
+                    for i in range(len(batches[o.name])):
+                        hidden.put((o.name, i), forward_layer(arch.layers[layer], hidden.get((o.name, i)),
+                                                              layer_kwargs[o.name][i][layer], layer))
     bar.close()
     return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)

@@ -1,6 +1,6 @@
 """Apply a :class:`~tasa.plan.Plan` to a model, one decoder layer at a time.
 
-Loop (the GPTQ "sequential" scheme)::
+Loop (the GPTQ "sequential" scheme, on the layer walker of tasa.models.walker)::
 
     X_0 = inputs of decoder layer 0 for every calibration sequence
     for layer l:
@@ -28,15 +28,12 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
+from tasa.models.walker import LayerInputs, capture_ids, input_groups, move_outside_layers, run_layer, walk
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import QuantResult, rtn_quantize
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once the wanted inputs are captured."""
 
 
 @dataclass
@@ -53,82 +50,24 @@ class QuantReport:
     seconds: float = 0.0
 
 
-def layer_output(out):
-    """The hidden states of a decoder layer's output (layers return a tuple in some transformers versions)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
+def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], advance: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X of the input of each of ``firsts`` (local names, in execution order) over every batch of
+    ``inputs``: one pass, which ends after the last of them unless ``advance`` (then the layer's outputs
+    become the inputs of the next layer)."""
+    state = {}
+    for local in firsts:
+        state[local] = [make_empty_hessian(layer.get_submodule(local).in_features, inputs.hidden[0].device), 0]
 
+    def tap(local):
+        def fn(x):
+            st = state[local]
+            st[1] = accumulate_hessian(st[0], st[1], x)
+        return fn
 
-def capture_layer0_inputs(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, batch_size: int,
-                          device: torch.device) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments entering decoder layer 0, per batch."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        captured.append((hidden, kwargs))
-        raise _StopForward
-
-    handle = arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start:start + batch_size].to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != -(-input_ids.shape[0] // batch_size):
-        raise TasaError("decoder layer 0 was not reached by the forward pass; unsupported model layout")
-    return captured
-
-
-def input_groups(layer: nn.Module, locals_: list[str], sample: tuple[torch.Tensor, dict]) -> list[list[str]]:
-    """Group linears by identical input tensor, ordered by first call, by running one batch."""
-    # Inputs are kept referenced until grouping is done: a freed tensor's memory
-    # could otherwise be reused by a later, different input at the same address.
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for local in locals_:
-        def hook(_m, args, local=local):
-            calls.append((local, args[0]))
-        handles.append(layer.get_submodule(local).register_forward_pre_hook(hook))
-    try:
-        layer(sample[0], **sample[1])
-    finally:
-        for h in handles:
-            h.remove()
-    missing = set(locals_) - {c[0] for c in calls}
-    if missing:
-        raise TasaError(f"linear modules {sorted(missing)} were never called in the layer's forward pass")
-    groups: dict[tuple, list[str]] = {}
-    for local, x in calls:
-        members = groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), [])
-        if local not in members:
-            members.append(local)
-    return list(groups.values())
-
-
-def collect_hessian(layer: nn.Module, first: str, batches: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
-    """H = 2/n X^T X of the input of ``first``, running each batch only up to that module."""
-    mod = layer.get_submodule(first)
-    state = {"h": make_empty_hessian(mod.in_features, mod.weight.device), "n": 0}
-
-    def hook(_m, args):
-        state["n"] = accumulate_hessian(state["h"], state["n"], args[0])
-        raise _StopForward
-
-    handle = mod.register_forward_pre_hook(hook)
-    try:
-        for hidden, kwargs in batches:
-            try:
-                layer(hidden, **kwargs)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return state["h"]
+    run_layer(layer, inputs, {local: tap(local) for local in firsts},
+              stop_after=None if advance else firsts[-1], advance=advance)
+    return {local: st[0] for local, st in state.items()}
 
 
 def _relative_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -191,35 +130,18 @@ def _apply_rtn(arch, plan, report, on_result, progress):
             on_result(m.name, result)
 
 
-def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
-    """Move every parameter and buffer not inside a decoder layer to ``device``."""
-    prefix = arch.spec.layers_path
-    for name, mod in model.named_modules():
-        if name == prefix or name.startswith(prefix + "."):
-            continue
-        for key, p in mod._parameters.items():
-            if p is not None and p.device != device:
-                p.data = p.data.to(device)
-        for key, b in mod._buffers.items():
-            if b is not None and b.device != device:
-                mod._buffers[key] = b.to(device)
-
-
 def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result, progress):
     move_outside_layers(model, arch, device)
-    batches = capture_layer0_inputs(model, arch, calib_ids, batch_size, device)
-    for index in tqdm(range(arch.num_layers), desc="GPTQ layers", disable=not progress):
-        layer = arch.layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
+    inputs = capture_ids(model, arch, calib_ids, batch_size, device)
+    for index, layer in walk(arch, device, "GPTQ layers", progress):
         planned = [m for m in arch.layer_modules(index) if m.name in plan]
         by_local = {m.local: m for m in planned}
         if planned:
-            groups = input_groups(layer, [m.local for m in planned], batches[0])
+            groups = input_groups(layer, [m.local for m in planned], inputs)
             if not true_sequential:
-                hessians = {g[0]: collect_hessian(layer, g[0], batches) for g in groups}
+                hessians = layer_hessians(layer, inputs, [g[0] for g in groups])
             for group in groups:
-                h = hessians[group[0]] if not true_sequential else collect_hessian(layer, group[0], batches)
+                h = hessians[group[0]] if not true_sequential else layer_hessians(layer, inputs, [group[0]])[group[0]]
                 for local in group:
                     m = by_local[local]
                     spec = plan[m.name]
@@ -232,9 +154,4 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
                     if on_result:
                         on_result(m.name, result)
                 del h
-        for b, (hidden, kwargs) in enumerate(batches):
-            out = layer_output(layer(hidden, **kwargs))
-            if not torch.isfinite(out).all():
-                raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
-            batches[b] = (out, kwargs)
-        layer.to(home)
+        run_layer(layer, inputs, advance=True)

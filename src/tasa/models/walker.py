@@ -1,0 +1,247 @@
+"""Walk a model's decoder layers one at a time over cached layer inputs: the one layer loop of tasa.
+
+GPTQ/RTN quantization (quant.apply), the mixture criteria's Hessians (mixture.collect), the probes'
+calibration and kept objective states (profile.probe) all run this loop::
+
+    inputs = capture(model, arch, batches)        # per batch: what enters layer 0, and what the model
+                                                  # passes every layer (masks, rotary embeddings ...)
+    for index, layer in walk(arch, device):       # layer fetched onto the device, released after
+        run_layer(layer, inputs, taps={...})      # a stage's hooks: Hessians, probes ...
+        ... quantize the layer's linears in place ...
+        run_layer(layer, inputs, advance=True)    # inputs now enter layer index + 1
+
+Only one layer's inputs are held (per batch: (batch, seq, hidden)).  The keyword arguments of every
+layer are recorded once, at capture, by running the model's own forward with each decoder layer
+replaced by a recorder that stores what it is called with (no layer computes): models that give
+layers different masks or rotary tables (sliding-window layers of Gemma-2/3, Qwen) get each layer's
+own, and no per-architecture code is needed.  :func:`walk` is the single place that decides where a
+layer lives while it is used (the large-model path streams layers through it).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from tasa.errors import TasaError
+from tasa.models.arch import ModelArch
+
+_CACHE_KEYS = ("past_key_values", "past_key_value", "use_cache")
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once what is wanted is captured."""
+
+
+class LayerInputs:
+    """What enters decoder layer ``index``, per batch: the hidden states (batch, seq, hidden) and, for every
+    layer, the keyword arguments the model passes it."""
+
+    def __init__(self, hidden: list[torch.Tensor], kwargs: list[list[dict]]):
+        self.hidden = hidden
+        self.kwargs = kwargs  # [batch][layer] -> kwargs
+        self.index = 0
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def call(self, b: int) -> tuple[torch.Tensor, dict]:
+        """(hidden, kwargs) of batch ``b`` for the current layer."""
+        return self.hidden[b], self.kwargs[b][self.index]
+
+
+def layer_output(out) -> torch.Tensor:
+    """The hidden states of a decoder layer's output (layers return a tuple in some transformers versions)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def layers_from(model: nn.Module, arch: ModelArch, start: int, stop: int | None = None,
+                replace: list[nn.Module] | None = None):
+    """Temporarily make the model's decoder-layer list ``layers[start:stop]`` (same modules, no copies), or
+    ``replace``."""
+    parent_path, _, attr = arch.spec.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(replace if replace is not None else list(original)[start:stop]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its call, computes nothing.  Attribute
+    reads the model's forward makes on its layers (e.g. ``attention_type``) go to the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, sink: dict, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: never moved, never in state_dict
+        self.index, self.sink, self.last = index, sink, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise TasaError(f"decoder layer {self.index} is called with {len(args)} positional arguments; "
+                            "only the hidden states are supported positionally")
+        if self.index == 0:
+            self.sink["hidden"] = hidden
+        self.sink["kwargs"].append({k: v for k, v in kwargs.items() if k not in _CACHE_KEYS})
+        if self.last:
+            raise StopForward
+        return hidden
+
+
+def capture(model: nn.Module, arch: ModelArch, batches: list[dict]) -> LayerInputs:
+    """What enters decoder layer 0 for each of ``batches`` (the model's forward kwargs, e.g. ``input_ids``
+    and ``attention_mask``, already on the model's device), with every layer's keyword arguments."""
+    hidden, kwargs = [], []
+    for inputs in batches:
+        sink: dict = {"kwargs": []}
+        n = arch.num_layers
+        recorders = [_Recorder(arch.layers[i], i, sink, i == n - 1) for i in range(n)]
+        with layers_from(model, arch, 0, replace=recorders), torch.no_grad():
+            try:
+                model(**inputs, use_cache=False)
+            except StopForward:
+                pass
+        if len(sink["kwargs"]) != n:
+            raise TasaError(f"the model's forward pass called {len(sink['kwargs'])} of its {n} decoder layers; "
+                            "unsupported model layout")
+        hidden.append(sink["hidden"])
+        kwargs.append(sink["kwargs"])
+    return LayerInputs(hidden, kwargs)
+
+
+def capture_ids(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, batch_size: int,
+                device: torch.device) -> LayerInputs:
+    """:func:`capture` of (n, seq) token ids, ``batch_size`` sequences at a time."""
+    return capture(model, arch, [{"input_ids": input_ids[s:s + batch_size].to(device)}
+                                 for s in range(0, input_ids.shape[0], batch_size)])
+
+
+def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
+    """Move every parameter and buffer not inside a decoder layer to ``device``."""
+    prefix = arch.spec.layers_path
+    for name, mod in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for key, p in mod._parameters.items():
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
+        for key, b in mod._buffers.items():
+            if b is not None and b.device != device:
+                mod._buffers[key] = b.to(device)
+
+
+def walk(arch: ModelArch, device: torch.device, desc: str = "layers", progress: bool = False,
+         ) -> Iterator[tuple[int, nn.Module]]:
+    """Each decoder layer in order, on ``device`` while the caller uses it, then back where it lives."""
+    for index in tqdm(range(arch.num_layers), desc=desc, disable=not progress):
+        layer = arch.layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        try:
+            yield index, layer
+        finally:
+            layer.to(home)
+
+
+def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:
+    """The layer's output hidden states; NaN/Inf activations are an error."""
+    out = layer_output(layer(hidden, **kwargs))
+    if not torch.isfinite(out).all():
+        raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
+    return out
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, taps: dict[str, Callable[[torch.Tensor], None]] | None = None,
+              stop_after: str | None = None, advance: bool = False) -> None:
+    """Run ``layer`` on every batch of ``inputs``; ``taps[local name]`` sees the input of that linear.
+
+    ``stop_after``: end each batch's pass right after that module's tap (nothing after it is computed);
+    ``advance``: the layer's outputs replace the inputs, which then enter the next layer."""
+    if advance and stop_after is not None:
+        raise ValueError("a pass that stops early has no output to advance with")
+    handles = []
+    for local, fn in (taps or {}).items():
+        def hook(_m, args, fn=fn, stop=local == stop_after):
+            fn(args[0])
+            if stop:
+                raise StopForward
+        handles.append(layer.get_submodule(local).register_forward_pre_hook(hook))
+    try:
+        for b in range(len(inputs)):
+            hidden, kwargs = inputs.call(b)
+            if stop_after is not None:
+                try:
+                    layer(hidden, **kwargs)
+                except StopForward:
+                    pass
+            else:
+                out = forward_layer(layer, hidden, kwargs, inputs.index)
+                if advance:
+                    inputs.hidden[b] = out
+    finally:
+        for h in handles:
+            h.remove()
+    if advance:
+        inputs.index += 1
+
+
+def input_groups(layer: nn.Module, locals_: list[str], inputs: LayerInputs) -> list[list[str]]:
+    """Group linears by identical input tensor, ordered by first call, by running the first batch."""
+    # Inputs are kept referenced until grouping is done: a freed tensor's memory
+    # could otherwise be reused by a later, different input at the same address.
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for local in locals_:
+        def hook(_m, args, local=local):
+            calls.append((local, args[0]))
+        handles.append(layer.get_submodule(local).register_forward_pre_hook(hook))
+    try:
+        hidden, kwargs = inputs.call(0)
+        layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(locals_) - {c[0] for c in calls}
+    if missing:
+        raise TasaError(f"linear modules {sorted(missing)} were never called in the layer's forward pass")
+    groups: dict[tuple, list[str]] = {}
+    for local, x in calls:
+        members = groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), [])
+        if local not in members:
+            members.append(local)
+    return list(groups.values())
+
+
+def _replace_input(hidden: torch.Tensor):
+    def hook(_m, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+    return hook
+
+
+@contextmanager
+def tail_from(model: nn.Module, arch: ModelArch, start: int, hidden: torch.Tensor):
+    """Within the block, the model's own forward runs only layers ``start..L-1``, from ``hidden`` (what
+    enters layer ``start``) instead of its embeddings' output, then its final norm and head: a forward
+    pass of the model's tail with the model's own masks, rotary tables and logit processing."""
+    handle = arch.layers[start].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    try:
+        with layers_from(model, arch, start):
+            yield
+    finally:
+        handle.remove()
