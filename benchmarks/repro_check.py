@@ -1,16 +1,17 @@
 """Does the paper table's seed-0 `tasa-3.5-task` record (2026-12-01: WikiText-2 ppl 52.86) reproduce?
 
-    .venv/bin/python benchmarks/repro_check.py
+    .venv/bin/python benchmarks/repro_check.py     # resumable: one record per row in results/repro_check/
 
-Quantizes SmolLM2-135M three times in one process, each from a fresh load, with GPTQ on
-`gsm8k:0.5,arc_easy:0.5`, 128 x 512 tokens, seed 0, group size 64:
+Quantizes SmolLM2-135M, each row in a fresh process with its own CPU thread count (suffix -t1 / -t2), with
+GPTQ on `gsm8k:0.5,arc_easy:0.5`, 128 x 512 tokens, seed 0, group size 64:
 - `cli-path`: TASA's 3.5-bit plan (allocated from the committed layer-sensitivity.json, beta 0.5, bits 3/4/8),
   calibration built as `tasa quantize` builds it (with the model's maximum length);
 - `bench-path`: the same plan, calibration built as benchmarks/paper_table.py builds it (torch seed 0, no
   maximum length);
 - `gptq-w4-task`: uniform W4 on the same calibration, against its own 2026-12-01 record (39.18).
 Each row records the calibration tokens' sha256, a sha256 over every quantized weight, the thread count and
-the perplexity on the first 40 WikiText-2 test windows of 512 (the paper table's).  Writes
+the perplexity on the first 40 WikiText-2 test windows of 512 (the paper table's).  Rows at 1 and 2 threads
+tell whether the thread count explains the difference to the records.  Writes
 benchmarks/results/repro_check.json.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, cached, parse_or_work, row, run_json, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -40,6 +41,9 @@ from tasa.quant.apply import quantize_model  # noqa: E402
 
 CALIB = "gsm8k:0.5,arc_easy:0.5"
 RECORDS = RESULTS / "paper_table"
+OWN = RESULTS / "repro_check"  # this benchmark's row records (committed)
+RECORDED = {"cli-path": "tasa-3.5-task", "bench-path": "tasa-3.5-task", "gptq-w4-task": "gptq-w4-task"}
+ROWS = ["cli-path-t2", "bench-path-t2", "gptq-w4-task-t2", "cli-path-t1", "gptq-w4-task-t1"]
 
 
 def measure(name: str, plan_of, with_max_length: bool, text: str) -> dict:
@@ -59,23 +63,30 @@ def measure(name: str, plan_of, with_max_length: bool, text: str) -> dict:
     out = {"wikitext2_ppl": ppl, "calib_sha256": hashlib.sha256(cal.input_ids.numpy().tobytes()).hexdigest(),
            "weights_sha256": weights.hexdigest(), "threads": torch.get_num_threads(),
            "bits": plan.average_bits(arch.numels()), "seconds": seconds}
-    print(name, json.dumps(out), flush=True)
+    print(name, json.dumps(out), file=sys.stderr, flush=True)
     return out
 
 
-def main() -> None:
-    sens = read_json(RECORDS / "layer-sensitivity.json")
-    tasa_plan, _ = plan_from_sensitivity(sens, 3.5, bits=[3, 4, 8], beta=0.5)
+def worker(name: str, work: Path) -> dict:
+    base, threads = name.rsplit("-t", 1)
+    torch.set_num_threads(int(threads))
     text = "\n\n".join(eval_texts("wikitext2"))
-    w4 = lambda names: Plan.uniform(names, QuantSpec(bits=4, group_size=64, damp=0.01))  # noqa: E731
-    runs = {"cli-path": measure("cli-path", lambda names: tasa_plan, True, text),
-            "bench-path": measure("bench-path", lambda names: tasa_plan, False, text),
-            "gptq-w4-task": measure("gptq-w4-task", w4, True, text)}
-    recorded = {"cli-path": "tasa-3.5-task", "bench-path": "tasa-3.5-task", "gptq-w4-task": "gptq-w4-task"}
+    if base == "gptq-w4-task":
+        return measure(name, lambda names: Plan.uniform(names, QuantSpec(bits=4, group_size=64, damp=0.01)), True, text)
+    tasa_plan, _ = plan_from_sensitivity(read_json(RECORDS / "layer-sensitivity.json"), 3.5, bits=[3, 4, 8], beta=0.5)
+    return measure(name, lambda names: tasa_plan, base == "cli-path", text)
+
+
+def main() -> None:
+    args, work = parse_or_work(__doc__, "repro_check", worker, ROWS)
     rows = []
-    for name, r in runs.items():
-        r["recorded_2026_12_01_wikitext2_ppl"] = read_json(RECORDS / f"{recorded[name]}.json")["metrics"]["wikitext2_ppl"]
-        rows.append(row(name, "tasa", "gptq", r.pop("bits"), 64, CALIB, r, r.pop("seconds")))
+    for name in args.rows.split(","):
+        r = cached(OWN / f"{name}.json", lambda n=name: run_json([sys.executable, __file__, "--worker", n]))
+        base = name.rsplit("-t", 1)[0]
+        metrics = {k: v for k, v in r.items() if k not in ("bits", "seconds")}
+        metrics["recorded_2026_12_01_wikitext2_ppl"] = read_json(RECORDS / f"{RECORDED[base]}.json")["metrics"]["wikitext2_ppl"]
+        rows.append(row(name, "tasa", "gptq", r["bits"], 64, CALIB, metrics, r["seconds"]))
+        print(name, json.dumps(metrics), flush=True)
     out = write_results("repro_check", ".venv/bin/python benchmarks/repro_check.py", rows)
     print(f"-> {out}")
 
