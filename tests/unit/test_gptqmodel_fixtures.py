@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tasa.export.gptq import _module_grid, dequantized_state_dict, pack_result
 from tasa.export.pack import unpack_cols, unpack_rows
-from tasa.quant.rtn import QuantResult
+from tasa.quantized import QuantResult
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gptqmodel"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

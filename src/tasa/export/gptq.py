@@ -27,7 +27,7 @@ from tasa.artifacts import write_json_atomic
 from tasa.errors import TasaError
 from tasa.export.pack import PACKABLE_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows
 from tasa.plan import Plan
-from tasa.quant.rtn import QuantResult
+from tasa.quantized import QuantResult
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 README = """# GPTQ checkpoint written by tasa

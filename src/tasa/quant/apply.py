@@ -31,7 +31,8 @@ from tasa.models.arch import ModelArch
 from tasa.models.walker import LayerInputs, capture_ids, input_groups, move_outside_layers, run_layer, walk
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
-from tasa.quant.rtn import QuantResult, rtn_quantize
+from tasa.quant.rtn import rtn_quantize
+from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.rtn import QuantResult, check_finite, compute_grid, dequantize, group_bounds, quantize_codes
+from tasa.quant.rtn import check_finite, compute_grid, dequantize, group_bounds, quantize_codes
+from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
 

@@ -26,42 +26,15 @@ x_hat = [-1, 0, 0, 2].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from tasa.errors import TasaError
+from tasa.quantized import QuantResult
 
 FP16_MIN_SCALE = 2.0**-24  # the smallest positive fp16 value; a scale never rounds to zero
 # The symmetric grid's name, recorded with profiles and run stages so that results made with an earlier grid
 # (the GPTQ reference one, tasa < 2026-11-25) are never resumed into or reused.
 SYM_GRID = "signed-max"
-
-
-@dataclass
-class QuantResult:
-    """A quantized weight matrix in exportable form.
-
-    weight: (rows, cols) dequantized weight, in the input's dtype.
-    codes:  (rows, cols) uint8 integer codes, original column order.
-    scales: (rows, n_groups) float32.
-    zeros:  (rows, n_groups) float32 holding integer zero points.
-    g_idx:  (cols,) int32, group of every input column.
-    bits, group_size: the grid used (group_size -1 = per channel).
-    """
-
-    weight: torch.Tensor
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    g_idx: torch.Tensor
-    bits: int
-    group_size: int
-
-    def dequantize(self) -> torch.Tensor:
-        """Rebuild the float weight from codes, scales, zeros and g_idx."""
-        g = self.g_idx.long()
-        return (self.scales[:, g] * (self.codes.float() - self.zeros[:, g])).to(self.weight.dtype)
 
 
 def _fp16(scale: torch.Tensor) -> torch.Tensor:
