@@ -123,9 +123,11 @@ def worker(name: str, work: Path) -> dict:
         from tasa.pipeline import search_mixture
 
         target = name[len("search-"):]
-        s = search_mixture("smollm2-135m", work / name, general="wikitext2", tasks=[target],
-                           criteria=("hessian-trace", "grad-align"), ratios=list(RATIOS), nsamples=SEARCH_NSAMPLES,
-                           seqlen=SEQLEN, group_size=GROUP, batch_size=8, progress=False)
+        from tasa.config import MixtureSpec, Runtime
+
+        s = search_mixture("smollm2-135m", work / name, MixtureSpec(
+            general="wikitext2", tasks=(target,), criteria=("hessian-trace", "grad-align"), ratios=tuple(RATIOS),
+            nsamples=SEARCH_NSAMPLES, seqlen=SEQLEN, group_size=GROUP), Runtime(batch_size=8, progress=False)).record
         return {k: s[k] for k in ("grid", "results", "calib", "seconds")}
     fp = json.loads((work / "fp.json").read_text())
     arch = resolve(lm.model)

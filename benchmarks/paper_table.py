@@ -58,6 +58,7 @@ aggregated: SmolLM2-135M scores at chance on them in full precision.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
@@ -142,9 +143,12 @@ def searched_calib(work: Path) -> str:
             if any(s.get(k) != v for k, v in want.items()):
                 raise SystemExit(f"{done} was searched with other settings than {want}")
         else:
-            s = search_mixture("smollm2-135m", work / "search", general="wikitext2", tasks=want["tasks"],
-                               criteria=want["criteria"], nsamples=want["nsamples"], seqlen=SEQLEN,
-                               group_size=GROUP, seed=want["seed"], progress=False)
+            from tasa.config import MixtureSpec, Runtime
+
+            s = search_mixture("smollm2-135m", work / "search", MixtureSpec(
+                general="wikitext2", tasks=tuple(want["tasks"]), criteria=tuple(want["criteria"]),
+                nsamples=want["nsamples"], seqlen=SEQLEN, group_size=GROUP, seed=want["seed"]),
+                Runtime(batch_size=4, progress=False)).record
         return {"calib": s["calib"], "criteria": s["criteria"], "grid": s["grid"],
                 "values": s["results"][s["criteria"][0]]["values"], "seconds": s["seconds"]}
 
@@ -350,6 +354,10 @@ def worker(name: str, work: Path) -> dict:
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
         out["seconds"] = time.perf_counter() - t0
+        # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
+        # count; recorded like `tasa quantize` records them in quantize.json (rows measured before 2026-12-04 lack them)
+        out["calib_sha256"] = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+        out["threads"] = torch.get_num_threads()
         out["grid"] = SYM_GRID  # records say which grid they measured (rows made on an earlier one were removed)
         out["bits"] = plan.average_bits(arch.numels())
         out["layer_bits"] = layer_bits(plan, arch)
@@ -371,8 +379,11 @@ def module_profile_worker() -> dict:
     """The module profile of every layer at 3 and 4 bits (resumes from its committed probes)."""
     from tasa.pipeline import profile
 
-    s = profile("smollm2-135m", MODULE_PROFILE, objectives=["wikitext2", "gsm8k", "arc_easy"], bits=(3, 4),
-                granularity="module", group_size=GROUP, probe_tokens=4096, report=False, progress=False)
+    from tasa.config import ProfileSpec, Runtime
+
+    s = profile("smollm2-135m", MODULE_PROFILE, ProfileSpec(objectives=("wikitext2", "gsm8k", "arc_easy"), bits=(3, 4),
+                granularity="module", group_size=GROUP, probe_tokens=4096), Runtime(progress=False),
+                report=False).record
     return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
 
 
@@ -380,10 +391,12 @@ def gptq_profile_worker(work: Path) -> dict:
     """The layer profile with GPTQ probes on the searched calibration (resumes from its probes on disk)."""
     from tasa.pipeline import profile
 
-    s = profile("smollm2-135m", GPTQ_PROFILE, objectives=["wikitext2", "gsm8k", "arc_easy"], bits=(3, 4, 8),
-                granularity="layer", group_size=GROUP, probe_tokens=4096, probe_quantizer="gptq",
-                calib=calib_string("searched", work), nsamples=NSAMPLES, calib_seqlen=SEQLEN, damp=DAMP,
-                report=False, progress=False)
+    from tasa.config import CalibSpec, ProfileSpec, Runtime
+
+    calib = CalibSpec.parse(calib_string("searched", work), nsamples=NSAMPLES, seqlen=SEQLEN, seed=0)
+    s = profile("smollm2-135m", GPTQ_PROFILE, ProfileSpec(objectives=("wikitext2", "gsm8k", "arc_easy"),
+                bits=(3, 4, 8), granularity="layer", group_size=GROUP, probe_tokens=4096, probe_quantizer="gptq",
+                calib=calib, damp=DAMP), Runtime(progress=False), report=False).record
     return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
 
 

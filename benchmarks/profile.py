@@ -33,12 +33,17 @@ MODULE_LAYERS = [0, 15, 29]
 def worker(part: str, work: Path) -> dict:
     from tasa.pipeline import profile
 
+    from tasa.config import ProfileSpec, Runtime
+
+    quiet = Runtime(progress=False)
     if part == "layer":
-        s = profile("smollm2-135m", work / "layer", objectives=OBJECTIVES, bits=BITS, granularity="layer",
-                    group_size=GROUP, probe_tokens=TOKENS, compare_estimators=True, progress=False)
+        s = profile("smollm2-135m", work / "layer", ProfileSpec(objectives=tuple(OBJECTIVES), bits=BITS,
+                    granularity="layer", group_size=GROUP, probe_tokens=TOKENS, compare_estimators=True),
+                    quiet).record
     else:
-        s = profile("smollm2-135m", work / "module", objectives=OBJECTIVES, bits=(3,), granularity="module",
-                    group_size=GROUP, probe_tokens=TOKENS, layers=MODULE_LAYERS, report=False, progress=False)
+        s = profile("smollm2-135m", work / "module", ProfileSpec(objectives=tuple(OBJECTIVES), bits=(3,),
+                    granularity="module", group_size=GROUP, probe_tokens=TOKENS, layers=MODULE_LAYERS), quiet,
+                    report=False).record
     s["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {k: v for k, v in s.items() if k not in ("machine",)}
 

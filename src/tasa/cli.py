@@ -1,6 +1,9 @@
-"""Command line: parse -> call one pipeline function -> print the result.
+"""Command line: parse -> build the verb's specs (tasa.config) -> call one pipeline function -> print the result.
 
-Errors in the user's input print one line (``tasa: error: ...``) and exit 2.
+Errors in the user's input print one line (``tasa: error: ...``) and exit 2.  Flags shared by several verbs
+(model and runtime, ``--group-size``, ``--seqlen``, ``--seed``) come from parent parsers, so each has one name,
+one default and one help text.  This file is longer than ~400 lines because it holds the argument definitions
+and help texts of six verbs; the dispatch is a few lines per verb.
 """
 from __future__ import annotations
 
@@ -24,12 +27,20 @@ GROUP_SIZE_HELP = ("input columns per scale/zero group; -1 = one group per outpu
                    "multiple of 128)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _parent(*adders) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(p)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (embedded default)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--data-source", choices=["package", "hub"], default=None,
                    help="where the built-in datasets come from: package (the copies shipped with tasa, or "
@@ -37,32 +48,94 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the first download) (default: $TASA_DATA_SOURCE, else package)")
 
 
+def _group_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
+
+def _seqlen_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqlen", type=int, default=512,
+                   help="tokens per sequence: calibration sequences and WikiText-2 evaluation windows "
+                        "(default: 512)")
+
+
+def _seed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed of calibration sequences, probe rows and held-out splits (default: 0)")
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
+
+
+def _damp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="dampening added to the Hessian diagonal, as a fraction of its mean (default: 0.01)")
+
+
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=sorted(TARGETS), default=None,
+                   help="engine the checkpoint must be servable by: gptqmodel (2/3/4/8 bits), vllm or sglang "
+                        "(symmetric 4/8 bits, q/k/v and gate/up tied); constrains allocation and export "
+                        "(default: a plan's own target, else gptqmodel)")
+
+
+def _allocation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beta", default="0.5",
+                   help="weight of perplexity against the task objectives in [0, 1], or ppl-only / task-only "
+                        "(default: 0.5)")
+    p.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
+    p.add_argument("--budget-includes-metadata", action="store_true",
+                   help="count scale/zero storage ((16 + bits) / group size per weight) against the budget")
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--granularity", choices=["layer", "module"], default="layer",
+                   help="profile (and allocate) whole decoder layers, or every linear module (7x the probes; on "
+                        "SmolLM2-135M the module plan scored below the layer plan, see docs/RESULTS.md) "
+                        "(default: layer)")
+    p.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
+                   help="multiple-choice objectives: kl = divergence of the answer distribution from full "
+                        "precision, gold = increase of -log p(gold | choices) (default: kl)")
+    p.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="how a probe quantizes its unit: rtn (intrinsic sensitivity, the method's default) or gptq "
+                        "(the damage GPTQ leaves, with Hessians from the calibration; about 1.6x the profile "
+                        "time, see docs/RESULTS.md) (default: rtn)")
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what OUTPUT_DIR holds: a non-empty directory, or probes made with other settings")
+
+
+def _runtime(args):
+    from tasa.config import Runtime
+
+    return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tasa", description="Task-aware mixed-precision quantization of LLMs.",
                                      epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"tasa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model, group, seqlen = _parent(_model_args), _parent(_group_size_arg), _parent(_seqlen_arg)
+    sampling = _parent(_seqlen_arg, _seed_arg)
+    grid, damp, target = _parent(_grid_args), _parent(_damp_arg), _parent(_target_arg)
+    allocation, probes, overwrite = _parent(_allocation_args), _parent(_probe_args), _parent(_overwrite_arg)
 
     q = sub.add_parser("quantize", help="quantize all decoder-layer linears uniformly (GPTQ or RTN)",
                        description="Quantize every linear module of every decoder layer at one bit-width and "
                                    "write the dequantized model (safetensors, loadable by transformers), "
-                                   "plan.json and quantize.json.", epilog=EPILOG)
-    _add_model_args(q)
+                                   "plan.json and quantize.json.", epilog=EPILOG,
+                       parents=[model, group, sampling, grid, damp, target, overwrite])
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
-    q.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
-    q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true",
                    help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--calib", default="wikitext2",
                    help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
                         "FILE.txt, FILE.jsonl#FIELD or hf:DATASET?split=S&field=F (default: wikitext2)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
-    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
-    q.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     q.add_argument("--no-true-sequential", action="store_true",
                    help="GPTQ: collect all of a layer's Hessians before quantizing any of its modules")
     q.add_argument("--allow-ragged-groups", action="store_true",
@@ -77,10 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); fp: the dequantized float model, loadable by plain "
                         "transformers (default: gptq)")
-    q.add_argument("--target", choices=sorted(TARGETS), default=None,
-                   help="engine the GPTQ checkpoint must be servable by (default: the plan's, else gptqmodel)")
     q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     e = sub.add_parser("eval", help="evaluate a model: perplexity and tasks, optionally against a reference",
                        description="Evaluate a model on WikiText-2 perplexity (GPTQ convention: non-overlapping "
@@ -89,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "choice: acc, acc_norm, gold-choice log-prob and margin) and gsm8k (greedy "
                                    "chain-of-thought: strict_match, flexible_extract, gold-solution NLL). A task "
                                    "can also be a user task spec file (.yaml/.json, see docs/TASKS.md).",
-                       epilog=EPILOG)
-    _add_model_args(e)
+                       epilog=EPILOG, parents=[model, seqlen])
     e.add_argument("--tasks", default="wikitext2",
                    help="comma-separated: wikitext2, arc_easy, arc_challenge, mmlu, gsm8k or SPEC.yaml "
                         "(default: wikitext2)")
@@ -99,9 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "windows (default: all)")
     e.add_argument("--num-fewshot", type=int, default=None,
                    help="worked examples before each question (default: the task's, 5 for gsm8k, else 0)")
-    e.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default: 512)")
-    e.add_argument("--batch-size", type=int, default=8,
-                   help="sequences per forward pass: windows, answer continuations, generated rows (default: 8)")
     e.add_argument("--reference", default=None,
                    help="full-precision reference: a model spec or a results JSON written with --log-samples; "
                         "adds flip rates per task and the KL divergence on wikitext2")
@@ -122,26 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that unit (RTN, or GPTQ on a calibration) and measure each objective's degradation against the full-precision "
                                    "model (cached layer inputs: the probe of layer l runs layers l..L only). "
                                    "Writes OUTPUT_DIR/sensitivity.json; finished probes are kept in OUTPUT_DIR, "
-                                   "so re-running the same command after a kill resumes.", epilog=EPILOG)
-    _add_model_args(p)
+                                   "so re-running the same command after a kill resumes.", epilog=EPILOG,
+                       parents=[model, group, sampling, grid, probes, overwrite])
     p.add_argument("--objectives", default="wikitext2,gsm8k,arc_easy",
                    help="comma-separated: wikitext2 (log-perplexity), gsm8k (gold-solution NLL), arc_easy, "
                         "arc_challenge, mmlu (-log p(gold | choices)), or task spec files; probe rows come from "
                         "validation/train/dev splits, never evaluation ones (default: wikitext2,gsm8k,arc_easy)")
     p.add_argument("--bits", default="3,4,8", help="candidate bit-widths (default: 3,4,8)")
-    p.add_argument("--granularity", choices=["layer", "module"], default="layer",
-                   help="probe whole decoder layers or single linear modules (default: layer)")
-    p.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
-    p.add_argument("--asym", action="store_true", help="asymmetric RTN grid (default: symmetric)")
     p.add_argument("--probe-tokens", type=int, default=4096,
                    help="scored tokens per objective, at least (default: 4096)")
-    p.add_argument("--seqlen", type=int, default=128,
+    p.add_argument("--probe-seqlen", type=int, default=128,
                    help="wikitext2 probe window length; shorter windows give more items for intervals and rank "
                         "stability at the same token count (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="probe-row sampling seed (default: 0)")
-    p.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
-                   help="multiple-choice objectives: kl = divergence of the answer distribution from full "
-                        "precision, gold = increase of -log p(gold | choices) (default: kl)")
     p.add_argument("--max-state-gb", type=float, default=4.0,
                    help="RAM budget for the kept layer inputs; past it they are spilled to OUTPUT_DIR/kept-states "
                         "(default: 4)")
@@ -154,27 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-estimators", action="store_true",
                    help="with measured probes, also run both estimators and report their Kendall tau against "
                         "the probes and their cost")
-    p.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
-                   help="how a probe quantizes its unit: rtn (intrinsic sensitivity) or gptq (the damage GPTQ "
-                        "leaves, with Hessians from --calib) (default: rtn)")
     p.add_argument("--calib", default=None,
                    help="with --probe-quantizer gptq: calibration mixture, e.g. wikitext2:0.5,gsm8k:0.5")
     p.add_argument("--nsamples", type=int, default=128, help="with gptq probes: calibration sequences (default: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512,
-                   help="with gptq probes: calibration sequence length (default: 512)")
     p.add_argument("--layers", default=None, help="probe only these layers, e.g. 0,15,29 (default: all)")
     p.add_argument("--top-k", type=int, default=8, help="K of the report's top-K overlap table (default: 8)")
     p.add_argument("--output-dir", required=True,
                    help="where sensitivity.json, report.md/.html, plots and the probe records go")
-    p.add_argument("--overwrite", action="store_true", help="discard probes made with other settings")
     r = sub.add_parser("run", help="profile -> allocate -> quantize -> export -> evaluate -> report, resumable",
                        description="The whole method on one model: measure layer sensitivities on wikitext2 and "
                                    "the tasks, allocate bits per layer under the budget (exact DP), quantize with "
                                    "GPTQ on the calibration mixture, export a GPTQ checkpoint, evaluate it against "
                                    "the full-precision model on held-out test rows, and write report.md/.html. "
                                    "Each stage is recorded in OUTPUT_DIR/stages.json under a hash of its inputs: "
-                                   "rerunning skips finished stages, a killed run resumes.", epilog=EPILOG)
-    _add_model_args(r)
+                                   "rerunning skips finished stages, a killed run resumes.", epilog=EPILOG,
+                       parents=[model, group, sampling, allocation, probes, target])
     r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
     r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
     r.add_argument("--calib", default=None,
@@ -187,38 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice matched measured quality on SmolLM2-135M; see docs/MIXTURE.md)")
     r.add_argument("--bits", default=None,
                    help="candidate bit-widths, each servable by --target (default: those of 3,4,8 the target serves)")
-    r.add_argument("--beta", default="0.5", help="weight of perplexity against the tasks, or ppl-only/task-only "
-                                                 "(default: 0.5)")
-    r.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
-    r.add_argument("--budget-includes-metadata", action="store_true",
-                   help="count scale/zero storage against the budget")
-    r.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
-                   help="engine the checkpoint must be servable by (default: gptqmodel)")
-    r.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
     r.add_argument("--probe-tokens", type=int, default=768,
                    help="scored tokens per objective for the profile; 4096 gives steadier rankings at ~5x the "
                         "time (default: 768)")
-    r.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
-                   help="how multiple-choice objectives score a probe (see tasa profile --help) (default: kl)")
-    r.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
-                   help="how a profile probe quantizes its layer: rtn (intrinsic sensitivity, the method's "
-                        "default) or gptq (the damage GPTQ leaves, on the run's calibration; about 1.6x the "
-                        "profile time; see docs/RESULTS.md) (default: rtn)")
-    r.add_argument("--granularity", choices=["layer", "module"], default="layer",
-                   help="profile and allocate whole decoder layers, or every linear module at once (7x the "
-                        "probes; on SmolLM2-135M it scored below the layer plan, see docs/RESULTS.md) "
-                        "(default: layer)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
-    r.add_argument("--seqlen", type=int, default=512,
-                   help="tokens per calibration sequence and per wikitext2 evaluation window (default: 512)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     r.add_argument("--eval-limit", type=int, default=100,
                    help="test rows per task, evaluated zero-shot as profiled (default: 100)")
     r.add_argument("--eval-windows", type=int, default=40,
                    help="wikitext2 test windows of --seqlen tokens (default: 40)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
-    r.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
 
     m = sub.add_parser("search-mixture", help="choose the calibration mixture of general and task text",
@@ -228,11 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gradients) or measured (GPTQ at --measure-bits per ratio, NLL of held-out "
                                    "task rows). Held-out rows are split from the task's calibration rows; "
                                    "evaluation rows are never used. Writes mixture.json and a report.",
-                       epilog=EPILOG)
-    _add_model_args(m)
+                       epilog=EPILOG, parents=[model, group, sampling, damp])
     m.add_argument("--general", default="wikitext2", help="general-text source (default: wikitext2)")
     m.add_argument("--task", required=True, help="task source(s), comma-separated, e.g. gsm8k or gsm8k,arc_easy")
-    m.add_argument("--target", default=None,
+    m.add_argument("--heldout-sources", default=None,
                    help="sources whose held-out rows define the target distribution (default: the task sources)")
     m.add_argument("--criterion", default="grad-align",
                    help="hessian-trace, grad-align or measured; a comma list computes several, the first chooses "
@@ -243,19 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--grid-step", type=float, default=None,
                    help="score the whole simplex over all sources at this step instead (e.g. 0.25)")
     m.add_argument("--nsamples", type=int, default=128, help="sequences per source (default: 128)")
-    m.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default: 512)")
     m.add_argument("--heldout-samples", type=int, default=32, help="held-out target sequences (default: 32)")
     m.add_argument("--heldout-fraction", type=float, default=0.2,
                    help="share of each target's calibration rows held out (default: 0.2)")
-    m.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (default: 0.01)")
     m.add_argument("--no-damping-study", action="store_true",
                    help="hessian-trace: skip the curves at dampings 1e-4..1e-1 (4 more factorisations per input)")
     m.add_argument("--sketch-dim", type=int, default=1 << 16,
                    help="grad-align: count-sketch size per layer (default: 65536)")
     m.add_argument("--measure-bits", type=int, default=3, help="measured: GPTQ bit-width (default: 3)")
-    m.add_argument("--group-size", type=int, default=None, help=GROUP_SIZE_HELP)
-    m.add_argument("--batch-size", type=int, default=4, help="sequences per forward batch (default: 4)")
-    m.add_argument("--seed", type=int, default=0, help="sampling and held-out split seed (default: 0)")
     m.add_argument("--output-dir", required=True, help="directory for mixture.json and the report")
 
     a = sub.add_parser("allocate", help="choose bits per layer from a sensitivity profile under a budget",
@@ -263,20 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "combine them (beta * perplexity + (1 - beta) * tasks), and choose one bit-width "
                                    "per layer minimising the combined cost with the parameter-weighted average "
                                    "bits at most --budget (exact dynamic programming). Writes a plan.json for "
-                                   "tasa quantize --plan.", epilog=EPILOG)
+                                   "tasa quantize --plan.", epilog=EPILOG, parents=[allocation, target])
     a.add_argument("--sensitivity", required=True, help="sensitivity.json (or its directory) from tasa profile")
     a.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
     a.add_argument("--bits", default=None, help="candidate bit-widths (default: all profiled ones)")
-    a.add_argument("--beta", default="0.5",
-                   help="weight of perplexity against the task objectives in [0, 1], or ppl-only / task-only "
-                        "(default: 0.5)")
-    a.add_argument("--task-weights", default=None, help="relative task weights, e.g. gsm8k:2,arc_easy:1")
-    a.add_argument("--budget-includes-metadata", action="store_true",
-                   help="count scale/zero storage ((16 + bits) / group size per weight) against the budget")
     a.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer the plan asks for")
-    a.add_argument("--target", choices=sorted(TARGETS), default="gptqmodel",
-                   help="engine the checkpoint must load in: gptqmodel (2/3/4/8 bits), vllm or sglang (symmetric "
-                        "4/8 bits, q/k/v and gate/up tied); constrains the allocation (default: gptqmodel)")
     a.add_argument("--module-sensitivity", default=None,
                    help="a module-granularity sensitivity.json: split each layer's bits among its modules "
                         "(intra-layer allocation) under the layer's total")
@@ -287,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _beta_weights(args) -> tuple[float | str, dict[str, float] | None]:
+def _beta_weights(args) -> tuple[float | str, tuple[tuple[str, float], ...] | None]:
     """--beta (a number or a preset) and --task-weights NAME:WEIGHT,..."""
     try:
         beta = args.beta if args.beta in ("ppl-only", "task-only") else float(args.beta)
-        weights = ({k: float(v) for k, v in (x.split(":") for x in _names(args.task_weights))}
+        weights = (tuple((k, float(v)) for k, v in (x.split(":") for x in _names(args.task_weights)))
                    if args.task_weights else None)
     except ValueError:
         raise TasaError("--beta is a number or a preset, --task-weights NAME:WEIGHT,...") from None
@@ -330,15 +345,19 @@ def run(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress
 
+    from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
+                             QuantizeSpec, RunSpec)
+
     if args.command == "quantize":
-        s = pipeline.quantize(
-            model=args.model, output_dir=args.output_dir, method=args.method, bits=args.bits,
-            group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
-            static_groups=args.static_groups, damp=args.damp, calib=args.calib, nsamples=args.nsamples,
-            seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-            true_sequential=not args.no_true_sequential, allow_ragged_groups=args.allow_ragged_groups,
-            overwrite=args.overwrite, plan=args.plan, export_format=args.export_format, target=args.target,
-            progress=not args.quiet, allow_partial_plan=args.allow_partial_plan)
+        spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                            act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                            true_sequential=not args.no_true_sequential,
+                            allow_ragged_groups=args.allow_ragged_groups)
+        calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
+                                export=ExportSpec(args.export_format, args.target), runtime=_runtime(args),
+                                overwrite=args.overwrite, allow_partial_plan=args.allow_partial_plan)
+        s = {**res.record, "output_dir": str(res.output_dir)}
         how = (f"group size {s['quant_spec']['group_size']}{' (auto)' if args.group_size is None else ''}"
                if s["quant_spec"]
                else f"plan: bits {', '.join(map(str, s['plan_bits']))}")
@@ -357,12 +376,12 @@ def run(argv: list[str] | None = None) -> int:
                       "(their targets) or tasa")
     elif args.command == "eval":
         tasks = _names(args.tasks)
-        res = pipeline.evaluate(model=args.model, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                                seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
-                                dtype=args.dtype, output=args.output, log_samples=args.log_samples,
-                                reference=args.reference, kl_topk=args.kl_topk,
-                                apply_chat_template=args.apply_chat_template, generate=not args.no_generate,
-                                prefix_cache=not args.no_prefix_cache, progress=not args.quiet)
+        spec = EvalSpec(tasks=tuple(tasks), limit=args.limit, num_fewshot=args.num_fewshot, seqlen=args.seqlen,
+                        kl_topk=args.kl_topk, apply_chat_template=args.apply_chat_template,
+                        generate=not args.no_generate, prefix_cache=not args.no_prefix_cache,
+                        log_samples=args.log_samples)
+        res = pipeline.evaluate(args.model, spec, output=args.output, reference=args.reference,
+                                runtime=_runtime(args)).record
         rows = [("task", "metric", "value", "stderr")]
         for task, metrics in res["results"].items():
             for k, v in metrics.items():
@@ -376,16 +395,15 @@ def run(argv: list[str] | None = None) -> int:
             print(f"results written to {args.output}")
     elif args.command == "run":
         beta, weights = _beta_weights(args)
-        s = pipeline.run(model=args.model, tasks=_names(args.tasks), budget=args.budget, output_dir=args.output_dir,
-                         calib=args.calib, mixture_criterion=args.mixture_criterion,
-                         bits=_ints(args.bits, "--bits"), beta=beta,
-                         task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
-                         target=args.target, group_size=args.group_size, probe_tokens=args.probe_tokens,
-                         choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
-                         granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                         eval_limit=args.eval_limit, eval_windows=args.eval_windows,
-                         generate=args.generate, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         progress=not args.quiet)
+        spec = RunSpec(tasks=tuple(_names(args.tasks)), budget=args.budget, calib=args.calib,
+                       mixture_criterion=args.mixture_criterion, bits=_ints(args.bits, "--bits"), beta=beta,
+                       task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
+                       target=args.target or "gptqmodel", group_size=args.group_size,
+                       probe_tokens=args.probe_tokens,
+                       choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
+                       granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate)
+        s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")
         print(f"GPTQ checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
@@ -394,14 +412,15 @@ def run(argv: list[str] | None = None) -> int:
             ratios = [float(x) for x in _names(args.ratios)] if args.ratios else None
         except ValueError:
             raise TasaError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
-        s = pipeline.search_mixture(
-            model=args.model, output_dir=args.output_dir, general=args.general, tasks=_names(args.task),
-            targets=_names(args.target) if args.target else None, criteria=_names(args.criterion), ratios=ratios,
-            grid_step=args.grid_step, nsamples=args.nsamples, seqlen=args.seqlen,
-            heldout_samples=args.heldout_samples, heldout_fraction=args.heldout_fraction, damp=args.damp,
-            damping_study=not args.no_damping_study, sketch_dim=args.sketch_dim, measure_bits=args.measure_bits,
-            group_size=args.group_size, batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
-            progress=not args.quiet)
+        spec = MixtureSpec(general=args.general, tasks=tuple(_names(args.task)),
+                           targets=tuple(_names(args.heldout_sources)) if args.heldout_sources else None,
+                           criteria=tuple(_names(args.criterion)), ratios=tuple(ratios) if ratios else None,
+                           grid_step=args.grid_step, nsamples=args.nsamples, seqlen=args.seqlen,
+                           heldout_samples=args.heldout_samples, heldout_fraction=args.heldout_fraction,
+                           damp=args.damp, damping_study=not args.no_damping_study, sketch_dim=args.sketch_dim,
+                           measure_bits=args.measure_bits, group_size=args.group_size, seed=args.seed)
+        res = pipeline.search_mixture(args.model, args.output_dir, spec, _runtime(args))
+        s = {**res.record, "output_dir": str(res.output_dir)}
         rows = [("weights (" + ", ".join(s["sources"]) + ")", *s["results"])]
         for j, w in enumerate(s["grid"]):
             rows.append((" ".join(f"{x:g}" for x in w),
@@ -412,10 +431,11 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "allocate":
         bits = _ints(args.bits, "--bits")
         beta, weights = _beta_weights(args)
-        s = pipeline.allocate_bits(args.sensitivity, args.budget, args.output, bits=bits, beta=beta,
-                                   task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
-                                   method=args.method, target=args.target, module_sensitivity=args.module_sensitivity,
-                                   tie_fused=args.tie_fused)
+        spec = AllocationSpec(budget=args.budget, bits=tuple(bits) if bits else None, beta=beta,
+                              task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
+                              method=args.method, target=args.target or "gptqmodel", tie_fused=args.tie_fused)
+        s = pipeline.allocate_bits(args.sensitivity, args.output, spec,
+                                   module_sensitivity=args.module_sensitivity).summary
         per_layer = " ".join(f"{b:g}" for b in s["layer_bits"].values())
         print(f"bits per layer{' (average of its modules)' if s['intra_layer'] else ''}: {per_layer}")
         print(f"average weight bits {s['average_weight_bits']:.4f}, with scale/zero storage "
@@ -429,15 +449,19 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "profile":
         from tasa.profile.stats import top_k
 
-        s = pipeline.profile(
-            model=args.model, layers=_ints(args.layers, "--layers"), output_dir=args.output_dir,
-            objectives=_names(args.objectives), bits=tuple(_ints(args.bits, "--bits") or ()),
-            granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
-            probe_tokens=args.probe_tokens, seqlen=args.seqlen, seed=args.seed, batch_tokens=args.batch_tokens,
-            device=args.device, dtype=args.dtype, overwrite=args.overwrite, method=args.method,
-            compare_estimators=args.compare_estimators, top_k=args.top_k, choice_cost=args.choice_cost,
-            max_state_gb=args.max_state_gb, progress=not args.quiet, probe_quantizer=args.probe_quantizer,
-            calib=args.calib, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen)
+        calib = (CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+                 if args.calib else None)
+        layers = _ints(args.layers, "--layers")
+        spec = ProfileSpec(objectives=tuple(_names(args.objectives)), bits=tuple(_ints(args.bits, "--bits") or ()),
+                           granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
+                           probe_tokens=args.probe_tokens, probe_seqlen=args.probe_seqlen, seed=args.seed,
+                           batch_tokens=args.batch_tokens, method=args.method, choice_cost=args.choice_cost,
+                           probe_quantizer=args.probe_quantizer, calib=calib,
+                           layers=tuple(layers) if layers is not None else None, max_state_gb=args.max_state_gb,
+                           compare_estimators=args.compare_estimators)
+        res = pipeline.profile(args.model, args.output_dir, spec, _runtime(args), overwrite=args.overwrite,
+                               top_k=args.top_k)
+        s = {**res.record, "output_dir": str(res.output_dir)}
         rows = [("objective", "bits", "most sensitive units (cost)", "split-half tau")]
         for obj, per_bits in s["costs"].items():
             for b, c in per_bits.items():

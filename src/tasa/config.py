@@ -105,3 +105,268 @@ def _is_number(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- the verbs' specs
+# One frozen spec per verb (tasa.pipeline): what the verb computes, validated on construction, so that a bad
+# setting fails before any model is loaded.  How it computes (device, dtype, batch size, progress) is a Runtime.
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _distinct(names: tuple[str, ...], what: str) -> None:
+    if not names:
+        raise TasaError(f"give one or more {what}")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise TasaError(f"{what}: {twice!r} is listed twice")
+
+
+def _positive(value, flag: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or value < 1:
+        raise TasaError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _one_of(value, choices: tuple, what: str) -> None:
+    if value not in choices:
+        raise TasaError(f"{what} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a verb computes, not what: torch device, model dtype (None: float32 on CPU, bfloat16 on
+    GPU), sequences per forward batch, progress bars."""
+
+    device: str = "cpu"
+    dtype: str | None = None
+    batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            _one_of(self.dtype, DTYPES, "dtype")
+        _positive(self.batch_size, "--batch-size")
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """tasa quantize: every decoder-layer linear at one QuantSpec (``group_size`` None: the largest of 128, 64,
+    32, 16 dividing every input size), or by a plan; GPTQ on a calibration or RTN."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = None
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    true_sequential: bool = True
+    allow_ragged_groups: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        self.quant_spec(-1 if self.group_size is None else self.group_size)  # bits, group size, damp in range
+
+    def quant_spec(self, group_size: int) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=group_size, sym=self.sym, act_order=self.act_order,
+                         static_groups=self.static_groups, damp=self.damp)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How a quantized model is written: ``gptq`` (packed checkpoint servable by ``target``; None: the plan's,
+    else gptqmodel) or ``fp`` (the dequantized float model)."""
+
+    format: str = "gptq"
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.format, ("gptq", "fp"), "export format")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """tasa eval: ``tasks`` (built-in names or task spec files) on their first ``limit`` rows (None: all),
+    wikitext2 on ``windows`` windows of ``seqlen`` tokens (None: ``limit``)."""
+
+    tasks: tuple[str, ...] = ("wikitext2",)
+    limit: int | None = None
+    windows: int | None = None
+    num_fewshot: int | None = None
+    seqlen: int = 512
+    kl_topk: int = 256
+    apply_chat_template: bool = False
+    generate: bool = True
+    prefix_cache: bool = True
+    log_samples: bool = False
+
+    def __post_init__(self) -> None:
+        _distinct(tuple(self.tasks), "tasks")
+        _positive(self.limit, "--limit", allow_none=True)
+        _positive(self.windows, "--windows", allow_none=True)
+        _positive(self.seqlen, "--seqlen")
+        if self.num_fewshot is not None and (not isinstance(self.num_fewshot, int) or self.num_fewshot < 0):
+            raise TasaError(f"--num-fewshot must be a non-negative integer, got {self.num_fewshot!r}")
+
+
+PROFILE_METHODS = ("measured", "fisher", "autoscheme")
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """tasa profile: per-unit (layer or module) sensitivity at ``bits`` on each objective, from probes of
+    ``probe_tokens`` scored tokens (RTN, or GPTQ on ``calib``) or a gradient estimator (``method``)."""
+
+    objectives: tuple[str, ...] = ("wikitext2", "gsm8k", "arc_easy")
+    bits: tuple[int, ...] = (3, 4, 8)
+    granularity: str = "layer"
+    group_size: int | None = None
+    sym: bool = True
+    probe_tokens: int = 4096
+    probe_seqlen: int = 128
+    seed: int = 0
+    batch_tokens: int = 512
+    method: str = "measured"
+    choice_cost: str = "kl"
+    probe_quantizer: str = "rtn"
+    calib: CalibSpec | None = None
+    damp: float = 0.01
+    layers: tuple[int, ...] | None = None
+    max_state_gb: float = 4.0
+    compare_estimators: bool = False
+
+    def __post_init__(self) -> None:
+        _distinct(tuple(self.objectives), "objectives")
+        object.__setattr__(self, "bits", tuple(sorted({int(b) for b in self.bits})))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.bits:
+            raise TasaError("give one or more bit-widths to profile")
+        for b in self.bits:
+            QuantSpec(bits=b, group_size=-1 if self.group_size is None else self.group_size, sym=self.sym,
+                      damp=self.damp)
+        _one_of(self.granularity, ("layer", "module"), "granularity")
+        _one_of(self.method, PROFILE_METHODS, "the profile method")
+        _one_of(self.choice_cost, ("kl", "gold"), "the choice cost")
+        _one_of(self.probe_quantizer, ("rtn", "gptq"), "the probe quantizer")
+        _positive(self.probe_tokens, "--probe-tokens")
+        _positive(self.probe_seqlen, "--probe-seqlen")
+        _positive(self.batch_tokens, "--batch-tokens")
+        if self.max_state_gb < 0:
+            raise TasaError(f"--max-state-gb must be non-negative, got {self.max_state_gb}")
+        if self.probe_quantizer == "gptq":
+            if self.method != "measured":
+                raise TasaError("GPTQ probes are measured probes: they cannot be combined with an estimator method")
+            if self.calib is None:
+                raise TasaError("GPTQ probes need calibration data (--calib)")
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """tasa allocate: bits per unit minimising the aggregated cost (``beta`` * perplexity + (1 - beta) *
+    tasks, tasks weighted by ``task_weights``) under ``budget`` average bits, servable by ``target``."""
+
+    budget: float
+    bits: tuple[int, ...] | None = None
+    beta: float | str = 0.5
+    task_weights: tuple[tuple[str, float], ...] | None = None
+    budget_includes_metadata: bool = False
+    method: str = "gptq"
+    target: str = "gptqmodel"
+    tie_fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        if isinstance(self.beta, str):
+            _one_of(self.beta, ("ppl-only", "task-only"), "beta preset")
+        elif not 0.0 <= float(self.beta) <= 1.0:
+            raise TasaError(f"beta must be in [0, 1] or ppl-only / task-only, got {self.beta!r}")
+        if self.bits is not None:
+            object.__setattr__(self, "bits", tuple(sorted({int(b) for b in self.bits})))
+
+    @property
+    def weights(self) -> dict[str, float] | None:
+        return dict(self.task_weights) if self.task_weights is not None else None
+
+
+MIXTURE_CRITERIA = ("hessian-trace", "grad-align", "measured")
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """tasa search-mixture: calibration mixtures of ``general`` and ``tasks`` text scored by ``criteria`` (the
+    first chooses) over general-text shares ``ratios`` (or the simplex at ``grid_step``), ``nsamples`` x
+    ``seqlen`` tokens per source."""
+
+    general: str = "wikitext2"
+    tasks: tuple[str, ...] = ("gsm8k",)
+    targets: tuple[str, ...] | None = None
+    criteria: tuple[str, ...] = ("grad-align",)
+    ratios: tuple[float, ...] | None = None
+    grid_step: float | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    heldout_samples: int = 32
+    heldout_fraction: float = 0.2
+    damp: float = 0.01
+    damping_study: bool = True
+    sketch_dim: int = 1 << 16
+    measure_bits: int = 3
+    group_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _distinct(tuple(self.tasks), "task sources")
+        if not self.criteria or any(c not in MIXTURE_CRITERIA for c in self.criteria) \
+                or len(set(self.criteria)) != len(self.criteria):
+            raise TasaError(f"criteria are one or more of {', '.join(MIXTURE_CRITERIA)}; got {list(self.criteria)}")
+        _positive(self.nsamples, "--nsamples")
+        _positive(self.heldout_samples, "--heldout-samples")
+        if self.seqlen < 2:
+            raise TasaError(f"--seqlen must be at least 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """tasa run: [mixture search ->] profile -> allocate -> quantize -> export -> evaluate -> report.
+
+    ``calib`` None: "auto" when every task is a built-in dataset with calibration rows, else wikitext2.
+    ``bits`` None: those of 3, 4, 8 the target serves."""
+
+    tasks: tuple[str, ...]
+    budget: float
+    calib: str | None = None
+    mixture_criterion: str = "grad-align"
+    bits: tuple[int, ...] | None = None
+    beta: float | str = 0.5
+    task_weights: tuple[tuple[str, float], ...] | None = None
+    budget_includes_metadata: bool = False
+    target: str = "gptqmodel"
+    group_size: int | None = None
+    probe_tokens: int = 768
+    choice_cost: str = "kl"
+    probe_quantizer: str = "rtn"
+    granularity: str = "layer"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    eval_limit: int = 100
+    eval_windows: int = 40
+    generate: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
+        _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")
+        _one_of(self.choice_cost, ("kl", "gold"), "the choice cost")
+        _one_of(self.probe_quantizer, ("rtn", "gptq"), "probe quantizer")
+        _one_of(self.granularity, ("layer", "module"), "granularity")
+        if self.eval_limit < 1 or self.eval_windows < 1:
+            raise TasaError(f"--eval-limit and --eval-windows must be positive, got {self.eval_limit}, "
+                            f"{self.eval_windows}")
+        AllocationSpec(budget=self.budget, bits=self.bits, beta=self.beta, task_weights=self.task_weights,
+                       target=self.target)  # beta in range
+        if self.calib not in (None, "auto"):
+            CalibSpec.parse(self.calib, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)

@@ -120,10 +120,12 @@ def test_gsm8k_five_shot_generation_and_gold_nll(smollm):
 def test_hessian_trace_mixture_curve_on_smollm2(smollm, tmp_path):
     """On the real model, with a task sample far smaller than the down_proj input (1,536), the closed-form
     Hessian-trace curve is convex and blows up towards task-only calibration."""
+    from tasa.config import MixtureSpec, Runtime
     from tasa.mixture.search import search
 
-    s = search(smollm, None, "wikitext2", ["gsm8k"], criteria=("hessian-trace",), ratios=[0, 0.5, 1], nsamples=4,
-               seqlen=128, heldout_samples=4, damping_study=False, batch_size=4, progress=False)
+    spec = MixtureSpec(tasks=("gsm8k",), criteria=("hessian-trace",), ratios=(0, 0.5, 1), nsamples=4, seqlen=128,
+                       heldout_samples=4, damping_study=False)
+    s = search(smollm, None, spec, 64, Runtime(batch_size=4, progress=False))
     ht = s["results"]["hessian-trace"]
     assert ht["convex"] and ht["blowup_ratio"] > 2
     assert len(ht["per_layer"]) == 30 and len(ht["inputs"]) == 120

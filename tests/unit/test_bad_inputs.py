@@ -33,13 +33,17 @@ def expect_error(args, message, capsys):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    import tasa.pipeline as pipeline
+    import importlib
 
     def refuse(*a, **k):
         raise AssertionError("expensive work started before the input was checked")
 
-    for name in ("load", "search_mixture", "quantize_model"):
-        monkeypatch.setattr(pipeline, name, refuse)
+    verbs = {v: importlib.import_module(f"tasa.pipeline.{v}")
+             for v in ("quantize", "evaluate", "profile", "search_mixture", "run")}
+    for v in ("quantize", "evaluate", "profile", "search_mixture"):
+        monkeypatch.setattr(verbs[v], "load", refuse)
+    monkeypatch.setattr(verbs["run"], "search_mixture", refuse)
+    monkeypatch.setattr(verbs["quantize"], "quantize_model", refuse)
 
 
 def plan_file(tmp_path, layers: int, drop: tuple[str, ...] = (), name="plan.json"):

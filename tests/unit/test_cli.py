@@ -204,14 +204,14 @@ def test_eval_bad_input_one_line(tiny_model_dir, capsys, data_dir, args, message
 
 def test_profile_with_gptq_probes_records_its_calibration(tiny_model_dir, tmp_path, capsys, data_dir):
     base = ["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2", "--bits", "2,4", "--group-size",
-            "16", "--probe-tokens", "40", "--seqlen", "32", "--quiet", "--probe-quantizer", "gptq"]
-    code, out, err = run_cli(base + ["--calib", "wikitext2:0.5,gsm8k:0.5", "--nsamples", "4", "--calib-seqlen", "24",
+            "16", "--probe-tokens", "40", "--probe-seqlen", "32", "--quiet", "--probe-quantizer", "gptq"]
+    code, out, err = run_cli(base + ["--calib", "wikitext2:0.5,gsm8k:0.5", "--nsamples", "4", "--seqlen", "24",
                                      "--output-dir", str(tmp_path / "g")], capsys)
     assert code == 0, err
     s = json.loads((tmp_path / "g" / "sensitivity.json").read_text())
     assert (s["probe_quantizer"], s["calib"], s["nsamples"], s["calib_seqlen"]) == \
         ("gptq", "wikitext2:0.5,gsm8k:0.5", 4, 24)
-    code, _, err = run_cli(base + ["--calib", "wikitext2", "--nsamples", "4", "--calib-seqlen", "24",
+    code, _, err = run_cli(base + ["--calib", "wikitext2", "--nsamples", "4", "--seqlen", "24",
                                    "--output-dir", str(tmp_path / "g")], capsys)  # same directory, other calibration
     assert code == 2 and "other settings (calib)" in err
     code, _, err = run_cli(base + ["--output-dir", str(tmp_path / "h")], capsys)
@@ -224,7 +224,7 @@ def test_profile_with_gptq_probes_records_its_calibration(tiny_model_dir, tmp_pa
 def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir):
     out_dir = tmp_path / "prof"
     args = ["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2,arc_easy", "--bits", "2,4",
-            "--group-size", "16", "--probe-tokens", "40", "--seqlen", "32", "--output-dir", str(out_dir), "--quiet"]
+            "--group-size", "16", "--probe-tokens", "40", "--probe-seqlen", "32", "--output-dir", str(out_dir), "--quiet"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     s = json.loads((out_dir / "sensitivity.json").read_text())
@@ -270,7 +270,7 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
 def test_profile_allocate_quantize_by_plan(tiny_model_dir, tmp_path, capsys, data_dir):
     prof = tmp_path / "prof"
     assert run_cli(["profile", "--model", str(tiny_model_dir), "--objectives", "wikitext2,gsm8k", "--bits", "2,4",
-                    "--group-size", "16", "--probe-tokens", "40", "--seqlen", "32", "--output-dir", str(prof),
+                    "--group-size", "16", "--probe-tokens", "40", "--probe-seqlen", "32", "--output-dir", str(prof),
                     "--quiet"], capsys)[0] == 0
     plan_file = tmp_path / "plan.json"
     code, out, err = run_cli(["allocate", "--sensitivity", str(prof), "--budget", "3", "--beta", "task-only",
@@ -349,20 +349,21 @@ def test_run_at_module_granularity_profiles_and_allocates_every_module(tiny_mode
     assert "Measured layer sensitivities" in (out_dir / "report.md").read_text()
     code, _, err = run_cli(args + ["--granularity", "head"], capsys)
     assert code == 2 and "--granularity" in err
-    from tasa import pipeline  # the Python API refuses it too, before any stage runs
+    from tasa.config import RunSpec  # the Python API refuses it too, before any stage runs
     from tasa.errors import TasaError
 
     with pytest.raises(TasaError, match="granularity must be 'layer' or 'module', got 'head'"):
-        pipeline.run(str(tiny_model_dir), ["gsm8k"], 3, tmp_path / "api", granularity="head")
-    assert not (tmp_path / "api").exists()
+        RunSpec(tasks=("gsm8k",), budget=3, granularity="head")
 
 
 def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
+    import importlib
+
     from transformers import AutoModelForCausalLM
 
-    from tasa import pipeline
     from tasa.models.arch import resolve
 
+    run_module = importlib.import_module("tasa.pipeline.run")
     out_dir = tmp_path / "run"
     args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k,arc_easy", "--budget", "3", "--bits", "2,4",
             "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "3", "--eval-windows", "2",
@@ -394,11 +395,11 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert json.loads((out_dir / "stages.json").read_text()) == before
     # a new budget redoes allocation and everything after it, not the profile or the full-precision evaluation;
     # a failure during quantization leaves those recorded, and the next run resumes there
-    real = pipeline.quantize
-    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = run_module.quantize
+    monkeypatch.setattr(run_module, "quantize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
     assert code == 130 and "interrupted" in err
-    monkeypatch.setattr(pipeline, "quantize", real)
+    monkeypatch.setattr(run_module, "quantize", real)
     code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
     assert code == 0 and "stages run: quantize, eval_quant" in out, out + err
     assert json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["budget"] == 4
@@ -408,3 +409,37 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert json.loads((out_dir / "profile" / "sensitivity.json").read_text())["probe_tokens"] == 60
     code, out, err = run_cli(args[:4] + ["wikitext2"] + args[5:], capsys)
     assert code == 2 and "wikitext2 perplexity is always profiled" in err
+
+
+# Flags of the same name whose default or help differs between verbs, and why.  Every other flag used by several
+# verbs has one default and one help text (tasa.cli's parent parsers).
+FLAG_EXCEPTIONS = {
+    "--output-dir": "what each verb writes there (required: no default)",
+    "--output": "what each verb writes there (required or optional file: no default)",
+    "--bits": "quantize takes one bit-width; profile, run and allocate a list of candidates",
+    "--method": "quantize/allocate name the quantizer (gptq, rtn); profile the sensitivity method",
+    "--tasks": "eval evaluates them (default wikitext2); run protects them (required)",
+    "--calib": "quantize calibrates on it (default wikitext2); run searches it (auto); profile needs it for GPTQ "
+               "probes only",
+    "--nsamples": "run's 64 keeps make run short until issue 35's run-time measurement settles one default",
+    "--probe-tokens": "run's 768 keeps make run short until issue 35's run-time measurement settles one default",
+}
+
+
+def test_a_flag_shared_by_verbs_has_one_default_and_one_help():
+    import argparse
+    import collections
+
+    from tasa.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = collections.defaultdict(dict)
+    for verb, parser in sub.choices.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    seen[flag][verb] = (repr(action.default), action.help)
+    shared = {flag: per for flag, per in seen.items() if len(per) > 1}
+    assert {"--model", "--group-size", "--seqlen", "--seed", "--batch-size", "--target", "--beta"} <= set(shared)
+    differing = sorted(flag for flag, per in shared.items() if len(set(per.values())) > 1)
+    assert differing == sorted(FLAG_EXCEPTIONS)

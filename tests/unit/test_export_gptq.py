@@ -23,7 +23,9 @@ def mixed_plan(model, method="rtn", sym=True, skip=()):
                  for m in arch.modules if m.local not in skip}, method=method, meta={"target": "gptqmodel"})
 
 
-def export(tmp_path, plan, name="ckpt", **kw):
+def export(tmp_path, plan, name="ckpt", target=None, export_format="gptq", allow_ragged_groups=False,
+           allow_partial_plan=False):
+    from tasa.config import ExportSpec, QuantizeSpec, Runtime
     from tasa.pipeline import quantize
 
     src = tmp_path / "src"
@@ -33,8 +35,10 @@ def export(tmp_path, plan, name="ckpt", **kw):
     plan_file = tmp_path / f"{name}.plan.json"
     plan.save(plan_file)
     out = tmp_path / name
-    s = quantize(str(src), out, plan=plan_file, progress=False, **kw)
-    return out, s
+    res = quantize(str(src), out, QuantizeSpec(allow_ragged_groups=allow_ragged_groups), plan=plan_file,
+                   export=ExportSpec(export_format, target), runtime=Runtime(progress=False),
+                   allow_partial_plan=allow_partial_plan)
+    return out, res.record
 
 
 def reference(plan):

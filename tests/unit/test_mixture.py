@@ -276,7 +276,7 @@ def test_search_mixture_two_task_sources(tiny_model_dir, tmp_path, capsys, data_
     (["--task", "gsm8k", "--ratios", "0,x"], "--ratios must be"),
     (["--task", "gsm8k", "--ratios", "2"], "general-text shares"),
     (["--task", "wikitext2"], "other than the general"),
-    (["--task", "gsm8k", "--target", "wikitext2"], "one document"),
+    (["--task", "gsm8k", "--heldout-sources", "wikitext2"], "one document"),
     (["--task", "gsm8k/test"], "used for evaluation"),
 ])
 def test_search_mixture_bad_input_one_line(extra, message, tiny_model_dir, tmp_path, capsys, data_dir):
@@ -317,8 +317,9 @@ def test_run_calib_auto_needs_task_sources(tiny_model_dir, tmp_path, capsys, dat
 
 def test_run_default_calib_falls_back_to_wikitext2_for_tasks_without_rows(tiny_model_dir, tmp_path, capsys,
                                                                           data_dir, monkeypatch, caplog):
-    from tasa import pipeline
+    import importlib
 
+    run_module = importlib.import_module("tasa.pipeline.run")
     rows = "".join(json.dumps({"question": f"What is {i} plus one?", "solution": f"{i} plus one is {i + 1}."})
                    + "\n" for i in range(12))
     (tmp_path / "rows.jsonl").write_text(rows)
@@ -328,14 +329,14 @@ def test_run_default_calib_falls_back_to_wikitext2_for_tasks_without_rows(tiny_m
                                 "prompt": "{question}", "target": "{solution}"}))
     seen = {}
 
-    def stop(*a, **k):  # the calibration reaching the quantize stage is all this test needs
-        seen["calib"] = k["calib"]
+    def stop(model, output_dir, spec, calib, **k):  # the calibration reaching the quantize stage is all it needs
+        seen["calib"] = calib.describe()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "quantize", stop)
+    monkeypatch.setattr(run_module, "quantize", stop)
     code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
                               "--bits", "2,4", "--group-size", "16", "--probe-tokens", "20", "--seqlen", "32",
                               "--output-dir", str(tmp_path / "r"), "--quiet"], capsys)
-    assert code == 130 and seen["calib"] == "wikitext2" and not (tmp_path / "r" / "mixture").exists(), err
+    assert code == 130 and seen["calib"] == "wikitext2:1" and not (tmp_path / "r" / "mixture").exists(), err
     assert any(f"calibration: task {str(spec)!r} is not a built-in dataset with calibration rows" in r.getMessage()
                for r in caplog.records)

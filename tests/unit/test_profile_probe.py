@@ -10,6 +10,7 @@ from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.profile import probe as probe_mod
 from tasa.profile.objectives import build_objective, item_losses
+from tasa.config import ProfileSpec
 from tasa.models.walker import capture, run_layer
 from tasa.profile.probe import ProbeStore, run_probes
 from tasa.quant.rtn import rtn_quantize
@@ -91,8 +92,7 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32),
             build_objective("arc_easy", tokenizer, min_tokens=20)]
-    res = run_probes(model, arch, objs, bits=(2, 4), group_size=16, granularity=granularity, batch_tokens=70,
-                     progress=False)
+    res = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16, granularity=granularity, batch_tokens=70), progress=False)
     for o in objs:
         assert torch.allclose(res.base[o.name].nll, direct_item_losses(model, o), atol=1e-4)
     checked = res.units if granularity == "layer" else res.units[::4]
@@ -120,10 +120,8 @@ def test_gptq_probe_equals_gptq_of_only_that_unit_then_a_full_forward(data_dir, 
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
     calib = torch.randint(0, 250, (6, 24), generator=torch.Generator().manual_seed(1))
-    res = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity=granularity, batch_tokens=70,
-                     progress=False, calib_ids=calib, calib_batch=4)
-    rtn = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity=granularity, batch_tokens=70,
-                     progress=False)
+    res = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, granularity=granularity, batch_tokens=70), progress=False, calib_ids=calib, calib_batch=4)
+    rtn = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, granularity=granularity, batch_tokens=70), progress=False)
     gap = 0.0
     checked = res.units if granularity == "layer" else res.units[::3]
     assert {u.layer for u in checked} == {0, 1, 2}  # every layer: the calibration states advance correctly
@@ -144,7 +142,7 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
     settings = {"bits": [2, 4], "objectives": ["wikitext2"]}
-    full = run_probes(model, arch, objs, bits=(2, 4), group_size=16, progress=False)
+    full = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), progress=False)
 
     real = probe_mod.quant_swapped
     calls = {"n": 0}
@@ -157,12 +155,10 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
 
     monkeypatch.setattr(probe_mod, "quant_swapped", failing)
     with pytest.raises(KeyboardInterrupt):
-        run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
-                   progress=False)
+        run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=ProbeStore(tmp_path, settings), progress=False)
     assert len(list((tmp_path / "probes").glob("*.json"))) == 4  # base + 3 probes
     monkeypatch.setattr(probe_mod, "quant_swapped", real)
-    resumed = run_probes(model, arch, objs, bits=(2, 4), group_size=16, store=ProbeStore(tmp_path, settings),
-                         progress=False)
+    resumed = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=ProbeStore(tmp_path, settings), progress=False)
     assert resumed.probes.keys() == full.probes.keys()
     stored = [json.loads(f.read_text())["seconds"] for f in (tmp_path / "probes").glob("*.json")]
     assert len(stored) == 7 and resumed.probe_seconds == pytest.approx(sum(stored))  # resumed probes counted
@@ -217,23 +213,21 @@ def test_a_layer_subset_gives_the_same_probes(data_dir, tokenizer):
     model = tiny_llama(layers=3)
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
-    full = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity="module", progress=False)
-    part = run_probes(model, arch, objs, bits=(2,), group_size=16, granularity="module", layers=[1],
-                      progress=False)
+    full = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, granularity="module"), progress=False)
+    part = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, granularity="module", layers=[1]), progress=False)
     assert {u.layer for u in part.units} == {1} and len(part.probes) == 7
     for key, losses in part.probes.items():
         assert torch.allclose(losses["wikitext2"].nll, full.probes[key]["wikitext2"].nll, atol=1e-6)
     with pytest.raises(TasaError, match="out of range"):
-        run_probes(model, arch, objs, bits=(2,), group_size=16, layers=[3], progress=False)
+        run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, layers=[3]), progress=False)
 
 
 def test_a_small_logits_budget_shrinks_batches_without_changing_results(data_dir, tokenizer):
     model = tiny_llama(layers=2)
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
-    big = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=256, progress=False)
-    tiny = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=256, max_logits_gb=1e-9,
-                      progress=False)
+    big = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=256), progress=False)
+    tiny = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=256), max_logits_gb=1e-9, progress=False)
     for key in big.probes:
         assert torch.allclose(big.probes[key]["wikitext2"].nll, tiny.probes[key]["wikitext2"].nll, atol=1e-5)
 
@@ -265,7 +259,7 @@ def test_soft_capped_logits_use_the_models_own_head(data_dir, tokenizer):
     arch = resolve(model)
     objs = [build_objective("wikitext2", tokenizer, min_tokens=40, seqlen=32)]
     assert not head_is_plain(model, objective_batches(model, objs, 256)["wikitext2"][0])
-    res = run_probes(model, arch, objs, bits=(2,), group_size=16, progress=False)
+    res = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16), progress=False)
     assert torch.allclose(res.base["wikitext2"].nll, direct_item_losses(model, objs[0]), atol=1e-4)
     q = copy.deepcopy(model)
     with torch.no_grad():
@@ -306,8 +300,8 @@ def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path):
     gold_obj = build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="gold")
     assert kl_obj.choice_cost == "kl" and kl_obj.subset(slice(0, 2)).choice_cost == "kl"
     store = ProbeStore(tmp_path, {"objectives": ["arc_easy"]})
-    run_probes(model, arch, [kl_obj], bits=(2,), group_size=16, store=store, progress=False)
-    res = run_probes(model, arch, [kl_obj], bits=(2,), group_size=16, store=store, progress=False)  # read back
+    run_probes(model, arch, [kl_obj], ProfileSpec(bits=(2,), group_size=16), store=store, progress=False)
+    res = run_probes(model, arch, [kl_obj], ProfileSpec(bits=(2,), group_size=16), store=store, progress=False)  # read back
     kl_costs = sensitivities(res, [kl_obj], (2,))[0]["arc_easy"]["2"]["cost"]
     gold_costs = sensitivities(res, [gold_obj], (2,))[0]["arc_easy"]["2"]["cost"]
     for j, unit in enumerate(res.units):
@@ -327,7 +321,7 @@ def test_kept_states_spill_to_disk_past_the_ram_budget(data_dir, tokenizer, tmp_
     batches = probe_mod.objective_batches(model, objs, 70)
     assert probe_mod.state_bytes(model, batches) == sum(b.inputs["input_ids"].numel() for bs in batches.values()
                                                         for b in bs) * 64 * 4
-    in_memory = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=70, progress=False)
+    in_memory = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=70), progress=False)
     seen = []
     real_put = probe_mod.KeptStates.put
 
@@ -338,8 +332,7 @@ def test_kept_states_spill_to_disk_past_the_ram_budget(data_dir, tokenizer, tmp_
 
     monkeypatch.setattr(probe_mod.KeptStates, "put", put)
     store = ProbeStore(tmp_path, {"x": 1})
-    spilled = run_probes(model, arch, objs, bits=(2,), group_size=16, batch_tokens=70, store=store,
-                         max_state_gb=0.0, progress=False)
+    spilled = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=70, max_state_gb=0.0), store=store, progress=False)
     assert seen and all(d == tmp_path / "kept-states" for d in seen)
     assert not (tmp_path / "kept-states").exists()  # removed when done
     for k in in_memory.probes:

@@ -7,7 +7,7 @@ gradients, ``--calib auto``) with RTN probes, and GPTQ probes (calibration Hessi
 calibration; both quantize with GPTQ and export.
 
 One CPU thread (the GPTQ result depends on the thread count: README "Reproducibility").  An intentional
-change of results re-records the hashes with::
+change of results re-records the hashes, and says why under "changes" in the fixture, with::
 
     .venv/bin/python -m tests.unit.test_regression_run --record
 """
@@ -102,7 +102,8 @@ if __name__ == "__main__":  # --record: write the fixture from this checkout's r
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TASA_DATA_DIR"] = str(write_tiny_data(Path(tmp) / "data"))  # the test's data_dir
         runs = {name: measure(name, Path(tmp)) for name in sorted(RUNS)}
+    changes = json.loads(FIXTURE.read_text()).get("changes", []) if FIXTURE.is_file() else []
     FIXTURE.write_text(json.dumps({"note": "recorded by python -m tests.unit.test_regression_run --record",
-                                   "torch": torch.__version__, "runs": runs}, indent=2) + "\n")
+                                   "torch": torch.__version__, "runs": runs, "changes": changes}, indent=2) + "\n")
     print(f"written {FIXTURE}", file=sys.stderr)
     os._exit(0)

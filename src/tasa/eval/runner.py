@@ -35,14 +35,25 @@ def _add(metrics: dict, name: str, values: list[float]) -> None:
     metrics[name], metrics[f"{name}_stderr"] = mean_stderr(values)
 
 
+@dataclass(frozen=True)
+class Prompting:
+    """How prompts are presented and scored: wrapped in the model's chat template as one user turn or not;
+    each context's KV cache shared by its continuations (``prefix_cache``) or every continuation scored as its
+    own sequence."""
+
+    chat_template: bool = False
+    prefix_cache: bool = True
+
+
 def run_task(model, tokenizer, task: Task, limit: int | None = None, num_fewshot: int | None = None,
-             batch_size: int = 16, chat_template: bool = False, generate: bool = True, gold_nll: bool = True,
-             prefix_cache: bool = True, progress: bool = True) -> TaskResult:
+             batch_size: int = 16, generate: bool = True, gold_nll: bool = True, progress: bool = True,
+             prompting: Prompting = Prompting()) -> TaskResult:
     """Evaluate ``task``; ``generate=False`` skips generation, ``gold_nll=False`` the gold-text NLL pass."""
     t0 = time.perf_counter()
     docs = task.select(limit)
     contexts = task.contexts(docs, num_fewshot)
-    if chat_template:
+    prefix_cache = prompting.prefix_cache
+    if prompting.chat_template:
         contexts = apply_chat_template(tokenizer, contexts)
     delim = task.target_delimiter
     metrics: dict = {}

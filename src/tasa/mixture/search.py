@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from tasa.artifacts import read_json, write_json_atomic
-from tasa.config import CalibSpec, QuantSpec
+from tasa.config import MIXTURE_CRITERIA, CalibSpec, MixtureSpec, QuantSpec, Runtime
 from tasa.data.calib import apportion, mix_sources, sample_source, split_heldout
 from tasa.data.sources import resolve_calibration_source
 from tasa.errors import TasaError
@@ -42,7 +42,7 @@ from tasa.mixture.criteria import is_convex, mixture_cosine, pencil_trace, simpl
 log = logging.getLogger(__name__)
 
 SCHEMA = "tasa.mixture/1"
-CRITERIA = ("hessian-trace", "grad-align", "measured")
+CRITERIA = MIXTURE_CRITERIA
 LOWER_IS_BETTER = {"hessian-trace": True, "grad-align": False, "measured": True}
 DAMP_STUDY = (1e-4, 1e-3, 1e-2, 1e-1)
 FINE_STEPS = 200
@@ -152,8 +152,9 @@ def _grad_align(model, arch, sets, names, grid, sketch_dim, batch_size, seed, pr
     return {"values": values, "per_layer": per_layer, "lower_is_better": False}
 
 
-def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen, seed, bits, group_size,
-              batch_size, out_dir: Path | None, progress) -> dict:
+def _measured(load_model: Callable, sets, calib_sources, grid, spec: MixtureSpec, group_size: int, batch_size: int,
+              out_dir: Path | None, progress: bool) -> dict:
+    nsamples, seqlen, seed, bits = spec.nsamples, spec.seqlen, spec.seed, spec.measure_bits
     from tasa.eval.perplexity import window_scores
     from tasa.models import resolve
     from tasa.plan import Plan
@@ -173,9 +174,9 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
         t0 = time.perf_counter()
         lm = load_model()
         arch = resolve(lm.model)
-        spec = CalibSpec(sources=tuple((s.name, x) for s, x in zip(calib_sources, w) if x > 0),
-                         nsamples=nsamples, seqlen=seqlen, seed=seed)
-        cal = mix_sources(lm.tokenizer, calib_sources, list(w), spec)
+        mix = CalibSpec(sources=tuple((s.name, x) for s, x in zip(calib_sources, w) if x > 0),
+                        nsamples=nsamples, seqlen=seqlen, seed=seed)
+        cal = mix_sources(lm.tokenizer, calib_sources, list(w), mix)
         plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=bits, group_size=group_size))
         quantize_model(lm.model, arch, plan, cal.input_ids, batch_size=batch_size, progress=progress)
         held = sets["heldout"]
@@ -192,45 +193,40 @@ def _measured(load_model: Callable, sets, calib_sources, grid, nsamples, seqlen,
             "seconds_per_point": seconds}
 
 
-def search(lm, load_model: Callable, general: str, tasks: list[str], targets: list[str] | None = None,
-           criteria: list[str] | tuple[str, ...] = ("grad-align",), ratios: list[float] | None = None,
-           grid_step: float | None = None, nsamples: int = 128, seqlen: int = 512, heldout_samples: int = 32,
-           heldout_fraction: float = 0.2, damp: float = 0.01, damping_study: bool = True,
-           sketch_dim: int = 1 << 16, measure_bits: int = 3,
-           group_size: int = 64, batch_size: int = 4, seed: int = 0, device="cpu", out_dir: Path | None = None,
-           progress: bool = True) -> dict:
-    """Score every mixture of the grid by each criterion; the first criterion chooses."""
+def search(lm, load_model: Callable, spec: MixtureSpec, group_size: int, runtime: Runtime = Runtime(),
+           out_dir: Path | None = None) -> dict:
+    """Score every mixture of the grid by each criterion of ``spec``; the first criterion chooses.
+    ``group_size``: the resolved group size of the measured criterion's GPTQ; ``load_model`` loads a fresh
+    model for each of its points."""
     from tasa.models import resolve
 
-    criteria = list(criteria)
-    if not criteria or any(c not in CRITERIA for c in criteria) or len(set(criteria)) != len(criteria):
-        raise TasaError(f"criteria are one or more of {', '.join(CRITERIA)}; got {criteria}")
-    if not tasks or len(set(tasks)) != len(tasks) or general in tasks:
+    general, tasks, criteria = spec.general, list(spec.tasks), list(spec.criteria)
+    nsamples, seqlen, seed, damp = spec.nsamples, spec.seqlen, spec.seed, spec.damp
+    batch_size, device, progress = runtime.batch_size, runtime.device, runtime.progress
+    if general in tasks:
         raise TasaError("give one or more distinct task sources, other than the general source")
-    targets = list(targets) if targets else list(tasks)
-    if nsamples < 1 or heldout_samples < 1 or sketch_dim < 1:
-        raise TasaError("--nsamples, --heldout-samples and --sketch-dim must be positive")
-    QuantSpec(bits=measure_bits, group_size=group_size)
-    if not 0.0 < damp < 1.0:
-        raise TasaError(f"damp must be in (0, 1), got {damp}")
-    grid = mixture_grid(len(tasks), ratios, grid_step)
+    targets = list(spec.targets) if spec.targets else list(tasks)
+    if spec.sketch_dim < 1:
+        raise TasaError("--sketch-dim must be positive")
+    QuantSpec(bits=spec.measure_bits, group_size=group_size, damp=damp)
+    grid = mixture_grid(len(tasks), list(spec.ratios) if spec.ratios is not None else None, spec.grid_step)
     names = ["general", *tasks]
     t0 = time.perf_counter()
-    sets, calib_sources = token_sets(lm.tokenizer, general, tasks, targets, nsamples, seqlen, heldout_samples,
-                                     heldout_fraction, seed)
+    sets, calib_sources = token_sets(lm.tokenizer, general, tasks, targets, nsamples, seqlen, spec.heldout_samples,
+                                     spec.heldout_fraction, seed)
     arch = resolve(lm.model)
     results: dict = {}
     seconds: dict = {"token_sets": time.perf_counter() - t0}
     for crit in criteria:
         t = time.perf_counter()
         if crit == "hessian-trace":
-            results[crit] = _hessian_trace(lm.model, arch, sets, names, grid, damp, damping_study, batch_size, device,
-                                           progress)
+            results[crit] = _hessian_trace(lm.model, arch, sets, names, grid, damp, spec.damping_study, batch_size,
+                                           device, progress)
         elif crit == "grad-align":
-            results[crit] = _grad_align(lm.model, arch, sets, names, grid, sketch_dim, batch_size, seed, progress)
+            results[crit] = _grad_align(lm.model, arch, sets, names, grid, spec.sketch_dim, batch_size, seed, progress)
         else:
-            results[crit] = _measured(load_model, sets, calib_sources, grid, nsamples, seqlen, seed, measure_bits,
-                                      group_size, batch_size, out_dir, progress)
+            results[crit] = _measured(load_model, sets, calib_sources, grid, spec, group_size, batch_size, out_dir,
+                                      progress)
         seconds[crit] = time.perf_counter() - t
         vals = results[crit]["values"]
         best = (min if LOWER_IS_BETTER[crit] else max)(range(len(grid)), key=lambda j: (vals[j], j))
@@ -239,10 +235,10 @@ def search(lm, load_model: Callable, general: str, tasks: list[str], targets: li
     source_names = [general, *tasks]
     return {
         "schema": SCHEMA, "general": general, "tasks": tasks, "targets": targets, "criteria": criteria,
-        "sources": source_names, "simplex": grid_step is not None, "grid": [list(w) for w in grid],
+        "sources": source_names, "simplex": spec.grid_step is not None, "grid": [list(w) for w in grid],
         "results": results,
         "chosen": chosen, "calib": calib_string(source_names, tuple(chosen)),
-        "nsamples": nsamples, "seqlen": seqlen, "heldout_samples": heldout_samples,
-        "heldout_fraction": heldout_fraction, "damp": damp, "sketch_dim": sketch_dim, "seed": seed,
+        "nsamples": nsamples, "seqlen": seqlen, "heldout_samples": spec.heldout_samples,
+        "heldout_fraction": spec.heldout_fraction, "damp": damp, "sketch_dim": spec.sketch_dim, "seed": seed,
         "seconds": {**seconds, "total": time.perf_counter() - t0},
     }

@@ -41,7 +41,7 @@ from tasa.artifacts import read_json, write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
-from tasa.config import QuantSpec
+from tasa.config import ProfileSpec, QuantSpec
 from tasa.models.walker import (StopForward, capture, capture_ids, forward_layer, input_groups, run_layer,
                                 tail_from)
 from tasa.quant.apply import layer_hessians
@@ -279,38 +279,6 @@ def _losses_from(rec: dict) -> dict[str, ItemLosses]:
             for k, v in rec.items()}
 
 
-def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], bits: tuple[int, ...] = (3, 4, 8),
-               group_size: int = 64, sym: bool = True, granularity: str = "layer", batch_tokens: int = 512,
-               store: ProbeStore | None = None, layers: list[int] | None = None, max_logits_gb: float = 2.0,
-               max_state_gb: float = 4.0, progress: bool = True, calib_ids: torch.Tensor | None = None,
-               damp: float = 0.01, calib_batch: int = 8) -> ProbeResults:
-    """Measure every unit (of ``layers``, default all) at every bit-width on every objective.
-
-    Probes quantize with RTN, or with GPTQ (dampening ``damp``) on the Hessians of ``calib_ids``
-    ((n, seqlen) token ids, run ``calib_batch`` sequences at a time) when given.
-
-    A batch holds at most ``batch_tokens`` padded tokens, and at most as many
-    scored tokens as keep their float32 logits within ``max_logits_gb``.  The
-    kept layer inputs take padded tokens x hidden size elements per objective;
-    past ``max_state_gb`` they are spilled to disk (under the store's directory,
-    or a temporary one) and read back batch by batch.
-    """
-    t0 = time.perf_counter()
-    plan_units = units(arch, granularity, layers)
-    batches = objective_batches(model, objectives, batch_tokens, max_logits_gb)
-    plain = head_is_plain(model, batches[objectives[0].name][0])
-    spill = None
-    if state_bytes(model, batches) > max_state_gb * 2**30:
-        spill = (store.root / "kept-states") if store else Path(tempfile.mkdtemp(prefix="tasa-states-"))
-    hidden = KeptStates(spill)
-    try:
-        calib = None if calib_ids is None else _Calibration(model, arch, calib_ids, calib_batch)
-        return _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches,
-                           plain, hidden, t0, progress, calib, damp)
-    finally:
-        hidden.close()
-
-
 class _Calibration:
     """The calibration's inputs of the current decoder layer (full precision) and, computed on first use,
     the Hessian of every linear's input in that layer."""
@@ -337,65 +305,91 @@ class _Calibration:
         self._hessians = None
 
 
-def _run_probes(model, arch, objectives, bits, group_size, sym, granularity, store, plan_units, batches, plain,
-                hidden: KeptStates, t0, progress, calib: _Calibration | None = None, damp: float = 0.01
-                ) -> ProbeResults:
-    layer_kwargs = {}  # objective -> [batch][layer] -> the keyword arguments the model passes that layer
-    for o in objectives:
-        captured = capture(model, arch, [b.inputs for b in batches[o.name]])
-        layer_kwargs[o.name] = captured.kwargs
-        for i, h in enumerate(captured.hidden):
-            hidden.put((o.name, i), h)
-        del captured
+def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], spec: ProfileSpec,
+               store: ProbeStore | None = None, calib_ids: torch.Tensor | None = None, calib_batch: int = 8,
+               max_logits_gb: float = 2.0, progress: bool = True) -> ProbeResults:
+    """Measure every unit (of ``spec.layers``, default all) at every bit-width of ``spec`` on every objective.
 
-    def score(layer: int) -> dict[str, ItemLosses]:
-        out = {}
+    Probes quantize with RTN (``spec.group_size``, which must be resolved, and ``spec.sym``), or with GPTQ
+    (dampening ``spec.damp``) on the Hessians of ``calib_ids`` ((n, seqlen) token ids, run ``calib_batch``
+    sequences at a time) when given.
+
+    A batch holds at most ``spec.batch_tokens`` padded tokens, and at most as many
+    scored tokens as keep their float32 logits within ``max_logits_gb``.  The
+    kept layer inputs take padded tokens x hidden size elements per objective;
+    past ``spec.max_state_gb`` they are spilled to disk (under the store's directory,
+    or a temporary one) and read back batch by batch.
+    """
+    if spec.group_size is None:
+        raise ValueError("run_probes needs a resolved group size")
+    t0 = time.perf_counter()
+    plan_units = units(arch, spec.granularity, spec.layers)
+    batches = objective_batches(model, objectives, spec.batch_tokens, max_logits_gb)
+    plain = head_is_plain(model, batches[objectives[0].name][0])
+    spill = None
+    if state_bytes(model, batches) > spec.max_state_gb * 2**30:
+        spill = (store.root / "kept-states") if store else Path(tempfile.mkdtemp(prefix="tasa-states-"))
+    hidden = KeptStates(spill)
+    try:
+        calib = None if calib_ids is None else _Calibration(model, arch, calib_ids, calib_batch)
+        layer_kwargs = {}  # objective -> [batch][layer] -> the keyword arguments the model passes that layer
         for o in objectives:
-            toks = [tail_token_nll(model, arch, b, layer, hidden.get((o.name, i)), plain)
-                    for i, b in enumerate(batches[o.name])]
-            width = o.input_ids.shape[1]
-            out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
-        return out
+            captured = capture(model, arch, [b.inputs for b in batches[o.name]])
+            layer_kwargs[o.name] = captured.kwargs
+            for i, h in enumerate(captured.hidden):
+                hidden.put((o.name, i), h)
+            del captured
 
-    probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
+        def score(layer: int) -> dict[str, ItemLosses]:
+            out = {}
+            for o in objectives:
+                toks = [tail_token_nll(model, arch, b, layer, hidden.get((o.name, i)), plain)
+                        for i, b in enumerate(batches[o.name])]
+                width = o.input_ids.shape[1]
+                out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
+            return out
 
-    def recorded(key: str, compute) -> dict[str, ItemLosses]:
-        """The probe's losses from the store, or computed now, timed and stored."""
-        nonlocal probe_seconds
-        rec = store.get(key) if store else None
-        if rec is not None:
-            probe_seconds += float(rec.get("seconds", 0.0))
-            return _losses_from(rec["losses"])
-        t = time.perf_counter()
-        losses = compute()
-        secs = time.perf_counter() - t
-        probe_seconds += secs
-        if store:
-            store.put(key, {"losses": _losses_record(losses), "seconds": secs})
-        return losses
+        probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
 
-    base = recorded("base", lambda: score(0))
-    probes: dict = {}
-    total = len(plan_units) * len(bits)
-    bar = tqdm(total=total, desc=f"probes ({granularity})", disable=not progress)
-    last = max(u.layer for u in plan_units)
-    for layer in range(last + 1):
-        for unit in (u for u in plan_units if u.layer == layer):
-            for b in bits:
-                def probe(unit=unit, b=b, layer=layer):
-                    hessians = calib.hessians() if calib is not None else None
-                    with quant_swapped(model, unit.modules, b, group_size, sym, hessians, damp):
-                        return score(layer)
+        def recorded(key: str, compute) -> dict[str, ItemLosses]:
+            """The probe's losses from the store, or computed now, timed and stored."""
+            nonlocal probe_seconds
+            rec = store.get(key) if store else None
+            if rec is not None:
+                probe_seconds += float(rec.get("seconds", 0.0))
+                return _losses_from(rec["losses"])
+            t = time.perf_counter()
+            losses = compute()
+            secs = time.perf_counter() - t
+            probe_seconds += secs
+            if store:
+                store.put(key, {"losses": _losses_record(losses), "seconds": secs})
+            return losses
 
-                probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
-                bar.update(1)
-        if layer < last:
-            if calib is not None:
-                calib.advance()
-            with torch.no_grad():
-                for o in objectives:
-                    for i in range(len(batches[o.name])):
-                        hidden.put((o.name, i), forward_layer(arch.layers[layer], hidden.get((o.name, i)),
-                                                              layer_kwargs[o.name][i][layer], layer))
-    bar.close()
-    return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
+        base = recorded("base", lambda: score(0))
+        probes: dict = {}
+        total = len(plan_units) * len(spec.bits)
+        bar = tqdm(total=total, desc=f"probes ({spec.granularity})", disable=not progress)
+        last = max(u.layer for u in plan_units)
+        for layer in range(last + 1):
+            for unit in (u for u in plan_units if u.layer == layer):
+                for b in spec.bits:
+                    def probe(unit=unit, b=b, layer=layer):
+                        hessians = calib.hessians() if calib is not None else None
+                        with quant_swapped(model, unit.modules, b, spec.group_size, spec.sym, hessians, spec.damp):
+                            return score(layer)
+
+                    probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
+                    bar.update(1)
+            if layer < last:
+                if calib is not None:
+                    calib.advance()
+                with torch.no_grad():
+                    for o in objectives:
+                        for i in range(len(batches[o.name])):
+                            hidden.put((o.name, i), forward_layer(arch.layers[layer], hidden.get((o.name, i)),
+                                                                  layer_kwargs[o.name][i][layer], layer))
+        bar.close()
+        return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
+    finally:
+        hidden.close()

@@ -1,0 +1,153 @@
+"""tasa quantize: load -> calibration tokens -> quantize (uniform spec or plan) -> export -> quantize.json.
+
+The output is written to a temporary sibling directory and renamed into place, so a failed or killed run never
+leaves a half-written model directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tasa import __version__
+from tasa.artifacts import usual_modes, write_json_atomic
+from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
+from tasa.data import build_calibration, resolve_calibration_source, store
+from tasa.errors import TasaError
+from tasa.models import load, resolve
+from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers, dtype_name,
+                                  machine_info, now, publish_dir, resolve_group_size)
+from tasa.plan import Plan
+from tasa.quant.apply import quantize_model
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What tasa quantize wrote: the directory, and its quantize.json record (settings, calibration hash and
+    counts, per-module errors, sizes, timings)."""
+
+    output_dir: Path
+    record: dict = field(repr=False)
+
+    @property
+    def average_bits(self) -> float:
+        return self.record["average_bits"]
+
+    @property
+    def size_bytes(self) -> int:
+        return self.record["size_bytes"]
+
+    @property
+    def seconds(self) -> dict:
+        return self.record["seconds"]
+
+
+def quantize(model: str, output_dir: str | Path, spec: QuantizeSpec = QuantizeSpec(),
+             calib: CalibSpec | None = CalibSpec(), plan: str | Path | None = None,
+             export: ExportSpec = ExportSpec(), runtime: Runtime = Runtime(), overwrite: bool = False,
+             allow_partial_plan: bool = False) -> QuantizeResult:
+    """Quantize every decoder-layer linear of ``model`` by ``spec`` (or by ``plan``, a plan.json) and write it.
+
+    ``calib``: the GPTQ calibration (unused by RTN).  A plan must name exactly the model's quantizable linears;
+    ``allow_partial_plan`` keeps the linears it leaves out in full precision, and the record's ``average_bits``
+    then counts them at their stored bits.
+
+    ``export.format``: ``gptq``, a packed GPTQ checkpoint (see tasa.export.gptq) that must be servable by
+    ``export.target`` (default: the plan's target, else gptqmodel); or ``fp``, the dequantized float model
+    (loadable by plain transformers).  Either way the directory also holds the tokenizer, ``plan.json`` and
+    ``quantize.json``.
+    """
+    from tasa.allocate.targets import check_servable, get_target
+    from tasa.export.gptq import checkpoint_format, pack_result, quantize_config, write_checkpoint
+
+    out = check_output_dir(output_dir, overwrite)
+    plan_obj = Plan.load(plan) if plan is not None else None
+    method = plan_obj.method if plan_obj is not None else spec.method
+    calib_spec = calib if method == "gptq" else None
+    if method == "gptq" and calib_spec is None:
+        raise TasaError("GPTQ needs calibration data")
+    if calib_spec is not None:  # fail on bad sources before the (slow) model load
+        for name, _ in calib_spec.sources:
+            resolve_calibration_source(name)
+    t0 = time.perf_counter()
+    lm = load(model, dtype=runtime.dtype, device=runtime.device)
+    arch = resolve(lm.model)
+    if plan_obj is not None:
+        _check_plan(plan_obj, arch, spec, allow_partial_plan)
+        the_plan = plan_obj
+    else:
+        qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
+        the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
+    target = export.target or the_plan.meta.get("target", "gptqmodel")
+    packed: dict = {}
+    if export.format == "gptq":
+        try:
+            check_servable(the_plan.modules, get_target(target), arch.fusion_groups())
+        except TasaError as e:
+            raise TasaError(f"{e}; or write a float model with --format fp") from None
+        fmt = checkpoint_format(the_plan)
+    calib_ids, calib_counts = None, {}
+    if calib_spec is not None:
+        cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
+        calib_ids, calib_counts = cal.input_ids, cal.counts
+    t_load = time.perf_counter() - t0
+    report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size, device=runtime.device,
+                            true_sequential=spec.true_sequential,
+                            on_result=(lambda n, r: packed.update(pack_result(n, r, fmt)))
+                            if export.format == "gptq" else None, progress=runtime.progress)
+    record = {
+        "model": model,
+        "method": method,
+        "quant_spec": the_plan.modules[arch.modules[0].name].to_dict() if plan_obj is None else None,
+        "plan_bits": sorted({qs.bits for qs in the_plan.modules.values()}),
+        "calib": calib_spec.describe() if calib_spec else None,
+        "calib_counts": calib_counts,
+        # what the result also depends on: the exact calibration tokens, and the CPU thread count (it changes the
+        # summation order of the Hessians and GPTQ updates; see README "Reproducibility")
+        "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
+                         else None),
+        "threads": torch.get_num_threads(),
+        "nsamples": calib_spec.nsamples if calib_spec else None,
+        "seqlen": calib_spec.seqlen if calib_spec else None,
+        "seed": calib_spec.seed if calib_spec else 0,
+        "data": store.fingerprint(),
+        **bits_summary(the_plan, arch, dtype_name(lm.model)),
+        "format": export.format,
+        "target": target if export.format == "gptq" else None,
+        "seconds": {"load_and_data": t_load, "quantize": report.seconds},
+        "modules": {n: s.__dict__ for n, s in report.modules.items()},
+        "machine": machine_info(),
+        "date": now(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        if export.format == "gptq":
+            qcfg = quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
+                                   target, checkpoint_format(the_plan))
+            write_checkpoint(tmp, lm.model, lm.tokenizer, packed, qcfg)
+        else:
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+        record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        the_plan.save(tmp / "plan.json")
+        write_json_atomic(tmp / "quantize.json", record)
+        usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return QuantizeResult(out, record)
+
+
+def _check_plan(plan: Plan, arch, spec: QuantizeSpec, allow_partial_plan: bool) -> None:
+    """A plan names exactly the model's quantizable linears (or fewer, with ``allow_partial_plan``), each at a
+    group size dividing its input size (unless ``spec.allow_ragged_groups``)."""
+    check_plan_covers(plan, arch, allow_partial_plan)
+    for qs in plan.modules.values():
+        check_group_size(arch, qs.group_size, spec.allow_ragged_groups)

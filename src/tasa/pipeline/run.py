@@ -1,0 +1,190 @@
+"""tasa run: [mixture search ->] profile -> aggregate + allocate -> quantize (GPTQ) -> export -> evaluate ->
+report, each stage recorded in stages.json under a hash of its inputs (tasa.stages)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasa.artifacts import write_json_atomic
+from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec, QuantizeSpec,
+                         QuantSpec, RunSpec, Runtime)
+from tasa.data import resolve_calibration_source, store
+from tasa.errors import TasaError
+from tasa.pipeline.allocate import allocate_bits
+from tasa.pipeline.common import AUTO_GROUP_SIZES, check_writable, validation_group_size
+from tasa.pipeline.evaluate import evaluate
+from tasa.pipeline.profile import profile
+from tasa.pipeline.quantize import quantize
+from tasa.pipeline.search_mixture import search_mixture
+from tasa.quant.rtn import SYM_GRID
+
+log = logging.getLogger("tasa.pipeline")
+
+DEFAULT_BITS = (3, 4, 8)  # tasa run's candidate bit-widths (those the target serves)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its directory and run.json (calibration used, stages run, seconds, sizes, warnings,
+    report path)."""
+
+    output_dir: Path
+    record: dict = field(repr=False)
+
+
+def _no_calibration_rows(task: str) -> str | None:
+    """Why ``task`` cannot supply calibration rows to a mixture search, or None when it can."""
+    try:
+        kind = resolve_calibration_source(task).kind
+    except TasaError as e:
+        return f"cannot be a calibration source: {e}"
+    return None if kind == "rows" else "is not a built-in dataset with calibration rows"
+
+
+def _calibration(spec: RunSpec, warnings: list[str]) -> str:
+    """The run's calibration: ``spec.calib``, or "auto" / wikitext2 when it is None (with a warning saying why)."""
+    if spec.calib not in (None, "auto"):
+        return spec.calib
+    problem = next(((t, p) for t in spec.tasks if (p := _no_calibration_rows(t))), None)
+    if problem and spec.calib == "auto":
+        raise TasaError(f"--calib auto calibrates on the tasks' own rows; task {problem[0]!r} {problem[1]}"
+                        " (pass --calib explicitly)")
+    if problem:
+        warnings.append(f"calibration: task {problem[0]!r} {problem[1]}, so no mixture is searched; "
+                        "calibrating on wikitext2 (pass --calib to choose)")
+        log.warning(warnings[-1])
+    return "wikitext2" if problem else "auto"
+
+
+def _check_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TasaError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").is_file():
+        raise TasaError(f"output directory {out} is not empty and holds no tasa run")
+    check_writable(out, out)
+
+
+def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Runtime()) -> RunResult:
+    """The whole method on ``model``, resumable.
+
+    ``spec.calib="auto"`` first chooses the calibration mixture of wikitext2 and the tasks by
+    ``spec.mixture_criterion`` (see :func:`search_mixture`; ``nsamples`` x ``seqlen`` tokens per source).
+    ``probe_quantizer``: ``rtn`` profiles with RTN probes (the method's default); ``gptq`` with probes that
+    GPTQ-quantize their layer on the run's calibration.  ``granularity``: ``layer`` profiles and allocates whole
+    decoder layers (the method's default); ``module`` probes every linear module and allocates over all of them
+    at once (7x the probes).
+
+    Every stage writes its artifact into ``output_dir`` and is recorded in ``stages.json`` under a hash of its
+    inputs (see tasa.stages): a rerun skips finished stages, a killed run resumes at the unfinished one.  The
+    objectives profiled are wikitext2 (perplexity) and the tasks; evaluation covers the same on held-out test
+    rows: the first ``eval_limit`` rows of each task, zero-shot (as profiled), and ``eval_windows`` wikitext2
+    windows.
+    """
+    from tasa.allocate.plan import candidate_bits, check_budget
+    from tasa.allocate.targets import get_target
+    from tasa.eval.tasks import get_task
+    from tasa.report.run_report import write_run_report
+    from tasa.stages import Stages, stage_key as _key
+
+    tasks = list(spec.tasks)
+    for t in tasks:
+        get_task(t)  # bad names and specs fail before any work
+    run_warnings: list[str] = []
+    calib = _calibration(spec, run_warnings)
+    tgt = get_target(spec.target)
+    bits = tuple(candidate_bits(tgt, None, DEFAULT_BITS) if spec.bits is None
+                 else candidate_bits(tgt, spec.bits, spec.bits))
+    for b in bits:
+        QuantSpec(bits=b, group_size=validation_group_size(spec.group_size))  # bits in range, a valid group size
+    # before the mixture search and profile; the metadata bound uses the smallest per-weight metadata the group
+    # size allows (auto: 128's; per channel: none, it depends on the input sizes); allocation checks it exactly
+    g = spec.group_size
+    check_budget(spec.budget, bits, AUTO_GROUP_SIZES[0] if g is None else (g if g > 0 else None),
+                 spec.budget_includes_metadata)
+    out = Path(output_dir)
+    _check_run_dir(out)
+    stages = Stages(out)
+    objectives = ["wikitext2", *tasks]
+    data_fp = store.fingerprint()  # where the built-in rows come from: part of every stage's inputs
+    model_in = {"model": model, "data": data_fp, "dtype": runtime.dtype}
+
+    if calib == "auto":
+        m_in = {**model_in, "tasks": tasks, "criterion": spec.mixture_criterion, "nsamples": spec.nsamples,
+                "seqlen": spec.seqlen, "seed": spec.seed, "group_size": spec.group_size,
+                **({"grid": SYM_GRID} if spec.mixture_criterion == "measured" else {})}  # only it quantizes
+        m_spec = MixtureSpec(general="wikitext2", tasks=tuple(tasks), criteria=(spec.mixture_criterion,),
+                             nsamples=spec.nsamples, seqlen=spec.seqlen, group_size=spec.group_size, seed=spec.seed)
+        calib = stages.run("mixture", m_in, lambda: {
+            "calib": search_mixture(model, out / "mixture", m_spec, runtime).calib})["calib"]
+    calib_spec = CalibSpec.parse(calib, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed)
+    gptq = ({"calib": calib, "nsamples": spec.nsamples, "calib_seqlen": spec.seqlen}
+            if spec.probe_quantizer == "gptq" else {})
+    p_in = {**model_in, "objectives": objectives, "bits": sorted(bits), "group_size": spec.group_size,
+            "probe_tokens": spec.probe_tokens, "seed": spec.seed, "choice_cost": spec.choice_cost, "grid": SYM_GRID,
+            **({"probe_quantizer": "gptq", **gptq} if gptq else {}),  # GPTQ settings only then: RTN keys stay
+            **({"granularity": "module"} if spec.granularity == "module" else {})}  # so do layer-granularity keys
+    changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
+    p_spec = ProfileSpec(objectives=tuple(objectives), bits=bits, granularity=spec.granularity,
+                         group_size=spec.group_size, probe_tokens=spec.probe_tokens, seed=spec.seed,
+                         choice_cost=spec.choice_cost, probe_quantizer=spec.probe_quantizer,
+                         calib=calib_spec if gptq else None)
+
+    def do_profile():
+        s = profile(model, out / "profile", p_spec, runtime, overwrite=changed)
+        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s.warnings}
+
+    prof = stages.run("profile", p_in, do_profile)
+    a_spec = AllocationSpec(budget=spec.budget, bits=bits, beta=spec.beta, task_weights=spec.task_weights,
+                            budget_includes_metadata=spec.budget_includes_metadata, target=spec.target)
+    a_in = {"profile": _key(p_in), "budget": spec.budget, "bits": sorted(bits), "beta": spec.beta,
+            "task_weights": a_spec.weights, "target": spec.target,
+            "budget_includes_metadata": spec.budget_includes_metadata}
+    stages.run("allocate", a_in, lambda: allocate_bits(prof["sensitivity"], out / "plan.json", a_spec).summary)
+    q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
+            "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID}
+
+    def do_quantize():
+        q = quantize(model, out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
+                     export=ExportSpec("gptq", spec.target), runtime=runtime, overwrite=True)
+        return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
+
+    stages.run("quantize", q_in, do_quantize)
+    e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
+                "generate": spec.generate, "seqlen": spec.seqlen}
+    e_spec = EvalSpec(tasks=tuple(objectives), limit=spec.eval_limit, windows=spec.eval_windows, num_fewshot=0,
+                      seqlen=spec.seqlen, generate=spec.generate)
+    fp_in = {**model_in, **e_common}
+    stages.run("eval_fp", fp_in, lambda: evaluate(
+        model, dataclasses.replace(e_spec, log_samples=True), output=out / "eval-fp.json",
+        runtime=runtime).results)
+    stages.run("eval_quant", {"quantize": _key(q_in), "eval_fp": _key(fp_in), **e_common}, lambda: evaluate(
+        str(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
+        runtime=runtime).results)
+    summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
+               "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,
+               "probe_tokens": spec.probe_tokens, "warnings": run_warnings + prof["warnings"],
+               "sizes": _sizes(out / "model"), "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
+    summary["report"] = str(write_run_report(out, summary))
+    write_json_atomic(out / "run.json", summary)
+    return RunResult(out, summary)
+
+
+def _sizes(model_dir: Path) -> dict:
+    """Bytes of the quantized linears at fp16, packed in the checkpoint, and of the whole checkpoint."""
+    from safetensors import safe_open
+
+    packed = fp16 = total = 0
+    shapes = {}
+    for f in model_dir.glob("*.safetensors"):
+        total += f.stat().st_size
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+    for k, shape in shapes.items():
+        if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+            packed += math.prod(shape) * (2 if k.endswith(".scales") else 4)
+        if k.endswith(".g_idx"):  # in_features x out_features weights of 2 bytes at fp16
+            fp16 += shape[0] * shapes[k[: -len(".g_idx")] + ".scales"][1] * 2
+    return {"linears_fp16_bytes": fp16, "linears_packed_bytes": packed, "checkpoint_bytes": total}
