@@ -142,6 +142,35 @@ def publish_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def temp_dir_for(out: Path) -> Path:
+    """A new temporary sibling of ``out`` to write into before :func:`publish_dir`; its name carries this
+    process's id, so that :func:`clear_stale_temps` can tell a killed writer's leftovers from a live one's."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+
+
+def clear_stale_temps(out: Path) -> None:
+    """Remove the temporary siblings of ``out`` left by a writer that was killed (its process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another live process is writing there
+        log.info("removing %s, left by a writer that was killed", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def now() -> str:
     """The current UTC time, as records carry it."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

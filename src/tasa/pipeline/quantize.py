@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import load, resolve
-from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers, dtype_name,
-                                  machine_info, now, publish_dir, resolve_group_size)
+from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
+                                  clear_stale_temps, dtype_name, machine_info, now, publish_dir, resolve_group_size,
+                                  temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
 
@@ -66,6 +66,7 @@ def quantize(model: str, output_dir: str | Path, spec: QuantizeSpec = QuantizeSp
     from tasa.export.gptq import checkpoint_format, pack_result, quantize_config, write_checkpoint
 
     out = check_output_dir(output_dir, overwrite)
+    clear_stale_temps(out)
     plan_obj = Plan.load(plan) if plan is not None else None
     method = plan_obj.method if plan_obj is not None else spec.method
     calib_spec = calib if method == "gptq" else None
@@ -124,8 +125,7 @@ def quantize(model: str, output_dir: str | Path, spec: QuantizeSpec = QuantizeSp
         "machine": machine_info(),
         "date": now(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir_for(out)
     try:
         if export.format == "gptq":
             qcfg = quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
