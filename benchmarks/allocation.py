@@ -1,20 +1,26 @@
 """Mixed-precision allocation on SmolLM2-135M (group size 64): does task-aware allocation pay?
 
-    .venv/bin/python benchmarks/allocation.py      # resumable: rows cached in benchmarks/.work/allocation
+    .venv/bin/python benchmarks/allocation.py      # resumable: one committed record per row
 
 Rows (all GPTQ, symmetric, group size 64, calibration wikitext2:0.5,gsm8k:0.5, 64 x 512 tokens, seed 0):
 at 3.5 average bits, uniform W3 and W4 around it, a naive split (first half of the layers 4-bit, second
-half 3-bit), and the exact DP allocation over {3, 4, 8} from the measured layer profile of
-benchmarks/profile.py (wikitext2 / gsm8k / arc_easy, 4,096 scored tokens each) for beta = 0 (task-only),
-0.25, 0.5, 0.75 and 1 (ppl-only); at 4.25 bits a vLLM-servable plan (target vllm: {4, 8}, q/k/v and
-gate/up tied, beta 0.5) against uniform W4 and W8.  Every row is evaluated on held-out test rows:
-wikitext2 perplexity and KL divergence to the full-precision model (top-256 log-probs) on the first 30
-windows of 512 tokens, ARC-Easy (first 300) and ARC-Challenge (first 200) accuracy (zero-shot), GSM8K
-gold-solution NLL (first 150, zero-shot, as profiled).  The beta = 0.5 row is also exported as a GPTQ checkpoint and loaded in
-GPTQModel 7.6.0 (TORCH backend, fp16): the max |logit difference| to tasa's dequantized model is reported.
+half 3-bit), and the exact DP allocation over {3, 4, 8} from the committed layer profile of the paper
+table (benchmarks/results/paper_table/layer-sensitivity.json: wikitext2 / gsm8k / arc_easy, 4,096 scored
+tokens each, KL cost for ARC-Easy) for beta = 0 (task-only), 0.5 and 1 (ppl-only) (0.25 and 0.75 on
+request); at 4.25 bits a vLLM-servable plan (target vllm: {4, 8}, q/k/v and gate/up tied, beta 0.5) against
+uniform W4 (and W8 on request).  Every row is evaluated on held-out test rows: wikitext2 perplexity and KL divergence to the
+full-precision model (top-256 log-probs) on the first 30 windows of 512 tokens, ARC-Easy (first 300) and
+ARC-Challenge (first 200) accuracy (zero-shot), GSM8K gold-solution NLL (first 150, zero-shot, as
+profiled).  The beta = 0.5 row is also exported as a GPTQ checkpoint and loaded in GPTQModel 7.6.0 (TORCH
+backend, fp16): the max |logit difference| to tasa's dequantized model is reported.
+
+Each row's record (scores, plan bits, calibration sha256, thread count: a few KB) is written atomically to
+benchmarks/results/allocation/ and committed; the calibration tokens and the FP reference log-probs are
+re-derived in benchmarks/.work/allocation.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
@@ -24,8 +30,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (parse_or_work, ROOT, WORK, cached, peer_venv, row, run_json,  # noqa: E402
-                               score_model, write_results)
+from benchmarks.common import (parse_or_work, RESULTS, ROOT, cached, peer_venv, row, run_json,  # noqa: E402
+                               score_model, wikitext2, write_results)
 
 BENCH = "allocation"
 GROUP = 64
@@ -34,10 +40,12 @@ NSAMPLES, SEQLEN = 64, 512
 BUDGET, VLLM_BUDGET = 3.5, 4.25
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LIMITS = {"wikitext2": 30, "arc_easy": 300, "arc_challenge": 200, "gsm8k": 150}
-PROFILE = WORK / "profile-gold" / "layer" / "sensitivity.json"  # the gold-cost profile (see docs/RESULTS.md)
+PROFILE = RESULTS / "paper_table" / "layer-sensitivity.json"  # the paper table's committed layer profile
+RECORDS = RESULTS / BENCH
 PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
-ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", *[f"tasa-beta{b:g}" for b in BETAS], "uniform-w8",
-        "vllm-4.25"]
+# the rows measured by default (about 6 CPU-minutes of GPTQ and scoring each here); --rows also takes
+# tasa-beta0.25, tasa-beta0.75 and uniform-w8
+ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", "tasa-beta0", "tasa-beta0.5", "tasa-beta1", "vllm-4.25"]
 
 
 def plan_for(name: str, arch):
@@ -57,6 +65,10 @@ def plan_for(name: str, arch):
     return plan_from_sensitivity(sens, BUDGET, bits=[3, 4, 8], beta=float(name[len("tasa-beta"):]))[0]
 
 
+def calib_sha256(ids) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
 def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
     """Export the quantized model, load it in GPTQModel, return the max |logit difference| on 2 x 64 tokens."""
     import shutil
@@ -73,7 +85,9 @@ def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
                            "gptqmodel", checkpoint_format(plan))
     write_checkpoint(out, lm.model, lm.tokenizer, packed, qcfg)
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    peer = run_json([str(peer_venv("gptqmodel", PEER_REQS)), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"),
+    made = ROOT / ".venv-gptqmodel" / "bin" / "python"  # `make test`'s GPTQModel 7.6.0 environment, if present
+    python = made if (made.parent.parent / ".installed").is_file() else peer_venv("gptqmodel", PEER_REQS)
+    peer = run_json([str(python), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"),
                      str(out), json.dumps(ids.tolist())], env={"GPTQMODEL_CPU_WORKERS": "2"})
     if peer["bits"] != {n: s.bits for n, s in plan.modules.items()}:
         raise RuntimeError("GPTQModel read other bit-widths than the plan's")
@@ -93,6 +107,8 @@ def worker(name: str, work: Path) -> dict:
     torch.manual_seed(0)
     lm = load("smollm2-135m")
     arch = resolve(lm.model)
+    if name == "fp-reference":  # the FP top-256 log-probs alone (lost with .work; the FP row's record is kept)
+        return {"wikitext2_ppl": wikitext2(lm, work, None, LIMITS, SEQLEN).ppl}
     if name == "fp":
         return {"metrics": score_model(lm, work, None, LIMITS, SEQLEN), "seconds": None, "plan": None}
     from safetensors.torch import load_file
@@ -115,7 +131,8 @@ def worker(name: str, work: Path) -> dict:
         metrics["gptqmodel_logits_max_abs_diff"] = gptqmodel_check(lm, arch, plan, packed, work)
     layer_bits = [sum(numels[m.name] * plan[m.name].bits for m in arch.layer_modules(i))
                   / sum(numels[m.name] for m in arch.layer_modules(i)) for i in range(arch.num_layers)]
-    return {"metrics": metrics, "seconds": seconds, "bits": plan.average_bits(numels), "layer_bits": layer_bits}
+    return {"metrics": metrics, "seconds": seconds, "bits": plan.average_bits(numels), "layer_bits": layer_bits,
+            "calib_sha256": calib_sha256(calib), "threads": torch.get_num_threads()}
 
 
 def normalisation_study() -> dict:
@@ -141,22 +158,28 @@ def main() -> None:
     args, work = parse_or_work(__doc__, BENCH, worker, ROWS)
     import torch
 
+    from tasa.artifacts import read_json
     from tasa.config import CalibSpec
     from tasa.data import build_calibration
     from tasa.models import load
 
-    if not PROFILE.is_file():
-        raise SystemExit(f"{PROFILE} is missing: run benchmarks/profile.py first (the measured layer profile)")
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "calib.pt").is_file():
         lm = load("smollm2-135m")
         cal = build_calibration(lm.tokenizer, CalibSpec.parse(CALIB, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0))
         torch.save(cal.input_ids, work / "calib.pt")
         del lm
+    sha = calib_sha256(torch.load(work / "calib.pt", weights_only=True))
+    stale = [p.name for p in RECORDS.glob("*.json") if read_json(p).get("calib_sha256", sha) != sha]
+    if stale:
+        raise SystemExit(f"{', '.join(stale)} in {RECORDS} were measured on other calibration tokens than "
+                         f"{work / 'calib.pt'}: remove them to measure again")
+    if (RECORDS / "fp.json").is_file() and not (work / "fp.topk.safetensors").is_file():
+        run_json([sys.executable, __file__, "--worker", "fp-reference"], log=work / "logs" / "fp-reference.log")
     results = {}
     for name in args.rows.split(","):
         print(f"[{BENCH}] {name} ...", flush=True)
-        results[name] = cached(work / f"{name}.json", lambda n=name: run_json(
+        results[name] = cached(RECORDS / f"{name}.json", lambda n=name: run_json(
             [sys.executable, __file__, "--worker", n], log=work / "logs" / f"{n}.log"))
         print(f"  {json.dumps(results[name]['metrics'])}", flush=True)
     rows = []
@@ -170,7 +193,7 @@ def main() -> None:
     out = write_results(BENCH, ".venv/bin/python benchmarks/allocation.py", rows,
                         {"settings": {"calib": CALIB, "nsamples": NSAMPLES, "seqlen": SEQLEN, "group_size": GROUP,
                                       "budget": BUDGET, "vllm_budget": VLLM_BUDGET, "eval_limits": LIMITS,
-                                      "profile": str(PROFILE.relative_to(ROOT))},
+                                      "profile": str(PROFILE.relative_to(ROOT)), "calib_sha256": sha},
                          "normalisation": normalisation_study()})
     for r in rows:
         print(r["name"], r["bits"], json.dumps({k: v for k, v in r["metrics"].items() if k != "layer_bits"}))

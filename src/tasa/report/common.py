@@ -1,49 +1,41 @@
-"""Report helpers shared by the profile and run reports: figures to PNG, the Markdown subset to HTML."""
+"""Report helpers shared by the profile, mixture and run reports: figures to PNG, Markdown to HTML, all
+written atomically (a killed report leaves the previous file or none, never half of one)."""
 from __future__ import annotations
 
 import html
+import io
 from pathlib import Path
+
+from tasa.artifacts import write_bytes_atomic
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
 
 
 def save_figure(fig, path: Path) -> str:
+    """Write ``fig`` as a PNG at ``path`` (atomically) and close it; returns the file name for the report."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
     return path.name
 
 
 def markdown_to_html(md: str, title: str) -> str:
-    """The small Markdown subset the report uses (headings, tables, lists, images, paragraphs)."""
-    body, table = [], []
+    """A standalone HTML page of ``md`` (CommonMark with tables, rendered by markdown-it-py; raw HTML in the
+    Markdown is escaped, not passed through)."""
+    from markdown_it import MarkdownIt
 
-    def flush_table():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            body.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{c}</{'th' if i == 0 else 'td'}>" for c in row)
-                + "</tr>" for i, row in enumerate(cells)) + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            src = line[line.index("(") + 1:line.rindex(")")]
-            body.append(f'<p><img src="{html.escape(src)}" style="max-width:100%"></p>')
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
+            f"<style>{STYLE}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_pages(directory: Path, markdown: str, title: str) -> Path:
+    """report.md and report.html in ``directory``, each written atomically; returns report.md's path."""
+    write_bytes_atomic(directory / "report.md", markdown.encode())
+    write_bytes_atomic(directory / "report.html", markdown_to_html(markdown, title).encode())
+    return directory / "report.md"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasa.artifacts import read_json
-from tasa.report.common import markdown_to_html, save_figure
+from tasa.report.common import save_figure, write_pages
 
 
 def _fmt(w) -> str:
@@ -96,6 +96,5 @@ def write_report(path: str | Path) -> Path:
     lines += ["Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()), ""]
     if two:
         lines += [f"![{f}]({f})" for f in _plots(s, out)]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.html").write_text(markdown_to_html("\n".join(lines), "tasa mixture search"))
+    write_pages(out, "\n".join(lines) + "\n", "tasa mixture search")
     return out / "report.md"

@@ -16,7 +16,7 @@ import numpy as np
 
 from tasa.artifacts import read_json
 from tasa.errors import TasaError
-from tasa.report.common import markdown_to_html, save_figure
+from tasa.report.common import save_figure, write_pages
 from tasa.profile.stats import kendall_tau, top_k, top_k_overlap
 
 
@@ -123,6 +123,5 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
     if s.get("warnings"):
         md += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(markdown_to_html(text, f"Sensitivity profile: {s['model']}"))
+    write_pages(out, text, f"Sensitivity profile: {s['model']}")
     return out / "report.md"

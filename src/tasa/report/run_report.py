@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tasa.artifacts import read_json
-from tasa.report.common import markdown_to_html, save_figure
+from tasa.report.common import save_figure, write_pages
 
 # metrics shown per task, lower-is-better marked with a trailing "-"
 _SHOWN = {"wikitext2": [("ppl", "perplexity", "-"), ("kl", "KL to full precision", "-")],
@@ -119,6 +119,5 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     md += [f"| {k} | {v:.0f} | {'ran' if k in summary['ran'] else 'cached'} |" for k, v in summary["seconds"].items()]
     md.append("")
     text = "\n".join(md)
-    (run_dir / "report.md").write_text(text)
-    (run_dir / "report.html").write_text(markdown_to_html(text, f"tasa run: {summary['model']}"))
+    write_pages(run_dir, text, f"tasa run: {summary['model']}")
     return run_dir / "report.md"
