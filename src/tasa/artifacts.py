@@ -107,6 +107,13 @@ def read_json(path: str | Path):
     return from_json_text(Path(path).read_text(encoding="utf-8"))
 
 
+def fingerprint(inputs) -> str:
+    """The sha256 (hex) of ``inputs`` as canonical JSON (sorted keys; non-JSON values by ``str``): the one
+    fingerprint of what a result depends on, for run stages (tasa.stages), measured mixture points and the
+    like.  Equal inputs give equal fingerprints in every process and version of tasa."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,21 +9,20 @@ unfinished stage, whose own artifacts resume where they can (profile probes).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Callable
 
-from tasa.artifacts import read_json, write_json_atomic
+from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.errors import TasaError
 
 log = logging.getLogger(__name__)
 
 
 def stage_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(inputs)[:16]
 
 
 class Stages:

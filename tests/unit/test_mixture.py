@@ -244,6 +244,11 @@ def test_search_mixture_cli_all_criteria_and_resume(tiny_model_dir, tmp_path, ca
     assert code == 0, err
     again = json.loads((out_dir / "mixture.json").read_text())
     assert again["results"]["measured"]["values"] == s["results"]["measured"]["values"]
+    # a point measured on other calibration settings (here the seed) is measured again, never reused
+    calls = []
+    monkeypatch.setattr("tasa.quant.apply.quantize_model", lambda *a, **k: calls.append(1))
+    code, out, err = run_cli([*args[:8], "measured", *args[9:], "--seed", "1"], capsys)
+    assert code == 0 and len(calls) == 3, err
 
 
 def test_search_mixture_two_task_sources(tiny_model_dir, tmp_path, capsys, data_dir):

@@ -32,12 +32,14 @@ from typing import Callable
 
 import torch
 
-from tasa.artifacts import read_json, write_json_atomic
+from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.config import MIXTURE_CRITERIA, CalibSpec, MixtureSpec, QuantSpec, Runtime
+from tasa.data import store
 from tasa.data.calib import apportion, mix_sources, sample_source, split_heldout
 from tasa.data.sources import resolve_calibration_source
 from tasa.errors import TasaError
 from tasa.mixture.criteria import is_convex, mixture_cosine, pencil_trace, simplex_grid, trace_direct
+from tasa.quant.rtn import SYM_GRID
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,14 @@ def _grad_align(model, arch, sets, names, grid, sketch_dim, batch_size, seed, pr
 
 
 def _measured(load_model: Callable, sets, calib_sources, grid, spec: MixtureSpec, group_size: int, batch_size: int,
-              out_dir: Path | None, progress: bool) -> dict:
+              out_dir: Path | None, progress: bool, model_id: str) -> dict:
+    """GPTQ at ``spec.measure_bits`` on each mixture of the grid, scored by the held-out NLL; each point is
+    stored under a fingerprint of everything it depends on, so a resumed search reuses only identical points."""
     nsamples, seqlen, seed, bits = spec.nsamples, spec.seqlen, spec.seed, spec.measure_bits
+    depends = {"model": model_id, "sources": [s.name for s in calib_sources],
+               "bits": bits, "group_size": group_size, "grid": SYM_GRID, "nsamples": nsamples,
+               "seqlen": seqlen, "seed": seed, "targets": spec.targets, "heldout_samples": spec.heldout_samples,
+               "heldout_fraction": spec.heldout_fraction, "batch_size": batch_size, "data": store.fingerprint()}
     from tasa.eval.perplexity import window_scores
     from tasa.models import resolve
     from tasa.plan import Plan
@@ -165,9 +173,10 @@ def _measured(load_model: Callable, sets, calib_sources, grid, spec: MixtureSpec
     for w in grid:
         key = "-".join(f"{x:.6g}" for x in w)
         path = out_dir / "measured" / f"{key}.json" if out_dir else None
+        settings = fingerprint({**depends, "weights": list(w)})
         if path is not None and path.is_file():
             rec = read_json(path)
-            if rec.get("bits") == bits and rec.get("group_size") == group_size:
+            if rec.get("settings") == settings:
                 values.append(rec["nll"])
                 seconds.append(rec["seconds"])
                 continue
@@ -185,7 +194,7 @@ def _measured(load_model: Callable, sets, calib_sources, grid, spec: MixtureSpec
         secs = time.perf_counter() - t0
         if path is not None:
             write_json_atomic(path, {"weights": list(w), "bits": bits, "group_size": group_size, "nll": nll,
-                                     "seconds": secs})
+                                     "seconds": secs, "settings": settings})
         values.append(nll)
         seconds.append(secs)
         del lm
@@ -226,7 +235,7 @@ def search(lm, load_model: Callable, spec: MixtureSpec, group_size: int, runtime
             results[crit] = _grad_align(lm.model, arch, sets, names, grid, spec.sketch_dim, batch_size, seed, progress)
         else:
             results[crit] = _measured(load_model, sets, calib_sources, grid, spec, group_size, batch_size, out_dir,
-                                      progress)
+                                      progress, str(getattr(lm, "path", "")))
         seconds[crit] = time.perf_counter() - t
         vals = results[crit]["values"]
         best = (min if LOWER_IS_BETTER[crit] else max)(range(len(grid)), key=lambda j: (vals[j], j))
