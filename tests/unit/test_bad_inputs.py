@@ -38,9 +38,8 @@ def no_work(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("expensive work started before the input was checked")
 
-    verbs = {v: importlib.import_module(f"tasa.pipeline.{v}")
-             for v in ("quantize", "evaluate", "profile", "search_mixture", "run")}
-    for v in ("quantize", "evaluate", "profile", "search_mixture"):
+    verbs = {v: importlib.import_module(f"tasa.pipeline.{v}") for v in ("common", "quantize", "search_mixture", "run")}
+    for v in ("common", "search_mixture", "run"):  # every place a verb loads a model
         monkeypatch.setattr(verbs[v], "load", refuse)
     monkeypatch.setattr(verbs["run"], "search_mixture", refuse)
     monkeypatch.setattr(verbs["quantize"], "quantize_model", refuse)
@@ -265,6 +264,14 @@ def test_json_results_are_strict_json_with_non_finite_values_listed(tiny_model_d
     from tasa.artifacts import read_json
 
     assert torch.isnan(torch.tensor(read_json(res)["results"]["arc_easy"]["acc_stderr"]))
+
+
+def test_run_refuses_an_eval_limit_beyond_the_test_rows_before_any_work(tiny_model_dir, tmp_path, capsys, data_dir,
+                                                                        no_work):
+    expect_error(["run", "--model", str(tiny_model_dir), "--tasks", "arc_easy", "--budget", "3.5", "--calib",
+                  "wikitext2", "--output-dir", str(tmp_path / "run")],
+                 "--eval-limit 100 exceeds the 8 rows of arc_easy", capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_budget_check_with_metadata_and_per_channel_groups_is_not_refused(tiny_model_dir, tmp_path, no_work):

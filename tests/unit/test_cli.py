@@ -370,7 +370,7 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
             "--calib", "wikitext2:0.5,gsm8k:0.5", "--output-dir", str(out_dir), "--quiet"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
-    assert "stages run: profile, allocate, quantize, eval_fp, eval_quant" in out
+    assert "stages run: profile, allocate, eval_fp, quantize, eval_quant" in out
     for f in ("plan.json", "plan.png", "report.md", "report.html", "eval-fp.json", "eval-quant.json", "run.json",
               "profile/sensitivity.json", "model/quantize_config.json", "stages.json"):
         assert (out_dir / f).is_file(), f

@@ -316,7 +316,7 @@ def test_run_calib_auto_needs_task_sources(tiny_model_dir, tmp_path, capsys, dat
     spec.write_text(json.dumps({"kind": "gold_nll", "data": "rows.jsonl", "prompt": "{question}",
                                 "target": "{solution}"}))
     code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
-                              "--seqlen", "32", "--calib", "auto", "--output-dir", str(tmp_path / "r")], capsys)
+                              "--seqlen", "32", "--eval-limit", "1", "--calib", "auto", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "--calib auto calibrates on the tasks' own rows" in err and err.count("\n") == 1
 
 
@@ -341,7 +341,8 @@ def test_run_default_calib_falls_back_to_wikitext2_for_tasks_without_rows(tiny_m
     monkeypatch.setattr(run_module, "quantize", stop)
     code, out, err = run_cli(["run", "--model", str(tiny_model_dir), "--tasks", str(spec), "--budget", "3",
                               "--bits", "2,4", "--group-size", "16", "--probe-tokens", "20", "--seqlen", "32",
-                              "--output-dir", str(tmp_path / "r"), "--quiet"], capsys)
+                              "--eval-limit", "2", "--eval-windows", "1", "--output-dir", str(tmp_path / "r"),
+                              "--quiet"], capsys)
     assert code == 130 and seen["calib"] == "wikitext2:1" and not (tmp_path / "r" / "mixture").exists(), err
     assert any(f"calibration: task {str(spec)!r} is not a built-in dataset with calibration rows" in r.getMessage()
                for r in caplog.records)

@@ -69,7 +69,7 @@ class Task:
     answer_patterns: dict = field(default_factory=dict)  # metric -> (regex, group_select)
     answer_ignore: tuple[str, ...] = ()  # regexes removed before comparing answers
 
-    def select(self, limit: int | None) -> list[dict]:
+    def select(self, limit: int | None, flag: str = "--limit") -> list[dict]:
         """The evaluation documents, the first ``limit`` of them (per group where the task has groups)."""
         docs = self.docs()
         if not docs:
@@ -77,17 +77,17 @@ class Task:
         if limit is None:
             return docs
         if limit < 1:
-            raise TasaError(f"--limit must be positive, got {limit}")
+            raise TasaError(f"{flag} must be positive, got {limit}")
         if self.group_key is None:
             if limit > len(docs):
-                raise TasaError(f"--limit {limit} exceeds the {len(docs)} rows of {self.name}")
+                raise TasaError(f"{flag} {limit} exceeds the {len(docs)} rows of {self.name}")
             return docs[:limit]
         groups: dict[str, list[dict]] = {}
         for d in docs:
             groups.setdefault(self.group_key(d), []).append(d)
         largest = max(len(g) for g in groups.values())
         if limit > largest:
-            raise TasaError(f"--limit {limit} exceeds the rows of every {self.name} group (largest: {largest})")
+            raise TasaError(f"{flag} {limit} exceeds the rows of every {self.name} group (largest: {largest})")
         return [d for g in groups.values() for d in g[:limit]]
 
     def contexts(self, docs: list[dict], num_fewshot: int | None = None, seed: int = FEWSHOT_SEED) -> list[str]:

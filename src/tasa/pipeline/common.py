@@ -14,10 +14,20 @@ import torch
 
 from tasa import __version__
 from tasa.errors import TasaError
+from tasa.config import Runtime
+from tasa.models import LoadedModel, load
 from tasa.models.arch import ModelArch
 from tasa.plan import Plan
 
 log = logging.getLogger("tasa.pipeline")
+
+
+def model_of(model: str | LoadedModel, runtime: Runtime) -> tuple[LoadedModel, str]:
+    """The model a verb works on and its name for the records: ``model`` itself when it is already loaded (as
+    tasa run shares one model between its stages), else loaded now."""
+    if isinstance(model, LoadedModel):
+        return model, model.source
+    return load(model, dtype=runtime.dtype, device=runtime.device), model
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:

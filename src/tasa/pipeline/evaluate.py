@@ -12,9 +12,8 @@ from tasa.config import EvalSpec, Runtime
 from tasa.data import eval_texts, store
 from tasa.errors import TasaError
 from tasa.eval.perplexity import perplexity
-from tasa.models import load
-from tasa.pipeline.common import check_output_file, dtype_name, machine_info, now
-
+from tasa.models import LoadedModel
+from tasa.pipeline.common import check_output_file, dtype_name, machine_info, model_of, now
 log = logging.getLogger("tasa.pipeline")
 
 
@@ -54,7 +53,7 @@ def _load_reference(reference: str, spec: EvalSpec, runtime: Runtime) -> dict:
     return {**res.record, "_topk": res.topk}
 
 
-def evaluate(model: str, spec: EvalSpec = EvalSpec(), output: str | Path | None = None,
+def evaluate(model: str | LoadedModel, spec: EvalSpec = EvalSpec(), output: str | Path | None = None,
              reference: str | None = None, runtime: Runtime = Runtime()) -> EvalResult:
     """Evaluate ``model`` on ``spec.tasks`` (built-in names or task spec files).
 
@@ -74,7 +73,7 @@ def evaluate(model: str, spec: EvalSpec = EvalSpec(), output: str | Path | None 
         check_output_file(output)
     ref = _load_reference(reference, spec, runtime) if reference is not None else None
     t0 = time.perf_counter()
-    lm = load(model, dtype=runtime.dtype, device=runtime.device)
+    lm, model = model_of(model, runtime)
     record: dict = {"model": model,
                     "config": {"tasks": tasks, "limit": spec.limit, "windows": spec.windows,
                                "num_fewshot": spec.num_fewshot, "seqlen": spec.seqlen,

@@ -12,8 +12,8 @@ from tasa.artifacts import write_json_atomic
 from tasa.config import ProfileSpec, Runtime
 from tasa.data import build_calibration, store
 from tasa.errors import TasaError
-from tasa.models import load, resolve
-from tasa.pipeline.common import (check_writable, dtype_name, machine_info, now, resolve_group_size,
+from tasa.models import LoadedModel, resolve
+from tasa.pipeline.common import (check_writable, dtype_name, machine_info, model_of, now, resolve_group_size,
                                   validation_group_size)
 from tasa.quant.rtn import SYM_GRID
 
@@ -45,7 +45,7 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     check_writable(out.parent, out)
 
 
-def profile(model: str, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(), runtime: Runtime = Runtime(),
+def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(), runtime: Runtime = Runtime(),
             overwrite: bool = False, report: bool = True, top_k: int = 8) -> ProfileResult:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
 
@@ -72,7 +72,7 @@ def profile(model: str, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(
     out = Path(output_dir)
     _prepare_dir(out, overwrite)
     t0 = time.perf_counter()
-    lm = load(model, dtype=runtime.dtype, device=runtime.device)
+    lm, model = model_of(model, runtime)
     arch = resolve(lm.model)
     spec = dataclasses.replace(spec, group_size=resolve_group_size(arch, spec.group_size))
     objs = [build_objective(name, lm.tokenizer, min_tokens=spec.probe_tokens, seqlen=spec.probe_seqlen,

@@ -18,10 +18,10 @@ from tasa.artifacts import usual_modes, write_json_atomic
 from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
-from tasa.models import load, resolve
+from tasa.models import LoadedModel, resolve
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
-                                  clear_stale_temps, dtype_name, machine_info, now, publish_dir, resolve_group_size,
-                                  temp_dir_for)
+                                  clear_stale_temps, dtype_name, machine_info, model_of, now, publish_dir,
+                                  resolve_group_size, temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
 
@@ -47,7 +47,7 @@ class QuantizeResult:
         return self.record["seconds"]
 
 
-def quantize(model: str, output_dir: str | Path, spec: QuantizeSpec = QuantizeSpec(),
+def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpec = QuantizeSpec(),
              calib: CalibSpec | None = CalibSpec(), plan: str | Path | None = None,
              export: ExportSpec = ExportSpec(), runtime: Runtime = Runtime(), overwrite: bool = False,
              allow_partial_plan: bool = False) -> QuantizeResult:
@@ -76,7 +76,7 @@ def quantize(model: str, output_dir: str | Path, spec: QuantizeSpec = QuantizeSp
         for name, _ in calib_spec.sources:
             resolve_calibration_source(name)
     t0 = time.perf_counter()
-    lm = load(model, dtype=runtime.dtype, device=runtime.device)
+    lm, model = model_of(model, runtime)
     arch = resolve(lm.model)
     if plan_obj is not None:
         _check_plan(plan_obj, arch, spec, allow_partial_plan)

@@ -13,6 +13,7 @@ from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, Mixtur
                          QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
+from tasa.models import load
 from tasa.pipeline.allocate import allocate_bits
 from tasa.pipeline.common import AUTO_GROUP_SIZES, check_writable, validation_group_size
 from tasa.pipeline.evaluate import evaluate
@@ -33,6 +34,34 @@ class RunResult:
 
     output_dir: Path
     record: dict = field(repr=False)
+
+
+class _SharedModel:
+    """The one model a run loads, on first need (a run whose stages are all done loads nothing): full
+    precision through the mixture search, profile and full-precision evaluation (each leaves the weights as
+    they were), then quantized in place by the quantize stage, whose checkpoint holds bitwise the same weights.
+    A run resumed after quantization loads the checkpoint instead."""
+
+    def __init__(self, name: str, runtime: Runtime):
+        self.name, self.runtime = name, runtime
+        self.lm = None
+        self.is_quantized = False
+
+    def fp(self):
+        if self.is_quantized:
+            raise RuntimeError("the shared model is already quantized")
+        if self.lm is None:
+            self.lm = load(self.name, dtype=self.runtime.dtype, device=self.runtime.device)
+        return self.lm
+
+    def quantized_in_memory(self) -> None:
+        self.is_quantized = True
+
+    def quantized(self, checkpoint: Path):
+        """The quantized model, named as its checkpoint (so records read the same either way)."""
+        if self.is_quantized:
+            return dataclasses.replace(self.lm, source=str(checkpoint), path=str(checkpoint))
+        return str(checkpoint)
 
 
 def _no_calibration_rows(task: str) -> str | None:
@@ -91,7 +120,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
 
     tasks = list(spec.tasks)
     for t in tasks:
-        get_task(t)  # bad names and specs fail before any work
+        get_task(t).select(spec.eval_limit, "--eval-limit")  # bad names and specs, and too few test rows, fail before any work
     run_warnings: list[str] = []
     calib = _calibration(spec, run_warnings)
     tgt = get_target(spec.target)
@@ -107,6 +136,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     out = Path(output_dir)
     _check_run_dir(out)
     stages = Stages(out)
+    shared = _SharedModel(model, runtime)
     objectives = ["wikitext2", *tasks]
     data_fp = store.fingerprint()  # where the built-in rows come from: part of every stage's inputs
     model_in = {"model": model, "data": data_fp, "dtype": runtime.dtype}
@@ -118,7 +148,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         m_spec = MixtureSpec(general="wikitext2", tasks=tuple(tasks), criteria=(spec.mixture_criterion,),
                              nsamples=spec.nsamples, seqlen=spec.seqlen, group_size=spec.group_size, seed=spec.seed)
         calib = stages.run("mixture", m_in, lambda: {
-            "calib": search_mixture(model, out / "mixture", m_spec, runtime).calib})["calib"]
+            "calib": search_mixture(shared.fp(), out / "mixture", m_spec, runtime).calib})["calib"]
     calib_spec = CalibSpec.parse(calib, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed)
     gptq = ({"calib": calib, "nsamples": spec.nsamples, "calib_seqlen": spec.seqlen}
             if spec.probe_quantizer == "gptq" else {})
@@ -133,7 +163,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
                          calib=calib_spec if gptq else None)
 
     def do_profile():
-        s = profile(model, out / "profile", p_spec, runtime, overwrite=changed)
+        s = profile(shared.fp(), out / "profile", p_spec, runtime, overwrite=changed)
         return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s.warnings}
 
     prof = stages.run("profile", p_in, do_profile)
@@ -146,22 +176,25 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
             "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID}
 
-    def do_quantize():
-        q = quantize(model, out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
-                     export=ExportSpec("gptq", spec.target), runtime=runtime, overwrite=True)
-        return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
-
-    stages.run("quantize", q_in, do_quantize)
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
                 "generate": spec.generate, "seqlen": spec.seqlen}
     e_spec = EvalSpec(tasks=tuple(objectives), limit=spec.eval_limit, windows=spec.eval_windows, num_fewshot=0,
                       seqlen=spec.seqlen, generate=spec.generate)
     fp_in = {**model_in, **e_common}
+    # the full-precision evaluation comes before quantization, which changes the shared model in place
     stages.run("eval_fp", fp_in, lambda: evaluate(
-        model, dataclasses.replace(e_spec, log_samples=True), output=out / "eval-fp.json",
+        shared.fp(), dataclasses.replace(e_spec, log_samples=True), output=out / "eval-fp.json",
         runtime=runtime).results)
+
+    def do_quantize():
+        q = quantize(shared.fp(), out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
+                     export=ExportSpec("gptq", spec.target), runtime=runtime, overwrite=True)
+        shared.quantized_in_memory()
+        return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
+
+    stages.run("quantize", q_in, do_quantize)
     stages.run("eval_quant", {"quantize": _key(q_in), "eval_fp": _key(fp_in), **e_common}, lambda: evaluate(
-        str(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
+        shared.quantized(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,

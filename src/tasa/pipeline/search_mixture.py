@@ -8,10 +8,8 @@ from pathlib import Path
 from tasa.artifacts import write_json_atomic
 from tasa.config import MixtureSpec, Runtime
 from tasa.errors import TasaError
-from tasa.models import load, resolve
-from tasa.pipeline.common import check_new_dir, dtype_name, machine_info, now, resolve_group_size
-
-
+from tasa.models import LoadedModel, load, resolve
+from tasa.pipeline.common import check_new_dir, dtype_name, machine_info, model_of, now, resolve_group_size
 @dataclass(frozen=True)
 class MixtureResult:
     """A finished search: its directory and the mixture.json record (grid, every criterion's values, the chosen
@@ -25,7 +23,7 @@ class MixtureResult:
         return self.record["calib"]
 
 
-def search_mixture(model: str, output_dir: str | Path, spec: MixtureSpec = MixtureSpec(),
+def search_mixture(model: str | LoadedModel, output_dir: str | Path, spec: MixtureSpec = MixtureSpec(),
                    runtime: Runtime = Runtime(), report: bool = True) -> MixtureResult:
     """Score calibration mixtures of ``spec.general`` and ``spec.tasks`` by training-free criteria (or measured
     GPTQ quality on held-out task rows) and choose one; writes ``mixture.json`` (and a report) in ``output_dir``.
@@ -40,7 +38,7 @@ def search_mixture(model: str, output_dir: str | Path, spec: MixtureSpec = Mixtu
 
     out = check_new_dir(output_dir)
     t0 = time.perf_counter()
-    lm = load(model, dtype=runtime.dtype, device=runtime.device)
+    lm, model = model_of(model, runtime)
     if lm.max_length is not None and spec.seqlen > lm.max_length:
         raise TasaError(f"seqlen {spec.seqlen} exceeds the model's maximum context of {lm.max_length} tokens")
     group_size = resolve_group_size(resolve(lm.model), spec.group_size)
