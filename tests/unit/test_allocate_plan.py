@@ -157,3 +157,12 @@ def test_servability_rules_name_module_and_rule():
         check_servable({k: v for k, v in mods.items() if k != "l.0.o"}, TARGETS["vllm"], groups)
     assert violations({"l.0.q": QuantSpec(bits=4, group_size=48)}, TARGETS["sglang"], [])[0].startswith(
         "l.0.q: group size 48")
+
+
+def test_a_record_of_another_schema_is_refused():
+    from tasa.allocate.plan import plan_from_sensitivity
+    from tasa.errors import TasaError
+
+    with pytest.raises(TasaError, match=r"the sensitivity profile is not a tasa.sensitivity/1 record \(schema "
+                                        r"'tasa.mixture/1'\)"):
+        plan_from_sensitivity({"schema": "tasa.mixture/1"}, 3.5)

@@ -24,12 +24,12 @@ from typing import Mapping, Sequence
 from tasa.allocate.aggregate import aggregate
 from tasa.allocate.dp import allocate
 from tasa.allocate.targets import check_servable, get_target, target_bits
+from tasa import schemas
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.plan import Plan
 
 SCALE_BITS = 16  # fp16 scale per group; the zero point takes `bits` more
-SCHEMA = "tasa.sensitivity/1"
 
 
 def metadata_bits(bits: int, group_size: int, in_features: int | None = None) -> float:
@@ -76,8 +76,7 @@ def candidate_bits(tgt, requested: Sequence[int] | None, profiled: Sequence[int]
 
 
 def _check_profile(sens: dict, granularity: str, flag: str) -> None:
-    if sens.get("schema") != SCHEMA:
-        raise TasaError(f"not a tasa sensitivity profile (schema {sens.get('schema')!r})")
+    schemas.check(sens, schemas.SENSITIVITY, "the sensitivity profile")
     if sens["granularity"] != granularity:
         raise TasaError(f"{flag} needs a {granularity}-granularity profile (tasa profile --granularity {granularity})")
 

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from tasa import schemas
 from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.config import MIXTURE_CRITERIA, CalibSpec, MixtureSpec, QuantSpec, Runtime
 from tasa.data import store
@@ -43,7 +44,7 @@ from tasa.quant.rtn import SYM_GRID
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "tasa.mixture/1"
+SCHEMA = schemas.MIXTURE
 CRITERIA = MIXTURE_CRITERIA
 LOWER_IS_BETTER = {"hessian-trace": True, "grad-align": False, "measured": True}
 DAMP_STUDY = (1e-4, 1e-3, 1e-2, 1e-1)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasa import schemas
 from tasa.errors import TasaError
 from tasa.profile.objectives import Objective, choice_kl
 from tasa.profile.probe import ProbeResults
 from tasa.profile.stats import bootstrap_ci, split_half_tau
 
-SCHEMA = "tasa.sensitivity/1"
+SCHEMA = schemas.SENSITIVITY
 UNSTABLE_TAU = 0.5
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasa import schemas
 from tasa.artifacts import read_json
 from tasa.errors import TasaError
 from tasa.report.common import save_figure, write_pages
@@ -74,8 +75,7 @@ def write_report(sensitivity_json: str | Path, k: int = 8) -> Path:
     if not path.is_file():
         raise TasaError(f"sensitivity file not found: {path}")
     s = read_json(path)
-    if s.get("schema") != "tasa.sensitivity/1":
-        raise TasaError(f"{path} is not a tasa sensitivity file (schema {s.get('schema')!r})")
+    schemas.check(s, schemas.SENSITIVITY, str(path))
     out = path.parent
     n_units = len(s["units"])
     k = min(k, n_units)
