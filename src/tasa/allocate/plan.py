@@ -25,6 +25,7 @@ from tasa.allocate.aggregate import aggregate
 from tasa.allocate.dp import allocate
 from tasa.allocate.targets import check_servable, get_target, target_bits
 from tasa import schemas
+from tasa.schemas import Sensitivity
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.plan import Plan
@@ -75,45 +76,45 @@ def candidate_bits(tgt, requested: Sequence[int] | None, profiled: Sequence[int]
     return requested
 
 
-def _check_profile(sens: dict, granularity: str, flag: str) -> None:
-    schemas.check(sens, schemas.SENSITIVITY, "the sensitivity profile")
-    if sens["granularity"] != granularity:
+def _check_profile(sens: Sensitivity, granularity: str, flag: str) -> None:
+    if sens.granularity != granularity:
         raise TasaError(f"{flag} needs a {granularity}-granularity profile (tasa profile --granularity {granularity})")
 
 
-def _fusion_groups(sens: dict) -> list[tuple[str, ...]]:
-    groups = [tuple(x) for x in sens.get("fusion_groups", [])]
+def _fusion_groups(sens: Sensitivity) -> list[tuple[str, ...]]:
+    groups = list(sens.fusion_groups)
     if not groups:
         raise TasaError("tying fusion groups needs them in the module profile; re-run tasa profile")
     return groups
 
 
-def _combined_costs(sens: dict, bits: Sequence[int], beta, task_weights) -> list[dict[int, float]]:
-    available = [int(b) for b in sens["bits"]]
+def _combined_costs(sens: Sensitivity, bits: Sequence[int], beta, task_weights) -> list[dict[int, float]]:
+    available = sens.bits
     missing = [b for b in bits if b not in available]
     if missing:
         raise TasaError(f"bit-width {missing[0]} was not profiled; profiled: {', '.join(map(str, available))}")
-    point = {obj: {b: v["cost"] for b, v in per_bits.items()} for obj, per_bits in sens["costs"].items()}
+    point = {obj: {b: v["cost"] for b, v in per_bits.items()} for obj, per_bits in sens.costs.items()}
     combined = aggregate(point, beta=beta, task_weights=task_weights)
-    return [{b: combined[str(b)][i] for b in bits} for i in range(len(sens["units"]))]
+    return [{b: combined[str(b)][i] for b in bits} for i in range(len(sens.units))]
 
 
-def predicted_costs(sens: dict, unit_bits: Sequence[int]) -> dict[str, dict]:
+def predicted_costs(sens: "dict | Sensitivity", unit_bits: Sequence[int]) -> dict[str, dict]:
     """What a profile predicts for a plan (one bit-width per profiled unit: layer or module), objective by
     objective, if single-unit costs add up: the plan's summed cost, uniform's at every profiled bit-width,
     and - for a plan whose average weight bits lie strictly between two profiled widths lo < avg < hi - its
     position on the way from uniform hi (0) to uniform lo (1).  Raw costs (the objective's own units),
     before normalisation."""
-    if len(unit_bits) != len(sens["units"]):
-        raise TasaError(f"{len(unit_bits)} bit-widths for a profile of {len(sens['units'])} units")
-    widths = sorted(int(b) for b in sens["bits"])
-    sizes = [int(u["numel"]) for u in sens["units"]]
+    sens = schemas.sensitivity(sens)
+    if len(unit_bits) != len(sens.units):
+        raise TasaError(f"{len(unit_bits)} bit-widths for a profile of {len(sens.units)} units")
+    widths = sorted(sens.bits)
+    sizes = sens.sizes
     avg = sum(n * b for n, b in zip(sizes, unit_bits)) / sum(sizes)
     below = [b for b in widths if b < avg]
     above = [b for b in widths if b > avg]
     at_width = any(abs(avg - b) < 1e-9 for b in widths)
     out = {}
-    for obj, per_bits in sens["costs"].items():
+    for obj, per_bits in sens.costs.items():
         cost = {int(b): v["cost"] for b, v in per_bits.items()}
         plan = sum(cost[b][i] for i, b in enumerate(unit_bits))
         uniform = {b: sum(cost[b]) for b in widths}
@@ -153,16 +154,18 @@ def _allocate_units(costs: list[dict[int, float]], sizes: list[int], groups: lis
     return unit_bits, result.cost
 
 
-def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None = None, beta: float | str = 0.5,
-                          task_weights: Mapping[str, float] | None = None, budget_includes_metadata: bool = False,
-                          method: str = "gptq", target: str = "gptqmodel", module_sens: dict | None = None,
+def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Sequence[int] | None = None,
+                          beta: float | str = 0.5, task_weights: Mapping[str, float] | None = None,
+                          budget_includes_metadata: bool = False, method: str = "gptq", target: str = "gptqmodel",
+                          module_sens: "dict | Sensitivity | None" = None,
                           tie_fused: bool | None = None) -> tuple[Plan, dict]:
     """Bit-widths minimising the aggregated cost under ``budget`` for ``target``: per layer from a layer
     profile (split within layers by ``module_sens`` when given), or per module over the whole model from a
     module profile.  Returns the plan and a summary.
 
     ``tie_fused``: one bit-width per fusion group within a layer (default: what the target needs)."""
-    granularity = sens.get("granularity")
+    sens = schemas.sensitivity(sens)
+    granularity = sens.granularity
     _check_profile(sens, "module" if granularity == "module" else "layer", "inter-layer allocation")
     if granularity == "module" and module_sens is not None:
         raise TasaError("a module profile is allocated over its modules directly: give it alone, "
@@ -171,47 +174,47 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
     tie = tgt.tie_fused if tie_fused is None else bool(tie_fused)
     if tgt.tie_fused and not tie:
         raise TasaError(f"{tgt.name} fuses q/k/v and gate/up into one matmul: their bits cannot be untied")
-    sym = bool(sens.get("sym", True))
+    sym = sens.sym
     if tgt.sym_only and not sym:
         raise TasaError(f"the profile used asymmetric grids, but {tgt.name} serves only symmetric GPTQ weights")
-    bits = candidate_bits(tgt, bits or None, sens["bits"])
-    g = int(sens["group_size"])
+    bits = candidate_bits(tgt, bits or None, sens.bits)
+    g = sens.group_size
     check_budget(budget, bits, g, budget_includes_metadata)
-    units = sens["units"]
+    units = sens.units
     costs = _combined_costs(sens, bits, beta, task_weights)
-    sizes = [int(u["numel"]) for u in units]
     ties = _fusion_groups(sens) if granularity == "module" and tie else []
-    unit_bits, cost = _allocate_units(costs, sizes, _tied([u["modules"][0] for u in units], ties), budget, g,
+    unit_bits, cost = _allocate_units(costs, sens.sizes, _tied([u.modules[0] for u in units], ties), budget, g,
                                       budget_includes_metadata)
-    module_bits = {m: b for u, b in zip(units, unit_bits) for m in u["modules"]}
-    numel = {m: int(u["numel"]) / len(u["modules"]) for u in units for m in u["modules"]}  # refined below
+    module_bits = {m: b for u, b in zip(units, unit_bits) for m in u.modules}
+    numel = {m: u.numel / len(u.modules) for u in units for m in u.modules}  # refined below
     if module_sens is not None:
+        module_sens = schemas.sensitivity(module_sens, "the module profile")
         _check_profile(module_sens, "module", "intra-layer allocation")
-        if module_sens.get("model") != sens.get("model") or int(module_sens["group_size"]) != g:
+        if module_sens.model != sens.model or module_sens.group_size != g:
             raise TasaError("the module profile is of another model or group size than the layer profile")
-        mod_units = module_sens["units"]
-        missing = sorted(set(module_bits) - {u["modules"][0] for u in mod_units})
+        mod_units = module_sens.units
+        missing = sorted(set(module_bits) - {u.modules[0] for u in mod_units})
         if missing:
             raise TasaError(f"the module profile has no costs for {missing[0]} (profile every layer's modules)")
         mod_costs = _combined_costs(module_sens, target_bits(tgt, bits), beta, task_weights)
         ties = _fusion_groups(module_sens) if tie else []
-        numel = {u["modules"][0]: int(u["numel"]) for u in mod_units}
+        numel = {u.modules[0]: u.numel for u in mod_units}
         for u, b in zip(units, unit_bits):  # each layer's modules share its total: the DP under that total
-            members = [i for i, mu in enumerate(mod_units) if mu["layer"] == u["layer"]]
-            split, _ = _allocate_units([mod_costs[i] for i in members], [numel[mod_units[i]["modules"][0]] for i in members],
-                                       _tied([mod_units[i]["modules"][0] for i in members], ties),
+            members = [i for i, mu in enumerate(mod_units) if mu.layer == u.layer]
+            split, _ = _allocate_units([mod_costs[i] for i in members], [mod_units[i].numel for i in members],
+                                       _tied([mod_units[i].modules[0] for i in members], ties),
                                        b + (metadata_bits(b, g) if budget_includes_metadata else 0.0), g,
                                        budget_includes_metadata)
-            module_bits.update({mod_units[i]["modules"][0]: x for i, x in zip(members, split)})
+            module_bits.update({mod_units[i].modules[0]: x for i, x in zip(members, split)})
     spec_of = {b: QuantSpec(bits=b, group_size=g, sym=sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
-    check_servable(modules, tgt, [tuple(x) for x in sens.get("fusion_groups", [])])
+    check_servable(modules, tgt, sens.fusion_groups)
     total = sum(numel.values())
     weight_bits = sum(numel[m] * b for m, b in module_bits.items()) / total
     effective = sum(numel[m] * (b + metadata_bits(b, g)) for m, b in module_bits.items()) / total
     layers: dict[int, list[str]] = {}
     for u in units:
-        layers.setdefault(int(u["layer"]), []).extend(u["modules"])
+        layers.setdefault(u.layer, []).extend(u.modules)
     summary = {"budget": budget, "budget_includes_metadata": budget_includes_metadata, "beta": beta,
                "task_weights": dict(task_weights or {}), "candidates": bits, "target": tgt.name,
                "tie_fused": tie, "granularity": granularity, "intra_layer": module_sens is not None, "cost": cost,
@@ -219,6 +222,6 @@ def plan_from_sensitivity(sens: dict, budget: float, bits: Sequence[int] | None 
                "predicted": predicted_costs(sens, unit_bits),
                "layer_bits": {f"layer.{i}": sum(numel[m] * module_bits[m] for m in ms) / sum(numel[m] for m in ms)
                               for i, ms in layers.items()},
-               "module_bits": module_bits, "objectives": list(sens["costs"]), "model": sens.get("model")}
+               "module_bits": module_bits, "objectives": list(sens.costs), "model": sens.model}
     plan = Plan(modules, method=method, meta={"allocation": summary, "target": tgt.name})
     return plan, summary

@@ -5,10 +5,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasa import schemas
 from tasa.artifacts import read_json
 from tasa.config import AllocationSpec
 from tasa.errors import TasaError
 from tasa.pipeline.common import check_output_file
+from tasa.schemas import Sensitivity
 
 
 @dataclass(frozen=True)
@@ -20,17 +22,20 @@ class AllocationResult:
     summary: dict = field(repr=False)
 
 
-def read_profile(path: str | Path) -> tuple[dict, Path]:
-    """A sensitivity.json (or the directory holding one), read strictly."""
+def read_profile(path: str | Path) -> tuple[Sensitivity, Path]:
+    """A sensitivity.json (or the directory holding one), read strictly into its typed record."""
     path = Path(path)
     if path.is_dir():
         path = path / "sensitivity.json"
     if not path.is_file():
         raise TasaError(f"sensitivity file not found: {path}")
     try:
-        return read_json(path), path
+        record = read_json(path)
     except json.JSONDecodeError as e:
         raise TasaError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise TasaError(f"{path} is not a sensitivity profile (a JSON object)")
+    return schemas.sensitivity(record, str(path)), path
 
 
 def allocate_bits(sensitivity: str | Path, output: str | Path, spec: AllocationSpec,

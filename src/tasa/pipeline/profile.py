@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasa import schemas
 from tasa.artifacts import write_json_atomic
 from tasa.config import ProfileSpec, Runtime
 from tasa.data import build_calibration, store
@@ -138,6 +139,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         "machine": machine_info(),
         "date": now(),
     }
+    record = schemas.Sensitivity.from_dict(record).to_dict()  # the typed record is what is written
     write_json_atomic(out / "sensitivity.json", record)
     if report:
         from tasa.report.profile_report import write_report
