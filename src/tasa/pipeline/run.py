@@ -119,8 +119,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     from tasa.stages import Stages, stage_key as _key
 
     tasks = list(spec.tasks)
-    for t in tasks:
-        get_task(t).select(spec.eval_limit, "--eval-limit")  # bad names and specs, and too few test rows, fail before any work
+    for t in tasks:  # bad names and specs, and too few test rows, fail before any work
+        get_task(t).select(spec.eval_limit, "--eval-limit")
     run_warnings: list[str] = []
     calib = _calibration(spec, run_warnings)
     tgt = get_target(spec.target)
