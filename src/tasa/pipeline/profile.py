@@ -14,7 +14,7 @@ from tasa.config import ProfileSpec, Runtime
 from tasa.data import build_calibration, store
 from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
-from tasa.pipeline.common import (check_writable, dtype_name, machine_info, model_of, now, resolve_group_size,
+from tasa.pipeline.common import (check_new_dir, dtype_name, machine_info, model_of, now, resolve_group_size,
                                   validation_group_size)
 from tasa.quant.rtn import SYM_GRID
 
@@ -36,14 +36,12 @@ class ProfileResult:
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
     """A profile directory: new, holding probes of an earlier run (resumed), or cleared with ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise TasaError(f"output path {out} exists and is not a directory")
+    check_new_dir(out)
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
         elif not (out / "probe_settings.json").is_file():
             raise TasaError(f"output directory {out} is not empty and holds no probes; pass --overwrite")
-    check_writable(out.parent, out)
 
 
 def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(), runtime: Runtime = Runtime(),

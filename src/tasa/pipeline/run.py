@@ -15,7 +15,7 @@ from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import load
 from tasa.pipeline.allocate import allocate_bits
-from tasa.pipeline.common import AUTO_GROUP_SIZES, check_writable, validation_group_size
+from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, validation_group_size
 from tasa.pipeline.evaluate import evaluate
 from tasa.pipeline.profile import profile
 from tasa.pipeline.quantize import quantize
@@ -89,8 +89,7 @@ def _calibration(spec: RunSpec, warnings: list[str]) -> str:
 
 
 def _check_run_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise TasaError(f"output path {out} exists and is not a directory")
+    check_new_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").is_file():
         raise TasaError(f"output directory {out} is not empty and holds no tasa run")
     check_writable(out, out)
