@@ -8,7 +8,9 @@ half 3-bit), and the exact DP allocation over {3, 4, 8} from the committed layer
 table (benchmarks/results/paper_table/layer-sensitivity.json: wikitext2 / gsm8k / arc_easy, 4,096 scored
 tokens each, KL cost for ARC-Easy) for beta = 0.5 and 1 (ppl-only) (0, 0.25 and 0.75 on request); on
 request, at 4.25 bits a vLLM-servable plan (target vllm: {4, 8}, q/k/v and gate/up tied, beta 0.5) and
-uniform W8.  Every row is evaluated on held-out test rows: wikitext2 perplexity and KL divergence to the
+uniform W8; and on request rows tasa-pTOKENS-SETTING (e.g. tasa-p768-kl): beta 0.5 over {3, 4, 8} from a
+profile of benchmarks/profile_cost.py (TOKENS probe tokens, SETTING its cost forms), to compare the plans
+that cheap profiles give.  Every row is evaluated on held-out test rows: wikitext2 perplexity and KL divergence to the
 full-precision model (top-256 log-probs) on the first 30 windows of 512 tokens, ARC-Easy (first 300) and
 ARC-Challenge (first 200) accuracy (zero-shot), GSM8K gold-solution NLL (first 150, zero-shot, as
 profiled).  The beta = 0.5 row is also exported as a GPTQ checkpoint and loaded in GPTQModel 7.6.0 (TORCH
@@ -44,7 +46,7 @@ PROFILE = RESULTS / "paper_table" / "layer-sensitivity.json"  # the paper table'
 RECORDS = RESULTS / BENCH
 PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 # the rows measured by default (about 6 CPU-minutes of GPTQ and scoring each on an idle 2-core machine); --rows
-# also takes tasa-beta0, tasa-beta0.25, tasa-beta0.75, uniform-w8 and vllm-4.25
+# also takes tasa-beta0, tasa-beta0.25, tasa-beta0.75, uniform-w8, vllm-4.25 and tasa-pTOKENS-SETTING
 ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", "tasa-beta0.5", "tasa-beta1"]
 
 
@@ -59,6 +61,10 @@ def plan_for(name: str, arch):
     if name == "naive-3.5":
         half = arch.num_layers // 2
         return Plan({m.name: QuantSpec(bits=4 if m.layer < half else 3, group_size=GROUP) for m in arch.modules})
+    if name.startswith("tasa-p"):  # tasa-pTOKENS-SETTING: beta 0.5 from a benchmarks/profile_cost.py profile
+        tokens, setting = name[len("tasa-p"):].split("-", 1)
+        sens = json.loads((RESULTS / "profile_cost" / f"sensitivity-{tokens}-{setting}.json").read_text())
+        return plan_from_sensitivity(sens, BUDGET, bits=[3, 4, 8], beta=0.5)[0]
     sens = json.loads(PROFILE.read_text())
     if name == "vllm-4.25":
         return plan_from_sensitivity(sens, VLLM_BUDGET, bits=[4, 8], beta=0.5, target="vllm")[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
+from tasa.config import CHOICE_COSTS, TOKEN_COSTS
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -92,9 +93,14 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                    help="profile (and allocate) whole decoder layers, or every linear module (7x the probes; on "
                         "SmolLM2-135M the module plan scored below the layer plan, see docs/RESULTS.md) "
                         "(default: layer)")
-    p.add_argument("--choice-cost", choices=["kl", "gold"], default="kl",
+    p.add_argument("--choice-cost", choices=list(CHOICE_COSTS), default="kl",
                    help="multiple-choice objectives: kl = divergence of the answer distribution from full "
-                        "precision, gold = increase of -log p(gold | choices) (default: kl)")
+                        "precision, gold = increase of -log p(gold | choices), token-kl = per-token divergence of "
+                        "the next-token distribution on the choices' tokens (default: kl)")
+    p.add_argument("--token-cost", choices=list(TOKEN_COSTS), default="kl",
+                   help="text objectives (wikitext2, gsm8k solutions): kl = per-token divergence of the next-token "
+                        "distribution from full precision, nll = increase of the per-token NLL; kl ranks units "
+                        "far more steadily from the same tokens (docs/RESULTS.md) (default: kl)")
     p.add_argument("--probe-quantizer", choices=["rtn", "gptq"], default="rtn",
                    help="how a probe quantizes its unit: rtn (intrinsic sensitivity, the method's default) or gptq "
                         "(the damage GPTQ leaves, with Hessians from the calibration; about 1.6x the profile "
@@ -243,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scored tokens per objective for the profile; 4096 gives steadier rankings at ~5x the "
                         "time (default: 768)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
+    r.add_argument("--search-samples", type=int, default=8,
+                   help="with --calib auto: sequences per source, and held-out sequences, of the mixture search "
+                        "(default: 8; the choice and its cost against 16 and 64 are in docs/RESULTS.md)")
     r.add_argument("--eval-limit", type=int, default=100,
                    help="test rows per task, evaluated zero-shot as profiled (default: 100)")
     r.add_argument("--eval-windows", type=int, default=40,
@@ -400,8 +409,9 @@ def run(argv: list[str] | None = None) -> int:
                        task_weights=weights, budget_includes_metadata=args.budget_includes_metadata,
                        target=args.target or "gptqmodel", group_size=args.group_size,
                        probe_tokens=args.probe_tokens,
-                       choice_cost=args.choice_cost, probe_quantizer=args.probe_quantizer,
-                       granularity=args.granularity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       choice_cost=args.choice_cost, token_cost=args.token_cost,
+                       probe_quantizer=args.probe_quantizer, granularity=args.granularity, nsamples=args.nsamples,
+                       search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
@@ -456,7 +466,7 @@ def run(argv: list[str] | None = None) -> int:
                            granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
                            probe_tokens=args.probe_tokens, probe_seqlen=args.probe_seqlen, seed=args.seed,
                            batch_tokens=args.batch_tokens, method=args.method, choice_cost=args.choice_cost,
-                           probe_quantizer=args.probe_quantizer, calib=calib,
+                           token_cost=args.token_cost, probe_quantizer=args.probe_quantizer, calib=calib,
                            layers=tuple(layers) if layers is not None else None, max_state_gb=args.max_state_gb,
                            compare_estimators=args.compare_estimators)
         res = pipeline.profile(args.model, args.output_dir, spec, _runtime(args), overwrite=args.overwrite,

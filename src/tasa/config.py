@@ -212,6 +212,8 @@ class EvalSpec:
 
 
 PROFILE_METHODS = ("measured", "fisher", "autoscheme")
+CHOICE_COSTS = ("kl", "gold", "token-kl")  # how a probe scores multiple-choice objectives (tasa.profile.objectives)
+TOKEN_COSTS = ("kl", "nll")  # how a probe scores text objectives
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ class ProfileSpec:
     batch_tokens: int = 512
     method: str = "measured"
     choice_cost: str = "kl"
+    token_cost: str = "kl"
     probe_quantizer: str = "rtn"
     calib: CalibSpec | None = None
     damp: float = 0.01
@@ -249,7 +252,8 @@ class ProfileSpec:
                       damp=self.damp)
         _one_of(self.granularity, ("layer", "module"), "granularity")
         _one_of(self.method, PROFILE_METHODS, "the profile method")
-        _one_of(self.choice_cost, ("kl", "gold"), "the choice cost")
+        _one_of(self.choice_cost, CHOICE_COSTS, "the choice cost")
+        _one_of(self.token_cost, TOKEN_COSTS, "the token cost")
         _one_of(self.probe_quantizer, ("rtn", "gptq"), "the probe quantizer")
         _positive(self.probe_tokens, "--probe-tokens")
         _positive(self.probe_seqlen, "--probe-seqlen")
@@ -347,9 +351,11 @@ class RunSpec:
     group_size: int | None = None
     probe_tokens: int = 768
     choice_cost: str = "kl"
+    token_cost: str = "kl"
     probe_quantizer: str = "rtn"
     granularity: str = "layer"
     nsamples: int = 64
+    search_samples: int = 8
     seqlen: int = 512
     seed: int = 0
     eval_limit: int = 100
@@ -360,9 +366,11 @@ class RunSpec:
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")
-        _one_of(self.choice_cost, ("kl", "gold"), "the choice cost")
+        _one_of(self.choice_cost, CHOICE_COSTS, "the choice cost")
+        _one_of(self.token_cost, TOKEN_COSTS, "the token cost")
         _one_of(self.probe_quantizer, ("rtn", "gptq"), "probe quantizer")
         _one_of(self.granularity, ("layer", "module"), "granularity")
+        _positive(self.search_samples, "--search-samples")
         if self.eval_limit < 1 or self.eval_windows < 1:
             raise TasaError(f"--eval-limit and --eval-windows must be positive, got {self.eval_limit}, "
                             f"{self.eval_windows}")

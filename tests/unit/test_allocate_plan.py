@@ -166,3 +166,50 @@ def test_a_record_of_another_schema_is_refused():
     with pytest.raises(TasaError, match=r"the sensitivity profile is not a tasa.sensitivity/1 record \(schema "
                                         r"'tasa.mixture/1'\)"):
         plan_from_sensitivity({"schema": "tasa.mixture/1"}, 3.5)
+
+
+def _without(record, bits):
+    """The profile ``record`` with bit-width ``bits`` dropped (as if never probed)."""
+    out = {**record, "bits": [b for b in record["bits"] if b != bits]}
+    out["costs"] = {o: {b: v for b, v in per.items() if b != str(bits)} for o, per in record["costs"].items()}
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_unprofiled_widths_the_bound_rules_out_cannot_improve_the_plan(seed):
+    """When the zero-cost bound says an unprofiled width cannot be used, the plan over the profiled widths is
+    optimal over all of them, whatever the unprofiled costs are; when it says one can, it names it."""
+    import random
+
+    from tasa.allocate.plan import unprofiled_bits_used
+
+    rng = random.Random(seed)
+    c3 = [rng.uniform(0.5, 4.0) for _ in range(4)]
+    c4 = [c * rng.uniform(0.05, 0.6) for c in c3]
+    c8 = [c * rng.uniform(0.0, 0.2) for c in c4]
+    w = {"3": c3, "4": c4, "8": c8}
+    g = {"3": [rng.uniform(0.5, 4.0) for _ in range(4)]}
+    g["4"] = [c * rng.uniform(0.05, 0.6) for c in g["3"]]
+    g["8"] = [c * rng.uniform(0.0, 0.2) for c in g["4"]]
+    full = profile(w, g)
+    budget = rng.choice([3.25, 3.5, 3.75, 4.0, 5.0, 6.0])
+    used = unprofiled_bits_used(_without(full, 8), budget, [3, 4, 8])
+    _, best = plan_from_sensitivity(full, budget)
+    if not used:
+        _, restricted = plan_from_sensitivity(_without(full, 8), budget, bits=[3, 4])
+        assert restricted["cost"] == pytest.approx(best["cost"], rel=1e-12, abs=1e-12)
+    else:
+        assert used == [8]
+    if 8 in best["module_bits"].values():  # a plan that needs 8 bits is never missed
+        assert used == [8]
+    assert unprofiled_bits_used(full, budget, [3, 4, 8]) == []  # nothing unprofiled
+
+
+def test_unprofiled_width_bound_examples():
+    from tasa.allocate.plan import unprofiled_bits_used
+
+    partial = _without(profile(PPL, GSM), 8)
+    assert unprofiled_bits_used(partial, 3.5, [3, 4, 8]) == []  # 4 bits for half the layers fits; 8 costs 4 more
+    assert unprofiled_bits_used(partial, 6.0, [3, 4, 8]) == [8]  # above 4 bits only 8 can spend the budget
+    with pytest.raises(TasaError, match="lowest candidate"):
+        unprofiled_bits_used(_without(profile(PPL, GSM), 3), 3.5, [3, 4, 8])

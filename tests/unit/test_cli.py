@@ -240,8 +240,14 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
     assert (out_dir / "heatmap_2.png").stat().st_size > 1000 and "<table>" in (out_dir / "report.html").read_text()
     code, out2, err = run_cli(args, capsys)  # every probe is on disk: the re-run reads them back
     assert code == 0 and json.loads((out_dir / "sensitivity.json").read_text())["costs"] == s["costs"]
-    code, _, err = run_cli(args[:-3] + ["--bits", "3", "--output-dir", str(out_dir), "--quiet"], capsys)
-    assert code == 2 and "other settings (bits)" in err
+    probes = sorted((out_dir / "probes").glob("*.json"))
+    code, _, err = run_cli(args[:-3] + ["--bits", "2", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err  # another bit-width set: the probes are stored per unit and width, and reused
+    sub = json.loads((out_dir / "sensitivity.json").read_text())
+    assert sub["bits"] == [2] and sub["costs"]["wikitext2"]["2"]["cost"] == s["costs"]["wikitext2"]["2"]["cost"]
+    assert sorted((out_dir / "probes").glob("*.json")) == probes
+    code, _, err = run_cli(args[:-3] + ["--probe-seqlen", "16", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 2 and "other settings (seqlen)" in err
     settings = json.loads((out_dir / "probe_settings.json").read_text())
     assert settings["grid"] == "signed-max"
     settings.pop("grid")  # probes made before the signed-max grid: never mixed into a profile made after it
@@ -393,8 +399,9 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     code, out, err = run_cli(args, capsys)  # nothing changed: every stage is skipped
     assert code == 0 and "stages run: none" in out
     assert json.loads((out_dir / "stages.json").read_text()) == before
-    # a new budget redoes allocation and everything after it, not the profile or the full-precision evaluation;
-    # a failure during quantization leaves those recorded, and the next run resumes there
+    # a new budget redoes allocation and everything after it, and the profile stage (which widths need probes
+    # depends on the budget) reusing every probe, not the full-precision evaluation; a failure during quantization
+    # leaves those recorded, and the next run resumes there
     real = run_module.quantize
     monkeypatch.setattr(run_module, "quantize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = run_cli(args[:5] + ["--budget", "4"] + args[7:], capsys)
@@ -411,6 +418,30 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert code == 2 and "wikitext2 perplexity is always profiled" in err
 
 
+def test_run_probes_only_the_bit_widths_a_plan_can_use(tiny_model_dir, tmp_path, capsys, data_dir):
+    """At 3 bits over {2, 4, 8} no plan can afford 8 bits where 4 would do (zero-cost bound): 8 is not probed, and
+    the plan is allocated over {2, 4}; at 6 bits the plan needs 8, which is then probed (2 and 4 reused)."""
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3", "--bits", "2,4,8",
+            "--group-size", "16", "--probe-tokens", "40", "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2",
+            "--eval-windows", "1", "--calib", "wikitext2", "--output-dir", str(out_dir), "--quiet"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    record = json.loads((out_dir / "run.json").read_text())
+    assert record["profiled_bits"] == [2, 4] and record["skipped_bits"] == [8]
+    sens = json.loads((out_dir / "profile" / "sensitivity.json").read_text())
+    assert sens["bits"] == [2, 4] and set(sens["costs"]["gsm8k"]) == {"2", "4"}
+    assert json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["candidates"] == [2, 4]
+    probes = {p.name: p.stat().st_mtime_ns for p in (out_dir / "profile" / "probes").glob("*.json")}
+    code, out, err = run_cli(args[:5] + ["--budget", "6"] + args[7:], capsys)
+    assert code == 0, err
+    record = json.loads((out_dir / "run.json").read_text())
+    assert record["profiled_bits"] == [2, 4, 8] and record["skipped_bits"] == []
+    assert 8 in {m["bits"] for m in json.loads((out_dir / "plan.json").read_text())["modules"].values()}
+    after = {p.name: p.stat().st_mtime_ns for p in (out_dir / "profile" / "probes").glob("*.json")}
+    assert len(after) == len(probes) * 3 // 2 and all(after[k] == v for k, v in probes.items())  # reused
+
+
 # Flags of the same name whose default or help differs between verbs, and why.  Every other flag used by several
 # verbs has one default and one help text (tasa.cli's parent parsers).
 FLAG_EXCEPTIONS = {
@@ -421,8 +452,11 @@ FLAG_EXCEPTIONS = {
     "--tasks": "eval evaluates them (default wikitext2); run protects them (required)",
     "--calib": "quantize calibrates on it (default wikitext2); run searches it (auto); profile needs it for GPTQ "
                "probes only",
-    "--nsamples": "run's 64 keeps make run short until issue 35's run-time measurement settles one default",
-    "--probe-tokens": "run's 768 keeps make run short until issue 35's run-time measurement settles one default",
+    "--nsamples": "quantize calibrates GPTQ on 128 sequences (GPTQ's usual count), run on 64 to keep make run "
+                  "within 15 minutes on 2 cores; search-mixture counts sequences per source (128)",
+    "--probe-tokens": "profile is the analysis tool (rankings and their agreement reported): 4096 per objective; "
+                      "run allocates from 768, whose plan scored level with the 4096-token profile's "
+                      "(docs/RESULTS.md, allocation benchmark)",
 }
 
 

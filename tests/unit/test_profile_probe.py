@@ -1,5 +1,6 @@
 """Probe engine on tiny random models: equal to a full forward with only the unit quantized; resumable."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -156,14 +157,15 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
     monkeypatch.setattr(probe_mod, "quant_swapped", failing)
     with pytest.raises(KeyboardInterrupt):
         run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=ProbeStore(tmp_path, settings), progress=False)
-    assert len(list((tmp_path / "probes").glob("*.json"))) == 4  # base + 3 probes
+    assert len(list((tmp_path / "probes").glob("*.json"))) == 3  # 3 probes (the base is measured each run)
     monkeypatch.setattr(probe_mod, "quant_swapped", real)
     resumed = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=ProbeStore(tmp_path, settings), progress=False)
     assert resumed.probes.keys() == full.probes.keys()
     stored = [json.loads(f.read_text())["seconds"] for f in (tmp_path / "probes").glob("*.json")]
-    assert len(stored) == 7 and resumed.probe_seconds == pytest.approx(sum(stored))  # resumed probes counted
+    assert len(stored) == 6 and resumed.probe_seconds == pytest.approx(sum(stored))  # resumed probes counted
     for k in full.probes:
-        assert torch.allclose(resumed.probes[k]["wikitext2"].nll, full.probes[k]["wikitext2"].nll, atol=1e-6)
+        assert torch.equal(resumed.probes[k]["wikitext2"].nll, full.probes[k]["wikitext2"].nll)
+        assert torch.equal(resumed.probes[k]["wikitext2"].kl, full.probes[k]["wikitext2"].kl)
     with pytest.raises(TasaError, match="other settings"):
         ProbeStore(tmp_path, {"bits": [3], "objectives": ["wikitext2"]})
 
@@ -240,8 +242,74 @@ def test_head_nll_equals_log_softmax():
     targets = torch.randint(0, 260, (7,))
     with torch.no_grad():
         logp = F.log_softmax(model.lm_head(hidden), -1)
-        got = head_nll(model, hidden, targets, chunk=100)  # 260 = 100 + 100 + 60: a ragged last chunk
+        got = head_nll(model, hidden, targets, chunk=3)  # 7 positions = 3 + 3 + 1: a ragged last chunk
     assert torch.allclose(got, -logp[torch.arange(7), targets], atol=1e-5)
+
+
+def _direct_token_kl(fp, q, o):
+    """Per-item summed KL(fp || q) over fp's top KL_TOPK tokens and one tail bucket, from plain forwards."""
+    from tasa.eval.metrics import topk_kl
+    from tasa.profile.objectives import KL_TOPK
+
+    out = []
+    for r in range(o.n_items):
+        pos = o.score_mask[r].nonzero().flatten()
+        ids = o.input_ids[r: r + 1, : int(pos[-1]) + 1]
+        with torch.no_grad():
+            lp, lq = (F.log_softmax(m(input_ids=ids).logits[0].float(), -1)[pos - 1] for m in (fp, q))
+        top = lp.topk(KL_TOPK, dim=-1)
+        out.append(float(topk_kl(top.values, top.indices, lq).double().sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_token_kl_probes_equal_plain_forwards(data_dir, tokenizer):
+    """Text objectives score a probe by the KL of its next-token distributions from full precision (over the
+    reference's top 256 tokens and a tail bucket): equal to plain forwards of both models, per item; the
+    sensitivity cost is the mean per-token KL; --token-cost nll keeps the NLL increase."""
+    from tasa.profile.sensitivity import sensitivities
+
+    model = tiny_llama(layers=3)
+    arch = resolve(model)
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32),
+            build_objective("gsm8k", tokenizer, min_tokens=40)]
+    assert all(o.token_kl for o in objs)
+    res = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=64), progress=False)
+    assert all(res.base[o.name].kl is None for o in objs)
+    unit = res.units[1]
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in unit.modules:
+            lin = q.get_submodule(name)
+            lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+    for o in objs:
+        got = res.probes[(unit.name, 2)][o.name].kl
+        want = _direct_token_kl(model, q, o)
+        assert (got >= 0).all() and float(got.sum()) > 0
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-5)
+    arc = [build_objective("arc_easy", tokenizer, min_tokens=20)]  # choice objectives keep the token KL too
+    res_arc = run_probes(model, arch, arc, ProfileSpec(bits=(2,), group_size=16), progress=False)
+    kl_arc = res_arc.probes[(unit.name, 2)]["arc_easy"].kl
+    assert kl_arc.shape == (arc[0].n_items,) and (kl_arc >= 0).all() and float(kl_arc.sum()) > 0
+    arc_tok = [dataclasses.replace(arc[0], choice_cost="token-kl")]
+    got = sensitivities(res_arc, arc_tok, (2,))[0]["arc_easy"]["2"]["cost"]
+    scored = float(arc[0].score_mask.sum())
+    assert got == pytest.approx([float(res_arc.probes[(u.name, 2)]["arc_easy"].kl.sum()) / scored
+                                 for u in res_arc.units])
+    costs, stability, _ = sensitivities(res, objs, (2,))
+    kls = [res.probes[(u.name, 2)]["gsm8k"].kl for u in res.units]
+    tokens = float(res.base["gsm8k"].tokens.sum())
+    assert costs["gsm8k"]["2"]["cost"] == pytest.approx([float(k.sum()) / tokens for k in kls])
+    nll_objs = [build_objective("gsm8k", tokenizer, min_tokens=40, token_cost="nll")]
+    assert not nll_objs[0].token_kl
+    res_nll = run_probes(model, arch, nll_objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=64),
+                         progress=False)
+    assert res_nll.probes[(unit.name, 2)]["gsm8k"].kl is not None  # measured alike: only the cost differs
+    nll_cost = sensitivities(res_nll, nll_objs, (2,))[0]["gsm8k"]["2"]["cost"]
+    want = [float((res_nll.probes[(u.name, 2)]["gsm8k"].nll - res_nll.base["gsm8k"].nll).sum()) / tokens
+            for u in res.units]
+    assert nll_cost == pytest.approx(want)
+    with pytest.raises(TasaError, match="token cost"):
+        build_objective("gsm8k", tokenizer, min_tokens=40, token_cost="gold")
 
 
 def test_soft_capped_logits_use_the_models_own_head(data_dir, tokenizer):

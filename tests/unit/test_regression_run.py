@@ -24,7 +24,7 @@ import torch
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "regression_run.json"
 
 RUNS = {
-    "auto-rtn": ["--calib", "auto", "--tasks", "gsm8k"],
+    "auto-rtn": ["--calib", "auto", "--tasks", "gsm8k", "--search-samples", "4"],
     "fixed-gptq": ["--calib", "wikitext2:0.5,gsm8k:0.5", "--tasks", "gsm8k", "--probe-quantizer", "gptq"],
 }
 

@@ -18,6 +18,7 @@ symmetric grids and ties fusion groups where its engine needs it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -225,3 +226,27 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
                "module_bits": module_bits, "objectives": list(sens.costs), "model": sens.model}
     plan = Plan(modules, method=method, meta={"allocation": summary, "target": tgt.name})
     return plan, summary
+
+
+def unprofiled_bits_used(sens: "dict | Sensitivity", budget: float, bits: Sequence[int], **allocation) -> list[int]:
+    """The bit-widths of ``bits`` that ``sens`` lacks and an optimal plan under ``budget`` might use: those the
+    plan uses when every unprofiled width costs 0 for every unit (``allocation``: plan_from_sensitivity's
+    keywords).
+
+    Aggregated costs are never negative (the normalisation clips them; it scales by the lowest width, which must
+    be profiled), so 0 bounds every unprofiled cost from below.  If the plan under that bound uses none of the
+    unprofiled widths, its cost is the same under the true costs and no plan can cost less under them: it is an
+    optimal plan over all of ``bits``, and those widths need no probes.  Otherwise the widths it uses are
+    returned (probe them, and ask again)."""
+    sens = schemas.sensitivity(sens)
+    missing = sorted({int(b) for b in bits} - set(sens.bits))
+    if not missing:
+        return []
+    if min(bits) not in sens.bits:
+        raise TasaError(f"the lowest candidate bit-width ({min(bits)}) must be profiled: it scales the costs")
+    n = len(sens.units)
+    zero = {"cost": [0.0] * n, "ci_low": [0.0] * n, "ci_high": [0.0] * n}
+    bound = dataclasses.replace(sens, bits=sorted([*sens.bits, *missing]),
+                                costs={o: {**per, **{str(b): zero for b in missing}} for o, per in sens.costs.items()})
+    _, summary = plan_from_sensitivity(bound, budget, bits=sorted(bits), **allocation)
+    return sorted({b for b in summary["module_bits"].values() if b in missing})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa import schemas
-from tasa.artifacts import write_json_atomic
+from tasa.artifacts import read_json, write_json_atomic
 from tasa.config import ProfileSpec, Runtime
 from tasa.data import build_calibration, store
 from tasa.errors import TasaError
@@ -45,21 +45,23 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(), runtime: Runtime = Runtime(),
-            overwrite: bool = False, report: bool = True, top_k: int = 8) -> ProfileResult:
+            overwrite: bool = False, report: bool = True, top_k: int = 8,
+            restart_if_changed: bool = False) -> ProfileResult:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
 
-    ``output_dir`` also holds every finished probe: running the same command again after a kill resumes;
-    other settings in the same directory need ``overwrite``.  With ``report``, also report.md/.html and PNG
+    ``output_dir`` also holds every finished probe: running the same command again after a kill resumes, and so
+    does one at other bit-widths (the probes already measured are reused); other settings in the same directory
+    need ``overwrite``, or ``restart_if_changed`` (start over only if the probes were made with other settings).  With ``report``, also report.md/.html and PNG
     plots (Kendall tau between objectives, top-``top_k`` overlap).
 
     ``spec.method``: ``measured`` (probes), or a gradient estimator, ``fisher`` or ``autoscheme`` (see
     tasa.profile.estimators), whose costs then stand in for the probes'; ``compare_estimators`` (with
     ``measured``) also runs both estimators and records their Kendall tau against the probes and their cost.
-    ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` or ``gold`` (see
-    tasa.profile.objectives).  ``max_state_gb``: RAM budget for the kept layer inputs; past it they are spilled
-    to ``output_dir/kept-states`` (removed when done).  ``probe_quantizer``: ``rtn`` (the unit's intrinsic
-    sensitivity, the method's default) or ``gptq`` (the damage GPTQ leaves: each probe GPTQ-quantizes its unit
-    with Hessians from the calibration ``spec.calib``).
+    ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` or ``gold``; ``token_cost``: how text
+    objectives do, ``kl`` or ``nll`` (see tasa.profile.objectives).  ``max_state_gb``: RAM budget for the kept
+    layer inputs; past it they are spilled to ``output_dir/kept-states`` (removed when done).  ``probe_quantizer``:
+    ``rtn`` (the unit's intrinsic sensitivity, the method's default) or ``gptq`` (the damage GPTQ leaves: each
+    probe GPTQ-quantizes its unit with Hessians from the calibration ``spec.calib``).
     """
     from tasa.profile.estimators import ESTIMATORS, estimate
     from tasa.profile.objectives import build_objective
@@ -75,14 +77,16 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     arch = resolve(lm.model)
     spec = dataclasses.replace(spec, group_size=resolve_group_size(arch, spec.group_size))
     objs = [build_objective(name, lm.tokenizer, min_tokens=spec.probe_tokens, seqlen=spec.probe_seqlen,
-                            seed=spec.seed, max_length=lm.max_length, choice_cost=spec.choice_cost)
+                            seed=spec.seed, max_length=lm.max_length, choice_cost=spec.choice_cost,
+                            token_cost=spec.token_cost)
             for name in spec.objectives]
     # the probe-store fingerprint: the keys and names of profiles made before the specs existed are kept
     settings = {"model": model, "objectives": list(spec.objectives), "bits": list(spec.bits),
                 "granularity": spec.granularity, "group_size": spec.group_size, "sym": spec.sym, "grid": SYM_GRID,
                 "probe_tokens": spec.probe_tokens, "seqlen": spec.probe_seqlen, "seed": spec.seed,
                 "dtype": dtype_name(lm.model), "method": spec.method,
-                "layers": sorted(set(spec.layers)) if spec.layers is not None else None}
+                "layers": sorted(set(spec.layers)) if spec.layers is not None else None,
+                "probe_scores": "nll+kl"}  # probes hold the token KL since 2026-12-04: earlier stores lack it
     calib_ids = None
     if store.data_source() != "package" or store.override_dir() is not None:
         settings["data"] = store.fingerprint()  # the package copy holds the rows earlier profiles used
@@ -94,7 +98,12 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     estimators: dict = {}
     warnings: list[str] = []
     if spec.method == "measured":
-        res = run_probes(lm.model, arch, objs, spec, store=ProbeStore(out, settings), calib_ids=calib_ids,
+        # a probe is stored under its unit and bit-width: a profile at more (or fewer) bit-widths reuses it
+        probe_settings = {k: v for k, v in settings.items() if k != "bits"}
+        if restart_if_changed and (out / "probe_settings.json").is_file() \
+                and read_json(out / "probe_settings.json") != probe_settings:
+            shutil.rmtree(out)
+        res = run_probes(lm.model, arch, objs, spec, store=ProbeStore(out, probe_settings), calib_ids=calib_ids,
                          progress=runtime.progress)
         costs, stability, warnings = sensitivities(res, objs, spec.bits, seed=spec.seed)
         taus = objective_taus(res, objs, spec.bits, seed=spec.seed) if len(objs) > 1 else {}

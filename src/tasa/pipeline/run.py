@@ -95,11 +95,38 @@ def _check_run_dir(out: Path) -> None:
     check_writable(out, out)
 
 
+def _profile_needed_bits(lm, out: Path, spec: ProfileSpec, allocation: AllocationSpec,
+                         runtime: Runtime) -> tuple:
+    """Profile only the bit-widths an optimal plan under ``allocation`` can use: first the candidates up to the
+    smallest one at or above the budget, then any other the allocation could still choose (by the zero-cost
+    bound of tasa.allocate.plan.unprofiled_bits_used), until none is left.  Probes already measured are reused.
+    Returns the profile and the candidates left unprofiled."""
+    from tasa.allocate.plan import unprofiled_bits_used
+
+    bits = sorted(spec.bits)
+    above = [b for b in bits if b >= allocation.budget]
+    todo = [b for b in bits if b <= (above[0] if above else bits[-1])]
+    while True:
+        s = profile(lm, out, dataclasses.replace(spec, bits=tuple(todo)), runtime, restart_if_changed=True)
+        more = unprofiled_bits_used(s.record, allocation.budget, bits, beta=allocation.beta,
+                                    task_weights=allocation.weights,
+                                    budget_includes_metadata=allocation.budget_includes_metadata,
+                                    target=allocation.target)
+        if not more:
+            skipped = [b for b in bits if b not in todo]
+            if skipped:
+                log.info("bit-width(s) %s not profiled: no plan under the budget can use them (zero-cost bound)",
+                         ", ".join(map(str, skipped)))
+            return s, skipped
+        todo = sorted({*todo, *more})
+
+
 def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Runtime()) -> RunResult:
     """The whole method on ``model``, resumable.
 
     ``spec.calib="auto"`` first chooses the calibration mixture of wikitext2 and the tasks by
-    ``spec.mixture_criterion`` (see :func:`search_mixture`; ``nsamples`` x ``seqlen`` tokens per source).
+    ``spec.mixture_criterion`` (see :func:`search_mixture`; ``search_samples`` x ``seqlen`` tokens per source and
+    held out).
     ``probe_quantizer``: ``rtn`` profiles with RTN probes (the method's default); ``gptq`` with probes that
     GPTQ-quantize their layer on the run's calibration.  ``granularity``: ``layer`` profiles and allocates whole
     decoder layers (the method's default); ``module`` probes every linear module and allocates over all of them
@@ -141,36 +168,41 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     model_in = {"model": model, "data": data_fp, "dtype": runtime.dtype}
 
     if calib == "auto":
-        m_in = {**model_in, "tasks": tasks, "criterion": spec.mixture_criterion, "nsamples": spec.nsamples,
+        m_in = {**model_in, "tasks": tasks, "criterion": spec.mixture_criterion, "search_samples": spec.search_samples,
                 "seqlen": spec.seqlen, "seed": spec.seed, "group_size": spec.group_size,
                 **({"grid": SYM_GRID} if spec.mixture_criterion == "measured" else {})}  # only it quantizes
         m_spec = MixtureSpec(general="wikitext2", tasks=tuple(tasks), criteria=(spec.mixture_criterion,),
-                             nsamples=spec.nsamples, seqlen=spec.seqlen, group_size=spec.group_size, seed=spec.seed)
+                             nsamples=spec.search_samples, heldout_samples=spec.search_samples, seqlen=spec.seqlen,
+                             group_size=spec.group_size, seed=spec.seed)
         calib = stages.run("mixture", m_in, lambda: {
             "calib": search_mixture(shared.fp(), out / "mixture", m_spec, runtime).calib})["calib"]
     calib_spec = CalibSpec.parse(calib, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=spec.seed)
     gptq = ({"calib": calib, "nsamples": spec.nsamples, "calib_seqlen": spec.seqlen}
             if spec.probe_quantizer == "gptq" else {})
+    a_spec = AllocationSpec(budget=spec.budget, bits=bits, beta=spec.beta, task_weights=spec.task_weights,
+                            budget_includes_metadata=spec.budget_includes_metadata, target=spec.target)
+    allocation = {"budget": spec.budget, "bits": sorted(bits), "beta": spec.beta, "task_weights": a_spec.weights,
+                  "target": spec.target, "budget_includes_metadata": spec.budget_includes_metadata}
     p_in = {**model_in, "objectives": objectives, "bits": sorted(bits), "group_size": spec.group_size,
-            "probe_tokens": spec.probe_tokens, "seed": spec.seed, "choice_cost": spec.choice_cost, "grid": SYM_GRID,
+            "probe_tokens": spec.probe_tokens, "seed": spec.seed, "choice_cost": spec.choice_cost,
+            "token_cost": spec.token_cost, "grid": SYM_GRID,
             **({"probe_quantizer": "gptq", **gptq} if gptq else {}),  # GPTQ settings only then: RTN keys stay
-            **({"granularity": "module"} if spec.granularity == "module" else {})}  # so do layer-granularity keys
-    changed = stages.previous_key("profile") not in (None, _key(p_in))  # other settings: start the probes over
+            **({"granularity": "module"} if spec.granularity == "module" else {}),  # so do layer-granularity keys
+            "allocation": allocation}  # which bit-widths need probes depends on it (see _profile_needed_bits)
     p_spec = ProfileSpec(objectives=tuple(objectives), bits=bits, granularity=spec.granularity,
                          group_size=spec.group_size, probe_tokens=spec.probe_tokens, seed=spec.seed,
-                         choice_cost=spec.choice_cost, probe_quantizer=spec.probe_quantizer,
+                         choice_cost=spec.choice_cost, token_cost=spec.token_cost,
+                         probe_quantizer=spec.probe_quantizer,
                          calib=calib_spec if gptq else None)
 
     def do_profile():
-        s = profile(shared.fp(), out / "profile", p_spec, runtime, overwrite=changed)
-        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s.warnings}
+        s, skipped = _profile_needed_bits(shared.fp(), out / "profile", p_spec, a_spec, runtime)
+        return {"sensitivity": str(out / "profile" / "sensitivity.json"), "warnings": s.warnings,
+                "profiled_bits": s.record["bits"], "skipped_bits": skipped}
 
     prof = stages.run("profile", p_in, do_profile)
-    a_spec = AllocationSpec(budget=spec.budget, bits=bits, beta=spec.beta, task_weights=spec.task_weights,
-                            budget_includes_metadata=spec.budget_includes_metadata, target=spec.target)
-    a_in = {"profile": _key(p_in), "budget": spec.budget, "bits": sorted(bits), "beta": spec.beta,
-            "task_weights": a_spec.weights, "target": spec.target,
-            "budget_includes_metadata": spec.budget_includes_metadata}
+    a_spec = dataclasses.replace(a_spec, bits=tuple(prof.get("profiled_bits", bits)))
+    a_in = {"profile": _key(p_in), **allocation}
     stages.run("allocate", a_in, lambda: allocate_bits(prof["sensitivity"], out / "plan.json", a_spec).summary)
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
             "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID}
@@ -197,7 +229,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,
-               "probe_tokens": spec.probe_tokens, "warnings": run_warnings + prof["warnings"],
+               "probe_tokens": spec.probe_tokens, "profiled_bits": prof.get("profiled_bits"),
+               "skipped_bits": prof.get("skipped_bits", []), "warnings": run_warnings + prof["warnings"],
                "sizes": _sizes(out / "model"), "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}
     summary["report"] = str(write_run_report(out, summary))
     write_json_atomic(out / "run.json", summary)

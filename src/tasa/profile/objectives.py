@@ -5,8 +5,15 @@ whose token is scored, grouped into items:
 
 - ``nll`` objectives (``wikitext2``: validation windows; ``gsm8k``: train rows as
   ``Question: ...\\nAnswer: <gold solution>``, only solution tokens scored; a
-  ``gold_nll`` or ``generation`` user task with ``target``): the cost is the
-  per-token negative log-likelihood, total NLL / total scored tokens;
+  ``gold_nll`` or ``generation`` user task with ``target``): the cost is, by
+  ``token_cost``, ``kl`` (default): the mean over scored tokens of the KL
+  divergence of the probe's next-token distribution from the full-precision
+  model's (over the reference's top ``KL_TOPK`` tokens and one bucket for the
+  rest, a lower bound of the full KL, exact when the vocabulary is that small);
+  or ``nll``: the increase of the per-token negative log-likelihood of the text.
+  The KL form ranks units far more steadily from the same tokens: a probe moves
+  a token's NLL up or down by chance, but always moves its distribution
+  (benchmarks/profile_cost.py);
 - ``choice`` objectives (``arc_easy``, ``arc_challenge``: train + validation;
   ``mmlu``: dev; multiple-choice user tasks with ``fewshot_data``): the prompt of
   lm-eval's task followed by every choice, packed into one sequence per item:
@@ -16,8 +23,9 @@ whose token is scored, grouped into items:
   ``choice_cost``, ``kl`` (default): the mean over items of the KL divergence
   from the full-precision model's distribution over the choices (softmax of
   the choice log-likelihoods) to the probe's, i.e. the expected increase of
-  -log p(answer | choices) when answers follow the full-precision model; or
-  ``gold``: the increase of the mean -log p(gold | choices).  On SmolLM2-135M's
+  -log p(answer | choices) when answers follow the full-precision model;
+  ``gold``: the increase of the mean -log p(gold | choices); or ``token-kl``:
+  the token KL of text objectives on the choices' tokens.  On SmolLM2-135M's
   ARC-Easy the gold form ranks layers no better than noise at 4 bits
   (split-half stability 0.11 with 236 items, 0.12 with 472), the KL form
   steadily (0.63 and 0.69; benchmarks/arc_objective.py), because the sign of a
@@ -35,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tasa.config import CHOICE_COSTS, TOKEN_COSTS
 from tasa.data.sources import arc_doc, builtin_rows
 from tasa.errors import TasaError
 from tasa.eval.lm import encode_pair
@@ -65,6 +74,12 @@ class Objective:
     attend: torch.Tensor | None = None  # (N, T, T) bool
     position_ids: torch.Tensor | None = None  # (N, T) long
     choice_cost: str = "kl"  # choice kind: "kl" or "gold" (see the module docstring)
+    token_cost: str = "kl"  # nll kind: "kl" or "nll" (see the module docstring)
+
+    @property
+    def token_kl(self) -> bool:
+        """Whether probes score this objective by token KL, and so need the reference's top-k log-probs."""
+        return self.kind == "nll" and self.token_cost == "kl"
 
     @property
     def n_items(self) -> int:
@@ -110,7 +125,8 @@ class Objective:
         return Objective(self.name, self.kind, self.input_ids[rows], self.score_mask[rows], self.pred_pos[rows],
                          self.token_choice[rows], self.gold[rows],
                          None if self.attend is None else self.attend[rows],
-                         None if self.position_ids is None else self.position_ids[rows], self.choice_cost)
+                         None if self.position_ids is None else self.position_ids[rows], self.choice_cost,
+                         self.token_cost)
 
 
 @dataclass
@@ -168,16 +184,18 @@ def _probe_docs(task: Task, name: str) -> list[dict]:
     return task.fewshot_docs()
 
 
-CHOICE_COSTS = ("kl", "gold")
+KL_TOPK = 256  # reference log-probs kept per scored token for the token KL
 
 
 def build_objective(name: str, tokenizer, min_tokens: int = 4096, seqlen: int = 512, seed: int = 0,
-                    max_length: int | None = None, choice_cost: str = "kl") -> Objective:
+                    max_length: int | None = None, choice_cost: str = "kl", token_cost: str = "kl") -> Objective:
     """Probe sequences of objective ``name`` (a built-in task or a task spec file) with >= ``min_tokens`` scored."""
     if min_tokens < 1:
         raise TasaError(f"probe tokens must be positive, got {min_tokens}")
     if choice_cost not in CHOICE_COSTS:
         raise TasaError(f"choice cost must be {' or '.join(CHOICE_COSTS)}, got {choice_cost!r}")
+    if token_cost not in TOKEN_COSTS:
+        raise TasaError(f"token cost must be {' or '.join(TOKEN_COSTS)}, got {token_cost!r}")
     if name == "wikitext2":
         text = "\n\n".join(builtin_rows("wikitext2", "validation")[0])
         ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -186,7 +204,9 @@ def build_objective(name: str, tokenizer, min_tokens: int = 4096, seqlen: int = 
             raise TasaError(f"wikitext2 validation holds {len(ids)} tokens, fewer than {n} windows of {seqlen}")
         starts = sorted(random.Random(seed).sample(range(len(ids) // seqlen), n))
         rows = [(ids[s * seqlen:s * seqlen + 1], [ids[s * seqlen + 1:(s + 1) * seqlen]]) for s in starts]
-        return _pack(rows, [0] * n, name)
+        obj = _pack(rows, [0] * n, name)
+        obj.token_cost = token_cost
+        return obj
     task = get_task(name)
     docs = _probe_docs(task, name)
     order = list(range(len(docs)))
@@ -221,37 +241,45 @@ def build_objective(name: str, tokenizer, min_tokens: int = 4096, seqlen: int = 
     obj = _pack(rows, gold, name)
     obj.kind = "choice" if task.kind == "multiple_choice" else "nll"
     obj.choice_cost = choice_cost
+    obj.token_cost = token_cost
     return obj
 
 
 @dataclass
 class ItemLosses:
-    """Per-item raw material of an objective's cost: NLL sums and token counts, or choice log-likelihoods."""
+    """Per-item raw material of an objective's cost: NLL sums and token counts, choice log-likelihoods, and
+    summed token KL divergences from the reference."""
 
     nll: torch.Tensor  # (n_items,) summed NLL (nll kind) or -log p(gold | choices) (choice kind)
     tokens: torch.Tensor  # (n_items,) scored tokens (nll kind) or ones (choice kind)
     choice_logp: torch.Tensor | None = None  # choice kind: (n_items, n_choices) log p(choice | choices)
+    kl: torch.Tensor | None = None  # (n_items,) summed per-token KL(reference || model) (probes; not the reference)
 
     def cost(self) -> float:
         return float(self.nll.sum() / self.tokens.sum())
 
 
-def item_losses(objective: Objective, token_nll: torch.Tensor) -> ItemLosses:
-    """Per-item losses from per-token NLL (N, <= T) (zero where unscored); one item per row."""
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Trimmed batches: the columns beyond hold no scored token."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.shape[1] < width else t
+
+
+def item_losses(objective: Objective, token_nll: torch.Tensor, token_kl: torch.Tensor | None = None) -> ItemLosses:
+    """Per-item losses from per-token NLL (N, <= T) (zero where unscored) and, when given, per-token KL from the
+    reference (N, <= T), summed over each item's scored tokens; one item per row."""
     n = objective.n_items
     width = objective.score_mask.shape[1]
-    if token_nll.shape[1] < width:  # trimmed batches: the columns beyond hold no scored token
-        token_nll = torch.nn.functional.pad(token_nll, (0, width - token_nll.shape[1]))
-    token_nll = token_nll.double() * objective.score_mask
+    token_nll = _pad_to(token_nll, width).double() * objective.score_mask
+    kl = None if token_kl is None else (_pad_to(token_kl, width).double() * objective.score_mask).sum(1)
     if objective.kind == "nll":
-        return ItemLosses(token_nll.sum(1), objective.score_mask.sum(1).double())
+        return ItemLosses(token_nll.sum(1), objective.score_mask.sum(1).double(), kl=kl)
     n_choices = int(objective.token_choice.max()) + 1
     lls = -torch.zeros((n, n_choices), dtype=torch.float64).scatter_add_(1, objective.token_choice, token_nll)
     present = torch.zeros((n, n_choices), dtype=torch.float64).scatter_add_(
         1, objective.token_choice, objective.score_mask.double()) > 0
     lls = lls.masked_fill(~present, float("-inf"))
     logp = torch.log_softmax(lls, dim=1)
-    return ItemLosses(-logp[torch.arange(n), objective.gold], torch.ones(n, dtype=torch.float64), logp)
+    return ItemLosses(-logp[torch.arange(n), objective.gold], torch.ones(n, dtype=torch.float64), logp, kl)
 
 
 def choice_kl(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

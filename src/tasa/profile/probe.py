@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from tasa.artifacts import read_json, write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.profile.objectives import Batch, ItemLosses, Objective, item_losses
+from tasa.profile.objectives import KL_TOPK, Batch, ItemLosses, Objective, item_losses
 from tasa.config import ProfileSpec, QuantSpec
 from tasa.models.walker import (StopForward, capture, capture_ids, forward_layer, input_groups, run_layer,
                                 tail_from)
@@ -49,26 +49,70 @@ from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
 
 
-def head_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """NLL of ``targets`` (n,) from final hidden states (n, H) through the model's output embedding;
-    the log-partition is accumulated over vocabulary chunks, so no (n, vocab) tensor is ever held."""
+HEAD_CHUNK = 1 << 24  # logits held at once by the head's position chunks (64 MiB of float32)
+
+
+@dataclass
+class TokenScores:
+    """Per-position scores of one forward pass: NLL of the target, and as asked the top-k log-probs (a
+    reference for later passes) and the KL divergence from a reference."""
+
+    nll: torch.Tensor  # (n,)
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # (logp (n, k), idx (n, k))
+    kl: torch.Tensor | None = None  # (n,) KL(reference || this model)
+
+
+def logp_scores(logp: torch.Tensor, targets: torch.Tensor, topk: int = 0,
+                reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenScores:
+    """:class:`TokenScores` from log-probs (n, V) of the positions predicting ``targets`` (n,)."""
+    from tasa.eval.metrics import topk_kl
+
+    nll = -logp.gather(1, targets[:, None])[:, 0]
+    top = None
+    if topk:
+        v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        top = (v, i)
+    kl = None if reference is None else topk_kl(reference[0], reference[1].long(), logp)
+    return TokenScores(nll, top, kl)
+
+
+def _cat_scores(parts: list[TokenScores]) -> TokenScores:
+    top = None if parts[0].topk is None else tuple(torch.cat([p.topk[j] for p in parts]) for j in range(2))
+    kl = None if parts[0].kl is None else torch.cat([p.kl for p in parts])
+    return TokenScores(torch.cat([p.nll for p in parts]), top, kl)
+
+
+def head_scores(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, topk: int = 0,
+                reference: tuple[torch.Tensor, torch.Tensor] | None = None, chunk: int | None = None) -> TokenScores:
+    """:func:`logp_scores` from final hidden states (n, H) through the model's output embedding, in chunks of
+    ``chunk`` positions (default: as many as keep HEAD_CHUNK logits), so no (n, vocab) tensor is ever held."""
     head = model.get_output_embeddings()
-    w, b = head.weight, head.bias
-    lse = None
-    for s in range(0, w.shape[0], chunk):
-        part = torch.logsumexp(F.linear(hidden, w[s:s + chunk], None if b is None else b[s:s + chunk]).float(), -1)
-        lse = part if lse is None else torch.logaddexp(lse, part)
-    target = (hidden * w[targets]).sum(-1).float()
-    return lse - (target if b is None else target + b[targets].float())
+    step = chunk or max(1, HEAD_CHUNK // head.weight.shape[0])
+    parts = []
+    for s in range(0, hidden.shape[0], step):
+        logp = F.log_softmax(head(hidden[s:s + step]).float(), dim=-1)
+        ref = None if reference is None else (reference[0][s:s + step], reference[1][s:s + step])
+        parts.append(logp_scores(logp, targets[s:s + step], topk, ref))
+    if not parts:
+        return logp_scores(hidden.new_zeros((0, head.weight.shape[0])).float(), targets, topk, reference)
+    return _cat_scores(parts)
 
 
-def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -> torch.Tensor:
-    """NLL of every scored token of ``batch`` (zero elsewhere) from one forward pass of ``model``.
+def head_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """NLL of ``targets`` (n,) from final hidden states (n, H); see :func:`head_scores`."""
+    return head_scores(model, hidden, targets, chunk=chunk).nll
+
+
+def forward_token_scores(model: nn.Module, batch: Batch, plain_head: bool = True, topk: int = 0,
+                         reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenScores:
+    """Scores of every scored token of ``batch`` from one forward pass of ``model``: ``nll`` (B, w) (zero
+    where unscored), ``kl`` (B, w) from ``reference`` (the top-k log-probs and ids of the scored tokens in
+    mask order, as ``topk`` returns them here), and ``topk`` (n_scored, k) when asked.
 
     The output embedding sees only the positions that predict a scored token.
     ``plain_head``: the logits are the output embedding's linear map of its
     input (checked by :func:`head_is_plain`), so the head is computed here in
-    vocabulary chunks; otherwise (soft-capping, logit scaling) the model's own
+    position chunks; otherwise (soft-capping, logit scaling) the model's own
     head and post-processing run on the gathered positions.
     """
     sel = batch.score_mask.nonzero(as_tuple=True)
@@ -95,11 +139,19 @@ def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -
     if "reached" not in captured:
         raise TasaError("the model's forward pass does not use its output embeddings; unsupported layout")
     if plain_head:
-        nll = head_nll(model, captured["h"], targets)
+        sc = head_scores(model, captured["h"], targets, topk, reference)
     else:
-        logits = out.logits[0].float()
-        nll = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
-    return torch.zeros(batch.score_mask.shape, dtype=nll.dtype, device=nll.device).index_put(sel, nll)
+        sc = logp_scores(F.log_softmax(out.logits[0].float(), dim=-1), targets, topk, reference)
+
+    def scatter(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(batch.score_mask.shape, dtype=v.dtype, device=v.device).index_put(sel, v)
+
+    return TokenScores(scatter(sc.nll), sc.topk, None if sc.kl is None else scatter(sc.kl))
+
+
+def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -> torch.Tensor:
+    """NLL of every scored token of ``batch`` (zero elsewhere); see :func:`forward_token_scores`."""
+    return forward_token_scores(model, batch, plain_head).nll
 
 
 def objective_batches(model: nn.Module, objectives: list[Objective], batch_tokens: int,
@@ -120,11 +172,18 @@ def head_is_plain(model: nn.Module, batch: Batch) -> bool:
     return bool(torch.allclose(fast, own, atol=1e-3, rtol=1e-4))
 
 
+def tail_token_scores(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor,
+                      plain_head: bool = True, topk: int = 0,
+                      reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenScores:
+    """:func:`forward_token_scores`, running only layers ``layer..L-1`` from ``hidden``."""
+    with tail_from(model, arch, layer, hidden), torch.no_grad():
+        return forward_token_scores(model, batch, plain_head, topk, reference)
+
+
 def tail_token_nll(model: nn.Module, arch: ModelArch, batch: Batch, layer: int, hidden: torch.Tensor,
                    plain_head: bool = True) -> torch.Tensor:
     """:func:`forward_token_nll`, running only layers ``layer..L-1`` from ``hidden``."""
-    with tail_from(model, arch, layer, hidden), torch.no_grad():
-        return forward_token_nll(model, batch, plain_head)
+    return tail_token_scores(model, arch, batch, layer, hidden, plain_head).nll
 
 
 @dataclass
@@ -269,13 +328,17 @@ class ProbeResults:
 
 def _losses_record(losses: dict[str, ItemLosses]) -> dict:
     return {k: {"nll": v.nll.tolist(), "tokens": v.tokens.tolist(),
-                **({} if v.choice_logp is None else {"choice_logp": v.choice_logp.tolist()})}
+                **({} if v.choice_logp is None else {"choice_logp": v.choice_logp.tolist()}),
+                **({} if v.kl is None else {"kl": v.kl.tolist()})}
             for k, v in losses.items()}
 
 
 def _losses_from(rec: dict) -> dict[str, ItemLosses]:
+    def opt(v: dict, key: str) -> torch.Tensor | None:
+        return torch.tensor(v[key], dtype=torch.float64) if key in v else None
+
     return {k: ItemLosses(torch.tensor(v["nll"], dtype=torch.float64), torch.tensor(v["tokens"], dtype=torch.float64),
-                          torch.tensor(v["choice_logp"], dtype=torch.float64) if "choice_logp" in v else None)
+                          opt(v, "choice_logp"), opt(v, "kl"))
             for k, v in rec.items()}
 
 
@@ -340,13 +403,28 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
                 hidden.put((o.name, i), h)
             del captured
 
-        def score(layer: int) -> dict[str, ItemLosses]:
+        # the full-precision top-k log-probs of every scored token, per batch: every probe also measures the token KL
+        # (the cost of text objectives by default; kept for every objective, so one profile serves every cost form)
+        refs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def score(layer: int, keep_reference: bool = False) -> dict[str, ItemLosses]:
             out = {}
             for o in objectives:
-                toks = [tail_token_nll(model, arch, b, layer, hidden.get((o.name, i)), plain)
-                        for i, b in enumerate(batches[o.name])]
+                nll, kl = [], []
+                for i, b in enumerate(batches[o.name]):
+                    sc = tail_token_scores(model, arch, b, layer, hidden.get((o.name, i)), plain,
+                                           topk=KL_TOPK if keep_reference else 0,
+                                           reference=refs.get((o.name, i)))
+                    if sc.topk is not None:
+                        refs[(o.name, i)] = (sc.topk[0], sc.topk[1].int())
+                    nll.append(sc.nll)
+                    kl.append(sc.kl)
                 width = o.input_ids.shape[1]
-                out[o.name] = item_losses(o, torch.cat([F.pad(t, (0, width - t.shape[1])) for t in toks]).cpu())
+
+                def cat(ts):
+                    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in ts]).cpu()
+
+                out[o.name] = item_losses(o, cat(nll), None if keep_reference else cat(kl))
             return out
 
         probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
@@ -366,7 +444,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
                 store.put(key, {"losses": _losses_record(losses), "seconds": secs})
             return losses
 
-        base = recorded("base", lambda: score(0))
+        base = score(0, keep_reference=True)  # each run: it also yields the token-KL references (deterministic)
         probes: dict = {}
         total = len(plan_units) * len(spec.bits)
         bar = tqdm(total=total, desc=f"probes ({spec.granularity})", disable=not progress)

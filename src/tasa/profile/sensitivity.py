@@ -1,10 +1,12 @@
 """From probe losses to sensitivities: costs, intervals, rank stability, and the versioned JSON.
 
-The cost of unit u at b bits on objective k is the objective's increase over
-the full-precision model: per-token NLL for ``nll`` objectives (log-perplexity,
-gold-solution NLL); for ``choice`` objectives the mean KL divergence of the
-distribution over choices from full precision (``kl``) or the increase of the
-mean -log p(gold | choices) (``gold``).
+The cost of unit u at b bits on objective k is its damage against the
+full-precision model: for ``nll`` objectives (log-perplexity, gold-solution
+NLL) the mean per-token KL divergence of the next-token distribution from full
+precision (``kl``) or the increase of the per-token NLL (``nll``); for
+``choice`` objectives the mean KL divergence of the distribution over choices
+from full precision (``kl``), the increase of the mean -log p(gold | choices)
+(``gold``), or the mean per-token KL on the choices' tokens (``token-kl``).
 Each cost has a 95 % paired bootstrap interval over items; each objective and
 bit-width a split-half rank stability (Kendall tau between the unit rankings
 of two random halves of the items), with a warning below 0.5.
@@ -32,6 +34,12 @@ def _item_diffs(results: ProbeResults, objective: Objective, bits: int) -> tuple
             raise TasaError(f"{objective.name}: the recorded probes hold no choice log-likelihoods (made by an "
                             "older tasa); re-run the profile with --overwrite, or use --choice-cost gold")
         diff = np.stack([choice_kl(base.choice_logp, p.choice_logp).numpy() for p in probes], axis=1)
+    elif objective.token_kl or (objective.kind == "choice" and objective.choice_cost == "token-kl"):
+        if any(p.kl is None for p in probes):
+            raise TasaError(f"{objective.name}: the recorded probes hold no token KL (made by an older tasa); "
+                            "re-run the profile with --overwrite")
+        diff = np.stack([p.kl.numpy() for p in probes], axis=1)
+        return diff, objective.score_mask.sum(1).double().numpy()  # a mean per scored token
     else:
         diff = np.stack([p.nll.numpy() - base.nll.numpy() for p in probes], axis=1)
     return diff, base.tokens.numpy()
