@@ -25,6 +25,7 @@ sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import RESULTS, ROOT, WORK, row, write_results  # noqa: E402
 
+from tasa import schemas  # noqa: E402
 from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
 
 RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", "3.5"]  # make run's
@@ -52,7 +53,7 @@ def record(run_dir: Path, timing: dict, command: str, note: str) -> Path:
         data = read_json(run_dir / src)
         data.pop("samples", None)  # per-item records: large, and not needed for any figure
         write_json_atomic(RECORDS / dest, data)
-    stages = read_json(run_dir / "stages.json")
+    stages = {k: v.to_dict() for k, v in schemas.stage_records(read_json(run_dir / "stages.json")).items()}
     fp, q = read_json(run_dir / "eval-fp.json")["results"], read_json(run_dir / "eval-quant.json")["results"]
     quant = read_json(run_dir / "model" / "quantize.json")
     metrics = {"wikitext2_ppl": q["wikitext2"]["ppl"], "wikitext2_kl": q["wikitext2"].get("kl"),

@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 4)")
     p.add_argument("--batch-tokens", type=int, default=512,
                    help="padded tokens per forward pass; rows of similar length are batched together (default: 512)")
-    p.add_argument("--method", choices=["measured", "fisher", "autoscheme"], default="measured",
-                   help="measured RTN probes, or a one-backward-pass estimator: fisher (HAWQ-V2-style Fisher "
+    p.add_argument("--estimator", choices=["measured", "fisher", "autoscheme"], default="measured",
+                   help="how sensitivity is estimated: measured probes, or a one-backward-pass estimator: fisher (HAWQ-V2-style Fisher "
                         "trace x squared perturbation) or autoscheme (AutoRound's |grad x (W - Q(W))| with all "
                         "layers quantized) (default: measured)")
     p.add_argument("--compare-estimators", action="store_true",
@@ -249,13 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scored tokens per objective for the profile; 4096 gives steadier rankings at ~5x the "
                         "time (default: 768)")
     r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
-    r.add_argument("--search-samples", type=int, default=8,
+    r.add_argument("--search-samples", type=int, default=4,
                    help="with --calib auto: sequences per source, and held-out sequences, of the mixture search "
-                        "(default: 8; the choice and its cost against 16 and 64 are in docs/RESULTS.md)")
-    r.add_argument("--eval-limit", type=int, default=100,
-                   help="test rows per task, evaluated zero-shot as profiled (default: 100)")
-    r.add_argument("--eval-windows", type=int, default=40,
-                   help="wikitext2 test windows of --seqlen tokens (default: 40)")
+                        "(default: 4; the choice and its cost at 4, 8, 16 and 64 are in docs/RESULTS.md)")
+    r.add_argument("--eval-limit", type=int, default=50,
+                   help="test rows per task, evaluated zero-shot as profiled (default: 50; raise it for accuracy "
+                        "figures that mean something: ARC accuracy on 50 rows has a standard error of ~0.07)")
+    r.add_argument("--eval-windows", type=int, default=20,
+                   help="wikitext2 test windows of --seqlen tokens (default: 20)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sensitivity", required=True, help="sensitivity.json (or its directory) from tasa profile")
     a.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
     a.add_argument("--bits", default=None, help="candidate bit-widths (default: all profiled ones)")
-    a.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer the plan asks for")
+    a.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
     a.add_argument("--module-sensitivity", default=None,
                    help="a module-granularity sensitivity.json: split each layer's bits among its modules "
                         "(intra-layer allocation) under the layer's total")
@@ -465,7 +466,7 @@ def run(argv: list[str] | None = None) -> int:
         spec = ProfileSpec(objectives=tuple(_names(args.objectives)), bits=tuple(_ints(args.bits, "--bits") or ()),
                            granularity=args.granularity, group_size=args.group_size, sym=not args.asym,
                            probe_tokens=args.probe_tokens, probe_seqlen=args.probe_seqlen, seed=args.seed,
-                           batch_tokens=args.batch_tokens, method=args.method, choice_cost=args.choice_cost,
+                           batch_tokens=args.batch_tokens, estimator=args.estimator, choice_cost=args.choice_cost,
                            token_cost=args.token_cost, probe_quantizer=args.probe_quantizer, calib=calib,
                            layers=tuple(layers) if layers is not None else None, max_state_gb=args.max_state_gb,
                            compare_estimators=args.compare_estimators)

@@ -211,7 +211,7 @@ class EvalSpec:
             raise TasaError(f"--num-fewshot must be a non-negative integer, got {self.num_fewshot!r}")
 
 
-PROFILE_METHODS = ("measured", "fisher", "autoscheme")
+PROFILE_ESTIMATORS = ("measured", "fisher", "autoscheme")
 CHOICE_COSTS = ("kl", "gold", "token-kl")  # how a probe scores multiple-choice objectives (tasa.profile.objectives)
 TOKEN_COSTS = ("kl", "nll")  # how a probe scores text objectives
 
@@ -230,7 +230,7 @@ class ProfileSpec:
     probe_seqlen: int = 128
     seed: int = 0
     batch_tokens: int = 512
-    method: str = "measured"
+    estimator: str = "measured"
     choice_cost: str = "kl"
     token_cost: str = "kl"
     probe_quantizer: str = "rtn"
@@ -251,7 +251,7 @@ class ProfileSpec:
             QuantSpec(bits=b, group_size=-1 if self.group_size is None else self.group_size, sym=self.sym,
                       damp=self.damp)
         _one_of(self.granularity, ("layer", "module"), "granularity")
-        _one_of(self.method, PROFILE_METHODS, "the profile method")
+        _one_of(self.estimator, PROFILE_ESTIMATORS, "the sensitivity estimator")
         _one_of(self.choice_cost, CHOICE_COSTS, "the choice cost")
         _one_of(self.token_cost, TOKEN_COSTS, "the token cost")
         _one_of(self.probe_quantizer, ("rtn", "gptq"), "the probe quantizer")
@@ -261,8 +261,8 @@ class ProfileSpec:
         if self.max_state_gb < 0:
             raise TasaError(f"--max-state-gb must be non-negative, got {self.max_state_gb}")
         if self.probe_quantizer == "gptq":
-            if self.method != "measured":
-                raise TasaError("GPTQ probes are measured probes: they cannot be combined with an estimator method")
+            if self.estimator != "measured":
+                raise TasaError("GPTQ probes are measured probes: they cannot be combined with an estimator")
             if self.calib is None:
                 raise TasaError("GPTQ probes need calibration data (--calib)")
 
@@ -355,11 +355,11 @@ class RunSpec:
     probe_quantizer: str = "rtn"
     granularity: str = "layer"
     nsamples: int = 64
-    search_samples: int = 8
+    search_samples: int = 4
     seqlen: int = 512
     seed: int = 0
-    eval_limit: int = 100
-    eval_windows: int = 40
+    eval_limit: int = 50
+    eval_windows: int = 20
     generate: bool = False
 
     def __post_init__(self) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from tasa.config import QuantSpec
+from tasa.schemas import PLAN_VERSION
 from tasa.errors import TasaError
 
-PLAN_VERSION = 1
 
 
 @dataclass

@@ -216,7 +216,7 @@ def test_profile_with_gptq_probes_records_its_calibration(tiny_model_dir, tmp_pa
     assert code == 2 and "other settings (calib)" in err
     code, _, err = run_cli(base + ["--output-dir", str(tmp_path / "h")], capsys)
     assert code == 2 and "GPTQ probes need calibration data (--calib)" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(base + ["--calib", "wikitext2", "--method", "fisher", "--output-dir", str(tmp_path / "i")],
+    code, _, err = run_cli(base + ["--calib", "wikitext2", "--estimator", "fisher", "--output-dir", str(tmp_path / "i")],
                            capsys)
     assert code == 2 and "cannot be combined with an estimator" in err
 
@@ -263,7 +263,7 @@ def test_profile_writes_sensitivity_and_resumes(tiny_model_dir, tmp_path, capsys
         assert e[name]["tau_vs_measured"][objective]["2"] == pytest.approx(
             kendall_tau(e[name]["costs"][objective]["2"], est["costs"][objective]["2"]["cost"]), nan_ok=True)
     assert "| fisher | wikitext2 | 2 |" in (tmp_path / "est" / "report.md").read_text()
-    code, out, err = run_cli(args[:-3] + ["--method", "fisher", "--output-dir", str(tmp_path / "f"), "--quiet"],
+    code, out, err = run_cli(args[:-3] + ["--estimator", "fisher", "--output-dir", str(tmp_path / "f"), "--quiet"],
                              capsys)
     f = json.loads((tmp_path / "f" / "sensitivity.json").read_text())
     assert code == 0 and f["method"] == "fisher" and f["costs"]["wikitext2"]["4"]["cost"] == \
@@ -448,7 +448,6 @@ FLAG_EXCEPTIONS = {
     "--output-dir": "what each verb writes there (required: no default)",
     "--output": "what each verb writes there (required or optional file: no default)",
     "--bits": "quantize takes one bit-width; profile, run and allocate a list of candidates",
-    "--method": "quantize/allocate name the quantizer (gptq, rtn); profile the sensitivity method",
     "--tasks": "eval evaluates them (default wikitext2); run protects them (required)",
     "--calib": "quantize calibrates on it (default wikitext2); run searches it (auto); profile needs it for GPTQ "
                "probes only",

@@ -302,7 +302,7 @@ def test_run_with_calib_auto_searches_first_and_caches(tiny_model_dir, tmp_path,
     assert mix["criteria"] == ["grad-align"]  # the default criterion
     assert mix["results"]["grad-align"]["best"] == mix["grid"][
         max(range(len(mix["grid"])), key=lambda j: mix["results"]["grad-align"]["values"][j])]
-    stages = json.loads((out_dir / "stages.json").read_text())
+    stages = json.loads((out_dir / "stages.json").read_text())["stages"]
     assert stages["quantize"]["inputs"]["calib"] == mix["calib"] and f"calibration {mix['calib']}" in out
     assert json.loads((out_dir / "run.json").read_text())["calib"] == mix["calib"]
     assert "## Calibration mixture" in (out_dir / "report.md").read_text()

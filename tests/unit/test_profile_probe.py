@@ -25,6 +25,16 @@ def _sum_nll(model, ids, first):
     return -sum(float(logp[t - 1, ids[t]]) for t in range(first, len(ids)))
 
 
+def _rtn_copy(model, modules, bits=2, group_size=16):
+    """A copy of ``model`` with ``modules`` RTN-quantized (what a probe of them measures)."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in modules:
+            lin = q.get_submodule(name)
+            lin.weight.copy_(rtn_quantize(lin.weight, bits, group_size, True).weight)
+    return q
+
+
 def direct_item_losses(model, o):
     """Per-item losses computed from scratch: each row (or each prompt + choice) on its own."""
     out = []
@@ -99,11 +109,7 @@ def test_probe_equals_full_forward_with_only_that_unit_quantized(data_dir, token
     checked = res.units if granularity == "layer" else res.units[::4]
     assert {u.layer for u in checked} == {0, 1, 2}  # every layer's probe is checked
     for unit in checked:
-        q = copy.deepcopy(model)
-        with torch.no_grad():
-            for name in unit.modules:
-                lin = q.get_submodule(name)
-                lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+        q = _rtn_copy(model, unit.modules)
         for o in objs:
             assert torch.allclose(res.probes[(unit.name, 2)][o.name].nll, direct_item_losses(q, o), atol=1e-4)
     # weights are restored after every probe
@@ -276,11 +282,7 @@ def test_token_kl_probes_equal_plain_forwards(data_dir, tokenizer):
     res = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=64), progress=False)
     assert all(res.base[o.name].kl is None for o in objs)
     unit = res.units[1]
-    q = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in unit.modules:
-            lin = q.get_submodule(name)
-            lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+    q = _rtn_copy(model, unit.modules)
     for o in objs:
         got = res.probes[(unit.name, 2)][o.name].kl
         want = _direct_token_kl(model, q, o)
@@ -329,11 +331,7 @@ def test_soft_capped_logits_use_the_models_own_head(data_dir, tokenizer):
     assert not head_is_plain(model, objective_batches(model, objs, 256)["wikitext2"][0])
     res = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16), progress=False)
     assert torch.allclose(res.base["wikitext2"].nll, direct_item_losses(model, objs[0]), atol=1e-4)
-    q = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in res.units[1].modules:
-            lin = q.get_submodule(name)
-            lin.weight.copy_(rtn_quantize(lin.weight, 2, 16, True).weight)
+    q = _rtn_copy(model, res.units[1].modules)
     assert torch.allclose(res.probes[(res.units[1].name, 2)]["wikitext2"].nll, direct_item_losses(q, objs[0]),
                           atol=1e-4)
     assert head_is_plain(tiny_llama(layers=1), objective_batches(tiny_llama(layers=1), objs, 256)["wikitext2"][0])

@@ -110,7 +110,7 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_same_artifacts(reference, po
     stage = point.split("-")[0]
     killed = tasa(run_args(root / "model", out), kill=KILL_POINTS[point])
     assert killed.returncode == 137, killed.stderr[-2000:]
-    stages = json.loads((out / "stages.json").read_text())
+    stages = json.loads((out / "stages.json").read_text())["stages"]
     if stage == "report":  # after the last stage
         assert all(rec["done"] for rec in stages.values()) and not (out / "report.md").exists()
     else:

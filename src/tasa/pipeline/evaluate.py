@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasa import schemas
 from tasa.artifacts import read_json, write_bytes_atomic, write_json_atomic
 from tasa.config import EvalSpec, Runtime
 from tasa.data import eval_texts, store
@@ -36,7 +37,7 @@ def _load_reference(reference: str, spec: EvalSpec, runtime: Runtime) -> dict:
         path = Path(reference)
         if not path.is_file():
             raise TasaError(f"reference results not found: {path}")
-        ref = read_json(path)
+        ref = schemas.Evaluation.from_dict(read_json(path), str(path)).to_dict()
         if "samples" not in ref:
             raise TasaError(f"{path} has no per-item records; write it with --log-samples")
         topk_path = path.with_suffix(".topk.safetensors")
@@ -111,6 +112,7 @@ def evaluate(model: str | LoadedModel, spec: EvalSpec = EvalSpec(), output: str 
     record["seconds"] = time.perf_counter() - t0
     if spec.log_samples:
         record["samples"] = samples
+    record = schemas.Evaluation.from_dict(record).to_dict()  # the typed record is what is written
     if output:
         write_json_atomic(output, record)
         if spec.log_samples and topk is not None:

@@ -54,7 +54,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     need ``overwrite``, or ``restart_if_changed`` (start over only if the probes were made with other settings).  With ``report``, also report.md/.html and PNG
     plots (Kendall tau between objectives, top-``top_k`` overlap).
 
-    ``spec.method``: ``measured`` (probes), or a gradient estimator, ``fisher`` or ``autoscheme`` (see
+    ``spec.estimator``: ``measured`` (probes), or a gradient estimator, ``fisher`` or ``autoscheme`` (see
     tasa.profile.estimators), whose costs then stand in for the probes'; ``compare_estimators`` (with
     ``measured``) also runs both estimators and records their Kendall tau against the probes and their cost.
     ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` or ``gold``; ``token_cost``: how text
@@ -84,7 +84,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     settings = {"model": model, "objectives": list(spec.objectives), "bits": list(spec.bits),
                 "granularity": spec.granularity, "group_size": spec.group_size, "sym": spec.sym, "grid": SYM_GRID,
                 "probe_tokens": spec.probe_tokens, "seqlen": spec.probe_seqlen, "seed": spec.seed,
-                "dtype": dtype_name(lm.model), "method": spec.method,
+                "dtype": dtype_name(lm.model), "method": spec.estimator,  # recorded as "method" (earlier records)
                 "layers": sorted(set(spec.layers)) if spec.layers is not None else None,
                 "probe_scores": "nll+kl"}  # probes hold the token KL since 2026-12-04: earlier stores lack it
     calib_ids = None
@@ -97,7 +97,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     plan_units = units(arch, spec.granularity, spec.layers)
     estimators: dict = {}
     warnings: list[str] = []
-    if spec.method == "measured":
+    if spec.estimator == "measured":
         # a probe is stored under its unit and bit-width: a profile at more (or fewer) bit-widths reuses it
         probe_settings = {k: v for k, v in settings.items() if k != "bits"}
         if restart_if_changed and (out / "probe_settings.json").is_file() \
@@ -120,7 +120,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
                                                        for b in est_costs[o]} for o in est_costs}}
     else:
         out.mkdir(parents=True, exist_ok=True)
-        est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, spec.bits, spec.method, spec.group_size,
+        est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, spec.bits, spec.estimator, spec.group_size,
                                             spec.sym, spec.batch_tokens)
         costs = {o: {b: {"cost": c, "ci_low": [float("nan")] * len(c), "ci_high": [float("nan")] * len(c)}
                      for b, c in per_bits.items()} for o, per_bits in est_costs.items()}
@@ -142,7 +142,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         "estimators": estimators,
         "warnings": warnings,
         "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds,
-                    **({"probe_wall_this_run": res.seconds} if spec.method == "measured" else {})},
+                    **({"probe_wall_this_run": res.seconds} if spec.estimator == "measured" else {})},
         "machine": machine_info(),
         "date": now(),
     }

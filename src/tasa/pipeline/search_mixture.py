@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasa import schemas
 from tasa.artifacts import write_json_atomic
 from tasa.config import MixtureSpec, Runtime
 from tasa.errors import TasaError
@@ -46,6 +47,7 @@ def search_mixture(model: str | LoadedModel, output_dir: str | Path, spec: Mixtu
                out_dir=out)
     s.update({"model": model, "dtype": dtype_name(lm.model), "machine": machine_info(), "date": now()})
     s["seconds"]["with_loading"] = time.perf_counter() - t0
+    s = schemas.Mixture.from_dict(s).to_dict()  # the typed record is what is written
     write_json_atomic(out / "mixture.json", s)
     if report:
         from tasa.report.mixture_report import write_report

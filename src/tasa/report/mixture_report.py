@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasa import schemas
 from tasa.artifacts import read_json
 from tasa.report.common import save_figure, write_pages
 
@@ -69,7 +70,7 @@ def _plots(s: dict, out: Path) -> list[str]:
 
 def write_report(path: str | Path) -> Path:
     path = Path(path)
-    s = read_json(path)
+    s = schemas.Mixture.from_dict(read_json(path), str(path)).to_dict()  # checked: schema, fields, lengths
     out = path.parent
     two = not s["simplex"]
     lines = [f"# Calibration-mixture search: {s['general']} + {', '.join(s['tasks'])}", "",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasa import schemas
 from tasa.artifacts import read_json
 from tasa.report.common import save_figure, write_pages
 
@@ -81,8 +82,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md / report.html / plan.png into ``run_dir`` from the run's artifacts and ``summary``."""
     plan = read_json(run_dir / "plan.json")
     alloc = plan["meta"]["allocation"]
-    fp = read_json(run_dir / "eval-fp.json")["results"]
-    q = read_json(run_dir / "eval-quant.json")["results"]
+    fp = schemas.Evaluation.from_dict(read_json(run_dir / "eval-fp.json"), "eval-fp.json").results
+    q = schemas.Evaluation.from_dict(read_json(run_dir / "eval-quant.json"), "eval-quant.json").results
     md = [f"# tasa run: {summary['model']}", "",
           f"Budget {alloc['budget']:g} bits per weight{' (scale/zero storage included)' if alloc['budget_includes_metadata'] else ''}"
           f", candidates {', '.join(map(str, alloc['candidates']))}, beta {alloc['beta']}, target {alloc['target']}, "
