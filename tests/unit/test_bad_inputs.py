@@ -270,7 +270,7 @@ def test_run_refuses_an_eval_limit_beyond_the_test_rows_before_any_work(tiny_mod
                                                                         no_work):
     expect_error(["run", "--model", str(tiny_model_dir), "--tasks", "arc_easy", "--budget", "3.5", "--calib",
                   "wikitext2", "--output-dir", str(tmp_path / "run")],
-                 "--eval-limit 100 exceeds the 8 rows of arc_easy", capsys)
+                 "--eval-limit 50 exceeds the 8 rows of arc_easy", capsys)
     assert not (tmp_path / "run").exists()
 
 
