@@ -241,7 +241,7 @@ def test_a_small_logits_budget_shrinks_batches_without_changing_results(data_dir
 
 
 def test_head_nll_equals_log_softmax():
-    from tasa.profile.probe import head_nll
+    from tasa.profile.scores import head_nll
 
     model = tiny_llama(layers=1)
     hidden = torch.randn(7, 64)

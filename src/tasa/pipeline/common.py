@@ -32,12 +32,9 @@ def model_of(model: str | LoadedModel, runtime: Runtime) -> tuple[LoadedModel, s
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """An output directory that can be written (checked now, before any expensive work)."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise TasaError(f"output path {out} exists and is not a directory")
+    out = check_new_dir(output_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TasaError(f"output directory {out} is not empty; pass --overwrite to replace it")
-    check_writable(out.parent, out)
     return out
 
 

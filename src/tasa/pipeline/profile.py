@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa import schemas
-from tasa.artifacts import read_json, write_json_atomic
+from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.config import ProfileSpec, Runtime
 from tasa.data import build_calibration, store
 from tasa.errors import TasaError
@@ -101,7 +101,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         # a probe is stored under its unit and bit-width: a profile at more (or fewer) bit-widths reuses it
         probe_settings = {k: v for k, v in settings.items() if k != "bits"}
         if restart_if_changed and (out / "probe_settings.json").is_file() \
-                and read_json(out / "probe_settings.json") != probe_settings:
+                and fingerprint(read_json(out / "probe_settings.json")) != fingerprint(probe_settings):
             shutil.rmtree(out)
         res = run_probes(lm.model, arch, objs, spec, store=ProbeStore(out, probe_settings), calib_ids=calib_ids,
                          progress=runtime.progress)

@@ -23,7 +23,8 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
-from tasa.profile.probe import Unit, forward_token_nll, head_is_plain, quant_swapped
+from tasa.profile.probe import Unit, head_is_plain, quant_swapped
+from tasa.profile.scores import forward_token_nll
 from tasa.quant.rtn import rtn_quantize
 
 ESTIMATORS = ("fisher", "autoscheme")
