@@ -293,6 +293,7 @@ def test_token_kl_probes_equal_plain_forwards(data_dir, tokenizer):
     kl_arc = res_arc.probes[(unit.name, 2)]["arc_easy"].kl
     assert kl_arc.shape == (arc[0].n_items,) and (kl_arc >= 0).all() and float(kl_arc.sum()) > 0
     arc_tok = [dataclasses.replace(arc[0], choice_cost="token-kl")]
+    assert arc_tok[0].token_kl and not arc[0].token_kl
     got = sensitivities(res_arc, arc_tok, (2,))[0]["arc_easy"]["2"]["cost"]
     scored = float(arc[0].score_mask.sum())
     assert got == pytest.approx([float(res_arc.probes[(u.name, 2)]["arc_easy"].kl.sum()) / scored

@@ -73,13 +73,14 @@ class Objective:
     gold: torch.Tensor  # (N,) gold choice of each item (row); 0 for nll items
     attend: torch.Tensor | None = None  # (N, T, T) bool
     position_ids: torch.Tensor | None = None  # (N, T) long
-    choice_cost: str = "kl"  # choice kind: "kl" or "gold" (see the module docstring)
+    choice_cost: str = "kl"  # choice kind: "kl", "gold" or "token-kl" (see the module docstring)
     token_cost: str = "kl"  # nll kind: "kl" or "nll" (see the module docstring)
 
     @property
     def token_kl(self) -> bool:
-        """Whether probes score this objective by token KL, and so need the reference's top-k log-probs."""
-        return self.kind == "nll" and self.token_cost == "kl"
+        """Whether this objective is scored by the per-token KL: text objectives with ``token_cost`` kl,
+        multiple-choice objectives with ``choice_cost`` token-kl."""
+        return self.token_cost == "kl" if self.kind == "nll" else self.choice_cost == "token-kl"
 
     @property
     def n_items(self) -> int:

@@ -34,7 +34,7 @@ def _item_diffs(results: ProbeResults, objective: Objective, bits: int) -> tuple
             raise TasaError(f"{objective.name}: the recorded probes hold no choice log-likelihoods (made by an "
                             "older tasa); re-run the profile with --overwrite, or use --choice-cost gold")
         diff = np.stack([choice_kl(base.choice_logp, p.choice_logp).numpy() for p in probes], axis=1)
-    elif objective.token_kl or (objective.kind == "choice" and objective.choice_cost == "token-kl"):
+    elif objective.token_kl:
         if any(p.kl is None for p in probes):
             raise TasaError(f"{objective.name}: the recorded probes hold no token KL (made by an older tasa); "
                             "re-run the profile with --overwrite")
