@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -135,3 +136,25 @@ def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, logp: torch.Tensor) -
     tail = torch.where(p_tail > 1e-9, p_tail * (torch.log(p_tail.clamp_min(1e-12)) - torch.log(q_tail)),
                        torch.zeros_like(p_tail))
     return (kl + tail).clamp_min(0.0)
+
+
+@dataclass
+class TokenScores:
+    """Scores of positions from their log-probs: the target's NLL, and as asked the top-k log-probs (a
+    reference for later passes) and the KL divergence from such a reference."""
+
+    nll: torch.Tensor  # (...)
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # (logp (..., k), idx (..., k))
+    kl: torch.Tensor | None = None  # (...) KL(reference || this model), see topk_kl
+
+
+def logp_scores(logp: torch.Tensor, targets: torch.Tensor, topk: int = 0,
+                reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenScores:
+    """:class:`TokenScores` from log-probs (..., V) of the positions predicting ``targets`` (...)."""
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top = None
+    if topk:
+        v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        top = (v, i)
+    kl = None if reference is None else topk_kl(reference[0], reference[1].long(), logp)
+    return TokenScores(nll, top, kl)

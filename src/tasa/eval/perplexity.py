@@ -62,7 +62,7 @@ def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: b
     ``reference`` holds a reference model's top-k log-probs on the same windows
     (``{"logp": (n, T-1, k), "idx": (n, T-1, k)}``, as returned here with ``topk=k``).
     """
-    from tasa.eval.metrics import topk_kl
+    from tasa.eval.metrics import logp_scores
 
     device = next(model.parameters()).device
     if reference is not None and tuple(reference["idx"].shape[:2]) != (windows.shape[0], windows.shape[1] - 1):
@@ -75,16 +75,15 @@ def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: b
             batch = windows[start:start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            nll = -logp.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            sums.append(nll.sum(dim=1).cpu())
-            if topk:
-                v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-                top_lp.append(v.cpu())
-                top_idx.append(i.int().cpu())
-            if reference is not None:
-                r_lp = reference["logp"][start:start + batch_size].to(device)
-                r_idx = reference["idx"][start:start + batch_size].to(device).long()
-                kls.append(topk_kl(r_lp, r_idx, logp).sum(dim=1).cpu())
+            ref = None if reference is None else (reference["logp"][start:start + batch_size].to(device),
+                                                  reference["idx"][start:start + batch_size].to(device))
+            sc = logp_scores(logp, batch[:, 1:], topk, ref)  # per position of (B, T-1)
+            sums.append(sc.nll.sum(dim=1).cpu())
+            if sc.topk is not None:
+                top_lp.append(sc.topk[0].cpu())
+                top_idx.append(sc.topk[1].int().cpu())
+            if sc.kl is not None:
+                kls.append(sc.kl.sum(dim=1).cpu())
     return WindowScores(torch.cat(sums), torch.cat(kls) if kls else None,
                         {"logp": torch.cat(top_lp), "idx": torch.cat(top_idx)} if topk else None)
 

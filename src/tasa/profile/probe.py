@@ -41,7 +41,8 @@ from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import KL_TOPK, Batch, ItemLosses, Objective, item_losses
-from tasa.profile.scores import TokenScores, forward_token_nll, forward_token_scores
+from tasa.eval.metrics import TokenScores
+from tasa.profile.scores import forward_token_nll, forward_token_scores
 from tasa.config import ProfileSpec, QuantSpec
 from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from
 from tasa.quant.apply import layer_hessians

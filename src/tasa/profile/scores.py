@@ -8,42 +8,17 @@ Used by the probes (tasa.profile.probe) and the gradient estimators (tasa.profil
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tasa.errors import TasaError
+from tasa.eval.metrics import TokenScores, logp_scores
 from tasa.models.walker import StopForward
 from tasa.profile.objectives import Batch
 
 
 HEAD_CHUNK = 1 << 24  # logits held at once by the head's position chunks (64 MiB of float32)
-
-
-@dataclass
-class TokenScores:
-    """Per-position scores of one forward pass: NLL of the target, and as asked the top-k log-probs (a
-    reference for later passes) and the KL divergence from a reference."""
-
-    nll: torch.Tensor  # (n,)
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None  # (logp (n, k), idx (n, k))
-    kl: torch.Tensor | None = None  # (n,) KL(reference || this model)
-
-
-def logp_scores(logp: torch.Tensor, targets: torch.Tensor, topk: int = 0,
-                reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenScores:
-    """:class:`TokenScores` from log-probs (n, V) of the positions predicting ``targets`` (n,)."""
-    from tasa.eval.metrics import topk_kl
-
-    nll = -logp.gather(1, targets[:, None])[:, 0]
-    top = None
-    if topk:
-        v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-        top = (v, i)
-    kl = None if reference is None else topk_kl(reference[0], reference[1].long(), logp)
-    return TokenScores(nll, top, kl)
 
 
 def _cat_scores(parts: list[TokenScores]) -> TokenScores:
