@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=512,
                    help="padded tokens per forward pass; rows of similar length are batched together (default: 512)")
     p.add_argument("--estimator", choices=["measured", "fisher", "autoscheme"], default="measured",
-                   help="how sensitivity is estimated: measured probes, or a one-backward-pass estimator: fisher (HAWQ-V2-style Fisher "
-                        "trace x squared perturbation) or autoscheme (AutoRound's |grad x (W - Q(W))| with all "
-                        "layers quantized) (default: measured)")
+                   help="how sensitivity is estimated: measured probes, or a one-backward-pass estimator: fisher "
+                        "(HAWQ-V2-style Fisher trace x squared perturbation) or autoscheme (AutoRound's "
+                        "|grad x (W - Q(W))| with all layers quantized) (default: measured)")
     p.add_argument("--compare-estimators", action="store_true",
                    help="with measured probes, also run both estimators and report their Kendall tau against "
                         "the probes and their cost")

@@ -244,8 +244,7 @@ def unprofiled_bits_used(sens: "dict | Sensitivity", budget: float, bits: Sequen
         return []
     if min(bits) not in sens.bits:
         raise TasaError(f"the lowest candidate bit-width ({min(bits)}) must be profiled: it scales the costs")
-    n = len(sens.units)
-    zero = {"cost": [0.0] * n, "ci_low": [0.0] * n, "ci_high": [0.0] * n}
+    zero = {"cost": [0.0] * len(sens.units)}  # allocation reads the costs only
     bound = dataclasses.replace(sens, bits=sorted([*sens.bits, *missing]),
                                 costs={o: {**per, **{str(b): zero for b in missing}} for o, per in sens.costs.items()})
     _, summary = plan_from_sensitivity(bound, budget, bits=sorted(bits), **allocation)

@@ -44,15 +44,15 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
             raise TasaError(f"output directory {out} is not empty and holds no probes; pass --overwrite")
 
 
-def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(), runtime: Runtime = Runtime(),
-            overwrite: bool = False, report: bool = True, top_k: int = 8,
+def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(),
+            runtime: Runtime = Runtime(), overwrite: bool = False, report: bool = True, top_k: int = 8,
             restart_if_changed: bool = False) -> ProfileResult:
     """Measured (or estimated) layer or module sensitivity on each objective; writes ``sensitivity.json``.
 
     ``output_dir`` also holds every finished probe: running the same command again after a kill resumes, and so
     does one at other bit-widths (the probes already measured are reused); other settings in the same directory
-    need ``overwrite``, or ``restart_if_changed`` (start over only if the probes were made with other settings).  With ``report``, also report.md/.html and PNG
-    plots (Kendall tau between objectives, top-``top_k`` overlap).
+    need ``overwrite``, or ``restart_if_changed`` (start over only if the probes were made with other settings).
+    With ``report``, also report.md/.html and PNG plots (Kendall tau between objectives, top-``top_k`` overlap).
 
     ``spec.estimator``: ``measured`` (probes), or a gradient estimator, ``fisher`` or ``autoscheme`` (see
     tasa.profile.estimators), whose costs then stand in for the probes'; ``compare_estimators`` (with
@@ -120,8 +120,8 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
                                                        for b in est_costs[o]} for o in est_costs}}
     else:
         out.mkdir(parents=True, exist_ok=True)
-        est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, spec.bits, spec.estimator, spec.group_size,
-                                            spec.sym, spec.batch_tokens)
+        est_costs, probe_seconds = estimate(lm.model, arch, objs, plan_units, spec.bits, spec.estimator,
+                                            spec.group_size, spec.sym, spec.batch_tokens)
         costs = {o: {b: {"cost": c, "ci_low": [float("nan")] * len(c), "ci_high": [float("nan")] * len(c)}
                      for b, c in per_bits.items()} for o, per_bits in est_costs.items()}
         stability = {o: {b: float("nan") for b in per_bits} for o, per_bits in est_costs.items()}
