@@ -42,6 +42,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="read the model's weights from disk one decoder layer at a time, for models larger than "
+                        "memory: on, off, or auto (when the weights exceed half of the free memory) "
+                        "(default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--data-source", choices=["package", "hub"], default=None,
                    help="where the built-in datasets come from: package (the copies shipped with tasa, or "
@@ -115,7 +119,8 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
 def _runtime(args):
     from tasa.config import Runtime
 
-    return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet)
+    return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+                   stream=args.stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); fp: the dequantized float model, loadable by plain "
                         "transformers (default: gptq)")
+    q.add_argument("--max-shard-size", default="1GB",
+                   help="largest safetensors shard, e.g. 1GB, 500MB or 5GiB; the export holds one shard in memory "
+                        "while it writes (default: 1GB)")
     q.add_argument("--output-dir", required=True, help="directory to write; must be empty unless --overwrite")
 
     e = sub.add_parser("eval", help="evaluate a model: perplexity and tasks, optionally against a reference",
@@ -365,7 +373,8 @@ def run(argv: list[str] | None = None) -> int:
                             allow_ragged_groups=args.allow_ragged_groups)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
-                                export=ExportSpec(args.export_format, args.target), runtime=_runtime(args),
+                                export=ExportSpec(args.export_format, args.target, args.max_shard_size),
+                                runtime=_runtime(args),
                                 overwrite=args.overwrite, allow_partial_plan=args.allow_partial_plan)
         s = {**res.record, "output_dir": str(res.output_dir)}
         how = (f"group size {s['quant_spec']['group_size']}{' (auto)' if args.group_size is None else ''}"

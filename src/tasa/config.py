@@ -5,6 +5,7 @@ setting fails where it is written, not deep inside a quantizer.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from tasa.errors import TasaError
@@ -112,6 +113,7 @@ def _is_number(s: str) -> bool:
 # setting fails before any model is loaded.  How it computes (device, dtype, batch size, progress) is a Runtime.
 
 DTYPES = ("float32", "bfloat16", "float16")
+STREAM_MODES = ("auto", "on", "off")
 
 
 def _distinct(names: tuple[str, ...], what: str) -> None:
@@ -129,6 +131,20 @@ def _positive(value, flag: str, allow_none: bool = False) -> None:
         raise TasaError(f"{flag} must be a positive integer, got {value!r}")
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes of a size like "1GB", "500MB", "2GiB" or "4096"."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if m is None:
+        raise TasaError(f"{what} must be a size such as 1GB, 500MB or 2GiB, got {text!r}")
+    value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()])
+    if value < 1:
+        raise TasaError(f"{what} must be positive, got {text!r}")
+    return value
+
+
 def _one_of(value, choices: tuple, what: str) -> None:
     if value not in choices:
         raise TasaError(f"{what} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}")
@@ -137,16 +153,19 @@ def _one_of(value, choices: tuple, what: str) -> None:
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a verb computes, not what: torch device, model dtype (None: float32 on CPU, bfloat16 on
-    GPU), sequences per forward batch, progress bars."""
+    GPU), sequences per forward batch, progress bars, and whether the model's weights are read from disk one
+    decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free memory)."""
 
     device: str = "cpu"
     dtype: str | None = None
     batch_size: int = 8
     progress: bool = True
+    stream: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
             _one_of(self.dtype, DTYPES, "dtype")
+        _one_of(self.stream, STREAM_MODES, "--stream")
         _positive(self.batch_size, "--batch-size")
 
 
@@ -177,13 +196,21 @@ class QuantizeSpec:
 @dataclass(frozen=True)
 class ExportSpec:
     """How a quantized model is written: ``gptq`` (packed checkpoint servable by ``target``; None: the plan's,
-    else gptqmodel) or ``fp`` (the dequantized float model)."""
+    else gptqmodel) or ``fp`` (the dequantized float model), in safetensors shards of at most
+    ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
+    holds at most one shard in memory."""
 
     format: str = "gptq"
     target: str | None = None
+    max_shard_size: str = "1GB"
 
     def __post_init__(self) -> None:
         _one_of(self.format, ("gptq", "fp"), "export format")
+        self.max_shard_bytes  # validated
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size, "--max-shard-size")
 
 
 @dataclass(frozen=True)

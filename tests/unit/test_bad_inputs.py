@@ -118,18 +118,23 @@ def test_malformed_plan_json(content, message, tiny_model_dir, tmp_path, capsys,
 
 # ---- damaged model files, NaN weights ----
 
-def test_truncated_safetensors_on_eval(tiny_model_dir, capsys):
+@pytest.mark.parametrize("stream", ["off", "auto", "on"])
+def test_truncated_safetensors_on_eval(tiny_model_dir, capsys, stream):
     f = tiny_model_dir / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    expect_error(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "1"],
-                 f"could not load model from {tiny_model_dir}: SafetensorError", capsys)
+    # in memory, transformers reads the file; to decide or to stream, tasa reads the shards' headers first
+    message = (f"could not load model from {tiny_model_dir}: SafetensorError" if stream == "off" else
+               f"could not read weights {f}: ")
+    expect_error(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "1", "--stream", stream],
+                 message, capsys)
 
 
-def test_garbage_header_safetensors_on_eval(tiny_model_dir, capsys):
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_garbage_header_safetensors_on_eval(tiny_model_dir, capsys, stream):
     f = tiny_model_dir / "model.safetensors"
     f.write_bytes((64).to_bytes(8, "little") + b"{" * 64 + f.read_bytes()[72:])
-    expect_error(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "1"],
-                 "SafetensorError", capsys)
+    expect_error(["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "1", "--stream", stream],
+                 "SafetensorError" if stream == "off" else f"could not read weights {f}: ", capsys)
 
 
 @pytest.mark.parametrize("verb", ["eval", "quantize", "profile"])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasa.export.gptq import _module_grid, dequantized_state_dict, pack_result
+from tasa.export.gptq import _module_grid, pack_result
+from tasa.models.weights import open_weights
 from tasa.export.pack import unpack_cols, unpack_rows
 from tasa.quantized import QuantResult
 
@@ -48,7 +49,8 @@ def grid(name: str, module: str) -> tuple[int, int, bool]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reader_reproduces_gptqmodels_dequantized_weights_exactly(name):
-    state, _ = dequantized_state_dict(FIXTURES / name)
+    weights = open_weights(FIXTURES / name)
+    state = {k: weights.get(k) for k in weights.keys()}
     expected = load_file(FIXTURES / name / "gptqmodel_dequantized.safetensors")
     assert set(expected) == {f"{m}.weight" for m in LINEARS}
     for key, want in expected.items():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
+from tasa.models import compute_device
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    return compute_device(model)
 
 
 def _max_length(model) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
+from tasa.models import compute_device
 
 
 @dataclass
@@ -64,7 +65,7 @@ def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: b
     """
     from tasa.eval.metrics import logp_scores
 
-    device = next(model.parameters()).device
+    device = compute_device(model)
     if reference is not None and tuple(reference["idx"].shape[:2]) != (windows.shape[0], windows.shape[1] - 1):
         raise TasaError(f"the reference was scored on {reference['idx'].shape[0]} windows of "
                         f"{reference['idx'].shape[1] + 1} tokens, this run on {windows.shape[0]} of "

@@ -19,17 +19,18 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from tasa.artifacts import write_json_atomic
 from tasa.errors import TasaError
+from tasa.export.writer import MAX_SHARD_BYTES, CheckpointWriter, write_config_files
 from tasa.export.pack import PACKABLE_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows
 from tasa.plan import Plan
 from tasa.quantized import QuantResult
 
-SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 README = """# GPTQ checkpoint written by tasa
 
 Format: GPTQ (`checkpoint_format: gptq`, int32 packing, fp16 scales, zero points stored minus one).
@@ -96,46 +97,18 @@ def pack_result(name: str, result: QuantResult, fmt: str = "gptq") -> dict[str, 
             f"{name}.g_idx": result.g_idx.to(torch.int32).cpu()}
 
 
-def float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The model's tensors other than quantized weights, each stored once (tied weights share storage)."""
-    out, seen = {}, set()
-    for key, t in model.state_dict().items():
-        if key.endswith(".weight") and key[: -len(".weight")] in quantized:
-            continue
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[key] = t.detach().cpu().contiguous()
-    return out
-
-
 def write_checkpoint(out_dir: Path, model: nn.Module, tokenizer, packed: dict[str, torch.Tensor], qcfg: dict,
-                     max_shard_size: str = "4GB") -> list[str]:
-    """Write safetensors shard(s), config.json with ``quantization_config``, quantize_config.json, the tokenizer
-    and a README into ``out_dir`` (an empty, fresh directory).  Returns the weight file names."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    quantized = {k.rsplit(".", 1)[0] for k in packed}
-    tensors = {**float_tensors(model, quantized), **packed}
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, str(out_dir / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        write_json_atomic(out_dir / "model.safetensors.index.json",
-                          {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                           "weight_map": split.tensor_to_filename})
-    config = model.config.to_dict()
-    config["quantization_config"] = qcfg
-    write_json_atomic(out_dir / "config.json", config)
-    write_json_atomic(out_dir / "quantize_config.json", qcfg)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(README)
-    return list(split.filename_to_tensors)
+                     layers_path: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write a quantized in-memory model (``packed``: the GPTQ tensors of its quantized linears) into ``out_dir``
+    (an empty, fresh directory): weight shards (tasa.export.writer), config.json with ``quantization_config``,
+    quantize_config.json, the tokenizer and a README.  Returns the weight file names."""
+    writer = CheckpointWriter(out_dir, model, layers_path, max_shard_bytes)
+    for index, layer in enumerate(model.get_submodule(layers_path)):
+        prefix = f"{layers_path}.{index}."
+        writer.add_layer(index, layer, {k: v for k, v in packed.items() if k.startswith(prefix)})
+    names = writer.finish()
+    write_config_files(out_dir, model, tokenizer, qcfg, README)
+    return names
 
 
 def is_gptq_dir(path: Path) -> bool:
@@ -156,37 +129,26 @@ def _module_grid(qcfg: dict, name: str) -> tuple[int, bool] | None:
     return (int(qcfg["bits"]), False)
 
 
-def dequantized_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor of a GPTQ checkpoint directory, quantized linears dequantized to float32 ``weight``s.
-
-    Reads ``checkpoint_format`` gptq (zero points stored minus one) and gptq_v2."""
-    from safetensors import safe_open
-
+def gptq_config(path: Path) -> dict:
+    """The ``quantization_config`` of GPTQ checkpoint ``path``, its checkpoint format checked."""
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
     fmt = qcfg.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise TasaError(f"{path}: GPTQ checkpoint format {fmt!r} is not supported (gptq, gptq_v2)")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise TasaError(f"{path} holds no .safetensors weights")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                raw[k] = st.get_tensor(k)
-    out = {}
-    names = sorted({k[: -len(".qweight")] for k in raw if k.endswith(".qweight")})
-    for name in names:
-        bits, _ = _module_grid(qcfg, name)
-        scales = raw.pop(f"{name}.scales").float()
-        g_idx = raw.pop(f"{name}.g_idx").long()
-        qweight, qzeros = raw.pop(f"{name}.qweight"), raw.pop(f"{name}.qzeros")
-        k, n = g_idx.numel(), scales.shape[1]
-        try:
-            codes = unpack_rows(qweight, bits, k)
-            zeros = unpack_cols(qzeros, bits, n) + (1 if fmt == "gptq" else 0)
-        except TasaError as e:
-            raise TasaError(f"{path}: {name} does not unpack as {bits}-bit: {e}") from None
-        out[f"{name}.weight"] = (scales[g_idx] * (codes - zeros[g_idx]).float()).t().contiguous()
-    out.update(raw)
-    return out, qcfg
+    return qcfg
+
+
+def dequantize_module(get: Callable[[str], torch.Tensor], name: str, qcfg: dict, path: Path) -> torch.Tensor:
+    """The float32 weight (out, in) of quantized linear ``name``, from its four GPTQ tensors (``get(suffix)``)
+    and the checkpoint's ``quantization_config`` (its bit-width by the default and ``dynamic`` rules)."""
+    bits, _ = _module_grid(qcfg, name)
+    fmt = qcfg.get("checkpoint_format", "gptq")
+    scales = get("scales").float()
+    g_idx = get("g_idx").long()
+    k, n = g_idx.numel(), scales.shape[1]
+    try:
+        codes = unpack_rows(get("qweight"), bits, k)
+        zeros = unpack_cols(get("qzeros"), bits, n) + (1 if fmt == "gptq" else 0)
+    except TasaError as e:
+        raise TasaError(f"{path}: {name} does not unpack as {bits}-bit: {e}") from None
+    return (scales[g_idx] * (codes - zeros[g_idx]).float()).t().contiguous()

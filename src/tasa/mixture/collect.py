@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
+from tasa.models import compute_device
 from tasa.models.arch import ModelArch
 from tasa.models.walker import capture_ids, input_groups, move_outside_layers, walk
 from tasa.quant.apply import layer_hessians
@@ -79,6 +80,9 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
 def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
                       k: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per token set, a (layers, k) count sketch of the mean-loss gradient of each layer's linear weights."""
+    if getattr(model, "tasa_streamer", None) is not None:
+        raise TasaError("the grad-align criterion needs every weight in memory; search the mixture of a streamed "
+                        "model with --mixture-criterion hessian-trace (or measured)")
     layer_params: list[list[tuple[str, nn.Parameter]]] = []
     for i in range(arch.num_layers):
         layer = arch.layers[i]
@@ -111,7 +115,7 @@ def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, t
                 raise TasaError(f"token set {name!r} needs shape (sequences, tokens >= 2)")
             current["s"] = torch.zeros(arch.num_layers, k, dtype=torch.float64)
             n_tokens = ids.shape[0] * (ids.shape[1] - 1)
-            dev = next(model.parameters()).device
+            dev = compute_device(model)
             for start in tqdm(range(0, ids.shape[0], batch_size), desc=f"gradients {name}", disable=not progress):
                 batch = ids[start:start + batch_size].to(dev)
                 logits = model(input_ids=batch, use_cache=False).logits

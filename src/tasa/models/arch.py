@@ -79,6 +79,7 @@ class ModelArch:
     layers: nn.ModuleList
     modules: list[LayerModule]
     source: str  # "spec" or "discovered"
+    streamer: object | None = None  # tasa.models.streaming.Streamer of a streamed model, else None
 
     @property
     def num_layers(self) -> int:
@@ -173,4 +174,4 @@ def resolve(model: nn.Module) -> ModelArch:
             modules.append(LayerModule(f"{spec.layers_path}.{i}.{local}", i, local, mod.in_features, mod.out_features))
     if not modules:
         raise TasaError(f"{model_type}: decoder layers at '{spec.layers_path}' contain no nn.Linear modules")
-    return ModelArch(model_type, spec, layers, modules, source)
+    return ModelArch(model_type, spec, layers, modules, source, getattr(model, "tasa_streamer", None))

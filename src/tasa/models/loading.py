@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 
 from tasa.artifacts import sha256_file, usual_modes
 from tasa.errors import TasaError
-from tasa.export.gptq import dequantized_state_dict, is_gptq_dir
+from tasa.export.gptq import is_gptq_dir
+from tasa.models.weights import open_weights
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    state, _ = dequantized_state_dict(path)
+    weights = open_weights(path)
+    state = {k: weights.get(k) for k in weights.keys()}
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -175,19 +177,70 @@ def _is_tied(model, key: str) -> bool:
     return any(q.data_ptr() == p.data_ptr() for n, q in model.named_parameters(remove_duplicate=False) if n != key)
 
 
+def available_memory(device: str) -> int:
+    """Bytes free for a model on ``device``: available RAM on the CPU, free memory of a CUDA device."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        return int(info["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+STREAM_ABOVE = 0.5  # auto: stream a model whose weights (at the compute dtype) exceed this share of free memory
+
+
+def _local_dir(kind: str, where, spec: str) -> Path:
+    """The local directory of a hub model (its config, tokenizer and safetensors only), or ``where``."""
+    if kind != "hub":
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(where), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                   "*.tiktoken"]))
+    except Exception as e:  # offline, gated, missing: one line
+        raise TasaError(f"could not get '{spec}' from the Hugging Face hub ({_first_line(e)}); download it where "
+                        "the hub is reachable and pass the local directory with --model PATH") from None
+
+
 def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         trust_remote_code: bool = False) -> LoadedModel:
-    """Load model + tokenizer from a directory, a .gguf file, a hub id or an embedded name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+         trust_remote_code: bool = False, stream: bool | None = False) -> LoadedModel:
+    """Load model + tokenizer from a directory, a .gguf file, a hub id or an embedded name.
+
+    ``stream``: True builds the model on the meta device and reads each decoder layer's weights from disk when
+    it is used (tasa.models.streaming: models larger than memory); None decides by size (streams when the
+    weights at the compute dtype exceed half of the device's free memory); False loads every weight now."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype, device)
     kind, where = resolve_source(spec)
     if kind == "gguf":
         where = gguf_to_hf_dir(Path(where))
         kind = "dir"
+    if stream is None or stream:
+        local = _local_dir(kind, where, spec)
+        if stream is None:
+            from tasa.models.weights import open_weights
+
+            size = open_weights(local).nbytes(torch_dtype)
+            stream = size > STREAM_ABOVE * available_memory(device)
+            if stream:
+                log.info("streaming %s: %.1f GB of weights, more than %.0f%% of the free memory on %s",
+                         spec, size / 1e9, 100 * STREAM_ABOVE, device)
+        if stream:
+            kind, where = "dir", local
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     try:
-        if kind == "dir" and is_gptq_dir(Path(where)):
+        if stream:
+            from tasa.models.streaming import streamed_model
+
+            config = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
+            model = streamed_model(where, config, torch_dtype, device, trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
+        elif kind == "dir" and is_gptq_dir(Path(where)):
             model = _load_gptq(Path(where), torch_dtype, trust_remote_code)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
         elif kind == "dir":
@@ -205,9 +258,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         raise TasaError(f"could not load model from {where}: {_first_line(e)}") from None
     except (ValueError, KeyError, SafetensorError) as e:  # damaged weights, configs or tokenizer files
         raise TasaError(f"could not load model from {where}: {type(e).__name__}: {_first_line(e)}") from None
-    check_finite(model, spec)
-    model.eval()
-    model.to(device)
+    if not stream:  # a streamed model's weights are checked as they are read
+        check_finite(model, spec)
+        model.eval()
+        model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model, tok, spec, str(where))

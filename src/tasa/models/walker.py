@@ -130,23 +130,35 @@ def capture_ids(model: nn.Module, arch: ModelArch, input_ids: torch.Tensor, batc
 
 
 def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device) -> None:
-    """Move every parameter and buffer not inside a decoder layer to ``device``."""
+    """Move every parameter and buffer not inside a decoder layer to ``device`` (a streamed model's units are
+    fetched there from now on)."""
+    if arch.streamer is not None:
+        arch.streamer.device = torch.device(device)
     prefix = arch.spec.layers_path
     for name, mod in model.named_modules():
         if name == prefix or name.startswith(prefix + "."):
             continue
         for key, p in mod._parameters.items():
-            if p is not None and p.device != device:
+            if p is not None and p.device != device and p.device.type != "meta":
                 p.data = p.data.to(device)
         for key, b in mod._buffers.items():
-            if b is not None and b.device != device:
+            if b is not None and b.device != device and b.device.type != "meta":
                 mod._buffers[key] = b.to(device)
 
 
 def walk(arch: ModelArch, device: torch.device, desc: str = "layers", progress: bool = False,
          ) -> Iterator[tuple[int, nn.Module]]:
-    """Each decoder layer in order, on ``device`` while the caller uses it, then back where it lives."""
+    """Each decoder layer in order, on ``device`` while the caller uses it, then back where it lives: moved
+    there and back in memory, or, for a streamed model, read from disk and dropped after (with any change
+    made to it)."""
     for index in tqdm(range(arch.num_layers), desc=desc, disable=not progress):
+        if arch.streamer is not None:
+            layer = arch.streamer.fetch(index, device)
+            try:
+                yield index, layer
+            finally:
+                arch.streamer.release(index)
+            continue
         layer = arch.layers[index]
         home = next(layer.parameters()).device
         layer.to(device)

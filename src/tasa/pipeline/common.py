@@ -15,7 +15,7 @@ import torch
 from tasa import __version__
 from tasa.errors import TasaError
 from tasa.config import Runtime
-from tasa.models import LoadedModel, load
+from tasa.models import LoadedModel, compute_dtype, load
 from tasa.models.arch import ModelArch
 from tasa.plan import Plan
 
@@ -27,7 +27,8 @@ def model_of(model: str | LoadedModel, runtime: Runtime) -> tuple[LoadedModel, s
     tasa run shares one model between its stages), else loaded now."""
     if isinstance(model, LoadedModel):
         return model, model.source
-    return load(model, dtype=runtime.dtype, device=runtime.device), model
+    stream = {"auto": None, "on": True, "off": False}[runtime.stream]
+    return load(model, dtype=runtime.dtype, device=runtime.device, stream=stream), model
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -130,7 +131,7 @@ def bits_summary(plan: Plan, arch: ModelArch, dtype: str) -> dict:
 
 
 def dtype_name(model) -> str:
-    return str(next(model.parameters()).dtype).replace("torch.", "")
+    return str(compute_dtype(model)).replace("torch.", "")
 
 
 def machine_info() -> dict:

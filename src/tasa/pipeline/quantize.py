@@ -63,7 +63,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     ``quantize.json``.
     """
     from tasa.allocate.targets import check_servable, get_target
-    from tasa.export.gptq import checkpoint_format, pack_result, quantize_config, write_checkpoint
+    from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
+    from tasa.export.writer import CheckpointWriter, write_config_files
 
     out = check_output_dir(output_dir, overwrite)
     clear_stale_temps(out)
@@ -97,43 +98,44 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
         calib_ids, calib_counts = cal.input_ids, cal.counts
     t_load = time.perf_counter() - t0
-    report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size, device=runtime.device,
-                            true_sequential=spec.true_sequential,
-                            on_result=(lambda n, r: packed.update(pack_result(n, r, fmt)))
-                            if export.format == "gptq" else None, progress=runtime.progress)
-    record = {
-        "model": model,
-        "method": method,
-        "quant_spec": the_plan.modules[arch.modules[0].name].to_dict() if plan_obj is None else None,
-        "plan_bits": sorted({qs.bits for qs in the_plan.modules.values()}),
-        "calib": calib_spec.describe() if calib_spec else None,
-        "calib_counts": calib_counts,
-        # what the result also depends on: the exact calibration tokens, and the CPU thread count (it changes the
-        # summation order of the Hessians and GPTQ updates; see README "Reproducibility")
-        "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
-                         else None),
-        "threads": torch.get_num_threads(),
-        "nsamples": calib_spec.nsamples if calib_spec else None,
-        "seqlen": calib_spec.seqlen if calib_spec else None,
-        "seed": calib_spec.seed if calib_spec else 0,
-        "data": store.fingerprint(),
-        **bits_summary(the_plan, arch, dtype_name(lm.model)),
-        "format": export.format,
-        "target": target if export.format == "gptq" else None,
-        "seconds": {"load_and_data": t_load, "quantize": report.seconds},
-        "modules": {n: s.__dict__ for n, s in report.modules.items()},
-        "machine": machine_info(),
-        "date": now(),
-    }
     tmp = temp_dir_for(out)
     try:
-        if export.format == "gptq":
-            qcfg = quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
-                                   target, checkpoint_format(the_plan))
-            write_checkpoint(tmp, lm.model, lm.tokenizer, packed, qcfg)
-        else:
-            lm.model.save_pretrained(tmp)
-            lm.tokenizer.save_pretrained(tmp)
+        # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
+        writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes)
+        report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size,
+                                device=runtime.device, true_sequential=spec.true_sequential,
+                                on_result=(lambda n, r: packed.update(pack_result(n, r, fmt)))
+                                if export.format == "gptq" else None, progress=runtime.progress,
+                                on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()))
+        record = {
+            "model": model,
+            "method": method,
+            "quant_spec": the_plan.modules[arch.modules[0].name].to_dict() if plan_obj is None else None,
+            "plan_bits": sorted({qs.bits for qs in the_plan.modules.values()}),
+            "calib": calib_spec.describe() if calib_spec else None,
+            "calib_counts": calib_counts,
+            # what the result also depends on: the exact calibration tokens, and the CPU thread count (it changes
+            # the summation order of the Hessians and GPTQ updates; see README "Reproducibility")
+            "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
+                             else None),
+            "threads": torch.get_num_threads(),
+            "nsamples": calib_spec.nsamples if calib_spec else None,
+            "seqlen": calib_spec.seqlen if calib_spec else None,
+            "seed": calib_spec.seed if calib_spec else 0,
+            "data": store.fingerprint(),
+            **bits_summary(the_plan, arch, dtype_name(lm.model)),
+            "format": export.format,
+            "target": target if export.format == "gptq" else None,
+            "streamed": arch.streamer is not None,
+            "seconds": {"load_and_data": t_load, "quantize": report.seconds},
+            "modules": {n: s.__dict__ for n, s in report.modules.items()},
+            "machine": machine_info(),
+            "date": now(),
+        }
+        writer.finish()
+        qcfg = (quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
+                                target, checkpoint_format(the_plan)) if export.format == "gptq" else None)
+        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, README if qcfg is not None else None)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)

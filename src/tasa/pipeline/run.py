@@ -51,11 +51,15 @@ class _SharedModel:
         if self.is_quantized:
             raise RuntimeError("the shared model is already quantized")
         if self.lm is None:
-            self.lm = load(self.name, dtype=self.runtime.dtype, device=self.runtime.device)
+            self.lm = load(self.name, dtype=self.runtime.dtype, device=self.runtime.device,
+                           stream={"auto": None, "on": True, "off": False}[self.runtime.stream])
         return self.lm
 
     def quantized_in_memory(self) -> None:
-        self.is_quantized = True
+        """The quantize stage ran on the shared model: in memory, it now holds the quantized weights; streamed,
+        it dropped them layer by layer (the checkpoint is read instead)."""
+        if getattr(self.lm.model, "tasa_streamer", None) is None:
+            self.is_quantized = True
 
     def quantized(self, checkpoint: Path):
         """The quantized model, named as its checkpoint (so records read the same either way)."""

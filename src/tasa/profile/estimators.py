@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
+from tasa.models import compute_device, compute_dtype
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
 from tasa.profile.probe import Unit, head_is_plain, quant_swapped
@@ -48,9 +49,9 @@ def _grads_on(model: nn.Module, names: list[str]):
 
 def _backward(model: nn.Module, objective: Objective, batch_tokens: int, plain_head: bool, on_batch=None) -> None:
     """Backward of the objective's mean item loss, one batch at a time (``on_batch`` after each)."""
-    p = next(model.parameters())
+    dtype, device = compute_dtype(model), compute_device(model)
     for rows in objective.row_slices(batch_tokens):
-        nll = forward_token_nll(model, objective.batch(rows, p.dtype, p.device), plain_head)
+        nll = forward_token_nll(model, objective.batch(rows, dtype, device), plain_head)
         losses = item_losses(objective.subset(rows), nll.cpu())
         if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
             loss = losses.nll.sum() / objective.score_mask.sum()
@@ -70,8 +71,11 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
     t0 = time.perf_counter()
     names = [m.name for m in arch.modules]
     costs: dict = {o.name: {} for o in objectives}
-    p = next(model.parameters())
-    plain = head_is_plain(model, objectives[0].batch(objectives[0].row_slices(batch_tokens)[0], p.dtype, p.device))
+    if getattr(model, "tasa_streamer", None) is not None:
+        raise TasaError("the gradient estimators need every weight in memory; profile a streamed model with "
+                        "measured probes (--estimator measured)")
+    first = objectives[0].batch(objectives[0].row_slices(batch_tokens)[0], compute_dtype(model), compute_device(model))
+    plain = head_is_plain(model, first)
     with _grads_on(model, names):
         params = {n: model.get_submodule(n).weight for n in names}
         if method == "fisher":

@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.errors import TasaError
+from tasa.models import compute_device, compute_dtype
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import KL_TOPK, Batch, ItemLosses, Objective, item_losses
 from tasa.eval.metrics import TokenScores
 from tasa.profile.scores import forward_token_nll, forward_token_scores
 from tasa.config import ProfileSpec, QuantSpec
-from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from
+from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from, walk
 from tasa.quant.apply import layer_hessians
 from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
@@ -53,9 +54,9 @@ from tasa.quant.rtn import rtn_quantize
 def objective_batches(model: nn.Module, objectives: list[Objective], batch_tokens: int,
                       max_logits_gb: float = 2.0) -> dict[str, list[Batch]]:
     """Each objective's rows in forward batches (see :meth:`Objective.row_slices`), on the model's device."""
-    p = next(model.parameters())
+    dtype, device = compute_dtype(model), compute_device(model)
     max_scored = max(1, int(max_logits_gb * 2**30 // (model.get_output_embeddings().weight.shape[0] * 8)))
-    return {o.name: [o.batch(r, p.dtype, p.device) for r in o.row_slices(batch_tokens, max_scored)]
+    return {o.name: [o.batch(r, dtype, device) for r in o.row_slices(batch_tokens, max_scored)]
             for o in objectives}
 
 
@@ -244,7 +245,7 @@ class _Calibration:
 
     def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int):
         self.arch = arch
-        self.inputs = capture_ids(model, arch, calib_ids, batch_size, next(model.parameters()).device)
+        self.inputs = capture_ids(model, arch, calib_ids, batch_size, compute_device(model))
         self._hessians: dict[str, torch.Tensor] | None = None
 
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -345,7 +346,9 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
         total = len(plan_units) * len(spec.bits)
         bar = tqdm(total=total, desc=f"probes ({spec.granularity})", disable=not progress)
         last = max(u.layer for u in plan_units)
-        for layer in range(last + 1):
+        for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
+            if layer > last:
+                break
             for unit in (u for u in plan_units if u.layer == layer):
                 for b in spec.bits:
                     def probe(unit=unit, b=b, layer=layer):
@@ -361,7 +364,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
                 with torch.no_grad():
                     for o in objectives:
                         for i in range(len(batches[o.name])):
-                            hidden.put((o.name, i), forward_layer(arch.layers[layer], hidden.get((o.name, i)),
+                            hidden.put((o.name, i), forward_layer(module, hidden.get((o.name, i)),
                                                                   layer_kwargs[o.name][i][layer], layer))
         bar.close()
         return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)

@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
+from tasa.models.streaming import compute_device
 from tasa.models.walker import LayerInputs, capture_ids, input_groups, move_outside_layers, run_layer, walk
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
@@ -88,27 +88,32 @@ def quantize_model(
     true_sequential: bool = True,
     on_result: Callable[[str, QuantResult], None] | None = None,
     progress: bool = True,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
     calib_ids: (nsamples, seqlen) token ids; required for GPTQ, ignored for RTN.
     on_result: called with (module name, QuantResult) for every quantized module,
                e.g. to stream packed tensors to an exporter.
+    on_layer:  called with (index, layer) once a decoder layer is quantized, while its
+               weights are resident (a streamed model drops them right after).
     """
     unknown = [n for n in plan.modules if n not in {m.name for m in arch.modules}]
     if unknown:
         raise TasaError(f"plan names modules the model does not have, e.g. {unknown[0]!r}")
     t0 = time.perf_counter()
     report = QuantReport()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = compute_device(model)
+    device = torch.device(device)
     with torch.no_grad():
         if plan.method == "rtn":
-            _apply_rtn(arch, plan, report, on_result, progress)
+            _apply_rtn(arch, plan, device, report, on_result, progress, on_layer)
         else:
             if calib_ids is None:
                 raise TasaError("GPTQ needs calibration data")
             _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result,
-                        progress)
+                        progress, on_layer)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -117,21 +122,25 @@ def _store(module: nn.Linear, result: QuantResult) -> None:
     module.weight.data.copy_(result.weight.to(module.weight.dtype))
 
 
-def _apply_rtn(arch, plan, report, on_result, progress):
-    for m in tqdm(arch.modules, desc="RTN", disable=not progress):
-        if m.name not in plan:
-            continue
-        spec = plan[m.name]
-        t = time.perf_counter()
-        linear = arch.layers[m.layer].get_submodule(m.local)
-        result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym)
-        _store(linear, result)
-        report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, None)
-        if on_result:
-            on_result(m.name, result)
+def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
+    for index, layer in walk(arch, device, "RTN layers", progress):
+        for m in arch.layer_modules(index):
+            if m.name not in plan:
+                continue
+            spec = plan[m.name]
+            t = time.perf_counter()
+            linear = layer.get_submodule(m.local)
+            result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym)
+            _store(linear, result)
+            report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, None)
+            if on_result:
+                on_result(m.name, result)
+        if on_layer:
+            on_layer(index, layer)
 
 
-def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result, progress):
+def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result, progress,
+                on_layer):
     move_outside_layers(model, arch, device)
     inputs = capture_ids(model, arch, calib_ids, batch_size, device)
     for index, layer in walk(arch, device, "GPTQ layers", progress):
@@ -156,3 +165,5 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
                         on_result(m.name, result)
                 del h
         run_layer(layer, inputs, advance=True)
+        if on_layer:
+            on_layer(index, layer)

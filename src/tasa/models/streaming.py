@@ -1,0 +1,224 @@
+"""Models larger than memory: the skeleton on the meta device, a module's weights read when it is used.
+
+:func:`streamed_model` builds a model from its config with every parameter on the meta device (buffers
+computed at construction, e.g. rotary tables, stay real), and a :class:`Streamer` that owns the
+weights (a :class:`tasa.models.weights.Weights` checkpoint, memory-mapped).  Units are the decoder
+layers and every other module that holds parameters (embeddings, final norm, head).  A unit is
+*resident* while its parameters are real tensors on the compute device, and on meta otherwise:
+
+- :meth:`Streamer.fetch` / :meth:`Streamer.release` pin a decoder layer while a stage uses it (the
+  layer walker, tasa.models.walker.walk, does this; a stage may change the resident weights, e.g.
+  quantize them, and the change lasts until the release);
+- any forward pass through a unit that is not resident fetches it before and releases it after
+  (forward hooks), so the model's own forward (capture, evaluation, probes' tails) runs with one unit
+  resident at a time besides the pinned ones.
+
+Parameters shared between modules (tied input/output embeddings) are read once at load and stay
+resident.  Each unit's floating-point weights are checked for NaN/Inf on their first fetch.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tasa.errors import TasaError
+from tasa.models.weights import Weights
+
+log = logging.getLogger(__name__)
+
+
+def _own_tensors(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, str, bool]]:
+    """(checkpoint key, owning module, attribute, is_parameter) of every parameter and persistent buffer of
+    ``module`` and its submodules."""
+    out = []
+    for name, mod in module.named_modules(prefix=prefix, remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                out.append((f"{name}.{attr}" if name else attr, mod, attr, True))
+        for attr, b in mod._buffers.items():
+            if b is not None and attr not in mod._non_persistent_buffers_set:
+                out.append((f"{name}.{attr}" if name else attr, mod, attr, False))
+    return out
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim).  After a large block is freed,
+    glibc serves later large allocations from its heap, whose free fragments stay resident: streaming the 12
+    layers of a 200M-parameter model held ~37 MB more per layer without this (tests/unit/test_streaming.py).
+    No effect off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Unit:
+    def __init__(self, name: str, module: nn.Module, tensors: list):
+        self.name, self.module, self.tensors = name, module, tensors
+        self.resident = False
+        self.pinned = False
+        self.checked = False
+
+
+class Streamer:
+    """Fetches and releases the weights of a meta-device model's units from ``weights`` (see the module
+    docstring)."""
+
+    def __init__(self, model: nn.Module, weights: Weights, layers_path: str, device: str | torch.device = "cpu"):
+        self.model, self.weights = model, weights
+        self.device = torch.device(device)
+        self.layers_path = layers_path
+        shared = self._shared_parameters()
+        layers = model.get_submodule(layers_path)
+        self.layers = [_Unit(f"{layers_path}.{i}", layer, [t for t in _own_tensors(layer, f"{layers_path}.{i}")])
+                       for i, layer in enumerate(layers)]
+        self.others: list[_Unit] = []
+        for name, mod in model.named_modules():
+            if name == layers_path or name.startswith(layers_path + ".") or not mod._parameters:
+                continue
+            tensors = [t for t in _own_tensors(mod, name) if t[0] not in shared and "." not in t[0][len(name) + 1:]]
+            if tensors:
+                self.others.append(_Unit(name, mod, tensors))
+        missing = [t[0] for u in self.layers + self.others for t in u.tensors if t[0] not in weights]
+        if missing:
+            raise TasaError(f"{weights.path}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
+                            "more) of the model's own names; streaming reads a checkpoint in the model's layout "
+                            "(load it without --stream)")
+        for unit in self.layers + self.others:
+            unit.module.register_forward_pre_hook(lambda _m, _a, u=unit: self._enter(u))
+            unit.module.register_forward_hook(lambda _m, _a, _o, u=unit: self._leave(u))
+        self._load_shared(shared)
+
+    def _shared_parameters(self) -> set[str]:
+        """Keys of parameters that several modules hold (tied weights): resident for the model's lifetime."""
+        by_id: dict[int, list[str]] = {}
+        for key, p in self.model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(key)
+        return {k for keys in by_id.values() if len(keys) > 1 for k in keys}
+
+    def _load_shared(self, shared: set[str]) -> None:
+        groups: dict[int, list[str]] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for key in shared:
+            groups.setdefault(id(params[key]), []).append(key)
+        for keys in groups.values():
+            source = next((k for k in sorted(keys) if k in self.weights), None)
+            if source is None:
+                raise TasaError(f"{self.weights.path}: none of the tied tensors {sorted(keys)} is in the checkpoint")
+            value = self._read(source, params[source])
+            tied = nn.Parameter(value, requires_grad=False)
+            for key in keys:
+                owner, _, attr = key.rpartition(".")
+                self.model.get_submodule(owner)._parameters[attr] = tied
+
+    def _read(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        t = self.weights.get(key, dtype=like.dtype if like.is_floating_point() else None, device=self.device)
+        if tuple(t.shape) != tuple(like.shape):
+            raise TasaError(f"{self.weights.path}: tensor {key} has shape {tuple(t.shape)}, the model expects "
+                            f"{tuple(like.shape)}")
+        return t
+
+    def _materialize(self, unit: _Unit) -> None:
+        for key, mod, attr, is_param in unit.tensors:
+            current = mod._parameters[attr] if is_param else mod._buffers[attr]
+            value = self._read(key, current)
+            if not unit.checked and value.is_floating_point() and not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise TasaError(f"{key} holds {bad} NaN/infinite value(s); refusing to use it")
+            if is_param:
+                mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                mod._buffers[attr] = value
+        unit.checked = True
+        unit.resident = True
+
+    def _dematerialize(self, unit: _Unit) -> None:
+        for _key, mod, attr, is_param in unit.tensors:
+            current = mod._parameters[attr] if is_param else mod._buffers[attr]
+            empty = torch.empty(current.shape, dtype=current.dtype, device="meta")
+            if is_param:
+                mod._parameters[attr] = nn.Parameter(empty, requires_grad=False)
+            else:
+                mod._buffers[attr] = empty
+        unit.resident = False
+        _return_freed_memory()
+
+    def _enter(self, unit: _Unit) -> None:
+        if not unit.resident:
+            self._materialize(unit)
+
+    def _leave(self, unit: _Unit) -> None:
+        if unit.resident and not unit.pinned:
+            self._dematerialize(unit)
+
+    def fetch(self, index: int, device: str | torch.device | None = None) -> nn.Module:
+        """Decoder layer ``index`` with its weights on the compute device, pinned until :meth:`release`."""
+        if device is not None:
+            self.device = torch.device(device)
+        unit = self.layers[index]
+        if not unit.resident:
+            self._materialize(unit)
+        unit.pinned = True
+        return unit.module
+
+    def release(self, index: int) -> None:
+        """Drop decoder layer ``index``'s weights (and any change made to them while it was pinned)."""
+        unit = self.layers[index]
+        unit.pinned = False
+        if unit.resident:
+            self._dematerialize(unit)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the model's tensors currently held (not on meta)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device.type != "meta" and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+
+def streamed_model(path: str | Path, config, dtype: torch.dtype, device: str | torch.device,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``config`` on the meta device, its weights streamed from directory ``path`` (see the module
+    docstring); ``model.tasa_streamer`` is its :class:`Streamer`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from tasa.models.arch import resolve
+    from tasa.models.weights import open_weights
+
+    weights = open_weights(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # GPTQ checkpoints read as float (dequantized per linear)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()
+    layers_path = resolve(model).spec.layers_path
+    model.tasa_streamer = Streamer(model, weights, layers_path, device)
+    for mod in model.modules():  # buffers made at construction (rotary tables) compute where the layers do
+        for key, b in mod._buffers.items():
+            if b is not None and b.device.type != "meta":
+                mod._buffers[key] = b.to(device)
+    log.info("streaming %s: %d decoder layers read from disk one at a time", path, len(model.tasa_streamer.layers))
+    return model
+
+
+def streamer_of(model: nn.Module) -> Streamer | None:
+    return getattr(model, "tasa_streamer", None)
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its streamer's device for a streamed model, else where its weights are."""
+    streamer = streamer_of(model)
+    return streamer.device if streamer is not None else next(model.parameters()).device
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (a streamed model's are cast to it as they are read)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -1,0 +1,137 @@
+"""A checkpoint's tensors, read one at a time: the weight side of streamed models (tasa.models.streaming).
+
+:func:`open_weights` opens a model directory's ``*.safetensors`` (one file or the shards of
+``model.safetensors.index.json``), memory-mapped by safetensors: a tensor is read from disk when asked
+for, and nothing else of the checkpoint is held in memory.  A GPTQ checkpoint (tasa's or any
+``checkpoint_format: gptq`` / ``gptq_v2``) presents each quantized linear as its dequantized ``weight``,
+unpacked from ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` when that weight is read, so a quantized
+model streams one layer at a time like a float one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tasa.errors import TasaError
+from tasa.export.gptq import GPTQ_SUFFIXES, dequantize_module, gptq_config, is_gptq_dir
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class Weights:
+    """Named tensors of a safetensors checkpoint directory, each read from disk on :meth:`get`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise TasaError(f"{self.path} holds no .safetensors weights")
+        self._file_of: dict[str, str] = {}
+        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (safetensors dtype, shape)
+        for name in files:
+            with self._open(name) as handle:
+                for key in handle.keys():
+                    self._file_of[key] = name
+                    sl = handle.get_slice(key)
+                    self._meta[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+
+    def _open(self, name: str):
+        # Opened per read, not kept: safetensors memory-maps the file while it is open, and every page read
+        # through the map would count in the process's resident memory until it is closed.
+        try:
+            return safe_open(str(self.path / name), "pt")
+        except (OSError, SafetensorError) as e:
+            raise TasaError(f"could not read weights {self.path / name}: {e}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def raw(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored."""
+        if key not in self._file_of:
+            raise TasaError(f"{self.path}: no tensor {key!r} in the checkpoint")
+        with self._open(self._file_of[key]) as handle:
+            return handle.get_tensor(key)
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        return _DTYPES.get(self._meta[key][0], torch.float32)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][1]
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Tensor ``key`` (floating-point ones cast to ``dtype`` when given) on ``device``."""
+        t = self.raw(key)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every tensor, floating-point ones counted at ``dtype`` (as stored without it)."""
+        total = 0
+        for key in self._file_of:
+            stored = self.stored_dtype(key)
+            size = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
+            total += size * math.prod(self.shape(key))
+        return total
+
+
+class GptqWeights(Weights):
+    """A GPTQ checkpoint whose quantized linears read as dequantized float ``NAME.weight`` tensors."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.qcfg = gptq_config(self.path)
+        packed = [k for k in self._file_of if k.endswith(".qweight")]
+        self.quantized = {k[: -len(".qweight")] for k in packed}
+        for name in self.quantized:
+            missing = [s for s in GPTQ_SUFFIXES if f"{name}.{s}" not in self._file_of]
+            if missing:
+                raise TasaError(f"{self.path}: {name} lacks its {', '.join(missing)} tensor(s)")
+
+    def keys(self) -> list[str]:
+        plain = [k for k in self._file_of if k.rsplit(".", 1)[0] not in self.quantized
+                 or k.rsplit(".", 1)[1] not in GPTQ_SUFFIXES]
+        return plain + [f"{n}.weight" for n in sorted(self.quantized)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of or (key.endswith(".weight") and key[: -len(".weight")] in self.quantized)
+
+    def raw(self, key: str) -> torch.Tensor:
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        if name in self.quantized:
+            return dequantize_module(lambda suffix: super(GptqWeights, self).raw(f"{name}.{suffix}"), name,
+                                     self.qcfg, self.path)
+        return super().raw(key)
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        if key.endswith(".weight") and key[: -len(".weight")] in self.quantized:
+            return torch.float32
+        return super().stored_dtype(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key.endswith(".weight") and key[: -len(".weight")] in self.quantized:
+            name = key[: -len(".weight")]
+            k, n = super().shape(f"{name}.g_idx")[0], super().shape(f"{name}.scales")[1]
+            return (n, k)
+        return super().shape(key)
+
+
+def open_weights(path: str | Path) -> Weights:
+    """The tensors of model directory ``path``: dequantizing GPTQ checkpoints, as stored otherwise."""
+    path = Path(path)
+    return GptqWeights(path) if is_gptq_dir(path) else Weights(path)
