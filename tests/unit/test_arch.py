@@ -96,3 +96,14 @@ def test_numels_and_layer_modules():
     numels = arch.numels()
     assert numels["model.layers.0.mlp.down_proj"] == 64 * 32
     assert [m.local for m in arch.layer_modules(1)] == list(SPECS["llama"].linears)
+
+
+def test_fused_expert_weights_are_refused_not_left_in_full_precision():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    with pytest.raises(TasaError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj \(4, 96, 32\) holds \d+% "
+                                        r"of a decoder layer's weights but is not an nn.Linear"):
+        resolve(model)

@@ -147,6 +147,24 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     return ArchSpec(path, linears, tuple(groups))
 
 
+UNCOVERED_SHARE = 1 / 32  # a weight holding this share of its layer's parameters must be quantized
+
+
+def _check_coverage(model_type: str, spec: ArchSpec, layers: nn.ModuleList) -> None:
+    """Refuse a layout whose decoder layers hold a large weight matrix that is not one of the quantized linears
+    (e.g. mixture-of-experts blocks storing every expert in one 3-D parameter): it would otherwise stay in full
+    precision unnoticed.  Small matrices (routers of experts: experts x hidden) stay in full precision."""
+    layer = layers[0]
+    covered = {f"{local}.weight" for local in spec.linears}
+    total = sum(p.numel() for p in layer.parameters())
+    for name, p in layer.named_parameters():
+        if p.dim() >= 2 and name not in covered and p.numel() >= UNCOVERED_SHARE * total:
+            raise TasaError(f"{model_type}: {spec.layers_path}.0.{name} {tuple(p.shape)} holds "
+                            f"{p.numel() / total:.0%} of a decoder layer's weights but is not an nn.Linear tasa "
+                            "quantizes (fused expert weights are not supported yet); refusing to leave it in "
+                            "full precision")
+
+
 def resolve(model: nn.Module) -> ModelArch:
     """Resolve the model's decoder layers and quantizable linears.
 
@@ -174,4 +192,5 @@ def resolve(model: nn.Module) -> ModelArch:
             modules.append(LayerModule(f"{spec.layers_path}.{i}.{local}", i, local, mod.in_features, mod.out_features))
     if not modules:
         raise TasaError(f"{model_type}: decoder layers at '{spec.layers_path}' contain no nn.Linear modules")
+    _check_coverage(model_type, spec, layers)
     return ModelArch(model_type, spec, layers, modules, source, getattr(model, "tasa_streamer", None))
