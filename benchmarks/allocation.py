@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import resource
 import sys
 import time
@@ -48,6 +49,32 @@ PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 # the rows measured by default (about 6 CPU-minutes of GPTQ and scoring each on an idle 2-core machine); --rows
 # also takes tasa-beta0, tasa-beta0.25, tasa-beta0.75, uniform-w8, vllm-4.25 and tasa-pTOKENS-SETTING
 ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", "tasa-beta0.5", "tasa-beta1"]
+
+
+def split_nsamples(name: str) -> tuple[str, int]:
+    """Row name -> (plan row, calibration samples): "tasa-beta0.5-n128" -> ("tasa-beta0.5", 128)."""
+    m = re.fullmatch(r"(.+)-n([0-9]+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, NSAMPLES)
+
+
+def calib_file(work: Path, nsamples: int) -> Path:
+    return work / ("calib.pt" if nsamples == NSAMPLES else f"calib-n{nsamples}.pt")
+
+
+def ensure_calib(work: Path, nsamples: int) -> str:
+    """The calibration tokens of ``nsamples`` windows (built once), and their sha256."""
+    import torch
+
+    path = calib_file(work, nsamples)
+    if not path.is_file():
+        from tasa.config import CalibSpec
+        from tasa.data import build_calibration
+        from tasa.models import load
+
+        lm = load("smollm2-135m")
+        cal = build_calibration(lm.tokenizer, CalibSpec.parse(CALIB, nsamples=nsamples, seqlen=SEQLEN, seed=0))
+        torch.save(cal.input_ids, path)
+    return calib_sha256(torch.load(path, weights_only=True))
 
 
 def plan_for(name: str, arch):
@@ -89,7 +116,7 @@ def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
     out.mkdir(parents=True)
     qcfg = quantize_config(plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
                            "gptqmodel", checkpoint_format(plan))
-    write_checkpoint(out, lm.model, lm.tokenizer, packed, qcfg)
+    write_checkpoint(out, lm.model, lm.tokenizer, packed, qcfg, arch.spec.layers_path)
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     made = ROOT / ".venv-gptqmodel" / "bin" / "python"  # `make test`'s GPTQModel 7.6.0 environment, if present
     python = made if (made.parent.parent / ".installed").is_file() else peer_venv("gptqmodel", PEER_REQS)
@@ -120,8 +147,9 @@ def worker(name: str, work: Path) -> dict:
     from safetensors.torch import load_file
 
     ref = load_file(str(work / "fp.topk.safetensors"))
-    plan = plan_for(name, arch)
-    calib = torch.load(work / "calib.pt", weights_only=True)
+    base, nsamples = split_nsamples(name)  # the GPTQModel check: the committed beta = 0.5 row only
+    plan = plan_for(base, arch)
+    calib = torch.load(calib_file(work, nsamples), weights_only=True)
     packed: dict = {}
     t0 = time.perf_counter()
     quantize_model(lm.model, arch, plan, calib, batch_size=8, progress=False,
@@ -162,21 +190,15 @@ def normalisation_study() -> dict:
 
 def main() -> None:
     args, work = parse_or_work(__doc__, BENCH, worker, ROWS)
-    import torch
-
     from tasa.artifacts import read_json
-    from tasa.config import CalibSpec
-    from tasa.data import build_calibration
-    from tasa.models import load
 
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "calib.pt").is_file():
-        lm = load("smollm2-135m")
-        cal = build_calibration(lm.tokenizer, CalibSpec.parse(CALIB, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0))
-        torch.save(cal.input_ids, work / "calib.pt")
-        del lm
-    sha = calib_sha256(torch.load(work / "calib.pt", weights_only=True))
-    stale = [p.name for p in RECORDS.glob("*.json") if read_json(p).get("calib_sha256", sha) != sha]
+    sizes = {split_nsamples(p.stem)[1] for p in RECORDS.glob("*.json")} | {
+        split_nsamples(n)[1] for n in args.rows.split(",")}
+    shas = {n: ensure_calib(work, n) for n in sorted(sizes)}
+    sha = shas[NSAMPLES]
+    stale = [p.name for p in RECORDS.glob("*.json")
+             if read_json(p).get("calib_sha256", shas[split_nsamples(p.stem)[1]]) != shas[split_nsamples(p.stem)[1]]]
     if stale:
         raise SystemExit(f"{', '.join(stale)} in {RECORDS} were measured on other calibration tokens than "
                          f"{work / 'calib.pt'}: remove them to measure again")
@@ -193,7 +215,7 @@ def main() -> None:
         bits = None if name == "fp" else r["bits"]
         method = "fp" if name == "fp" else "gptq"
         rows.append(row(name, "tasa" if name != "fp" else "none", method, bits, GROUP,
-                        None if name == "fp" else CALIB, {**r["metrics"], **({"layer_bits": r["layer_bits"]}
+                        None if name == "fp" else f"{CALIB} ({split_nsamples(name)[1]} x {SEQLEN})", {**r["metrics"], **({"layer_bits": r["layer_bits"]}
                                                                               if r.get("layer_bits") else {})},
                         r["seconds"]))
     out = write_results(BENCH, ".venv/bin/python benchmarks/allocation.py", rows,
