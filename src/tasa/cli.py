@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe-tokens", type=int, default=768,
                    help="scored tokens per objective for the profile; on SmolLM2-135M its plan scored level with "
                         "4096's, which ranks ARC-style choice objectives more steadily at ~5x the time (default: 768)")
-    r.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration sequences (default: 64)")
+    r.add_argument("--nsamples", type=int, default=64,
+                   help="GPTQ calibration sequences (default: 64; tasa quantize's 128 scored no better on SmolLM2 "
+                        "and takes twice the time, docs/RESULTS.md)")
     r.add_argument("--search-samples", type=int, default=4,
                    help="with --calib auto: sequences per source, and held-out sequences, of the mixture search "
                         "(default: 4; the choice and its cost at 4, 8, 16 and 64 are in docs/RESULTS.md)")

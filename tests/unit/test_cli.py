@@ -452,7 +452,8 @@ FLAG_EXCEPTIONS = {
     "--calib": "quantize calibrates on it (default wikitext2); run searches it (auto); profile needs it for GPTQ "
                "probes only",
     "--nsamples": "quantize calibrates GPTQ on 128 sequences (GPTQ's usual count), run on 64 to keep make run "
-                  "within 15 minutes on 2 cores; search-mixture counts sequences per source (128)",
+                  "within 15 minutes on 2 cores (on SmolLM2, 128 scored no better than 64: docs/RESULTS.md, "
+                  "calibration size); search-mixture counts sequences per source (128)",
     "--probe-tokens": "profile is the analysis tool (rankings and their agreement reported): 4096 per objective; "
                       "run allocates from 768, whose plan scored level with the 4096-token profile's "
                       "(docs/RESULTS.md, allocation benchmark)",
