@@ -38,7 +38,8 @@ def _parent(*adders) -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (embedded default)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto (the first GPU when there is one, else the CPU) (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")

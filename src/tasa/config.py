@@ -145,6 +145,25 @@ def parse_size(text: str, what: str) -> int:
     return value
 
 
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (the first CUDA device when there is one, else the CPU); a CUDA
+    device this machine does not have is an error."""
+    if device == "cpu":
+        return device
+    if device != "auto" and not re.fullmatch(r"cuda(:[0-9]+)?", device):
+        raise TasaError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda:0" if count else "cpu"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= count:
+        raise TasaError(f"--device {device}: this machine has {count} CUDA device(s)"
+                        + ("" if count else f" (torch {torch.__version__}, CUDA {torch.version.cuda})"))
+    return device
+
+
 def _one_of(value, choices: tuple, what: str) -> None:
     if value not in choices:
         raise TasaError(f"{what} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}")
@@ -166,6 +185,7 @@ class Runtime:
         if self.dtype is not None:
             _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.stream, STREAM_MODES, "--stream")
+        object.__setattr__(self, "device", resolve_device(self.device))
         _positive(self.batch_size, "--batch-size")
 
 

@@ -84,6 +84,8 @@ def test_streamed_quantization_writes_the_same_checkpoint_bytes(sharded_dir, tmp
     assert (outs["off"].output_dir / "config.json").read_text() == (outs["on"].output_dir / "config.json").read_text()
     errors = [{n: m["rel_error"] for n, m in outs[s].record["modules"].items()} for s in ("off", "on")]
     assert errors[0] == errors[1]
+    # a GPTQ checkpoint is sized as the float model it reads as (what auto streaming compares with free memory)
+    assert open_weights(outs["on"].output_dir).nbytes(torch.float32) == open_weights(sharded_dir).nbytes(torch.float32)
     # the quantized checkpoint streams too, dequantized one linear at a time, as its in-memory load does
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -216,3 +218,13 @@ def test_streamed_quantization_of_a_200m_parameter_model_holds_few_layers(tmp_pa
     assert peaks["on"] < size / 4, (peaks, size)
     assert peaks["off"] > size, (peaks, size)
     assert (tmp_path / "q-on" / "model.safetensors.index.json").is_file()
+
+
+def test_devices_are_resolved_and_checked():
+    assert Runtime(device="cpu").device == "cpu"
+    assert Runtime(device="auto").device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TasaError, match="--device must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+        Runtime(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TasaError, match=r"--device cuda:1: this machine has 0 CUDA device\(s\)"):
+            Runtime(device="cuda:1")

@@ -211,8 +211,9 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
     """Load model + tokenizer from a directory, a .gguf file, a hub id or an embedded name.
 
     ``stream``: True builds the model on the meta device and reads each decoder layer's weights from disk when
-    it is used (tasa.models.streaming: models larger than memory); None decides by size (streams when the
-    weights at the compute dtype exceed half of the device's free memory); False loads every weight now."""
+    it is used (tasa.models.streaming: models larger than memory; a hub id is downloaded first); None decides
+    by size for a local safetensors checkpoint (streams when its weights at the compute dtype exceed half of
+    the device's free memory); False loads every weight now."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype, device)
@@ -220,18 +221,16 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
     if kind == "gguf":
         where = gguf_to_hf_dir(Path(where))
         kind = "dir"
-    if stream is None or stream:
-        local = _local_dir(kind, where, spec)
-        if stream is None:
-            from tasa.models.weights import open_weights
-
-            size = open_weights(local).nbytes(torch_dtype)
+    if stream is None:  # auto: local safetensors checkpoints only (a hub id or .bin weights load in memory)
+        stream = False
+        if kind == "dir" and any(Path(where).glob("*.safetensors")):
+            size = open_weights(where).nbytes(torch_dtype)
             stream = size > STREAM_ABOVE * available_memory(device)
             if stream:
                 log.info("streaming %s: %.1f GB of weights, more than %.0f%% of the free memory on %s",
                          spec, size / 1e9, 100 * STREAM_ABOVE, device)
-        if stream:
-            kind, where = "dir", local
+    if stream:
+        kind, where = "dir", _local_dir(kind, where, spec)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     try:
         if stream:

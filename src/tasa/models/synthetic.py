@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tasa.artifacts import usual_modes
 from tasa.export.writer import MAX_SHARD_BYTES, ShardWriter
 
 
@@ -45,4 +46,5 @@ def synthetic_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = torch
     writer.close()
     config.dtype = dtype
     config.save_pretrained(out)
+    usual_modes(out)  # safetensors creates owner-only files
     return out

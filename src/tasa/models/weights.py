@@ -83,7 +83,7 @@ class Weights:
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of every tensor, floating-point ones counted at ``dtype`` (as stored without it)."""
         total = 0
-        for key in self._file_of:
+        for key in self.keys():  # a GPTQ checkpoint: its linears as the float weights they read as
             stored = self.stored_dtype(key)
             size = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
             total += size * math.prod(self.shape(key))
