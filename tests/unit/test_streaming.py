@@ -228,3 +228,28 @@ def test_devices_are_resolved_and_checked():
     if not torch.cuda.is_available():
         with pytest.raises(TasaError, match=r"--device cuda:1: this machine has 0 CUDA device\(s\)"):
             Runtime(device="cuda:1")
+
+
+def test_a_streamed_run_gives_the_in_memory_runs_plan_checkpoint_and_scores(tmp_path, data_dir):
+    from tasa.cli import main
+
+    model = _save(tiny_llama(layers=2), tmp_path / "m")
+    outs = {}
+    for stream in ("off", "on"):
+        outs[stream] = tmp_path / f"run-{stream}"
+        with pytest.raises(SystemExit) as done:
+                main(["run", "--model", str(model), "--tasks", "gsm8k", "--calib", "auto", "--mixture-criterion",
+                  "hessian-trace", "--budget", "3", "--bits", "2,4", "--group-size", "16", "--probe-tokens", "40",
+                  "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2", "--eval-windows", "1", "--stream", stream,
+                  "--output-dir", str(outs[stream]), "--quiet"])
+        assert done.value.code == 0
+    on, off = outs["on"], outs["off"]
+    assert json.loads((on / "plan.json").read_text())["modules"] == json.loads((off / "plan.json").read_text())["modules"]
+    ckpt = [p for p in on.rglob("model.safetensors")]
+    assert len(ckpt) == 1
+    assert ckpt[0].read_bytes() == (off / ckpt[0].relative_to(on)).read_bytes()
+    scores = [json.loads((d / "eval-quant.json").read_text())["results"] for d in (off, on)]
+    assert set(scores[0]) == {"wikitext2", "gsm8k"}
+    for task in scores[0]:
+        assert {k: v for k, v in scores[0][task].items() if k != "seconds"} == {
+            k: v for k, v in scores[1][task].items() if k != "seconds"}
