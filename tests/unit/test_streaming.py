@@ -253,3 +253,19 @@ def test_a_streamed_run_gives_the_in_memory_runs_plan_checkpoint_and_scores(tmp_
     for task in scores[0]:
         assert {k: v for k, v in scores[0][task].items() if k != "seconds"} == {
             k: v for k, v in scores[1][task].items() if k != "seconds"}
+
+
+def test_running_out_of_memory_while_loading_whole_is_one_line_pointing_at_streaming(tmp_path, monkeypatch):
+    import transformers
+
+    path = _save(tiny_llama(layers=2), tmp_path / "m")
+
+    def exhausted(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1073741824 bytes")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", exhausted)
+    with pytest.raises(TasaError, match=r"not enough memory on cpu to load .* whole \(.*can't allocate memory.*\); "
+                                        r"stream it one decoder layer at a time with --stream on"):
+        load(str(path))
+    assert load(str(path), stream=True).model.tasa_streamer is not None  # streaming needs no whole load

@@ -158,6 +158,11 @@ def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text or isinstance(e, torch.cuda.OutOfMemoryError)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -257,6 +262,11 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         raise TasaError(f"could not load model from {where}: {_first_line(e)}") from None
     except (ValueError, KeyError, SafetensorError) as e:  # damaged weights, configs or tokenizer files
         raise TasaError(f"could not load model from {where}: {type(e).__name__}: {_first_line(e)}") from None
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+            raise
+        raise TasaError(f"not enough memory on {device} to load {spec} whole ({_first_line(e)}); stream it one "
+                        "decoder layer at a time with --stream on") from None
     if not stream:  # a streamed model's weights are checked as they are read
         check_finite(model, spec)
         model.eval()
