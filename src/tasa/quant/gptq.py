@@ -20,6 +20,7 @@ or up front from the original weights with ``static_groups``.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -51,22 +52,21 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
     return total
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, retrying with more damping.
+def _inverse_cholesky(prepared: Callable[[], torch.Tensor], damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = ``prepared()``, retrying with more damping.
 
-    ``h`` is a private copy, overwritten: besides it, at most one more (d_in, d_in) matrix is held at a time
-    (for a 14336-wide input, 0.8 GB each), which keeps a streamed 8B-shaped layer's GPTQ within its budget."""
-    mean_diag = torch.mean(torch.diag(h))
-    added = 0.0
+    Every step overwrites H's own storage (LAPACK still takes one transient copy), so at most two (d_in, d_in)
+    matrices are held at once (0.8 GB each for a 14336-wide input): what keeps a streamed 8B-shaped layer's
+    GPTQ within its memory budget (benchmarks/large_model.py).  A retry starts from a fresh ``prepared()``."""
     for attempt in range(MAX_DAMP_RETRIES):
-        h.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        lower, info = torch.linalg.cholesky_ex(h)
+        h = prepared()
+        h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(h, out=(h, info))  # h: its lower factor
         if int(info) == 0:
-            torch.cholesky_inverse(lower, out=h)  # h now holds the inverse
-            del lower
-            return torch.linalg.cholesky(h, upper=True)
-        del lower
+            torch.cholesky_inverse(h, out=h)  # h: the inverse
+            return torch.linalg.cholesky(h, upper=True, out=h)  # h: the inverse's upper factor
+        del h
         new_damp = min(damp * 10, 0.99) if damp < 0.99 else damp
         if attempt == MAX_DAMP_RETRIES - 1 or new_damp == damp:
             break
@@ -88,10 +88,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     rows, cols = weight.shape
     bits, gs = spec.bits, spec.group_size
     w = weight.detach().float().clone()  # (d_out, d_in)
-    h = hessian.detach().float().clone()
-
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diag(hessian).float().clone()
+    dead = diag == 0  # inputs that are always zero: H's entry becomes 1, the weights' columns 0
+    diag[dead] = 1.0
     w[:, dead] = 0.0
 
     bounds = group_bounds(cols, gs)
@@ -108,9 +107,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     perm = None
     if spec.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
+        perm = torch.argsort(diag, descending=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
+
+    def prepared() -> torch.Tensor:
+        """H with dead inputs fixed, in the processing order: a new tensor each call."""
+        if perm is None:
+            h = hessian.detach().float().clone()
+            h[dead, dead] = 1.0
+        else:
+            h = hessian.detach().float()[perm][:, perm]
+            h[dead[perm], dead[perm]] = 1.0
+        return h
     # g_idx in the processing order: static groups follow original columns,
     # dynamic groups are formed from consecutive processed columns.
     orig_cols = perm if perm is not None else torch.arange(cols, device=w.device)
@@ -119,9 +127,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     else:
         group_of_pos = torch.div(torch.arange(cols, device=w.device), gsize, rounding_mode="floor")
 
-    u = _inverse_cholesky(h, spec.damp, name)  # (d_in, d_in) upper; h is consumed
-    del h
-    codes = torch.zeros_like(w)
+    u = _inverse_cholesky(prepared, spec.damp, name)  # (d_in, d_in) upper
+    codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
 
     # Blocks hold whole groups so that a dynamic group's grid sees fully updated weights.
     block = spec.block_size
@@ -146,12 +153,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             wcol = w_blk[:, i]
             qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
             qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
-            codes[:, col] = qcode
+            codes[:, col] = qcode.to(torch.uint8)
             q_blk[:, i] = qcol
             err = (wcol - qcol) / u_blk[i, i]
             w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
             err_blk[:, i] = err
         w[:, b1:] -= err_blk @ u[b0:b1, b1:]
+    del u, w  # before the dequantized result is built: two fewer large matrices at the peak
 
     if perm is not None:
         inv = torch.argsort(perm)
@@ -161,7 +169,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         g_idx = group_of_pos.to(torch.int32)
     result = QuantResult(
         weight=torch.empty(0),
-        codes=codes.to(torch.uint8),
+        codes=codes,
         scales=scales,
         zeros=zeros,
         g_idx=g_idx,

@@ -1,0 +1,205 @@
+"""Models larger than memory (issue 36): tasa streams one decoder layer at a time.
+
+    .venv/bin/python benchmarks/large_model.py                       # every row (the 8B ones take ~1 h)
+    .venv/bin/python benchmarks/large_model.py --rows smollm2-in-memory,smollm2-streamed
+
+Each row runs the `tasa` CLI in a child process and records its wall time and peak resident memory (the
+child's ru_maxrss); rows are cached one record each under benchmarks/results/large_model/ (resumable).
+
+- ``smollm2-in-memory`` / ``smollm2-streamed``: `tasa quantize` of SmolLM2-135M by `tasa run`'s committed
+  plan (benchmarks/results/run/plan.json: 3/4 bits, GPTQ, group size 64) on gsm8k:0.5,arc_easy:0.5 (64 x 512
+  tokens), with ``--stream off`` and ``--stream on``: the streamed checkpoint must be bitwise the in-memory
+  one (sha256 of model.safetensors), at no more than 1.1x its time.
+- ``llama3-8b-streamed``: a synthetic Llama-3-8B-shaped model (its real config: 32 layers, hidden 4096, GQA
+  32/8 heads, intermediate 14336, vocab 128256; random bfloat16 weights written once by
+  tasa.models.synthetic as 4 GiB shards, ~16 GB, with SmolLM2's tokenizer) quantized by a 3/4/8 plan (RTN,
+  group size 128; layers 0 and 31 at 8 bits, the rest alternating 4 and 3 bits), float32 compute,
+  ``--stream on``, ``--max-shard-size 256MB``.  Goal: peak RSS at most 0.3x the model's size on disk.
+- ``llama3-8b-gptq-layer-streamed``: GPTQ's share of that budget: the same model and flags, GPTQ on layer 30
+  only (3 bits; ``--allow-partial-plan``, the other layers written as float32) on WikiText-2 (8 x 256 tokens:
+  enough to run every stage, not a quality setting): one 8B layer's Hessians (up to 14336 x 14336) and
+  solves.  GPTQ of all 32 layers takes hours on this 2-core CPU (the solves, not the streaming).
+- ``llama3-8b-in-memory``: the same command with ``--stream off``, under an address-space limit of 20 GiB
+  (so that it fails instead of driving this 24 GiB machine out of memory): the in-memory path must load
+  every weight (32 GB in float32) and cannot run here.
+- ``llama3-8b-profile-streamed``: `tasa profile` of the synthetic model, streamed: layers 0 and 31 at 3 and 4
+  bits on WikiText-2 (64 probe tokens; each probe of layer l streams layers l..31 from disk).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+from benchmarks.common import RESULTS, ROOT, WORK, cached, parse_or_work, row, write_results  # noqa: E402
+
+BENCH = "large_model"
+RECORDS = RESULTS / BENCH
+ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8b-gptq-layer-streamed",
+        "llama3-8b-in-memory", "llama3-8b-profile-streamed"]
+TASA = [sys.executable, "-m", "tasa"]
+AS_LIMIT = 20 * 2 ** 30
+RUN_PLAN = RESULTS / "run" / "plan.json"
+
+
+def llama3_8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0,
+                       eos_token_id=0)
+
+
+def synthetic_8b(work: Path) -> Path:
+    """The synthetic model directory (written once)."""
+    path = work / "llama3-8b-synthetic"
+    if (path / "tokenizer_config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasa.models.loading import embedded_gguf_path, gguf_to_hf_dir
+    from tasa.models.synthetic import synthetic_checkpoint
+
+    shutil.rmtree(path, ignore_errors=True)
+    synthetic_checkpoint(llama3_8b_config(), path, dtype=torch.bfloat16, max_shard_bytes=4 * 2 ** 30)
+    AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(path)
+    return path
+
+
+def plan_348(path: Path, out: Path, method: str, layers: list[int] | None = None) -> Path:
+    """A 3/4/8 plan over every linear of the synthetic model (layers 0 and 31 at 8 bits, the rest alternating 4
+    and 3), or over ``layers`` only."""
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    cfg = llama3_8b_config()
+    locals_ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+    modules = {}
+    for i in layers if layers is not None else range(cfg.num_hidden_layers):
+        bits = 8 if i in (0, cfg.num_hidden_layers - 1) else (4 if i % 2 else 3)
+        for local in locals_:
+            modules[f"model.layers.{i}.{local}"] = QuantSpec(bits=bits, group_size=128)
+    Plan(modules, method=method, meta={"model": str(path)}).save(out)
+    return out
+
+
+def measured(cmd: list[str], log: Path, as_limit: int | None = None) -> dict:
+    """Run ``cmd``; its exit status, wall seconds, peak RSS (GB) and last stderr line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def limit():
+        if as_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
+
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=limit, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    lines = [x for x in log.read_text().splitlines() if x.strip() and "it/s]" not in x and "s/it]" not in x]
+    return {"returncode": os.waitstatus_to_exitcode(status), "seconds": seconds,
+            "peak_rss_gb": usage.ru_maxrss / 2 ** 20, "last_line": lines[-1][-300:] if lines else ""}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def worker(name: str, work: Path) -> dict:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    if name.startswith("smollm2-"):
+        stream = "off" if name == "smollm2-in-memory" else "on"
+        r = measured([*TASA, "quantize", "--model", "smollm2-135m", "--plan", str(RUN_PLAN), "--calib",
+                      "gsm8k:0.5,arc_easy:0.5", "--nsamples", "64", "--seqlen", "512", "--stream", stream,
+                      "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
+        if r["returncode"] != 0:
+            raise RuntimeError(f"{name} failed: {r['last_line']}")
+        rec = json.loads((out / "quantize.json").read_text())
+        return {**r, "checkpoint_sha256": sha256(out / "model.safetensors"), "streamed": rec["streamed"],
+                "bits": rec["average_bits"], "quantize_seconds": rec["seconds"]["quantize"]}
+    model = synthetic_8b(work)
+    size = disk_bytes(model)
+    cfg = llama3_8b_config()
+    h, kv, inter = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads, \
+        cfg.intermediate_size
+    layer_params = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; two norms
+    info = {"model_disk_gb": size / 1e9, "layer_float32_gb": layer_params * 4 / 1e9,
+            "layer_bfloat16_gb": layer_params * 2 / 1e9}
+    if name == "llama3-8b-profile-streamed":
+        r = measured([*TASA, "profile", "--model", str(model), "--objectives", "wikitext2", "--bits", "3,4",
+                      "--layers", "0,31", "--probe-tokens", "64", "--probe-seqlen", "64", "--group-size", "128",
+                      "--stream", "on", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
+        if r["returncode"] != 0:
+            raise RuntimeError(f"{name} failed: {r['last_line']}")
+        sens = json.loads((out / "sensitivity.json").read_text())
+        return {**r, **info, "peak_rss_over_disk": r["peak_rss_gb"] * 2 ** 30 / size,
+                "costs": sens["costs"]["wikitext2"]}
+    stream = "off" if name == "llama3-8b-in-memory" else "on"
+    extra: list[str] = []
+    if name == "llama3-8b-gptq-layer-streamed":  # GPTQ's peak: one layer's Hessians and solves (30 = 3 bits)
+        plan = plan_348(model, work / "plan-gptq-layer30.json", "gptq", layers=[30])
+        extra = ["--allow-partial-plan", "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256"]
+    else:
+        plan = plan_348(model, work / "plan-348-rtn.json", "rtn")
+    r = measured([*TASA, "quantize", "--model", str(model), "--plan", str(plan), *extra, "--stream", stream,
+                  "--max-shard-size", "256MB", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log",
+                 as_limit=AS_LIMIT if stream == "off" else None)
+    result = {**r, **info, "peak_rss_over_disk": r["peak_rss_gb"] * 2 ** 30 / size}
+    if r["returncode"] == 0:
+        rec = json.loads((out / "quantize.json").read_text())
+        result.update(bits=rec["average_bits"], streamed=rec["streamed"], checkpoint_gb=disk_bytes(out) / 1e9,
+                      quantize_seconds=rec["seconds"]["quantize"], shards=len(list(out.glob("*.safetensors"))),
+                      quantized_modules=len(rec["modules"]))
+        shutil.rmtree(out)  # 4-30 GB; the record keeps what was measured
+    elif stream == "on":
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    return result
+
+
+def main() -> None:
+    args, work = parse_or_work(__doc__, BENCH, worker, ROWS)
+    results = {}
+    for name in args.rows.split(","):
+        print(f"[{BENCH}] {name} ...", flush=True)
+        results[name] = cached(RECORDS / f"{name}.json", lambda n=name: worker(n, work))
+        print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'costs'})}", flush=True)
+    rows = []
+    for name, r in results.items():
+        metrics = {k: v for k, v in r.items() if k not in ("seconds",)}
+        if name == "smollm2-streamed" and "smollm2-in-memory" in results:
+            ref = results["smollm2-in-memory"]
+            metrics["same_checkpoint_as_in_memory"] = r["checkpoint_sha256"] == ref["checkpoint_sha256"]
+            metrics["time_ratio_vs_in_memory"] = r["seconds"] / ref["seconds"]
+            metrics["quantize_time_ratio_vs_in_memory"] = r["quantize_seconds"] / ref["quantize_seconds"]
+        rows.append(row(name, "tasa", "quantize" if "profile" not in name else "profile", r.get("bits"),
+                        64 if name.startswith("smollm2") else 128,
+                        "gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else "wikitext2 (8 x 256)",
+                        metrics, r["seconds"]))
+    out = write_results(BENCH, ".venv/bin/python benchmarks/large_model.py", rows)
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
