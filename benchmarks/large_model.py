@@ -19,7 +19,7 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   only (3 bits; ``--allow-partial-plan``, the other layers written as float32) on WikiText-2 (8 x 256 tokens:
   enough to run every stage, not a quality setting): one 8B layer's Hessians (up to 14336 x 14336) and
   solves.  GPTQ of all 32 layers takes hours on this 2-core CPU (the solves, not the streaming).
-- ``llama3-8b-in-memory``: the same command with ``--stream off``, under an address-space limit of 20 GiB
+- ``llama3-8b-in-memory``: the RTN command with ``--stream off``, under an address-space limit of 20 GiB
   (so that it fails instead of driving this 24 GiB machine out of memory): the in-memory path must load
   every weight (32 GB in float32) and cannot run here.
 - ``llama3-8b-profile-streamed``: `tasa profile` of the synthetic model, streamed: layers 0 and 31 at 3 and 4
