@@ -269,3 +269,21 @@ def test_running_out_of_memory_while_loading_whole_is_one_line_pointing_at_strea
                                         r"stream it one decoder layer at a time with --stream on"):
         load(str(path))
     assert load(str(path), stream=True).model.tasa_streamer is not None  # streaming needs no whole load
+
+
+def test_a_streamed_head_is_read_once_for_all_its_position_chunks(tmp_path, monkeypatch):
+    from tasa.models.weights import Weights
+    from tasa.profile.scores import head_scores
+
+    path = _save(tiny_llama(layers=2), tmp_path / "m")
+    full, streamed = load(str(path)), load(str(path), stream=True)
+    reads = []
+    real_get = Weights.get
+    monkeypatch.setattr(Weights, "get", lambda self, key, *a, **k: (reads.append(key), real_get(self, key, *a, **k))[1])
+    hidden = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 260, (10,), generator=torch.Generator().manual_seed(1))
+    got = head_scores(streamed.model, hidden, targets, chunk=3)  # 4 chunks
+    assert reads.count("lm_head.weight") == 1
+    assert streamed.model.lm_head.weight.device.type == "meta"  # released after
+    want = head_scores(full.model, hidden, targets, chunk=3)
+    assert torch.equal(got.nll, want.nll)

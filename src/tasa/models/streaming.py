@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -172,6 +173,22 @@ class Streamer:
         if unit.resident:
             self._dematerialize(unit)
 
+    @contextmanager
+    def held(self, module: nn.Module):
+        """Within the block, ``module`` (a unit: a decoder layer, the head ...) stays resident, read once for
+        several calls (e.g. the head applied chunk by chunk)."""
+        unit = next((u for u in self.layers + self.others if u.module is module), None)
+        if unit is None or unit.pinned:
+            yield
+            return
+        self._enter(unit)
+        unit.pinned = True
+        try:
+            yield
+        finally:
+            unit.pinned = False
+            self._leave(unit)
+
     def resident_bytes(self) -> int:
         """Bytes of the model's tensors currently held (not on meta)."""
         seen, total = set(), 0
@@ -211,6 +228,17 @@ def streamed_model(path: str | Path, config, dtype: torch.dtype, device: str | t
 
 def streamer_of(model: nn.Module) -> Streamer | None:
     return getattr(model, "tasa_streamer", None)
+
+
+@contextmanager
+def held(model: nn.Module, module: nn.Module):
+    """:meth:`Streamer.held` for a streamed model; nothing to do for one in memory."""
+    streamer = streamer_of(model)
+    if streamer is None:
+        yield
+    else:
+        with streamer.held(module):
+            yield
 
 
 def compute_device(model: nn.Module) -> torch.device:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tasa.errors import TasaError
 from tasa.eval.metrics import TokenScores, logp_scores
+from tasa.models.streaming import held
 from tasa.models.walker import StopForward
 from tasa.profile.objectives import Batch
 
@@ -34,10 +35,11 @@ def head_scores(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, t
     head = model.get_output_embeddings()
     step = chunk or max(1, HEAD_CHUNK // head.weight.shape[0])
     parts = []
-    for s in range(0, hidden.shape[0], step):
-        logp = F.log_softmax(head(hidden[s:s + step]).float(), dim=-1)
-        ref = None if reference is None else (reference[0][s:s + step], reference[1][s:s + step])
-        parts.append(logp_scores(logp, targets[s:s + step], topk, ref))
+    with held(model, head):  # a streamed head is read once for all chunks
+        for s in range(0, hidden.shape[0], step):
+            logp = F.log_softmax(head(hidden[s:s + step]).float(), dim=-1)
+            ref = None if reference is None else (reference[0][s:s + step], reference[1][s:s + step])
+            parts.append(logp_scores(logp, targets[s:s + step], topk, ref))
     if not parts:
         return logp_scores(hidden.new_zeros((0, head.weight.shape[0])).float(), targets, topk, reference)
     return _cat_scores(parts)
