@@ -75,7 +75,7 @@ class Streamer:
         self.layers_path = layers_path
         shared = self._shared_parameters()
         layers = model.get_submodule(layers_path)
-        self.layers = [_Unit(f"{layers_path}.{i}", layer, [t for t in _own_tensors(layer, f"{layers_path}.{i}")])
+        self.layers = [_Unit(f"{layers_path}.{i}", layer, _own_tensors(layer, f"{layers_path}.{i}"))
                        for i, layer in enumerate(layers)]
         self.others: list[_Unit] = []
         for name, mod in model.named_modules():
