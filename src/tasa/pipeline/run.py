@@ -13,9 +13,9 @@ from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, Mixtur
                          QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
-from tasa.models import load
+from tasa.models import streamer_of
 from tasa.pipeline.allocate import allocate_bits
-from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, validation_group_size
+from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, model_of, validation_group_size
 from tasa.pipeline.evaluate import evaluate
 from tasa.pipeline.profile import profile
 from tasa.pipeline.quantize import quantize
@@ -51,14 +51,13 @@ class _SharedModel:
         if self.is_quantized:
             raise RuntimeError("the shared model is already quantized")
         if self.lm is None:
-            self.lm = load(self.name, dtype=self.runtime.dtype, device=self.runtime.device,
-                           stream={"auto": None, "on": True, "off": False}[self.runtime.stream])
+            self.lm, _ = model_of(self.name, self.runtime)
         return self.lm
 
     def quantized_in_memory(self) -> None:
         """The quantize stage ran on the shared model: in memory, it now holds the quantized weights; streamed,
         it dropped them layer by layer (the checkpoint is read instead)."""
-        if getattr(self.lm.model, "tasa_streamer", None) is None:
+        if streamer_of(self.lm.model) is None:
             self.is_quantized = True
 
     def quantized(self, checkpoint: Path):

@@ -9,7 +9,7 @@ from tasa import schemas
 from tasa.artifacts import write_json_atomic
 from tasa.config import MixtureSpec, Runtime
 from tasa.errors import TasaError
-from tasa.models import LoadedModel, load, resolve
+from tasa.models import LoadedModel, resolve
 from tasa.pipeline.common import check_new_dir, dtype_name, machine_info, model_of, now, resolve_group_size
 @dataclass(frozen=True)
 class MixtureResult:
@@ -43,8 +43,7 @@ def search_mixture(model: str | LoadedModel, output_dir: str | Path, spec: Mixtu
     if lm.max_length is not None and spec.seqlen > lm.max_length:
         raise TasaError(f"seqlen {spec.seqlen} exceeds the model's maximum context of {lm.max_length} tokens")
     group_size = resolve_group_size(resolve(lm.model), spec.group_size)
-    s = search(lm, lambda: load(model, dtype=runtime.dtype, device=runtime.device), spec, group_size, runtime,
-               out_dir=out)
+    s = search(lm, lambda: model_of(model, runtime)[0], spec, group_size, runtime, out_dir=out)
     s.update({"model": model, "dtype": dtype_name(lm.model), "machine": machine_info(), "date": now()})
     s["seconds"]["with_loading"] = time.perf_counter() - t0
     s = schemas.Mixture.from_dict(s).to_dict()  # the typed record is what is written
