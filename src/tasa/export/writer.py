@@ -34,6 +34,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self._held: dict[str, torch.Tensor] = {}
+        self._held_bytes = 0
         self._files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
         self._keys: set[str] = set()
@@ -44,9 +45,10 @@ class ShardWriter:
                 raise ValueError(f"tensor {key} written twice")
             self._keys.add(key)
             t = t.detach().to("cpu").contiguous()
-            if self._held and sum(map(_nbytes, self._held.values())) + _nbytes(t) > self.max_shard_bytes:
+            if self._held and self._held_bytes + _nbytes(t) > self.max_shard_bytes:
                 self._flush()
             self._held[key] = t
+            self._held_bytes += _nbytes(t)
             self.total_bytes += _nbytes(t)
 
     def _flush(self) -> None:
@@ -55,7 +57,7 @@ class ShardWriter:
         name = f".shard-{len(self._files):05d}.safetensors"
         save_file(self._held, str(self.out_dir / name), metadata={"format": "pt"})
         self._files.append((name, list(self._held)))
-        self._held = {}
+        self._held, self._held_bytes = {}, 0
 
     def close(self) -> list[str]:
         """Write the last shard, name the shards, and write the index when there are several; the file names."""
@@ -81,7 +83,6 @@ class CheckpointWriter:
     def __init__(self, out_dir: Path, model: nn.Module, layers_path: str, max_shard_bytes: int = MAX_SHARD_BYTES):
         self.model, self.layers_path = model, layers_path
         self.shards = ShardWriter(out_dir, max_shard_bytes)
-        self.out_dir = Path(out_dir)
 
     def add_layer(self, index: int, layer: nn.Module, packed: dict[str, torch.Tensor]) -> None:
         """Decoder layer ``index`` (its weights resident): ``packed`` (the GPTQ tensors of its quantized linears,

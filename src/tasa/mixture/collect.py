@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
-from tasa.models import compute_device
+from tasa.models import compute_device, streamer_of
 from tasa.models.arch import ModelArch
 from tasa.models.walker import capture_ids, input_groups, move_outside_layers, walk
 from tasa.quant.apply import layer_hessians
@@ -80,7 +80,7 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
 def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
                       k: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per token set, a (layers, k) count sketch of the mean-loss gradient of each layer's linear weights."""
-    if getattr(model, "tasa_streamer", None) is not None:
+    if streamer_of(model) is not None:
         raise TasaError("the grad-align criterion needs every weight in memory; search the mixture of a streamed "
                         "model with --mixture-criterion hessian-trace (or measured)")
     layer_params: list[list[tuple[str, nn.Parameter]]] = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from tasa.errors import TasaError
+from tasa.models.streaming import streamer_of
 
 _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -193,4 +194,4 @@ def resolve(model: nn.Module) -> ModelArch:
     if not modules:
         raise TasaError(f"{model_type}: decoder layers at '{spec.layers_path}' contain no nn.Linear modules")
     _check_coverage(model_type, spec, layers)
-    return ModelArch(model_type, spec, layers, modules, source, getattr(model, "tasa_streamer", None))
+    return ModelArch(model_type, spec, layers, modules, source, streamer_of(model))

@@ -156,22 +156,24 @@ class Streamer:
         if unit.resident and not unit.pinned:
             self._dematerialize(unit)
 
+    def _pin(self, unit: _Unit) -> None:
+        self._enter(unit)
+        unit.pinned = True
+
+    def _unpin(self, unit: _Unit) -> None:
+        unit.pinned = False
+        self._leave(unit)
+
     def fetch(self, index: int, device: str | torch.device | None = None) -> nn.Module:
         """Decoder layer ``index`` with its weights on the compute device, pinned until :meth:`release`."""
         if device is not None:
             self.device = torch.device(device)
-        unit = self.layers[index]
-        if not unit.resident:
-            self._materialize(unit)
-        unit.pinned = True
-        return unit.module
+        self._pin(self.layers[index])
+        return self.layers[index].module
 
     def release(self, index: int) -> None:
         """Drop decoder layer ``index``'s weights (and any change made to them while it was pinned)."""
-        unit = self.layers[index]
-        unit.pinned = False
-        if unit.resident:
-            self._dematerialize(unit)
+        self._unpin(self.layers[index])
 
     @contextmanager
     def held(self, module: nn.Module):
@@ -181,13 +183,11 @@ class Streamer:
         if unit is None or unit.pinned:
             yield
             return
-        self._enter(unit)
-        unit.pinned = True
+        self._pin(unit)
         try:
             yield
         finally:
-            unit.pinned = False
-            self._leave(unit)
+            self._unpin(unit)
 
     def resident_bytes(self) -> int:
         """Bytes of the model's tensors currently held (not on meta)."""

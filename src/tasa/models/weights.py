@@ -103,32 +103,34 @@ class GptqWeights(Weights):
             if missing:
                 raise TasaError(f"{self.path}: {name} lacks its {', '.join(missing)} tensor(s)")
 
+    def _quantized(self, key: str) -> str | None:
+        """The quantized linear whose (dequantized) weight ``key`` names, else None."""
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        return name if name in self.quantized else None
+
     def keys(self) -> list[str]:
         plain = [k for k in self._file_of if k.rsplit(".", 1)[0] not in self.quantized
                  or k.rsplit(".", 1)[1] not in GPTQ_SUFFIXES]
         return plain + [f"{n}.weight" for n in sorted(self.quantized)]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._file_of or (key.endswith(".weight") and key[: -len(".weight")] in self.quantized)
+        return key in self._file_of or self._quantized(key) is not None
 
     def raw(self, key: str) -> torch.Tensor:
-        name = key[: -len(".weight")] if key.endswith(".weight") else None
-        if name in self.quantized:
+        name = self._quantized(key)
+        if name is not None:
             return dequantize_module(lambda suffix: super(GptqWeights, self).raw(f"{name}.{suffix}"), name,
                                      self.qcfg, self.path)
         return super().raw(key)
 
     def stored_dtype(self, key: str) -> torch.dtype:
-        if key.endswith(".weight") and key[: -len(".weight")] in self.quantized:
-            return torch.float32
-        return super().stored_dtype(key)
+        return torch.float32 if self._quantized(key) is not None else super().stored_dtype(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if key.endswith(".weight") and key[: -len(".weight")] in self.quantized:
-            name = key[: -len(".weight")]
-            k, n = super().shape(f"{name}.g_idx")[0], super().shape(f"{name}.scales")[1]
-            return (n, k)
-        return super().shape(key)
+        name = self._quantized(key)
+        if name is None:
+            return super().shape(key)
+        return (super().shape(f"{name}.scales")[1], super().shape(f"{name}.g_idx")[0])  # (out, in)
 
 
 def open_weights(path: str | Path) -> Weights:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
-from tasa.models import compute_device, compute_dtype
+from tasa.models import compute_device, compute_dtype, streamer_of
 from tasa.models.arch import ModelArch
 from tasa.profile.objectives import Objective, item_losses
 from tasa.profile.probe import Unit, head_is_plain, quant_swapped
@@ -71,7 +71,7 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
     t0 = time.perf_counter()
     names = [m.name for m in arch.modules]
     costs: dict = {o.name: {} for o in objectives}
-    if getattr(model, "tasa_streamer", None) is not None:
+    if streamer_of(model) is not None:
         raise TasaError("the gradient estimators need every weight in memory; profile a streamed model with "
                         "measured probes (--estimator measured)")
     first = objectives[0].batch(objectives[0].row_slices(batch_tokens)[0], compute_dtype(model), compute_device(model))
