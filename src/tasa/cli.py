@@ -98,6 +98,11 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                    help="profile (and allocate) whole decoder layers, or every linear module (7x the probes; on "
                         "SmolLM2-135M the module plan scored below the layer plan, see docs/RESULTS.md) "
                         "(default: layer)")
+    p.add_argument("--tie-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixture-of-experts models at module granularity: the routed experts of a layer are one "
+                        "unit (one probe, one bit-width; attention and shared experts get their own), as engines' "
+                        "fused MoE kernels need; --no-tie-experts probes and allocates every expert on its own "
+                        "(default: tied)")
     p.add_argument("--choice-cost", choices=list(CHOICE_COSTS), default="kl",
                    help="multiple-choice objectives: kl = divergence of the answer distribution from full "
                         "precision, gold = increase of -log p(gold | choices), token-kl = per-token divergence of "
@@ -423,7 +428,8 @@ def run(argv: list[str] | None = None) -> int:
                        target=args.target or "gptqmodel", group_size=args.group_size,
                        probe_tokens=args.probe_tokens,
                        choice_cost=args.choice_cost, token_cost=args.token_cost,
-                       probe_quantizer=args.probe_quantizer, granularity=args.granularity, nsamples=args.nsamples,
+                       probe_quantizer=args.probe_quantizer, granularity=args.granularity,
+                       tie_experts=args.tie_experts, nsamples=args.nsamples,
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
@@ -481,7 +487,7 @@ def run(argv: list[str] | None = None) -> int:
                            batch_tokens=args.batch_tokens, estimator=args.estimator, choice_cost=args.choice_cost,
                            token_cost=args.token_cost, probe_quantizer=args.probe_quantizer, calib=calib,
                            layers=tuple(layers) if layers is not None else None, max_state_gb=args.max_state_gb,
-                           compare_estimators=args.compare_estimators)
+                           compare_estimators=args.compare_estimators, tie_experts=args.tie_experts)
         res = pipeline.profile(args.model, args.output_dir, spec, _runtime(args), overwrite=args.overwrite,
                                top_k=args.top_k)
         s = {**res.record, "output_dir": str(res.output_dir)}

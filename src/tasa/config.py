@@ -286,6 +286,7 @@ class ProfileSpec:
     layers: tuple[int, ...] | None = None
     max_state_gb: float = 4.0
     compare_estimators: bool = False
+    tie_experts: bool = True
 
     def __post_init__(self) -> None:
         _distinct(tuple(self.objectives), "objectives")
@@ -401,6 +402,7 @@ class RunSpec:
     token_cost: str = "kl"
     probe_quantizer: str = "rtn"
     granularity: str = "layer"
+    tie_experts: bool = True
     nsamples: int = 64
     search_samples: int = 4
     seqlen: int = 512

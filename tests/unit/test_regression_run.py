@@ -6,7 +6,8 @@ what they were.  Two runs cover the three layer walks the pipeline makes: a mixt
 gradients, ``--calib auto``) with RTN probes, and GPTQ probes (calibration Hessians per layer) on a fixed
 calibration; both quantize with GPTQ and export.
 
-One CPU thread (the GPTQ result depends on the thread count: README "Reproducibility").  An intentional
+One CPU thread (the GPTQ result depends on the thread count: README "Reproducibility") and portable kernels
+(:data:`PORTABLE_NUMERICS`), in a fresh process.  An intentional
 change of results re-records the hashes, and says why under "changes" in the fixture, with::
 
     .venv/bin/python -m tests.unit.test_regression_run --record
@@ -84,24 +85,50 @@ def measure(name: str, root: Path) -> dict:
     return digests(out_dir)
 
 
+# Float results depend on the CPU: MKL picks its kernels by processor (an AMD EPYC and an Intel Xeon sum a matmul
+# differently) and ATen by instruction set.  The runs are made in a fresh process with both pinned - MKL's
+# conditional numerical reproducibility mode and ATen's portable kernels - so the hashes hold on any x86-64 CPU.
+PORTABLE_NUMERICS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1",
+                     "MKL_NUM_THREADS": "1"}
+
+
+def measure_portably(name: str, root: Path) -> dict:
+    """:func:`measure` in a fresh process with :data:`PORTABLE_NUMERICS` (set before torch loads MKL)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, **PORTABLE_NUMERICS}
+    out = subprocess.run([sys.executable, "-m", "tests.unit.test_regression_run", "--measure", name, str(root)],
+                         cwd=FIXTURE.parents[2], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_run_artifacts_match_the_recorded_hashes(name, tmp_path, data_dir):
     recorded = json.loads(FIXTURE.read_text())["runs"][name]
-    assert measure(name, tmp_path) == recorded
+    assert measure_portably(name, tmp_path) == recorded
 
 
-if __name__ == "__main__":  # --record: write the fixture from this checkout's results
-    import tempfile
-
-    if sys.argv[1:] != ["--record"]:
-        raise SystemExit(__doc__)
+if __name__ == "__main__":  # --record: write the fixture from this checkout's results; --measure NAME ROOT: one run
     import os
+    import tempfile
 
     from tests.conftest import write_tiny_data
 
+    if sys.argv[1:2] == ["--measure"] and len(sys.argv) == 4:
+        root = Path(sys.argv[3])
+        if "TASA_DATA_DIR" not in os.environ:
+            data = root / "data"
+            os.environ["TASA_DATA_DIR"] = str(data if data.is_dir() else write_tiny_data(data))
+        print(json.dumps(measure(sys.argv[2], root)))
+        sys.stdout.flush()
+        os._exit(0)
+    if sys.argv[1:] != ["--record"]:
+        raise SystemExit(__doc__)
+
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TASA_DATA_DIR"] = str(write_tiny_data(Path(tmp) / "data"))  # the test's data_dir
-        runs = {name: measure(name, Path(tmp)) for name in sorted(RUNS)}
+        runs = {name: measure_portably(name, Path(tmp)) for name in sorted(RUNS)}
     changes = json.loads(FIXTURE.read_text()).get("changes", []) if FIXTURE.is_file() else []
     FIXTURE.write_text(json.dumps({"note": "recorded by python -m tests.unit.test_regression_run --record",
                                    "torch": torch.__version__, "runs": runs, "changes": changes}, indent=2) + "\n")

@@ -187,26 +187,26 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
     unit_bits, cost = _allocate_units(costs, sens.sizes, _tied([u.modules[0] for u in units], ties), budget, g,
                                       budget_includes_metadata)
     module_bits = {m: b for u, b in zip(units, unit_bits) for m in u.modules}
-    numel = {m: u.numel / len(u.modules) for u in units for m in u.modules}  # refined below
+    numel = {m: u.numel / len(u.modules) for u in units for m in u.modules}  # refined below; bits shared in a unit
     if module_sens is not None:
         module_sens = schemas.sensitivity(module_sens, "the module profile")
         _check_profile(module_sens, "module", "intra-layer allocation")
         if module_sens.model != sens.model or module_sens.group_size != g:
             raise TasaError("the module profile is of another model or group size than the layer profile")
         mod_units = module_sens.units
-        missing = sorted(set(module_bits) - {u.modules[0] for u in mod_units})
+        missing = sorted(set(module_bits) - {m for u in mod_units for m in u.modules})
         if missing:
             raise TasaError(f"the module profile has no costs for {missing[0]} (profile every layer's modules)")
         mod_costs = _combined_costs(module_sens, target_bits(tgt, bits), beta, task_weights)
         ties = _fusion_groups(module_sens) if tie else []
-        numel = {u.modules[0]: u.numel for u in mod_units}
+        numel = {m: u.numel / len(u.modules) for u in mod_units for m in u.modules}  # a unit's modules share its bits
         for u, b in zip(units, unit_bits):  # each layer's modules share its total: the DP under that total
             members = [i for i, mu in enumerate(mod_units) if mu.layer == u.layer]
             split, _ = _allocate_units([mod_costs[i] for i in members], [mod_units[i].numel for i in members],
                                        _tied([mod_units[i].modules[0] for i in members], ties),
                                        b + (metadata_bits(b, g) if budget_includes_metadata else 0.0), g,
                                        budget_includes_metadata)
-            module_bits.update({mod_units[i].modules[0]: x for i, x in zip(members, split)})
+            module_bits.update({m: x for i, x in zip(members, split) for m in mod_units[i].modules})
     spec_of = {b: QuantSpec(bits=b, group_size=g, sym=sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
     check_servable(modules, tgt, sens.fusion_groups)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
-from tasa.export.writer import MAX_SHARD_BYTES, CheckpointWriter, write_config_files
+from tasa.export.writer import MAX_SHARD_BYTES, CheckpointWriter, checkpoint_key, write_config_files
 from tasa.export.pack import PACKABLE_BITS, pack_cols, pack_rows, unpack_cols, unpack_rows
 from tasa.plan import Plan
 from tasa.quantized import QuantResult
@@ -51,8 +51,10 @@ def _grid_key(spec) -> tuple:
 
 
 def quantize_config(plan: Plan, all_linears: list[str], numels: dict[str, int], tool: str, target: str = "gptqmodel",
-                    checkpoint_format: str = "gptq") -> dict:
-    """quantize_config.json for ``plan``: default grid = the one holding most weights, overrides for the rest."""
+                    checkpoint_format: str = "gptq", names: dict[str, str] | None = None) -> dict:
+    """quantize_config.json for ``plan``: default grid = the one holding most weights, overrides for the rest
+    (named as the checkpoint names the modules: ``names``, {model tensor key: checkpoint key} where they differ,
+    see tasa.export.writer.checkpoint_key)."""
     if not plan.modules:
         raise TasaError("the plan quantizes no module; nothing to export")
     weight_of = Counter()
@@ -61,14 +63,15 @@ def quantize_config(plan: Plan, all_linears: list[str], numels: dict[str, int], 
     bits, group, sym, desc_act = max(weight_of, key=lambda k: (weight_of[k], k))
     dynamic = {}
     for name in all_linears:
+        stored = checkpoint_key(names or {}, f"{name}.weight")[: -len(".weight")]
         if name not in plan.modules:
-            dynamic[f"-:^{re.escape(name)}$"] = {}
+            dynamic[f"-:^{re.escape(stored)}$"] = {}
             continue
         b, g, s, d = _grid_key(plan.modules[name])
         over = {k: v for k, v, default in (("bits", b, bits), ("group_size", g, group), ("sym", s, sym),
                                             ("desc_act", d, desc_act)) if v != default}
         if over:
-            dynamic[f"+:^{re.escape(name)}$"] = over
+            dynamic[f"+:^{re.escape(stored)}$"] = over
     cfg = {"bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym, "lm_head": False,
            "quant_method": "gptq", "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
            "meta": {"quantizer": [tool], "target": target}}

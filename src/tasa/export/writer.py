@@ -76,6 +76,17 @@ class ShardWriter:
         return names
 
 
+def checkpoint_key(names: dict[str, str], key: str) -> str:
+    """The checkpoint key of the model's tensor ``key`` given ``names`` ({model key: checkpoint key} where they
+    differ): its own, the renamed one, or for a tensor ``NAME.SUFFIX`` written in place of a renamed
+    ``NAME.weight`` (a quantized linear's qweight, scales ...), the checkpoint's ``NAME`` with that suffix."""
+    if key in names:
+        return names[key]
+    base, _, suffix = key.rpartition(".")
+    renamed = names.get(f"{base}.weight")
+    return f"{renamed[: -len('.weight')]}.{suffix}" if renamed is not None else key
+
+
 class CheckpointWriter:
     """The weights of a model being quantized, written layer by layer into ``out_dir`` (see the module
     docstring)."""
@@ -91,7 +102,13 @@ class CheckpointWriter:
         quantized = {k.rsplit(".", 1)[0] for k in packed}
         own = {prefix + k: t for k, t in layer.state_dict().items()
                if not (k.endswith(".weight") and prefix + k[: -len(".weight")] in quantized)}
-        self.shards.add({**own, **packed})
+        self.shards.add({self._name(k): t for k, t in {**own, **packed}.items()})
+
+    def _name(self, key: str) -> str:
+        """The checkpoint's name for the model's tensor ``key``: :func:`checkpoint_key` by the names the model
+        records (``tasa_checkpoint_names``, set by tasa.models.moe for layouts whose checkpoints name experts
+        their own way)."""
+        return checkpoint_key(getattr(self.model, "tasa_checkpoint_names", {}), key)
 
     def finish(self) -> list[str]:
         """Every tensor outside the decoder layers, each stored once (tied weights share storage), then the
@@ -102,13 +119,13 @@ class CheckpointWriter:
             if key.startswith(self.layers_path + "."):
                 continue
             if t.device.type == "meta":  # a streamed unit: read it from the checkpoint now
-                t = streamer.weights.get(key, dtype=t.dtype if t.is_floating_point() else None)
+                t = streamer.weights.get(streamer._source(key), dtype=t.dtype if t.is_floating_point() else None)
             else:
                 ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
                 if ptr in seen:
                     continue
                 seen.add(ptr)
-            self.shards.add({key: t})
+            self.shards.add({self._name(key): t})
         return self.shards.close()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from tasa.errors import TasaError
+from tasa.models.moe import RoutedExperts, expert_container, is_router, unfuse_experts
 from tasa.models.streaming import streamer_of
 
 _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -28,6 +29,8 @@ class ArchSpec:
     layers_path:   dotted attribute path of the ``nn.ModuleList`` of decoder layers.
     linears:       names of the quantizable linear modules, relative to a layer.
     fusion_groups: tuples of linear names that engines fuse into one matmul.
+
+    Router gates (``gate``, ``router``, ``*_gate`` linears of mixture-of-experts layers) are never quantized.
     """
 
     layers_path: str
@@ -81,6 +84,7 @@ class ModelArch:
     modules: list[LayerModule]
     source: str  # "spec" or "discovered"
     streamer: object | None = None  # tasa.models.streaming.Streamer of a streamed model, else None
+    tie_experts: bool = True  # the routed experts of a layer share one bit-width (a fusion group each)
 
     @property
     def num_layers(self) -> int:
@@ -89,12 +93,32 @@ class ModelArch:
     def layer_modules(self, index: int) -> list[LayerModule]:
         return [m for m in self.modules if m.layer == index]
 
+    def expert_groups(self, index: int) -> list[tuple[str, ...]]:
+        """Local names of the routed-expert linears of layer ``index``, one tuple per expert list (mixture-of-
+        experts layers; empty for dense ones)."""
+        by_container: dict[str, list[str]] = {}
+        for m in self.layer_modules(index):
+            container = expert_container(m.local)
+            if container is not None:
+                by_container.setdefault(container, []).append(m.local)
+        return [tuple(v) for v in by_container.values()]
+
+    @property
+    def is_moe(self) -> bool:
+        return any(expert_container(m.local) is not None for m in self.modules)
+
     def fusion_groups(self) -> list[tuple[str, ...]]:
-        """Fusion groups as full module names, for every layer."""
+        """Groups of linears that must share one bit-width, as full module names, for every layer: what engines
+        fuse (q/k/v, gate/up) and, with ``tie_experts``, all routed experts of a layer (overlapping groups
+        merged into one)."""
         out = []
         for i in range(self.num_layers):
+            present = {m.local for m in self.layer_modules(i)}
+            groups = [g for g in self.spec.fusion_groups if all(n in present for n in g)]
+            if self.tie_experts:
+                groups += self.expert_groups(i)
             prefix = f"{self.spec.layers_path}.{i}."
-            out.extend(tuple(prefix + n for n in group) for group in self.spec.fusion_groups)
+            out.extend(tuple(prefix + n for n in g) for g in _merge(groups))
         return out
 
     def numels(self) -> dict[str, int]:
@@ -114,7 +138,7 @@ def _find_layer_list(model: nn.Module) -> str | None:
     """Dotted path of the longest ModuleList of same-class blocks that contain nn.Linear."""
     best, best_len = None, 0
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+        if not isinstance(mod, nn.ModuleList) or isinstance(mod, RoutedExperts) or len(mod) == 0:
             continue
         classes = {type(child) for child in mod}
         if len(classes) != 1:
@@ -126,17 +150,27 @@ def _find_layer_list(model: nn.Module) -> str | None:
     return best
 
 
-def discover_spec(model: nn.Module) -> ArchSpec:
-    """Infer an ArchSpec for an architecture tasa has no declarative spec for."""
-    path = _find_layer_list(model)
-    if path is None:
-        kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.ModuleList)})
-        raise TasaError(
-            f"could not find decoder layers in {type(model).__name__}: no nn.ModuleList of identical blocks "
-            f"containing nn.Linear modules (module lists seen: {kinds or 'none'})"
-        )
-    first = _get_path(model, path)[0]
-    linears = tuple(n for n, m in first.named_modules() if isinstance(m, nn.Linear))
+def _merge(groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Groups sharing a member merged into one (members in first-seen order)."""
+    merged: list[list[str]] = []
+    for g in groups:
+        hits = [m for m in merged if set(m) & set(g)]
+        target = hits[0] if hits else []
+        if not hits:
+            merged.append(target)
+        for other in hits[1:]:
+            target.extend(n for n in other if n not in target)
+            merged.remove(other)
+        target.extend(n for n in g if n not in target)
+    return [tuple(m) for m in merged]
+
+
+def _linears(layer: nn.Module) -> tuple[str, ...]:
+    """Local names of a layer's quantizable linears: every ``nn.Linear`` but router gates."""
+    return tuple(n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not is_router(n))
+
+
+def _pattern_groups(linears: tuple[str, ...]) -> list[tuple[str, ...]]:
     groups = []
     for pattern in _FUSION_PATTERNS:
         by_parent: dict[str, list[str]] = {}
@@ -145,7 +179,23 @@ def discover_spec(model: nn.Module) -> ArchSpec:
             if leaf in pattern:
                 by_parent.setdefault(parent, []).append(n)
         groups.extend(tuple(g) for g in by_parent.values() if len(g) == len(pattern))
-    return ArchSpec(path, linears, tuple(groups))
+    return groups
+
+
+def discover_spec(model: nn.Module) -> ArchSpec:
+    """Infer an ArchSpec for an architecture tasa has no declarative spec for: the linears (router gates
+    excepted) and fusion groups of every decoder layer (layers may differ: dense and expert layers)."""
+    path = _find_layer_list(model)
+    if path is None:
+        kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.ModuleList)})
+        raise TasaError(
+            f"could not find decoder layers in {type(model).__name__}: no nn.ModuleList of identical blocks "
+            f"containing nn.Linear modules (module lists seen: {kinds or 'none'})"
+        )
+    linears: list[str] = []
+    for layer in _get_path(model, path):
+        linears.extend(n for n in _linears(layer) if n not in linears)
+    return ArchSpec(path, tuple(linears), tuple(_pattern_groups(tuple(linears))))
 
 
 UNCOVERED_SHARE = 1 / 32  # a weight holding this share of its layer's parameters must be quantized
@@ -155,15 +205,14 @@ def _check_coverage(model_type: str, spec: ArchSpec, layers: nn.ModuleList) -> N
     """Refuse a layout whose decoder layers hold a large weight matrix that is not one of the quantized linears
     (e.g. mixture-of-experts blocks storing every expert in one 3-D parameter): it would otherwise stay in full
     precision unnoticed.  Small matrices (routers of experts: experts x hidden) stay in full precision."""
-    layer = layers[0]
-    covered = {f"{local}.weight" for local in spec.linears}
-    total = sum(p.numel() for p in layer.parameters())
-    for name, p in layer.named_parameters():
-        if p.dim() >= 2 and name not in covered and p.numel() >= UNCOVERED_SHARE * total:
-            raise TasaError(f"{model_type}: {spec.layers_path}.0.{name} {tuple(p.shape)} holds "
-                            f"{p.numel() / total:.0%} of a decoder layer's weights but is not an nn.Linear tasa "
-                            "quantizes (fused expert weights are not supported yet); refusing to leave it in "
-                            "full precision")
+    for i, layer in enumerate(layers):
+        covered = {f"{local}.weight" for local in spec.linears}
+        total = sum(p.numel() for p in layer.parameters())
+        for name, p in layer.named_parameters():
+            if p.dim() >= 2 and name not in covered and p.numel() >= UNCOVERED_SHARE * total:
+                raise TasaError(f"{model_type}: {spec.layers_path}.{i}.{name} {tuple(p.shape)} holds "
+                                f"{p.numel() / total:.0%} of a decoder layer's weights but is not an nn.Linear tasa "
+                                "quantizes; refusing to leave it in full precision")
 
 
 def resolve(model: nn.Module) -> ModelArch:
@@ -171,6 +220,7 @@ def resolve(model: nn.Module) -> ModelArch:
 
     Raises TasaError naming what was not found when the layout does not match.
     """
+    unfuse_experts(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
     spec = SPECS.get(model_type)
@@ -183,7 +233,10 @@ def resolve(model: nn.Module) -> ModelArch:
         raise TasaError(f"{model_type}: decoder layers not found at '{spec.layers_path}'")
     modules = []
     for i, layer in enumerate(layers):
+        own = set(_linears(layer)) if source == "discovered" else None
         for local in spec.linears:
+            if own is not None and local not in own:
+                continue  # a discovered layout whose layers differ (dense and expert layers)
             mod = _get_path(layer, local)
             if not isinstance(mod, nn.Linear):
                 raise TasaError(

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from tasa.artifacts import sha256_file, usual_modes
 from tasa.errors import TasaError
 from tasa.export.gptq import is_gptq_dir
+from tasa.models.moe import model_names, unfuse_experts
 from tasa.models.weights import open_weights
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         del config.quantization_config
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)
+    renamed = model_names(model)  # checkpoint key -> the model's (per-expert linears of MoE layers)
+    state = {renamed.get(k, k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     really_missing = [k for k in missing if not _is_tied(model, k)]
@@ -268,6 +272,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         raise TasaError(f"not enough memory on {device} to load {spec} whole ({_first_line(e)}); stream it one "
                         "decoder layer at a time with --stream on") from None
     if not stream:  # a streamed model's weights are checked as they are read
+        unfuse_experts(model)  # routed experts as linears (tasa.models.moe); a streamed skeleton is unfused on meta
         check_finite(model, spec)
         model.eval()
         model.to(device)

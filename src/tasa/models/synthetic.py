@@ -5,7 +5,9 @@ for ``config`` (e.g. Llama-3-8B's: 32 layers, hidden 4096, vocab 128k, ~16 GB in
 random weights, never holding more than one shard in memory: linear and embedding weights
 N(0, ``std``), norm weights 1, biases 0.  The model computes nothing meaningful, but every stage of tasa
 (loading, streaming, quantization, export, profiling) runs on it exactly as on the real model, with the
-real shapes, memory and time (benchmarks/large_model.py, the streaming tests).
+real shapes, memory and time (benchmarks/large_model.py, the streaming tests).  Mixture-of-experts
+configs are written as their hub checkpoints are: one tensor per expert, under the checkpoint's names
+(Mixtral's ``block_sparse_moe.experts.{e}.w1``; tasa.models.moe).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from tasa.artifacts import usual_modes
 from tasa.export.writer import MAX_SHARD_BYTES, ShardWriter
+from tasa.models.moe import unfuse_experts
 
 
 def synthetic_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
@@ -28,6 +31,7 @@ def synthetic_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = torch
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skeleton.tie_weights()
+    names = unfuse_experts(skeleton)  # experts one tensor each, under the checkpoint's own names
     gen = torch.Generator().manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)
     seen = set()
@@ -42,7 +46,7 @@ def synthetic_checkpoint(config, out_dir: str | Path, dtype: torch.dtype = torch
             value = torch.ones(t.shape, dtype=dtype)
         else:
             value = (torch.randn(t.shape, generator=gen) * std).to(dtype)
-        writer.add({key: value})
+        writer.add({names.get(key, key): value})
     writer.close()
     config.dtype = dtype
     config.save_pretrained(out)

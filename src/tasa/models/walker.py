@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
+from tasa.models.moe import expert_container
 
 _CACHE_KEYS = ("past_key_values", "past_key_value", "use_cache")
 
@@ -227,14 +228,31 @@ def input_groups(layer: nn.Module, locals_: list[str], inputs: LayerInputs) -> l
         for h in handles:
             h.remove()
     missing = set(locals_) - {c[0] for c in calls}
-    if missing:
-        raise TasaError(f"linear modules {sorted(missing)} were never called in the layer's forward pass")
+    not_experts = sorted(m for m in missing if expert_container(m) is None)
+    if not_experts:
+        raise TasaError(f"linear modules {not_experts} were never called in the layer's forward pass")
     groups: dict[tuple, list[str]] = {}
     for local, x in calls:
         members = groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), [])
         if local not in members:
             members.append(local)
+    for local in locals_:  # routed experts the first batch sent no token to: grouped as their siblings are
+        if local in missing:
+            container, expert, role = local.rsplit(".", 2)
+            groups.setdefault((container, expert, role == "down_proj"), []).append(local)
     return list(groups.values())
+
+
+def parallel_steps(groups: list[list[str]]) -> list[list[list[str]]]:
+    """Input groups (:func:`input_groups`) in sequential steps: the same input group of every routed expert of
+    a layer (all experts' gate/up, then all experts' down) is one step, since no expert's input depends on
+    another's weights, so their Hessians are gathered in one pass; any other group is a step of its own."""
+    steps: dict[tuple, list[list[str]]] = {}
+    for i, group in enumerate(groups):
+        container = expert_container(group[0])
+        key = (container, group[0].rsplit(".", 1)[1] == "down_proj") if container is not None else (i,)
+        steps.setdefault(key, []).append(group)
+    return list(steps.values())
 
 
 def _replace_input(hidden: torch.Tensor):

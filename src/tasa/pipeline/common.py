@@ -119,14 +119,19 @@ def check_plan_covers(plan: Plan, arch: ModelArch, allow_partial: bool) -> None:
 
 
 def bits_summary(plan: Plan, arch: ModelArch, dtype: str) -> dict:
-    """Average weight bits over every quantizable linear (unplanned ones at their stored dtype's bits) and over
-    the planned ones alone, with the unplanned modules named."""
+    """Average weight bits over every quantizable linear (unplanned ones at their stored dtype's bits), over the
+    planned ones alone, and over every weight of the decoder layers (routers and norms at the stored dtype's
+    bits; every routed expert counted), with the unplanned modules named."""
     numels = arch.numels()
     stored = torch.finfo(getattr(torch, dtype)).bits
     unplanned = [n for n in numels if n not in plan.modules]
     total = sum(numels.values())
     bits = sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels) / total
+    layer_weights = sum(p.numel() for p in arch.layers.parameters())  # routers, norms: kept at the stored dtype
+    all_bits = (sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels)
+                + (layer_weights - total) * stored) / layer_weights
     return {"average_bits": bits, "planned_average_bits": plan.average_bits(numels),
+            "layer_weights_average_bits": all_bits, "layer_weights": layer_weights,
             "unquantized_modules": unplanned, "unquantized_bits": stored if unplanned else None}
 
 

@@ -94,6 +94,9 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         settings.update(probe_quantizer="gptq", calib=spec.calib.describe(), nsamples=spec.calib.nsamples,
                         calib_seqlen=spec.calib.seqlen, damp=spec.damp)
         calib_ids = build_calibration(lm.tokenizer, spec.calib, lm.max_length).input_ids
+    arch.tie_experts = spec.tie_experts
+    if arch.is_moe and not spec.tie_experts:
+        settings["tie_experts"] = False  # recorded only then, so dense models keep their fingerprint
     plan_units = units(arch, spec.granularity, spec.layers)
     estimators: dict = {}
     warnings: list[str] = []

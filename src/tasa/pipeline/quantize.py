@@ -134,7 +134,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         }
         writer.finish()
         qcfg = (quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
-                                target, checkpoint_format(the_plan)) if export.format == "gptq" else None)
+                                target, checkpoint_format(the_plan), getattr(lm.model, "tasa_checkpoint_names", {}))
+                if export.format == "gptq" else None)
         write_config_files(tmp, lm.model, lm.tokenizer, qcfg, README if qcfg is not None else None)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         the_plan.save(tmp / "plan.json")

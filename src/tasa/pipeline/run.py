@@ -191,11 +191,12 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
             "token_cost": spec.token_cost, "grid": SYM_GRID,
             **({"probe_quantizer": "gptq", **gptq} if gptq else {}),  # GPTQ settings only then: RTN keys stay
             **({"granularity": "module"} if spec.granularity == "module" else {}),  # so do layer-granularity keys
+            **({"tie_experts": False} if not spec.tie_experts else {}),
             "allocation": allocation}  # which bit-widths need probes depends on it (see _profile_needed_bits)
     p_spec = ProfileSpec(objectives=tuple(objectives), bits=bits, granularity=spec.granularity,
                          group_size=spec.group_size, probe_tokens=spec.probe_tokens, seed=spec.seed,
                          choice_cost=spec.choice_cost, token_cost=spec.token_cost,
-                         probe_quantizer=spec.probe_quantizer,
+                         probe_quantizer=spec.probe_quantizer, tie_experts=spec.tie_experts,
                          calib=calib_spec if gptq else None)
 
     def do_profile():

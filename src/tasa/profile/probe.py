@@ -45,6 +45,7 @@ from tasa.profile.objectives import KL_TOPK, Batch, ItemLosses, Objective, item_
 from tasa.eval.metrics import TokenScores
 from tasa.profile.scores import forward_token_nll, forward_token_scores
 from tasa.config import ProfileSpec, QuantSpec
+from tasa.models.moe import expert_container
 from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from, walk
 from tasa.quant.apply import layer_hessians
 from tasa.quant.gptq import gptq_quantize
@@ -98,7 +99,8 @@ def check_granularity(granularity: str) -> None:
 
 
 def units(arch: ModelArch, granularity: str, layers: list[int] | None = None) -> list[Unit]:
-    """The probe units (of ``layers`` only, when given) in layer order."""
+    """The probe units (of ``layers`` only, when given) in layer order: whole layers, or modules (the routed
+    experts of a layer one unit when ``arch.tie_experts``)."""
     check_granularity(granularity)
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < arch.num_layers]
@@ -107,7 +109,16 @@ def units(arch: ModelArch, granularity: str, layers: list[int] | None = None) ->
     if granularity == "layer":
         out = [Unit(f"layer.{i}", i, tuple(m.name for m in arch.layer_modules(i))) for i in range(arch.num_layers)]
     else:
-        out = [Unit(m.name, m.layer, (m.name,)) for m in arch.modules]
+        out = []
+        for i in range(arch.num_layers):
+            prefix = f"{arch.spec.layers_path}.{i}."
+            tied = {local: group for group in arch.expert_groups(i) for local in group} if arch.tie_experts else {}
+            for m in arch.layer_modules(i):
+                group = tied.get(m.local)
+                if group is None:
+                    out.append(Unit(m.name, i, (m.name,)))
+                elif m.local == group[0]:  # the routed experts of the layer: one unit, probed together
+                    out.append(Unit(prefix + expert_container(m.local), i, tuple(prefix + n for n in group)))
     return out if layers is None else [u for u in out if u.layer in set(layers)]
 
 

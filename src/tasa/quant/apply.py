@@ -28,7 +28,9 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
-from tasa.models.walker import LayerInputs, capture_ids, input_groups, move_outside_layers, run_layer, walk
+from tasa.models.moe import expert_container
+from tasa.models.walker import (LayerInputs, capture_ids, input_groups, move_outside_layers, parallel_steps,
+                                 run_layer, walk)
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import rtn_quantize
@@ -43,6 +45,8 @@ class ModuleStats:
     group_size: int
     seconds: float
     rel_error: float | None  # tr(E H E^T) / tr(W H W^T) for GPTQ; None for RTN
+    tokens: int | None = None  # calibration tokens that reached the module (GPTQ)
+    fallback: str | None = None  # why the module was not quantized by the plan's method, if it was not
 
 
 @dataclass
@@ -51,11 +55,13 @@ class QuantReport:
     seconds: float = 0.0
 
 
-def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], advance: bool = False
-                   ) -> dict[str, torch.Tensor]:
+def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], advance: bool = False,
+                   counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """H = 2/n X^T X of the input of each of ``firsts`` (local names, in execution order) over every batch of
     ``inputs``: one pass, which ends after the last of them unless ``advance`` (then the layer's outputs
-    become the inputs of the next layer)."""
+    become the inputs of the next layer) or they include routed experts (whose call order follows the routing).
+    ``counts``, when given, receives the number of tokens each input saw (0: a routed expert no token reached,
+    whose H stays zero)."""
     state = {}
     for local in firsts:
         state[local] = [make_empty_hessian(layer.get_submodule(local).in_features, inputs.hidden[0].device), 0]
@@ -66,8 +72,11 @@ def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], adv
             st[1] = accumulate_hessian(st[0], st[1], x)
         return fn
 
+    routed = any(expert_container(local) is not None for local in firsts)
     run_layer(layer, inputs, {local: tap(local) for local in firsts},
-              stop_after=None if advance else firsts[-1], advance=advance)
+              stop_after=None if advance or routed else firsts[-1], advance=advance)
+    if counts is not None:
+        counts.update({local: st[1] for local, st in state.items()})
     return {local: st[0] for local, st in state.items()}
 
 
@@ -148,22 +157,52 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
         by_local = {m.local: m for m in planned}
         if planned:
             groups = input_groups(layer, [m.local for m in planned], inputs)
+            hessians, counts = {}, {}
             if not true_sequential:
-                hessians = layer_hessians(layer, inputs, [g[0] for g in groups])
-            for group in groups:
-                h = hessians[group[0]] if not true_sequential else layer_hessians(layer, inputs, [group[0]])[group[0]]
-                for local in group:
-                    m = by_local[local]
-                    spec = plan[m.name]
-                    linear = layer.get_submodule(local)
-                    t = time.perf_counter()
-                    result = gptq_quantize(linear.weight.data, h, spec, name=m.name)
-                    err = _relative_error(linear.weight.data, result.weight, h)
-                    _store(linear, result)
-                    report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, err)
-                    if on_result:
-                        on_result(m.name, result)
-                del h
+                hessians = layer_hessians(layer, inputs, [g[0] for g in groups], counts=counts)
+            for step in parallel_steps(groups):
+                for chunk in _chunks(step, layer):
+                    if true_sequential:
+                        hessians = layer_hessians(layer, inputs, [g[0] for g in chunk], counts=counts)
+                    for group in chunk:
+                        h, n = hessians.pop(group[0]), counts[group[0]]
+                        for local in group:
+                            _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result)
+                        del h
         run_layer(layer, inputs, advance=True)
         if on_layer:
             on_layer(index, layer)
+
+
+HESSIAN_BYTES_PER_PASS = 4 * 2**30  # Hessians gathered in one pass over a layer's inputs, at most (routed experts)
+
+
+def _chunks(step: list[list[str]], layer: nn.Module) -> list[list[list[str]]]:
+    """The groups of a step in passes whose float32 Hessians fit :data:`HESSIAN_BYTES_PER_PASS` (one group per
+    pass at least): the down projections of a Mixtral-sized layer's 8 experts alone would take 6.6 GB."""
+    out: list[list[list[str]]] = [[]]
+    held = 0
+    for group in step:
+        size = 4 * layer.get_submodule(group[0]).in_features ** 2
+        if out[-1] and held + size > HESSIAN_BYTES_PER_PASS:
+            out.append([])
+            held = 0
+        out[-1].append(group)
+        held += size
+    return out
+
+
+def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.Tensor, tokens: int,
+                 report: QuantReport, on_result) -> None:
+    """GPTQ of one planned linear on Hessian ``h`` of ``tokens`` calibration tokens, in place; a routed expert no
+    token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so."""
+    spec = plan[name]
+    linear = layer.get_submodule(local)
+    t = time.perf_counter()
+    result = gptq_quantize(linear.weight.data, h, spec, name=name)
+    err = _relative_error(linear.weight.data, result.weight, h) if tokens else None
+    _store(linear, result)
+    report.modules[name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, err, tokens,
+                                       None if tokens else "rtn: no calibration token reached it")
+    if on_result:
+        on_result(name, result)

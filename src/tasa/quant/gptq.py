@@ -26,7 +26,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.rtn import check_finite, compute_grid, dequantize, group_bounds, quantize_codes
+from tasa.quant.rtn import check_finite, rtn_quantize, compute_grid, dequantize, group_bounds, quantize_codes
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     check_finite(weight, name)
     if not torch.isfinite(hessian).all():
         raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
+    if not torch.any(hessian):
+        # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
+        # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
+        log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
+        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym)
     rows, cols = weight.shape
     bits, gs = spec.bits, spec.group_size
     w = weight.detach().float().clone()  # (d_out, d_in)

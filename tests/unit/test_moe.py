@@ -1,0 +1,179 @@
+"""Mixture-of-experts models (issue 36): fused transformers-5 experts become per-expert linears, each quantized
+with the Hessian of the tokens routed to it; routers stay in full precision; checkpoints keep the hub layout;
+streamed results equal the in-memory ones."""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from tasa.config import CalibSpec, QuantizeSpec, Runtime
+from tasa.errors import TasaError
+from tasa.models import load, resolve
+from tasa.models.moe import RoutedExperts, unfuse_experts
+from tasa.models.walker import capture_ids, input_groups, parallel_steps, walk
+from tasa.pipeline.quantize import quantize
+from tasa.plan import Plan
+from tasa.config import QuantSpec
+from tasa.profile.probe import units
+from tasa.quant.apply import quantize_model
+from tests.conftest import byte_tokenizer
+
+MOE = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=96, num_experts=4,
+                                         num_experts_per_tok=2, head_dim=16)),
+}
+
+
+def tiny_moe(kind: str, seed: int = 0, layers: int = 2):
+    import transformers
+
+    cls, extra = MOE[kind]
+    cfg = getattr(transformers, cls)(vocab_size=260, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=256, **extra)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(params=list(MOE))
+def moe_dir(request, tmp_path) -> Path:
+    model = tiny_moe(request.param)
+    path = tmp_path / request.param
+    model.save_pretrained(path, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_unfused_experts_compute_what_the_fused_ones_do(kind):
+    model = tiny_moe(kind)
+    fused = model.model.layers[0].mlp.experts
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        unfuse_experts(model)
+        out = model(ids).logits
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, RoutedExperts) and len(experts) == 4
+    i = down.shape[2]
+    assert torch.equal(experts[2].gate_proj.weight, gate_up[2, :i])
+    assert torch.equal(experts[2].up_proj.weight, gate_up[2, i:])
+    assert torch.equal(experts[3].down_proj.weight, down[3])
+    assert not any(p.dim() == 3 for p in model.parameters())
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # gate and up as two matmuls instead of one
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_every_expert_is_a_quantized_linear_and_the_router_is_not(kind):
+    arch = resolve(tiny_moe(kind))
+    locals_ = [m.local for m in arch.layer_modules(1)]
+    assert locals_[:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert locals_[4:] == [f"mlp.experts.{e}.{r}" for e in range(4) for r in ("gate_proj", "up_proj", "down_proj")]
+    assert "mlp.gate" not in locals_  # the router (experts x hidden) stays in full precision
+    assert arch.is_moe and arch.expert_groups(0) == [tuple(locals_[4:])]
+    tied = arch.fusion_groups()
+    assert ("model.layers.1." + "mlp.experts.0.gate_proj") in tied[-1] and len(tied[-1]) == 12
+    assert len(tied) == 4  # q/k/v and all experts, per layer
+    arch.tie_experts = False
+    assert len(arch.fusion_groups()) == 2 * (1 + 4)  # q/k/v and each expert's gate/up
+    # module-granularity probe units: the routed experts of a layer are one unit unless untied
+    arch.tie_experts = True
+    us = units(arch, "module")
+    assert [u.name for u in us[:5]] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                        "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+                                        "model.layers.0.mlp.experts"]
+    assert len(us) == 10 and len(us[4].modules) == 12
+    arch.tie_experts = False
+    assert len(units(arch, "module")) == 2 * 16
+
+
+def test_checkpoint_names_follow_the_hub_layout_both_ways(tmp_path):
+    model = tiny_moe("mixtral")
+    names = unfuse_experts(model)
+    assert names["model.layers.1.mlp.experts.2.gate_proj.weight"] == "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    assert names["model.layers.1.mlp.experts.2.up_proj.weight"] == "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    assert names["model.layers.1.mlp.experts.2.down_proj.weight"] == "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    assert names["model.layers.0.mlp.gate.weight"] == "model.layers.0.block_sparse_moe.gate.weight"
+    assert "model.layers.0.self_attn.q_proj.weight" not in names  # unchanged names are not listed
+    assert unfuse_experts(tiny_moe("qwen3_moe")) == {}  # Qwen's hub checkpoints already name experts so
+
+
+def test_parallel_experts_share_one_hessian_pass_in_sequential_steps():
+    model = tiny_moe("qwen3_moe")
+    arch = resolve(model)
+    ids = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_ids(model, arch, ids, 2, torch.device("cpu"))
+    for index, layer in walk(arch, torch.device("cpu")):
+        groups = input_groups(layer, [m.local for m in arch.layer_modules(index)], inputs)
+        steps = parallel_steps(groups)
+        assert [[g[0] for g in step] for step in steps[:2]] == [["self_attn.q_proj"], ["self_attn.o_proj"]]
+        assert sorted(g[0] for g in steps[2]) == [f"mlp.experts.{e}.gate_proj" for e in range(4)]
+        assert all(g[1].endswith("up_proj") for g in steps[2])
+        assert sorted(g[0] for g in steps[3]) == [f"mlp.experts.{e}.down_proj" for e in range(4)]
+        break
+
+
+def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_reported(caplog):
+    from tasa.quant.rtn import rtn_quantize
+
+    model = tiny_moe("mixtral")
+    arch = resolve(model)
+    ids = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    for layer in model.model.layers:  # routers that never pick expert 3 (its slot goes to expert 2)
+        route = layer.mlp.gate.forward
+        layer.mlp.gate.forward = lambda h, route=route: (lambda out: (out[0], out[1], out[2].clamp(max=2)))(route(h))
+    before = model.model.layers[1].mlp.experts[3].down_proj.weight.detach().clone()
+    plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=4, group_size=32), method="gptq")
+    with caplog.at_level(logging.WARNING):
+        report = quantize_model(model, arch, plan, ids, batch_size=2, progress=False)
+    silent = report.modules["model.layers.1.mlp.experts.3.down_proj"]
+    assert silent.tokens == 0 and silent.fallback == "rtn: no calibration token reached it" and silent.rel_error is None
+    assert torch.equal(model.model.layers[1].mlp.experts[3].down_proj.weight,
+                       rtn_quantize(before, 4, 32, True).weight)  # RTN on the same grid, not zeros
+    reached = report.modules["model.layers.1.mlp.experts.0.down_proj"]
+    assert reached.tokens > 0 and reached.fallback is None and reached.rel_error is not None
+    assert "experts.3.down_proj: no calibration token reached it" in caplog.text
+    # every expert is counted: tokens of the gate/up inputs add up to top-k x the tokens, over the experts
+    per_layer = sum(report.modules[f"model.layers.0.mlp.experts.{e}.gate_proj"].tokens for e in range(4))
+    assert per_layer == 2 * ids.numel()
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_streamed_moe_quantization_writes_the_in_memory_checkpoint_in_the_hub_layout(moe_dir, tmp_path, data_dir,
+                                                                                     method):
+    spec = QuantizeSpec(method=method, bits=4, group_size=32)
+    calib = CalibSpec.parse("wikitext2", nsamples=4, seqlen=64)
+    outs = {s: quantize(str(moe_dir), tmp_path / f"q-{s}", spec, calib, runtime=Runtime(stream=s, progress=False))
+            for s in ("off", "on")}
+    a, b = (load_file(outs[s].output_dir / "model.safetensors") for s in ("off", "on"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    hub = set(load_file(next(moe_dir.glob("*.safetensors"))).keys()) | {
+        k for f in moe_dir.glob("*.safetensors") for k in load_file(f)}
+    for name in [k[: -len(".weight")] for k in hub if ".experts." in k]:  # every expert, packed under its hub name
+        assert f"{name}.qweight" in a and f"{name}.weight" not in a
+    router = next(k for k in hub if k.endswith("gate.weight") and "experts" not in k)
+    assert router in a and a[router].dtype == torch.float32  # kept as a float tensor
+    record = outs["off"].record
+    assert record["average_bits"] == 4.0
+    n_linear = sum(load(str(moe_dir)).model.get_submodule(n).weight.numel() for n in record["modules"])
+    layer_weights = record["layer_weights"]
+    assert record["layer_weights_average_bits"] == pytest.approx((4 * n_linear + 32 * (layer_weights - n_linear))
+                                                                 / layer_weights)
+    # the checkpoint loads back (dequantized) with every expert
+    back = load(str(outs["off"].output_dir))
+    arch = resolve(back.model)
+    assert len(arch.modules) == 2 * 16
+
+
+def test_a_fused_expert_layout_tasa_cannot_unfuse_is_refused():
+    model = tiny_moe("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    experts.has_bias = True  # e.g. gpt-oss's experts carry biases tasa would drop
+    with pytest.raises(TasaError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts\): fused experts in a "
+                                        r"layout tasa does not unfuse .*has_bias"):
+        resolve(model)
