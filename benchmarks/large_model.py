@@ -24,6 +24,20 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   every weight (32 GB in float32) and cannot run here.
 - ``llama3-8b-profile-streamed``: `tasa profile` of the synthetic model, streamed: layers 0 and 31 at 3 and 4
   bits on WikiText-2 (64 probe tokens; each probe of layer l streams layers l..31 from disk).
+- ``llama3-8b-gptq-layer-streamed-bf16`` / ``llama3-8b-profile-streamed-bf16``: the GPTQ and profile rows
+  computing in bfloat16 (``--dtype bfloat16``, the checkpoint's own dtype and a GPU's default): layers,
+  embeddings and head are held at half the float32 size, while Hessians, GPTQ updates and probe scores stay
+  float32.
+- ``mixtral-8x7b-2l-rtn-streamed``: a synthetic Mixtral-8x7B-shaped model at full width (its real config: hidden
+  4096, 8 experts of intermediate 14336, top-2, GQA 32/8, vocab 32000) cut to 2 decoder layers, written in the
+  hub's per-expert layout (``block_sparse_moe.experts.{e}.w1``), quantized by a 3/4/8 plan (attention 8 bits,
+  layer 0's experts 3, layer 1's 4; RTN, group size 128), streamed.  Checked: every expert quantized and
+  stored under its hub name, routers kept in float, and the reported average bits equal to the parameter-
+  weighted average computed here from the config, over the linears and over every decoder-layer weight.
+- ``qwen3-moe-30b-2l-gptq-streamed``: the same for a Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts of
+  intermediate 768, top-8, GQA 32/4 with head size 128, vocab 151936), 2 layers, by the same kind of plan with
+  GPTQ on WikiText-2 (8 x 256 tokens): each expert on the Hessian of the tokens routed to it; the tokens per
+  expert and the experts no token reached (RTN fallback) are recorded.
 """
 from __future__ import annotations
 
@@ -45,7 +59,9 @@ from benchmarks.common import RESULTS, ROOT, WORK, cached, parse_or_work, row, w
 BENCH = "large_model"
 RECORDS = RESULTS / BENCH
 ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8b-gptq-layer-streamed",
-        "llama3-8b-in-memory", "llama3-8b-profile-streamed"]
+        "llama3-8b-in-memory", "llama3-8b-profile-streamed", "llama3-8b-gptq-layer-streamed-bf16",
+        "llama3-8b-profile-streamed-bf16", "mixtral-8x7b-2l-rtn-streamed",
+        "qwen3-moe-30b-2l-gptq-streamed"]
 TASA = [sys.executable, "-m", "tasa"]
 AS_LIMIT = 20 * 2 ** 30
 RUN_PLAN = RESULTS / "run" / "plan.json"
@@ -75,6 +91,138 @@ def synthetic_8b(work: Path) -> Path:
     synthetic_checkpoint(llama3_8b_config(), path, dtype=torch.bfloat16, max_shard_bytes=4 * 2 ** 30)
     AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(path)
     return path
+
+
+def mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0)
+
+
+def qwen3_moe_config():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
+                          rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0,
+                          eos_token_id=0)
+
+
+MOE = {"mixtral-8x7b-2l-rtn-streamed": ("mixtral-8x7b-2l-synthetic", mixtral_config, "rtn"),
+       "qwen3-moe-30b-2l-gptq-streamed": ("qwen3-moe-30b-2l-synthetic", qwen3_moe_config, "gptq")}
+
+
+def synthetic_dir(work: Path, name: str, config) -> Path:
+    """A synthetic model directory of ``config`` with SmolLM2's tokenizer (written once)."""
+    path = work / name
+    if (path / "tokenizer_config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasa.models.loading import embedded_gguf_path, gguf_to_hf_dir
+    from tasa.models.synthetic import synthetic_checkpoint
+
+    shutil.rmtree(path, ignore_errors=True)
+    synthetic_checkpoint(config, path, dtype=torch.bfloat16, max_shard_bytes=4 * 2 ** 30)
+    AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(path)
+    return path
+
+
+def moe_layout(config) -> dict:
+    """The linears of a (meta) model of ``config`` as tasa resolves them: {module name: numel}, the decoder-layer
+    weights, and the checkpoint names tasa maps them to."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from tasa.models.arch import resolve
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    arch = resolve(model)
+    return {"numels": arch.numels(), "layer_weights": sum(p.numel() for p in arch.layers.parameters()),
+            "names": dict(model.tasa_checkpoint_names)}
+
+
+def plan_moe(numels: dict[str, int], out: Path, method: str) -> Path:
+    """Attention at 8 bits, layer 0's routed experts at 3, layer 1's at 4 (group size 128)."""
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    modules = {}
+    for name in numels:
+        bits = 8 if ".self_attn." in name else (3 if ".layers.0." in name else 4)
+        modules[name] = QuantSpec(bits=bits, group_size=128)
+    Plan(modules, method=method).save(out)
+    return out
+
+
+def moe_worker(name: str, work: Path) -> dict:
+    import statistics
+
+    from safetensors import safe_open
+
+    from tasa.plan import Plan
+
+    dirname, config_fn, method = MOE[name]
+    config = config_fn()
+    model = synthetic_dir(work, dirname, config)
+    layout = moe_layout(config)
+    numels = layout["numels"]
+    plan_path = plan_moe(numels, work / f"plan-{name}.json", method)
+    plan = Plan.load(plan_path)
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256"] if method == "gptq" else []
+    r = measured([*TASA, "quantize", "--model", str(model), "--plan", str(plan_path), *extra, "--stream", "on",
+                  "--max-shard-size", "256MB", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    rec = json.loads((out / "quantize.json").read_text())
+    keys: set[str] = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as handle:
+            keys.update(handle.keys())
+    source: set[str] = set()
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as handle:
+            source.update(handle.keys())
+    expert_keys = sorted(k for k in source if ".experts." in k)
+    stored = [k[: -len(".weight")] for k in expert_keys]
+    routers = sorted(k for k in source if k.endswith(".gate.weight") and ".experts." not in k)
+    n_linear = sum(numels.values())
+    expected = sum(numels[m] * plan.modules[m].bits for m in numels) / n_linear
+    float_bits = 32  # float32 compute: unplanned weights (routers, norms) are written as float32
+    expected_all = (expected * n_linear + float_bits * (layout["layer_weights"] - n_linear)) / layout["layer_weights"]
+    gate_tokens = [s["tokens"] for n, s in rec["modules"].items() if ".experts." in n and n.endswith("gate_proj")
+                   and s.get("tokens") is not None]
+    size = disk_bytes(model)
+    per_layer = layout["layer_weights"] / config.num_hidden_layers
+    result = {**r, "model_disk_gb": size / 1e9, "layer_float32_gb": per_layer * 4 / 1e9,
+              "layer_bfloat16_gb": per_layer * 2 / 1e9, "peak_rss_over_disk": r["peak_rss_gb"] * 2 ** 30 / size,
+              "experts": config.num_hidden_layers * (getattr(config, "num_local_experts", None) or config.num_experts),
+              "expert_linears_in_checkpoint": len(expert_keys),
+              "expert_linears_quantized": sum(1 for n in rec["modules"] if ".experts." in n),
+              "every_expert_packed_under_its_hub_name": all(f"{k}.qweight" in keys and f"{k}.weight" not in keys
+                                                            for k in stored),
+              "routers_kept_float": bool(routers) and all(k in keys for k in routers),
+              "bits": rec["average_bits"], "expected_bits": expected,
+              "layer_weights_average_bits": rec["layer_weights_average_bits"],
+              "expected_layer_weights_average_bits": expected_all,
+              "bits_match": abs(rec["average_bits"] - expected) < 1e-9
+              and abs(rec["layer_weights_average_bits"] - expected_all) < 1e-9,
+              "quantize_seconds": rec["seconds"]["quantize"], "checkpoint_gb": disk_bytes(out) / 1e9}
+    if method == "gptq":
+        result.update(rtn_fallbacks=sum(1 for s in rec["modules"].values() if s.get("fallback")),
+                      tokens_per_expert_min=min(gate_tokens), tokens_per_expert_median=statistics.median(gate_tokens),
+                      tokens_per_expert_max=max(gate_tokens), calibration_tokens=8 * 256,
+                      routed_assignments_per_layer=sum(gate_tokens) / config.num_hidden_layers)
+    shutil.rmtree(out)
+    return result
 
 
 def plan_348(path: Path, out: Path, method: str, layers: list[int] | None = None) -> Path:
@@ -127,6 +275,8 @@ def disk_bytes(path: Path) -> int:
 
 
 def worker(name: str, work: Path) -> dict:
+    if name in MOE:
+        return moe_worker(name, work)
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     if name.startswith("smollm2-"):
@@ -146,11 +296,13 @@ def worker(name: str, work: Path) -> dict:
         cfg.intermediate_size
     layer_params = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; two norms
     info = {"model_disk_gb": size / 1e9, "layer_float32_gb": layer_params * 4 / 1e9,
-            "layer_bfloat16_gb": layer_params * 2 / 1e9}
-    if name == "llama3-8b-profile-streamed":
+            "layer_bfloat16_gb": layer_params * 2 / 1e9,
+            "compute_dtype": "bfloat16" if name.endswith("-bf16") else "float32"}
+    dtype = ["--dtype", "bfloat16"] if name.endswith("-bf16") else []
+    if name.startswith("llama3-8b-profile-streamed"):
         r = measured([*TASA, "profile", "--model", str(model), "--objectives", "wikitext2", "--bits", "3,4",
                       "--layers", "0,31", "--probe-tokens", "64", "--probe-seqlen", "64", "--group-size", "128",
-                      "--stream", "on", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
+                      "--stream", "on", *dtype, "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
         if r["returncode"] != 0:
             raise RuntimeError(f"{name} failed: {r['last_line']}")
         sens = json.loads((out / "sensitivity.json").read_text())
@@ -158,9 +310,9 @@ def worker(name: str, work: Path) -> dict:
                 "costs": sens["costs"]["wikitext2"]}
     stream = "off" if name == "llama3-8b-in-memory" else "on"
     extra: list[str] = []
-    if name == "llama3-8b-gptq-layer-streamed":  # GPTQ's peak: one layer's Hessians and solves (30 = 3 bits)
+    if name.startswith("llama3-8b-gptq-layer-streamed"):  # GPTQ's peak: one layer's Hessians, solves (30 = 3 bits)
         plan = plan_348(model, work / "plan-gptq-layer30.json", "gptq", layers=[30])
-        extra = ["--allow-partial-plan", "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256"]
+        extra = ["--allow-partial-plan", "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256", *dtype]
     else:
         plan = plan_348(model, work / "plan-348-rtn.json", "rtn")
     r = measured([*TASA, "quantize", "--model", str(model), "--plan", str(plan), *extra, "--stream", stream,
@@ -193,10 +345,10 @@ def main() -> None:
             metrics["same_checkpoint_as_in_memory"] = r["checkpoint_sha256"] == ref["checkpoint_sha256"]
             metrics["time_ratio_vs_in_memory"] = r["seconds"] / ref["seconds"]
             metrics["quantize_time_ratio_vs_in_memory"] = r["quantize_seconds"] / ref["quantize_seconds"]
+        calib = ("gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else
+                 None if name in MOE and MOE[name][2] == "rtn" else "wikitext2 (8 x 256)")
         rows.append(row(name, "tasa", "quantize" if "profile" not in name else "profile", r.get("bits"),
-                        64 if name.startswith("smollm2") else 128,
-                        "gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else "wikitext2 (8 x 256)",
-                        metrics, r["seconds"]))
+                        64 if name.startswith("smollm2") else 128, calib, metrics, r["seconds"]))
     out = write_results(BENCH, ".venv/bin/python benchmarks/large_model.py", rows)
     print(f"written {out}")
 

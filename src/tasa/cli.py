@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import CHOICE_COSTS, TOKEN_COSTS
+from tasa.config import CHOICE_COSTS, EXPORT_FORMATS, TOKEN_COSTS
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-partial-plan", action="store_true",
                    help="keep the linears a --plan leaves out in full precision (default: such a plan is refused); "
                         "the reported average bits count them at their stored bits")
-    q.add_argument("--format", choices=["gptq", "fp"], default="gptq", dest="export_format",
+    q.add_argument("--format", choices=list(EXPORT_FORMATS), default="gptq", dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
-                        "quantize_config.json 'dynamic'); fp: the dequantized float model, loadable by plain "
-                        "transformers (default: gptq)")
+                        "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
+                        "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
+                        "dequantized float model, loadable by plain transformers (default: gptq)")
     q.add_argument("--max-shard-size", default="1GB",
                    help="largest safetensors shard, e.g. 1GB, 500MB or 5GiB; the export holds one shard in memory "
                         "while it writes (default: 1GB)")

@@ -213,10 +213,13 @@ class QuantizeSpec:
                          static_groups=self.static_groups, damp=self.damp)
 
 
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "fp")
+
+
 @dataclass(frozen=True)
 class ExportSpec:
-    """How a quantized model is written: ``gptq`` (packed checkpoint servable by ``target``; None: the plan's,
-    else gptqmodel) or ``fp`` (the dequantized float model), in safetensors shards of at most
+    """How a quantized model is written: ``gptq`` or ``compressed-tensors`` (packed checkpoints servable by
+    ``target``; None: the plan's, else gptqmodel) or ``fp`` (the dequantized float model), in safetensors shards of at most
     ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
     holds at most one shard in memory."""
 
@@ -225,7 +228,7 @@ class ExportSpec:
     max_shard_size: str = "1GB"
 
     def __post_init__(self) -> None:
-        _one_of(self.format, ("gptq", "fp"), "export format")
+        _one_of(self.format, EXPORT_FORMATS, "export format")
         self.max_shard_bytes  # validated
 
     @property

@@ -213,3 +213,34 @@ def test_unprofiled_width_bound_examples():
     assert unprofiled_bits_used(partial, 6.0, [3, 4, 8]) == [8]  # above 4 bits only 8 can spend the budget
     with pytest.raises(TasaError, match="lowest candidate"):
         unprofiled_bits_used(_without(profile(PPL, GSM), 3), 3.5, [3, 4, 8])
+
+
+def test_a_unit_of_several_modules_gives_each_of_them_its_bits():
+    # a mixture-of-experts layer at module granularity: attention "a" (1/8 of the layer) and one unit holding
+    # both routed experts (7/8).  The same costs as the intra-layer test above: a 4-bit layer becomes a=8 plus
+    # both experts at 3 bits, the experts never split.
+    units = []
+    for i in range(4):
+        units.append({"name": f"m.{i}.a", "layer": i, "modules": [f"m.{i}.a"], "numel": 1024})
+        units.append({"name": f"m.{i}.experts", "layer": i, "modules": [f"m.{i}.e0", f"m.{i}.e1"], "numel": 7168})
+    cost = {3: 1.0, 4: 0.3, 8: 0.0}
+    costs = {b: [(10.0 if u["name"].endswith("a") else 1.0) * cost[int(b)] for u in units] for b in ("3", "4", "8")}
+    mods = {"schema": "tasa.sensitivity/1", "granularity": "module", "bits": [3, 4, 8], "group_size": 64, "sym": True,
+            "units": units, "model": "tiny", "fusion_groups": [[f"m.{i}.e0", f"m.{i}.e1"] for i in range(4)],
+            "costs": {k: {b: {"cost": c, "ci_low": c, "ci_high": c} for b, c in costs.items()}
+                      for k in ("wikitext2", "gsm8k")}}
+    layer = profile(PPL, GSM)
+    layer["units"] = [{**u, "modules": [f"m.{u['layer']}.a", f"m.{u['layer']}.e0", f"m.{u['layer']}.e1"],
+                       "numel": 8192} for u in layer["units"]]
+    plan, s = plan_from_sensitivity(layer, 3.5, beta=0.5, module_sens=mods)
+    assert set(plan.modules) == {f"m.{i}.{x}" for i in range(4) for x in ("a", "e0", "e1")}
+    for i in range(4):
+        assert plan[f"m.{i}.e0"].bits == plan[f"m.{i}.e1"].bits
+        total = plan[f"m.{i}.a"].bits * 1024 + plan[f"m.{i}.e0"].bits * 7168
+        assert total / 8192 <= s["layer_bits"][f"layer.{i}"] + 1e-9
+    assert any((plan[f"m.{i}.a"].bits, plan[f"m.{i}.e0"].bits) == (8, 3) for i in range(4))
+    assert s["average_weight_bits"] <= 3.5
+    assert s["average_weight_bits"] == pytest.approx(
+        sum(plan[f"m.{i}.a"].bits * 1024 + plan[f"m.{i}.e0"].bits * 7168 for i in range(4)) / (4 * 8192))
+    whole, ws = plan_from_sensitivity(mods, 3.5, beta=0.5)  # the module profile alone, over the whole model
+    assert all(whole[f"m.{i}.e0"].bits == whole[f"m.{i}.e1"].bits for i in range(4)) and ws["average_weight_bits"] <= 3.5

@@ -177,3 +177,81 @@ def test_a_fused_expert_layout_tasa_cannot_unfuse_is_refused():
     with pytest.raises(TasaError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts\): fused experts in a "
                                         r"layout tasa does not unfuse .*has_bias"):
         resolve(model)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_a_streamed_moe_run_gives_the_in_memory_runs_profile_plan_checkpoint_and_scores(tmp_path, data_dir,
+                                                                                       granularity):
+    from tasa.cli import main
+
+    model = tmp_path / "m"
+    tiny_moe("mixtral").save_pretrained(model, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(model)
+    outs = {}
+    for stream in ("off", "on"):
+        outs[stream] = tmp_path / f"run-{stream}"
+        with pytest.raises(SystemExit) as done:
+            main(["run", "--model", str(model), "--tasks", "gsm8k", "--calib", "auto", "--mixture-criterion",
+                  "hessian-trace", "--budget", "3", "--bits", "2,4", "--group-size", "16", "--probe-tokens", "40",
+                  "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2", "--eval-windows", "1", "--stream", stream,
+                  "--granularity", granularity, "--output-dir", str(outs[stream]), "--quiet"])
+        assert done.value.code == 0
+    on, off = outs["on"], outs["off"]
+    sens = [json.loads((d / "profile" / "sensitivity.json").read_text()) for d in (off, on)]
+    assert sens[0]["costs"] == sens[1]["costs"]
+    plan = json.loads((off / "plan.json").read_text())["modules"]
+    assert plan == json.loads((on / "plan.json").read_text())["modules"]
+    assert len(plan) == 2 * (4 + 12)  # every expert planned
+    for layer in range(2):  # the routed experts of a layer share one bit-width (tied by default)
+        assert len({plan[f"model.layers.{layer}.mlp.experts.{e}.{r}"]["bits"] for e in range(4)
+                    for r in ("gate_proj", "up_proj", "down_proj")}) == 1
+    if granularity == "module":
+        units_ = [u["name"] for u in sens[0]["units"]]
+        assert units_[4] == "model.layers.0.mlp.experts" and len(units_) == 10
+        assert {b["bits"] for b in plan.values()} == {2, 4}  # the budget splits between units
+    ckpt = [p for p in on.rglob("model.safetensors")]
+    assert len(ckpt) == 1 and ckpt[0].read_bytes() == (off / ckpt[0].relative_to(on)).read_bytes()
+    scores = [json.loads((d / "eval-quant.json").read_text())["results"] for d in (off, on)]
+    for task in scores[0]:
+        assert {k: v for k, v in scores[0][task].items() if k != "seconds"} == {
+            k: v for k, v in scores[1][task].items() if k != "seconds"}
+
+
+def test_shared_experts_are_their_own_units_and_their_gate_stays_float():
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=96,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        arch = resolve(model)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
+    locals_ = [m.local for m in arch.layer_modules(0)]
+    assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"} <= set(locals_)
+    assert "mlp.shared_expert_gate" not in locals_ and "mlp.gate" not in locals_  # routers: full precision
+    assert len(arch.expert_groups(0)[0]) == 12 and not any("shared" in n for n in arch.expert_groups(0)[0])
+    names = [u.name for u in units(arch, "module") if u.layer == 0]
+    assert names[4:] == ["model.layers.0.mlp.experts", "model.layers.0.mlp.shared_expert.gate_proj",
+                         "model.layers.0.mlp.shared_expert.up_proj", "model.layers.0.mlp.shared_expert.down_proj"]
+
+
+def test_a_compressed_tensors_export_of_experts_targets_their_hub_names(moe_dir, tmp_path, data_dir):
+    from tasa.config import ExportSpec
+
+    spec = QuantizeSpec(method="rtn", bits=4, group_size=32)
+    outs = {s: quantize(str(moe_dir), tmp_path / f"ct-{s}", spec, None, export=ExportSpec("compressed-tensors"),
+                        runtime=Runtime(stream=s, progress=False)) for s in ("off", "on")}
+    a, b = (load_file(outs[s].output_dir / "model.safetensors") for s in ("off", "on"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((outs["off"].output_dir / "config.json").read_text())["quantization_config"]
+    (group,) = cfg["config_groups"].values()
+    experts = [t for t in group["targets"] if ".experts." in t]
+    assert len(experts) == 2 * 12 and all(f"{t}.weight_packed" in a for t in group["targets"])
+    if "mixtral" in moe_dir.name:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2" in experts
+    back = load(str(outs["off"].output_dir))  # tasa reads it back, dequantized, every expert included
+    assert len(resolve(back.model).modules) == 2 * 16

@@ -114,12 +114,18 @@ def write_checkpoint(out_dir: Path, model: nn.Module, tokenizer, packed: dict[st
     return names
 
 
-def is_gptq_dir(path: Path) -> bool:
+def quantized_format(path: Path) -> str | None:
+    """``gptq`` or ``compressed-tensors`` for a checkpoint directory of that quantization method, else None."""
     cfg = path / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return str(qc.get("quant_method", "")).lower() == "gptq"
+    method = str(qc.get("quant_method", "")).lower()
+    return method if method in ("gptq", "compressed-tensors") else None
+
+
+def is_gptq_dir(path: Path) -> bool:
+    return quantized_format(path) == "gptq"
 
 
 def _module_grid(qcfg: dict, name: str) -> tuple[int, bool] | None:

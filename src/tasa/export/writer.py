@@ -131,12 +131,13 @@ class CheckpointWriter:
 
 def write_config_files(out_dir: Path, model: nn.Module, tokenizer, quantization_config: dict | None,
                        readme: str | None = None) -> None:
-    """config.json (with ``quantization_config`` when given, and then quantize_config.json too), the generation
+    """config.json (with ``quantization_config`` when given, and then, for GPTQ, quantize_config.json too), the generation
     config, the tokenizer and a README."""
     config = model.config.to_dict()
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
-        write_json_atomic(out_dir / "quantize_config.json", quantization_config)
+        if quantization_config.get("quant_method") == "gptq":
+            write_json_atomic(out_dir / "quantize_config.json", quantization_config)
     write_json_atomic(out_dir / "config.json", config)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)

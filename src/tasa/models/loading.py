@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from tasa.artifacts import sha256_file, usual_modes
 from tasa.errors import TasaError
-from tasa.export.gptq import is_gptq_dir
+from tasa.export.gptq import quantized_format
 from tasa.models.moe import model_names, unfuse_experts
 from tasa.models.weights import open_weights
 
@@ -137,8 +137,9 @@ def resolve_source(spec: str) -> tuple[str, Path | str]:
 
 
 def _load_gptq(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    """A GPTQ checkpoint (tasa's, GPTQModel's, any ``checkpoint_format: gptq``) as a float model: the packed
-    linears are dequantized on load, per-module bit-widths taken from ``dynamic``."""
+    """A GPTQ checkpoint (tasa's, GPTQModel's, any ``checkpoint_format: gptq``) or a compressed-tensors
+    ``pack-quantized`` one as a float model: the packed linears are dequantized on load (tasa.models.weights),
+    per-module bit-widths taken from ``dynamic`` / the config groups."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -248,7 +249,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
             config = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
             model = streamed_model(where, config, torch_dtype, device, trust_remote_code)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
-        elif kind == "dir" and is_gptq_dir(Path(where)):
+        elif kind == "dir" and quantized_format(Path(where)) is not None:
             model = _load_gptq(Path(where), torch_dtype, trust_remote_code)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
         elif kind == "dir":

@@ -4,8 +4,9 @@
 ``model.safetensors.index.json``), memory-mapped by safetensors: a tensor is read from disk when asked
 for, and nothing else of the checkpoint is held in memory.  A GPTQ checkpoint (tasa's or any
 ``checkpoint_format: gptq`` / ``gptq_v2``) presents each quantized linear as its dequantized ``weight``,
-unpacked from ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` when that weight is read, so a quantized
-model streams one layer at a time like a float one.
+unpacked from ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` when that weight is read, and so does a
+compressed-tensors ``pack-quantized`` checkpoint from ``weight_packed`` / ``weight_scale`` / ...: a
+quantized model streams one layer at a time like a float one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tasa.errors import TasaError
-from tasa.export.gptq import GPTQ_SUFFIXES, dequantize_module, gptq_config, is_gptq_dir
+from tasa.export.compressed_tensors import SUFFIXES as CT_SUFFIXES
+from tasa.export.compressed_tensors import dequantize_module as ct_dequantize
+from tasa.export.compressed_tensors import module_grid as ct_module_grid
+from tasa.export.gptq import GPTQ_SUFFIXES, dequantize_module, gptq_config, quantized_format
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -90,16 +94,20 @@ class Weights:
         return total
 
 
-class GptqWeights(Weights):
-    """A GPTQ checkpoint whose quantized linears read as dequantized float ``NAME.weight`` tensors."""
+class PackedWeights(Weights):
+    """A quantized checkpoint whose packed linears read as dequantized float ``NAME.weight`` tensors: each linear
+    is stored as the tensors ``NAME.SUFFIX`` for :attr:`suffixes`, and :attr:`marker` (one of them) says which
+    linears are packed."""
+
+    suffixes: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    marker: str = ""
 
     def __init__(self, path: str | Path):
         super().__init__(path)
-        self.qcfg = gptq_config(self.path)
-        packed = [k for k in self._file_of if k.endswith(".qweight")]
-        self.quantized = {k[: -len(".qweight")] for k in packed}
+        self.quantized = {k[: -len(self.marker) - 1] for k in self._file_of if k.endswith("." + self.marker)}
         for name in self.quantized:
-            missing = [s for s in GPTQ_SUFFIXES if f"{name}.{s}" not in self._file_of]
+            missing = [s for s in self.suffixes if s not in self.optional and f"{name}.{s}" not in self._file_of]
             if missing:
                 raise TasaError(f"{self.path}: {name} lacks its {', '.join(missing)} tensor(s)")
 
@@ -108,9 +116,13 @@ class GptqWeights(Weights):
         name = key[: -len(".weight")] if key.endswith(".weight") else None
         return name if name in self.quantized else None
 
+    def _packed(self, name: str):
+        """``get(suffix)``: the stored tensor ``NAME.SUFFIX`` of packed linear ``name``."""
+        return lambda suffix: Weights.raw(self, f"{name}.{suffix}")
+
     def keys(self) -> list[str]:
         plain = [k for k in self._file_of if k.rsplit(".", 1)[0] not in self.quantized
-                 or k.rsplit(".", 1)[1] not in GPTQ_SUFFIXES]
+                 or k.rsplit(".", 1)[1] not in self.suffixes]
         return plain + [f"{n}.weight" for n in sorted(self.quantized)]
 
     def __contains__(self, key: str) -> bool:
@@ -118,22 +130,63 @@ class GptqWeights(Weights):
 
     def raw(self, key: str) -> torch.Tensor:
         name = self._quantized(key)
-        if name is not None:
-            return dequantize_module(lambda suffix: super(GptqWeights, self).raw(f"{name}.{suffix}"), name,
-                                     self.qcfg, self.path)
-        return super().raw(key)
+        return self.dequantize(name) if name is not None else super().raw(key)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def stored_dtype(self, key: str) -> torch.dtype:
         return torch.float32 if self._quantized(key) is not None else super().stored_dtype(key)
+
+
+class GptqWeights(PackedWeights):
+    """A GPTQ checkpoint (tasa's, GPTQModel's, any ``checkpoint_format`` gptq / gptq_v2)."""
+
+    suffixes, marker = GPTQ_SUFFIXES, "qweight"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.qcfg = gptq_config(self.path)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        return dequantize_module(self._packed(name), name, self.qcfg, self.path)
 
     def shape(self, key: str) -> tuple[int, ...]:
         name = self._quantized(key)
         if name is None:
             return super().shape(key)
-        return (super().shape(f"{name}.scales")[1], super().shape(f"{name}.g_idx")[0])  # (out, in)
+        return (Weights.shape(self, f"{name}.scales")[1], Weights.shape(self, f"{name}.g_idx")[0])  # (out, in)
+
+
+class CompressedTensorsWeights(PackedWeights):
+    """A compressed-tensors ``pack-quantized`` checkpoint (tasa's, llm-compressor's integer weight-only ones)."""
+
+    suffixes, optional, marker = CT_SUFFIXES, ("weight_zero_point",), "weight_packed"
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.qcfg = json.loads((self.path / "config.json").read_text())["quantization_config"]
+        if self.qcfg.get("format") != "pack-quantized":
+            raise TasaError(f"{self.path}: compressed-tensors format {self.qcfg.get('format')!r} is not supported "
+                            "(pack-quantized)")
+        for name in self.quantized:
+            if ct_module_grid(self.qcfg, name) is None:
+                raise TasaError(f"{self.path}: no config group of quantization_config targets {name}")
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        bits, sym, group_size = ct_module_grid(self.qcfg, name)
+        return ct_dequantize(self._packed(name), name, bits, sym, group_size)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        name = self._quantized(key)
+        if name is None:
+            return super().shape(key)
+        return tuple(int(x) for x in Weights.raw(self, f"{name}.weight_shape"))
 
 
 def open_weights(path: str | Path) -> Weights:
-    """The tensors of model directory ``path``: dequantizing GPTQ checkpoints, as stored otherwise."""
+    """The tensors of model directory ``path``: dequantizing GPTQ and compressed-tensors checkpoints, as stored
+    otherwise."""
     path = Path(path)
-    return GptqWeights(path) if is_gptq_dir(path) else Weights(path)
+    kind = quantized_format(path)
+    return {"gptq": GptqWeights, "compressed-tensors": CompressedTensorsWeights}.get(kind, Weights)(path)

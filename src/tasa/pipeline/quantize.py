@@ -63,6 +63,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     ``quantize.json``.
     """
     from tasa.allocate.targets import check_servable, get_target
+    from tasa.export import compressed_tensors as ct
     from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
     from tasa.export.writer import CheckpointWriter, write_config_files
 
@@ -87,12 +88,18 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
     target = export.target or the_plan.meta.get("target", "gptqmodel")
     packed: dict = {}
-    if export.format == "gptq":
+    packer = None
+    if export.format != "fp":
         try:
             check_servable(the_plan.modules, get_target(target), arch.fusion_groups())
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
-        fmt = checkpoint_format(the_plan)
+        if export.format == "gptq":
+            fmt = checkpoint_format(the_plan)
+            packer = lambda n, r: pack_result(n, r, fmt)  # noqa: E731
+        else:
+            ct.quantization_config(the_plan, [m.name for m in arch.modules])  # refuses what it cannot write, now
+            packer = lambda n, r: ct.pack_result(n, r, the_plan.modules[n].sym)  # noqa: E731
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
@@ -104,8 +111,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes)
         report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
-                                on_result=(lambda n, r: packed.update(pack_result(n, r, fmt)))
-                                if export.format == "gptq" else None, progress=runtime.progress,
+                                on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
+                                progress=runtime.progress,
                                 on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()))
         record = {
             "model": model,
@@ -125,7 +132,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "data": store.fingerprint(),
             **bits_summary(the_plan, arch, dtype_name(lm.model)),
             "format": export.format,
-            "target": target if export.format == "gptq" else None,
+            "target": target if export.format != "fp" else None,
             "streamed": arch.streamer is not None,
             "seconds": {"load_and_data": t_load, "quantize": report.seconds},
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
@@ -133,10 +140,13 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "date": now(),
         }
         writer.finish()
-        qcfg = (quantize_config(the_plan, [m.name for m in arch.modules], arch.numels(), f"tasa:{__version__}",
-                                target, checkpoint_format(the_plan), getattr(lm.model, "tasa_checkpoint_names", {}))
-                if export.format == "gptq" else None)
-        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, README if qcfg is not None else None)
+        names = getattr(lm.model, "tasa_checkpoint_names", {})
+        linears = [m.name for m in arch.modules]
+        qcfg = (quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target,
+                                checkpoint_format(the_plan), names) if export.format == "gptq" else
+                ct.quantization_config(the_plan, linears, names) if export.format == "compressed-tensors" else None)
+        readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
+        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)
