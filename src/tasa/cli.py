@@ -79,9 +79,11 @@ def _damp_arg(p: argparse.ArgumentParser) -> None:
 
 def _target_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=sorted(TARGETS), default=None,
-                   help="engine the checkpoint must be servable by: gptqmodel (2/3/4/8 bits), vllm or sglang "
-                        "(symmetric 4/8 bits, q/k/v and gate/up tied); constrains allocation and export "
-                        "(default: a plan's own target, else gptqmodel)")
+                   help="engine the checkpoint must be servable by: gptqmodel (GPTQ, 2/3/4/8 bits), vllm "
+                        "(compressed-tensors, 2 to 8 bits, asymmetric only at 4/8), vllm-gptq or sglang (GPTQ, "
+                        "symmetric 4/8 bits), compressed-tensors (the format alone); vLLM and SGLang tie q/k/v, "
+                        "gate/up and a layer's experts; constrains allocation and export (default: a plan's own "
+                        "target, else gptqmodel)")
 
 
 def _allocation_args(p: argparse.ArgumentParser) -> None:
@@ -163,11 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-partial-plan", action="store_true",
                    help="keep the linears a --plan leaves out in full precision (default: such a plan is refused); "
                         "the reported average bits count them at their stored bits")
-    q.add_argument("--format", choices=list(EXPORT_FORMATS), default="gptq", dest="export_format",
+    q.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
                         "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
-                        "dequantized float model, loadable by plain transformers (default: gptq)")
+                        "dequantized float model, loadable by plain transformers (default: the format the "
+                        "target is served from: gptq for gptqmodel, compressed-tensors for vllm)")
     q.add_argument("--max-shard-size", default="1GB",
                    help="largest safetensors shard, e.g. 1GB, 500MB or 5GiB; the export holds one shard in memory "
                         "while it writes (default: 1GB)")
@@ -396,6 +399,9 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{len(s['unquantized_modules'])} linears left out of the plan stay at {s['unquantized_bits']} bits: "
                   f"{s['average_bits']:.4g} bits on average over all linears, {s['planned_average_bits']:g} over "
                   "the planned ones")
+        if s["format"] == "compressed-tensors":
+            print(f"compressed-tensors checkpoint for {s['target']}: a config group per grid in config.json's "
+                  "quantization_config")
         if s["format"] == "gptq":
             print(f"GPTQ checkpoint for {s['target']}; per-module bits are in quantize_config.json 'dynamic'")
             if len(s["plan_bits"]) > 1:

@@ -223,12 +223,13 @@ class ExportSpec:
     ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
     holds at most one shard in memory."""
 
-    format: str = "gptq"
+    format: str | None = None  # None: the format the target is served from (gptq for gptqmodel)
     target: str | None = None
     max_shard_size: str = "1GB"
 
     def __post_init__(self) -> None:
-        _one_of(self.format, EXPORT_FORMATS, "export format")
+        if self.format is not None:
+            _one_of(self.format, EXPORT_FORMATS, "export format")
         self.max_shard_bytes  # validated
 
     @property

@@ -60,9 +60,9 @@ def test_plan_errors():
         plan_from_sensitivity(s, 3.5, bits=[2, 4])
     with pytest.raises(TasaError, match=r"bit-width\(s\) 5 were not profiled"):  # never dropped silently
         plan_from_sensitivity(s, 3.5, bits=[4, 5, 8])
-    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm \(it serves 4, 8\)"):
-        plan_from_sensitivity(s, 4.5, bits=[3, 4, 8], target="vllm")
-    plan, summary = plan_from_sensitivity(s, 4.5, target="vllm")  # default candidates: the profiled ones it serves
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm-gptq \(it serves 4, 8\)"):
+        plan_from_sensitivity(s, 4.5, bits=[3, 4, 8], target="vllm-gptq")
+    plan, summary = plan_from_sensitivity(s, 4.5, target="vllm-gptq")  # default candidates: the profiled ones it serves
     assert summary["candidates"] == [4, 8] and {q.bits for q in plan.modules.values()} <= {4, 8}
     with pytest.raises(TasaError, match=r"budget 2.5 bits per weight is infeasible: the lowest candidate, 3-bit"):
         plan_from_sensitivity(s, 2.5)
@@ -127,17 +127,17 @@ def test_module_profile_allocates_over_all_modules_of_the_model():
         plan_from_sensitivity({**mods, "fusion_groups": []}, 3.5, tie_fused=True)
 
 
-def test_vllm_target_allocates_over_4_and_8_with_ties_and_refuses_the_rest():
+def test_vllm_gptq_target_allocates_over_4_and_8_with_ties_and_refuses_the_rest():
     layer = profile(PPL, GSM)
-    plan, s = plan_from_sensitivity(layer, 5.0, beta=0.5, target="vllm")
+    plan, s = plan_from_sensitivity(layer, 5.0, beta=0.5, target="vllm-gptq")
     assert set(s["candidates"]) == {4, 8} and {q.bits for q in plan.modules.values()} <= {4, 8}
-    assert s["average_weight_bits"] <= 5.0 and plan.meta["target"] == "vllm"
-    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm"):
-        plan_from_sensitivity(layer, 3.5, bits=[3], target="vllm")
+    assert s["average_weight_bits"] <= 5.0 and plan.meta["target"] == "vllm-gptq"
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm-gptq"):
+        plan_from_sensitivity(layer, 3.5, bits=[3], target="vllm-gptq")
     with pytest.raises(TasaError, match="symmetric"):
-        plan_from_sensitivity({**layer, "sym": False}, 5.0, target="vllm")
+        plan_from_sensitivity({**layer, "sym": False}, 5.0, target="vllm-gptq")
     with pytest.raises(TasaError, match="cannot be untied"):
-        plan_from_sensitivity(layer, 5.0, target="vllm", tie_fused=False)
+        plan_from_sensitivity(layer, 5.0, target="vllm-gptq", tie_fused=False)
     with pytest.raises(TasaError, match="unknown target"):
         plan_from_sensitivity(layer, 5.0, target="tgi")
 
@@ -150,11 +150,16 @@ def test_servability_rules_name_module_and_rule():
             "l.0.v": QuantSpec(bits=4, group_size=64), "l.0.o": QuantSpec(bits=3, group_size=64, sym=False)}
     groups = [("l.0.q", "l.0.k", "l.0.v")]
     assert violations(mods, TARGETS["gptqmodel"], groups) == []
-    bad = violations(mods, TARGETS["vllm"], groups)
+    bad = violations(mods, TARGETS["vllm-gptq"], groups)
     assert any(v.startswith("l.0.o: 3-bit") for v in bad) and any("l.0.o: asymmetric" in v for v in bad)
     assert any("fusion group with different grids (q=4b, k=8b, v=4b)" in v for v in bad)
-    with pytest.raises(TasaError, match=r"not servable by vllm: l\.0: fusion group"):
-        check_servable({k: v for k, v in mods.items() if k != "l.0.o"}, TARGETS["vllm"], groups)
+    with pytest.raises(TasaError, match=r"not servable by vllm-gptq: l\.0: fusion group"):
+        check_servable({k: v for k, v in mods.items() if k != "l.0.o"}, TARGETS["vllm-gptq"], groups)
+    # vLLM's compressed-tensors path: 3 bits are fine, asymmetric 3 bits are not, the fusion group still ties
+    bad = violations(mods, TARGETS["vllm"], groups)
+    assert bad[0] == "l.0.o: asymmetric 3-bit grid, but vllm serves asymmetric grids only at 4, 8 bits"
+    assert len(bad) == 2 and "fusion group with different grids" in bad[1]
+    assert violations({"l.0.o": QuantSpec(bits=8, group_size=64, sym=False)}, TARGETS["vllm"], []) == []
     assert violations({"l.0.q": QuantSpec(bits=4, group_size=48)}, TARGETS["sglang"], [])[0].startswith(
         "l.0.q: group size 48")
 
@@ -244,3 +249,21 @@ def test_a_unit_of_several_modules_gives_each_of_them_its_bits():
         sum(plan[f"m.{i}.a"].bits * 1024 + plan[f"m.{i}.e0"].bits * 7168 for i in range(4)) / (4 * 8192))
     whole, ws = plan_from_sensitivity(mods, 3.5, beta=0.5)  # the module profile alone, over the whole model
     assert all(whole[f"m.{i}.e0"].bits == whole[f"m.{i}.e1"].bits for i in range(4)) and ws["average_weight_bits"] <= 3.5
+
+
+def test_the_vllm_target_allocates_over_3_4_8_through_compressed_tensors():
+    from tasa.allocate.targets import target_for
+
+    layer = profile(PPL, GSM)
+    plan, s = plan_from_sensitivity(layer, 3.5, beta=0.5, target="vllm")
+    assert s["candidates"] == [3, 4, 8] and {q.bits for q in plan.modules.values()} == {3, 4}
+    asym = {**layer, "sym": False}  # an asymmetric profile: only the widths vLLM serves asymmetric
+    _, a = plan_from_sensitivity(asym, 5.0, beta=0.5, target="vllm")
+    assert a["candidates"] == [4, 8]
+    with pytest.raises(TasaError, match=r"bit-width\(s\) 3 are not servable by vllm \(it serves 4, 8\)"):
+        plan_from_sensitivity(asym, 3.5, bits=[3, 4], target="vllm")
+    assert target_for("vllm", "compressed-tensors").name == "vllm"
+    assert target_for("vllm", "gptq").name == "vllm-gptq"  # vLLM asked for a GPTQ checkpoint: its GPTQ rules
+    assert target_for("gptqmodel", "compressed-tensors").name == "compressed-tensors"
+    with pytest.raises(TasaError, match="sglang is served from gptq checkpoints, not compressed-tensors"):
+        target_for("sglang", "compressed-tensors")

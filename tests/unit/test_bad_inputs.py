@@ -205,7 +205,8 @@ def sensitivity_file(tmp_path):
     (["--budget", "9.0"], "budget 9 bits per weight is above the widest candidate, 8-bit"),
     (["--budget", "2.0"], "budget 2 bits per weight is infeasible: the lowest candidate, 3-bit, needs 3"),
     (["--budget", "3.5", "--bits", "4,5,8"], "bit-width(s) 5 were not profiled; profiled: 3, 4, 8"),
-    (["--budget", "4.5", "--bits", "3,4,8", "--target", "vllm"], "bit-width(s) 3 are not servable by vllm"),
+    (["--budget", "4.5", "--bits", "3,4,8", "--target", "vllm-gptq"], "bit-width(s) 3 are not servable by vllm-gptq"),
+    (["--budget", "4.5", "--bits", "3,4,5,8", "--target", "vllm"], "bit-width(s) 5 were not profiled"),
     (["--budget", "nan"], "the budget must be a positive number"),
 ])
 def test_allocate_budget_and_bits(extra, message, tmp_path, capsys):
@@ -218,7 +219,7 @@ def test_allocate_budget_and_bits(extra, message, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--budget", "2.0"], "budget 2 bits per weight is infeasible: the lowest candidate, 3-bit, needs 3"),
     (["--budget", "3.5", "--bits", "3,4,5,8"], "bit-width(s) 5 are not servable by gptqmodel"),
-    (["--budget", "3.5", "--target", "vllm"], "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),
+    (["--budget", "3.5", "--target", "vllm-gptq"], "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),
 ])
 def test_run_refuses_infeasible_budgets_before_any_work(extra, message, tiny_model_dir, tmp_path, capsys, no_work):
     out = tmp_path / "run"

@@ -119,9 +119,14 @@ def test_asymmetric_plans_use_gptq_v2_and_round_trip(tmp_path):
 
 def test_unservable_plans_are_refused_before_quantizing(tmp_path):
     model = tiny_llama(layers=2, hidden=64)
-    with pytest.raises(TasaError, match=r"not servable by vllm: model\.layers\.0\.self_attn\.o_proj: 8-bit|"
-                                        r"not servable by vllm: model\.layers\.0\.mlp\.gate_proj: 3-bit"):
-        export(tmp_path, mixed_plan(model), target="vllm")
+    with pytest.raises(TasaError, match=r"not servable by vllm-gptq: model\.layers\.0\.mlp\.gate_proj: 3-bit, "
+                                        r"but vllm-gptq serves only 4, 8-bit gptq weights"):
+        export(tmp_path, mixed_plan(model), target="vllm")  # vLLM asked for GPTQ: its GPTQ path's rules
+    with pytest.raises(TasaError, match=r"not servable by vllm: model\.layers\.0\.mlp\.gate_proj: asymmetric "
+                                        r"3-bit grid, but vllm serves asymmetric grids only at 4, 8 bits \(and 2 more\)"):
+        export(tmp_path, mixed_plan(model, sym=False), name="ct-asym", target="vllm", export_format=None)
+    out, s = export(tmp_path, mixed_plan(model), name="ct", target="vllm", export_format=None)
+    assert s["format"] == "compressed-tensors" and s["target"] == "vllm"  # the format vLLM serves mixes from
     five = Plan({m.name: QuantSpec(bits=5, group_size=32) for m in resolve(model).modules}, method="rtn")
     with pytest.raises(TasaError, match="5-bit.*--format fp"):
         export(tmp_path, five, name="five")

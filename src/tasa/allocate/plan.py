@@ -178,6 +178,8 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
     sym = sens.sym
     if tgt.sym_only and not sym:
         raise TasaError(f"the profile used asymmetric grids, but {tgt.name} serves only symmetric GPTQ weights")
+    if not sym and tgt.asym_bits is not None:  # an asymmetric profile: only the widths it serves asymmetric
+        tgt = dataclasses.replace(tgt, bits=tuple(b for b in tgt.bits if b in tgt.asym_bits))
     bits = candidate_bits(tgt, bits or None, sens.bits)
     g = sens.group_size
     check_budget(budget, bits, g, budget_includes_metadata)

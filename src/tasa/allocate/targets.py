@@ -1,15 +1,30 @@
-"""What an inference engine can serve from a GPTQ checkpoint, as data, and the check of a plan against it.
+"""The serving rules: what each inference engine serves from which checkpoint format, as data, and the check of
+a plan against them.
 
 A target constrains the allocation itself (candidate bit-widths, symmetric
 grids, one bit-width per fusion group) and is checked again by the exporter,
 which refuses a plan the target cannot serve and names the module and the rule.
 
-- ``gptqmodel``: 2, 3, 4 and 8 bits, symmetric or not; with mixed bit-widths
-  GPTQModel runs every module on its plain Torch kernel (``BACKEND.TORCH``),
-  since its fast kernels take one bit-width per model.
-- ``vllm`` and ``sglang``: their GPTQ paths serve symmetric 4- and 8-bit
-  weights with group size -1, 32, 64 or 128, and fuse q/k/v and gate/up into
-  one matmul each, so the members of a fusion group share one bit-width.
+| target | format | bits | grids | fusion groups |
+| --- | --- | --- | --- | --- |
+| ``gptqmodel`` | gptq | 2, 3, 4, 8 | symmetric or not | free |
+| ``vllm`` | compressed-tensors | 2 to 8 | asymmetric only at 4 and 8 | tied |
+| ``vllm-gptq`` | gptq | 4, 8 | symmetric | tied |
+| ``sglang`` | gptq | 4, 8 | symmetric | tied |
+| ``compressed-tensors`` | compressed-tensors | 2 to 8 | symmetric or not | free |
+
+- ``gptqmodel``: with mixed bit-widths GPTQModel runs every module on its plain
+  Torch kernel (``BACKEND.TORCH``), since its fast kernels take one bit-width per model.
+- ``vllm``: vLLM's compressed-tensors path takes a scheme per module (its
+  weight-only kernels serve 2 to 8 bits; asymmetric zero points at 4 and 8 bits
+  only); ``vllm-gptq`` and ``sglang``: their GPTQ paths serve symmetric 4- and
+  8-bit weights.  vLLM and SGLang fuse q/k/v and gate/up into one matmul each (and
+  a layer's routed experts into one fused MoE), so the members of a fusion group
+  share one grid; their group sizes are -1, 32, 64 or 128.
+- ``compressed-tensors``: the format's own limits, for other loaders.
+
+:func:`target_for` maps a target and an export format to the rules that apply (``vllm`` asked for a GPTQ
+checkpoint is ``vllm-gptq``).
 """
 from __future__ import annotations
 
@@ -28,17 +43,28 @@ class Target:
     tie_fused: bool
     group_sizes: tuple[int, ...] | None  # None: any
     note: str
+    format: str = "gptq"  # the checkpoint format the engine serves these weights from
+    asym_bits: tuple[int, ...] | None = None  # asymmetric grids only at these bit-widths (None: at every one)
 
 
+ENGINE_GROUPS = (-1, 32, 64, 128)
 TARGETS: dict[str, Target] = {
     "gptqmodel": Target("gptqmodel", (2, 3, 4, 8), False, False, None,
                         "mixed bit-widths load on GPTQModel's Torch kernel: GPTQModel.load(path, "
                         "backend=BACKEND.TORCH)"),
-    "vllm": Target("vllm", (4, 8), True, True, (-1, 32, 64, 128),
-                   "vLLM's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
-    "sglang": Target("sglang", (4, 8), True, True, (-1, 32, 64, 128),
+    "vllm": Target("vllm", (2, 3, 4, 5, 6, 7, 8), False, True, ENGINE_GROUPS,
+                   "vLLM's compressed-tensors path: a scheme per module, 2 to 8 bits, asymmetric only at 4/8, "
+                   "q/k/v and gate/up fused", "compressed-tensors", (4, 8)),
+    "vllm-gptq": Target("vllm-gptq", (4, 8), True, True, ENGINE_GROUPS,
+                        "vLLM's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
+    "sglang": Target("sglang", (4, 8), True, True, ENGINE_GROUPS,
                      "SGLang's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
+    "compressed-tensors": Target("compressed-tensors", (2, 3, 4, 5, 6, 7, 8), False, False, None,
+                                 "compressed-tensors pack-quantized: 2 to 8 bits, any grid", "compressed-tensors"),
 }
+# another format of a target's engine: its rules there
+_BY_FORMAT = {("vllm", "gptq"): "vllm-gptq", ("vllm-gptq", "compressed-tensors"): "vllm",
+              ("gptqmodel", "compressed-tensors"): "compressed-tensors", ("compressed-tensors", "gptq"): "gptqmodel"}
 
 
 def get_target(name: str) -> Target:
@@ -46,6 +72,19 @@ def get_target(name: str) -> Target:
         return TARGETS[name]
     except KeyError:
         raise TasaError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}") from None
+
+
+def target_for(name: str, export_format: str) -> Target:
+    """The rules of target ``name`` for a checkpoint of ``export_format``; an error naming the formats the target's
+    engine serves when it serves none of that format."""
+    tgt = get_target(name)
+    if tgt.format == export_format:
+        return tgt
+    other = _BY_FORMAT.get((name, export_format))
+    if other is None:
+        raise TasaError(f"{name} is served from {tgt.format} checkpoints, not {export_format} (use --format "
+                        f"{tgt.format}, or another --target)")
+    return TARGETS[other]
 
 
 def target_bits(target: Target, candidates: Sequence[int]) -> list[int]:
@@ -63,9 +102,12 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
     for name, s in modules.items():
         if s.bits not in target.bits:
             out.append(f"{name}: {s.bits}-bit, but {target.name} serves only "
-                       f"{', '.join(map(str, target.bits))}-bit GPTQ weights")
+                       f"{', '.join(map(str, target.bits))}-bit {target.format} weights")
         if target.sym_only and not s.sym:
             out.append(f"{name}: asymmetric grid, but {target.name} serves only symmetric GPTQ weights")
+        elif not s.sym and target.asym_bits is not None and s.bits not in target.asym_bits:
+            out.append(f"{name}: asymmetric {s.bits}-bit grid, but {target.name} serves asymmetric grids only at "
+                       f"{', '.join(map(str, target.asym_bits))} bits")
         if target.group_sizes is not None and s.group_size not in target.group_sizes:
             out.append(f"{name}: group size {s.group_size}, but {target.name} serves group sizes "
                        f"{', '.join(map(str, target.group_sizes))}")

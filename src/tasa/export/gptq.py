@@ -39,7 +39,8 @@ without an entry use the default `bits`/`group_size`.
 
 - GPTQModel: `GPTQModel.load(path, backend=BACKEND.TORCH, dtype=torch.float16)` (mixed bit-widths
   run on its Torch kernel; on CPU it needs fp16/bf16 activations).
-- vLLM / SGLang: `--quantization gptq` for plans made with `--target vllm` / `--target sglang`.
+- vLLM / SGLang: `--quantization gptq` for plans made with `--target vllm-gptq` / `--target sglang` (vLLM
+  serves mixes of 3 bits and more from compressed-tensors checkpoints: `--target vllm`).
 - tasa: `tasa eval --model path` dequantizes on load.
 - Plain transformers/optimum loading ignores `dynamic` and would read every module at the
   default bit-width: do not load a mixed-precision checkpoint that way.

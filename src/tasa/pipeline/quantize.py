@@ -5,6 +5,7 @@ leaves a half-written model directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -57,12 +58,14 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     ``allow_partial_plan`` keeps the linears it leaves out in full precision, and the record's ``average_bits``
     then counts them at their stored bits.
 
-    ``export.format``: ``gptq``, a packed GPTQ checkpoint (see tasa.export.gptq) that must be servable by
-    ``export.target`` (default: the plan's target, else gptqmodel); or ``fp``, the dequantized float model
+    ``export.format``: ``gptq``, a packed GPTQ checkpoint (see tasa.export.gptq), or ``compressed-tensors``
+    (tasa.export.compressed_tensors), that must be servable by ``export.target`` (default: the plan's target,
+    else gptqmodel; its rules for that format, tasa.allocate.targets.target_for; no format: the one the target
+    is served from); or ``fp``, the dequantized float model
     (loadable by plain transformers).  Either way the directory also holds the tokenizer, ``plan.json`` and
     ``quantize.json``.
     """
-    from tasa.allocate.targets import check_servable, get_target
+    from tasa.allocate.targets import check_servable, get_target, target_for
     from tasa.export import compressed_tensors as ct
     from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
     from tasa.export.writer import CheckpointWriter, write_config_files
@@ -87,11 +90,13 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
     target = export.target or the_plan.meta.get("target", "gptqmodel")
+    if export.format is None:  # the format the target's engine serves
+        export = dataclasses.replace(export, format=get_target(target).format)
     packed: dict = {}
     packer = None
     if export.format != "fp":
         try:
-            check_servable(the_plan.modules, get_target(target), arch.fusion_groups())
+            check_servable(the_plan.modules, target_for(target, export.format), arch.fusion_groups())
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
         if export.format == "gptq":

@@ -223,7 +223,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
 
     def do_quantize():
         q = quantize(shared.fp(), out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
-                     export=ExportSpec("gptq", spec.target), runtime=runtime, overwrite=True)
+                     export=ExportSpec(tgt.format, spec.target), runtime=runtime, overwrite=True)
         shared.quantized_in_memory()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
 
