@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import CHOICE_COSTS, EXPORT_FORMATS, TOKEN_COSTS
+from tasa.config import CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, TOKEN_COSTS
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
                         "dequantized float model, loadable by plain transformers (default: the format the "
                         "target is served from: gptq for gptqmodel, compressed-tensors for vllm)")
+    q.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), default="auto",
+                   help="dtype of the tensors left in float (embeddings, head, norms, routers): auto = the source "
+                        "checkpoint's half dtype (bfloat16/float16; a GGUF file's: float16), else the compute dtype "
+                        "(default: auto)")
     q.add_argument("--max-shard-size", default="1GB",
                    help="largest safetensors shard, e.g. 1GB, 500MB or 5GiB; the export holds one shard in memory "
                         "while it writes (default: 1GB)")
@@ -385,7 +389,8 @@ def run(argv: list[str] | None = None) -> int:
                             allow_ragged_groups=args.allow_ragged_groups)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
-                                export=ExportSpec(args.export_format, args.target, args.max_shard_size),
+                                export=ExportSpec(args.export_format, args.target, args.max_shard_size,
+                                                  args.float_dtype),
                                 runtime=_runtime(args),
                                 overwrite=args.overwrite, allow_partial_plan=args.allow_partial_plan)
         s = {**res.record, "output_dir": str(res.output_dir)}

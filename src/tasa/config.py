@@ -214,6 +214,7 @@ class QuantizeSpec:
 
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors", "fp")
+FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -221,15 +222,19 @@ class ExportSpec:
     """How a quantized model is written: ``gptq`` or ``compressed-tensors`` (packed checkpoints servable by
     ``target``; None: the plan's, else gptqmodel) or ``fp`` (the dequantized float model), in safetensors shards of at most
     ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
-    holds at most one shard in memory."""
+    holds at most one shard in memory.  ``float_dtype``: the dtype of every tensor left in float (embeddings,
+    head, norms, routers; with ``fp`` the dequantized linears too): ``auto`` is the source checkpoint's own
+    dtype when it is a half one (a GGUF file's: float16), else the compute dtype."""
 
     format: str | None = None  # None: the format the target is served from (gptq for gptqmodel)
     target: str | None = None
     max_shard_size: str = "1GB"
+    float_dtype: str = "auto"  # the dtype of the tensors left in float (auto: the source's half dtype)
 
     def __post_init__(self) -> None:
         if self.format is not None:
             _one_of(self.format, EXPORT_FORMATS, "export format")
+        _one_of(self.float_dtype, FLOAT_DTYPES, "--float-dtype")
         self.max_shard_bytes  # validated
 
     @property

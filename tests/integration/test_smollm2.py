@@ -131,3 +131,25 @@ def test_hessian_trace_mixture_curve_on_smollm2(smollm, tmp_path):
     assert len(ht["per_layer"]) == 30 and len(ht["inputs"]) == 120
     values = dict(zip((w[0] for w in s["grid"]), ht["values"]))
     assert values[0.0] > values[0.5] and s["calib"] != "gsm8k:1"
+
+
+def test_a_gguf_sources_float_tensors_are_exported_in_float16(smollm, tmp_path):
+    """SmolLM2 comes from a GGUF file: its tied 49152 x 576 embedding and its norms are written in float16, the
+    GGUF's own float type, not in the float32 it is computed in (which made the 4-bit checkpoint 3x larger)."""
+    from safetensors import safe_open
+
+    from tasa.config import ExportSpec, QuantizeSpec, Runtime
+    from tasa.pipeline import quantize
+
+    assert smollm.source_dtype == torch.float16
+    res = quantize(smollm, tmp_path / "q", QuantizeSpec(method="rtn", bits=4, group_size=64), export=ExportSpec(),
+                   runtime=Runtime(progress=False))
+    with safe_open(str(res.output_dir / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+        assert f.get_slice("model.norm.weight").get_dtype() == "F16"
+    r = res.record
+    assert r["float_dtype"] == "float16"
+    embed = 49152 * 576
+    assert r["float_bytes"] == pytest.approx(2 * embed, rel=0.02)  # the embedding is nearly all of it
+    assert 4.0 < r["bits_per_weight_linears"] < 4.6  # 4 bits plus fp16 scales and packed zeros per 64
+    assert r["size_bytes"] == pytest.approx(r["packed_bytes"] + 2 * embed, rel=0.01)  # in float32: +113 MB

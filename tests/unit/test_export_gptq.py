@@ -167,3 +167,37 @@ def test_ragged_groups_round_trip(tmp_path):
         assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (3, 64)
     ref = reference(plan)
     assert all(torch.equal(a, b) for a, b in zip(load(str(out)).model.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("export_format", ["gptq", "compressed-tensors"])
+def test_float_tensors_are_written_in_the_sources_half_dtype(tmp_path, export_format, data_dir):
+    """A bfloat16 checkpoint quantized in float32: embeddings, head and norms are written in bfloat16 (auto), the
+    packed linears are the same bytes as with --float-dtype float32, and the sizes say what each part takes."""
+    from safetensors.torch import load_file
+
+    from tasa.config import ExportSpec, QuantizeSpec, Runtime
+    from tasa.models import load
+    from tasa.pipeline import quantize
+
+    src = tmp_path / "bf16"
+    tiny_llama(layers=2, hidden=64).to(torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    assert load(str(src)).source_dtype == torch.bfloat16
+    outs = {d: quantize(str(src), tmp_path / d, QuantizeSpec(method="rtn", bits=4, group_size=32),
+                        export=ExportSpec(export_format, float_dtype=d), runtime=Runtime(progress=False))
+            for d in ("auto", "float32")}
+    half, full = (load_file(outs[d].output_dir / "model.safetensors") for d in ("auto", "float32"))
+    assert half["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert half["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    assert full["model.embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(half["model.embed_tokens.weight"], full["model.embed_tokens.weight"].to(torch.bfloat16))
+    packed = [k for k in full if k.endswith((".qweight", ".scales", ".weight_packed", ".weight_scale"))]
+    assert packed and all(torch.equal(half[k], full[k]) for k in packed)
+    a, b = (outs[d].record for d in ("auto", "float32"))
+    assert json.loads((outs["auto"].output_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (a["float_dtype"], b["float_dtype"]) == ("bfloat16", "float32")
+    assert a["packed_bytes"] == b["packed_bytes"] and a["size_bytes"] < b["size_bytes"]
+    assert a["bits_per_weight_linears"] == pytest.approx(8 * a["packed_bytes"] / sum(
+        resolve(tiny_llama(layers=2, hidden=64)).numels().values()))
+    assert a["bits_per_weight_all"] < b["bits_per_weight_all"]
+    assert load(str(outs["auto"].output_dir)).model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()

@@ -91,17 +91,24 @@ class CheckpointWriter:
     """The weights of a model being quantized, written layer by layer into ``out_dir`` (see the module
     docstring)."""
 
-    def __init__(self, out_dir: Path, model: nn.Module, layers_path: str, max_shard_bytes: int = MAX_SHARD_BYTES):
+    def __init__(self, out_dir: Path, model: nn.Module, layers_path: str, max_shard_bytes: int = MAX_SHARD_BYTES,
+                 float_dtype: torch.dtype | None = None):
         self.model, self.layers_path = model, layers_path
         self.shards = ShardWriter(out_dir, max_shard_bytes)
+        self.float_dtype = float_dtype  # the model's own float tensors are written in it (None: as they are)
+        self.packed_bytes = 0  # bytes of the packed linears' tensors; the rest is float tensors
+
+    def _float(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.float_dtype) if self.float_dtype is not None and t.is_floating_point() else t
 
     def add_layer(self, index: int, layer: nn.Module, packed: dict[str, torch.Tensor]) -> None:
         """Decoder layer ``index`` (its weights resident): ``packed`` (the GPTQ tensors of its quantized linears,
         whose float weights are then left out) and every other tensor it holds."""
         prefix = f"{self.layers_path}.{index}."
         quantized = {k.rsplit(".", 1)[0] for k in packed}
-        own = {prefix + k: t for k, t in layer.state_dict().items()
+        own = {prefix + k: self._float(t) for k, t in layer.state_dict().items()
                if not (k.endswith(".weight") and prefix + k[: -len(".weight")] in quantized)}
+        self.packed_bytes += sum(_nbytes(t) for t in packed.values())
         self.shards.add({self._name(k): t for k, t in {**own, **packed}.items()})
 
     def _name(self, key: str) -> str:
@@ -125,15 +132,17 @@ class CheckpointWriter:
                 if ptr in seen:
                     continue
                 seen.add(ptr)
-            self.shards.add({self._name(key): t})
+            self.shards.add({self._name(key): self._float(t)})
         return self.shards.close()
 
 
 def write_config_files(out_dir: Path, model: nn.Module, tokenizer, quantization_config: dict | None,
-                       readme: str | None = None) -> None:
+                       readme: str | None = None, float_dtype: torch.dtype | None = None) -> None:
     """config.json (with ``quantization_config`` when given, and then, for GPTQ, quantize_config.json too), the generation
     config, the tokenizer and a README."""
     config = model.config.to_dict()
+    if float_dtype is not None:  # what the float tensors were written in: loaders build the model in it
+        config["dtype"] = str(float_dtype).replace("torch.", "")
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
         if quantization_config.get("quant_method") == "gptq":

@@ -8,6 +8,7 @@ under ``$TASA_CACHE_DIR`` (default ``~/.cache/tasa``), keyed by the file's SHA-2
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ class LoadedModel:
     tokenizer: object
     source: str  # what was asked for
     path: str  # local directory or file actually read
+    source_dtype: torch.dtype | None = None  # the dtype the source stores its float weights in (GGUF: float16)
 
     @property
     def max_length(self) -> int | None:
@@ -228,9 +230,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
 
     torch_dtype = parse_dtype(dtype, device)
     kind, where = resolve_source(spec)
-    if kind == "gguf":
+    source_dtype = None
+    if kind == "gguf":  # GGUF stores unquantized tensors and its types' scales in float16
         where = gguf_to_hf_dir(Path(where))
-        kind = "dir"
+        kind, source_dtype = "dir", torch.float16
     if stream is None:  # auto: local safetensors checkpoints only (a hub id or .bin weights load in memory)
         stream = False
         if kind == "dir" and any(Path(where).glob("*.safetensors")):
@@ -279,4 +282,19 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model, tok, spec, str(where))
+    if source_dtype is None and kind == "dir":
+        source_dtype = _config_dtype(Path(where) / "config.json")
+    elif source_dtype is None:  # a hub id: its config, cached with the weights
+        source_dtype = getattr(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), "dtype", None)
+        source_dtype = source_dtype if isinstance(source_dtype, torch.dtype) else None
+    return LoadedModel(model, tok, spec, str(where), source_dtype)
+
+
+def _config_dtype(path: Path) -> torch.dtype | None:
+    """The float dtype a checkpoint's config.json declares (``dtype``, or ``torch_dtype`` of older ones)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(str(name))

@@ -20,6 +20,7 @@ from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
+from tasa.models.streaming import compute_dtype
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
                                   clear_stale_temps, dtype_name, machine_info, model_of, now, publish_dir,
                                   resolve_group_size, temp_dir_for)
@@ -113,7 +114,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     tmp = temp_dir_for(out)
     try:
         # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
-        writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes)
+        float_dtype = _float_dtype(export.float_dtype, lm)
+        writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
         report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
@@ -151,8 +153,10 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
                                 checkpoint_format(the_plan), names) if export.format == "gptq" else
                 ct.quantization_config(the_plan, linears, names) if export.format == "compressed-tensors" else None)
         readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
-        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme)
+        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        planned = sum(n for name, n in arch.numels().items() if name in the_plan.modules)
+        record.update(_sizes(record["size_bytes"], writer.packed_bytes, planned, lm.model, float_dtype, export.format))
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)
         usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
@@ -161,6 +165,26 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantizeResult(out, record)
+
+
+def _float_dtype(name: str, lm) -> torch.dtype | None:
+    """The dtype export writes float tensors in (None: as computed): ``auto`` = the source's half dtype."""
+    if name == "auto":
+        half = lm.source_dtype in (torch.float16, torch.bfloat16)
+        return lm.source_dtype if half and lm.source_dtype != compute_dtype(lm.model) else None
+    return getattr(torch, name)
+
+
+def _sizes(size_bytes: int, packed_bytes: int, planned: int, model, float_dtype, fmt: str) -> dict:
+    """What the export takes: bytes and bits per weight of the checkpoint (over every weight), and of the packed
+    linears alone (their codes, scales and zero points over their ``planned`` weights)."""
+    params = sum(p.numel() for _, p in model.named_parameters())  # tied weights once
+    out = {"float_dtype": str(float_dtype or compute_dtype(model)).replace("torch.", ""),
+           "bits_per_weight_all": 8 * size_bytes / params}
+    if fmt != "fp":
+        out.update(packed_bytes=packed_bytes, bits_per_weight_linears=8 * packed_bytes / planned,
+                   float_bytes=size_bytes - packed_bytes)
+    return out
 
 
 def _check_plan(plan: Plan, arch, spec: QuantizeSpec, allow_partial_plan: bool) -> None:
