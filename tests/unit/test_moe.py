@@ -182,21 +182,12 @@ def test_a_fused_expert_layout_tasa_cannot_unfuse_is_refused():
 @pytest.mark.parametrize("granularity", ["layer", "module"])
 def test_a_streamed_moe_run_gives_the_in_memory_runs_profile_plan_checkpoint_and_scores(tmp_path, data_dir,
                                                                                        granularity):
-    from tasa.cli import main
+    from tests.unit.test_streaming import run_in_memory_and_streamed
 
     model = tmp_path / "m"
     tiny_moe("mixtral").save_pretrained(model, max_shard_size="60KB")
     byte_tokenizer().save_pretrained(model)
-    outs = {}
-    for stream in ("off", "on"):
-        outs[stream] = tmp_path / f"run-{stream}"
-        with pytest.raises(SystemExit) as done:
-            main(["run", "--model", str(model), "--tasks", "gsm8k", "--calib", "auto", "--mixture-criterion",
-                  "hessian-trace", "--budget", "3", "--bits", "2,4", "--group-size", "16", "--probe-tokens", "40",
-                  "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2", "--eval-windows", "1", "--stream", stream,
-                  "--granularity", granularity, "--output-dir", str(outs[stream]), "--quiet"])
-        assert done.value.code == 0
-    on, off = outs["on"], outs["off"]
+    off, on = run_in_memory_and_streamed(model, tmp_path, "--granularity", granularity)
     sens = [json.loads((d / "profile" / "sensitivity.json").read_text()) for d in (off, on)]
     assert sens[0]["costs"] == sens[1]["costs"]
     plan = json.loads((off / "plan.json").read_text())["modules"]

@@ -230,20 +230,24 @@ def test_devices_are_resolved_and_checked():
             Runtime(device="cuda:1")
 
 
-def test_a_streamed_run_gives_the_in_memory_runs_plan_checkpoint_and_scores(tmp_path, data_dir):
+def run_in_memory_and_streamed(model: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """A tiny `tasa run` of ``model`` with ``--stream off`` and ``--stream on``: the two output directories."""
     from tasa.cli import main
 
-    model = _save(tiny_llama(layers=2), tmp_path / "m")
     outs = {}
     for stream in ("off", "on"):
         outs[stream] = tmp_path / f"run-{stream}"
         with pytest.raises(SystemExit) as done:
-                main(["run", "--model", str(model), "--tasks", "gsm8k", "--calib", "auto", "--mixture-criterion",
+            main(["run", "--model", str(model), "--tasks", "gsm8k", "--calib", "auto", "--mixture-criterion",
                   "hessian-trace", "--budget", "3", "--bits", "2,4", "--group-size", "16", "--probe-tokens", "40",
                   "--nsamples", "4", "--seqlen", "32", "--eval-limit", "2", "--eval-windows", "1", "--stream", stream,
-                  "--output-dir", str(outs[stream]), "--quiet"])
+                  "--output-dir", str(outs[stream]), "--quiet", *extra])
         assert done.value.code == 0
-    on, off = outs["on"], outs["off"]
+    return outs["off"], outs["on"]
+
+
+def test_a_streamed_run_gives_the_in_memory_runs_plan_checkpoint_and_scores(tmp_path, data_dir):
+    off, on = run_in_memory_and_streamed(_save(tiny_llama(layers=2), tmp_path / "m"), tmp_path)
     assert json.loads((on / "plan.json").read_text())["modules"] == json.loads((off / "plan.json").read_text())["modules"]
     ckpt = [p for p in on.rglob("model.safetensors")]
     assert len(ckpt) == 1
