@@ -5,7 +5,8 @@ parameters of one module: ``gate_up_proj`` (experts, 2 x intermediate, hidden) a
 hidden, intermediate), called as ``experts(hidden, top_k_index, top_k_weights)``.  A layer walker that
 looks for ``nn.Linear`` would leave them in full precision.  :func:`unfuse_experts` replaces each such
 module by :class:`RoutedExperts`, a list of per-expert MLPs (``{e}.gate_proj``, ``{e}.up_proj``,
-``{e}.down_proj``) with the same call and the same arithmetic, so that
+``{e}.down_proj``) with the same call and the same computation (equal up to float rounding: gate and up
+are two matmuls instead of one), so that
 
 - every expert is a linear the walker finds, and its Hessian hooks see exactly the tokens routed to it;
 - the router (``gate``: a parameter of experts x hidden, not an ``nn.Linear``) stays in full precision;
