@@ -86,6 +86,16 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
                         "target, else gptqmodel)")
 
 
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
+                   help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
+                        "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
+                        "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
+                        "dequantized float model, loadable by plain transformers. The target's rules for the format "
+                        "apply (--target vllm --format gptq: vLLM's GPTQ path, 4/8 bits) (default: the format the "
+                        "target is served from: gptq for gptqmodel, compressed-tensors for vllm)")
+
+
 def _allocation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", default="0.5",
                    help="weight of perplexity against the task objectives in [0, 1], or ppl-only / task-only "
@@ -165,12 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-partial-plan", action="store_true",
                    help="keep the linears a --plan leaves out in full precision (default: such a plan is refused); "
                         "the reported average bits count them at their stored bits")
-    q.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
-                   help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
-                        "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
-                        "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
-                        "dequantized float model, loadable by plain transformers (default: the format the "
-                        "target is served from: gptq for gptqmodel, compressed-tensors for vllm)")
+    _format_arg(q)
     q.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), default="auto",
                    help="dtype of the tensors left in float (embeddings, head, norms, routers): auto = the source "
                         "checkpoint's half dtype (bfloat16/float16; a GGUF file's: float16), else the compute dtype "
@@ -250,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="profile -> allocate -> quantize -> export -> evaluate -> report, resumable",
                        description="The whole method on one model: measure layer sensitivities on wikitext2 and "
                                    "the tasks, allocate bits per layer under the budget (exact DP), quantize with "
-                                   "GPTQ on the calibration mixture, export a GPTQ checkpoint, evaluate it against "
+                                   "GPTQ on the calibration mixture, export a checkpoint the target serves, evaluate it against "
                                    "the full-precision model on held-out test rows, and write report.md/.html. "
                                    "Each stage is recorded in OUTPUT_DIR/stages.json under a hash of its inputs: "
                                    "rerunning skips finished stages, a killed run resumes.", epilog=EPILOG,
                        parents=[model, group, sampling, allocation, probes, target])
     r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
+    _format_arg(r)
     r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
     r.add_argument("--calib", default=None,
                    help="GPTQ calibration mixture, e.g. wikitext2:0.5,gsm8k:0.5, or 'auto': search the wikitext2 "
@@ -441,13 +447,13 @@ def run(argv: list[str] | None = None) -> int:
                        probe_tokens=args.probe_tokens,
                        choice_cost=args.choice_cost, token_cost=args.token_cost,
                        probe_quantizer=args.probe_quantizer, granularity=args.granularity,
-                       tie_experts=args.tie_experts, nsamples=args.nsamples,
+                       tie_experts=args.tie_experts, export_format=args.export_format, nsamples=args.nsamples,
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")
-        print(f"GPTQ checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
+        print(f"checkpoint: {Path(s['output_dir']) / 'model'}; report: {s['report']}")
     elif args.command == "search-mixture":
         try:
             ratios = [float(x) for x in _names(args.ratios)] if args.ratios else None

@@ -412,6 +412,7 @@ class RunSpec:
     probe_quantizer: str = "rtn"
     granularity: str = "layer"
     tie_experts: bool = True
+    export_format: str | None = None  # None: the format the target is served from
     nsamples: int = 64
     search_samples: int = 4
     seqlen: int = 512
@@ -428,6 +429,8 @@ class RunSpec:
         _one_of(self.token_cost, TOKEN_COSTS, "the token cost")
         _one_of(self.probe_quantizer, ("rtn", "gptq"), "probe quantizer")
         _one_of(self.granularity, ("layer", "module"), "granularity")
+        if self.export_format is not None:
+            _one_of(self.export_format, EXPORT_FORMATS, "--format")
         _positive(self.search_samples, "--search-samples")
         if self.eval_limit < 1 or self.eval_windows < 1:
             raise TasaError(f"--eval-limit and --eval-windows must be positive, got {self.eval_limit}, "

@@ -220,6 +220,8 @@ def test_allocate_budget_and_bits(extra, message, tmp_path, capsys):
     (["--budget", "2.0"], "budget 2 bits per weight is infeasible: the lowest candidate, 3-bit, needs 3"),
     (["--budget", "3.5", "--bits", "3,4,5,8"], "bit-width(s) 5 are not servable by gptqmodel"),
     (["--budget", "3.5", "--target", "vllm-gptq"], "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),
+    (["--budget", "3.5", "--target", "vllm", "--format", "gptq"],
+     "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),  # vLLM's GPTQ path: 4/8 bits
 ])
 def test_run_refuses_infeasible_budgets_before_any_work(extra, message, tiny_model_dir, tmp_path, capsys, no_work):
     out = tmp_path / "run"

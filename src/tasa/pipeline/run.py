@@ -142,7 +142,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     windows.
     """
     from tasa.allocate.plan import candidate_bits, check_budget
-    from tasa.allocate.targets import get_target
+    from tasa.allocate.targets import get_target, target_for
     from tasa.eval.tasks import get_task
     from tasa.report.run_report import write_run_report
     from tasa.stages import Stages, stage_key as _key
@@ -152,7 +152,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         get_task(t).select(spec.eval_limit, "--eval-limit")
     run_warnings: list[str] = []
     calib = _calibration(spec, run_warnings)
-    tgt = get_target(spec.target)
+    fmt = spec.export_format or get_target(spec.target).format
+    tgt = get_target(spec.target) if fmt == "fp" else target_for(spec.target, fmt)  # fp: served by none
     bits = tuple(candidate_bits(tgt, None, DEFAULT_BITS) if spec.bits is None
                  else candidate_bits(tgt, spec.bits, spec.bits))
     for b in bits:
@@ -183,9 +184,9 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     gptq = ({"calib": calib, "nsamples": spec.nsamples, "calib_seqlen": spec.seqlen}
             if spec.probe_quantizer == "gptq" else {})
     a_spec = AllocationSpec(budget=spec.budget, bits=bits, beta=spec.beta, task_weights=spec.task_weights,
-                            budget_includes_metadata=spec.budget_includes_metadata, target=spec.target)
+                            budget_includes_metadata=spec.budget_includes_metadata, target=tgt.name)
     allocation = {"budget": spec.budget, "bits": sorted(bits), "beta": spec.beta, "task_weights": a_spec.weights,
-                  "target": spec.target, "budget_includes_metadata": spec.budget_includes_metadata}
+                  "target": tgt.name, "budget_includes_metadata": spec.budget_includes_metadata}
     p_in = {**model_in, "objectives": objectives, "bits": sorted(bits), "group_size": spec.group_size,
             "probe_tokens": spec.probe_tokens, "seed": spec.seed, "choice_cost": spec.choice_cost,
             "token_cost": spec.token_cost, "grid": SYM_GRID,
@@ -223,7 +224,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
 
     def do_quantize():
         q = quantize(shared.fp(), out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
-                     export=ExportSpec(tgt.format, spec.target), runtime=runtime, overwrite=True)
+                     export=ExportSpec(fmt, tgt.name), runtime=runtime, overwrite=True)
         shared.quantized_in_memory()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
 
