@@ -149,10 +149,6 @@ def quantization_config(plan: Plan, all_linears: list[str], names: dict[str, str
             "global_compression_ratio": None}
 
 
-def is_ct_config(qcfg: dict | None) -> bool:
-    return bool(qcfg) and qcfg.get("quant_method") == "compressed-tensors"
-
-
 def module_grid(qcfg: dict, name: str) -> tuple[int, bool, int] | None:
     """(bits, symmetric, group size) of checkpoint module ``name`` by ``qcfg``'s config groups, else None."""
     for group in qcfg.get("config_groups", {}).values():

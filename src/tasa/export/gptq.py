@@ -125,9 +125,6 @@ def quantized_format(path: Path) -> str | None:
     return method if method in ("gptq", "compressed-tensors") else None
 
 
-def is_gptq_dir(path: Path) -> bool:
-    return quantized_format(path) == "gptq"
-
 
 def _module_grid(qcfg: dict, name: str) -> tuple[int, bool] | None:
     """(bits, skipped) of module ``name`` by the config's default and its first matching ``dynamic`` rule."""

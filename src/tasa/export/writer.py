@@ -126,7 +126,7 @@ class CheckpointWriter:
             if key.startswith(self.layers_path + "."):
                 continue
             if t.device.type == "meta":  # a streamed unit: read it from the checkpoint now
-                t = streamer.weights.get(streamer._source(key), dtype=t.dtype if t.is_floating_point() else None)
+                t = streamer.weights.get(streamer.source_key(key), dtype=t.dtype if t.is_floating_point() else None)
             else:
                 ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
                 if ptr in seen:

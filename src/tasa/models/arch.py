@@ -205,8 +205,8 @@ def _check_coverage(model_type: str, spec: ArchSpec, layers: nn.ModuleList) -> N
     """Refuse a layout whose decoder layers hold a large weight matrix that is not one of the quantized linears
     (e.g. mixture-of-experts blocks storing every expert in one 3-D parameter): it would otherwise stay in full
     precision unnoticed.  Small matrices (routers of experts: experts x hidden) stay in full precision."""
+    covered = {f"{local}.weight" for local in spec.linears}
     for i, layer in enumerate(layers):
-        covered = {f"{local}.weight" for local in spec.linears}
         total = sum(p.numel() for p in layer.parameters())
         for name, p in layer.named_parameters():
             if p.dim() >= 2 and name not in covered and p.numel() >= UNCOVERED_SHARE * total:

@@ -142,7 +142,8 @@ def unfuse_experts(model: nn.Module) -> dict[str, str]:
         return model.tasa_checkpoint_names
     layouts = {name: _check_layout(name, m) for name, m in fused.items()}
     names = checkpoint_names(model, fused)
-    for name, module in fused.items():
+    for name in list(fused):  # popped, so that each fused module is freed once replaced
+        module = fused.pop(name)
         e, h, i = layouts[name]
         gate_up, down = module.gate_up_proj, module.down_proj
         experts = RoutedExperts([ExpertMLP(h, i, module.act_fn, gate_up.dtype, gate_up.device) for _ in range(e)])
@@ -159,11 +160,6 @@ def unfuse_experts(model: nn.Module) -> dict[str, str]:
         log.info("unfused the routed experts of %d layer(s) into per-expert linears", len(fused))
     model.tasa_checkpoint_names = names
     return names
-
-
-def checkpoint_name(model: nn.Module, key: str) -> str:
-    """The checkpoint key of the model's tensor ``key`` (itself unless the model's conversion table renames it)."""
-    return getattr(model, "tasa_checkpoint_names", {}).get(key, key)
 
 
 def model_names(model: nn.Module) -> dict[str, str]:

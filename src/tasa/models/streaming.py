@@ -85,7 +85,7 @@ class Streamer:
             tensors = [t for t in _own_tensors(mod, name) if t[0] not in shared and "." not in t[0][len(name) + 1:]]
             if tensors:
                 self.others.append(_Unit(name, mod, tensors))
-        missing = [t[0] for u in self.layers + self.others for t in u.tensors if self._source(t[0]) not in weights]
+        missing = [t[0] for u in self.layers + self.others for t in u.tensors if self.source_key(t[0]) not in weights]
         if missing:
             raise TasaError(f"{weights.path}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                             "more) of the model's own names; streaming reads a checkpoint in the model's layout "
@@ -95,7 +95,7 @@ class Streamer:
             unit.module.register_forward_hook(lambda _m, _a, _o, u=unit: self._leave(u))
         self._load_shared(shared)
 
-    def _source(self, key: str) -> str:
+    def source_key(self, key: str) -> str:
         """The checkpoint key holding the model's tensor ``key``: its own name, or the one the model's conversion
         table gives it (Mixtral's experts.{e}.w1 for experts.{e}.gate_proj)."""
         return key if key in self.weights else self.names.get(key, key)
@@ -113,7 +113,7 @@ class Streamer:
         for key in shared:
             groups.setdefault(id(params[key]), []).append(key)
         for keys in groups.values():
-            source = next((k for k in sorted(keys) if self._source(k) in self.weights), None)
+            source = next((k for k in sorted(keys) if self.source_key(k) in self.weights), None)
             if source is None:
                 raise TasaError(f"{self.weights.path}: none of the tied tensors {sorted(keys)} is in the checkpoint")
             value = self._read(source, params[source])
@@ -123,7 +123,7 @@ class Streamer:
                 self.model.get_submodule(owner)._parameters[attr] = tied
 
     def _read(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        source = self._source(key)
+        source = self.source_key(key)
         t = self.weights.get(source, dtype=like.dtype if like.is_floating_point() else None, device=self.device)
         if tuple(t.shape) != tuple(like.shape):
             raise TasaError(f"{self.weights.path}: tensor {source} has shape {tuple(t.shape)}, the model expects "

@@ -126,10 +126,10 @@ def bits_summary(plan: Plan, arch: ModelArch, dtype: str) -> dict:
     stored = torch.finfo(getattr(torch, dtype)).bits
     unplanned = [n for n in numels if n not in plan.modules]
     total = sum(numels.values())
-    bits = sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels) / total
+    linear_bits = sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels)
+    bits = linear_bits / total
     layer_weights = sum(p.numel() for p in arch.layers.parameters())  # routers, norms: kept at the stored dtype
-    all_bits = (sum(numels[n] * (plan.modules[n].bits if n in plan.modules else stored) for n in numels)
-                + (layer_weights - total) * stored) / layer_weights
+    all_bits = (linear_bits + (layer_weights - total) * stored) / layer_weights
     return {"average_bits": bits, "planned_average_bits": plan.average_bits(numels),
             "layer_weights_average_bits": all_bits, "layer_weights": layer_weights,
             "unquantized_modules": unplanned, "unquantized_bits": stored if unplanned else None}

@@ -94,17 +94,21 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if export.format is None:  # the format the target's engine serves
         export = dataclasses.replace(export, format=get_target(target).format)
     packed: dict = {}
-    packer = None
+    packer = qcfg = None
     if export.format != "fp":
         try:
             check_servable(the_plan.modules, target_for(target, export.format), arch.fusion_groups())
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
+        # the checkpoint's quantization config, made now: it refuses what the format cannot write before any work
+        names = getattr(lm.model, "tasa_checkpoint_names", {})
+        linears = [m.name for m in arch.modules]
         if export.format == "gptq":
             fmt = checkpoint_format(the_plan)
+            qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
             packer = lambda n, r: pack_result(n, r, fmt)  # noqa: E731
         else:
-            ct.quantization_config(the_plan, [m.name for m in arch.modules])  # refuses what it cannot write, now
+            qcfg = ct.quantization_config(the_plan, linears, names)
             packer = lambda n, r: ct.pack_result(n, r, the_plan.modules[n].sym)  # noqa: E731
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
@@ -147,11 +151,6 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "date": now(),
         }
         writer.finish()
-        names = getattr(lm.model, "tasa_checkpoint_names", {})
-        linears = [m.name for m in arch.modules]
-        qcfg = (quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target,
-                                checkpoint_format(the_plan), names) if export.format == "gptq" else
-                ct.quantization_config(the_plan, linears, names) if export.format == "compressed-tensors" else None)
         readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
         write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
