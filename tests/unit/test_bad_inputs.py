@@ -60,6 +60,15 @@ def quantize_args(model_dir, out, *extra):
     return ["quantize", "--model", str(model_dir), "--method", "rtn", "--output-dir", str(out), "--quiet", *extra]
 
 
+def test_a_target_its_engine_does_not_serve_from_the_format_is_refused_before_loading(tiny_model_dir, tmp_path,
+                                                                                      capsys, no_work):
+    out = tmp_path / "q"
+    expect_error(quantize_args(tiny_model_dir, out, "--target", "sglang", "--format", "compressed-tensors"),
+                 "sglang is served from gptq checkpoints, not compressed-tensors (use --format gptq, or another "
+                 "--target)", capsys)
+    assert not out.exists()
+
+
 # ---- plans that do not cover the model ----
 
 def test_plan_of_a_smaller_model_is_refused_naming_the_unplanned(tiny_model_dir, tmp_path, capsys):

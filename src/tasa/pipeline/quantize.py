@@ -81,6 +81,10 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if calib_spec is not None:  # fail on bad sources before the (slow) model load
         for name, _ in calib_spec.sources:
             resolve_calibration_source(name)
+    target = export.target or (plan_obj.meta.get("target") if plan_obj is not None else None) or "gptqmodel"
+    if export.format is None:  # the format the target's engine serves
+        export = dataclasses.replace(export, format=get_target(target).format)
+    rules = target_for(target, export.format) if export.format != "fp" else None  # a target/format mismatch: now
     t0 = time.perf_counter()
     lm, model = model_of(model, runtime)
     arch = resolve(lm.model)
@@ -90,14 +94,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
-    target = export.target or the_plan.meta.get("target", "gptqmodel")
-    if export.format is None:  # the format the target's engine serves
-        export = dataclasses.replace(export, format=get_target(target).format)
     packed: dict = {}
     packer = qcfg = None
-    if export.format != "fp":
+    if rules is not None:
         try:
-            check_servable(the_plan.modules, target_for(target, export.format), arch.fusion_groups())
+            check_servable(the_plan.modules, rules, arch.fusion_groups())
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
         # the checkpoint's quantization config, made now: it refuses what the format cannot write before any work
