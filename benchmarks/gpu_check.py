@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/gpu_check.py                          # needs a CUDA GPU; ~10 min on a 16-core host
     .venv/bin/python benchmarks/gpu_check.py --devices cpu,cpu --small  # the plumbing only, on any machine
+    .venv/bin/python benchmarks/gpu_check.py --cut-gguf DIR/smollm2-cut.gguf  # a SmolLM2 small enough to carry
+    python3 benchmarks/gpu_check.py --model DIR/smollm2-cut.gguf --layers-8b 2   # on a lent GPU machine
 
 Every command runs the `tasa` CLI in a child process (wall time, peak RSS), once per device, both in float32
 so that they compute the same thing (``--dtype float32``; a GPU's default is bfloat16, timed in its own rows):
@@ -18,6 +20,9 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
 - ``*-bf16`` rows (GPU only): the quantize commands at the GPU's default dtype, bfloat16 (Hessians and GPTQ
   updates stay float32), for time and memory.
 
+``--model`` replaces SmolLM2-135M (a lent GPU machine takes at most 64 MiB of files, and SmolLM2's GGUF is 94 MiB:
+``--cut-gguf`` writes its layers 0, 27, 28 and 29 with a Q4_1 embedding, 27 MiB; both devices load the same file, so
+only agreement is measured, not quality). Then `tasa quantize` follows the plan the reference device allocated.
 ``--small`` shrinks every setting (and uses 1 layer of the 8B shape, narrowed 8x) to check the script itself.  Writes
 benchmarks/results/gpu.json: one row per command and device, with the comparisons in the GPU rows' metrics.
 """
@@ -31,7 +36,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, WORK, machine, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, WORK, machine, row, write_json_atomic, write_results  # noqa: E402
 from benchmarks.large_model import TASA, llama3_8b_config, measured, plan_348  # noqa: E402
 
 BENCH = "gpu"
@@ -40,10 +45,50 @@ ERROR_TOLERANCE = 0.01  # relative, per module
 PPL_TOLERANCE = 0.005
 
 
-def settings(small: bool) -> dict:
+CUT_LAYERS = [0, 27, 28, 29]
+
+
+def settings(small: bool, layers_8b: int | None) -> dict:
     return {"probe_tokens": "64" if small else "256", "nsamples": "4" if small else "64",
-            "seqlen": "128" if small else "512", "windows": "2" if small else "20", "layers_8b": 1 if small else 4,
-            "small": small}
+            "seqlen": "128" if small else "512", "windows": "2" if small else "20",
+            "layers_8b": layers_8b or (1 if small else 4), "small": small}
+
+
+def cut_gguf(src: Path, dst: Path, keep: list[int]) -> Path:
+    """A GGUF of ``src``'s decoder layers ``keep`` (renumbered 0..), small enough to travel to a lent GPU machine.
+
+    Metadata and tokenizer are copied, layer tensors byte for byte; the token embedding is re-quantized to Q4_1 (the
+    CPU and the GPU load the same file, so only its size matters here, not its fidelity)."""
+    import gguf
+
+    if dst.is_file():
+        return dst
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = len(keep) if key == f"{arch}.block_count" else field.contents()
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        name = t.name
+        if name.startswith("blk."):
+            _, index, rest = name.split(".", 2)
+            if int(index) not in keep:
+                continue
+            name = f"blk.{keep.index(int(index))}.{rest}"
+        if name == "token_embd.weight" and t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            data = gguf.quants.quantize(gguf.quants.dequantize(t.data, t.tensor_type), gguf.GGMLQuantizationType.Q4_1)
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
 
 
 def tasa(work: Path, name: str, args: list[str]) -> dict:
@@ -54,8 +99,9 @@ def tasa(work: Path, name: str, args: list[str]) -> dict:
     return r
 
 
-def synthetic_8b_layers(work: Path, layers: int, small: bool) -> Path:
-    """The 8B-shaped model cut to ``layers`` layers (``small``: also narrowed 8x, to check the script)."""
+def synthetic_8b_layers(work: Path, layers: int, small: bool, tokenizer_of: str) -> tuple[Path, Path]:
+    """The 8B-shaped model cut to ``layers`` layers (``small``: also narrowed 8x, to check the script), with the
+    tokenizer of ``tokenizer_of`` (an embedded model's name or a GGUF file), and its 3/4/8 plan."""
     import torch
     from transformers import AutoTokenizer
 
@@ -69,53 +115,97 @@ def synthetic_8b_layers(work: Path, layers: int, small: bool) -> Path:
         if small:
             cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 512, 1792, 4, 1
         synthetic_checkpoint(cfg, path, dtype=torch.bfloat16, max_shard_bytes=2 ** 30)
-        AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(path)
-    return path
+        gguf = embedded_gguf_path(tokenizer_of) if tokenizer_of == "smollm2-135m" else Path(tokenizer_of)
+        AutoTokenizer.from_pretrained(gguf_to_hf_dir(gguf)).save_pretrained(path)
+    return path, plan_348(path, work / f"plan-8b-{layers}l.json", "gptq", layers=list(range(layers)))
 
 
-def run_device(work: Path, device: str, tag: str, s: dict, dtype: str = "float32") -> dict:
-    """Every command on ``device``; {command: measurements}."""
+def fixed_plan(model: str, out: Path) -> Path:
+    """The plan the smollm2-quantize rows follow: `tasa run`'s committed plan for SmolLM2-135M; for another model
+    (``--model``) a fixed one, 3 bits in even layers and 4 in odd ones (group size 64), so that every device
+    quantizes by the same plan whatever its profile gives."""
+    if model == "smollm2-135m":
+        return RUN_PLAN
+    from tasa.config import QuantSpec
+    from tasa.models.arch import resolve
+    from tasa.models.loading import load
+    from tasa.plan import Plan
+
+    lm = load(model, device="cpu")
+    arch = resolve(lm.model)
+    modules = {m.name: QuantSpec(bits=3 if m.layer % 2 == 0 else 4, group_size=64) for m in arch.modules}
+    Plan(modules, method="gptq", meta={"model": model}).save(out)
+    return out
+
+
+def run_device(work: Path, device: str, tag: str, s: dict, model: str, dtype: str = "float32") -> dict:
+    """Every command on ``device``; {command: measurements}, or {command: {"error": its last line}} for one that
+    failed (the others still run)."""
     out: dict[str, dict] = {}
     d = work / tag
     shutil.rmtree(d, ignore_errors=True)
     dev = ["--device", device, "--dtype", dtype]
-    if dtype == "float32":
-        r = tasa(work, f"{tag}-profile", ["profile", "--model", "smollm2-135m", "--objectives", "wikitext2,arc_easy",
+
+    def attempt(cmd: str, fn) -> None:
+        try:
+            out[cmd] = fn()
+        except RuntimeError as e:
+            out[cmd] = {"error": str(e)}
+            print(f"{tag}: {e}", file=sys.stderr)
+
+    def profile() -> dict:
+        r = tasa(work, f"{tag}-profile", ["profile", "--model", model, "--objectives", "wikitext2,arc_easy",
                                           "--bits", "3,4", "--group-size", "64", "--probe-tokens", s["probe_tokens"],
                                           *dev, "--output-dir", str(d / "profile")])
         tasa(work, f"{tag}-allocate", ["allocate", "--sensitivity", str(d / "profile" / "sensitivity.json"),
                                        "--budget", "3.5", "--output", str(d / "plan.json")])
-        out["smollm2-profile"] = {**r, "plan": json.loads((d / "plan.json").read_text())["modules"],
-                                  "costs": json.loads((d / "profile" / "sensitivity.json").read_text())["costs"]}
-    r = tasa(work, f"{tag}-quantize", ["quantize", "--model", "smollm2-135m", "--plan", str(RUN_PLAN), "--calib",
-                                       "gsm8k:0.5,arc_easy:0.5", "--nsamples", s["nsamples"], "--seqlen", s["seqlen"],
-                                       *dev, "--output-dir", str(d / "quantized")])
-    rec = json.loads((d / "quantized" / "quantize.json").read_text())
-    out["smollm2-quantize"] = {**r, "rel_error": {n: m["rel_error"] for n, m in rec["modules"].items()},
-                               "quantize_seconds": rec["seconds"]["quantize"], "bits": rec["average_bits"]}
-    if dtype == "float32":
+        return {**r, "plan": json.loads((d / "plan.json").read_text())["modules"],
+                "costs": json.loads((d / "profile" / "sensitivity.json").read_text())["costs"]}
+
+    def quantize(name: str, args: list[str], q: Path) -> dict:
+        r = tasa(work, name, ["quantize", *args, *dev, "--output-dir", str(q)])
+        rec = json.loads((q / "quantize.json").read_text())
+        return {**r, "rel_error": {n: m["rel_error"] for n, m in rec["modules"].items()},
+                "quantize_seconds": rec["seconds"]["quantize"], "bits": rec["average_bits"],
+                "peak_gpu_gb": rec.get("peak_gpu_gb")}
+
+    def evaluate() -> dict:
         r = tasa(work, f"{tag}-eval", ["eval", "--model", str(d / "quantized"), "--tasks", "wikitext2",
                                        "--limit", s["windows"], *dev, "--output", str(d / "eval.json")])
-        out["smollm2-eval"] = {**r, "wikitext2_ppl": json.loads((d / "eval.json").read_text())["results"]
-                               ["wikitext2"]["ppl"]}
-    model = synthetic_8b_layers(work, s["layers_8b"], s["small"])
-    plan = plan_348(model, work / f"plan-8b-{s['layers_8b']}l.json", "gptq", layers=list(range(s["layers_8b"])))
-    r = tasa(work, f"{tag}-8b", ["quantize", "--model", str(model), "--plan", str(plan), "--calib", "wikitext2",
-                                 "--nsamples", "8", "--seqlen", "256", "--stream", "on", *dev,
-                                 "--output-dir", str(d / "q8b")])
-    rec = json.loads((d / "q8b" / "quantize.json").read_text())
-    out["llama3-8b-4l-gptq"] = {**r, "rel_error": {n: m["rel_error"] for n, m in rec["modules"].items()},
-                                "quantize_seconds": rec["seconds"]["quantize"], "bits": rec["average_bits"]}
-    shutil.rmtree(d / "q8b")
+        return {**r, "wikitext2_ppl": json.loads((d / "eval.json").read_text())["results"]["wikitext2"]["ppl"]}
+
+    if dtype == "float32":
+        attempt("smollm2-profile", profile)
+    attempt("smollm2-quantize", lambda: quantize(f"{tag}-quantize", [
+        "--model", model, "--plan", str(work / "plan-smollm2.json" if model != "smollm2-135m" else RUN_PLAN),
+        "--calib", "gsm8k:0.5,arc_easy:0.5", "--nsamples", s["nsamples"], "--seqlen", s["seqlen"]], d / "quantized"))
+    if dtype == "float32" and "error" not in out["smollm2-quantize"]:
+        attempt("smollm2-eval", evaluate)
+    big, plan = synthetic_8b_layers(work, s["layers_8b"], s["small"], model)
+    attempt(f"llama3-8b-{s['layers_8b']}l-gptq", lambda: quantize(f"{tag}-8b", [
+        "--model", str(big), "--plan", str(plan), "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256",
+        "--stream", "on"], d / "q8b"))
+    shutil.rmtree(d / "q8b", ignore_errors=True)
     return out
 
 
+def run_moe(work: Path, device: str, model: str) -> dict:
+    """The Qwen3-MoE-shaped 2-layer GPTQ row of benchmarks/large_model.py on ``device`` in bfloat16."""
+    from benchmarks.large_model import moe_worker
+
+    try:
+        return {"qwen3-moe-30b-2l-gptq": moe_worker("qwen3-moe-30b-2l-gptq-streamed", work, device, "bfloat16",
+                                                    model)}
+    except RuntimeError as e:
+        return {"qwen3-moe-30b-2l-gptq": {"error": str(e)}}
+
+
 def compare(cpu: dict, gpu: dict) -> dict:
-    """The GPU's results against the CPU's, command by command."""
+    """The GPU's results against the CPU's, command by command (those that ran on both)."""
     out: dict[str, dict] = {}
     for cmd, g in gpu.items():
         c = cpu.get(cmd)
-        if c is None:
+        if c is None or "error" in c or "error" in g:
             continue
         m: dict = {"time_ratio_vs_cpu": g["seconds"] / c["seconds"]}
         if "plan" in g:
@@ -133,47 +223,93 @@ def compare(cpu: dict, gpu: dict) -> dict:
     return out
 
 
+PHASES = ("prepare", "reference", "test", "test-bf16", "moe", "report")
+
+
+def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
+    """Every finished phase's results (work/raw-PHASE.json) as benchmarks/results/gpu.json, rewritten after each
+    phase, so that a run cut short by its time limit still leaves what it measured."""
+    results = {p: json.loads((work / f"raw-{p}.json").read_text()) for p in PHASES[1:-1]
+               if (work / f"raw-{p}.json").is_file()}
+    checks = compare(results.get("reference", {}), results.get("test", {}))
+    rows = []
+    for which, r_all in results.items():
+        device = ref if which == "reference" else test
+        for cmd, r in r_all.items():
+            metrics = {k: v for k, v in r.items() if k not in ("seconds", "plan", "costs", "rel_error", "last_line",
+                                                               "returncode")}
+            metrics["device"] = device
+            metrics["dtype"] = "bfloat16" if which in ("test-bf16", "moe") else "float32"
+            if which == "test":
+                metrics.update(checks.get(cmd, {}))
+            rows.append(row(f"{cmd}-{which}", "tasa", cmd.split("-")[-1], r.get("bits"),
+                            128 if "8b" in cmd or "moe" in cmd else 64, None, metrics, r.get("seconds")))
+    gpu = None
+    if test.startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_name(torch.device(test))
+    return write_results(BENCH + ("-small" if small else ""), "python benchmarks/gpu_check.py "
+                         + " ".join(sys.argv[1:]), rows,
+                         {"devices": [ref, test], "gpu": gpu, "host": machine(), "small": small, "model": model,
+                          "tolerances": {"rel_error": ERROR_TOLERANCE, "ppl": PPL_TOLERANCE}, "checks": checks,
+                          "phases_done": sorted(results)})
+
+
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", default="cpu,cuda", help="reference device, device under test (default: cpu,cuda)")
     ap.add_argument("--small", action="store_true", help="tiny settings: check the script, not the devices")
+    ap.add_argument("--model", default="smollm2-135m", help="the model of the smollm2-* rows (default: smollm2-135m)")
+    ap.add_argument("--layers-8b", type=int, help="layers of the Llama-3-8B shape (default: 4; --small: 1)")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"which of {','.join(PHASES)} to run (default: all, in that order; 'moe' on a GPU only). "
+                    "After 'prepare', 'reference' and the GPU phases may run at once, in two processes; 'report' "
+                    "only rewrites the results")
+    ap.add_argument("--cut-gguf", type=Path, metavar="OUT", help="write SmolLM2-135M's layers "
+                    f"{CUT_LAYERS} to OUT (a GGUF that travels to a lent GPU machine) and exit")
     args = ap.parse_args()
+    if args.cut_gguf:
+        from tasa.models.loading import embedded_gguf_path
+
+        print(cut_gguf(embedded_gguf_path(), args.cut_gguf, CUT_LAYERS))
+        return
     ref, test = args.devices.split(",")
+    phases = args.phases.split(",")
+    if unknown := set(phases) - set(PHASES):
+        raise SystemExit(f"unknown phases {sorted(unknown)}: choose from {','.join(PHASES)}")
     if test.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device here: run this on a machine with a GPU (or --devices cpu,cpu --small)")
-    s = settings(args.small)
+    s = settings(args.small, args.layers_8b)
     work = WORK / BENCH
-    results = {"reference": run_device(work, ref, "ref", s), "test": run_device(work, test, "test", s)}
-    if test.startswith("cuda"):
-        results["test-bf16"] = run_device(work, test, "test-bf16", s, dtype="bfloat16")
-    checks = compare(results["reference"], results["test"])
-    rows = []
-    for which, device in (("reference", ref), ("test", test), ("test-bf16", test)):
-        for cmd, r in results.get(which, {}).items():
-            metrics = {k: v for k, v in r.items() if k not in ("seconds", "plan", "costs", "rel_error", "last_line",
-                                                               "returncode")}
-            metrics["device"] = device
-            metrics["dtype"] = "bfloat16" if which == "test-bf16" else "float32"
-            if which == "test":
-                metrics.update(checks.get(cmd, {}))
-            rows.append(row(f"{cmd}-{which}", "tasa", cmd.split("-")[-1], r.get("bits"),
-                            128 if "8b" in cmd else 64, None, metrics, r["seconds"]))
-    gpu = None
-    if test.startswith("cuda"):
-        import torch
-
-        gpu = torch.cuda.get_device_name(torch.device(test))
-    out = write_results(BENCH + ("-small" if args.small else ""), ".venv/bin/python benchmarks/gpu_check.py "
-                        + " ".join(sys.argv[1:]), rows,
-                        {"devices": [ref, test], "gpu": gpu, "host": machine(), "small": args.small,
-                         "tolerances": {"rel_error": ERROR_TOLERANCE, "ppl": PPL_TOLERANCE}, "checks": checks})
-    print(json.dumps(checks, indent=1))
-    print(f"written {out}")
+    model = args.model if args.model == "smollm2-135m" else str(Path(args.model).resolve())
+    out = None
+    for phase in phases:
+        if phase == "prepare":
+            fixed_plan(model, work / "plan-smollm2.json")
+            synthetic_8b_layers(work, s["layers_8b"], s["small"], model)
+            continue
+        if phase in ("test-bf16", "moe") and not test.startswith("cuda"):
+            continue
+        if phase == "report":
+            out = save(work, ref, test, args.small, model)
+            continue
+        if phase == "moe":
+            raw = run_moe(work, test, model)
+        else:
+            device, dtype = (ref, "float32") if phase == "reference" else (test, "float32" if phase == "test"
+                                                                           else "bfloat16")
+            raw = run_device(work, device, phase, s, model, dtype)
+        write_json_atomic(work / f"raw-{phase}.json", raw)
+        out = save(work, ref, test, args.small, model)
+        print(f"{phase} done: {out}", flush=True)
+    if out:
+        print(json.dumps(json.loads(out.read_text())["checks"], indent=1))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,9 @@ MOE = {"mixtral-8x7b-2l-rtn-streamed": ("mixtral-8x7b-2l-synthetic", mixtral_con
        "qwen3-moe-30b-2l-gptq-streamed": ("qwen3-moe-30b-2l-synthetic", qwen3_moe_config, "gptq")}
 
 
-def synthetic_dir(work: Path, name: str, config) -> Path:
-    """A synthetic model directory of ``config`` with SmolLM2's tokenizer (written once)."""
+def synthetic_dir(work: Path, name: str, config, tokenizer_of: str = "smollm2-135m") -> Path:
+    """A synthetic model directory of ``config`` with the tokenizer of ``tokenizer_of`` (an embedded model's name or
+    a GGUF file; written once)."""
     path = work / name
     if (path / "tokenizer_config.json").is_file():
         return path
@@ -129,7 +130,8 @@ def synthetic_dir(work: Path, name: str, config) -> Path:
 
     shutil.rmtree(path, ignore_errors=True)
     synthetic_checkpoint(config, path, dtype=torch.bfloat16, max_shard_bytes=4 * 2 ** 30)
-    AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(path)
+    gguf = embedded_gguf_path(tokenizer_of) if tokenizer_of == "smollm2-135m" else Path(tokenizer_of)
+    AutoTokenizer.from_pretrained(gguf_to_hf_dir(gguf)).save_pretrained(path)
     return path
 
 
@@ -161,7 +163,8 @@ def plan_moe(numels: dict[str, int], out: Path, method: str) -> Path:
     return out
 
 
-def moe_worker(name: str, work: Path) -> dict:
+def moe_worker(name: str, work: Path, device: str = "cpu", dtype: str = "float32",
+               tokenizer_of: str = "smollm2-135m") -> dict:
     import statistics
 
     from safetensors import safe_open
@@ -170,7 +173,7 @@ def moe_worker(name: str, work: Path) -> dict:
 
     dirname, config_fn, method = MOE[name]
     config = config_fn()
-    model = synthetic_dir(work, dirname, config)
+    model = synthetic_dir(work, dirname, config, tokenizer_of)
     layout = moe_layout(config)
     numels = layout["numels"]
     plan_path = plan_moe(numels, work / f"plan-{name}.json", method)
@@ -179,6 +182,7 @@ def moe_worker(name: str, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256"] if method == "gptq" else []
     r = measured([*TASA, "quantize", "--model", str(model), "--plan", str(plan_path), *extra, "--stream", "on",
+                  "--device", device, "--dtype", dtype,
                   "--max-shard-size", "256MB", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
     if r["returncode"] != 0:
         raise RuntimeError(f"{name} failed: {r['last_line']}")
@@ -196,7 +200,7 @@ def moe_worker(name: str, work: Path) -> dict:
     routers = sorted(k for k in source if k.endswith(".gate.weight") and ".experts." not in k)
     n_linear = sum(numels.values())
     expected = sum(numels[m] * plan.modules[m].bits for m in numels) / n_linear
-    float_bits = 32  # float32 compute: unplanned weights (routers, norms) are written as float32
+    float_bits = 32 if dtype == "float32" else 16  # unplanned weights (routers, norms) count at the compute dtype
     expected_all = (expected * n_linear + float_bits * (layout["layer_weights"] - n_linear)) / layout["layer_weights"]
     gate_tokens = [s["tokens"] for n, s in rec["modules"].items() if ".experts." in n and n.endswith("gate_proj")
                    and s.get("tokens") is not None]
@@ -215,7 +219,8 @@ def moe_worker(name: str, work: Path) -> dict:
               "expected_layer_weights_average_bits": expected_all,
               "bits_match": abs(rec["average_bits"] - expected) < 1e-9
               and abs(rec["layer_weights_average_bits"] - expected_all) < 1e-9,
-              "quantize_seconds": rec["seconds"]["quantize"], "checkpoint_gb": disk_bytes(out) / 1e9}
+              "quantize_seconds": rec["seconds"]["quantize"], "checkpoint_gb": disk_bytes(out) / 1e9,
+              "peak_gpu_gb": rec.get("peak_gpu_gb")}
     if method == "gptq":
         result.update(rtn_fallbacks=sum(1 for s in rec["modules"].values() if s.get("fallback")),
                       tokens_per_expert_min=min(gate_tokens), tokens_per_expert_median=statistics.median(gate_tokens),
@@ -254,7 +259,8 @@ def measured(cmd: list[str], log: Path, as_limit: int | None = None) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=limit, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))})
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     lines = [x for x in log.read_text().splitlines() if x.strip() and "it/s]" not in x and "s/it]" not in x]

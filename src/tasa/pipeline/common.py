@@ -144,6 +144,11 @@ def machine_info() -> dict:
             "tasa": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def peak_gpu_gb(device) -> float | None:
+    """The most GPU memory torch held on ``device`` in this process (GiB); None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if str(device).startswith("cuda") else None
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory into place, replacing ``out`` if present."""
     if out.exists():

@@ -22,7 +22,7 @@ from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
 from tasa.models.streaming import compute_dtype
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
-                                  clear_stale_temps, dtype_name, machine_info, model_of, now, publish_dir,
+                                  clear_stale_temps, dtype_name, machine_info, peak_gpu_gb, model_of, now, publish_dir,
                                   resolve_group_size, temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
@@ -147,6 +147,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "target": target if export.format != "fp" else None,
             "streamed": arch.streamer is not None,
             "seconds": {"load_and_data": t_load, "quantize": report.seconds},
+            "peak_gpu_gb": peak_gpu_gb(runtime.device),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             "machine": machine_info(),
             "date": now(),
