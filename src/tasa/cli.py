@@ -90,10 +90,12 @@ def _format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
-                        "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); fp: the "
+                        "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); gguf: one GGUF "
+                        "file for llama.cpp, a GGML type per tensor holding tasa's codes exactly (the model must be "
+                        "read from a GGUF file, whose metadata and tokenizer it carries; --target llama.cpp); fp: the "
                         "dequantized float model, loadable by plain transformers. The target's rules for the format "
                         "apply (--target vllm --format gptq: vLLM's GPTQ path, 4/8 bits) (default: the format the "
-                        "target is served from: gptq for gptqmodel, compressed-tensors for vllm)")
+                        "target is served from: gptq for gptqmodel, compressed-tensors for vllm, gguf for llama.cpp)")
 
 
 def _allocation_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,10 @@ class QuantSpec:
                  with a trivial g_idx).
     damp:        GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean.
     block_size:  GPTQ: columns per lazy-batch update.
+    super_group: 0, or columns sharing one fp16 super-scale (symmetric grids only): each group's scale is then
+                 that super-scale times a signed ``scale_bits``-bit integer, the two-level grid of llama.cpp's
+                 K-quants (Q3_K: 16-column groups, 256-column super-groups, 6-bit scales).
+    scale_bits:  bits of those integer group scales.
     """
 
     bits: int = 4
@@ -36,6 +40,8 @@ class QuantSpec:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    super_group: int = 0
+    scale_bits: int = 6
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -46,9 +52,22 @@ class QuantSpec:
             raise TasaError(f"damp must be in (0, 1), got {self.damp!r}")
         if self.block_size < 1:
             raise TasaError(f"block size must be positive, got {self.block_size!r}")
+        if self.super_group:
+            if self.group_size < 1 or self.super_group % self.group_size or self.super_group == self.group_size:
+                raise TasaError(f"a super-group must hold several groups: {self.super_group} columns in groups of "
+                                f"{self.group_size}")
+            if not self.sym:
+                raise TasaError("two-level (super-group) scales are for symmetric grids only")
+            if self.act_order and not self.static_groups:
+                raise TasaError("super-group scales with act_order need static_groups")
+            if not 2 <= self.scale_bits <= 8:
+                raise TasaError(f"scale_bits must be 2 to 8, got {self.scale_bits!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.super_group:  # one-level grids: the plans every earlier tasa wrote, unchanged
+            del d["super_group"], d["scale_bits"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
@@ -213,14 +232,14 @@ class QuantizeSpec:
                          static_groups=self.static_groups, damp=self.damp)
 
 
-EXPORT_FORMATS = ("gptq", "compressed-tensors", "fp")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "fp")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """How a quantized model is written: ``gptq`` or ``compressed-tensors`` (packed checkpoints servable by
-    ``target``; None: the plan's, else gptqmodel) or ``fp`` (the dequantized float model), in safetensors shards of at most
+    """How a quantized model is written: ``gptq``, ``compressed-tensors`` or ``gguf`` (packed checkpoints
+    servable by ``target``; None: the plan's, else gptqmodel; ``gguf``: one file, for llama.cpp) or ``fp`` (the dequantized float model), in safetensors shards of at most
     ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
     holds at most one shard in memory.  ``float_dtype``: the dtype of every tensor left in float (embeddings,
     head, norms, routers; with ``fp`` the dequantized linears too): ``auto`` is the source checkpoint's own

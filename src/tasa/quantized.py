@@ -17,6 +17,8 @@ class QuantResult:
     zeros:  (rows, n_groups) float32 holding integer zero points.
     g_idx:  (cols,) int32, group of every input column.
     bits, group_size: the grid used (group_size -1 = per channel).
+    super_scales: (rows, n_super) float32 for a two-level grid (QuantSpec.super_group), else None: every
+            scale is its super-group's super-scale times an integer.
     """
 
     weight: torch.Tensor
@@ -26,6 +28,7 @@ class QuantResult:
     g_idx: torch.Tensor
     bits: int
     group_size: int
+    super_scales: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """Rebuild the float weight from codes, scales, zeros and g_idx."""

@@ -209,7 +209,7 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
                                        b + (metadata_bits(b, g) if budget_includes_metadata else 0.0), g,
                                        budget_includes_metadata)
             module_bits.update({m: x for i, x in zip(members, split) for m in mod_units[i].modules})
-    spec_of = {b: QuantSpec(bits=b, group_size=g, sym=sym) for b in bits}
+    spec_of = {b: tgt.spec(b, g, sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
     check_servable(modules, tgt, sens.fusion_groups)
     total = sum(numel.values())

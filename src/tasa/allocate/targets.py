@@ -12,6 +12,7 @@ which refuses a plan the target cannot serve and names the module and the rule.
 | ``vllm-gptq`` | gptq | 4, 8 | symmetric | tied |
 | ``sglang`` | gptq | 4, 8 | symmetric | tied |
 | ``compressed-tensors`` | compressed-tensors | 2 to 8 | symmetric or not | free |
+| ``llama.cpp`` | gguf | 3, 4, 5, 6, 8 | one symmetric grid per bit-width: its GGML type's | free |
 
 - ``gptqmodel``: with mixed bit-widths GPTQModel runs every module on its plain
   Torch kernel (``BACKEND.TORCH``), since its fast kernels take one bit-width per model.
@@ -22,6 +23,9 @@ which refuses a plan the target cannot serve and names the module and the rule.
   a layer's routed experts into one fused MoE), so the members of a fusion group
   share one grid; their group sizes are -1, 32, 64 or 128.
 - ``compressed-tensors``: the format's own limits, for other loaders.
+- ``llama.cpp``: a GGML type per tensor; tasa quantizes each bit-width on the grid of one type, so the GGUF holds
+  its codes exactly (:data:`LLAMA_CPP_GRIDS`: Q3_K, Q4_0, Q5_0, Q6_K, Q8_0).  The K types work on 256-column
+  super-blocks, so they need input widths that are multiples of 256 (checked where the widths are known).
 
 :func:`target_for` maps a target and an export format to the rules that apply (``vllm`` asked for a GPTQ
 checkpoint is ``vllm-gptq``).
@@ -35,6 +39,16 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 
 
+# llama.cpp's types that hold a tasa grid exactly: bits -> (grid, GGML type, bits per weight with block scales)
+LLAMA_CPP_GRIDS: dict[int, tuple[QuantSpec, str, float]] = {
+    3: (QuantSpec(bits=3, group_size=16, super_group=256, scale_bits=6), "Q3_K", 3.4375),
+    4: (QuantSpec(bits=4, group_size=32), "Q4_0", 4.5),
+    5: (QuantSpec(bits=5, group_size=32), "Q5_0", 5.5),
+    6: (QuantSpec(bits=6, group_size=16, super_group=256, scale_bits=8), "Q6_K", 6.5625),
+    8: (QuantSpec(bits=8, group_size=32), "Q8_0", 8.5),
+}
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -45,6 +59,11 @@ class Target:
     note: str
     format: str = "gptq"  # the checkpoint format the engine serves these weights from
     asym_bits: tuple[int, ...] | None = None  # asymmetric grids only at these bit-widths (None: at every one)
+    grids: Mapping[int, QuantSpec] | None = None  # the one grid served at each bit-width (None: any)
+
+    def spec(self, bits: int, group_size: int, sym: bool = True) -> QuantSpec:
+        """The grid a plan for this target quantizes ``bits``-bit modules on."""
+        return self.grids[bits] if self.grids is not None else QuantSpec(bits=bits, group_size=group_size, sym=sym)
 
 
 ENGINE_GROUPS = (-1, 32, 64, 128)
@@ -61,6 +80,10 @@ TARGETS: dict[str, Target] = {
                      "SGLang's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
     "compressed-tensors": Target("compressed-tensors", (2, 3, 4, 5, 6, 7, 8), False, False, None,
                                  "compressed-tensors pack-quantized: 2 to 8 bits, any grid", "compressed-tensors"),
+    "llama.cpp": Target("llama.cpp", tuple(LLAMA_CPP_GRIDS), True, False, None,
+                        "llama.cpp: a GGUF with a GGML type per tensor (" + ", ".join(
+                            f"{b}-bit {t}" for b, (_, t, _) in LLAMA_CPP_GRIDS.items()) + ")", "gguf",
+                        grids={b: g for b, (g, _, _) in LLAMA_CPP_GRIDS.items()}),
 }
 # another format of a target's engine: its rules there
 _BY_FORMAT = {("vllm", "gptq"): "vllm-gptq", ("vllm-gptq", "compressed-tensors"): "vllm",
@@ -96,10 +119,22 @@ def target_bits(target: Target, candidates: Sequence[int]) -> list[int]:
     return keep
 
 
-def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]]) -> list[str]:
-    """Every way the per-module specs break the target's rules, one line each (empty: servable)."""
+def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]],
+               widths: Mapping[str, int] | None = None) -> list[str]:
+    """Every way the per-module specs break the target's rules, one line each (empty: servable); ``widths``
+    (module: input features), where known, checks super-group grids."""
     out = []
     for name, s in modules.items():
+        grid = target.grids.get(s.bits) if target.grids is not None else None
+        if grid is not None and (s.group_size, s.super_group, s.scale_bits if s.super_group else None,
+                                 s.sym, s.act_order) != (grid.group_size, grid.super_group,
+                                                         grid.scale_bits if grid.super_group else None, True, False):
+            out.append(f"{name}: {s.bits}-bit grid with groups of {s.group_size}"
+                       f"{f' in super-groups of {s.super_group}' if s.super_group else ''}, but {target.name} serves "
+                       f"{s.bits} bits only on the grid {_grid_text(grid)} (allocate with --target {target.name})")
+        if widths is not None and s.super_group and widths.get(name, 0) % s.super_group:
+            out.append(f"{name}: {widths[name]} input features, but its {s.bits}-bit grid needs a multiple of "
+                       f"{s.super_group}")
         if s.bits not in target.bits:
             out.append(f"{name}: {s.bits}-bit, but {target.name} serves only "
                        f"{', '.join(map(str, target.bits))}-bit {target.format} weights")
@@ -125,8 +160,14 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
     return out
 
 
-def check_servable(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]]) -> None:
-    bad = violations(modules, target, fusion_groups)
+def _grid_text(grid: QuantSpec) -> str:
+    return (f"groups of {grid.group_size}" + (f" in super-groups of {grid.super_group} with {grid.scale_bits}-bit "
+                                              "group scales" if grid.super_group else "") + ", symmetric")
+
+
+def check_servable(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]],
+                   widths: Mapping[str, int] | None = None) -> None:
+    bad = violations(modules, target, fusion_groups, widths)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise TasaError(f"plan not servable by {target.name}: {bad[0]}{more}")

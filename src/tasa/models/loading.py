@@ -41,6 +41,7 @@ class LoadedModel:
     source: str  # what was asked for
     path: str  # local directory or file actually read
     source_dtype: torch.dtype | None = None  # the dtype the source stores its float weights in (GGUF: float16)
+    gguf: Path | None = None  # the GGUF file the model was read from (GGUF export carries the rest from it)
 
     @property
     def max_length(self) -> int | None:
@@ -127,7 +128,11 @@ def resolve_source(spec: str) -> tuple[str, Path | str]:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise TasaError(f"model directory {path} has no config.json")
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:  # a GGUF export's directory
+                return "gguf", ggufs[0]
+            raise TasaError(f"model directory {path} has no config.json"
+                            + (f" and {len(ggufs)} .gguf files: pass one" if ggufs else ""))
         return "dir", path
     if path.is_file():
         if path.suffix == ".gguf":
@@ -230,9 +235,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
 
     torch_dtype = parse_dtype(dtype, device)
     kind, where = resolve_source(spec)
-    source_dtype = None
+    source_dtype = gguf_file = None
     if kind == "gguf":  # GGUF stores unquantized tensors and its types' scales in float16
-        where = gguf_to_hf_dir(Path(where))
+        gguf_file = Path(where)
+        where = gguf_to_hf_dir(gguf_file)
         kind, source_dtype = "dir", torch.float16
     if stream is None:  # auto: local safetensors checkpoints only (a hub id or .bin weights load in memory)
         stream = False
@@ -287,7 +293,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
     elif source_dtype is None:  # a hub id: its config, cached with the weights
         source_dtype = getattr(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), "dtype", None)
         source_dtype = source_dtype if isinstance(source_dtype, torch.dtype) else None
-    return LoadedModel(model, tok, spec, str(where), source_dtype)
+    return LoadedModel(model, tok, spec, str(where), source_dtype, gguf_file)
 
 
 def _config_dtype(path: Path) -> torch.dtype | None:

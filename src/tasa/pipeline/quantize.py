@@ -68,6 +68,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     """
     from tasa.allocate.targets import check_servable, get_target, target_for
     from tasa.export import compressed_tensors as ct
+    from tasa.export import gguf
     from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
     from tasa.export.writer import CheckpointWriter, write_config_files
 
@@ -93,18 +94,27 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         the_plan = plan_obj
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
+        if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid
+            qspec = dataclasses.replace(rules.grids[qspec.bits], damp=qspec.damp, block_size=qspec.block_size)
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
     packed: dict = {}
     packer = qcfg = None
     if rules is not None:
         try:
-            check_servable(the_plan.modules, rules, arch.fusion_groups())
+            check_servable(the_plan.modules, rules, arch.fusion_groups(),
+                           {m.name: m.in_features for m in arch.modules})
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
         # the checkpoint's quantization config, made now: it refuses what the format cannot write before any work
         names = getattr(lm.model, "tasa_checkpoint_names", {})
         linears = [m.name for m in arch.modules]
-        if export.format == "gptq":
+        if export.format == "gguf":
+            if lm.gguf is None:
+                raise TasaError("GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF "
+                                "file the model is read from: convert the model to an F16 GGUF first (llama.cpp's "
+                                "convert_hf_to_gguf.py --outtype f16) and pass that file as --model")
+            gguf_names = gguf.tensor_map(lm.model, lm.gguf)
+        elif export.format == "gptq":
             fmt = checkpoint_format(the_plan)
             qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
             packer = lambda n, r: pack_result(n, r, fmt)  # noqa: E731
@@ -120,7 +130,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     try:
         # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
         float_dtype = _float_dtype(export.float_dtype, lm)
-        writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
+        if export.format == "gguf":
+            writer = gguf.GgufWriter(tmp / GGUF_FILE, lm.gguf, the_plan.modules, *gguf_names)
+            packer, float_dtype = writer.pack, None  # every float tensor is the source GGUF's own
+        else:
+            writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
         report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
@@ -153,11 +167,16 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "date": now(),
         }
         writer.finish()
-        readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
-        write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
-        record["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        if export.format == "gguf":
+            _write_gguf_extras(tmp, writer, lm.gguf)
+        else:
+            readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
+            write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
+        record["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".safetensors", ".gguf"))
         planned = sum(n for name, n in arch.numels().items() if name in the_plan.modules)
         record.update(_sizes(record["size_bytes"], writer.packed_bytes, planned, lm.model, float_dtype, export.format))
+        if export.format == "gguf":
+            record.update(float_dtype=f"as stored in {lm.gguf.name}", gguf_types=dict(writer.tensor_types))
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)
         usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
@@ -166,6 +185,24 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantizeResult(out, record)
+
+
+GGUF_FILE = "model.gguf"
+LLAMA_QUANTIZE_TYPES = "llama-quantize-tensor-types.txt"
+
+
+def _write_gguf_extras(out: Path, writer, source: Path) -> None:
+    """A GGUF export's README, and the llama-quantize tensor types that give its tensors the same types from an
+    F16 GGUF (for users who prefer llama.cpp's own quantizer)."""
+    (out / LLAMA_QUANTIZE_TYPES).write_text("\n".join(writer.tensor_type_overrides()) + "\n")
+    types = sorted(set(writer.tensor_types.values()))
+    (out / "README.md").write_text(
+        f"# GGUF written by tasa\n\n`{GGUF_FILE}`: llama.cpp's format, one GGML type per tensor "
+        f"({', '.join(types)}); the quantized linears hold tasa's GPTQ codes and scales exactly, everything else "
+        f"(metadata, tokenizer, chat template, embeddings, norms) is {source.name}'s own.\n\n"
+        f"    llama-cli -m {GGUF_FILE}\n\nThe same per-tensor types from llama.cpp's own quantizer, starting "
+        f"from an F16 GGUF of the model:\n\n    llama-quantize --tensor-type-file {LLAMA_QUANTIZE_TYPES} "
+        "model-f16.gguf model-mix.gguf Q8_0\n\n(Q8_0: the type of every tensor the file does not name.)\n")
 
 
 def _float_dtype(name: str, lm) -> torch.dtype | None:

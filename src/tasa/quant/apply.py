@@ -139,7 +139,8 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             spec = plan[m.name]
             t = time.perf_counter()
             linear = layer.get_submodule(m.local)
-            result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym)
+            result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym, spec.super_group,
+                                  spec.scale_bits)
             _store(linear, result)
             report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, None)
             if on_result:

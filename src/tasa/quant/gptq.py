@@ -26,7 +26,8 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.rtn import check_finite, rtn_quantize, compute_grid, dequantize, group_bounds, quantize_codes
+from tasa.quant.rtn import (check_finite, check_super_width, compute_grid, compute_super_grid, dequantize,
+                            group_bounds, quantize_codes, rtn_quantize)
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
         # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
         log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
-        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym)
+        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits)
     rows, cols = weight.shape
-    bits, gs = spec.bits, spec.group_size
+    bits, gs, sg = spec.bits, spec.group_size, spec.super_group
+    if sg:
+        check_super_width(cols, sg, name)
     w = weight.detach().float().clone()  # (d_out, d_in)
     diag = torch.diag(hessian).float().clone()
     dead = diag == 0  # inputs that are always zero: H's entry becomes 1, the weights' columns 0
@@ -103,11 +106,23 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     gsize = bounds[0][1] - bounds[0][0]  # effective group size (cols if one group)
     scales = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
+    supers = torch.empty(rows, cols // sg, dtype=torch.float32, device=w.device) if sg else None
+    per_super = sg // gsize if sg else 0
+
+    def super_grid(x: torch.Tensor, first_group: int) -> None:
+        """Fill the grids of the super-group whose first group is ``first_group`` from its weights ``x``."""
+        sc, z, d = compute_super_grid(x, bits, gsize, spec.scale_bits)
+        scales[:, first_group:first_group + per_super], zeros[:, first_group:first_group + per_super] = sc, z
+        supers[:, first_group // per_super] = d
 
     if spec.static_groups or n_groups == 1:
         # One grid per row (per channel) comes from the whole row, as in the reference GPTQ.
-        for gi, (s, e) in enumerate(bounds):
-            scales[:, gi], zeros[:, gi] = compute_grid(w[:, s:e], bits, spec.sym)
+        if sg:
+            for s in range(0, cols, sg):
+                super_grid(w[:, s:s + sg], s // gsize)
+        else:
+            for gi, (s, e) in enumerate(bounds):
+                scales[:, gi], zeros[:, gi] = compute_grid(w[:, s:e], bits, spec.sym)
     precomputed = spec.static_groups or n_groups == 1
 
     perm = None
@@ -135,10 +150,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     u = _inverse_cholesky(prepared, spec.damp, name)  # (d_in, d_in) upper
     codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
 
-    # Blocks hold whole groups so that a dynamic group's grid sees fully updated weights.
+    # Blocks hold whole groups (super-groups) so that a dynamic grid sees fully updated weights.
     block = spec.block_size
     if gs != -1 and n_groups > 1:
-        block = max(1, block // gsize) * gsize
+        unit = sg or gsize
+        block = max(1, block // unit) * unit
     cur_scale = cur_zero = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
@@ -150,6 +166,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             col = b0 + i
             gi = int(group_of_pos[col])
             if precomputed:
+                cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
+            elif sg and col % gsize == 0:
+                if col % sg == 0:  # the super-group's grids from its weights as updated so far
+                    super_grid(w_blk[:, i:i + sg], gi)
                 cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
             elif col % gsize == 0:
                 end = min(i + gsize, b1 - b0)
@@ -180,6 +200,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         g_idx=g_idx,
         bits=bits,
         group_size=gs,
+        super_scales=supers,
     )
     result.weight = result.dequantize().to(weight.dtype)
     return result

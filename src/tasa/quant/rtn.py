@@ -19,6 +19,13 @@ puts +-max|x| half a step inside the two end levels, so one level is never used;
 3 bits.  A negative scale is an ordinary fp16 value to GPTQ kernels (x_hat = scale * (code - zero)),
 so the checkpoint format is unchanged.
 
+Two-level grid (``super_group`` columns sharing one super-scale; llama.cpp's K-quants).  For each group of a
+super-group, s = -m / zero (m as above, 0 for an all-zero group); then, with ``half = 2**(scale_bits - 1)``::
+
+    d     = fp16(-M / half)              # M: the s with the largest |s| in the super-group
+    k     = clamp(round(s / d), -half, half - 1)
+    scale = d * k                        # exact in float32; 0 when k == 0 (every code is then ``zero``)
+
 Worked example, 4 bits symmetric, x = [-1, 0.5, 0.3]: m = -1, zero = 8, scale = 0.125,
 codes = [0, 12, 10], x_hat = [-1, 0.5, 0.25].  A 2-bit asymmetric one, x = [-1, 0, 0.5, 2]: lo=-1, hi=2, scale=1,
 zero=1, codes = [0, 1, 1, 3] (torch.round rounds half to even: 0.5 -> 0),
@@ -65,12 +72,29 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return scale, zero
 
 
+def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-level grid of one super-group ``x`` (rows, super_group): per-group scales and zeros
+    (rows, super_group / group_size) and the super-scales d (rows,)."""
+    rows = x.shape[0]
+    sub = x.float().reshape(rows, -1, group_size)
+    zero = 2.0 ** (bits - 1)
+    s = -sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2) / zero  # (rows, groups)
+    half = 2.0 ** (scale_bits - 1)
+    top = s.gather(1, s.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    d = _fp16(-top / half)  # an all-zero super-group: the smallest fp16, every k 0
+    k = torch.clamp(torch.round(s / d.unsqueeze(1)), -half, half - 1)
+    return d.unsqueeze(1) * k, torch.full_like(s, zero), d
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (as float) of ``x`` (rows, k) on the grid (scale, zero), each (rows,) or (rows, 1)."""
+    """Integer codes (as float) of ``x`` (rows, k) on the grid (scale, zero), each (rows,) or (rows, 1); a zero
+    scale (a two-level grid's k = 0) gives the code ``zero``."""
     maxq = 2**bits - 1
     if scale.dim() == 1:
         scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
-    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+    codes = torch.clamp(torch.round(x.float() / torch.where(scale == 0, 1.0, scale)) + zero, 0, maxq)
+    return torch.where(scale == 0, zero, codes)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -92,12 +116,30 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
         raise TasaError(f"{name} holds {bad} NaN/Inf values; refusing to quantize it")
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
-    """Round-to-nearest quantization of a (rows, cols) weight, group-wise along columns."""
+def check_super_width(cols: int, super_group: int, name: str = "weight") -> None:
+    if cols % super_group:
+        raise TasaError(f"{name}: {cols} input columns are not a multiple of the {super_group}-column super-group")
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, super_group: int = 0,
+                 scale_bits: int = 6) -> QuantResult:
+    """Round-to-nearest quantization of a (rows, cols) weight, group-wise along columns (two-level scales over
+    ``super_group`` columns when it is not 0)."""
     if weight.dim() != 2:
         raise TasaError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     check_finite(weight)
     rows, cols = weight.shape
+    if super_group:
+        check_super_width(cols, super_group)
+        n = cols // super_group
+        x = weight.reshape(rows * n, super_group)
+        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits)
+        per = super_group // group_size
+        q = quantize_codes(x.reshape(-1, group_size), scale.reshape(-1), zero.reshape(-1), bits)
+        deq = dequantize(q, scale.reshape(-1), zero.reshape(-1)).view(rows, cols)
+        g_idx = (torch.arange(cols, device=weight.device) // group_size).to(torch.int32)
+        return QuantResult(deq.to(weight.dtype), q.to(torch.uint8).view(rows, cols), scale.view(rows, n * per),
+                           zero.view(rows, n * per), g_idx, bits, group_size, d.view(rows, n))
     bounds = group_bounds(cols, group_size)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(rows, len(bounds), dtype=torch.float32, device=weight.device)

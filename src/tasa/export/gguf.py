@@ -1,0 +1,213 @@
+"""GGUF export: llama.cpp's file format, a GGML type per tensor, written with the ``gguf`` package.
+
+Each quantized linear is written in the GGML type whose grid is the one tasa quantized it on, so the file holds
+GPTQ's codes and scales bit for bit, and llama.cpp computes with exactly the weights tasa measured (the table is
+tasa.allocate.targets.LLAMA_CPP_GRIDS):
+
+| tasa grid (symmetric, signed max; ``QuantSpec``) | GGML type | bits per weight (block scales included) |
+| --- | --- | --- |
+| 3 bits, groups of 16 in 256-column super-groups, 6-bit group scales | Q3_K | 3.4375 |
+| 4 bits, groups of 32 | Q4_0 | 4.5 |
+| 5 bits, groups of 32 | Q5_0 | 5.5 |
+| 6 bits, groups of 16 in 256-column super-groups, 8-bit group scales | Q6_K | 6.5625 |
+| 8 bits, groups of 32 | Q8_0 | 8.5 |
+
+A symmetric code c of b bits stands for ``scale * (c - 2**(b-1))``: the legacy types store that signed value
+with an fp16 scale per 32 weights; the K types store per 16 weights an integer k with ``scale = d * k`` and an
+fp16 ``d`` per 256 weights (tasa's two-level grid, tasa.quant.rtn).  llama.cpp's own quantizer never writes the
+code -128 in Q8_0 (it scales by amax/127); the format and its kernels take it as the int8 it is.
+
+Everything else comes from the source GGUF the model was loaded from, byte for byte: metadata, tokenizer, chat
+template, embeddings, norms, and any linear left unquantized.  Tensor names and the row order of each tensor
+(llama.cpp permutes LLaMA's q/k rows) are transformers' own GGUF mapping, run backwards: a row permutation moves
+whole rows of codes and scales, so it keeps them exact.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasa import __version__
+from tasa.allocate.targets import LLAMA_CPP_GRIDS, TARGETS, violations
+from tasa.config import QuantSpec
+from tasa.errors import TasaError
+from tasa.quantized import QuantResult
+
+def ggml_type(spec: QuantSpec) -> str:
+    """The GGML type that holds ``spec``'s grid exactly (tasa.allocate.targets.LLAMA_CPP_GRIDS), or an error
+    naming the grids GGUF holds."""
+    grid, name, _ = LLAMA_CPP_GRIDS.get(spec.bits, (None, None, None))
+    if grid is not None and not violations({"m": spec}, TARGETS["llama.cpp"], ()):
+        return name
+    held = "; ".join(f"{t}: {b}-bit, groups of {g.group_size}" + (f" in super-groups of {g.super_group}"
+                                                                     if g.super_group else "")
+                     for b, (g, t, _) in LLAMA_CPP_GRIDS.items())
+    raise TasaError(f"a {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'} grid with groups of "
+                    f"{spec.group_size}{' and act_order' if spec.act_order else ''} is no GGUF type ({held}); "
+                    "allocate with --target llama.cpp")
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    """(..., ) float -> (..., 2) uint8: little-endian fp16."""
+    return x.astype("<f2").view(np.uint8).reshape(*x.shape, 2)
+
+
+def _legacy(codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Q4_0 / Q5_0 / Q8_0 blocks of 32 weights: (rows, cols) codes, (rows, cols / 32) scales -> (rows, bytes)."""
+    rows, cols = codes.shape
+    c = codes.reshape(rows, cols // 32, 32).astype(np.uint32)
+    parts = [_fp16_bytes(scales)]
+    if bits == 8:
+        parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if bits == 5:
+            qh = ((c >> 4) & 1) << np.arange(32, dtype=np.uint32)
+            parts.append(qh.sum(axis=2, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(rows, -1, 4))
+        parts.append(((c[..., :16] & 15) | ((c[..., 16:] & 15) << 4)).astype(np.uint8))
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
+def _q3_k(codes: np.ndarray, k: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q3_K blocks of 256 weights (hmask[32], qs[64], scales[12], d): codes 0..7, k (rows, cols / 16) in
+    [-32, 31], d (rows, cols / 256)."""
+    rows, cols = codes.shape
+    nb = cols // 256
+    c = codes.reshape(rows, nb, 2, 4, 32).astype(np.uint8)  # [half of 128, shift j, 32 weights]
+    shifts = np.arange(4, dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+    qs = ((c & 3) << (2 * shifts)).sum(axis=3, dtype=np.uint8).reshape(rows, nb, 64)
+    bit = (np.arange(2, dtype=np.uint8).reshape(1, 1, 2, 1, 1) * 4 + shifts)
+    hmask = ((c >> 2) << bit).reshape(rows, nb, 8, 32).sum(axis=2, dtype=np.uint8)
+    v = (k.reshape(rows, nb, 16) + 32).astype(np.uint8)  # 6 bits each
+    low = v & 15
+    sc = np.empty((rows, nb, 12), dtype=np.uint8)
+    sc[..., :8] = low[..., :8] | (low[..., 8:] << 4)
+    hi = (v >> 4).reshape(rows, nb, 4, 4) << (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1))
+    sc[..., 8:] = hi.sum(axis=2, dtype=np.uint8)
+    return np.concatenate([hmask, qs, sc, _fp16_bytes(d)], axis=2).reshape(rows, -1)
+
+
+def _q6_k(codes: np.ndarray, k: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K blocks of 256 weights (ql[128], qh[64], scales[16] int8, d): codes 0..63, k in [-128, 127]."""
+    rows, cols = codes.shape
+    nb = cols // 256
+    c = codes.reshape(rows, nb, 2, 4, 32).astype(np.uint8)  # [half of 128, quarter t, 32 weights]
+    lo = c & 15
+    ql = np.concatenate([lo[..., 0, :] | (lo[..., 2, :] << 4), lo[..., 1, :] | (lo[..., 3, :] << 4)], axis=-1)
+    qh = ((c >> 4) << (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 1, 4, 1))).sum(axis=3, dtype=np.uint8)
+    sc = k.reshape(rows, nb, 16).astype(np.int8).view(np.uint8)
+    return np.concatenate([ql.reshape(rows, nb, 128), qh.reshape(rows, nb, 64), sc, _fp16_bytes(d)],
+                          axis=2).reshape(rows, -1)
+
+
+def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = None) -> np.ndarray:
+    """The GGUF bytes (rows, bytes per row) of ``result`` in ``type_name``, rows taken in ``row_order`` (GGUF row
+    i is ``result``'s row ``row_order[i]``)."""
+    pick = (lambda t: t) if row_order is None else (lambda t: t[torch.as_tensor(row_order)])
+    codes = pick(result.codes).cpu().numpy()
+    scales = pick(result.scales).float().cpu().numpy()
+    if type_name in ("Q4_0", "Q5_0", "Q8_0"):
+        return _legacy(codes, scales, result.bits)
+    d = pick(result.super_scales).float().cpu().numpy()
+    k = np.rint(scales / np.repeat(d, scales.shape[1] // d.shape[1], axis=1)).astype(np.int16)
+    return (_q3_k if type_name == "Q3_K" else _q6_k)(codes, k, d)
+
+
+def tensor_map(model, source: Path) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
+    """For every linear weight of ``model`` the GGUF ``source`` holds: {module name: GGUF tensor name} and
+    {module name: GGUF row order (None: the same)}, by transformers' GGUF loader's own name map and tensor
+    processor (what it does to a tensor's rows on loading, undone)."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    names, orders = {}, {}
+    for gname, hf in get_gguf_hf_weights_map(model, processor).items():
+        if not hf.endswith(".weight"):
+            continue
+        module = hf[: -len(".weight")]
+        rows = model.get_submodule(module).weight.shape[0] if _is_linear(model, module) else None
+        if rows is None:
+            continue
+        probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        moved = processor.process(weights=probe, name=gname, tensor_key_mapping={}, parsed_parameters={}).weights
+        moved = np.asarray(moved).reshape(-1)
+        if moved.shape != (rows,) or not np.array_equal(np.sort(moved), probe.reshape(-1)):
+            raise TasaError(f"{module}: transformers' GGUF loader reshapes {gname} beyond a row permutation; "
+                            "tasa cannot write it exactly")
+        names[module] = gname
+        # loading puts GGUF row moved[i] at row i; writing puts row i at GGUF row moved[i]
+        orders[module] = None if np.array_equal(moved, probe.reshape(-1)) else np.argsort(moved.astype(np.int64))
+    return names, orders
+
+
+def _is_linear(model, module: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(module), torch.nn.Linear)
+    except AttributeError:
+        return False
+
+
+class GgufWriter:
+    """A GGUF file: the quantized linears as they finish (spooled to a temporary file), then every other tensor
+    and all metadata from ``source``.  The interface of tasa.export.writer.CheckpointWriter."""
+
+    def __init__(self, path: Path, source: Path, plan: dict[str, QuantSpec], names: dict[str, str],
+                 orders: dict[str, np.ndarray | None]):
+        import gguf
+
+        self.path, self.names, self.orders = Path(path), names, orders
+        self.types = {m: ggml_type(s) for m, s in plan.items()}  # refuses a grid no type holds, before any work
+        missing = sorted(set(plan) - set(names))
+        if missing:
+            raise TasaError(f"{missing[0]} has no tensor in {source.name} (GGUF export writes the linears the source "
+                            "GGUF holds)")
+        self.reader = gguf.GGUFReader(source)
+        self.arch = self.reader.fields["general.architecture"].contents()
+        self.writer = gguf.GGUFWriter(self.path, self.arch, use_temp_file=True)
+        self.written: set[str] = set()
+        self.packed_bytes = 0
+        self.tensor_types: dict[str, str] = {}
+
+    def pack(self, name: str, result: QuantResult) -> dict:
+        """The on_result packer: {module: (GGUF bytes, type)}."""
+        t = self.types[name]
+        if t in ("Q3_K", "Q6_K") and result.codes.shape[1] % 256:
+            raise TasaError(f"{name}: {t} needs input widths that are multiples of 256, not {result.codes.shape[1]}")
+        return {name: (encode(result, t, self.orders[name]), t)}
+
+    def add_layer(self, index: int, layer, packed: dict) -> None:
+        import gguf
+
+        for module, (data, t) in packed.items():
+            gname = self.names[module]
+            self.writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
+            self.written.add(gname)
+            self.tensor_types[gname] = t
+            self.packed_bytes += data.nbytes
+
+    def finish(self) -> None:
+        import gguf
+
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantized_by"):
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            self.writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+        self.writer.add_file_type(gguf.LlamaFileType.GUESSED)  # a type per tensor, no single llama.cpp preset
+        self.writer.add_string("general.quantized_by", f"tasa {__version__}")
+        for t in self.reader.tensors:
+            if t.name not in self.written:
+                self.writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        self.writer.write_header_to_file()
+        self.writer.write_kv_data_to_file()
+        self.writer.write_tensors_to_file()
+        self.writer.close()
+
+    def tensor_type_overrides(self) -> list[str]:
+        """llama-quantize --tensor-type-file entries that give every tensor tasa quantized its type."""
+        return [f"{re.escape(n)}={t.lower()}" for n, t in sorted(self.tensor_types.items())]

@@ -1,0 +1,220 @@
+"""GGUF export (issue 37): every GGML type tasa writes decodes, by gguf-py's own dequantization, to exactly tasa's
+weights; the two-level (K-quant) grid; llama.cpp's serving rules; a whole tiny GGUF model quantized, written and
+read back by transformers' GGUF loader equal to tasa's dequantized model, its metadata and tokenizer carried."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tasa.allocate.targets import LLAMA_CPP_GRIDS, TARGETS, check_servable, violations
+from tasa.config import ExportSpec, QuantizeSpec, QuantSpec
+from tasa.errors import TasaError
+from tasa.export.gguf import encode, ggml_type
+from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from tasa.quant.rtn import rtn_quantize
+from tests.conftest import tiny_llama
+
+gguf = pytest.importorskip("gguf")
+TYPES = {t: g for _, (g, t, _) in LLAMA_CPP_GRIDS.items()}
+
+
+def _weight(seed: int, rows: int = 6, cols: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[1, :48] = 0  # all-zero groups (and, for the K types, a group whose integer scale is 0)
+    w[2, 256:] *= 1e-3  # a super-block far smaller than the row's others
+    return w
+
+
+def _hessian(cols: int, seed: int) -> torch.Tensor:
+    """From correlated inputs, as a layer's are (GPTQ gains little on white ones)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols // 8, generator=g) @ torch.randn(cols // 8, cols, generator=g)
+    x += 0.3 * torch.randn(4 * cols, cols, generator=g)
+    h = make_empty_hessian(cols)
+    accumulate_hessian(h, 0, x)
+    return h
+
+
+@pytest.mark.parametrize("type_name", sorted(TYPES))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_type_decodes_to_tasas_weights_exactly(type_name, method):
+    spec = TYPES[type_name]
+    w = _weight(len(type_name))
+    if method == "rtn":
+        r = rtn_quantize(w, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits)
+    else:
+        r = gptq_quantize(w, _hessian(w.shape[1], 1), spec)
+    assert ggml_type(spec) == type_name
+    data = encode(r, type_name)
+    bpw = LLAMA_CPP_GRIDS[spec.bits][2]
+    assert data.dtype == np.uint8 and data.shape == (w.shape[0], w.shape[1] * bpw / 8)  # bits per weight, honest
+    back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(back.astype(np.float32), r.weight.numpy())
+    order = np.array([3, 0, 5, 1, 4, 2])  # GGUF row i = tasa row order[i] (llama.cpp's q/k row permutation)
+    back = gguf.quants.dequantize(encode(r, type_name, order), gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(back.astype(np.float32), r.weight.numpy()[order])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_two_level_grid_is_a_super_scale_times_integers(method):
+    spec = QuantSpec(bits=3, group_size=16, super_group=256, scale_bits=6)
+    w = _weight(7)
+    r = (rtn_quantize(w, 3, 16, True, 256, 6) if method == "rtn" else gptq_quantize(w, _hessian(512, 2), spec))
+    k = r.scales / r.super_scales.repeat_interleave(16, dim=1)
+    assert torch.equal(k, k.round()) and k.min() >= -32 and k.max() <= 31
+    assert torch.equal(r.super_scales, r.super_scales.half().float())  # fp16 super-scales
+    assert int(r.codes.max()) <= 7 and torch.equal(r.dequantize(), r.weight)
+    assert torch.all(r.weight[1, :16] == 0)  # an all-zero group stays zero (k = 0 or its codes at the zero point)
+    assert (k == -32).any(dim=1).all()  # each row's largest group scale sits on the grid's end
+
+
+def test_gptq_on_the_two_level_grid_lowers_the_weighted_error():
+    spec = QuantSpec(bits=3, group_size=16, super_group=256, scale_bits=6)
+    w, h = _weight(9), _hessian(512, 3)
+    err = lambda q: torch.trace((q - w) @ h @ (q - w).T).item()  # noqa: E731
+    assert err(gptq_quantize(w, h, spec).weight) < 0.8 * err(rtn_quantize(w, 3, 16, True, 256, 6).weight)
+
+
+def test_bad_two_level_specs_are_refused():
+    with pytest.raises(TasaError, match="several groups"):
+        QuantSpec(bits=3, group_size=16, super_group=16)
+    with pytest.raises(TasaError, match="symmetric"):
+        QuantSpec(bits=3, group_size=16, super_group=256, sym=False)
+    with pytest.raises(TasaError, match="multiple of the 256-column super-group"):
+        rtn_quantize(torch.randn(4, 320), 3, 16, True, 256, 6)
+    assert "super_group" not in QuantSpec(bits=4).to_dict()  # one-level plans: unchanged files
+
+
+def test_llama_cpp_rules_name_the_module_and_the_rule():
+    tgt = TARGETS["llama.cpp"]
+    assert tgt.format == "gguf" and tgt.spec(4, 64) == QuantSpec(bits=4, group_size=32)
+    ok = {"a": tgt.spec(3, 64), "b": tgt.spec(8, 64)}
+    assert violations(ok, tgt, (), {"a": 512, "b": 64}) == []
+    bad = violations({"a": QuantSpec(bits=4, group_size=64)}, tgt, ())
+    assert bad == ["a: 4-bit grid with groups of 64, but llama.cpp serves 4 bits only on the grid groups of 32, "
+                   "symmetric (allocate with --target llama.cpp)"]
+    assert violations({"a": tgt.spec(3, 64)}, tgt, (), {"a": 576}) == [
+        "a: 576 input features, but its 3-bit grid needs a multiple of 256"]
+    with pytest.raises(TasaError, match="2-bit, but llama.cpp serves only 3, 4, 5, 6, 8-bit gguf"):
+        check_servable({"a": QuantSpec(bits=2, group_size=32)}, tgt, ())
+    with pytest.raises(TasaError, match="no GGUF type"):
+        ggml_type(QuantSpec(bits=4, group_size=128))
+
+
+# ---- a whole model: a tiny GGUF source, quantized by tasa, written as GGUF, read back by transformers ----------
+
+def tiny_gguf(path, seed: int = 0):
+    """A tiny random LLaMA (hidden 128, MLP 256: the down projection can take the K types) as a GGUF file with a
+    byte-level BPE tokenizer, written by gguf-py the way llama.cpp's converter lays LLaMA out (q/k rows
+    permuted)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    model = tiny_llama(seed=seed, hidden=128)
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    tokens = sorted(ByteLevel.alphabet()) + ["<s>", "</s>", "<unk>", "<pad>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3] * 4)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(257)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for key, t in model.state_dict().items():
+        name = names.get_name(key[: -len(".weight")]) + ".weight"
+        a = t.numpy()
+        if ".attn_q." in name or ".attn_k." in name:  # llama.cpp's convert_hf_to_gguf permute
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _mixed_plan(path, model_path):
+    """Every GGUF type: attention 4/5/8 bits, gate/up 4, down 3 in layer 0 and 6 in layer 1."""
+    from tasa.models import load, resolve
+    from tasa.plan import Plan
+
+    arch = resolve(load(str(model_path)).model)
+    tgt = TARGETS["llama.cpp"]
+    bits = {"q_proj": 4, "k_proj": 8, "v_proj": 5, "o_proj": 4, "gate_proj": 4, "up_proj": 8}
+    modules = {m.name: tgt.spec(bits.get(m.local.split(".")[-1]) or (3 if m.layer == 0 else 6), 0)
+               for m in arch.modules}
+    Plan(modules, method="rtn", meta={"target": "llama.cpp"}).save(path)
+    return path
+
+
+def _fields(path):
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
+
+
+def test_tiny_gguf_model_round_trips_through_transformers(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tasa.pipeline.quantize import quantize
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_gguf(tmp_path / "tiny.gguf")
+    plan = _mixed_plan(tmp_path / "plan.json", src)
+    out = quantize(str(src), tmp_path / "q", plan=plan, export=ExportSpec(format="gguf")).output_dir
+    fp = quantize(str(src), tmp_path / "fp", plan=plan, export=ExportSpec(format="fp", float_dtype="float32")).output_dir
+    got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32).state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    fields, reader = _fields(out / "model.gguf")
+    src_fields, src_reader = _fields(src)
+    assert {k: v for k, v in fields.items() if k not in ("general.file_type", "general.quantized_by")} == {
+        k: v for k, v in src_fields.items() if k != "general.file_type"}  # metadata, tokenizer, template carried
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q3_K" and types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.attn_k.weight"] == "Q8_0"
+    assert types["blk.0.attn_v.weight"] == "Q5_0"
+    raw = {t.name: t.data for t in src_reader.tensors}
+    for t in reader.tensors:  # the tensors tasa does not quantize: the source's bytes
+        if types[t.name] == "F32":
+            assert np.array_equal(t.data, raw[t.name]), t.name
+    record = json.loads((out / "quantize.json").read_text())
+    assert record["gguf_types"] == {k: v for k, v in types.items() if v != "F32"}
+    assert record["size_bytes"] == (out / "model.gguf").stat().st_size
+    lines = (out / "llama-quantize-tensor-types.txt").read_text().split()
+    assert "blk\\.0\\.ffn_down\\.weight=q3_k" in lines and len(lines) == 14
+    again = quantize(str(out), tmp_path / "again", QuantizeSpec(method="rtn", bits=4), export=ExportSpec(format="fp"))
+    assert again.record["model"] == str(out)  # a GGUF export's directory loads as a model
+
+
+def test_gguf_export_needs_a_gguf_source_and_gguf_grids(tmp_path, tiny_model_dir, monkeypatch):
+    from tasa.pipeline.quantize import quantize
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(TasaError, match="convert_hf_to_gguf.py"):
+        quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(method="rtn", bits=4, group_size=32),
+                 export=ExportSpec(format="gguf", target="llama.cpp"))
+    src = tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(TasaError, match="128 input features, but its 3-bit grid needs a multiple of 256"):
+        quantize(str(src), tmp_path / "b", QuantizeSpec(method="rtn", bits=3, group_size=16),
+                 export=ExportSpec(format="gguf", target="llama.cpp"))
+    out = quantize(str(src), tmp_path / "c", QuantizeSpec(method="rtn", bits=4, group_size=128),
+                   export=ExportSpec(target="llama.cpp"))  # the target's format and its one 4-bit grid: Q4_0
+    assert set(json.loads((out.output_dir / "quantize.json").read_text())["gguf_types"].values()) == {"Q4_0"}
