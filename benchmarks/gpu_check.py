@@ -63,15 +63,12 @@ def cut_gguf(src: Path, dst: Path, keep: list[int]) -> Path:
 
     if dst.is_file():
         return dst
+    from tasa.export.gguf import copy_metadata
+
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(dst, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = len(keep) if key == f"{arch}.block_count" else field.contents()
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+    copy_metadata(reader, writer, {f"{arch}.block_count": len(keep)})
     for t in reader.tensors:
         name = t.name
         if name.startswith("blk."):

@@ -28,6 +28,7 @@ class ProfileUnit:
     layer: int
     modules: tuple[str, ...]
     numel: int
+    in_features: tuple[int, ...] | None = None  # each module's input width (profiles before 2026-12-04: None)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Sensitivity:
         if missing:
             raise TasaError(f"{what} lacks {', '.join(missing)}")
         try:
-            units = [ProfileUnit(str(u["name"]), int(u["layer"]), tuple(u["modules"]), int(u["numel"]))
+            units = [ProfileUnit(str(u["name"]), int(u["layer"]), tuple(u["modules"]), int(u["numel"]),
+                                 tuple(int(w) for w in u["in_features"]) if u.get("in_features") else None)
                      for u in d["units"]]
         except (KeyError, TypeError, ValueError) as e:
             raise TasaError(f"{what} has a malformed unit ({e})") from None
@@ -70,8 +72,8 @@ class Sensitivity:
     def to_dict(self) -> dict:
         return {"schema": SENSITIVITY, "model": self.model, "granularity": self.granularity, "bits": self.bits,
                 "group_size": self.group_size, "sym": self.sym,
-                "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules), "numel": u.numel}
-                          for u in self.units],
+                "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules), "numel": u.numel,
+                           **({"in_features": list(u.in_features)} if u.in_features else {})} for u in self.units],
                 "fusion_groups": [list(g) for g in self.fusion_groups], "costs": self.costs, **self.extra}
 
     def cost(self, objective: str, bits: int) -> list[float]:

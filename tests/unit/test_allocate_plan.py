@@ -267,3 +267,31 @@ def test_the_vllm_target_allocates_over_3_4_8_through_compressed_tensors():
     assert target_for("gptqmodel", "compressed-tensors").name == "compressed-tensors"
     with pytest.raises(TasaError, match="sglang is served from gptq checkpoints, not compressed-tensors"):
         target_for("sglang", "compressed-tensors")
+
+
+def test_the_llama_cpp_target_allocates_on_its_grids_where_the_widths_allow_and_counts_block_scales():
+    """Module b is 512 wide (Q3_K holds it), module a 576 (it does not): 3 bits go to b modules only; every spec is
+    its GGML type's grid; with the metadata budget a bit-width costs its type's bits per weight."""
+    from tasa.allocate.targets import LLAMA_CPP_GRIDS
+
+    sens = module_profile(lambda name, b: {3: 2.0, 4: 1.0, 8: 0.0}[b] * (1 if name.endswith("b") else 1.5))
+    for u in sens["units"]:
+        u["in_features"] = [576 if u["name"].endswith("a") else 512]
+    plan, summary = plan_from_sensitivity(sens, 3.6, target="llama.cpp", beta=0.0)
+    assert {n: s.bits for n, s in plan.modules.items() if s.bits == 3} and all(
+        n.endswith(".b") for n, s in plan.modules.items() if s.bits == 3)
+    assert all(s == LLAMA_CPP_GRIDS[s.bits][0] for s in plan.modules.values())
+    assert summary["average_weight_bits"] <= 3.6
+    plan, summary = plan_from_sensitivity(sens, 4.2, target="llama.cpp", beta=0.0, budget_includes_metadata=True)
+    bpw = {b: LLAMA_CPP_GRIDS[b][2] for b in (3, 4, 8)}
+    sizes = {u["name"]: u["numel"] for u in sens["units"]}
+    stored = sum(sizes[n] * bpw[s.bits] for n, s in plan.modules.items()) / sum(sizes.values())
+    assert stored <= 4.2 and summary["effective_bits_with_metadata"] == pytest.approx(stored)
+    for u in sens["units"]:
+        u["in_features"] = [576]
+    sens["bits"] = [3]
+    for obj in sens["costs"].values():
+        for b in ("4", "8"):
+            del obj[b]
+    with pytest.raises(TasaError, match=r"m.0.a: none of the bit-widths 3 is servable by llama.cpp for input widths 576"):
+        plan_from_sensitivity(sens, 3.0, target="llama.cpp", bits=[3])

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 from tasa.allocate.aggregate import aggregate
 from tasa.allocate.dp import allocate
-from tasa.allocate.targets import check_servable, get_target, target_bits
+from tasa.allocate.targets import Target, check_servable, get_target, target_bits
 from tasa import schemas
 from tasa.schemas import Sensitivity
 from tasa.config import QuantSpec
@@ -141,12 +141,34 @@ def _tied(names: Sequence[str], tie_groups: Sequence[Sequence[str]]) -> list[lis
     return out + [[index[n]] for n in names if n not in seen]
 
 
+def _metadata(tgt: Target, bits: int, group_size: int) -> float:
+    """Scale storage per weight: the target's own figure where it states one (a GGML type's block scales), else
+    the group grid's."""
+    if tgt.bits_per_weight is not None and bits in tgt.bits_per_weight:
+        return tgt.bits_per_weight[bits] - bits
+    return metadata_bits(bits, group_size)
+
+
+def _fitting(units: Sequence, bits: Sequence[int], tgt: Target) -> list[set[int]]:
+    """Per unit, the candidate bit-widths the target serves for its modules' input widths (llama.cpp's K types
+    need multiples of 256); an error naming a unit none fits."""
+    out = [{b for b in bits if tgt.fits(b, u.in_features)} for u in units]
+    for u, ok in zip(units, out):
+        if not ok:
+            raise TasaError(f"{u.name}: none of the bit-widths {', '.join(map(str, bits))} is servable by "
+                            f"{tgt.name} for input widths {', '.join(map(str, sorted(set(u.in_features))))}")
+    return out
+
+
 def _allocate_units(costs: list[dict[int, float]], sizes: list[int], groups: list[list[int]], budget: float,
-                    group_size: int, include_metadata: bool) -> tuple[list[int], float]:
-    """The DP over ``groups`` of units (costs summed, sizes summed): one bit-width per unit, and the cost."""
-    g_costs = [{b: sum(costs[i][b] for i in grp) for b in costs[grp[0]]} for grp in groups]
+                    group_size: int, include_metadata: bool, tgt: Target,
+                    allowed: list[set[int]]) -> tuple[list[int], float]:
+    """The DP over ``groups`` of units (costs summed, sizes summed; a group's choices are those ``allowed`` for
+    every member): one bit-width per unit, and the cost."""
+    g_costs = [{b: sum(costs[i][b] for i in grp) for b in costs[grp[0]] if all(b in allowed[i] for i in grp)}
+               for grp in groups]
     g_sizes = [sum(sizes[i] for i in grp) for grp in groups]
-    extra = [{b: metadata_bits(b, group_size) for b in c} for c in g_costs] if include_metadata else None
+    extra = [{b: _metadata(tgt, b, group_size) for b in c} for c in g_costs] if include_metadata else None
     result = allocate(g_costs, g_sizes, budget, extra)
     unit_bits = [0] * len(costs)
     for grp, b in zip(groups, result.bits):
@@ -187,7 +209,7 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
     costs = _combined_costs(sens, bits, beta, task_weights)
     ties = _fusion_groups(sens) if granularity == "module" and tie else []
     unit_bits, cost = _allocate_units(costs, sens.sizes, _tied([u.modules[0] for u in units], ties), budget, g,
-                                      budget_includes_metadata)
+                                      budget_includes_metadata, tgt, _fitting(units, bits, tgt))
     module_bits = {m: b for u, b in zip(units, unit_bits) for m in u.modules}
     numel = {m: u.numel / len(u.modules) for u in units for m in u.modules}  # refined below; bits shared in a unit
     if module_sens is not None:
@@ -206,15 +228,17 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
             members = [i for i, mu in enumerate(mod_units) if mu.layer == u.layer]
             split, _ = _allocate_units([mod_costs[i] for i in members], [mod_units[i].numel for i in members],
                                        _tied([mod_units[i].modules[0] for i in members], ties),
-                                       b + (metadata_bits(b, g) if budget_includes_metadata else 0.0), g,
-                                       budget_includes_metadata)
+                                       b + (_metadata(tgt, b, g) if budget_includes_metadata else 0.0), g,
+                                       budget_includes_metadata, tgt, _fitting([mod_units[i] for i in members], bits, tgt))
             module_bits.update({m: x for i, x in zip(members, split) for m in mod_units[i].modules})
     spec_of = {b: tgt.spec(b, g, sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
-    check_servable(modules, tgt, sens.fusion_groups)
+    widths = {m: w for u in (*units, *(module_sens.units if module_sens is not None else ()))
+              if u.in_features for m, w in zip(u.modules, u.in_features)}
+    check_servable(modules, tgt, sens.fusion_groups, widths)
     total = sum(numel.values())
     weight_bits = sum(numel[m] * b for m, b in module_bits.items()) / total
-    effective = sum(numel[m] * (b + metadata_bits(b, g)) for m, b in module_bits.items()) / total
+    effective = sum(numel[m] * (b + _metadata(tgt, b, g)) for m, b in module_bits.items()) / total
     layers: dict[int, list[str]] = {}
     for u in units:
         layers.setdefault(u.layer, []).extend(u.modules)

@@ -60,6 +60,13 @@ class Target:
     format: str = "gptq"  # the checkpoint format the engine serves these weights from
     asym_bits: tuple[int, ...] | None = None  # asymmetric grids only at these bit-widths (None: at every one)
     grids: Mapping[int, QuantSpec] | None = None  # the one grid served at each bit-width (None: any)
+    bits_per_weight: Mapping[int, float] | None = None  # storage per weight, scales included (None: by the grid)
+
+    def fits(self, bits: int, in_features: Sequence[int] | None) -> bool:
+        """Whether ``bits``-bit weights of modules with these input widths are servable (unknown widths: yes)."""
+        grid = self.grids.get(bits) if self.grids is not None else None
+        return not (grid is not None and grid.super_group and in_features
+                    and any(w % grid.super_group for w in in_features))
 
     def spec(self, bits: int, group_size: int, sym: bool = True) -> QuantSpec:
         """The grid a plan for this target quantizes ``bits``-bit modules on."""
@@ -83,7 +90,8 @@ TARGETS: dict[str, Target] = {
     "llama.cpp": Target("llama.cpp", tuple(LLAMA_CPP_GRIDS), True, False, None,
                         "llama.cpp: a GGUF with a GGML type per tensor (" + ", ".join(
                             f"{b}-bit {t}" for b, (_, t, _) in LLAMA_CPP_GRIDS.items()) + ")", "gguf",
-                        grids={b: g for b, (g, _, _) in LLAMA_CPP_GRIDS.items()}),
+                        grids={b: g for b, (g, _, _) in LLAMA_CPP_GRIDS.items()},
+                        bits_per_weight={b: bpw for b, (_, _, bpw) in LLAMA_CPP_GRIDS.items()}),
 }
 # another format of a target's engine: its rules there
 _BY_FORMAT = {("vllm", "gptq"): "vllm-gptq", ("vllm-gptq", "compressed-tensors"): "vllm",

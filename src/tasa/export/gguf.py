@@ -130,9 +130,9 @@ def tensor_map(model, source: Path) -> tuple[dict[str, str], dict[str, np.ndarra
         if not hf.endswith(".weight"):
             continue
         module = hf[: -len(".weight")]
-        rows = model.get_submodule(module).weight.shape[0] if _is_linear(model, module) else None
-        if rows is None:
+        if not _is_linear(model, module):  # embeddings, norms: copied from the source as they are
             continue
+        rows = model.get_submodule(module).weight.shape[0]
         probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
         moved = processor.process(weights=probe, name=gname, tensor_key_mapping={}, parsed_parameters={}).weights
         moved = np.asarray(moved).reshape(-1)
@@ -143,6 +143,19 @@ def tensor_map(model, source: Path) -> tuple[dict[str, str], dict[str, np.ndarra
         # loading puts GGUF row moved[i] at row i; writing puts row i at GGUF row moved[i]
         orders[module] = None if np.array_equal(moved, probe.reshape(-1)) else np.argsort(moved.astype(np.int64))
     return names, orders
+
+
+def copy_metadata(reader, writer, values: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    """Every key-value field of the GGUF ``reader`` into ``writer`` (its architecture excepted: the writer has it),
+    with ``values`` replacing some and the keys in ``skip`` left out."""
+    import gguf
+
+    values = values or {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, values.get(key, field.contents()), field.types[0], sub_type=sub)
 
 
 def _is_linear(model, module: str) -> bool:
@@ -193,11 +206,7 @@ class GgufWriter:
     def finish(self) -> None:
         import gguf
 
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantized_by"):
-                continue
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            self.writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+        copy_metadata(self.reader, self.writer, skip=("general.file_type", "general.quantized_by"))
         self.writer.add_file_type(gguf.LlamaFileType.GUESSED)  # a type per tensor, no single llama.cpp preset
         self.writer.add_string("general.quantized_by", f"tasa {__version__}")
         for t in self.reader.tensors:

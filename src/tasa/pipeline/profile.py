@@ -130,6 +130,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         stability = {o: {b: float("nan") for b in per_bits} for o, per_bits in est_costs.items()}
         taus, base = {}, {}
     numels = arch.numels()
+    widths = {m.name: m.in_features for m in arch.modules}  # what grids with super-groups need (llama.cpp's K types)
     record = {
         "schema": SCHEMA,
         **settings,
@@ -137,7 +138,8 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         "objectives": {o.name: {"kind": o.kind, "items": o.n_items, "scored_tokens": o.scored_tokens,
                                 "base": base.get(o.name)} for o in objs},
         "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
-                   "numel": sum(numels[m] for m in u.modules)} for u in plan_units],
+                   "numel": sum(numels[m] for m in u.modules), "in_features": [widths[m] for m in u.modules]}
+                  for u in plan_units],
         "fusion_groups": [list(g) for g in arch.fusion_groups()],
         "costs": costs,
         "stability": stability,
