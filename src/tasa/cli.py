@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true",
                    help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
+    q.add_argument("--scale-search", type=int, default=0, metavar="N",
+                   help="for every module (a --plan's too): try N ranges narrower than each group's plain grid "
+                        "(down to half) and keep the one with the least error weighted by the Hessian's diagonal "
+                        "(RTN: plain squared error); 0: off (default: 0)")
     q.add_argument("--calib", default="wikitext2",
                    help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
                         "FILE.txt, FILE.jsonl#FIELD or hf:DATASET?split=S&field=F (default: wikitext2)")
@@ -394,7 +398,7 @@ def run(argv: list[str] | None = None) -> int:
         spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                             act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
                             true_sequential=not args.no_true_sequential,
-                            allow_ragged_groups=args.allow_ragged_groups)
+                            allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,

@@ -31,6 +31,10 @@ class QuantSpec:
                  that super-scale times a signed ``scale_bits``-bit integer, the two-level grid of llama.cpp's
                  K-quants (Q3_K: 16-column groups, 256-column super-groups, 6-bit scales).
     scale_bits:  bits of those integer group scales.
+    scale_search: 0, or the number of narrower ranges to try for each group's grid besides the plain one
+                 (1 - k / (2 * scale_search) of it, k = 1..scale_search: down to half), keeping, row by row, the
+                 one with the least weighted squared error (weights: the Hessian's diagonal inside GPTQ, equal
+                 ones for RTN): clipping that trades the outliers' error for everyone else's.
     """
 
     bits: int = 4
@@ -42,6 +46,7 @@ class QuantSpec:
     block_size: int = 128
     super_group: int = 0
     scale_bits: int = 6
+    scale_search: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -62,11 +67,15 @@ class QuantSpec:
                 raise TasaError("super-group scales with act_order need static_groups")
             if not 2 <= self.scale_bits <= 8:
                 raise TasaError(f"scale_bits must be 2 to 8, got {self.scale_bits!r}")
+        if not isinstance(self.scale_search, int) or not 0 <= self.scale_search <= 1000:
+            raise TasaError(f"scale search takes 0 to 1000 candidate ranges, got {self.scale_search!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.super_group:  # one-level grids: the plans every earlier tasa wrote, unchanged
             del d["super_group"], d["scale_bits"]
+        if not self.scale_search:
+            del d["scale_search"]
         return d
 
     @classmethod
@@ -222,6 +231,7 @@ class QuantizeSpec:
     damp: float = 0.01
     true_sequential: bool = True
     allow_ragged_groups: bool = False
+    scale_search: int = 0  # QuantSpec.scale_search for every module, the plan's modules included
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
@@ -229,7 +239,7 @@ class QuantizeSpec:
 
     def quant_spec(self, group_size: int) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=group_size, sym=self.sym, act_order=self.act_order,
-                         static_groups=self.static_groups, damp=self.damp)
+                         static_groups=self.static_groups, damp=self.damp, scale_search=self.scale_search)
 
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "fp")

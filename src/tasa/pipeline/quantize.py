@@ -92,10 +92,14 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if plan_obj is not None:
         _check_plan(plan_obj, arch, spec, allow_partial_plan)
         the_plan = plan_obj
+        if spec.scale_search:  # an option of the quantizer, for any plan
+            the_plan = dataclasses.replace(plan_obj, modules={
+                n: dataclasses.replace(qs, scale_search=spec.scale_search) for n, qs in plan_obj.modules.items()})
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid
-            qspec = dataclasses.replace(rules.grids[qspec.bits], damp=qspec.damp, block_size=qspec.block_size)
+            qspec = dataclasses.replace(rules.grids[qspec.bits], damp=qspec.damp, block_size=qspec.block_size,
+                                        scale_search=qspec.scale_search)
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
     packed: dict = {}
     packer = qcfg = None

@@ -140,7 +140,7 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             t = time.perf_counter()
             linear = layer.get_submodule(m.local)
             result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym, spec.super_group,
-                                  spec.scale_bits)
+                                  spec.scale_bits, spec.scale_search)
             _store(linear, result)
             report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, None)
             if on_result:

@@ -26,8 +26,8 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.rtn import (check_finite, check_super_width, compute_grid, compute_super_grid, dequantize,
-                            group_bounds, quantize_codes, rtn_quantize)
+from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, dequantize, group_bounds,
+                            quantize_codes, rtn_quantize, search_grid)
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
         # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
         log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
-        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits)
+        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits,
+                            spec.scale_search)
     rows, cols = weight.shape
     bits, gs, sg = spec.bits, spec.group_size, spec.super_group
     if sg:
@@ -109,9 +110,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     supers = torch.empty(rows, cols // sg, dtype=torch.float32, device=w.device) if sg else None
     per_super = sg // gsize if sg else 0
 
-    def super_grid(x: torch.Tensor, first_group: int) -> None:
+    steps = spec.scale_search  # each group's range searched, its error weighted by the Hessian's diagonal
+
+    def super_grid(x: torch.Tensor, first_group: int, weights: torch.Tensor) -> None:
         """Fill the grids of the super-group whose first group is ``first_group`` from its weights ``x``."""
-        sc, z, d = compute_super_grid(x, bits, gsize, spec.scale_bits)
+        sc, z, d = compute_super_grid(x, bits, gsize, spec.scale_bits, steps, weights)
         scales[:, first_group:first_group + per_super], zeros[:, first_group:first_group + per_super] = sc, z
         supers[:, first_group // per_super] = d
 
@@ -119,16 +122,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         # One grid per row (per channel) comes from the whole row, as in the reference GPTQ.
         if sg:
             for s in range(0, cols, sg):
-                super_grid(w[:, s:s + sg], s // gsize)
+                super_grid(w[:, s:s + sg], s // gsize, diag[s:s + sg])
         else:
             for gi, (s, e) in enumerate(bounds):
-                scales[:, gi], zeros[:, gi] = compute_grid(w[:, s:e], bits, spec.sym)
+                scales[:, gi], zeros[:, gi] = search_grid(w[:, s:e], bits, spec.sym, steps, diag[s:e])
     precomputed = spec.static_groups or n_groups == 1
 
     perm = None
     if spec.act_order:
         perm = torch.argsort(diag, descending=True)
         w = w[:, perm]
+    diag_order = diag if perm is None else diag[perm]  # the search's weights, in the processing order
 
     def prepared() -> torch.Tensor:
         """H with dead inputs fixed, in the processing order: a new tensor each call."""
@@ -169,11 +173,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
             elif sg and col % gsize == 0:
                 if col % sg == 0:  # the super-group's grids from its weights as updated so far
-                    super_grid(w_blk[:, i:i + sg], gi)
+                    super_grid(w_blk[:, i:i + sg], gi, diag_order[col:col + sg])
                 cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
             elif col % gsize == 0:
                 end = min(i + gsize, b1 - b0)
-                cur_scale, cur_zero = compute_grid(w_blk[:, i:end], bits, spec.sym)
+                cur_scale, cur_zero = search_grid(w_blk[:, i:end], bits, spec.sym, steps,
+                                                  diag_order[col:col + end - i])
                 scales[:, gi], zeros[:, gi] = cur_scale, cur_zero
             wcol = w_blk[:, i]
             qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)

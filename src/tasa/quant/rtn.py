@@ -72,14 +72,44 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return scale, zero
 
 
-def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grid_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``x`` (rows, g): the squared error of its rounding on the grid, weighted by ``weights`` (g,)."""
+    e = (x.float() - dequantize(quantize_codes(x, scale, zero, bits), scale, zero)) ** 2
+    return (e if weights is None else e * weights).sum(dim=1)
+
+
+def search_grid(x: torch.Tensor, bits: int, sym: bool, steps: int, weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x`` (rows, g), the grid of least weighted squared error among the plain one and ``steps``
+    narrower ones (the range shrunk by 1 - k / (2 steps), k = 1..steps; values beyond it clip).  Ties keep the
+    wider grid, so the error is never above the plain grid's."""
+    scale, zero = compute_grid(x, bits, sym)
+    if steps == 0:
+        return scale, zero
+    best = grid_error(x, scale, zero, bits, weights)
+    for k in range(1, steps + 1):
+        s, z = compute_grid(x.float() * (1 - k / (2 * steps)), bits, sym)
+        err = grid_error(x, s, z, bits, weights)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+    return scale, zero
+
+
+def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: int, steps: int = 0,
+                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two-level grid of one super-group ``x`` (rows, super_group): per-group scales and zeros
-    (rows, super_group / group_size) and the super-scales d (rows,)."""
+    (rows, super_group / group_size) and the super-scales d (rows,).  ``steps``: each group's scale searched
+    first (:func:`search_grid`, ``weights`` (super_group,)), then made an integer multiple of d."""
     rows = x.shape[0]
     sub = x.float().reshape(rows, -1, group_size)
     zero = 2.0 ** (bits - 1)
     s = -sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2) / zero  # (rows, groups)
+    if steps:  # the searched scales (an all-zero group keeps 0: it must not set d)
+        n = sub.shape[1]
+        found = torch.stack([search_grid(sub[:, j], bits, True, steps, None if weights is None else
+                                         weights.reshape(n, group_size)[j])[0] for j in range(n)], dim=1)
+        s = torch.where(s == 0, s, found)
     half = 2.0 ** (scale_bits - 1)
     top = s.gather(1, s.abs().argmax(dim=1, keepdim=True)).squeeze(1)
     d = _fp16(-top / half)  # an all-zero super-group: the smallest fp16, every k 0
@@ -122,9 +152,10 @@ def check_super_width(cols: int, super_group: int, name: str = "weight") -> None
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, super_group: int = 0,
-                 scale_bits: int = 6) -> QuantResult:
+                 scale_bits: int = 6, scale_search: int = 0) -> QuantResult:
     """Round-to-nearest quantization of a (rows, cols) weight, group-wise along columns (two-level scales over
-    ``super_group`` columns when it is not 0)."""
+    ``super_group`` columns when it is not 0; each group's range searched among ``scale_search`` narrower ones,
+    by plain squared error)."""
     if weight.dim() != 2:
         raise TasaError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     check_finite(weight)
@@ -133,7 +164,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, su
         check_super_width(cols, super_group)
         n = cols // super_group
         x = weight.reshape(rows * n, super_group)
-        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits)
+        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits, scale_search)
         per = super_group // group_size
         q = quantize_codes(x.reshape(-1, group_size), scale.reshape(-1), zero.reshape(-1), bits)
         deq = dequantize(q, scale.reshape(-1), zero.reshape(-1)).view(rows, cols)
@@ -152,14 +183,14 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, su
     full = sum(1 for s, e in bounds if e - s == width)
     end = full * width
     x = weight[:, :end].reshape(rows * full, width)
-    scale, zero = compute_grid(x, bits, sym)
+    scale, zero = search_grid(x, bits, sym, scale_search)
     q = quantize_codes(x, scale, zero, bits)
     codes[:, :end] = q.to(torch.uint8).view(rows, end)
     deq[:, :end] = dequantize(q, scale, zero).view(rows, end)
     scales[:, :full], zeros[:, :full] = scale.view(rows, full), zero.view(rows, full)
     g_idx[:end] = torch.arange(end, device=weight.device) // width
     if end < cols:  # a ragged last group
-        scale, zero = compute_grid(weight[:, end:], bits, sym)
+        scale, zero = search_grid(weight[:, end:], bits, sym, scale_search)
         q = quantize_codes(weight[:, end:], scale, zero, bits)
         codes[:, end:] = q.to(torch.uint8)
         deq[:, end:] = dequantize(q, scale, zero)
