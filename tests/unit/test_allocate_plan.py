@@ -293,5 +293,6 @@ def test_the_llama_cpp_target_allocates_on_its_grids_where_the_widths_allow_and_
     for obj in sens["costs"].values():
         for b in ("4", "8"):
             del obj[b]
-    with pytest.raises(TasaError, match=r"m.0.a: none of the bit-widths 3 is servable by llama.cpp for input widths 576"):
+    with pytest.raises(TasaError, match=r"m.0.a: none of the bit-widths 3 is servable by llama.cpp for input widths "
+                                        r"576"):
         plan_from_sensitivity(sens, 3.0, target="llama.cpp", bits=[3])

@@ -177,7 +177,8 @@ def test_tiny_gguf_model_round_trips_through_transformers(tmp_path, monkeypatch)
     src = tiny_gguf(tmp_path / "tiny.gguf")
     plan = _mixed_plan(tmp_path / "plan.json", src)
     out = quantize(str(src), tmp_path / "q", plan=plan, export=ExportSpec(format="gguf")).output_dir
-    fp = quantize(str(src), tmp_path / "fp", plan=plan, export=ExportSpec(format="fp", float_dtype="float32")).output_dir
+    fp = quantize(str(src), tmp_path / "fp", plan=plan,
+                  export=ExportSpec(format="fp", float_dtype="float32")).output_dir
     got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).state_dict()
     want = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32).state_dict()
     assert sorted(got) == sorted(want)

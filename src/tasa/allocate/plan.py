@@ -229,7 +229,8 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
             split, _ = _allocate_units([mod_costs[i] for i in members], [mod_units[i].numel for i in members],
                                        _tied([mod_units[i].modules[0] for i in members], ties),
                                        b + (_metadata(tgt, b, g) if budget_includes_metadata else 0.0), g,
-                                       budget_includes_metadata, tgt, _fitting([mod_units[i] for i in members], bits, tgt))
+                                       budget_includes_metadata, tgt,
+                                       _fitting([mod_units[i] for i in members], bits, tgt))
             module_bits.update({m: x for i, x in zip(members, split) for m in mod_units[i].modules})
     spec_of = {b: tgt.spec(b, g, sym) for b in bits}
     modules = {m: spec_of[b] for m, b in module_bits.items()}
