@@ -22,7 +22,7 @@ from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
 from tasa.models.streaming import compute_dtype
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
-                                  clear_stale_temps, dtype_name, machine_info, peak_gpu_gb, model_of, now, publish_dir,
+                                  clear_stale_temps, dtype_name, machine_info, model_of, now, peak_gpu_gb, publish_dir,
                                   resolve_group_size, temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
@@ -202,7 +202,7 @@ def _write_gguf_extras(out: Path, writer, source: Path) -> None:
     types = sorted(set(writer.tensor_types.values()))
     (out / "README.md").write_text(
         f"# GGUF written by tasa\n\n`{GGUF_FILE}`: llama.cpp's format, one GGML type per tensor "
-        f"({', '.join(types)}); the quantized linears hold tasa's GPTQ codes and scales exactly, everything else "
+        f"({', '.join(types)}); the quantized linears hold tasa's codes and scales exactly, everything else "
         f"(metadata, tokenizer, chat template, embeddings, norms) is {source.name}'s own.\n\n"
         f"    llama-cli -m {GGUF_FILE}\n\nThe same per-tensor types from llama.cpp's own quantizer, starting "
         f"from an F16 GGUF of the model:\n\n    llama-quantize --tensor-type-file {LLAMA_QUANTIZE_TYPES} "
