@@ -86,6 +86,13 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
                         "target, else gptqmodel)")
 
 
+def _scale_search_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale-search", type=int, default=0, metavar="N",
+                   help="for every module (a plan's too): try N ranges narrower than each group's plain grid "
+                        "(down to half) and keep the one with the least error weighted by the Hessian's diagonal "
+                        "(RTN: plain squared error); 0: off (default: 0)")
+
+
 def _format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
@@ -163,10 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true",
                    help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
-    q.add_argument("--scale-search", type=int, default=0, metavar="N",
-                   help="for every module (a --plan's too): try N ranges narrower than each group's plain grid "
-                        "(down to half) and keep the one with the least error weighted by the Hessian's diagonal "
-                        "(RTN: plain squared error); 0: off (default: 0)")
+    _scale_search_arg(q)
     q.add_argument("--calib", default="wikitext2",
                    help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
                         "FILE.txt, FILE.jsonl#FIELD or hf:DATASET?split=S&field=F (default: wikitext2)")
@@ -291,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-limit", type=int, default=50,
                    help="test rows per task, evaluated zero-shot as profiled (default: 50; raise it for accuracy "
                         "figures that mean something: ARC accuracy on 50 rows has a standard error of ~0.07)")
+    _scale_search_arg(r)
     r.add_argument("--eval-windows", type=int, default=20,
                    help="wikitext2 test windows of --seqlen tokens (default: 20)")
     r.add_argument("--generate", action="store_true",
@@ -455,7 +460,8 @@ def run(argv: list[str] | None = None) -> int:
                        probe_quantizer=args.probe_quantizer, granularity=args.granularity,
                        tie_experts=args.tie_experts, export_format=args.export_format, nsamples=args.nsamples,
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
-                       eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate)
+                       eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
+                       scale_search=args.scale_search)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

@@ -449,8 +449,10 @@ class RunSpec:
     eval_limit: int = 50
     eval_windows: int = 20
     generate: bool = False
+    scale_search: int = 0  # the quantize stage's QuantizeSpec.scale_search
 
     def __post_init__(self) -> None:
+        QuantSpec(scale_search=self.scale_search)  # in range
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")

@@ -86,3 +86,15 @@ def test_quantize_applies_the_search_to_every_module_of_a_plan(tmp_path, tiny_mo
     errs = lambda r: sum(m["rel_error"] or 0 for m in r.record["modules"].values())  # noqa: E731
     rec = json.loads((tmp_path / "b" / "quantize.json").read_text())
     assert rec["modules"] and errs(found) <= errs(plain) or all(m["rel_error"] is None for m in rec["modules"].values())
+
+
+def test_tasa_run_and_quantize_take_the_option():
+    from tasa.cli import build_parser
+    from tasa.config import RunSpec
+
+    p = build_parser()
+    assert p.parse_args(["run", "--tasks", "arc_easy", "--budget", "3.5", "--output-dir", "x",
+                         "--scale-search", "8"]).scale_search == 8
+    assert p.parse_args(["quantize", "--output-dir", "x", "--scale-search", "4"]).scale_search == 4
+    with pytest.raises(TasaError, match="scale search takes 0 to 1000"):
+        RunSpec(tasks=("arc_easy",), budget=3.5, scale_search=2000)

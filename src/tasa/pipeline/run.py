@@ -210,7 +210,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     a_in = {"profile": _key(p_in), **allocation}
     stages.run("allocate", a_in, lambda: allocate_bits(prof["sensitivity"], out / "plan.json", a_spec).summary)
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
-            "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID}
+            "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID,
+            **({"scale_search": spec.scale_search} if spec.scale_search else {})}  # runs without it keep their key
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
                 "generate": spec.generate, "seqlen": spec.seqlen}
@@ -223,7 +224,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         runtime=runtime).results)
 
     def do_quantize():
-        q = quantize(shared.fp(), out / "model", QuantizeSpec(), calib_spec, plan=out / "plan.json",
+        q = quantize(shared.fp(), out / "model", QuantizeSpec(scale_search=spec.scale_search), calib_spec,
+                     plan=out / "plan.json",
                      export=ExportSpec(fmt, tgt.name), runtime=runtime, overwrite=True)
         shared.quantized_in_memory()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
@@ -233,6 +235,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         shared.quantized(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
+               "quantizer": "gptq" + (f" with --scale-search {spec.scale_search}" if spec.scale_search else ""),
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,
                "probe_tokens": spec.probe_tokens, "profiled_bits": prof.get("profiled_bits"),
                "skipped_bits": prof.get("skipped_bits", []), "warnings": run_warnings + prof["warnings"],

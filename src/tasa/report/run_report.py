@@ -87,7 +87,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     md = [f"# tasa run: {summary['model']}", "",
           f"Budget {alloc['budget']:g} bits per weight{' (scale/zero storage included)' if alloc['budget_includes_metadata'] else ''}"
           f", candidates {', '.join(map(str, alloc['candidates']))}, beta {alloc['beta']}, target {alloc['target']}, "
-          f"calibration {summary['calib']}.", "",
+          f"calibration {summary['calib']}, quantizer {summary.get('quantizer', 'gptq')}.", "",
           f"Average weight bits {alloc['average_weight_bits']:.4f}; with scale/zero storage "
           f"{alloc['effective_bits_with_metadata']:.4f}.", "", *_prediction(alloc),
           "## Plan", "", f"![plan.png]({_plan_figure(plan, run_dir)})", "",
