@@ -70,6 +70,10 @@ class QuantSpec:
         if not isinstance(self.scale_search, int) or not 0 <= self.scale_search <= 1000:
             raise TasaError(f"scale search takes 0 to 1000 candidate ranges, got {self.scale_search!r}")
 
+    def fits_width(self, in_features: int) -> bool:
+        """Whether this grid can quantize a module of ``in_features`` inputs (super-groups must tile them)."""
+        return not self.super_group or in_features % self.super_group == 0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.super_group:  # one-level grids: the plans every earlier tasa wrote, unchanged

@@ -69,6 +69,22 @@ def test_a_target_its_engine_does_not_serve_from_the_format_is_refused_before_lo
     assert not out.exists()
 
 
+def test_gguf_export_of_a_model_not_read_from_gguf_is_refused_before_loading(tiny_model_dir, tmp_path, capsys,
+                                                                            no_work):
+    out = tmp_path / "q"
+    expect_error(quantize_args(tiny_model_dir, out, "--bits", "4", "--group-size", "32", "--target", "llama.cpp"),
+                 "GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF file the model "
+                 "is read from: convert the model to an F16 GGUF first", capsys)
+    assert not out.exists()
+
+
+def test_a_negative_scale_search_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work):
+    out = tmp_path / "q"
+    expect_error(quantize_args(tiny_model_dir, out, "--scale-search", "-3"),
+                 "scale search takes 0 to 1000 candidate ranges, got -3", capsys)
+    assert not out.exists()
+
+
 # ---- plans that do not cover the model ----
 
 def test_plan_of_a_smaller_model_is_refused_naming_the_unplanned(tiny_model_dir, tmp_path, capsys):

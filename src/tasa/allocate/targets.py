@@ -65,8 +65,7 @@ class Target:
     def fits(self, bits: int, in_features: Sequence[int] | None) -> bool:
         """Whether ``bits``-bit weights of modules with these input widths are servable (unknown widths: yes)."""
         grid = self.grids.get(bits) if self.grids is not None else None
-        return not (grid is not None and grid.super_group and in_features
-                    and any(w % grid.super_group for w in in_features))
+        return grid is None or all(grid.fits_width(w) for w in in_features or ())
 
     def spec(self, bits: int, group_size: int, sym: bool = True) -> QuantSpec:
         """The grid a plan for this target quantizes ``bits``-bit modules on."""
@@ -140,7 +139,7 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
             out.append(f"{name}: {s.bits}-bit grid with groups of {s.group_size}"
                        f"{f' in super-groups of {s.super_group}' if s.super_group else ''}, but {target.name} serves "
                        f"{s.bits} bits only on the grid {_grid_text(grid)} (allocate with --target {target.name})")
-        if widths is not None and s.super_group and widths.get(name, 0) % s.super_group:
+        if widths is not None and name in widths and not s.fits_width(widths[name]):
             out.append(f"{name}: {widths[name]} input features, but its {s.bits}-bit grid needs a multiple of "
                        f"{s.super_group}")
         if s.bits not in target.bits:

@@ -36,6 +36,7 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.quantized import QuantResult
 
+
 def ggml_type(spec: QuantSpec) -> str:
     """The GGML type that holds ``spec``'s grid exactly (tasa.allocate.targets.LLAMA_CPP_GRIDS), or an error
     naming the grids GGUF holds."""
@@ -115,14 +116,12 @@ def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = N
     return (_q3_k if type_name == "Q3_K" else _q6_k)(codes, k, d)
 
 
-def tensor_map(model, source: Path) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
-    """For every linear weight of ``model`` the GGUF ``source`` holds: {module name: GGUF tensor name} and
-    {module name: GGUF row order (None: the same)}, by transformers' GGUF loader's own name map and tensor
-    processor (what it does to a tensor's rows on loading, undone)."""
-    import gguf
+def tensor_map(model, reader) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
+    """For every linear weight of ``model`` the GGUF file read by ``reader`` (a gguf.GGUFReader) holds:
+    {module name: GGUF tensor name} and {module name: GGUF row order (None: the same)}, by transformers' GGUF
+    loader's own name map and tensor processor (what it does to a tensor's rows on loading, undone)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    reader = gguf.GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
     names, orders = {}, {}
@@ -165,33 +164,35 @@ def _is_linear(model, module: str) -> bool:
         return False
 
 
+def plan_types(plan: dict[str, QuantSpec], names: dict[str, str], source_name: str) -> dict[str, str]:
+    """{module: GGML type} of every planned module; an error for a grid no type holds or a module the source GGUF
+    (``names``: tensor_map's) has no tensor for."""
+    types = {m: ggml_type(s) for m, s in plan.items()}
+    missing = sorted(set(plan) - set(names))
+    if missing:
+        raise TasaError(f"{missing[0]} has no tensor in {source_name} (GGUF export writes the linears the source "
+                        "GGUF holds)")
+    return types
+
+
 class GgufWriter:
     """A GGUF file: the quantized linears as they finish (spooled to a temporary file), then every other tensor
-    and all metadata from ``source``.  The interface of tasa.export.writer.CheckpointWriter."""
+    and all metadata from the source GGUF ``reader`` reads.  The interface of tasa.export.writer.CheckpointWriter.
+    ``types``: plan_types'; ``names``, ``orders``: tensor_map's."""
 
-    def __init__(self, path: Path, source: Path, plan: dict[str, QuantSpec], names: dict[str, str],
+    def __init__(self, path: Path, reader, types: dict[str, str], names: dict[str, str],
                  orders: dict[str, np.ndarray | None]):
         import gguf
 
-        self.path, self.names, self.orders = Path(path), names, orders
-        self.types = {m: ggml_type(s) for m, s in plan.items()}  # refuses a grid no type holds, before any work
-        missing = sorted(set(plan) - set(names))
-        if missing:
-            raise TasaError(f"{missing[0]} has no tensor in {source.name} (GGUF export writes the linears the source "
-                            "GGUF holds)")
-        self.reader = gguf.GGUFReader(source)
-        self.arch = self.reader.fields["general.architecture"].contents()
-        self.writer = gguf.GGUFWriter(self.path, self.arch, use_temp_file=True)
+        self.path, self.reader, self.types, self.names, self.orders = Path(path), reader, types, names, orders
+        self.writer = gguf.GGUFWriter(self.path, reader.fields["general.architecture"].contents(), use_temp_file=True)
         self.written: set[str] = set()
         self.packed_bytes = 0
         self.tensor_types: dict[str, str] = {}
 
     def pack(self, name: str, result: QuantResult) -> dict:
         """The on_result packer: {module: (GGUF bytes, type)}."""
-        t = self.types[name]
-        if t in ("Q3_K", "Q6_K") and result.codes.shape[1] % 256:
-            raise TasaError(f"{name}: {t} needs input widths that are multiples of 256, not {result.codes.shape[1]}")
-        return {name: (encode(result, t, self.orders[name]), t)}
+        return {name: (encode(result, self.types[name], self.orders[name]), self.types[name])}
 
     def add_layer(self, index: int, layer, packed: dict) -> None:
         import gguf

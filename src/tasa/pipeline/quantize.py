@@ -20,6 +20,7 @@ from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
+from tasa.models.loading import resolve_source
 from tasa.models.streaming import compute_dtype
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
                                   clear_stale_temps, dtype_name, machine_info, model_of, now, peak_gpu_gb, publish_dir,
@@ -86,6 +87,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if export.format is None:  # the format the target's engine serves
         export = dataclasses.replace(export, format=get_target(target).format)
     rules = target_for(target, export.format) if export.format != "fp" else None  # a target/format mismatch: now
+    if export.format == "gguf" and (model.gguf is None if isinstance(model, LoadedModel)
+                                    else resolve_source(model)[0] != "gguf"):  # before the load
+        raise TasaError("GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF file the "
+                        "model is read from: convert the model to an F16 GGUF first (llama.cpp's "
+                        "convert_hf_to_gguf.py --outtype f16) and pass that file as --model")
     t0 = time.perf_counter()
     lm, model = model_of(model, runtime)
     arch = resolve(lm.model)
@@ -113,11 +119,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         names = getattr(lm.model, "tasa_checkpoint_names", {})
         linears = [m.name for m in arch.modules]
         if export.format == "gguf":
-            if lm.gguf is None:
-                raise TasaError("GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF "
-                                "file the model is read from: convert the model to an F16 GGUF first (llama.cpp's "
-                                "convert_hf_to_gguf.py --outtype f16) and pass that file as --model")
-            gguf_names = gguf.tensor_map(lm.model, lm.gguf)
+            import gguf as gguf_py
+
+            source = gguf_py.GGUFReader(lm.gguf)
+            gguf_names = gguf.tensor_map(lm.model, source)
+            gguf_types = gguf.plan_types(the_plan.modules, gguf_names[0], lm.gguf.name)
         elif export.format == "gptq":
             fmt = checkpoint_format(the_plan)
             qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
@@ -135,7 +141,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
         float_dtype = _float_dtype(export.float_dtype, lm)
         if export.format == "gguf":
-            writer = gguf.GgufWriter(tmp / GGUF_FILE, lm.gguf, the_plan.modules, *gguf_names)
+            writer = gguf.GgufWriter(tmp / GGUF_FILE, source, gguf_types, *gguf_names)
             packer, float_dtype = writer.pack, None  # every float tensor is the source GGUF's own
         else:
             writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)

@@ -33,7 +33,7 @@ from tasa.models.walker import (LayerInputs, capture_ids, input_groups, move_out
                                  run_layer, walk)
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
-from tasa.quant.rtn import rtn_quantize
+from tasa.quant.rtn import rtn_quantize_spec
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,7 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             spec = plan[m.name]
             t = time.perf_counter()
             linear = layer.get_submodule(m.local)
-            result = rtn_quantize(linear.weight.data, spec.bits, spec.group_size, spec.sym, spec.super_group,
-                                  spec.scale_bits, spec.scale_search)
+            result = rtn_quantize_spec(linear.weight.data, spec)
             _store(linear, result)
             report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, None)
             if on_result:

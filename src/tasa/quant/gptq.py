@@ -27,7 +27,7 @@ import torch
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, dequantize, group_bounds,
-                            quantize_codes, rtn_quantize, search_grid)
+                            quantize_codes, rtn_quantize_spec, search_grid)
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
         # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
         log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
-        return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits,
-                            spec.scale_search)
+        return rtn_quantize_spec(weight, spec)
     rows, cols = weight.shape
     bits, gs, sg = spec.bits, spec.group_size, spec.super_group
     if sg:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.quantized import QuantResult
 
@@ -74,7 +75,8 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
 
 def grid_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row of ``x`` (rows, g): the squared error of its rounding on the grid, weighted by ``weights`` (g,)."""
+    """Per row of ``x`` (rows, g): the squared error of its rounding on the grid, weighted by ``weights`` (g,) or
+    (rows, g)."""
     e = (x.float() - dequantize(quantize_codes(x, scale, zero, bits), scale, zero)) ** 2
     return (e if weights is None else e * weights).sum(dim=1)
 
@@ -105,10 +107,9 @@ def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: 
     sub = x.float().reshape(rows, -1, group_size)
     zero = 2.0 ** (bits - 1)
     s = -sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2) / zero  # (rows, groups)
-    if steps:  # the searched scales (an all-zero group keeps 0: it must not set d)
-        n = sub.shape[1]
-        found = torch.stack([search_grid(sub[:, j], bits, True, steps, None if weights is None else
-                                         weights.reshape(n, group_size)[j])[0] for j in range(n)], dim=1)
+    if steps:  # the searched scales, every group of every row at once (an all-zero group keeps 0: not to set d)
+        w = None if weights is None else weights.reshape(-1, group_size).repeat(rows, 1)  # row r*groups+j: group j
+        found = search_grid(sub.reshape(-1, group_size), bits, True, steps, w)[0].view(rows, -1)
         s = torch.where(s == 0, s, found)
     half = 2.0 ** (scale_bits - 1)
     top = s.gather(1, s.abs().argmax(dim=1, keepdim=True)).squeeze(1)
@@ -149,6 +150,12 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
 def check_super_width(cols: int, super_group: int, name: str = "weight") -> None:
     if cols % super_group:
         raise TasaError(f"{name}: {cols} input columns are not a multiple of the {super_group}-column super-group")
+
+
+def rtn_quantize_spec(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """:func:`rtn_quantize` on ``spec``'s grid."""
+    return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits,
+                        spec.scale_search)
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, super_group: int = 0,
