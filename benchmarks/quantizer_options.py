@@ -5,7 +5,9 @@
 Plan: `tasa run`'s committed 3.5-bit plan of SmolLM2-135M (benchmarks/results/run/plan.json: 3 and 4 bits, group
 size 64, symmetric); calibration: `tasa run`'s (gsm8k:0.5,arc_easy:0.5, 64 x 512 tokens, seed s); scoring: `tasa
 eval` on the first 40 WikiText-2 test windows of 512 tokens with KL to the float model (its reference log-probs).
-Rows: ``gptq`` (tasa's GPTQ as it was), ``gptq-ss16`` (``--scale-search 16``).  Each row's record lands in
+Rows: ``gptq`` (tasa's GPTQ as it was), ``gptq-ss16`` (``--scale-search 16``), ``gptq-actorder`` (``--act-order``),
+``gptq-actorder-static`` (with ``--static-groups``), ``learnedN-ss16`` (``--learn-rounding N`` from the searched
+grid).  Each row's record lands in
 benchmarks/results/quantizer_options.json as it finishes; a finished row is not run again.
 """
 from __future__ import annotations
@@ -24,7 +26,9 @@ from benchmarks.common import RESULTS, WORK, row, write_results  # noqa: E402
 BENCH = "quantizer_options"
 PLAN = RESULTS / "run" / "plan.json"
 CALIB, NSAMPLES, SEQLEN, WINDOWS = "gsm8k:0.5,arc_easy:0.5", 64, 512, 40
-ROWS = {"gptq": [], "gptq-ss16": ["--scale-search", "16"]}
+ROWS = {"gptq": [], "gptq-ss16": ["--scale-search", "16"], "gptq-actorder": ["--act-order"],
+        "gptq-actorder-static": ["--act-order", "--static-groups"],
+        "learned32-ss16": ["--scale-search", "16", "--learn-rounding", "32"]}
 
 
 def measure(name: str, seed: int, work: Path) -> dict:

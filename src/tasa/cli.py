@@ -93,6 +93,17 @@ def _scale_search_arg(p: argparse.ArgumentParser) -> None:
                         "(RTN: plain squared error); 0: off (default: 0)")
 
 
+def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--learn-rounding", type=int, default=0, metavar="STEPS",
+                   help="for any plan: instead of GPTQ (or RTN), learn every weight's rounding and each group's "
+                        "clipping, decoder layer by decoder layer, so that the quantized layer fed the quantized "
+                        "model's inputs reproduces the float layer's outputs (SignRound, AutoRound's method), in "
+                        "STEPS signed-gradient steps of one calibration batch each; starts from the grid of "
+                        "--scale-search; needs calibration; 0: off (default: 0)")
+    p.add_argument("--learn-lr", type=float, default=None, metavar="LR",
+                   help="learned rounding's first step size, falling linearly to 0 (default: 1 / STEPS)")
+
+
 def _format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default=None, dest="export_format",
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
@@ -171,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--static-groups", action="store_true",
                    help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
     _scale_search_arg(q)
+    _learn_rounding_args(q)
     q.add_argument("--calib", default="wikitext2",
                    help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
                         "FILE.txt, FILE.jsonl#FIELD or hf:DATASET?split=S&field=F (default: wikitext2)")
@@ -403,7 +415,8 @@ def run(argv: list[str] | None = None) -> int:
         spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                             act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
                             true_sequential=not args.no_true_sequential,
-                            allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search)
+                            allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search,
+                            learn_rounding=args.learn_rounding, learn_lr=args.learn_lr)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,

@@ -236,14 +236,26 @@ class QuantizeSpec:
     true_sequential: bool = True
     allow_ragged_groups: bool = False
     scale_search: int = 0  # QuantSpec.scale_search for every module, the plan's modules included
+    learn_rounding: int = 0  # not 0: learned rounding (tasa.quant.learned) in this many steps per decoder layer
+    learn_lr: float | None = None  # its first step size (None: 1 / learn_rounding)
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        if not isinstance(self.learn_rounding, int) or not 0 <= self.learn_rounding <= 100_000:
+            raise TasaError(f"--learn-rounding takes 0 to 100000 steps, got {self.learn_rounding!r}")
+        if self.learn_lr is not None and not 0 < self.learn_lr <= 1:
+            raise TasaError(f"--learn-lr must be in (0, 1], got {self.learn_lr!r}")
         self.quant_spec(-1 if self.group_size is None else self.group_size)  # bits, group size, damp in range
 
     def quant_spec(self, group_size: int) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=group_size, sym=self.sym, act_order=self.act_order,
                          static_groups=self.static_groups, damp=self.damp, scale_search=self.scale_search)
+
+    @property
+    def quantizer(self) -> str:
+        """What rounds the weights, for records and reports, e.g. ``gptq with --scale-search 16``."""
+        name = f"learned rounding ({self.learn_rounding} steps per layer)" if self.learn_rounding else self.method
+        return name + (f" with --scale-search {self.scale_search}" if self.scale_search else "")
 
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "fp")

@@ -77,9 +77,9 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     clear_stale_temps(out)
     plan_obj = Plan.load(plan) if plan is not None else None
     method = plan_obj.method if plan_obj is not None else spec.method
-    calib_spec = calib if method == "gptq" else None
-    if method == "gptq" and calib_spec is None:
-        raise TasaError("GPTQ needs calibration data")
+    calib_spec = calib if method == "gptq" or spec.learn_rounding else None
+    if calib_spec is None and (method == "gptq" or spec.learn_rounding):
+        raise TasaError("GPTQ needs calibration data" if method == "gptq" else "learned rounding needs calibration data")
     if calib_spec is not None:  # fail on bad sources before the (slow) model load
         for name, _ in calib_spec.sources:
             resolve_calibration_source(name)
@@ -149,10 +149,13 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
                                 progress=runtime.progress,
-                                on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()))
+                                on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()),
+                                learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
+                                seed=calib_spec.seed if calib_spec else 0)
         record = {
             "model": model,
             "method": method,
+            "quantizer": dataclasses.replace(spec, method=method).quantizer,
             "quant_spec": the_plan.modules[arch.modules[0].name].to_dict() if plan_obj is None else None,
             "plan_bits": sorted({qs.bits for qs in the_plan.modules.values()}),
             "calib": calib_spec.describe() if calib_spec else None,
@@ -173,6 +176,9 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "seconds": {"load_and_data": t_load, "quantize": report.seconds},
             "peak_gpu_gb": peak_gpu_gb(runtime.device),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
+            **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
+                                     "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
+               if spec.learn_rounding else {}),
             "machine": machine_info(),
             "date": now(),
         }

@@ -29,10 +29,11 @@ from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
 from tasa.models.moe import expert_container
-from tasa.models.walker import (LayerInputs, capture_ids, input_groups, move_outside_layers, parallel_steps,
-                                 run_layer, walk)
+from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, input_groups, move_outside_layers,
+                                 parallel_steps, run_layer, walk)
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from tasa.quant.learned import LayerLearning, learn_layer
 from tasa.quant.rtn import rtn_quantize_spec
 from tasa.quantized import QuantResult
 
@@ -53,6 +54,7 @@ class ModuleStats:
 class QuantReport:
     modules: dict[str, ModuleStats] = field(default_factory=dict)
     seconds: float = 0.0
+    layers: dict[int, LayerLearning] = field(default_factory=dict)  # learned rounding: each layer's losses
 
 
 def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], advance: bool = False,
@@ -98,6 +100,9 @@ def quantize_model(
     on_result: Callable[[str, QuantResult], None] | None = None,
     progress: bool = True,
     on_layer: Callable[[int, nn.Module], None] | None = None,
+    learn_iters: int = 0,
+    learn_lr: float | None = None,
+    seed: int = 0,
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
@@ -106,6 +111,8 @@ def quantize_model(
                e.g. to stream packed tensors to an exporter.
     on_layer:  called with (index, layer) once a decoder layer is quantized, while its
                weights are resident (a streamed model drops them right after).
+    learn_iters: not 0: the plan's grids with learned rounding (tasa.quant.learned; ``learn_iters`` steps of
+               rate ``learn_lr`` per layer, batches in an order drawn from ``seed``) instead of its method.
     """
     unknown = [n for n in plan.modules if n not in {m.name for m in arch.modules}]
     if unknown:
@@ -116,7 +123,12 @@ def quantize_model(
         device = compute_device(model)
     device = torch.device(device)
     with torch.no_grad():
-        if plan.method == "rtn":
+        if learn_iters:
+            if calib_ids is None:
+                raise TasaError("learned rounding needs calibration data")
+            _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
+                           learn_iters, learn_lr, seed)
+        elif plan.method == "rtn":
             _apply_rtn(arch, plan, device, report, on_result, progress, on_layer)
         else:
             if calib_ids is None:
@@ -170,6 +182,48 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
                             _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result)
                         del h
         run_layer(layer, inputs, advance=True)
+        if on_layer:
+            on_layer(index, layer)
+
+
+def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
+                   iters, lr, seed):
+    """Learned rounding layer by layer: each layer's targets are the float layer's outputs on the float
+    model's inputs (a second stream of layer inputs, advanced by the float layer before it is quantized)."""
+    move_outside_layers(model, arch, device)
+    inputs = capture_ids(model, arch, calib_ids, batch_size, device)
+    fp_inputs = LayerInputs(list(inputs.hidden), inputs.kwargs)
+    for index, layer in walk(arch, device, "learned-rounding layers", progress):
+        targets = [forward_layer(layer, *fp_inputs.call(b), index) for b in range(len(fp_inputs))]
+        planned = {m.local: m for m in arch.layer_modules(index) if m.name in plan}
+        if planned:
+            squares = {local: [torch.zeros(layer.get_submodule(local).in_features, device=device), 0]
+                       for local in planned}
+
+            def tap(local):
+                def fn(x):
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    squares[local][0] += (x * x).sum(0)
+                    squares[local][1] += x.shape[0]
+                return fn
+
+            run_layer(layer, inputs, {local: tap(local) for local in planned})
+            t = time.perf_counter()
+            results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
+                                            targets, iters, lr, seed + index,
+                                            {local: s / max(n, 1) for local, (s, n) in squares.items()})
+            report.layers[index] = learning
+            seconds = (time.perf_counter() - t) / len(planned)
+            for local, m in planned.items():
+                _store(layer.get_submodule(local), results[local])
+                spec = plan[m.name]
+                report.modules[m.name] = ModuleStats(spec.bits, spec.group_size, seconds, None,
+                                                     squares[local][1])
+                if on_result:
+                    on_result(m.name, results[local])
+        run_layer(layer, inputs, advance=True)
+        fp_inputs.hidden = targets
+        fp_inputs.index += 1
         if on_layer:
             on_layer(index, layer)
 

@@ -45,7 +45,7 @@ FP16_MIN_SCALE = 2.0**-24  # the smallest positive fp16 value; a scale never rou
 SYM_GRID = "signed-max"
 
 
-def _fp16(scale: torch.Tensor) -> torch.Tensor:
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """The fp16 value a checkpoint stores for ``scale`` (quantize against it, so what is measured is what
     ships), never rounded to zero: magnitudes below fp16's smallest keep their sign at that smallest."""
     s = scale.to(torch.float16).float()
@@ -60,7 +60,7 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
         zero = 2.0 ** (bits - 1)
         m = x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         m = torch.where(m == 0, torch.full_like(m, -1.0), m)
-        scale = _fp16(-m / zero)
+        scale = fp16_scale(-m / zero)
         return scale, torch.full_like(scale, zero)
     zero_vec = torch.zeros(x.shape[0], device=x.device)
     lo = torch.minimum(x.min(dim=1).values, zero_vec)
@@ -68,7 +68,7 @@ def compute_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     both_zero = (lo == 0) & (hi == 0)
     lo = torch.where(both_zero, torch.full_like(lo, -1.0), lo)
     hi = torch.where(both_zero, torch.full_like(hi, 1.0), hi)
-    scale = _fp16((hi - lo) / maxq)
+    scale = fp16_scale((hi - lo) / maxq)
     zero = torch.round(-lo / scale)
     return scale, zero
 
@@ -102,18 +102,19 @@ def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: 
                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two-level grid of one super-group ``x`` (rows, super_group): per-group scales and zeros
     (rows, super_group / group_size) and the super-scales d (rows,).  ``steps``: each group's scale searched
-    first (:func:`search_grid`, ``weights`` (super_group,)), then made an integer multiple of d."""
+    first (:func:`search_grid`, ``weights`` (super_group,) or (rows, super_group)), then made an integer multiple
+    of d."""
     rows = x.shape[0]
     sub = x.float().reshape(rows, -1, group_size)
     zero = 2.0 ** (bits - 1)
     s = -sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2) / zero  # (rows, groups)
     if steps:  # the searched scales, every group of every row at once (an all-zero group keeps 0: not to set d)
-        w = None if weights is None else weights.reshape(-1, group_size).repeat(rows, 1)  # row r*groups+j: group j
+        w = None if weights is None else weights.expand(rows, -1).reshape(-1, group_size)  # row r*groups+j: group j
         found = search_grid(sub.reshape(-1, group_size), bits, True, steps, w)[0].view(rows, -1)
         s = torch.where(s == 0, s, found)
     half = 2.0 ** (scale_bits - 1)
     top = s.gather(1, s.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    d = _fp16(-top / half)  # an all-zero super-group: the smallest fp16, every k 0
+    d = fp16_scale(-top / half)  # an all-zero super-group: the smallest fp16, every k 0
     k = torch.clamp(torch.round(s / d.unsqueeze(1)), -half, half - 1)
     return d.unsqueeze(1) * k, torch.full_like(s, zero), d
 
@@ -152,17 +153,17 @@ def check_super_width(cols: int, super_group: int, name: str = "weight") -> None
         raise TasaError(f"{name}: {cols} input columns are not a multiple of the {super_group}-column super-group")
 
 
-def rtn_quantize_spec(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
+def rtn_quantize_spec(weight: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None) -> QuantResult:
     """:func:`rtn_quantize` on ``spec``'s grid."""
     return rtn_quantize(weight, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits,
-                        spec.scale_search)
+                        spec.scale_search, weights)
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, super_group: int = 0,
-                 scale_bits: int = 6, scale_search: int = 0) -> QuantResult:
+                 scale_bits: int = 6, scale_search: int = 0, weights: torch.Tensor | None = None) -> QuantResult:
     """Round-to-nearest quantization of a (rows, cols) weight, group-wise along columns (two-level scales over
     ``super_group`` columns when it is not 0; each group's range searched among ``scale_search`` narrower ones,
-    by plain squared error)."""
+    by squared error weighted by ``weights`` (cols,), e.g. the inputs' mean squares; None: equal weights)."""
     if weight.dim() != 2:
         raise TasaError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     check_finite(weight)
@@ -171,7 +172,8 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, su
         check_super_width(cols, super_group)
         n = cols // super_group
         x = weight.reshape(rows * n, super_group)
-        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits, scale_search)
+        w = None if weights is None else weights.float().view(n, super_group).repeat(rows, 1)  # row r*n+j: j
+        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits, scale_search, w)
         per = super_group // group_size
         q = quantize_codes(x.reshape(-1, group_size), scale.reshape(-1), zero.reshape(-1), bits)
         deq = dequantize(q, scale.reshape(-1), zero.reshape(-1)).view(rows, cols)
@@ -190,14 +192,16 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, su
     full = sum(1 for s, e in bounds if e - s == width)
     end = full * width
     x = weight[:, :end].reshape(rows * full, width)
-    scale, zero = search_grid(x, bits, sym, scale_search)
+    w = None if weights is None else weights[:end].float().view(full, width).repeat(rows, 1)  # row r*full+j: j
+    scale, zero = search_grid(x, bits, sym, scale_search, w)
     q = quantize_codes(x, scale, zero, bits)
     codes[:, :end] = q.to(torch.uint8).view(rows, end)
     deq[:, :end] = dequantize(q, scale, zero).view(rows, end)
     scales[:, :full], zeros[:, :full] = scale.view(rows, full), zero.view(rows, full)
     g_idx[:end] = torch.arange(end, device=weight.device) // width
     if end < cols:  # a ragged last group
-        scale, zero = search_grid(weight[:, end:], bits, sym, scale_search)
+        scale, zero = search_grid(weight[:, end:], bits, sym, scale_search,
+                                  None if weights is None else weights[end:].float())
         q = quantize_codes(weight[:, end:], scale, zero, bits)
         codes[:, end:] = q.to(torch.uint8)
         deq[:, end:] = dequantize(q, scale, zero)

@@ -1,0 +1,198 @@
+"""Learned rounding: SignRound (Cheng et al., 2023; the method of Intel's AutoRound) for one decoder layer.
+
+Every planned linear of the layer keeps its grid (group size, bits, symmetric or not, two-level scales) and
+learns, per weight, a rounding offset V in [-1/2, 1/2] and, per group, a clipping factor c in [1/2, 1] of the
+group's range (one for a symmetric grid, one for each end of an asymmetric one; none for a two-level grid,
+whose scales stay those of RTN)::
+
+    scale = grid scale of the range shrunk by c        (tasa.quant.rtn's grids: sym signed-max, asym min/max)
+    codes = clamp(round(W / scale + V) + zero, 0, maxq)
+    W_hat = scale * (codes - zero)
+
+V and c minimise the mean squared error between the layer's output with every W_hat, fed the *quantized*
+model's inputs of the layer, and the float layer's output on the *float* model's inputs (AutoRound's default
+objective, GPTAQ's asymmetric calibration: the layer also corrects the error its inputs carry).  The descent
+is signed (p -= lr_t * sign(dL/dp), lr_t falling linearly from ``lr`` to 0; round has a straight-through
+gradient), one calibration batch a step, in a seeded order.  Start: V = 0 and c from the grid search of
+``spec.scale_search`` weighted by the inputs' mean squares (c = 1 without it), i.e. RTN.  The learned
+parameters are kept only if they lower the loss over every calibration batch; otherwise the start is kept, so
+the layer's reconstruction error on its calibration never rises.
+
+Pure functions over a layer and its cached inputs; the loop over layers is tasa.quant.apply's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from tasa.config import QuantSpec
+from tasa.models.walker import LayerInputs, layer_output
+from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
+from tasa.quantized import QuantResult
+
+CLIP_MIN = 0.5  # the narrowest range a group's clipping may reach (as tasa.quant.rtn.search_grid's)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedGrid:
+    """One linear's weight on its grid with learnable rounding offsets and clipping factors."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None):
+        self.spec, self.dtype = spec, weight.dtype
+        self.maxq = 2**spec.bits - 1
+        self.w = weight.detach().float()
+        start = rtn_quantize_spec(weight, spec, input_weights)  # the (searched) grid: where learning starts
+        self.g_idx, self.super_scales = start.g_idx, start.super_scales
+        self.g = start.g_idx.long()
+        self.offsets = torch.zeros_like(self.w)  # V
+        self.clip: list[torch.Tensor] = []
+        if spec.super_group:  # the two-level grid's scales are integers times a super-scale: kept as RTN's
+            self.scales, self.zeros = start.scales, start.zeros
+            return
+        plain = start if not spec.scale_search else rtn_quantize_spec(weight, dataclasses.replace(spec,
+                                                                                                  scale_search=0))
+        ratio = torch.where(plain.scales != 0, start.scales / plain.scales, torch.ones_like(plain.scales))
+        ratio = ratio.clamp(CLIP_MIN, 1.0)
+        if spec.sym:
+            self.base, self.zeros = plain.scales, plain.zeros  # scale = base * c; zero fixed at the middle
+            self.clip = [ratio.clone()]
+        else:
+            rows, n = plain.scales.shape
+            idx = self.g.expand(rows, -1)
+            lo = torch.zeros(rows, n).scatter_reduce(1, idx, self.w, "amin", include_self=True)
+            hi = torch.zeros(rows, n).scatter_reduce(1, idx, self.w, "amax", include_self=True)  # both hold 0
+            empty = (lo == 0) & (hi == 0)
+            self.lo, self.hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+            self.clip = [ratio.clone(), ratio.clone()]  # of the low and the high end
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.offsets, *self.clip]
+
+    def clamp_(self) -> None:
+        self.offsets.clamp_(-0.5, 0.5)
+        for c in self.clip:
+            c.clamp_(CLIP_MIN, 1.0)
+
+    def _grid(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros), each (rows, groups); scales rounded to fp16 unless ``ste`` (training)."""
+        if not self.clip:
+            return self.scales, self.zeros
+        rnd = _round_ste if ste else torch.round
+        if self.spec.sym:
+            scale = self.base * self.clip[0]
+            return (scale if ste else fp16_scale(scale)), self.zeros
+        lo, hi = self.lo * self.clip[0], self.hi * self.clip[1]
+        scale = (hi - lo) / self.maxq
+        scale = scale if ste else fp16_scale(scale)
+        return scale, torch.clamp(rnd(-lo / scale), 0, self.maxq)
+
+    def _codes(self, scale: torch.Tensor, zero: torch.Tensor, ste: bool) -> torch.Tensor:
+        s, z = scale[:, self.g], zero[:, self.g]
+        x = self.w / torch.where(s == 0, 1.0, s) + self.offsets
+        codes = torch.clamp((_round_ste if ste else torch.round)(x) + z, 0, self.maxq)
+        return torch.where(s == 0, z, codes)  # a two-level grid's zero scale: every code is the zero point
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, differentiable in the offsets and clipping factors (float32)."""
+        scale, zero = self._grid(ste=True)
+        return scale[:, self.g] * (self._codes(scale, zero, ste=True) - zero[:, self.g])
+
+    def result(self) -> QuantResult:
+        """The weight as tasa's quantizers give it: fp16 scales, integer codes on the grid."""
+        with torch.no_grad():
+            scale, zero = self._grid(ste=False)
+            codes = self._codes(scale, zero, ste=False)
+            res = QuantResult(torch.empty(0), codes.to(torch.uint8), scale.float().clone(), zero.float().clone(),
+                              self.g_idx, self.spec.bits, self.spec.group_size, self.super_scales)
+            res.weight = res.dequantize().to(self.dtype)
+        return res
+
+
+@dataclass
+class LayerLearning:
+    """What learning did to one layer: the loss over all its calibration batches at the start (RTN on the
+    searched grid) and after the last step, and whether the learned parameters were kept."""
+
+    loss_start: float
+    loss_learned: float
+    kept: bool
+    steps: int
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_learned if self.kept else self.loss_start
+
+
+def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInputs, targets: list[torch.Tensor],
+                iters: int, lr: float | None = None, seed: int = 0,
+                input_weights: dict[str, torch.Tensor] | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
+    """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
+    (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
+    model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
+    The layer's own weights are not changed.  Returns each linear's QuantResult and the losses."""
+    import time
+
+    t0 = time.perf_counter()
+    input_weights = input_weights or {}
+    grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local))
+             for local, spec in specs.items()}
+    params = [p for g in grids.values() for p in g.parameters()]
+    lr = 1.0 / iters if lr is None else lr
+    dtype = next(layer.parameters()).dtype
+
+    def loss_of(b: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, kwargs = inputs.call(b)
+        out = layer_output(torch.func.functional_call(layer, weights, (hidden,), kwargs))
+        return torch.nn.functional.mse_loss(out.float(), targets[b].float())
+
+    def total() -> float:
+        """The mean loss over every batch with the weights as they would be stored (fp16 scales)."""
+        with torch.no_grad():
+            weights = {f"{local}.weight": g.result().weight.to(dtype) for local, g in grids.items()}
+            return sum(float(loss_of(b, weights)) for b in range(len(inputs))) / len(inputs)
+
+    start_state = [p.clone() for p in params]
+    loss_start = total()
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    trainable = [p.requires_grad_(True) for p in params]
+    was = [p.requires_grad for p in layer.parameters()]
+    layer.requires_grad_(False)
+    try:
+        for step in range(iters):
+            if not order:
+                order = torch.randperm(len(inputs), generator=gen).tolist()
+            with torch.enable_grad():
+                loss = loss_of(order.pop(), {f"{local}.weight": g.weight().to(dtype) for local, g in grids.items()})
+                grads = torch.autograd.grad(loss, trainable)
+            rate = lr * (1 - step / iters)
+            with torch.no_grad():
+                for p, g in zip(trainable, grads):
+                    p.sub_(rate * torch.sign(g))
+                for grid in grids.values():
+                    grid.clamp_()
+            if on_step:
+                on_step(step, float(loss))
+    finally:
+        for p, w in zip(layer.parameters(), was):
+            p.requires_grad_(w)
+        for p in params:
+            p.requires_grad_(False)
+    loss_learned = total()
+    kept = loss_learned < loss_start
+    if not kept:
+        with torch.no_grad():
+            for p, s in zip(params, start_state):
+                p.copy_(s)
+    results = {local: g.result() for local, g in grids.items()}
+    return results, LayerLearning(loss_start, loss_learned, kept, iters, time.perf_counter() - t0)

@@ -1,0 +1,161 @@
+"""Learned rounding (issue 38, 1c; tasa.quant.learned): it starts exactly at RTN on the (searched) grid, lowers
+the layer's reconstruction error on its own calibration, never raises it, keeps every code on the grid, and its
+checkpoints are the ordinary packed formats."""
+import json
+
+import pytest
+import torch
+
+from tasa.config import QuantizeSpec, QuantSpec
+from tasa.errors import TasaError
+from tasa.models.arch import resolve
+from tasa.models.walker import capture_ids, forward_layer
+from tasa.plan import Plan
+from tasa.quant.apply import quantize_model
+from tasa.quant.learned import LearnedGrid, learn_layer
+from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
+from tests.conftest import tiny_llama
+from tests.unit.test_bad_inputs import expect_error, no_work, quantize_args, run_cli  # noqa: F401
+
+SPECS = [QuantSpec(bits=3, group_size=16), QuantSpec(bits=4, group_size=16, sym=False),
+         QuantSpec(bits=2, group_size=24, sym=False), QuantSpec(bits=3, group_size=16, super_group=64),
+         QuantSpec(bits=3, group_size=16, scale_search=8), QuantSpec(bits=4, group_size=-1, sym=False, scale_search=8)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_the_start_is_rtn_on_the_searched_grid(spec):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(64, generator=torch.Generator().manual_seed(4)) + 0.1
+    got = LearnedGrid(w, spec, weights).result()
+    want = rtn_quantize_spec(w, spec, weights)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.zeros, want.zeros)
+    assert torch.allclose(got.scales, want.scales, rtol=2e-3)  # the same fp16 value, or its neighbour
+    assert torch.equal(got.weight, got.dequantize())
+
+
+def _layer_case(layers=2, n=8, t=24):
+    model = tiny_llama(layers=layers)
+    arch = resolve(model)
+    ids = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(0))
+    inputs = capture_ids(model, arch, ids, 4, torch.device("cpu"))
+    layer = arch.layers[0]
+    with torch.no_grad():
+        targets = [forward_layer(layer, *inputs.call(b), 0) for b in range(len(inputs))]
+    locals_ = [m.local for m in arch.layer_modules(0)]
+    return model, arch, layer, inputs, targets, locals_
+
+
+def _loss(layer, inputs, targets, weights):
+    with torch.no_grad():
+        outs = [torch.func.functional_call(layer, weights, (h,), kw) for h, kw in
+                (inputs.call(b) for b in range(len(inputs)))]
+    outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+    return sum(float(torch.nn.functional.mse_loss(o, t)) for o, t in zip(outs, targets)) / len(outs)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=2, group_size=16), QuantSpec(bits=3, group_size=16, sym=False),
+                                  QuantSpec(bits=2, group_size=16, super_group=64)], ids=str)
+def test_learning_lowers_the_layers_error_on_its_calibration_and_stays_on_the_grid(spec):
+    model, arch, layer, inputs, targets, locals_ = _layer_case()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    specs = {local: spec for local in locals_}
+    results, learning = learn_layer(layer, specs, inputs, targets, iters=40, seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())  # the layer is not changed
+    rtn = {f"{local}.weight": rtn_quantize_spec(layer.get_submodule(local).weight, spec).weight for local in locals_}
+    learned = {f"{local}.weight": results[local].weight for local in locals_}
+    assert learning.kept and learning.loss_learned < 0.9 * learning.loss_start
+    assert learning.loss_start == pytest.approx(_loss(layer, inputs, targets, rtn), rel=1e-5)
+    assert learning.loss_learned == pytest.approx(_loss(layer, inputs, targets, learned), rel=1e-5)
+    for local, r in results.items():
+        assert r.codes.dtype == torch.uint8 and int(r.codes.max()) <= 2**spec.bits - 1
+        assert torch.equal(r.weight, r.dequantize())
+        if spec.super_group:  # the two-level grid's scales are RTN's, integers times the super-scales
+            assert torch.equal(r.scales, rtn_quantize_spec(layer.get_submodule(local).weight, spec).scales)
+        else:
+            assert torch.equal(r.scales, fp16_scale(r.scales))
+        if spec.sym:
+            assert torch.all(r.zeros == 2 ** (spec.bits - 1))
+        else:
+            assert torch.all((r.zeros >= 0) & (r.zeros <= 2**spec.bits - 1) & (r.zeros == r.zeros.round()))
+
+
+def test_learning_that_cannot_help_keeps_the_start():
+    """Targets that RTN's own weights produce: the start's loss is 0, so nothing learned is kept."""
+    _, _, layer, inputs, _, locals_ = _layer_case()
+    spec = QuantSpec(bits=3, group_size=16)
+    rtn = {f"{local}.weight": rtn_quantize_spec(layer.get_submodule(local).weight, spec).weight for local in locals_}
+    with torch.no_grad():
+        targets = [torch.func.functional_call(layer, rtn, (h,), kw) for h, kw in
+                   (inputs.call(b) for b in range(len(inputs)))]
+    targets = [t[0] if isinstance(t, tuple) else t for t in targets]
+    results, learning = learn_layer(layer, {local: spec for local in locals_}, inputs, targets, iters=5)
+    assert not learning.kept and learning.loss == learning.loss_start == 0
+    assert all(torch.equal(results[local].weight, rtn[f"{local}.weight"]) for local in locals_)
+
+
+def _quantize(plan_spec, iters, seed=0):
+    model = tiny_llama()
+    arch = resolve(model)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    got = {}
+    rep = quantize_model(model, arch, Plan.uniform([m.name for m in arch.modules], plan_spec), ids, batch_size=4,
+                         on_result=lambda n, r: got.setdefault(n, r), progress=False, learn_iters=iters, seed=seed)
+    return model, arch, got, rep
+
+
+def test_the_driver_learns_every_layer_deterministically():
+    spec = QuantSpec(bits=2, group_size=16)
+    model, arch, got, rep = _quantize(spec, 10)
+    assert set(got) == {m.name for m in arch.modules} and set(rep.layers) == {0, 1}
+    assert all(x.loss <= x.loss_start for x in rep.layers.values()) and any(x.kept for x in rep.layers.values())
+    for m in arch.modules:  # the model holds the results
+        assert torch.equal(model.get_submodule(m.name).weight, got[m.name].weight)
+    model2, _, got2, _ = _quantize(spec, 10)
+    assert all(torch.equal(got[n].codes, got2[n].codes) for n in got)
+    _, _, got3, _ = _quantize(spec, 10, seed=5)  # another batch order: another result
+    assert any(not torch.equal(got[n].codes, got3[n].codes) for n in got)
+
+
+def test_learned_rounding_needs_calibration_and_valid_settings():
+    model = tiny_llama()
+    with pytest.raises(TasaError, match="learned rounding needs calibration data"):
+        quantize_model(model, resolve(model), Plan.uniform([m.name for m in resolve(model).modules], QuantSpec(),
+                                                           method="rtn"), progress=False, learn_iters=3)
+    with pytest.raises(TasaError, match="--learn-rounding takes 0 to 100000 steps"):
+        QuantizeSpec(learn_rounding=-1)
+    with pytest.raises(TasaError, match="--learn-lr must be in"):
+        QuantizeSpec(learn_rounding=5, learn_lr=0)
+    assert QuantizeSpec(learn_rounding=5, scale_search=16).quantizer == \
+        "learned rounding (5 steps per layer) with --scale-search 16"
+
+
+def test_a_bad_learning_rate_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work):  # noqa: F811
+    expect_error(quantize_args(tiny_model_dir, tmp_path / "q", "--learn-rounding", "4", "--learn-lr", "2"),
+                 "--learn-lr must be in (0, 1], got 2.0", capsys)
+
+
+def _cli_quantize(model_dir, out, fmt, capsys):
+    code, _, err = run_cli(["quantize", "--model", str(model_dir), "--bits", "3", "--group-size", "16", "--asym",
+                            "--learn-rounding", "6", "--scale-search", "4", "--format", fmt, "--calib", "wikitext2",
+                            "--nsamples", "8", "--seqlen", "32", "--output-dir", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    return json.loads((out / "quantize.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_the_cli_writes_the_usual_checkpoint_and_records_the_learning(fmt, tiny_model_dir, tmp_path, capsys,
+                                                                      data_dir):
+    """The packed checkpoint reads back (tasa's readers: bit for bit GPTQModel's, test_gptqmodel_fixtures) to
+    the float export of the same run, and the record says what made it."""
+    from tasa.models.weights import open_weights
+
+    rec = _cli_quantize(tiny_model_dir, tmp_path / "q", fmt, capsys)
+    assert rec["quantizer"] == "learned rounding (6 steps per layer) with --scale-search 4"
+    assert rec["learned_rounding"]["steps"] == 6 and set(rec["learned_rounding"]["layers"]) == {"0", "1"}
+    assert rec["calib_counts"] == {"wikitext2": 8}
+    _cli_quantize(tiny_model_dir, tmp_path / "fp", "fp", capsys)
+    packed, floats = open_weights(tmp_path / "q"), open_weights(tmp_path / "fp")
+    names = [m.name for m in resolve(tiny_llama()).modules]
+    for name in names:
+        want = floats.get(f"{name}.weight", torch.float32)
+        assert torch.allclose(packed.get(f"{name}.weight", torch.float32), want, atol=1e-3 * want.abs().max()), name
