@@ -97,21 +97,31 @@ BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmode
              "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",
              "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki", "tasamod-3.5-searched",
              "tasagptq-3.5-searched"]
+# quantizer options of issue 38 (tasa quantize --scale-search N --learn-rounding STEPS), by row tag ('tasa+lr-...')
+QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32}}
+QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
 
 def parse(name: str) -> dict:
-    """'tasa-3.5-searched-s1' -> {kind, bits, calib, seed}; 'gptq-w3-wiki' -> bits 3."""
+    """'tasa-3.5-searched-s1' -> {kind, bits, calib, seed}; 'gptq-w3-wiki' -> bits 3; 'tasa+lr-3.5-task' -> kind
+    tasa quantized with the options of QUANTIZERS['lr'] (quantizer 'lr'; None: plain GPTQ)."""
     parts = name.split("-")
     seed = int(parts.pop()[1:]) if len(parts) > 1 and parts[-1][:1] == "s" and parts[-1][1:].isdigit() else 0
-    kind = parts[0]
+    kind, _, quantizer = parts[0].partition("+")
     if kind == "fp":
-        return {"kind": "fp", "bits": None, "calib": None, "seed": 0, "base": "fp"}
+        return {"kind": "fp", "bits": None, "calib": None, "seed": 0, "base": "fp", "quantizer": None}
     bits = parts[1]
     bits = float(bits[2:]) if bits.startswith("as") else float(bits[1:]) if bits.startswith("w") else float(bits)
     calib = parts[2] if len(parts) > 2 else None
-    return {"kind": kind, "bits": bits, "calib": calib, "seed": seed, "base": "-".join(parts)}
+    return {"kind": kind, "bits": bits, "calib": calib, "seed": seed, "base": "-".join(parts),
+            "quantizer": quantizer or None}
+
+
+def tagged(kind: str, p: dict) -> str:
+    """``kind`` with the quantizer tag of parsed row ``p``."""
+    return kind + (f"+{p['quantizer']}" if p["quantizer"] else "")
 
 
 def seeds_of(base: str) -> tuple[int, ...]:
@@ -200,7 +210,7 @@ def same_model_as(name: str, work: Path) -> str | None:
         if p["calib"] == "searched" and calib_string("searched", work) == CALIBS["task"]:
             name = name.replace("-searched", "-task")
         elif p["kind"] in ("tasa", "pplonly", "tasamod", "tasagptq") and (b := uniform_bits(name)) is not None:
-            name = with_seed(f"gptq-w{b}-{p['calib']}", p["seed"])
+            name = with_seed(f"{tagged('gptq', p)}-w{b}-{p['calib']}", p["seed"])
         else:
             return twin
         twin = name
@@ -351,9 +361,17 @@ def worker(name: str, work: Path) -> dict:
         plan = plan_for(name, arch, work)
         calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
                  if p["kind"] != "rtn" else None)
+        options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
+        if options.get("scale_search"):
+            import dataclasses
+
+            plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, scale_search=options["scale_search"])
+                                                      for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
-        quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False)
+        quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
+                       learn_iters=options.get("learn_rounding", 0), seed=p["seed"])
         out["seconds"] = time.perf_counter() - t0
+        out["quantizer"] = options
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
         # count; recorded like `tasa quantize` records them in quantize.json (rows measured before 2026-12-04 lack them)
         out["calib_sha256"] = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()
@@ -505,12 +523,12 @@ def options(ap) -> None:
 
 
 def main() -> None:
-    args, work = parse_or_work(__doc__, BENCH, worker, BASE_ROWS + SWEEP_ROWS, options)
+    args, work = parse_or_work(__doc__, BENCH, worker, BASE_ROWS + QUANTIZER_ROWS + SWEEP_ROWS, options)
     from tasa.models import load
 
     fp_dir = str(load("smollm2-135m").path)
     bases = args.rows.split(",")
-    unknown = [b for b in bases if b not in BASE_ROWS + SWEEP_ROWS]
+    unknown = [b for b in bases if b not in BASE_ROWS + QUANTIZER_ROWS + SWEEP_ROWS]
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(unknown)}")
     wanted = {int(s) for s in args.seeds.split(",")} if args.seeds else None
@@ -555,6 +573,10 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
             p = parse(name)
             tool = {"gptqmodel": "gptqmodel", "autoround": "auto-round", "fp": "none"}.get(p["kind"], "tasa")
             method = {"fp": "fp", "rtn": "rtn", "autoround": "autoround+autoscheme"}.get(p["kind"], "gptq")
+            if p["quantizer"]:
+                q = QUANTIZERS[p["quantizer"]]
+                method = (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
+                    (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "")
             calib = None if p["kind"] in ("fp", "rtn") else \
                 f"{calib_string(p['calib'], work)} {NSAMPLES}x{SEQLEN} seed {p['seed']}"
             rows.append(row(name, tool, method, r.get("bits", p["bits"]), None if p["kind"] == "fp" else GROUP,
@@ -581,7 +603,8 @@ def report(work: Path, bases: list[str]) -> None:
                                        "exp(NLL_FP - NLL) for GSM8K gold NLL, x 100"},
              "table": table, "search": json.loads((RECORDS / "search.json").read_text())}
     extra["wall_times"] = wall_times(work, bases)
-    refs = [r for r in dict.fromkeys(f"gptq-w{w}-{parse(x)['calib']}" for x in bases if parse(x)["calib"]
+    refs = [r for r in dict.fromkeys(f"{tagged('gptq', parse(x))}-w{w}-{parse(x)['calib']}" for x in bases
+                                     if parse(x)["calib"]
                                      for w in (4, 3))
             if r not in bases]  # the uniform rows that positions are measured against (gptq-w4-task is a twin's)
     extra["gap_positions"] = gap_positions({**metrics, **summarise(work, refs)[2]})
@@ -787,7 +810,8 @@ def gap_positions(metrics: dict) -> dict:
         if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
             continue
         seeds = [s for s in seeds_of(base) if with_seed(base, s) in metrics]
-        t, w4, w3 = (means(b, seeds) for b in (base, f"gptq-w4-{p['calib']}", f"gptq-w3-{p['calib']}"))
+        gptq = tagged("gptq", p)  # against the uniform rows of the same quantizer
+        t, w4, w3 = (means(b, seeds) for b in (base, f"{gptq}-w4-{p['calib']}", f"{gptq}-w3-{p['calib']}"))
         if w4 is None or w3 is None:
             continue
         pred = allocation(base)[1]["predicted"] if p["kind"] in ("tasa", "tasamod", "tasagptq", "pplonly") else {}

@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test rows per task, evaluated zero-shot as profiled (default: 50; raise it for accuracy "
                         "figures that mean something: ARC accuracy on 50 rows has a standard error of ~0.07)")
     _scale_search_arg(r)
+    _learn_rounding_args(r)
     r.add_argument("--eval-windows", type=int, default=20,
                    help="wikitext2 test windows of --seqlen tokens (default: 20)")
     r.add_argument("--generate", action="store_true",
@@ -427,7 +428,7 @@ def run(argv: list[str] | None = None) -> int:
         how = (f"group size {s['quant_spec']['group_size']}{' (auto)' if args.group_size is None else ''}"
                if s["quant_spec"]
                else f"plan: bits {', '.join(map(str, s['plan_bits']))}")
-        print(f"quantized {len(s['modules'])} modules ({s['method']}, {s['average_bits']:g} bits, {how}) "
+        print(f"quantized {len(s['modules'])} modules ({s['quantizer']}, {s['average_bits']:g} bits, {how}) "
               f"in {s['seconds']['quantize']:.1f} s -> {s['output_dir']} ({s['format']}, "
               f"{s['size_bytes'] / 2**20:.1f} MiB of weights)")
         if s["unquantized_modules"]:
@@ -474,7 +475,8 @@ def run(argv: list[str] | None = None) -> int:
                        tie_experts=args.tie_experts, export_format=args.export_format, nsamples=args.nsamples,
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
-                       scale_search=args.scale_search)
+                       scale_search=args.scale_search, learn_rounding=args.learn_rounding,
+                       learn_lr=args.learn_lr)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

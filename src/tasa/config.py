@@ -466,9 +466,16 @@ class RunSpec:
     eval_windows: int = 20
     generate: bool = False
     scale_search: int = 0  # the quantize stage's QuantizeSpec.scale_search
+    learn_rounding: int = 0  # ... and its learn_rounding and learn_lr
+    learn_lr: float | None = None
 
     def __post_init__(self) -> None:
-        QuantSpec(scale_search=self.scale_search)  # in range
+        self.quantize_spec()  # in range
+
+    def quantize_spec(self) -> "QuantizeSpec":
+        """The quantize stage's options (its method and grids are the plan's)."""
+        return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
+                            learn_lr=self.learn_lr)
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")

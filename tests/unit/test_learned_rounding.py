@@ -12,7 +12,7 @@ from tasa.models.arch import resolve
 from tasa.models.walker import capture_ids, forward_layer
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
-from tasa.quant.learned import LearnedGrid, learn_layer
+from tasa.quant.learned import LearnedGrid, learn_layer, token_normalized_mse
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tests.conftest import tiny_llama
 from tests.unit.test_bad_inputs import expect_error, no_work, quantize_args, run_cli  # noqa: F401
@@ -33,6 +33,16 @@ def test_the_start_is_rtn_on_the_searched_grid(spec):
     assert torch.equal(got.weight, got.dequantize())
 
 
+def test_the_loss_weighs_every_tokens_relative_error_alike():
+    target = torch.tensor([[[3.0, 4.0], [300.0, 400.0]]])  # a token 100 times the other's norm
+    small, large = target.clone(), target.clone()
+    small[0, 0, 0] += 0.5  # relative error 0.1 on the small token
+    large[0, 1, 0] += 50.0  # ... and on the large one
+    assert token_normalized_mse(small, target).item() == pytest.approx(0.01 / 2)
+    assert token_normalized_mse(large, target).item() == pytest.approx(0.01 / 2)
+    assert torch.nn.functional.mse_loss(large, target) > 9999 * torch.nn.functional.mse_loss(small, target)
+
+
 def _layer_case(layers=2, n=8, t=24):
     model = tiny_llama(layers=layers)
     arch = resolve(model)
@@ -50,7 +60,7 @@ def _loss(layer, inputs, targets, weights):
         outs = [torch.func.functional_call(layer, weights, (h,), kw) for h, kw in
                 (inputs.call(b) for b in range(len(inputs)))]
     outs = [o[0] if isinstance(o, tuple) else o for o in outs]
-    return sum(float(torch.nn.functional.mse_loss(o, t)) for o, t in zip(outs, targets)) / len(outs)
+    return sum(float(token_normalized_mse(o, t)) for o, t in zip(outs, targets)) / len(outs)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=2, group_size=16), QuantSpec(bits=3, group_size=16, sym=False),
@@ -159,3 +169,26 @@ def test_the_cli_writes_the_usual_checkpoint_and_records_the_learning(fmt, tiny_
     for name in names:
         want = floats.get(f"{name}.weight", torch.float32)
         assert torch.allclose(packed.get(f"{name}.weight", torch.float32), want, atol=1e-3 * want.abs().max()), name
+
+
+def test_gptqmodel_loads_a_learned_rounding_checkpoint_with_matching_logits(tiny_model_dir, tmp_path, capsys,
+                                                                            data_dir, gptqmodel_python):
+    import subprocess
+
+    from tasa.models import load
+    from tests.unit.test_export_gptq import ROOT
+
+    out = tmp_path / "q"
+    code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--group-size", "32",
+                            "--learn-rounding", "6", "--format", "gptq", "--calib", "wikitext2", "--nsamples", "8",
+                            "--seqlen", "32", "--output-dir", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
+    proc = subprocess.run([str(gptqmodel_python), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"), str(out),
+                           json.dumps(ids.tolist())], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(got["bits"].values()) == {3}
+    with torch.no_grad():
+        ref = load(str(out)).model(input_ids=ids).logits
+    assert (torch.tensor(got["logits"]) - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())

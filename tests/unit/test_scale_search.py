@@ -98,3 +98,23 @@ def test_tasa_run_and_quantize_take_the_option():
     assert p.parse_args(["quantize", "--output-dir", "x", "--scale-search", "4"]).scale_search == 4
     with pytest.raises(TasaError, match="scale search takes 0 to 1000"):
         RunSpec(tasks=("arc_easy",), budget=3.5, scale_search=2000)
+
+
+def test_quantize_applies_act_order_and_static_groups_to_every_module_of_a_plan(tmp_path, tiny_model_dir, data_dir):
+    """Given with a plan, the GPTQ options reach every module (they were silently ignored before 2026-12-04)."""
+    from safetensors.torch import load_file
+
+    from tasa.config import CalibSpec, ExportSpec
+    from tasa.pipeline.quantize import quantize
+    from tasa.plan import Plan
+
+    calib = CalibSpec.parse("wikitext2", nsamples=8, seqlen=32)
+    quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(bits=3, group_size=16), calib,
+             export=ExportSpec(format="fp"))
+    plan = tmp_path / "a" / "plan.json"
+    quantize(str(tiny_model_dir), tmp_path / "b", QuantizeSpec(act_order=True, static_groups=True), calib, plan=plan,
+             export=ExportSpec(format="fp"))
+    specs = Plan.load(tmp_path / "b" / "plan.json").modules.values()
+    assert all(s.act_order and s.static_groups and s.bits == 3 and s.group_size == 16 for s in specs)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("q_proj.weight"))

@@ -27,6 +27,7 @@ from tasa.pipeline.common import (bits_summary, check_group_size, check_output_d
                                   resolve_group_size, temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
+from tasa.quant.learned import OBJECTIVE as LEARNED_OBJECTIVE
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if plan_obj is not None:
         _check_plan(plan_obj, arch, spec, allow_partial_plan)
         the_plan = plan_obj
-        if spec.scale_search:  # an option of the quantizer, for any plan
+        options = {k: v for k, v in (("scale_search", spec.scale_search), ("act_order", spec.act_order),
+                                     ("static_groups", spec.static_groups)) if v}
+        if options:  # options of the quantizer, for any plan (its grids stay the plan's)
             the_plan = dataclasses.replace(plan_obj, modules={
-                n: dataclasses.replace(qs, scale_search=spec.scale_search) for n, qs in plan_obj.modules.items()})
+                n: dataclasses.replace(qs, **options) for n, qs in plan_obj.modules.items()})
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid
@@ -177,7 +180,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "peak_gpu_gb": peak_gpu_gb(runtime.device),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
-                                     "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
+                                     "objective": LEARNED_OBJECTIVE, "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
                if spec.learn_rounding else {}),
             "machine": machine_info(),
             "date": now(),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa.artifacts import write_json_atomic
-from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec, QuantizeSpec,
+from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
                          QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
@@ -211,7 +211,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     stages.run("allocate", a_in, lambda: allocate_bits(prof["sensitivity"], out / "plan.json", a_spec).summary)
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
             "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID,
-            **({"scale_search": spec.scale_search} if spec.scale_search else {})}  # runs without it keep their key
+            **({"scale_search": spec.scale_search} if spec.scale_search else {}),  # runs without them keep their key
+            **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr} if spec.learn_rounding else {})}
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
                 "generate": spec.generate, "seqlen": spec.seqlen}
@@ -224,7 +225,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         runtime=runtime).results)
 
     def do_quantize():
-        q = quantize(shared.fp(), out / "model", QuantizeSpec(scale_search=spec.scale_search), calib_spec,
+        q = quantize(shared.fp(), out / "model", spec.quantize_spec(), calib_spec,
                      plan=out / "plan.json",
                      export=ExportSpec(fmt, tgt.name), runtime=runtime, overwrite=True)
         shared.quantized_in_memory()
@@ -235,7 +236,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         shared.quantized(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
-               "quantizer": "gptq" + (f" with --scale-search {spec.scale_search}" if spec.scale_search else ""),
+               "quantizer": spec.quantize_spec().quantizer,
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,
                "probe_tokens": spec.probe_tokens, "profiled_bits": prof.get("profiled_bits"),
                "skipped_bits": prof.get("skipped_bits", []), "warnings": run_warnings + prof["warnings"],
