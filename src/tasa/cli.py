@@ -102,6 +102,10 @@ def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
                         "--scale-search; needs calibration; 0: off (default: 0)")
     p.add_argument("--learn-lr", type=float, default=None, metavar="LR",
                    help="learned rounding's first step size, falling linearly to 0 (default: 1 / STEPS)")
+    p.add_argument("--learn-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="learned rounding's steps computed in this dtype: auto is bfloat16 for a float32 model where "
+                        "the device computes it natively (CUDA; a CPU with AVX512-BF16/AMX), else the model's own "
+                        "(default: auto)")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -417,7 +421,8 @@ def run(argv: list[str] | None = None) -> int:
                             act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
                             true_sequential=not args.no_true_sequential,
                             allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search,
-                            learn_rounding=args.learn_rounding, learn_lr=args.learn_lr)
+                            learn_rounding=args.learn_rounding, learn_lr=args.learn_lr,
+                            learn_dtype=args.learn_dtype)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,
@@ -476,7 +481,7 @@ def run(argv: list[str] | None = None) -> int:
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
                        scale_search=args.scale_search, learn_rounding=args.learn_rounding,
-                       learn_lr=args.learn_lr)
+                       learn_lr=args.learn_lr, learn_dtype=args.learn_dtype)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

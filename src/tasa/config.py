@@ -221,6 +221,9 @@ class Runtime:
         _positive(self.batch_size, "--batch-size")
 
 
+LEARN_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class QuantizeSpec:
     """tasa quantize: every decoder-layer linear at one QuantSpec (``group_size`` None: the largest of 128, 64,
@@ -238,6 +241,7 @@ class QuantizeSpec:
     scale_search: int = 0  # QuantSpec.scale_search for every module, the plan's modules included
     learn_rounding: int = 0  # not 0: learned rounding (tasa.quant.learned) in this many steps per decoder layer
     learn_lr: float | None = None  # its first step size (None: 1 / learn_rounding)
+    learn_dtype: str = "auto"  # its steps' dtype: auto (tasa.quant.learned.step_dtype), float32 or bfloat16
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
@@ -245,6 +249,7 @@ class QuantizeSpec:
             raise TasaError(f"--learn-rounding takes 0 to 100000 steps, got {self.learn_rounding!r}")
         if self.learn_lr is not None and not 0 < self.learn_lr <= 1:
             raise TasaError(f"--learn-lr must be in (0, 1], got {self.learn_lr!r}")
+        _one_of(self.learn_dtype, LEARN_DTYPES, "--learn-dtype")
         self.quant_spec(-1 if self.group_size is None else self.group_size)  # bits, group size, damp in range
 
     def quant_spec(self, group_size: int) -> QuantSpec:
@@ -466,8 +471,9 @@ class RunSpec:
     eval_windows: int = 20
     generate: bool = False
     scale_search: int = 0  # the quantize stage's QuantizeSpec.scale_search
-    learn_rounding: int = 0  # ... and its learn_rounding and learn_lr
+    learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
+    learn_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
@@ -475,7 +481,7 @@ class RunSpec:
     def quantize_spec(self) -> "QuantizeSpec":
         """The quantize stage's options (its method and grids are the plan's)."""
         return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
-                            learn_lr=self.learn_lr)
+                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")

@@ -89,6 +89,18 @@ def test_learning_lowers_the_layers_error_on_its_calibration_and_stays_on_the_gr
             assert torch.all((r.zeros >= 0) & (r.zeros <= 2**spec.bits - 1) & (r.zeros == r.zeros.round()))
 
 
+def test_bfloat16_steps_learn_too_and_are_chosen_only_for_float32_layers():
+    from tasa.quant.learned import step_dtype
+
+    _, _, layer, inputs, targets, locals_ = _layer_case()
+    _, learning = learn_layer(layer, {local: QuantSpec(bits=2, group_size=16) for local in locals_}, inputs, targets,
+                              iters=40, autocast=torch.bfloat16)
+    assert learning.kept and learning.loss_learned < 0.9 * learning.loss_start and learning.step_dtype == "bfloat16"
+    assert step_dtype(torch.device("cpu"), torch.bfloat16) is None and step_dtype(torch.device("cpu"),
+                                                                                   torch.float16) is None
+    assert step_dtype(torch.device("cpu"), torch.float32) in (None, torch.bfloat16)
+
+
 def test_learning_that_cannot_help_keeps_the_start():
     """Targets that RTN's own weights produce: the start's loss is 0, so nothing learned is kept."""
     _, _, layer, inputs, _, locals_ = _layer_case()
@@ -144,10 +156,10 @@ def test_a_bad_learning_rate_is_refused_before_loading(tiny_model_dir, tmp_path,
                  "--learn-lr must be in (0, 1], got 2.0", capsys)
 
 
-def _cli_quantize(model_dir, out, fmt, capsys):
+def _cli_quantize(model_dir, out, fmt, capsys, *extra):
     code, _, err = run_cli(["quantize", "--model", str(model_dir), "--bits", "3", "--group-size", "16", "--asym",
                             "--learn-rounding", "6", "--scale-search", "4", "--format", fmt, "--calib", "wikitext2",
-                            "--nsamples", "8", "--seqlen", "32", "--output-dir", str(out), "--quiet"], capsys)
+                            "--nsamples", "8", "--seqlen", "32", "--output-dir", str(out), "--quiet", *extra], capsys)
     assert code == 0, err
     return json.loads((out / "quantize.json").read_text())
 
@@ -162,8 +174,14 @@ def test_the_cli_writes_the_usual_checkpoint_and_records_the_learning(fmt, tiny_
     rec = _cli_quantize(tiny_model_dir, tmp_path / "q", fmt, capsys)
     assert rec["quantizer"] == "learned rounding (6 steps per layer) with --scale-search 4"
     assert rec["learned_rounding"]["steps"] == 6 and set(rec["learned_rounding"]["layers"]) == {"0", "1"}
+    from tasa.quant.learned import step_dtype
+
+    auto = step_dtype(torch.device("cpu"), torch.float32)  # the default, --learn-dtype auto
+    assert rec["learned_rounding"]["step_dtype"] == (None if auto is None else "bfloat16")
     assert rec["calib_counts"] == {"wikitext2": 8}
     _cli_quantize(tiny_model_dir, tmp_path / "fp", "fp", capsys)
+    f32 = _cli_quantize(tiny_model_dir, tmp_path / "fp32", "fp", capsys, "--learn-dtype", "float32")
+    assert f32["learned_rounding"]["step_dtype"] is None
     packed, floats = open_weights(tmp_path / "q"), open_weights(tmp_path / "fp")
     names = [m.name for m in resolve(tiny_llama()).modules]
     for name in names:

@@ -154,6 +154,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
                                 progress=runtime.progress,
                                 on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()),
                                 learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
+                                learn_dtype=None if spec.learn_dtype == "auto" else getattr(torch, spec.learn_dtype),
                                 seed=calib_spec.seed if calib_spec else 0)
         record = {
             "model": model,
@@ -180,7 +181,9 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "peak_gpu_gb": peak_gpu_gb(runtime.device),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
-                                     "objective": LEARNED_OBJECTIVE, "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
+                                     "objective": LEARNED_OBJECTIVE,
+                                     "step_dtype": next(iter(report.layers.values())).step_dtype if report.layers
+                                     else None, "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
                if spec.learn_rounding else {}),
             "machine": machine_info(),
             "date": now(),

@@ -33,7 +33,7 @@ from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, input_g
                                  parallel_steps, run_layer, walk)
 from tasa.plan import Plan
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
-from tasa.quant.learned import LayerLearning, learn_layer
+from tasa.quant.learned import LayerLearning, learn_layer, step_dtype
 from tasa.quant.rtn import rtn_quantize_spec
 from tasa.quantized import QuantResult
 
@@ -102,6 +102,7 @@ def quantize_model(
     on_layer: Callable[[int, nn.Module], None] | None = None,
     learn_iters: int = 0,
     learn_lr: float | None = None,
+    learn_dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
@@ -112,7 +113,8 @@ def quantize_model(
     on_layer:  called with (index, layer) once a decoder layer is quantized, while its
                weights are resident (a streamed model drops them right after).
     learn_iters: not 0: the plan's grids with learned rounding (tasa.quant.learned; ``learn_iters`` steps of
-               rate ``learn_lr`` per layer, batches in an order drawn from ``seed``) instead of its method.
+               rate ``learn_lr`` per layer, batches in an order drawn from ``seed``, steps computed in
+               ``learn_dtype``; None: tasa.quant.learned.step_dtype) instead of its method.
     """
     unknown = [n for n in plan.modules if n not in {m.name for m in arch.modules}]
     if unknown:
@@ -127,7 +129,7 @@ def quantize_model(
             if calib_ids is None:
                 raise TasaError("learned rounding needs calibration data")
             _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
-                           learn_iters, learn_lr, seed)
+                           learn_iters, learn_lr, learn_dtype, seed)
         elif plan.method == "rtn":
             _apply_rtn(arch, plan, device, report, on_result, progress, on_layer)
         else:
@@ -187,7 +189,7 @@ def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequentia
 
 
 def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
-                   iters, lr, seed):
+                   iters, lr, dtype, seed):
     """Learned rounding layer by layer: each layer's targets are the float layer's outputs on the float
     model's inputs (a second stream of layer inputs, advanced by the float layer before it is quantized)."""
     move_outside_layers(model, arch, device)
@@ -211,7 +213,8 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             t = time.perf_counter()
             results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
                                             targets, iters, lr, seed + index,
-                                            {local: s / max(n, 1) for local, (s, n) in squares.items()})
+                                            {local: s / max(n, 1) for local, (s, n) in squares.items()},
+                                            autocast=_step_dtype(dtype, device, layer))
             report.layers[index] = learning
             seconds = (time.perf_counter() - t) / len(planned)
             for local, m in planned.items():
@@ -226,6 +229,14 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
         fp_inputs.index += 1
         if on_layer:
             on_layer(index, layer)
+
+
+def _step_dtype(asked: torch.dtype | None, device: torch.device, layer: nn.Module) -> torch.dtype | None:
+    """The learning steps' autocast dtype: ``asked`` (None where it is the layer's own), else step_dtype's."""
+    own = next(layer.parameters()).dtype
+    if asked is None:
+        return step_dtype(device, own)
+    return None if asked == own else asked
 
 
 HESSIAN_BYTES_PER_PASS = 4 * 2**30  # Hessians gathered in one pass over a layer's inputs, at most (routed experts)

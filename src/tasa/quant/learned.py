@@ -26,6 +26,7 @@ Pure functions over a layer and its cached inputs; the loop over layers is tasa.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +41,22 @@ from tasa.quantized import QuantResult
 
 OBJECTIVE = "token-normalized MSE of the layer output, quantized inputs against the float model's"  # records
 CLIP_MIN = 0.5  # the narrowest range a group's clipping may reach (as tasa.quant.rtn.search_grid's)
+
+
+def step_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """bfloat16 for the learning steps of a float32 layer where the hardware computes it natively (a CUDA GPU
+    that supports it; a CPU with AVX512-BF16 or AMX, as oneDNN reports): 1.6x faster per step on this
+    project's 2-core EPYC, and sign descent needs only the gradients' signs.  None (the layer's own dtype)
+    elsewhere, and for a half-precision layer."""
+    if dtype != torch.float32:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        native = False
+    return torch.bfloat16 if native else None
 
 
 def token_normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,6 +156,7 @@ class LayerLearning:
     kept: bool
     steps: int
     seconds: float = 0.0
+    step_dtype: str | None = None  # the steps' autocast dtype, if any
 
     @property
     def loss(self) -> float:
@@ -148,11 +166,14 @@ class LayerLearning:
 def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInputs, targets: list[torch.Tensor],
                 iters: int, lr: float | None = None, seed: int = 0,
                 input_weights: dict[str, torch.Tensor] | None = None,
-                on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
+                on_step: Callable[[int, float], None] | None = None,
+                autocast: torch.dtype | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
     """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
     (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
     model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
-    The layer's own weights are not changed.  Returns each linear's QuantResult and the losses."""
+    ``autocast``: the steps' matrix products in this dtype (:func:`step_dtype`); the losses that decide what is
+    kept are computed in the layer's own.  The layer's own weights are not changed.  Returns each linear's
+    QuantResult and the losses."""
     import time
 
     t0 = time.perf_counter()
@@ -161,7 +182,7 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
              for local, spec in specs.items()}
     params = [p for g in grids.values() for p in g.parameters()]
     lr = 1.0 / iters if lr is None else lr
-    dtype = next(layer.parameters()).dtype
+    dtype, layer_device = next(layer.parameters()).dtype, next(layer.parameters()).device
 
     def loss_of(b: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, kwargs = inputs.call(b)
@@ -185,7 +206,8 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
         for step in range(iters):
             if not order:
                 order = torch.randperm(len(inputs), generator=gen).tolist()
-            with torch.enable_grad():
+            with torch.enable_grad(), (torch.autocast(layer_device.type, dtype=autocast) if autocast
+                                       else contextlib.nullcontext()):
                 loss = loss_of(order.pop(), {f"{local}.weight": g.weight().to(dtype) for local, g in grids.items()})
                 grads = torch.autograd.grad(loss, trainable)
             rate = lr * (1 - step / iters)
@@ -208,4 +230,5 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
             for p, s in zip(params, start_state):
                 p.copy_(s)
     results = {local: g.result() for local, g in grids.items()}
-    return results, LayerLearning(loss_start, loss_learned, kept, iters, time.perf_counter() - t0)
+    return results, LayerLearning(loss_start, loss_learned, kept, iters, time.perf_counter() - t0,
+                                  str(autocast).replace("torch.", "") if autocast else None)
