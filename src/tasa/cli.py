@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, TOKEN_COSTS
+from tasa.config import CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, SCALE_SEARCH, TOKEN_COSTS
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -87,10 +87,10 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _scale_search_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale-search", type=int, default=0, metavar="N",
+    p.add_argument("--scale-search", type=int, default=SCALE_SEARCH, metavar="N",
                    help="for every module (a plan's too): try N ranges narrower than each group's plain grid "
                         "(down to half) and keep the one with the least error weighted by the Hessian's diagonal "
-                        "(RTN: plain squared error); 0: off (default: 0)")
+                        f"(RTN: plain squared error); 0: off (default: {SCALE_SEARCH})")
 
 
 def _learn_rounding_args(p: argparse.ArgumentParser) -> None:

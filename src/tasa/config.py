@@ -222,6 +222,11 @@ class Runtime:
 
 
 LEARN_DTYPES = ("auto", "float32", "bfloat16")
+# The default quantizer of tasa quantize and tasa run: GPTQ with a 16-range scale search, the best option that
+# keeps `make run` (SmolLM2-135M on 2 CPU cores) within its 15 minutes: it took 29% off the KL of tasa run's
+# 3.5-bit plan for 4% more quantization time; learned rounding (--learn-rounding) is better still but takes
+# several times GPTQ's time on a CPU (docs/RESULTS.md, "Quantizer options").
+SCALE_SEARCH = 16
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,7 @@ class QuantizeSpec:
     damp: float = 0.01
     true_sequential: bool = True
     allow_ragged_groups: bool = False
-    scale_search: int = 0  # QuantSpec.scale_search for every module, the plan's modules included
+    scale_search: int = SCALE_SEARCH  # QuantSpec.scale_search for every module, the plan's modules included
     learn_rounding: int = 0  # not 0: learned rounding (tasa.quant.learned) in this many steps per decoder layer
     learn_lr: float | None = None  # its first step size (None: 1 / learn_rounding)
     learn_dtype: str = "auto"  # its steps' dtype: auto (tasa.quant.learned.step_dtype), float32 or bfloat16
@@ -470,18 +475,13 @@ class RunSpec:
     eval_limit: int = 50
     eval_windows: int = 20
     generate: bool = False
-    scale_search: int = 0  # the quantize stage's QuantizeSpec.scale_search
+    scale_search: int = SCALE_SEARCH  # the quantize stage's QuantizeSpec.scale_search
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
-
-    def quantize_spec(self) -> "QuantizeSpec":
-        """The quantize stage's options (its method and grids are the plan's)."""
-        return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
-                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")
@@ -499,3 +499,8 @@ class RunSpec:
                        target=self.target)  # beta in range
         if self.calib not in (None, "auto"):
             CalibSpec.parse(self.calib, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+
+    def quantize_spec(self) -> "QuantizeSpec":
+        """The quantize stage's options (its method and grids are the plan's)."""
+        return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
+                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)

@@ -23,7 +23,7 @@ def test_quantize_rtn_writes_loadable_model_and_plan(tiny_model_dir, tmp_path, c
     code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "3",
                               "--group-size", "16", "--format", "fp", "--output-dir", str(out_dir), "--quiet"], capsys)
     assert code == 0, err
-    assert "quantized 14 modules (rtn, 3 bits" in out and "(fp," in out
+    assert "quantized 14 modules (rtn with --scale-search 16, 3 bits" in out and "(fp," in out
     plan = json.loads((out_dir / "plan.json").read_text())
     assert len(plan["modules"]) == 14 and plan["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 3
     from transformers import AutoModelForCausalLM
@@ -31,7 +31,8 @@ def test_quantize_rtn_writes_loadable_model_and_plan(tiny_model_dir, tmp_path, c
     q = AutoModelForCausalLM.from_pretrained(out_dir)
     fp = load_file(tiny_model_dir / "model.safetensors")
     w = fp["model.layers.1.self_attn.v_proj.weight"]
-    assert torch.equal(q.model.layers[1].self_attn.v_proj.weight, rtn_quantize(w, 3, 16, True).weight)
+    # the default quantizer searches 16 ranges per group (plain squared error for RTN)
+    assert torch.equal(q.model.layers[1].self_attn.v_proj.weight, rtn_quantize(w, 3, 16, True, scale_search=16).weight)
     assert torch.equal(q.lm_head.weight, fp["lm_head.weight"])  # lm_head untouched
     summary = json.loads((out_dir / "quantize.json").read_text())
     assert summary["average_bits"] == 3 and summary["calib"] is None
@@ -177,7 +178,7 @@ def test_eval_tasks_with_reference_flips_and_kl(tiny_model_dir, tmp_path, capsys
     # a quantized model against the reference model itself (a model spec): KL > 0
     q_dir = tmp_path / "q"
     assert run_cli(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "2", "--group-size",
-                    "16", "--output-dir", str(q_dir), "--quiet"], capsys)[0] == 0
+                    "16", "--scale-search", "0", "--output-dir", str(q_dir), "--quiet"], capsys)[0] == 0
     code, out, err = run_cli(["eval", "--model", str(q_dir), "--tasks", "wikitext2,arc_easy", "--limit", "2",
                               "--seqlen", "64", "--reference", str(tiny_model_dir), "--quiet"], capsys)
     assert code == 0, err

@@ -35,8 +35,8 @@ def export(tmp_path, plan, name="ckpt", target=None, export_format="gptq", allow
     plan_file = tmp_path / f"{name}.plan.json"
     plan.save(plan_file)
     out = tmp_path / name
-    res = quantize(str(src), out, QuantizeSpec(allow_ragged_groups=allow_ragged_groups), plan=plan_file,
-                   export=ExportSpec(export_format, target), runtime=Runtime(progress=False),
+    res = quantize(str(src), out, QuantizeSpec(allow_ragged_groups=allow_ragged_groups, scale_search=0),  # plain grids
+                   plan=plan_file, export=ExportSpec(export_format, target), runtime=Runtime(progress=False),
                    allow_partial_plan=allow_partial_plan)
     return out, res.record
 
