@@ -30,6 +30,10 @@ general-only calibration. A row whose model is another row's, bit for bit, reuse
 (same_model_as): the searched rows when the search chose task-only, and the 3.0-bit allocations,
 whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on the same calibration).
 
+Quantizer rows (issue 38): ``KIND+TAG-...`` is row ``KIND-...`` quantized with the options QUANTIZERS[TAG] (``ss``:
+GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid): TASA 3.5 on the
+searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary.
+
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
 layers at 3 and 4 bits (same probes, objectives and settings as the layer profile), quantized like the

@@ -5,10 +5,10 @@
 Plan: `tasa run`'s committed 3.5-bit plan of SmolLM2-135M (benchmarks/results/run/plan.json: 3 and 4 bits, group
 size 64, symmetric); calibration: `tasa run`'s (gsm8k:0.5,arc_easy:0.5, 64 x 512 tokens, seed s); scoring: `tasa
 eval` on the first 40 WikiText-2 test windows of 512 tokens with KL to the float model (its reference log-probs).
-Rows: ``gptq`` (tasa's GPTQ as it was), ``gptq-ss16`` (``--scale-search 16``), ``gptq-actorder`` (``--act-order``),
-``gptq-actorder-static`` (with ``--static-groups``), ``learnedN-ss16`` (``--learn-rounding N`` from the searched
-grid; steps in bfloat16 where the CPU has it, ``learnedNf32`` in float32).  ``learned128b2-ss16``: 128 steps of 2 sequences each
-(``--batch-size 2``), about the tokens and time of 32 steps of 8.  ``learned32mse-ss16`` was measured with
+Rows: ``gptq`` (plain grid, ``--scale-search 0``), ``gptq-ss16`` (``--scale-search 16``), ``gptq-actorder`` (``--act-order``),
+``gptq-actorder-static`` (with ``--static-groups``), the same with ``-ss16`` (and the search), ``learnedN-ss16`` (``--learn-rounding N`` from the searched
+grid; steps in bfloat16 where the CPU has it, ``learnedNf32`` in float32).  ``learned128b2-ss16``: 128 steps of 2
+sequences each (``--batch-size 2``), the tokens of 32 steps of 8.  ``learned32mse-ss16`` was measured with
 the plain-MSE objective tasa had first (kept for the record; the code no longer has it).  Each row's record lands in
 benchmarks/results/quantizer_options.json as it finishes; a finished row is not run again.
 """
@@ -31,6 +31,8 @@ CALIB, NSAMPLES, SEQLEN, WINDOWS = "gsm8k:0.5,arc_easy:0.5", 64, 512, 40
 ROWS = {"gptq": ["--scale-search", "0"], "gptq-ss16": ["--scale-search", "16"],
         "gptq-actorder": ["--scale-search", "0", "--act-order"],
         "gptq-actorder-static": ["--scale-search", "0", "--act-order", "--static-groups"],
+        "gptq-actorder-ss16": ["--scale-search", "16", "--act-order"],
+        "gptq-actorder-static-ss16": ["--scale-search", "16", "--act-order", "--static-groups"],
         "learned32f32-ss16": ["--scale-search", "16", "--learn-rounding", "32", "--learn-dtype", "float32"],
         "learned32-ss16": ["--scale-search", "16", "--learn-rounding", "32"],
         "learned128b2-ss16": ["--scale-search", "16", "--learn-rounding", "128", "--batch-size", "2"]}

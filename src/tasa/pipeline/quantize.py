@@ -78,9 +78,10 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     clear_stale_temps(out)
     plan_obj = Plan.load(plan) if plan is not None else None
     method = plan_obj.method if plan_obj is not None else spec.method
-    calib_spec = calib if method == "gptq" or spec.learn_rounding else None
-    if calib_spec is None and (method == "gptq" or spec.learn_rounding):
-        raise TasaError("GPTQ needs calibration data" if method == "gptq" else "learned rounding needs calibration data")
+    needs_calib = method == "gptq" or spec.learn_rounding
+    calib_spec = calib if needs_calib else None
+    if needs_calib and calib_spec is None:
+        raise TasaError(f"{'learned rounding' if spec.learn_rounding else 'GPTQ'} needs calibration data")
     if calib_spec is not None:  # fail on bad sources before the (slow) model load
         for name, _ in calib_spec.sources:
             resolve_calibration_source(name)
