@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
@@ -97,8 +96,9 @@ class LearnedGrid:
         else:
             rows, n = plain.scales.shape
             idx = self.g.expand(rows, -1)
-            lo = torch.zeros(rows, n).scatter_reduce(1, idx, self.w, "amin", include_self=True)
-            hi = torch.zeros(rows, n).scatter_reduce(1, idx, self.w, "amax", include_self=True)  # both hold 0
+            zeros = torch.zeros(rows, n, device=self.w.device)
+            lo = zeros.scatter_reduce(1, idx, self.w, "amin", include_self=True)
+            hi = zeros.scatter_reduce(1, idx, self.w, "amax", include_self=True)  # both hold 0
             empty = (lo == 0) & (hi == 0)
             self.lo, self.hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
             self.clip = [ratio.clone(), ratio.clone()]  # of the low and the high end
@@ -166,7 +166,6 @@ class LayerLearning:
 def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInputs, targets: list[torch.Tensor],
                 iters: int, lr: float | None = None, seed: int = 0,
                 input_weights: dict[str, torch.Tensor] | None = None,
-                on_step: Callable[[int, float], None] | None = None,
                 autocast: torch.dtype | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
     """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
     (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
@@ -174,8 +173,6 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     ``autocast``: the steps' matrix products in this dtype (:func:`step_dtype`); the losses that decide what is
     kept are computed in the layer's own.  The layer's own weights are not changed.  Returns each linear's
     QuantResult and the losses."""
-    import time
-
     t0 = time.perf_counter()
     input_weights = input_weights or {}
     grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local))
@@ -216,8 +213,6 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                     p.sub_(rate * torch.sign(g))
                 for grid in grids.values():
                     grid.clamp_()
-            if on_step:
-                on_step(step, float(loss))
     finally:
         for p, w in zip(layer.parameters(), was):
             p.requires_grad_(w)
