@@ -124,3 +124,16 @@ def gptqmodel_python() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(reason + "; CI does not skip it")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    import importlib
+
+    def refuse(*a, **k):
+        raise AssertionError("expensive work started before the input was checked")
+
+    verbs = {v: importlib.import_module(f"tasa.pipeline.{v}") for v in ("common", "quantize", "search_mixture", "run")}
+    monkeypatch.setattr(verbs["common"], "load", refuse)  # every verb loads its model through common.model_of
+    monkeypatch.setattr(verbs["run"], "search_mixture", refuse)
+    monkeypatch.setattr(verbs["quantize"], "quantize_model", refuse)

@@ -1,8 +1,8 @@
 """The bad inputs a new user hit (docs/ERRORS.md lists each with its error line): every one ends in one
 `tasa: error:` line and exit 2, checked before any expensive work, with nothing half-written.
 
-`no_work` makes model loading, the mixture search and quantization fail loudly, so a check that runs too late
-shows up as a wrong message rather than passing."""
+`no_work` (tests/conftest.py) makes model loading, the mixture search and quantization fail loudly, so a check
+that runs too late shows up as a wrong message rather than passing."""
 import json
 import os
 import stat
@@ -29,19 +29,6 @@ def expect_error(args, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("tasa: error: "), err
     assert message in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    import importlib
-
-    def refuse(*a, **k):
-        raise AssertionError("expensive work started before the input was checked")
-
-    verbs = {v: importlib.import_module(f"tasa.pipeline.{v}") for v in ("common", "quantize", "search_mixture", "run")}
-    monkeypatch.setattr(verbs["common"], "load", refuse)  # every verb loads its model through common.model_of
-    monkeypatch.setattr(verbs["run"], "search_mixture", refuse)
-    monkeypatch.setattr(verbs["quantize"], "quantize_model", refuse)
 
 
 def plan_file(tmp_path, layers: int, drop: tuple[str, ...] = (), name="plan.json"):

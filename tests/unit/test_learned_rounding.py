@@ -15,7 +15,7 @@ from tasa.quant.apply import quantize_model
 from tasa.quant.learned import LearnedGrid, learn_layer, token_normalized_mse
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tests.conftest import tiny_llama
-from tests.unit.test_bad_inputs import expect_error, no_work, quantize_args, run_cli  # noqa: F401
+from tests.unit.test_bad_inputs import expect_error, quantize_args, run_cli
 
 SPECS = [QuantSpec(bits=3, group_size=16), QuantSpec(bits=4, group_size=16, sym=False),
          QuantSpec(bits=2, group_size=24, sym=False), QuantSpec(bits=3, group_size=16, super_group=64),
@@ -151,7 +151,7 @@ def test_learned_rounding_needs_calibration_and_valid_settings():
         "learned rounding (5 steps per layer) with --scale-search 16"
 
 
-def test_a_bad_learning_rate_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work):  # noqa: F811
+def test_a_bad_learning_rate_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work):
     expect_error(quantize_args(tiny_model_dir, tmp_path / "q", "--learn-rounding", "4", "--learn-lr", "2"),
                  "--learn-lr must be in (0, 1], got 2.0", capsys)
 

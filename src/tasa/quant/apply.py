@@ -214,7 +214,7 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
                                             targets, iters, lr, seed + index,
                                             {local: s / max(n, 1) for local, (s, n) in squares.items()},
-                                            autocast=_step_dtype(dtype, device, layer))
+                                            autocast=step_dtype(device, next(layer.parameters()).dtype, dtype))
             report.layers[index] = learning
             seconds = (time.perf_counter() - t) / len(planned)
             for local, m in planned.items():
@@ -229,14 +229,6 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
         fp_inputs.index += 1
         if on_layer:
             on_layer(index, layer)
-
-
-def _step_dtype(asked: torch.dtype | None, device: torch.device, layer: nn.Module) -> torch.dtype | None:
-    """The learning steps' autocast dtype: ``asked`` (None where it is the layer's own), else step_dtype's."""
-    own = next(layer.parameters()).dtype
-    if asked is None:
-        return step_dtype(device, own)
-    return None if asked == own else asked
 
 
 HESSIAN_BYTES_PER_PASS = 4 * 2**30  # Hessians gathered in one pass over a layer's inputs, at most (routed experts)
