@@ -23,6 +23,7 @@ FORBIDDEN = [
     ("eval/", {"quant", "allocate", "profile", "mixture"}, "evaluation scores any model"),
     ("allocate/", {"models", "data", "eval", "profile", "mixture", "quant", "export"},
      "allocation is torch-free arithmetic on cost tables"),
+    ("distributed/", {"pipeline"}, "placement runs a stage's work, it does not drive stages"),
 ]
 
 
@@ -86,6 +87,8 @@ def violations(src: Path = SRC) -> list[str]:
                 out.append(f"{rel} imports {', '.join(sorted(imported & banned))} ({why})")
         if "cli" in imported and node_of(rel) not in ("cli", "__main__"):
             out.append(f"{rel} imports cli (nothing but __main__ may)")
+        if "distributed" in imported and node_of(rel) not in ("pipeline", "distributed"):
+            out.append(f"{rel} imports distributed (only the stages choose where their work runs)")
     return out
 
 

@@ -153,16 +153,33 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "time, see docs/RESULTS.md) (default: rtn)")
 
 
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", choices=["ray"], default=None,
+                   help="spread the sensitivity probes over a Ray cluster (pip install 'tasa[distributed]'): "
+                        "workers each load the model and probe layers whose inputs this process computes once; "
+                        "same probes as the serial path (docs/DISTRIBUTED.md) (default: serial, here)")
+    p.add_argument("--address", default=None,
+                   help="with --distributed ray: the cluster's head, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, "
+                        "else a local Ray instance on this machine's cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --distributed ray: probe workers (default: one per GPU of the cluster with a GPU "
+                        "--device, else the cluster's CPU cores // --worker-threads)")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="with --distributed ray on CPUs: torch threads (and cores) per worker (default: 1)")
+
+
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace what OUTPUT_DIR holds: a non-empty directory, or probes made with other settings")
 
 
 def _runtime(args):
-    from tasa.config import Runtime
+    from tasa.config import Cluster, Runtime
 
+    cluster = Cluster(getattr(args, "distributed", None), getattr(args, "address", None),
+                      getattr(args, "workers", None), getattr(args, "worker_threads", 1))
     return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
-                   stream=args.stream)
+                   stream=args.stream, cluster=cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = _parent(_seqlen_arg, _seed_arg)
     grid, damp, target = _parent(_grid_args), _parent(_damp_arg), _parent(_target_arg)
     allocation, probes, overwrite = _parent(_allocation_args), _parent(_probe_args), _parent(_overwrite_arg)
+    distributed = _parent(_distributed_args)
 
     q = sub.add_parser("quantize", help="quantize all decoder-layer linears uniformly (GPTQ or RTN)",
                        description="Quantize every linear module of every decoder layer at one bit-width and "
@@ -248,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model (cached layer inputs: the probe of layer l runs layers l..L only). "
                                    "Writes OUTPUT_DIR/sensitivity.json; finished probes are kept in OUTPUT_DIR, "
                                    "so re-running the same command after a kill resumes.", epilog=EPILOG,
-                       parents=[model, group, sampling, grid, probes, overwrite])
+                       parents=[model, group, sampling, grid, probes, distributed, overwrite])
     p.add_argument("--objectives", default="wikitext2,gsm8k,arc_easy",
                    help="comma-separated: wikitext2 (log-perplexity), gsm8k (gold-solution NLL), arc_easy, "
                         "arc_challenge, mmlu (-log p(gold | choices)), or task spec files; probe rows come from "
@@ -285,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the full-precision model on held-out test rows, and write report.md/.html. "
                                    "Each stage is recorded in OUTPUT_DIR/stages.json under a hash of its inputs: "
                                    "rerunning skips finished stages, a killed run resumes.", epilog=EPILOG,
-                       parents=[model, group, sampling, allocation, probes, target])
+                       parents=[model, group, sampling, allocation, probes, distributed, target])
     r.add_argument("--tasks", required=True, help="tasks to protect, e.g. gsm8k,arc_easy (or SPEC.yaml files)")
     _format_arg(r)
     r.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")

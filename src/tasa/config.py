@@ -201,17 +201,43 @@ def _one_of(value, choices: tuple, what: str) -> None:
         raise TasaError(f"{what} must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got {value!r}")
 
 
+DISTRIBUTED = ("ray",)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where measurements run besides this process: ``backend`` ``ray`` (None: here, serially); the Ray cluster's
+    ``address`` (None: the one RAY_ADDRESS names, else a local Ray instance started for the run); ``workers``
+    (None: one per GPU of the cluster when the device is a GPU, else its CPU cores // ``threads``); ``threads``
+    torch threads per CPU worker."""
+
+    backend: str | None = None
+    address: str | None = None
+    workers: int | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend is not None:
+            _one_of(self.backend, DISTRIBUTED, "the distributed backend")
+        elif self.address is not None or self.workers is not None:
+            raise TasaError("--address and --workers need --distributed ray")
+        _positive(self.workers, "--workers", allow_none=True)
+        _positive(self.threads, "--worker-threads")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a verb computes, not what: torch device, model dtype (None: float32 on CPU, bfloat16 on
     GPU), sequences per forward batch, progress bars, and whether the model's weights are read from disk one
-    decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free memory)."""
+    decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free memory); the
+    ``cluster`` that measurements spread over (probes; serial here by default)."""
 
     device: str = "cpu"
     dtype: str | None = None
     batch_size: int = 8
     progress: bool = True
     stream: str = "auto"
+    cluster: Cluster = Cluster()
 
     def __post_init__(self) -> None:
         if self.dtype is not None:

@@ -23,16 +23,21 @@ def test_forbidden_imports_are_named(tmp_path):
     (tmp_path / "quant").mkdir()
     (tmp_path / "quant" / "rtn.py").write_text("def f():\n    from tasa.models import load\n")
     (tmp_path / "quant" / "apply.py").write_text("from tasa.models.walker import walk\n")  # allowed: not a kernel
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "probe.py").write_text("from tasa.distributed.probes import RayProbes\n")
     assert ig.violations(tmp_path) == ["eval/x.py imports quant (evaluation scores any model)",
                                        "eval/x.py imports cli (nothing but __main__ may)",
+                                       "profile/probe.py imports distributed (only the stages choose where their "
+                                       "work runs)",
                                        "quant/rtn.py imports models (quantization kernels are pure functions)"]
     assert ig.graph(tmp_path) == {"eval": {"quant": ["eval/x.py"], "cli": ["eval/x.py"]},
+                                  "profile": {"distributed": ["profile/probe.py"]},
                                   "quant": {"models": ["quant/apply.py", "quant/rtn.py"]}}
 
 
 def test_tasa_packages_form_no_cycle_and_respect_the_layering():
     g = ig.graph()
-    assert {"models", "quant", "export", "allocate", "profile", "mixture", "eval", "pipeline"} <= set(g)
+    assert {"models", "quant", "export", "allocate", "profile", "mixture", "eval", "pipeline", "distributed"} <= set(g)
     assert ig.cycles(g) == []
     assert ig.violations() == []
 

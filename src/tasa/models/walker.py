@@ -147,26 +147,33 @@ def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device)
                 mod._buffers[key] = b.to(device)
 
 
+@contextmanager
+def resident(arch: ModelArch, index: int, device: torch.device) -> Iterator[nn.Module]:
+    """Decoder layer ``index`` on ``device`` for the duration of the block, then back where it lives: moved
+    there and back in memory, or, for a streamed model, read from disk and dropped after (with any change made
+    to it)."""
+    if arch.streamer is not None:
+        layer = arch.streamer.fetch(index, device)
+        try:
+            yield layer
+        finally:
+            arch.streamer.release(index)
+        return
+    layer = arch.layers[index]
+    home = next(layer.parameters()).device
+    layer.to(device)
+    try:
+        yield layer
+    finally:
+        layer.to(home)
+
+
 def walk(arch: ModelArch, device: torch.device, desc: str = "layers", progress: bool = False,
          ) -> Iterator[tuple[int, nn.Module]]:
-    """Each decoder layer in order, on ``device`` while the caller uses it, then back where it lives: moved
-    there and back in memory, or, for a streamed model, read from disk and dropped after (with any change
-    made to it)."""
+    """Each decoder layer in order, :func:`resident` on ``device`` while the caller uses it."""
     for index in tqdm(range(arch.num_layers), desc=desc, disable=not progress):
-        if arch.streamer is not None:
-            layer = arch.streamer.fetch(index, device)
-            try:
-                yield index, layer
-            finally:
-                arch.streamer.release(index)
-            continue
-        layer = arch.layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        try:
+        with resident(arch, index, device) as layer:
             yield index, layer
-        finally:
-            layer.to(home)
 
 
 def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:

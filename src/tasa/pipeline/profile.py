@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -42,6 +43,20 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
             shutil.rmtree(out)
         elif not (out / "probe_settings.json").is_file():
             raise TasaError(f"output directory {out} is not empty and holds no probes; pass --overwrite")
+
+
+def _runner(lm: LoadedModel, arch, spec: ProfileSpec, runtime: Runtime):
+    """What runs the probes: None (here, serially), or a Ray pool of workers loading the same model."""
+    if runtime.cluster.backend is None:
+        return None
+    from tasa.distributed.probes import ModelSource, RayProbes
+    from tasa.models import compute_device
+
+    where = Path(lm.source)  # a local path travels as an absolute one: workers may start elsewhere
+    source = ModelSource(str(where.resolve()) if where.exists() else lm.source, dtype_name(lm.model),
+                         gpu=compute_device(lm.model).type == "cuda", stream=arch.streamer is not None,
+                         tie_experts=spec.tie_experts)
+    return functools.partial(RayProbes, cluster=runtime.cluster, model=source)
 
 
 def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(),
@@ -98,8 +113,11 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     if arch.is_moe and not spec.tie_experts:
         settings["tie_experts"] = False  # recorded only then, so dense models keep their fingerprint
     plan_units = units(arch, spec.granularity, spec.layers)
+    if runtime.cluster.backend is not None and spec.estimator != "measured":
+        log.warning("--distributed spreads measured probes; the %s estimator runs here", spec.estimator)
     estimators: dict = {}
     warnings: list[str] = []
+    placement = None
     if spec.estimator == "measured":
         # a probe is stored under its unit and bit-width: a profile at more (or fewer) bit-widths reuses it
         probe_settings = {k: v for k, v in settings.items() if k != "bits"}
@@ -107,11 +125,11 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
                 and fingerprint(read_json(out / "probe_settings.json")) != fingerprint(probe_settings):
             shutil.rmtree(out)
         res = run_probes(lm.model, arch, objs, spec, store=ProbeStore(out, probe_settings), calib_ids=calib_ids,
-                         progress=runtime.progress)
+                         progress=runtime.progress, runner=_runner(lm, arch, spec, runtime))
         costs, stability, warnings = sensitivities(res, objs, spec.bits, seed=spec.seed)
         taus = objective_taus(res, objs, spec.bits, seed=spec.seed) if len(objs) > 1 else {}
         base = {o.name: res.base[o.name].cost() for o in objs}
-        probe_seconds = res.probe_seconds
+        probe_seconds, placement = res.probe_seconds, res.placement
         for w in warnings:
             log.warning(w)
         for est in ESTIMATORS if spec.compare_estimators else ():
@@ -145,6 +163,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         "stability": stability,
         "objective_taus": taus,
         "estimators": estimators,
+        **({"placement": placement} if placement else {}),
         "warnings": warnings,
         "seconds": {"total": time.perf_counter() - t0, "sensitivity": probe_seconds,
                     **({"probe_wall_this_run": res.seconds} if spec.estimator == "measured" else {})},

@@ -31,6 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -232,6 +233,7 @@ class ProbeResults:
     units: list[Unit]
     seconds: float  # wall time of this call
     probe_seconds: float = 0.0  # compute of all probes, also those resumed from an earlier run
+    placement: dict | None = None  # where the probes ran: the runner's info()
 
 
 def _losses_record(losses: dict[str, ItemLosses]) -> dict:
@@ -276,9 +278,91 @@ class _Calibration:
         self._hessians = None
 
 
+StateKey = tuple[str, int]  # (objective name, batch index)
+
+
+class Scorer:
+    """Scores every objective from the inputs kept for one decoder layer, with a unit quantized or not: the
+    one probe computation of the serial profile and of every distributed worker (tasa.distributed)."""
+
+    def __init__(self, model: nn.Module, arch: ModelArch, objectives: list[Objective],
+                 batches: dict[str, list[Batch]], plain_head: bool):
+        self.model, self.arch, self.objectives, self.batches, self.plain = model, arch, objectives, batches, plain_head
+        # the full-precision top-k log-probs of every scored token, per batch (from :meth:`base`): every probe also
+        # measures the token KL (the cost of text objectives by default; kept for every objective, so one profile
+        # serves every cost form)
+        self.refs: dict[StateKey, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def state_keys(self) -> list[StateKey]:
+        return [(o.name, i) for o in self.objectives for i in range(len(self.batches[o.name]))]
+
+    def score(self, layer: int, states: Callable[[StateKey], torch.Tensor],
+              keep_reference: bool = False) -> dict[str, ItemLosses]:
+        """Per-item losses of every objective, running layers ``layer..L-1`` from ``states((objective, batch))``;
+        ``keep_reference`` keeps the top-k log-probs as the KL references (the full-precision pass)."""
+        out = {}
+        for o in self.objectives:
+            nll, kl = [], []
+            for i, b in enumerate(self.batches[o.name]):
+                sc = tail_token_scores(self.model, self.arch, b, layer, states((o.name, i)), self.plain,
+                                       topk=KL_TOPK if keep_reference else 0, reference=self.refs.get((o.name, i)))
+                if sc.topk is not None:
+                    self.refs[(o.name, i)] = (sc.topk[0], sc.topk[1].int())
+                nll.append(sc.nll)
+                kl.append(sc.kl)
+            width = o.input_ids.shape[1]
+
+            def cat(ts):
+                return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in ts]).cpu()
+
+            out[o.name] = item_losses(o, cat(nll), None if keep_reference else cat(kl))
+        return out
+
+    def probe(self, unit: Unit, bits: int, spec: ProfileSpec, states: Callable[[StateKey], torch.Tensor],
+              hessians: dict[str, torch.Tensor] | None = None) -> dict[str, ItemLosses]:
+        """The losses with ``unit`` quantized at ``bits`` (RTN, or GPTQ on ``hessians``), weights restored after."""
+        with quant_swapped(self.model, unit.modules, bits, spec.group_size, spec.sym, hessians, spec.damp):
+            return self.score(unit.layer, states)
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    key: str  # "unit@bits", the probe store's key
+    unit: Unit
+    bits: int
+
+
+class SerialProbes:
+    """Runs each probe when it is submitted, in this process, on the kept inputs of the current layer."""
+
+    def __init__(self, scorer: Scorer, spec: ProfileSpec):
+        self.scorer, self.spec = scorer, spec
+        self.done: list[tuple[str, dict[str, ItemLosses], float]] = []
+
+    def start_layer(self, layer: int, states: "KeptStates", calib: _Calibration | None) -> None:
+        self.states, self.calib = states, calib
+
+    def submit(self, job: ProbeJob) -> None:
+        t = time.perf_counter()
+        hessians = self.calib.hessians() if self.calib is not None else None
+        losses = self.scorer.probe(job.unit, job.bits, self.spec, self.states.get, hessians)
+        self.done.append((job.key, losses, time.perf_counter() - t))
+
+    def finished(self, wait: bool = False) -> list[tuple[str, dict[str, ItemLosses], float]]:
+        """The probes finished since the last call: (key, losses, compute seconds)."""
+        out, self.done = self.done, []
+        return out
+
+    def info(self) -> dict:
+        return {"backend": "serial", "threads": torch.get_num_threads()}
+
+    def close(self) -> None:
+        pass
+
+
 def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], spec: ProfileSpec,
                store: ProbeStore | None = None, calib_ids: torch.Tensor | None = None, calib_batch: int = 8,
-               max_logits_gb: float = 2.0, progress: bool = True) -> ProbeResults:
+               max_logits_gb: float = 2.0, progress: bool = True, runner=None) -> ProbeResults:
     """Measure every unit (of ``spec.layers``, default all) at every bit-width of ``spec`` on every objective.
 
     Probes quantize with RTN (``spec.group_size``, which must be resolved, and ``spec.sym``), or with GPTQ
@@ -290,17 +374,34 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
     kept layer inputs take padded tokens x hidden size elements per objective;
     past ``spec.max_state_gb`` they are spilled to disk (under the store's directory,
     or a temporary one) and read back batch by batch.
+
+    ``runner``: what computes the probes, given the :class:`Scorer` (after the full-precision pass, which sets
+    its KL references) and ``spec``; default :class:`SerialProbes`, here and now.  A distributed runner
+    (tasa.distributed) computes them elsewhere while this process walks the layers and keeps the store.
     """
     if spec.group_size is None:
         raise ValueError("run_probes needs a resolved group size")
     t0 = time.perf_counter()
     plan_units = units(arch, spec.granularity, spec.layers)
     batches = objective_batches(model, objectives, spec.batch_tokens, max_logits_gb)
-    plain = head_is_plain(model, batches[objectives[0].name][0])
+    scorer = Scorer(model, arch, objectives, batches, head_is_plain(model, batches[objectives[0].name][0]))
     spill = None
     if state_bytes(model, batches) > spec.max_state_gb * 2**30:
         spill = (store.root / "kept-states") if store else Path(tempfile.mkdtemp(prefix="tasa-states-"))
     hidden = KeptStates(spill)
+    probes: dict = {}
+    probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
+    bar = tqdm(total=len(plan_units) * len(spec.bits), desc=f"probes ({spec.granularity})", disable=not progress)
+
+    def record(key: str, losses: dict[str, ItemLosses], secs: float, stored: bool = False) -> None:
+        nonlocal probe_seconds
+        probe_seconds += secs
+        if store and not stored:
+            store.put(key, {"losses": _losses_record(losses), "seconds": secs})
+        probes[key] = losses
+        bar.update(1)
+
+    run = None
     try:
         calib = None if calib_ids is None else _Calibration(model, arch, calib_ids, calib_batch)
         layer_kwargs = {}  # objective -> [batch][layer] -> the keyword arguments the model passes that layer
@@ -310,65 +411,27 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for i, h in enumerate(captured.hidden):
                 hidden.put((o.name, i), h)
             del captured
-
-        # the full-precision top-k log-probs of every scored token, per batch: every probe also measures the token KL
-        # (the cost of text objectives by default; kept for every objective, so one profile serves every cost form)
-        refs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def score(layer: int, keep_reference: bool = False) -> dict[str, ItemLosses]:
-            out = {}
-            for o in objectives:
-                nll, kl = [], []
-                for i, b in enumerate(batches[o.name]):
-                    sc = tail_token_scores(model, arch, b, layer, hidden.get((o.name, i)), plain,
-                                           topk=KL_TOPK if keep_reference else 0,
-                                           reference=refs.get((o.name, i)))
-                    if sc.topk is not None:
-                        refs[(o.name, i)] = (sc.topk[0], sc.topk[1].int())
-                    nll.append(sc.nll)
-                    kl.append(sc.kl)
-                width = o.input_ids.shape[1]
-
-                def cat(ts):
-                    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in ts]).cpu()
-
-                out[o.name] = item_losses(o, cat(nll), None if keep_reference else cat(kl))
-            return out
-
-        probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
-
-        def recorded(key: str, compute) -> dict[str, ItemLosses]:
-            """The probe's losses from the store, or computed now, timed and stored."""
-            nonlocal probe_seconds
-            rec = store.get(key) if store else None
-            if rec is not None:
-                probe_seconds += float(rec.get("seconds", 0.0))
-                return _losses_from(rec["losses"])
-            t = time.perf_counter()
-            losses = compute()
-            secs = time.perf_counter() - t
-            probe_seconds += secs
-            if store:
-                store.put(key, {"losses": _losses_record(losses), "seconds": secs})
-            return losses
-
-        base = score(0, keep_reference=True)  # each run: it also yields the token-KL references (deterministic)
-        probes: dict = {}
-        total = len(plan_units) * len(spec.bits)
-        bar = tqdm(total=total, desc=f"probes ({spec.granularity})", disable=not progress)
+        base = scorer.score(0, hidden.get, keep_reference=True)  # each run: it also sets the KL references
+        run = runner(scorer, spec) if runner is not None else SerialProbes(scorer, spec)
         last = max(u.layer for u in plan_units)
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
             if layer > last:
                 break
+            todo = []
             for unit in (u for u in plan_units if u.layer == layer):
                 for b in spec.bits:
-                    def probe(unit=unit, b=b, layer=layer):
-                        hessians = calib.hessians() if calib is not None else None
-                        with quant_swapped(model, unit.modules, b, spec.group_size, spec.sym, hessians, spec.damp):
-                            return score(layer)
-
-                    probes[(unit.name, b)] = recorded(f"{unit.name}@{b}", probe)
-                    bar.update(1)
+                    key = f"{unit.name}@{b}"
+                    rec = store.get(key) if store else None
+                    if rec is not None:
+                        record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
+                    else:
+                        todo.append(ProbeJob(key, unit, b))
+            if todo:
+                run.start_layer(layer, hidden, calib)
+                for job in todo:
+                    run.submit(job)
+                    for key, losses, secs in run.finished():  # stored as soon as done: a kill loses little
+                        record(key, losses, secs)
             if layer < last:
                 if calib is not None:
                     calib.advance()
@@ -377,7 +440,12 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
                         for i in range(len(batches[o.name])):
                             hidden.put((o.name, i), forward_layer(module, hidden.get((o.name, i)),
                                                                   layer_kwargs[o.name][i][layer], layer))
+        for key, losses, secs in run.finished(wait=True):
+            record(key, losses, secs)
         bar.close()
-        return ProbeResults(base, probes, plan_units, time.perf_counter() - t0, probe_seconds)
+        ordered = {(u.name, b): probes[f"{u.name}@{b}"] for u in plan_units for b in spec.bits}
+        return ProbeResults(base, ordered, plan_units, time.perf_counter() - t0, probe_seconds, run.info())
     finally:
+        if run is not None:
+            run.close()
         hidden.close()

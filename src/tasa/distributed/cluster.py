@@ -1,0 +1,156 @@
+"""A Ray cluster and a pool of actors, each owning one device, that run submitted calls and survive workers dying.
+
+Ray is imported only here (and only when asked for): ``tasa[distributed]`` installs it.  The pool keeps at most
+``depth`` calls in flight per actor (so an actor never waits on the driver), hands a call whose actor died to
+another one, and restarts dead actors through Ray (``max_restarts``; their pending calls are retried by Ray,
+``max_task_retries``).  Errors raised by the work itself come back as one-line TasaErrors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from tasa.config import Cluster
+from tasa.errors import TasaError
+
+log = logging.getLogger("tasa.distributed")
+
+RESTARTS = 3  # Ray restarts of an actor whose process died, and retries of the calls it held
+
+
+def ray_module():
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise TasaError("--distributed ray needs Ray: pip install 'tasa[distributed]'") from None
+    return ray
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def connect(cluster: Cluster):
+    """Ray, connected to ``cluster.address`` (or RAY_ADDRESS), else to a local instance started now (all of this
+    machine's cores); a process already connected stays with its cluster."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:  # unreachable head, version mismatch: one line
+        raise TasaError(f"could not connect to the Ray cluster at {address or 'a new local instance'}: "
+                        f"{_first_line(e)}") from None
+    return ray
+
+
+def worker_count(ray, cluster: Cluster, gpu: bool) -> int:
+    """``cluster.workers``, else one per GPU (``gpu``) or per ``threads`` CPU cores of the cluster; an error when
+    the cluster cannot hold that many."""
+    res = ray.cluster_resources()
+    have = int(res.get("GPU", 0)) if gpu else int(res.get("CPU", 0)) // cluster.threads
+    if have < 1:
+        raise TasaError(f"the Ray cluster has no {'GPU' if gpu else f'{cluster.threads} free CPU cores'} for a "
+                        "worker")
+    n = cluster.workers or have
+    if n > have:
+        raise TasaError(f"--workers {n}: the Ray cluster holds {have} worker(s) of "
+                        f"{'one GPU' if gpu else f'{cluster.threads} CPU core(s)'}")
+    return n
+
+
+@dataclass
+class _Call:
+    method: str
+    args: tuple
+    tag: Any  # the caller's handle for the result
+
+
+class ActorPool:
+    """``n`` actors of ``cls(*init_args)`` (each ``threads`` CPU cores, or one GPU), running calls submitted in
+    order, ``depth`` at a time per actor.  :meth:`results` yields (tag, value) as calls finish."""
+
+    def __init__(self, ray, cls: type, init_args: tuple, n: int, gpu: bool, threads: int, depth: int = 2):
+        self.ray = ray
+        remote = ray.remote(cls).options(num_cpus=0 if gpu else threads, num_gpus=1 if gpu else 0,
+                                         max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        self.actors = [remote.remote(*init_args) for _ in range(n)]
+        self.depth = depth
+        self.queue: deque[_Call] = deque()
+        self.running: dict = {}  # ObjectRef -> (call, actor index)
+        self.load = [0] * n
+        self.dead: set[int] = set()
+        self.pids = self.call_all("pid")  # waits for every actor to start: a load error shows here, once
+
+    def call_all(self, method: str) -> list:
+        """``method()`` on every live actor, now (between submitted calls)."""
+        return self._get([getattr(self.actors[i], method).remote() for i in self.live()])
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.dead]
+
+    def _get(self, refs):
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:  # the work itself failed: its own message
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise TasaError(f"a Ray worker failed: {_first_line(cause)}") from None
+        except self.ray.exceptions.RayActorError as e:
+            raise TasaError(f"a Ray worker could not start or died: {_first_line(e)}") from None
+
+    def submit(self, method: str, args: tuple, tag: Any) -> None:
+        self.queue.append(_Call(method, args, tag))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.queue:
+            live = self.live()
+            if not live:
+                raise TasaError("every Ray worker died; see the Ray logs (ray logs, or /tmp/ray/session_latest)")
+            i = min(live, key=lambda j: self.load[j])
+            if self.load[i] >= self.depth:
+                return
+            call = self.queue.popleft()
+            ref = getattr(self.actors[i], call.method).remote(*call.args)
+            self.running[ref] = (call, i)
+            self.load[i] += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.running)
+
+    def results(self, wait: bool = False, at_least: int = 0) -> list[tuple[Any, Any]]:
+        """(tag, value) of the calls finished now; with ``wait``, of every call submitted; with ``at_least``, of
+        that many at least (or all)."""
+        out: list = []
+        while self.running:
+            ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+            if not ready:
+                if not (wait or len(out) < at_least):
+                    break
+                ready, _ = self.ray.wait(list(self.running), num_returns=1)
+            for ref in ready:
+                call, i = self.running.pop(ref)
+                self.load[i] -= 1
+                try:
+                    out.append((call.tag, self.ray.get(ref)))
+                except self.ray.exceptions.RayActorError:  # died past its restarts: its work goes elsewhere
+                    log.warning("Ray worker %d died past its %d restarts; its work goes to the others", i, RESTARTS)
+                    self.dead.add(i)
+                    self.queue.appendleft(call)
+                except self.ray.exceptions.RayTaskError:
+                    self._get(ref)  # raises the work's own error, in one line
+            self._dispatch()
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors, self.running = [], {}

@@ -1,0 +1,158 @@
+"""Sensitivity probes on a Ray cluster, placed as tasks over workers that each hold the whole model.
+
+This process walks the decoder layers as the serial profile does (tasa.profile.probe.run_probes): it computes
+the full-precision inputs of each layer once, puts them (and, for GPTQ probes, the layer's Hessians) in Ray's
+object store, and submits that layer's probes, (unit, bit-width) pairs, to a pool of workers, one per device
+(a GPU, or ``threads`` CPU cores).  Each worker loads the model itself (from the same source: its files must
+be reachable from every node), keeps the inputs of the layer it last probed, and runs the same
+:class:`tasa.profile.probe.Scorer` as the serial path, so a probe's losses differ from the serial ones only by
+summation order (thread counts differ).  Finished probes are written to the probe store here, as they arrive;
+a worker that dies is restarted by Ray and its probes retried, and a run killed as a whole resumes from the
+store.  At most as many layers' inputs are in flight as ``max_state_gb`` holds (two at least).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tasa.config import Cluster, ProfileSpec
+from tasa.distributed.cluster import ActorPool, connect, worker_count
+from tasa.profile.objectives import Objective
+from tasa.profile.probe import ProbeJob, Scorer, StateKey, objective_batches
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a worker loads the model the driver holds: what ``tasa.models.load`` is given, and the unit layout."""
+
+    source: str
+    dtype: str
+    gpu: bool
+    stream: bool
+    tie_experts: bool
+
+
+@dataclass
+class _Setup:
+    """What every worker needs besides the model, put in the object store once."""
+
+    objectives: list[Objective]
+    batch_tokens: int
+    max_logits_gb: float
+    plain_head: bool
+    refs: dict[StateKey, tuple[torch.Tensor, torch.Tensor]]  # the KL references, on the CPU
+    threads: int
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+class ProbeWorker:
+    """A Ray actor: the model, loaded once, and the objectives; probes one (unit, bit-width) per call."""
+
+    def __init__(self, model: ModelSource, setup: _Setup):
+        torch.set_num_threads(setup.threads)
+        from tasa.models import compute_device, load, resolve
+
+        lm = load(model.source, dtype=model.dtype, device="cuda" if model.gpu else "cpu", stream=model.stream)
+        arch = resolve(lm.model)
+        arch.tie_experts = model.tie_experts
+        self.device = compute_device(lm.model)
+        batches = objective_batches(lm.model, setup.objectives, setup.batch_tokens, setup.max_logits_gb)
+        self.scorer = Scorer(lm.model, arch, setup.objectives, batches, setup.plain_head)
+        self.scorer.refs = _to(setup.refs, self.device)
+        self.layer: int | None = None
+        self.states: dict = {}
+        self.hessians = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def probe(self, job: ProbeJob, spec: ProfileSpec, layer_refs: list) -> tuple[dict, float]:
+        """The job's losses and compute seconds; ``layer_refs`` holds the object refs of its layer's inputs and
+        Hessians (nested in a list, so that this worker fetches them once per layer, not once per probe)."""
+        import ray
+
+        from tasa.models.walker import resident
+
+        if self.layer != job.unit.layer:
+            states, hessians = ray.get(layer_refs)
+            self.states, self.hessians = _to(states, self.device), _to(hessians, self.device)
+            self.layer = job.unit.layer
+        t = time.perf_counter()
+        with resident(self.scorer.arch, job.unit.layer, self.device):
+            losses = self.scorer.probe(job.unit, job.bits, spec, self.states.__getitem__, self.hessians)
+        return losses, time.perf_counter() - t
+
+
+class RayProbes:
+    """The runner of :func:`tasa.profile.probe.run_probes` on a Ray pool (see the module docstring)."""
+
+    def __init__(self, scorer: Scorer, spec: ProfileSpec, cluster: Cluster, model: ModelSource,
+                 max_logits_gb: float = 2.0):
+        ray = connect(cluster)
+        self.ray, self.spec, self.scorer = ray, spec, scorer
+        self.gpu, self.threads = model.gpu, cluster.threads
+        t = time.perf_counter()
+        setup = _Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
+                       _to(scorer.refs, "cpu"), cluster.threads)
+        n = worker_count(ray, cluster, model.gpu)
+        self.pool = ActorPool(ray, ProbeWorker, (model, ray.put(setup)), n, model.gpu, cluster.threads)
+        self.start_seconds = time.perf_counter() - t
+        self.layers: dict[int, list] = {}  # layer -> [object refs of its inputs and Hessians, probes pending]
+        self.max_layers = 2
+        self._done: list = []  # probes finished while waiting for room, not yet handed back
+
+    def start_layer(self, layer: int, states, calib) -> None:
+        """Put ``layer``'s inputs (and Hessians) in the object store, after waiting until fewer than
+        ``max_layers`` layers are in flight."""
+        self._release()
+        while len(self.layers) >= self.max_layers:
+            self._done.extend(self._collect(at_least=1))
+            self._release()
+        snapshot = {k: states.get(k).cpu() for k in self.scorer.state_keys()}
+        hessians = None if calib is None else _to(calib.hessians(), "cpu")
+        self.layers[layer] = [[self.ray.put(snapshot), self.ray.put(hessians)], 0]
+        if len(self.layers) == 1:  # the budget in layers, from the first one's size
+            size = sum(t.numel() * t.element_size() for t in snapshot.values())
+            self.max_layers = max(2, int(self.spec.max_state_gb * 2**30 // max(size, 1)))
+
+    def submit(self, job: ProbeJob) -> None:
+        entry = self.layers[job.unit.layer]
+        entry[1] += 1
+        self.pool.submit("probe", (job, self.spec, entry[0]), job)
+
+    def _collect(self, wait: bool = False, at_least: int = 0) -> list:
+        out = []
+        for job, (losses, secs) in self.pool.results(wait=wait, at_least=at_least):
+            self.layers[job.unit.layer][1] -= 1
+            out.append((job.key, losses, secs))
+        return out
+
+    def _release(self) -> None:
+        """Drop the object refs of the layers whose probes are all done: their inputs leave the object store."""
+        for layer in [k for k, (_, pending) in self.layers.items() if pending == 0]:
+            del self.layers[layer]
+
+    def finished(self, wait: bool = False) -> list:
+        out, self._done = self._done + self._collect(wait=wait), []
+        return out
+
+    def info(self) -> dict:
+        """The placement, for the records: workers, their threads or GPUs, nodes, and the pool's start time."""
+        return {"backend": "ray", "placement": "task", "workers": len(self.pool.actors), "gpu": self.gpu,
+                "threads": None if self.gpu else self.threads, "nodes": len(self.ray.nodes()),
+                "start_seconds": self.start_seconds}
+
+    def close(self) -> None:
+        self.pool.close()
