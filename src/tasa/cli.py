@@ -166,6 +166,11 @@ def _distributed_args(p: argparse.ArgumentParser) -> None:
                         "--device, else the cluster's CPU cores // --worker-threads)")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="with --distributed ray on CPUs: torch threads (and cores) per worker (default: 1)")
+    p.add_argument("--placement", choices=["auto", "task", "pipeline"], default="auto",
+                   help="with --distributed ray: task = every worker holds the model and takes whole probes; "
+                        "pipeline = each worker holds a slice of the layers and probes flow through them, for "
+                        "models one worker cannot hold; auto = pipeline when this machine streams the model "
+                        "(--stream), else task (default: auto)")
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -177,7 +182,8 @@ def _runtime(args):
     from tasa.config import Cluster, Runtime
 
     cluster = Cluster(getattr(args, "distributed", None), getattr(args, "address", None),
-                      getattr(args, "workers", None), getattr(args, "worker_threads", 1))
+                      getattr(args, "workers", None), getattr(args, "worker_threads", 1),
+                      getattr(args, "placement", "auto"))
     return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
                    stream=args.stream, cluster=cluster)
 

@@ -202,6 +202,7 @@ def _one_of(value, choices: tuple, what: str) -> None:
 
 
 DISTRIBUTED = ("ray",)
+PLACEMENTS = ("auto", "task", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -209,20 +210,24 @@ class Cluster:
     """Where measurements run besides this process: ``backend`` ``ray`` (None: here, serially); the Ray cluster's
     ``address`` (None: the one RAY_ADDRESS names, else a local Ray instance started for the run); ``workers``
     (None: one per GPU of the cluster when the device is a GPU, else its CPU cores // ``threads``); ``threads``
-    torch threads per CPU worker."""
+    torch threads per CPU worker; ``placement`` of the probes: ``task`` (every worker holds the model),
+    ``pipeline`` (each holds a slice of the layers), or ``auto`` (pipeline when this process streams the model
+    because it exceeds memory, else task)."""
 
     backend: str | None = None
     address: str | None = None
     workers: int | None = None
     threads: int = 1
+    placement: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend is not None:
             _one_of(self.backend, DISTRIBUTED, "the distributed backend")
-        elif self.address is not None or self.workers is not None:
-            raise TasaError("--address and --workers need --distributed ray")
+        elif self.address is not None or self.workers is not None or self.placement != "auto":
+            raise TasaError("--address, --workers and --placement need --distributed ray")
         _positive(self.workers, "--workers", allow_none=True)
         _positive(self.threads, "--worker-threads")
+        _one_of(self.placement, PLACEMENTS, "--placement")
 
 
 @dataclass(frozen=True)

@@ -127,14 +127,17 @@ def test_worker_killed_mid_profile_changes_nothing(cluster, model_dir, tiny_data
 def test_distributed_settings_are_checked(monkeypatch, capsys):
     from tasa.cli import main
 
-    with pytest.raises(TasaError, match="--address and --workers need --distributed ray"):
+    with pytest.raises(TasaError, match="--address, --workers and --placement need --distributed ray"):
         Cluster(None, workers=2)
+    with pytest.raises(TasaError, match="--placement"):
+        Cluster("ray", placement="ring")
     with pytest.raises(TasaError, match="--workers must be a positive integer"):
         Cluster("ray", workers=0)
     with pytest.raises(SystemExit) as exit_:
         main(["profile", "--workers", "2", "--output-dir", "unused"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == "tasa: error: --address and --workers need --distributed ray"
+    assert capsys.readouterr().err.strip() == \
+        "tasa: error: --address, --workers and --placement need --distributed ray"
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     from tasa.distributed.cluster import connect
 
@@ -153,3 +156,32 @@ def test_more_workers_than_the_cluster_holds(cluster):
         worker_count(ray, Cluster("ray", workers=3), gpu=False)
     with pytest.raises(TasaError, match="no GPU"):
         worker_count(ray, Cluster("ray"), gpu=True)
+
+
+def test_pipeline_placement_gives_the_task_placements_probes(cluster, model_dir, tiny_data, tmp_path, monkeypatch):
+    """Two stages holding layers [0, 2) and [2, 3) of a streamed model: probes of layers 0 and 1 start on the
+    first and flow through the second, those of layer 2 start on the last; the same probes as serially."""
+    from tasa.distributed.pipeline import RayPipeline
+    from tasa.distributed.probes import ModelSource
+    from tasa.models import load
+
+    monkeypatch.setenv("TASA_DATA_DIR", str(tiny_data))
+    lm = load(str(model_dir))
+    arch = resolve(lm.model)
+    objs = [build_objective(name, lm.tokenizer, min_tokens=60, seqlen=32) for name in ("wikitext2", "arc_easy")]
+    spec = ProfileSpec(objectives=("wikitext2", "arc_easy"), bits=(2, 4), granularity="module", group_size=16,
+                       probe_tokens=60, probe_seqlen=32)
+    serial = run_probes(lm.model, arch, objs, spec, progress=False)
+    source = ModelSource(str(model_dir), "float32", gpu=False, stream=True, tie_experts=True)
+    res = run_probes(lm.model, arch, objs, spec, progress=False,
+                     runner=functools.partial(RayPipeline, cluster=cluster, model=source))
+    assert res.placement["placement"] == "pipeline" and res.placement["slices"] == [[0, 2], [2, 3]]
+    assert res.probes.keys() == serial.probes.keys() and len(res.probes) == 42
+    for o in ("wikitext2", "arc_easy"):
+        torch.testing.assert_close(res.base[o].nll, serial.base[o].nll, rtol=1e-5, atol=2e-6)
+        for k in serial.probes:
+            for what in ("nll", "kl", "choice_logp"):
+                got, want = getattr(res.probes[k][o], what), getattr(serial.probes[k][o], what)
+                assert (got is None) == (want is None)
+                if want is not None:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)

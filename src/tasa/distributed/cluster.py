@@ -66,6 +66,24 @@ def worker_count(ray, cluster: Cluster, gpu: bool) -> int:
     return n
 
 
+def actor_class(ray, cls: type, gpu: bool, threads: int):
+    """``cls`` as a Ray actor owning one GPU or ``threads`` CPU cores, restarted when its process dies (and the
+    calls it held retried)."""
+    return ray.remote(cls).options(num_cpus=0 if gpu else threads, num_gpus=1 if gpu else 0,
+                                   max_restarts=RESTARTS, max_task_retries=RESTARTS)
+
+
+def get(ray, refs, timeout: float | None = None):
+    """``ray.get``, with the errors of the work (its own message) and of dead actors as one-line TasaErrors."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        raise TasaError(f"a Ray worker failed: {_first_line(cause)}") from None
+    except ray.exceptions.RayActorError as e:
+        raise TasaError(f"a Ray worker could not start or died: {_first_line(e)}") from None
+
+
 @dataclass
 class _Call:
     method: str
@@ -79,8 +97,7 @@ class ActorPool:
 
     def __init__(self, ray, cls: type, init_args: tuple, n: int, gpu: bool, threads: int, depth: int = 2):
         self.ray = ray
-        remote = ray.remote(cls).options(num_cpus=0 if gpu else threads, num_gpus=1 if gpu else 0,
-                                         max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        remote = actor_class(ray, cls, gpu, threads)
         self.actors = [remote.remote(*init_args) for _ in range(n)]
         self.depth = depth
         self.queue: deque[_Call] = deque()
@@ -91,19 +108,10 @@ class ActorPool:
 
     def call_all(self, method: str) -> list:
         """``method()`` on every live actor, now (between submitted calls)."""
-        return self._get([getattr(self.actors[i], method).remote() for i in self.live()])
+        return get(self.ray, [getattr(self.actors[i], method).remote() for i in self.live()])
 
     def live(self) -> list[int]:
         return [i for i in range(len(self.actors)) if i not in self.dead]
-
-    def _get(self, refs):
-        try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as e:  # the work itself failed: its own message
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise TasaError(f"a Ray worker failed: {_first_line(cause)}") from None
-        except self.ray.exceptions.RayActorError as e:
-            raise TasaError(f"a Ray worker could not start or died: {_first_line(e)}") from None
 
     def submit(self, method: str, args: tuple, tag: Any) -> None:
         self.queue.append(_Call(method, args, tag))
@@ -127,8 +135,8 @@ class ActorPool:
         return len(self.queue) + len(self.running)
 
     def results(self, wait: bool = False, at_least: int = 0) -> list[tuple[Any, Any]]:
-        """(tag, value) of the calls finished now; with ``wait``, of every call submitted; with ``at_least``, of
-        that many at least (or all)."""
+        """(tag, value) of the calls finished now: of ``at_least`` calls at least (or all there are), waiting
+        for them; with ``wait``, of every call submitted."""
         out: list = []
         while self.running:
             ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
@@ -146,7 +154,7 @@ class ActorPool:
                     self.dead.add(i)
                     self.queue.appendleft(call)
                 except self.ray.exceptions.RayTaskError:
-                    self._get(ref)  # raises the work's own error, in one line
+                    get(self.ray, ref)  # raises the work's own error, in one line
             self._dispatch()
         return out
 

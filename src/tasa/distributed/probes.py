@@ -12,6 +12,7 @@ store.  At most as many layers' inputs are in flight as ``max_state_gb`` holds (
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -43,13 +44,15 @@ class _Setup:
     batch_tokens: int
     max_logits_gb: float
     plain_head: bool
-    refs: dict[StateKey, tuple[torch.Tensor, torch.Tensor]]  # the KL references, on the CPU
     threads: int
 
 
 def _to(x, device):
+    """``x`` (tensors, in dicts, tuples, lists and dataclasses) on ``device``."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), device) for f in dataclasses.fields(x)})
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
@@ -57,10 +60,12 @@ def _to(x, device):
     return x
 
 
-class ProbeWorker:
-    """A Ray actor: the model, loaded once, and the objectives; probes one (unit, bit-width) per call."""
+class ModelWorker:
+    """What every probe worker holds: the model, loaded once (``layers``: only those decoder layers stay
+    resident, for a pipeline stage of a streamed model), the objectives' batches, the KL references and the
+    inputs (and Hessians) of the layer it last probed."""
 
-    def __init__(self, model: ModelSource, setup: _Setup):
+    def __init__(self, model: ModelSource, setup: _Setup, layers: range | None = None):
         torch.set_num_threads(setup.threads)
         from tasa.models import compute_device, load, resolve
 
@@ -68,9 +73,12 @@ class ProbeWorker:
         arch = resolve(lm.model)
         arch.tie_experts = model.tie_experts
         self.device = compute_device(lm.model)
+        if arch.streamer is not None and layers is not None:  # a stage: its layers and the rest stay resident
+            for i in layers:
+                arch.streamer.fetch(i, self.device)
+            arch.streamer.hold_outside()
         batches = objective_batches(lm.model, setup.objectives, setup.batch_tokens, setup.max_logits_gb)
         self.scorer = Scorer(lm.model, arch, setup.objectives, batches, setup.plain_head)
-        self.scorer.refs = _to(setup.refs, self.device)
         self.layer: int | None = None
         self.states: dict = {}
         self.hessians = None
@@ -78,17 +86,37 @@ class ProbeWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def probe(self, job: ProbeJob, spec: ProfileSpec, layer_refs: list) -> tuple[dict, float]:
-        """The job's losses and compute seconds; ``layer_refs`` holds the object refs of its layer's inputs and
-        Hessians (nested in a list, so that this worker fetches them once per layer, not once per probe)."""
+    def _inputs(self, layer: int, layer_refs: list, references: list) -> None:
+        """Fetch the KL references once, and ``layer``'s inputs and Hessians when the layer changes."""
         import ray
 
-        from tasa.models.walker import resident
-
-        if self.layer != job.unit.layer:
+        if references and not self.scorer.refs:
+            self.scorer.refs = _to(ray.get(references[0]), self.device)
+        if self.layer != layer:
             states, hessians = ray.get(layer_refs)
             self.states, self.hessians = _to(states, self.device), _to(hessians, self.device)
-            self.layer = job.unit.layer
+            self.layer = layer
+
+
+class ProbeWorker(ModelWorker):
+    """A Ray actor of the task placement: the whole model; probes one (unit, bit-width) per call."""
+
+    def reference(self, keys: list[StateKey], box: list) -> dict:
+        """The full-precision pass of the batches ``keys`` from layer 0's inputs (``box``: their object ref):
+        token scores with the top-k log-probs, on the CPU."""
+        import ray
+
+        states = ray.get(box[0])
+        return {k: _to(self.scorer.batch_scores(k, 0, states[k].to(self.device), keep_reference=True), "cpu")
+                for k in keys}
+
+    def probe(self, job: ProbeJob, spec: ProfileSpec, layer_refs: list, references: list) -> tuple[dict, float]:
+        """The job's losses and compute seconds; ``layer_refs`` holds the object refs of its layer's inputs and
+        Hessians, ``references`` that of the KL references (nested in lists, so that this worker fetches them once
+        per layer and once, not once per probe; a restarted worker fetches them again)."""
+        from tasa.models.walker import resident
+
+        self._inputs(job.unit.layer, layer_refs, references)
         t = time.perf_counter()
         with resident(self.scorer.arch, job.unit.layer, self.device):
             losses = self.scorer.probe(job.unit, job.bits, spec, self.states.__getitem__, self.hessians)
@@ -104,14 +132,38 @@ class RayProbes:
         self.ray, self.spec, self.scorer = ray, spec, scorer
         self.gpu, self.threads = model.gpu, cluster.threads
         t = time.perf_counter()
-        setup = _Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
-                       _to(scorer.refs, "cpu"), cluster.threads)
+        setup = _Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain, cluster.threads)
         n = worker_count(ray, cluster, model.gpu)
-        self.pool = ActorPool(ray, ProbeWorker, (model, ray.put(setup)), n, model.gpu, cluster.threads)
-        self.start_seconds = time.perf_counter() - t
+        self.setup = ray.put(setup)  # held here for the pool's life: a restarted worker is built from it again
+        self.pool = ActorPool(ray, ProbeWorker, (model, self.setup), n, model.gpu, cluster.threads)
+        self.ready_at = time.perf_counter()
+        self.start_seconds = self.ready_at - t
         self.layers: dict[int, list] = {}  # layer -> [object refs of its inputs and Hessians, probes pending]
         self.max_layers = 2
         self._done: list = []  # probes finished while waiting for room, not yet handed back
+        self.references: list = []  # [object ref of the KL references], once the full-precision pass is done
+
+    def base(self, states) -> dict:
+        """The full-precision pass, its batches spread over the workers (largest first, to the least loaded);
+        the KL references it yields are kept here and put in the object store for the probes."""
+        keys = sorted(self.scorer.state_keys(), key=lambda k: -self.scorer.batches[k[0]][k[1]].score_mask.numel())
+        shares: list[list] = [[] for _ in self.pool.live()]
+        load = [0] * len(shares)
+        for k in keys:
+            i = load.index(min(load))
+            shares[i].append(k)
+            load[i] += self.scorer.batches[k[0]][k[1]].score_mask.numel()
+        box = [self.ray.put({k: states.get(k).cpu() for k in keys})]
+        for share in shares:
+            if share:
+                self.pool.submit("reference", (share, box), None)
+        scores = {}
+        for _, part in self.pool.results(wait=True):
+            scores.update(part)
+        scores = _to(scores, states.get(keys[0]).device)
+        self.scorer.keep_references(scores)
+        self.references = [self.ray.put(_to(self.scorer.refs, "cpu"))]
+        return self.scorer.losses(scores, keep_reference=True)
 
     def start_layer(self, layer: int, states, calib) -> None:
         """Put ``layer``'s inputs (and Hessians) in the object store, after waiting until fewer than
@@ -130,11 +182,11 @@ class RayProbes:
     def submit(self, job: ProbeJob) -> None:
         entry = self.layers[job.unit.layer]
         entry[1] += 1
-        self.pool.submit("probe", (job, self.spec, entry[0]), job)
+        self.pool.submit("probe", (job, self.spec, entry[0], self.references), job)
 
-    def _collect(self, wait: bool = False, at_least: int = 0) -> list:
+    def _collect(self, at_least: int = 0) -> list:
         out = []
-        for job, (losses, secs) in self.pool.results(wait=wait, at_least=at_least):
+        for job, (losses, secs) in self.pool.results(at_least=at_least):
             self.layers[job.unit.layer][1] -= 1
             out.append((job.key, losses, secs))
         return out
@@ -145,14 +197,17 @@ class RayProbes:
             del self.layers[layer]
 
     def finished(self, wait: bool = False) -> list:
-        out, self._done = self._done + self._collect(wait=wait), []
+        """As :meth:`tasa.profile.probe.SerialProbes.finished`: with ``wait``, one probe at least."""
+        out = self._done + self._collect(at_least=1 if wait and not self._done else 0)
+        self._done = []
         return out
 
     def info(self) -> dict:
-        """The placement, for the records: workers, their threads or GPUs, nodes, and the pool's start time."""
+        """The placement, for the records: workers, their threads or GPUs, nodes, the pool's start time (workers
+        loading the model) and the wall time since (the probes)."""
         return {"backend": "ray", "placement": "task", "workers": len(self.pool.actors), "gpu": self.gpu,
                 "threads": None if self.gpu else self.threads, "nodes": len(self.ray.nodes()),
-                "start_seconds": self.start_seconds}
+                "start_seconds": self.start_seconds, "probe_wall_seconds": time.perf_counter() - self.ready_at}
 
     def close(self) -> None:
         self.pool.close()

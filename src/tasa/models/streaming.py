@@ -182,6 +182,12 @@ class Streamer:
         """Drop decoder layer ``index``'s weights (and any change made to them while it was pinned)."""
         self._unpin(self.layers[index])
 
+    def hold_outside(self) -> None:
+        """Keep every unit outside the decoder layers (embeddings, final norm, head) resident from now on (a
+        pipeline stage that runs many passes, each of which would read them again)."""
+        for unit in self.others:
+            self._pin(unit)
+
     @contextmanager
     def held(self, module: nn.Module):
         """Within the block, ``module`` (a unit: a decoder layer, the head ...) stays resident, read once for

@@ -271,6 +271,31 @@ def _replace_input(hidden: torch.Tensor):
     return hook
 
 
+def slice_output(model: nn.Module, arch: ModelArch, inputs: dict, start: int, stop: int,
+                 hidden: torch.Tensor) -> torch.Tensor:
+    """What leaves decoder layer ``stop - 1`` when layers ``start..stop-1`` run from ``hidden`` (what enters
+    layer ``start``) in the model's own forward over ``inputs`` (its masks and rotary tables): one stage of a
+    pipeline over the layers, in the same operations as :func:`tail_from`'s pass through them."""
+    out = {}
+
+    def grab(_m, _a, output):
+        out["hidden"] = layer_output(output)
+        raise StopForward
+
+    before = arch.layers[start].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    after = arch.layers[stop - 1].register_forward_hook(grab)
+    try:
+        with layers_from(model, arch, start, stop), torch.no_grad():
+            try:
+                model(**inputs, use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        before.remove()
+        after.remove()
+    return out["hidden"]
+
+
 @contextmanager
 def tail_from(model: nn.Module, arch: ModelArch, start: int, hidden: torch.Tensor):
     """Within the block, the model's own forward runs only layers ``start..L-1``, from ``hidden`` (what

@@ -46,17 +46,21 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def _runner(lm: LoadedModel, arch, spec: ProfileSpec, runtime: Runtime):
-    """What runs the probes: None (here, serially), or a Ray pool of workers loading the same model."""
-    if runtime.cluster.backend is None:
+    """What runs the probes: None (here, serially), or Ray workers loading the same model: each all of it (task
+    placement) or a slice of its layers (pipeline placement; ``auto``: when this process streams the model)."""
+    cluster = runtime.cluster
+    if cluster.backend is None:
         return None
+    from tasa.distributed.pipeline import RayPipeline
     from tasa.distributed.probes import ModelSource, RayProbes
     from tasa.models import compute_device
 
+    pipeline = cluster.placement == "pipeline" or (cluster.placement == "auto" and arch.streamer is not None)
     where = Path(lm.source)  # a local path travels as an absolute one: workers may start elsewhere
     source = ModelSource(str(where.resolve()) if where.exists() else lm.source, dtype_name(lm.model),
-                         gpu=compute_device(lm.model).type == "cuda", stream=arch.streamer is not None,
+                         gpu=compute_device(lm.model).type == "cuda", stream=pipeline or arch.streamer is not None,
                          tie_experts=spec.tie_experts)
-    return functools.partial(RayProbes, cluster=runtime.cluster, model=source)
+    return functools.partial(RayPipeline if pipeline else RayProbes, cluster=cluster, model=source)
 
 
 def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec = ProfileSpec(),

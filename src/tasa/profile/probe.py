@@ -296,27 +296,38 @@ class Scorer:
     def state_keys(self) -> list[StateKey]:
         return [(o.name, i) for o in self.objectives for i in range(len(self.batches[o.name]))]
 
-    def score(self, layer: int, states: Callable[[StateKey], torch.Tensor],
-              keep_reference: bool = False) -> dict[str, ItemLosses]:
-        """Per-item losses of every objective, running layers ``layer..L-1`` from ``states((objective, batch))``;
-        ``keep_reference`` keeps the top-k log-probs as the KL references (the full-precision pass)."""
+    def batch_scores(self, key: StateKey, layer: int, state: torch.Tensor,
+                     keep_reference: bool = False) -> TokenScores:
+        """One batch's token scores, running layers ``layer..L-1`` from ``state``; with ``keep_reference`` also
+        its top-k log-probs (the full-precision pass), else its KL from the kept references."""
+        return tail_token_scores(self.model, self.arch, self.batches[key[0]][key[1]], layer, state, self.plain,
+                                 topk=KL_TOPK if keep_reference else 0, reference=self.refs.get(key))
+
+    def keep_references(self, scores: dict[StateKey, TokenScores]) -> None:
+        self.refs.update({k: (sc.topk[0], sc.topk[1].int()) for k, sc in scores.items()})
+
+    def losses(self, scores: dict[StateKey, TokenScores], keep_reference: bool = False) -> dict[str, ItemLosses]:
+        """Every objective's per-item losses from its batches' token scores (no KL in the full-precision pass)."""
         out = {}
         for o in self.objectives:
-            nll, kl = [], []
-            for i, b in enumerate(self.batches[o.name]):
-                sc = tail_token_scores(self.model, self.arch, b, layer, states((o.name, i)), self.plain,
-                                       topk=KL_TOPK if keep_reference else 0, reference=self.refs.get((o.name, i)))
-                if sc.topk is not None:
-                    self.refs[(o.name, i)] = (sc.topk[0], sc.topk[1].int())
-                nll.append(sc.nll)
-                kl.append(sc.kl)
+            keys = [(o.name, i) for i in range(len(self.batches[o.name]))]
             width = o.input_ids.shape[1]
 
             def cat(ts):
                 return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in ts]).cpu()
 
-            out[o.name] = item_losses(o, cat(nll), None if keep_reference else cat(kl))
+            out[o.name] = item_losses(o, cat([scores[k].nll for k in keys]),
+                                      None if keep_reference else cat([scores[k].kl for k in keys]))
         return out
+
+    def score(self, layer: int, states: Callable[[StateKey], torch.Tensor],
+              keep_reference: bool = False) -> dict[str, ItemLosses]:
+        """Per-item losses of every objective, running layers ``layer..L-1`` from ``states((objective, batch))``;
+        ``keep_reference`` keeps the top-k log-probs as the KL references (the full-precision pass)."""
+        scores = {k: self.batch_scores(k, layer, states(k), keep_reference) for k in self.state_keys()}
+        if keep_reference:
+            self.keep_references(scores)
+        return self.losses(scores, keep_reference)
 
     def probe(self, unit: Unit, bits: int, spec: ProfileSpec, states: Callable[[StateKey], torch.Tensor],
               hessians: dict[str, torch.Tensor] | None = None) -> dict[str, ItemLosses]:
@@ -339,6 +350,10 @@ class SerialProbes:
         self.scorer, self.spec = scorer, spec
         self.done: list[tuple[str, dict[str, ItemLosses], float]] = []
 
+    def base(self, states: "KeptStates") -> dict[str, ItemLosses]:
+        """The full-precision pass from layer 0's inputs: the base losses, and the scorer's KL references."""
+        return self.scorer.score(0, states.get, keep_reference=True)
+
     def start_layer(self, layer: int, states: "KeptStates", calib: _Calibration | None) -> None:
         self.states, self.calib = states, calib
 
@@ -349,7 +364,8 @@ class SerialProbes:
         self.done.append((job.key, losses, time.perf_counter() - t))
 
     def finished(self, wait: bool = False) -> list[tuple[str, dict[str, ItemLosses], float]]:
-        """The probes finished since the last call: (key, losses, compute seconds)."""
+        """The probes finished since the last call: (key, losses, compute seconds); with ``wait``, one at least
+        unless none is left to finish."""
         out, self.done = self.done, []
         return out
 
@@ -375,8 +391,8 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
     past ``spec.max_state_gb`` they are spilled to disk (under the store's directory,
     or a temporary one) and read back batch by batch.
 
-    ``runner``: what computes the probes, given the :class:`Scorer` (after the full-precision pass, which sets
-    its KL references) and ``spec``; default :class:`SerialProbes`, here and now.  A distributed runner
+    ``runner``: what computes the full-precision pass and the probes, given the :class:`Scorer` and ``spec``;
+    default :class:`SerialProbes`, here and now (also when every probe is in the store).  A distributed runner
     (tasa.distributed) computes them elsewhere while this process walks the layers and keeps the store.
     """
     if spec.group_size is None:
@@ -411,8 +427,9 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for i, h in enumerate(captured.hidden):
                 hidden.put((o.name, i), h)
             del captured
-        base = scorer.score(0, hidden.get, keep_reference=True)  # each run: it also sets the KL references
-        run = runner(scorer, spec) if runner is not None else SerialProbes(scorer, spec)
+        to_measure = [u for u in plan_units if not (store and all(store.get(f"{u.name}@{b}") for b in spec.bits))]
+        run = runner(scorer, spec) if runner is not None and to_measure else SerialProbes(scorer, spec)
+        base = run.base(hidden)  # each run: it also sets the KL references
         last = max(u.layer for u in plan_units)
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
             if layer > last:
@@ -440,8 +457,9 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
                         for i in range(len(batches[o.name])):
                             hidden.put((o.name, i), forward_layer(module, hidden.get((o.name, i)),
                                                                   layer_kwargs[o.name][i][layer], layer))
-        for key, losses, secs in run.finished(wait=True):
-            record(key, losses, secs)
+        while done := run.finished(wait=True):  # the rest, stored as they finish
+            for key, losses, secs in done:
+                record(key, losses, secs)
         bar.close()
         ordered = {(u.name, b): probes[f"{u.name}@{b}"] for u in plan_units for b in spec.bits}
         return ProbeResults(base, ordered, plan_units, time.perf_counter() - t0, probe_seconds, run.info())

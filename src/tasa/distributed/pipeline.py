@@ -1,0 +1,163 @@
+"""Sensitivity probes on a Ray cluster whose workers cannot each hold the model: the pipeline placement.
+
+The decoder layers are cut into contiguous slices, one per worker (a stage), balanced by the work that passes
+through them (tasa.distributed.costmodel.balanced_slices: layer j is run by every probe of layers 0..j, so later
+stages get fewer layers).  A stage loads the model streamed (tasa.models.streaming) and keeps only its own layers
+and the parts outside the layers resident.  A probe of a unit in layer l starts at the stage holding l: it
+quantizes the unit, runs the rest of that stage's slice from layer l's full-precision inputs (put in the object
+store by this process, as in the task placement), and its activations flow through every later stage, the last
+of which runs the head and scores.  Every probe is submitted as such a chain of actor calls at once, so many are
+in flight and every stage stays busy; a stage serves its calls in order.
+
+A stage runs its layers through the model's own forward (tasa.models.walker.slice_output), the operations of
+the serial path's tail, so the probes equal the task placement's to float tolerance.  A stage that dies is
+restarted by Ray and its calls retried; one that died past its restarts ends the run with one line (there is
+no other holder of its layers); the probe store keeps every finished probe for a resumed run.
+"""
+from __future__ import annotations
+
+import time
+
+from tasa.config import Cluster, ProfileSpec
+from tasa.distributed.cluster import actor_class, connect, get, worker_count
+from tasa.distributed.costmodel import ProbeCosts, balanced_slices
+from tasa.distributed.probes import ModelSource, ModelWorker, RayProbes, _Setup, _to
+from tasa.profile.probe import ProbeJob, Scorer
+
+
+class StageWorker(ModelWorker):
+    """A Ray actor holding decoder layers ``start..stop-1`` (the last stage: and the head)."""
+
+    def __init__(self, model: ModelSource, setup: _Setup, start: int, stop: int):
+        super().__init__(model, setup, range(start, stop))
+        self.start, self.stop = start, stop
+        self.last = stop == self.scorer.arch.num_layers
+
+    def _run(self, layer: int, hidden: dict, keep_reference: bool) -> dict:
+        """The stage's slice from ``layer`` on every batch: the hidden states leaving it (CPU), or, on the last
+        stage, the token scores."""
+        from tasa.models.walker import slice_output
+
+        sc = self.scorer
+        if self.last:
+            return {k: sc.batch_scores(k, layer, h, keep_reference) for k, h in hidden.items()}
+        return {k: slice_output(sc.model, sc.arch, sc.batches[k[0]][k[1]].inputs, layer, self.stop, h).cpu()
+                for k, h in hidden.items()}
+
+    def _finish(self, job: ProbeJob | None, out: dict, seconds: float):
+        if not self.last:
+            return out, seconds
+        if job is None:  # the full-precision pass: token scores with their top-k
+            return _to(out, "cpu"), seconds
+        return self.scorer.losses(out), seconds
+
+    def begin(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list):
+        """The probe ``job`` (None: the full-precision pass from layer 0) on this stage, from its layer's kept
+        inputs: (activations for the next stage, or the losses; compute seconds so far)."""
+        layer = 0 if job is None else job.unit.layer
+        self._inputs(layer, layer_refs, references)
+        t = time.perf_counter()
+        if job is None:
+            out = self._run(0, self.states, keep_reference=True)
+        else:
+            from tasa.profile.probe import quant_swapped
+
+            with quant_swapped(self.scorer.model, job.unit.modules, job.bits, spec.group_size, spec.sym,
+                               self.hessians, spec.damp):
+                out = self._run(layer, self.states, keep_reference=False)
+        return self._finish(job, out, time.perf_counter() - t)
+
+    def carry(self, job: ProbeJob | None, previous: tuple, references: list):
+        """The probe's activations from the stage before through this one (``previous``: its output)."""
+        import ray
+
+        if references and not self.scorer.refs:
+            self.scorer.refs = _to(ray.get(references[0]), self.device)
+        hidden, seconds = previous
+        t = time.perf_counter()
+        out = self._run(self.start, _to(hidden, self.device), keep_reference=job is None)
+        return self._finish(job, out, seconds + time.perf_counter() - t)
+
+
+class _Chains:
+    """The stages, and the probes in flight through them: what :class:`RayProbes` reads results from."""
+
+    def __init__(self, ray, stages: list, slices: list[tuple[int, int]]):
+        self.ray, self.actors, self.slices = ray, stages, slices
+        self.running: dict = {}  # the last call of a chain -> its tag
+        self.pids = get(ray, [s.pid.remote() for s in stages])
+
+    def call_all(self, method: str) -> list:
+        return get(self.ray, [getattr(s, method).remote() for s in self.actors])
+
+    def chain(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list):
+        layer = 0 if job is None else job.unit.layer
+        owner = next(i for i, (a, b) in enumerate(self.slices) if a <= layer < b)
+        ref = self.actors[owner].begin.remote(job, spec, layer_refs, references)
+        for stage in self.actors[owner + 1:]:
+            ref = stage.carry.remote(job, ref, references)
+        return ref
+
+    def submit(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list) -> None:
+        self.running[self.chain(job, spec, layer_refs, references)] = job
+
+    def results(self, at_least: int = 0) -> list:
+        out: list = []
+        while self.running:
+            ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+            if not ready:
+                if len(out) >= at_least:
+                    break
+                ready, _ = self.ray.wait(list(self.running), num_returns=1)
+            for ref in ready:
+                out.append((self.running.pop(ref), get(self.ray, ref)))
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors, self.running = [], {}
+
+
+class RayPipeline(RayProbes):
+    """The runner of :func:`tasa.profile.probe.run_probes` on Ray stages (see the module docstring)."""
+
+    def __init__(self, scorer: Scorer, spec: ProfileSpec, cluster: Cluster, model: ModelSource,
+                 max_logits_gb: float = 2.0):
+        ray = connect(cluster)
+        self.ray, self.spec, self.scorer = ray, spec, scorer
+        self.gpu, self.threads = model.gpu, cluster.threads
+        t = time.perf_counter()
+        layers = scorer.arch.num_layers
+        stages = min(worker_count(ray, cluster, model.gpu), layers)
+        # relative costs suffice to balance the slices: a layer pass 1, the head and scoring about one more
+        self.slices = balanced_slices(ProbeCosts(layers=layers, probes_per_layer=1, layer=1.0, head=1.0), stages)
+        self.setup = ray.put(_Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
+                                    cluster.threads))
+        remote = actor_class(ray, StageWorker, model.gpu, cluster.threads)
+        self.pool = _Chains(ray, [remote.remote(model, self.setup, a, b) for a, b in self.slices], self.slices)
+        self.ready_at = time.perf_counter()
+        self.start_seconds = self.ready_at - t
+        self.layers: dict[int, list] = {}
+        self.max_layers = 2
+        self._done: list = []
+        self.references: list = []
+
+    def base(self, states) -> dict:
+        """The full-precision pass through the stages; the KL references it yields are kept here and put in the
+        object store for the probes (the last stage fetches them again if it is restarted)."""
+        keys = self.scorer.state_keys()
+        box = [self.ray.put({k: states.get(k).cpu() for k in keys}), self.ray.put(None)]
+        scores, _ = get(self.ray, self.pool.chain(None, self.spec, box, []))
+        scores = _to(scores, states.get(keys[0]).device)
+        self.scorer.keep_references(scores)
+        self.references = [self.ray.put(_to(self.scorer.refs, "cpu"))]
+        return self.scorer.losses(scores, keep_reference=True)
+
+    def submit(self, job: ProbeJob) -> None:
+        entry = self.layers[job.unit.layer]
+        entry[1] += 1
+        self.pool.submit(job, self.spec, entry[0], self.references)
+
+    def info(self) -> dict:
+        return {**super().info(), "placement": "pipeline", "slices": [list(s) for s in self.slices]}
