@@ -10,6 +10,9 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
 
 - ``smollm2-profile``: `tasa profile` of SmolLM2-135M (WikiText-2 and ARC-Easy, RTN 3 and 4 bits, group size 64,
   256 probe tokens), then `tasa allocate` at 3.5 bits from it: the plans must be the same.
+- ``smollm2-profile-ray`` (issue 39): the same profile with ``--distributed ray`` (a local Ray instance; one
+  worker per GPU on a GPU device, per core on the CPU): its plan and costs against the serial profile's on
+  the same device (``same_plan_as_serial``, ``max_abs_cost_difference_vs_serial``), and its time.
 - ``smollm2-quantize``: `tasa quantize` by `tasa run`'s committed plan (benchmarks/results/run/plan.json: GPTQ
   3/4 bits) on gsm8k:0.5,arc_easy:0.5 (64 x 512 tokens): each module's GPTQ relative error
   tr(E H E^T) / tr(W H W^T) must agree within 1% (relative) between the devices.
@@ -153,14 +156,25 @@ def run_device(work: Path, device: str, tag: str, s: dict, model: str, dtype: st
             out[cmd] = {"error": str(e)}
             print(f"{tag}: {e}", file=sys.stderr)
 
-    def profile() -> dict:
-        r = tasa(work, f"{tag}-profile", ["profile", "--model", model, "--objectives", "wikitext2,arc_easy",
-                                          "--bits", "3,4", "--group-size", "64", "--probe-tokens", s["probe_tokens"],
-                                          *dev, "--output-dir", str(d / "profile")])
-        tasa(work, f"{tag}-allocate", ["allocate", "--sensitivity", str(d / "profile" / "sensitivity.json"),
-                                       "--budget", "3.5", "--output", str(d / "plan.json")])
-        return {**r, "plan": json.loads((d / "plan.json").read_text())["modules"],
-                "costs": json.loads((d / "profile" / "sensitivity.json").read_text())["costs"]}
+    def profile(name: str = "profile", extra: tuple[str, ...] = ()) -> dict:
+        r = tasa(work, f"{tag}-{name}", ["profile", "--model", model, "--objectives", "wikitext2,arc_easy",
+                                         "--bits", "3,4", "--group-size", "64", "--probe-tokens", s["probe_tokens"],
+                                         *dev, *extra, "--output-dir", str(d / name)])
+        tasa(work, f"{tag}-allocate-{name}", ["allocate", "--sensitivity", str(d / name / "sensitivity.json"),
+                                              "--budget", "3.5", "--output", str(d / f"plan-{name}.json")])
+        rec = json.loads((d / name / "sensitivity.json").read_text())
+        return {**r, "plan": json.loads((d / f"plan-{name}.json").read_text())["modules"], "costs": rec["costs"],
+                "placement": rec.get("placement")}
+
+    def profile_ray() -> dict:  # issue 39: the Ray path on this device's workers (one per GPU), as the serial one
+        r = profile("profile-ray", ("--distributed", "ray"))
+        serial = out.get("smollm2-profile", {})
+        if "plan" in serial:
+            r["same_plan_as_serial"] = r["plan"] == serial["plan"]
+            r["max_abs_cost_difference_vs_serial"] = max(
+                abs(a - b) for o in serial["costs"] for k in serial["costs"][o]
+                for a, b in zip(r["costs"][o][k]["cost"], serial["costs"][o][k]["cost"]))
+        return r
 
     def quantize(name: str, args: list[str], q: Path) -> dict:
         r = tasa(work, name, ["quantize", *args, *dev, "--output-dir", str(q)])
@@ -176,6 +190,7 @@ def run_device(work: Path, device: str, tag: str, s: dict, model: str, dtype: st
 
     if dtype == "float32":
         attempt("smollm2-profile", profile)
+        attempt("smollm2-profile-ray", profile_ray)
     smollm2 = ["--model", model, "--plan", str(work / "plan-smollm2.json" if model != "smollm2-135m" else RUN_PLAN),
                "--calib", "gsm8k:0.5,arc_easy:0.5", "--nsamples", s["nsamples"], "--seqlen", s["seqlen"]]
     attempt("smollm2-quantize", lambda: quantize(f"{tag}-quantize", smollm2, d / "quantized"))

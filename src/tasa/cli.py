@@ -155,9 +155,11 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 
 def _distributed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", choices=["ray"], default=None,
-                   help="spread the sensitivity probes over a Ray cluster (pip install 'tasa[distributed]'): "
-                        "workers each load the model and probe layers whose inputs this process computes once; "
-                        "same probes as the serial path (docs/DISTRIBUTED.md) (default: serial, here)")
+                   help="spread the work over a Ray cluster (pip install 'tasa[distributed]'): profile's probes "
+                        "(workers each load the model and probe layers whose inputs this process computes once), "
+                        "GPTQ's calibration (each worker holds a shard of it; their Hessians are merged here); "
+                        "the same results as the serial path to float tolerance (docs/DISTRIBUTED.md) "
+                        "(default: serial, here)")
     p.add_argument("--address", default=None,
                    help="with --distributed ray: the cluster's head, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, "
                         "else a local Ray instance on this machine's cores)")
@@ -171,6 +173,11 @@ def _distributed_args(p: argparse.ArgumentParser) -> None:
                         "pipeline = each worker holds a slice of the layers and probes flow through them, for "
                         "models one worker cannot hold; auto = pipeline when this machine streams the model "
                         "(--stream), else task (default: auto)")
+    p.add_argument("--stages", type=int, default=None,
+                   help="with --placement pipeline: stages per pipeline; the workers form workers // STAGES "
+                        "pipelines (the last layer and the head run on every probe's last stage, so one long "
+                        "pipeline gains little: use the fewest stages whose layers fit a worker) (default: every "
+                        "worker in one pipeline)")
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -183,7 +190,7 @@ def _runtime(args):
 
     cluster = Cluster(getattr(args, "distributed", None), getattr(args, "address", None),
                       getattr(args, "workers", None), getattr(args, "worker_threads", 1),
-                      getattr(args, "placement", "auto"))
+                      getattr(args, "placement", "auto"), getattr(args, "stages", None))
     return Runtime(device=args.device, dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
                    stream=args.stream, cluster=cluster)
 
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every linear module of every decoder layer at one bit-width and "
                                    "write the dequantized model (safetensors, loadable by transformers), "
                                    "plan.json and quantize.json.", epilog=EPILOG,
-                       parents=[model, group, sampling, grid, damp, target, overwrite])
+                       parents=[model, group, sampling, grid, damp, target, distributed, overwrite])
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")

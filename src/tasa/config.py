@@ -212,22 +212,28 @@ class Cluster:
     (None: one per GPU of the cluster when the device is a GPU, else its CPU cores // ``threads``); ``threads``
     torch threads per CPU worker; ``placement`` of the probes: ``task`` (every worker holds the model),
     ``pipeline`` (each holds a slice of the layers), or ``auto`` (pipeline when this process streams the model
-    because it exceeds memory, else task)."""
+    because it exceeds memory, else task); ``stages`` per pipeline (None: every worker in one pipeline; else
+    workers // stages pipelines)."""
 
     backend: str | None = None
     address: str | None = None
     workers: int | None = None
     threads: int = 1
     placement: str = "auto"
+    stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend is not None:
             _one_of(self.backend, DISTRIBUTED, "the distributed backend")
-        elif self.address is not None or self.workers is not None or self.placement != "auto":
-            raise TasaError("--address, --workers and --placement need --distributed ray")
+        elif self.address is not None or self.workers is not None or self.placement != "auto" or \
+                self.stages is not None:
+            raise TasaError("--address, --workers, --placement and --stages need --distributed ray")
+        if self.stages is not None and self.placement == "task":
+            raise TasaError("--stages applies to --placement pipeline")
         _positive(self.workers, "--workers", allow_none=True)
         _positive(self.threads, "--worker-threads")
         _one_of(self.placement, PLACEMENTS, "--placement")
+        _positive(self.stages, "--stages", allow_none=True)
 
 
 @dataclass(frozen=True)

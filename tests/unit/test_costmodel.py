@@ -50,3 +50,13 @@ def test_many_probes_keep_eight_task_workers_busy():
     """A Llama-3-8B-like profile (32 layers, 3 bit-widths): 8 workers give more than 7x one worker."""
     c = ProbeCosts(layers=32, probes_per_layer=3, layer=1.0, head=0.5, quant=0.2, transfer=0.05, put=0.02)
     assert task_makespan(c, 1) / task_makespan(c, 8) > 7.0
+
+
+def test_pipeline_replicas_share_the_probes():
+    c = ProbeCosts(layers=2, probes_per_layer=2, layer=1.0, head=1.0)
+    # one pipeline of one stage: fp 3, then probes 3, 3, 2, 2 in turn -> 13; two replicas: each takes every
+    # other probe (3 then 2) -> 3 + 5 = 8
+    assert pipeline_makespan(c, 1) == 13.0
+    assert pipeline_makespan(c, 1, replicas=2) == 8.0
+    with pytest.raises(ValueError, match="replicas"):
+        pipeline_makespan(c, 1, replicas=0)

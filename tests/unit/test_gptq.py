@@ -5,7 +5,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian, merge_hessians
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -30,6 +30,28 @@ def test_accumulate_hessian_equals_direct_formula_over_batches():
         n = accumulate_hessian(h, n, chunk)
     assert n == 100
     assert torch.allclose(h, 2.0 / 100 * x.t() @ x, atol=1e-5)
+
+
+def test_merged_shard_hessians_equal_the_hessian_of_all_tokens():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 7, 16, generator=g) for n in (3, 1, 4, 2)]  # uneven shards of uneven batches
+    whole = make_empty_hessian(16)
+    n_all = 0
+    for x in batches:
+        n_all = accumulate_hessian(whole, n_all, x)
+    parts = []
+    for shard in (batches[:1], batches[1:3], batches[3:], []):  # the last shard saw no token (a routed expert's)
+        h, n = make_empty_hessian(16), 0
+        for x in shard:
+            n = accumulate_hessian(h, n, x)
+        parts.append((h, n))
+    merged, n = merge_hessians(parts)
+    assert n == n_all == 10 * 7
+    torch.testing.assert_close(merged, whole, rtol=1e-5, atol=1e-6)
+    x = torch.cat([b.reshape(-1, 16) for b in batches])
+    torch.testing.assert_close(merged, 2 / n * x.t() @ x, rtol=1e-5, atol=1e-5)
+    empty, none = merge_hessians([(make_empty_hessian(4), 0)])
+    assert none == 0 and not empty.any()
 
 
 @pytest.mark.parametrize("sym", [True, False])

@@ -7,7 +7,10 @@ and the parts outside the layers resident.  A probe of a unit in layer l starts 
 quantizes the unit, runs the rest of that stage's slice from layer l's full-precision inputs (put in the object
 store by this process, as in the task placement), and its activations flow through every later stage, the last
 of which runs the head and scores.  Every probe is submitted as such a chain of actor calls at once, so many are
-in flight and every stage stays busy; a stage serves its calls in order.
+in flight and every stage stays busy; a stage serves its calls in order.  Every probe runs the last layer and
+the head on the last stage, which bounds what one pipeline gains (tasa.distributed.costmodel); with
+``--stages S`` the W workers form W // S pipelines of S stages, each probe going to the pipeline with the
+fewest in flight: use the fewest stages whose slices fit a worker.
 
 A stage runs its layers through the model's own forward (tasa.models.walker.slice_output), the operations of
 the serial path's tail, so the probes equal the task placement's to float tolerance.  A stage that dies is
@@ -19,6 +22,7 @@ from __future__ import annotations
 import time
 
 from tasa.config import Cluster, ProfileSpec
+from tasa.errors import TasaError
 from tasa.distributed.cluster import actor_class, connect, get, worker_count
 from tasa.distributed.costmodel import ProbeCosts, balanced_slices
 from tasa.distributed.probes import ModelSource, ModelWorker, RayProbes, _Setup, _to
@@ -80,26 +84,33 @@ class StageWorker(ModelWorker):
 
 
 class _Chains:
-    """The stages, and the probes in flight through them: what :class:`RayProbes` reads results from."""
+    """The pipelines (each a list of stages), and the probes in flight through them: what :class:`RayProbes`
+    reads results from."""
 
-    def __init__(self, ray, stages: list, slices: list[tuple[int, int]]):
-        self.ray, self.actors, self.slices = ray, stages, slices
-        self.running: dict = {}  # the last call of a chain -> its tag
-        self.pids = get(ray, [s.pid.remote() for s in stages])
+    def __init__(self, ray, lines: list[list], slices: list[tuple[int, int]]):
+        self.ray, self.lines, self.slices = ray, lines, slices
+        self.actors = [a for line in lines for a in line]
+        self.load = [0] * len(lines)
+        self.running: dict = {}  # the last call of a chain -> (its tag, its pipeline)
+        self.pids = get(ray, [a.pid.remote() for a in self.actors])
 
     def call_all(self, method: str) -> list:
-        return get(self.ray, [getattr(s, method).remote() for s in self.actors])
+        return get(self.ray, [getattr(a, method).remote() for a in self.actors])
 
-    def chain(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list):
+    def chain(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list, line: int = 0):
+        """The probe (None: the full-precision pass) as calls through pipeline ``line``; its last call's ref."""
         layer = 0 if job is None else job.unit.layer
         owner = next(i for i, (a, b) in enumerate(self.slices) if a <= layer < b)
-        ref = self.actors[owner].begin.remote(job, spec, layer_refs, references)
-        for stage in self.actors[owner + 1:]:
+        stages = self.lines[line]
+        ref = stages[owner].begin.remote(job, spec, layer_refs, references)
+        for stage in stages[owner + 1:]:
             ref = stage.carry.remote(job, ref, references)
         return ref
 
-    def submit(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list) -> None:
-        self.running[self.chain(job, spec, layer_refs, references)] = job
+    def submit(self, job: ProbeJob, spec: ProfileSpec, layer_refs: list, references: list) -> None:
+        line = self.load.index(min(self.load))  # the pipeline with the fewest probes in flight
+        self.running[self.chain(job, spec, layer_refs, references, line)] = (job, line)
+        self.load[line] += 1
 
     def results(self, at_least: int = 0) -> list:
         out: list = []
@@ -110,13 +121,15 @@ class _Chains:
                     break
                 ready, _ = self.ray.wait(list(self.running), num_returns=1)
             for ref in ready:
-                out.append((self.running.pop(ref), get(self.ray, ref)))
+                job, line = self.running.pop(ref)
+                self.load[line] -= 1
+                out.append((job, get(self.ray, ref)))
         return out
 
     def close(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
-        self.actors, self.running = [], {}
+        self.actors, self.lines, self.running = [], [], {}
 
 
 class RayPipeline(RayProbes):
@@ -129,13 +142,17 @@ class RayPipeline(RayProbes):
         self.gpu, self.threads = model.gpu, cluster.threads
         t = time.perf_counter()
         layers = scorer.arch.num_layers
-        stages = min(worker_count(ray, cluster, model.gpu), layers)
+        workers = worker_count(ray, cluster, model.gpu)
+        stages = min(cluster.stages or workers, layers)
+        if stages > workers:
+            raise TasaError(f"--stages {stages}: the Ray cluster holds {workers} worker(s)")
         # relative costs suffice to balance the slices: a layer pass 1, the head and scoring about one more
         self.slices = balanced_slices(ProbeCosts(layers=layers, probes_per_layer=1, layer=1.0, head=1.0), stages)
         self.setup = ray.put(_Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
                                     cluster.threads))
         remote = actor_class(ray, StageWorker, model.gpu, cluster.threads)
-        self.pool = _Chains(ray, [remote.remote(model, self.setup, a, b) for a, b in self.slices], self.slices)
+        lines = [[remote.remote(model, self.setup, a, b) for a, b in self.slices] for _ in range(workers // stages)]
+        self.pool = _Chains(ray, lines, self.slices)
         self.ready_at = time.perf_counter()
         self.start_seconds = self.ready_at - t
         self.layers: dict[int, list] = {}
@@ -160,4 +177,5 @@ class RayPipeline(RayProbes):
         self.pool.submit(job, self.spec, entry[0], self.references)
 
     def info(self) -> dict:
-        return {**super().info(), "placement": "pipeline", "slices": [list(s) for s in self.slices]}
+        return {**super().info(), "placement": "pipeline", "slices": [list(s) for s in self.slices],
+                "pipelines": len(self.pool.lines)}

@@ -35,6 +35,19 @@ class ModelSource:
     stream: bool
     tie_experts: bool
 
+    @classmethod
+    def of(cls, lm, arch, stream: bool = False, tie_experts: bool = True) -> "ModelSource":
+        """How workers load ``lm`` (loaded here): from the same source (a local path made absolute: workers may
+        start elsewhere), at its dtype, on GPUs when it is on one; streamed when ``stream`` or when it is here."""
+        from pathlib import Path
+
+        from tasa.models import compute_device, compute_dtype
+
+        where = Path(lm.source)
+        return cls(str(where.resolve()) if where.exists() else lm.source,
+                   str(compute_dtype(lm.model)).replace("torch.", ""), gpu=compute_device(lm.model).type == "cuda",
+                   stream=stream or arch.streamer is not None, tie_experts=tie_experts)
+
 
 @dataclass
 class _Setup:

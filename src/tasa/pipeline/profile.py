@@ -53,13 +53,9 @@ def _runner(lm: LoadedModel, arch, spec: ProfileSpec, runtime: Runtime):
         return None
     from tasa.distributed.pipeline import RayPipeline
     from tasa.distributed.probes import ModelSource, RayProbes
-    from tasa.models import compute_device
 
     pipeline = cluster.placement == "pipeline" or (cluster.placement == "auto" and arch.streamer is not None)
-    where = Path(lm.source)  # a local path travels as an absolute one: workers may start elsewhere
-    source = ModelSource(str(where.resolve()) if where.exists() else lm.source, dtype_name(lm.model),
-                         gpu=compute_device(lm.model).type == "cuda", stream=pipeline or arch.streamer is not None,
-                         tie_experts=spec.tie_experts)
+    source = ModelSource.of(lm, arch, stream=pipeline, tie_experts=spec.tie_experts)
     return functools.partial(RayPipeline if pipeline else RayProbes, cluster=cluster, model=source)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
 from tasa.quant.learned import OBJECTIVE as LEARNED_OBJECTIVE
 
+log = logging.getLogger("tasa.pipeline")
+
 
 @dataclass(frozen=True)
 class QuantizeResult:
@@ -49,6 +52,23 @@ class QuantizeResult:
     @property
     def seconds(self) -> dict:
         return self.record["seconds"]
+
+
+def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: Runtime):
+    """GPTQ's calibration: the token ids (held here), or, with ``--distributed ray``, spread over Ray workers
+    (data-parallel Hessians); learned rounding keeps its calibration here."""
+    if runtime.cluster.backend is None or calib_ids is None:
+        return calib_ids
+    if spec.learn_rounding:
+        log.warning("--distributed spreads GPTQ's calibration; learned rounding runs here")
+        return calib_ids
+    if runtime.cluster.placement == "pipeline":
+        raise TasaError("quantize spreads its calibration over workers that each hold the model: "
+                        "--placement pipeline applies to profiling only")
+    from tasa.distributed.calibration import RayCalibration
+    from tasa.distributed.probes import ModelSource
+
+    return RayCalibration(runtime.cluster, ModelSource.of(lm, arch), calib_ids, runtime.batch_size)
 
 
 def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpec = QuantizeSpec(),
@@ -139,6 +159,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
         calib_ids, calib_counts = cal.input_ids, cal.counts
+    calib = _calibration(lm, arch, calib_ids, spec, runtime)
     t_load = time.perf_counter() - t0
     tmp = temp_dir_for(out)
     try:
@@ -149,7 +170,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             packer, float_dtype = writer.pack, None  # every float tensor is the source GGUF's own
         else:
             writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
-        report = quantize_model(lm.model, arch, the_plan, calib_ids, batch_size=runtime.batch_size,
+        report = quantize_model(lm.model, arch, the_plan, calib, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
                                 progress=runtime.progress,
@@ -170,6 +191,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
             "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
                              else None),
             "threads": torch.get_num_threads(),
+            # data-parallel Hessians (--distributed ray): the shards' Hessians are merged, summed in another order
+            **({"calibration_workers": calib.n} if hasattr(calib, "n") else {}),
             "nsamples": calib_spec.nsamples if calib_spec else None,
             "seqlen": calib_spec.seqlen if calib_spec else None,
             "seed": calib_spec.seed if calib_spec else 0,

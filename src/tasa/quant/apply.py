@@ -107,7 +107,8 @@ def quantize_model(
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
-    calib_ids: (nsamples, seqlen) token ids; required for GPTQ, ignored for RTN.
+    calib_ids: (nsamples, seqlen) token ids; required for GPTQ, ignored for RTN.  For GPTQ also a
+               :class:`Calibration` holding them (e.g. spread over workers: tasa.distributed.calibration).
     on_result: called with (module name, QuantResult) for every quantized module,
                e.g. to stream packed tensors to an exporter.
     on_layer:  called with (index, layer) once a decoder layer is quantized, while its
@@ -135,8 +136,13 @@ def quantize_model(
         else:
             if calib_ids is None:
                 raise TasaError("GPTQ needs calibration data")
-            _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result,
-                        progress, on_layer)
+            move_outside_layers(model, arch, device)
+            calib = calib_ids if isinstance(calib_ids, Calibration) else \
+                Calibration(model, arch, calib_ids, batch_size, device)
+            try:
+                _apply_gptq(model, arch, plan, calib, device, true_sequential, report, on_result, progress, on_layer)
+            finally:
+                calib.close()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -162,28 +168,52 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             on_layer(index, layer)
 
 
-def _apply_gptq(model, arch, plan, calib_ids, batch_size, device, true_sequential, report, on_result, progress,
+class Calibration:
+    """The calibration's inputs of the current decoder layer, held here, and what GPTQ asks of them: which linears
+    share an input, the Hessians of some inputs, the layer's quantized modules, and the step to the next layer.
+    tasa.distributed.calibration holds them on several workers instead (data-parallel Hessians)."""
+
+    def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int,
+                 device: torch.device):
+        self.inputs = capture_ids(model, arch, calib_ids, batch_size, device)
+
+    def groups(self, layer: nn.Module, locals_: list[str]) -> list[list[str]]:
+        return input_groups(layer, locals_, self.inputs)
+
+    def hessians(self, layer: nn.Module, firsts: list[str], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        return layer_hessians(layer, self.inputs, firsts, counts=counts)
+
+    def quantized(self, layer: nn.Module, locals_: list[str]) -> None:
+        """``locals_`` of ``layer`` now hold their quantized weights (here: the same modules; nothing to do)."""
+
+    def advance(self, layer: nn.Module) -> None:
+        run_layer(layer, self.inputs, advance=True)
+
+    def close(self) -> None:
+        self.inputs = None
+
+
+def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, report, on_result, progress,
                 on_layer):
-    move_outside_layers(model, arch, device)
-    inputs = capture_ids(model, arch, calib_ids, batch_size, device)
     for index, layer in walk(arch, device, "GPTQ layers", progress):
         planned = [m for m in arch.layer_modules(index) if m.name in plan]
         by_local = {m.local: m for m in planned}
         if planned:
-            groups = input_groups(layer, [m.local for m in planned], inputs)
+            groups = calib.groups(layer, [m.local for m in planned])
             hessians, counts = {}, {}
             if not true_sequential:
-                hessians = layer_hessians(layer, inputs, [g[0] for g in groups], counts=counts)
+                hessians = calib.hessians(layer, [g[0] for g in groups], counts)
             for step in parallel_steps(groups):
                 for chunk in _chunks(step, layer):
                     if true_sequential:
-                        hessians = layer_hessians(layer, inputs, [g[0] for g in chunk], counts=counts)
+                        hessians = calib.hessians(layer, [g[0] for g in chunk], counts)
                     for group in chunk:
                         h, n = hessians.pop(group[0]), counts[group[0]]
                         for local in group:
                             _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result)
                         del h
-        run_layer(layer, inputs, advance=True)
+                    calib.quantized(layer, [local for group in chunk for local in group])
+        calib.advance(layer)
         if on_layer:
             on_layer(index, layer)
 

@@ -53,6 +53,19 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
     return total
 
 
+def merge_hessians(parts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """The H = 2/n X^T X of all tokens from those of shards of them ((H_i, n_i) each, as
+    :func:`accumulate_hessian` leaves them): sum n_i H_i / sum n_i, and the token count (data-parallel
+    calibration reduces the shards' Hessians this way; shards no token reached, n_i = 0, add nothing)."""
+    total = sum(n for _, n in parts)
+    merged = torch.zeros_like(parts[0][0], dtype=torch.float32)
+    if total:
+        for h, n in parts:
+            if n:
+                merged.add_(h.float(), alpha=n / total)
+    return merged, total
+
+
 def _inverse_cholesky(prepared: Callable[[], torch.Tensor], damp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = ``prepared()``, retrying with more damping.
 
