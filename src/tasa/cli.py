@@ -86,6 +86,20 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
                         "target, else gptqmodel)")
 
 
+def _gptq_order_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true",
+                   help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
+
+
+def _eval_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-limit", type=int, default=50,
+                   help="test rows per task, evaluated zero-shot as profiled (default: 50; raise it for accuracy "
+                        "figures that mean something: ARC accuracy on 50 rows has a standard error of ~0.07)")
+    p.add_argument("--eval-windows", type=int, default=20,
+                   help="wikitext2 test windows of --seqlen tokens (default: 20)")
+
+
 def _scale_search_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-search", type=int, default=SCALE_SEARCH, metavar="N",
                    help="for every module (a plan's too): try N ranges narrower than each group's plain grid "
@@ -213,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[model, group, sampling, grid, damp, target, distributed, overwrite])
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default: gptq)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    q.add_argument("--static-groups", action="store_true",
-                   help="GPTQ: fix group grids before quantizing (with --act-order keeps g_idx trivial)")
+    _gptq_order_args(q)
     _scale_search_arg(q)
     _learn_rounding_args(q)
     q.add_argument("--calib", default="wikitext2",
@@ -339,13 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--search-samples", type=int, default=4,
                    help="with --calib auto: sequences per source, and held-out sequences, of the mixture search "
                         "(default: 4; the choice and its cost at 4, 8, 16 and 64 are in docs/RESULTS.md)")
-    r.add_argument("--eval-limit", type=int, default=50,
-                   help="test rows per task, evaluated zero-shot as profiled (default: 50; raise it for accuracy "
-                        "figures that mean something: ARC accuracy on 50 rows has a standard error of ~0.07)")
+    _eval_size_args(r)
     _scale_search_arg(r)
     _learn_rounding_args(r)
-    r.add_argument("--eval-windows", type=int, default=20,
-                   help="wikitext2 test windows of --seqlen tokens (default: 20)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
@@ -357,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gradients) or measured (GPTQ at --measure-bits per ratio, NLL of held-out "
                                    "task rows). Held-out rows are split from the task's calibration rows; "
                                    "evaluation rows are never used. Writes mixture.json and a report.",
-                       epilog=EPILOG, parents=[model, group, sampling, damp])
+                       epilog=EPILOG, parents=[model, group, sampling, damp, distributed])
     m.add_argument("--general", default="wikitext2", help="general-text source (default: wikitext2)")
     m.add_argument("--task", required=True, help="task source(s), comma-separated, e.g. gsm8k or gsm8k,arc_easy")
     m.add_argument("--heldout-sources", default=None,
@@ -398,7 +406,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one bit-width per fusion group (q/k/v, gate/up) within a layer (default: as the target "
                         "needs)")
     a.add_argument("--output", required=True, help="plan.json to write")
+
+    w = sub.add_parser("sweep", help="several plans from one profile (budgets x betas), quantized and evaluated",
+                       description="Allocate a plan for every budget and beta from one sensitivity profile (as tasa "
+                                   "allocate does; OUTPUT_DIR/plans/), GPTQ-quantize each on a fresh model in "
+                                   "memory on one calibration, and evaluate it on held-out test rows. Writes "
+                                   "OUTPUT_DIR/sweep.json; every finished plan is kept in OUTPUT_DIR/points/, so a "
+                                   "killed sweep resumes. With --distributed ray every plan is a Ray task.",
+                       epilog=EPILOG, parents=[model, sampling, damp, target, distributed])
+    w.add_argument("--sensitivity", required=True, help="sensitivity.json (or its directory) from tasa profile")
+    w.add_argument("--budgets", required=True, help="average bits per weight, comma-separated, e.g. 3,3.5,4")
+    w.add_argument("--betas", default="0.5",
+                   help="weights of perplexity against the tasks, comma-separated numbers in [0, 1] or ppl-only / "
+                        "task-only (default: 0.5)")
+    w.add_argument("--bits", default=None, help="candidate bit-widths (default: all profiled ones)")
+    w.add_argument("--calib", default="wikitext2", help="calibration sources with weights (default: wikitext2)")
+    w.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default: 64)")
+    _scale_search_arg(w)
+    _gptq_order_args(w)
+    w.add_argument("--tasks", default="wikitext2",
+                   help="evaluation: wikitext2, arc_easy, arc_challenge, mmlu, gsm8k (gold-solution NLL, no "
+                        "generation) or SPEC.yaml, comma-separated (default: wikitext2)")
+    _eval_size_args(w)
+    w.add_argument("--output-dir", required=True, help="directory to write (an earlier sweep's is resumed)")
     return parser
+
+
+def _headline(metrics: dict) -> str:
+    """A task's headline figure: perplexity, accuracy, or the gold-solution NLL."""
+    for key, fmt in (("ppl", "ppl {:.3f}"), ("acc", "acc {:.3f}"), ("gold_nll", "gold NLL {:.3f}")):
+        if key in metrics:
+            return fmt.format(metrics[key])
+    return ""
 
 
 def _beta_weights(args) -> tuple[float | str, tuple[tuple[str, float], ...] | None]:
@@ -445,7 +484,7 @@ def run(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress
 
     from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
-                             QuantizeSpec, RunSpec)
+                             QuantizeSpec, RunSpec, SweepSpec)
 
     if args.command == "quantize":
         spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size, sym=not args.asym,
@@ -538,6 +577,25 @@ def run(argv: list[str] | None = None) -> int:
         _print_table(rows)
         print(f"chosen by {s['criteria'][0]}: --calib {s['calib']}  ({s['output_dir']}/mixture.json, "
               f"{s['seconds']['total']:.0f} s)")
+    elif args.command == "sweep":
+        try:
+            budgets = tuple(float(x) for x in _names(args.budgets))
+            betas = tuple(b if b in ("ppl-only", "task-only") else float(b) for b in _names(args.betas))
+        except ValueError:
+            raise TasaError("--budgets are numbers; --betas numbers or ppl-only / task-only") from None
+        bits = _ints(args.bits, "--bits")
+        spec = SweepSpec(budgets=budgets, betas=betas, bits=tuple(bits) if bits else None,
+                         target=args.target or "gptqmodel",
+                         quantize=QuantizeSpec(damp=args.damp, scale_search=args.scale_search,
+                                               act_order=args.act_order, static_groups=args.static_groups),
+                         calib=CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+                         evaluation=EvalSpec(tasks=tuple(_names(args.tasks)), limit=args.eval_limit,
+                                             windows=args.eval_windows, seqlen=args.seqlen, generate=False))
+        r = pipeline.sweep(args.model, args.sensitivity, args.output_dir, spec, _runtime(args)).record
+        for row in r["rows"]:
+            scores = ", ".join(f"{t} {_headline(m)}" for t, m in row["results"].items())
+            print(f"{row['plan']}: {row['average_bits']:.3f} bits, {scores}")
+        print(f"{len(r['rows'])} plans ({r['measured_this_run']} measured now) -> {Path(args.output_dir) / 'sweep.json'}")
     elif args.command == "allocate":
         bits = _ints(args.bits, "--bits")
         beta, weights = _beta_weights(args)

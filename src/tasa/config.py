@@ -225,6 +225,10 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.backend is not None:
             _one_of(self.backend, DISTRIBUTED, "the distributed backend")
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:  # now, before any model is loaded
+                raise TasaError("--distributed ray needs Ray: pip install 'tasa[distributed]'")
         elif self.address is not None or self.workers is not None or self.placement != "auto" or \
                 self.stages is not None:
             raise TasaError("--address, --workers, --placement and --stages need --distributed ray")
@@ -541,3 +545,34 @@ class RunSpec:
         """The quantize stage's options (its method and grids are the plan's)."""
         return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
                             learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """tasa sweep: the plans of ``budgets`` x ``betas``, allocated from one profile as tasa allocate does (over
+    ``bits``, for ``target``), each quantized in memory by ``quantize`` on ``calib`` and evaluated by
+    ``evaluation``."""
+
+    budgets: tuple[float, ...]
+    betas: tuple[float | str, ...] = (0.5,)
+    bits: tuple[int, ...] | None = None
+    target: str = "gptqmodel"
+    quantize: QuantizeSpec = QuantizeSpec()
+    calib: CalibSpec = CalibSpec(nsamples=64)
+    evaluation: EvalSpec = EvalSpec(tasks=("wikitext2",), limit=50, windows=20, generate=False)
+
+    def __post_init__(self) -> None:
+        if not self.budgets or not self.betas:
+            raise TasaError("give one or more budgets and betas to sweep")
+        _distinct(tuple(self.budgets), "budgets")
+        _distinct(tuple(self.betas), "betas")
+        if self.quantize.learn_rounding:
+            raise TasaError("tasa sweep quantizes with GPTQ (with the quantizer options); learned rounding is a "
+                            "tasa quantize option")
+        self.allocations()  # each in range
+
+    def allocations(self) -> list[tuple[str, AllocationSpec]]:
+        """(name, allocation) of every point of the sweep, budgets outer."""
+        return [(f"b{budget:g}-beta{beta}", AllocationSpec(budget=budget, bits=self.bits, beta=beta,
+                                                           target=self.target))
+                for budget in self.budgets for beta in self.betas]

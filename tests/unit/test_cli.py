@@ -448,13 +448,14 @@ def test_run_probes_only_the_bit_widths_a_plan_can_use(tiny_model_dir, tmp_path,
 FLAG_EXCEPTIONS = {
     "--output-dir": "what each verb writes there (required: no default)",
     "--output": "what each verb writes there (required or optional file: no default)",
-    "--bits": "quantize takes one bit-width; profile, run and allocate a list of candidates",
-    "--tasks": "eval evaluates them (default wikitext2); run protects them (required)",
-    "--calib": "quantize calibrates on it (default wikitext2); run searches it (auto); profile needs it for GPTQ "
-               "probes only",
+    "--bits": "quantize takes one bit-width; profile, run, allocate and sweep a list of candidates",
+    "--tasks": "eval and sweep evaluate them (default wikitext2); run protects them (required)",
+    "--calib": "quantize and sweep calibrate on it (default wikitext2); run searches it (auto); profile needs it "
+               "for GPTQ probes only",
     "--nsamples": "quantize calibrates GPTQ on 128 sequences (GPTQ's usual count), run on 64 to keep make run "
                   "within 15 minutes on 2 cores (on SmolLM2, 128 scored no better than 64: docs/RESULTS.md, "
-                  "calibration size); search-mixture counts sequences per source (128)",
+                  "calibration size), and sweep as run does, plan after plan; search-mixture counts sequences per "
+                  "source (128)",
     "--probe-tokens": "profile is the analysis tool (rankings and their agreement reported): 4096 per objective; "
                       "run allocates from 768, whose plan scored level with the 4096-token profile's "
                       "(docs/RESULTS.md, allocation benchmark)",

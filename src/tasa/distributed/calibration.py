@@ -9,22 +9,27 @@ quantized weights of those linears, which this process sends back; and the step 
 running its shard through the quantized layer.  Activations never leave the workers: only Hessians (d x d per
 input) and quantized weights travel.  The merged Hessian equals the single-process one up to summation order.
 
-A calibration worker's shard state cannot be rebuilt by a restart (it holds that shard's inputs of the current
-layer, which depend on every layer quantized before), so a worker that dies ends the run with one line; the
-checkpoint is written only at the end, so nothing half-made is left.
+A worker that dies is replaced by a new one that loads the model, captures its shard again and replays it
+through every layer quantized so far (their quantized weights stay in the object store for that: as much as
+the quantized part of the model in float, which Ray spills to disk past its memory), then the call is made
+again: the same operations on the same shard, so the checkpoint equals that of an uninterrupted run.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn as nn
 
 from tasa.config import Cluster
-from tasa.distributed.cluster import connect, get, worker_count
+from tasa.distributed.cluster import RESTARTS, connect, get, worker_count
+from tasa.errors import TasaError
 from tasa.distributed.probes import ModelSource
 from tasa.quant.apply import Calibration
 from tasa.quant.gptq import merge_hessians
+
+log = logging.getLogger("tasa.distributed")
 
 
 class CalibWorker:
@@ -95,17 +100,54 @@ class RayCalibration(Calibration):
         ray = connect(cluster)
         self.ray = ray
         n = self.n = min(worker_count(ray, cluster, model.gpu), calib_ids.shape[0])
-        remote = ray.remote(CalibWorker).options(num_cpus=0 if model.gpu else cluster.threads,
-                                                 num_gpus=1 if model.gpu else 0, max_restarts=0, max_task_retries=0)
-        self.workers = [remote.remote(model, cluster.threads, shard.contiguous(), batch_size)
-                        for shard in torch.tensor_split(calib_ids, n)]
-        self.pids = get(ray, [w.pid.remote() for w in self.workers])
+        self.remote = ray.remote(CalibWorker).options(num_cpus=0 if model.gpu else cluster.threads,
+                                                      num_gpus=1 if model.gpu else 0, max_restarts=0)
+        self.args = [(model, cluster.threads, shard.contiguous(), batch_size)
+                     for shard in torch.tensor_split(calib_ids, n)]
+        self.workers = [self.remote.remote(*a) for a in self.args]
+        self.history: list[list] = [[]]  # per layer so far: the object refs of its quantized weights, as sent
+        self.replaced = 0
+        self.pids = self._call(range(n), "pid")
+
+    def _call(self, which, method: str, *args) -> list:
+        """``method(*args)`` on the workers ``which``; one that died is replaced by a new worker that replays the
+        layers quantized so far on its shard (:meth:`_replace`), and asked again."""
+        refs = {i: getattr(self.workers[i], method).remote(*args) for i in which}
+        out = []
+        for i, ref in refs.items():
+            for attempt in range(RESTARTS + 1):
+                try:
+                    out.append(self.ray.get(ref))
+                    break
+                except self.ray.exceptions.RayActorError:
+                    if attempt == RESTARTS:
+                        raise TasaError(f"calibration worker {i} died {RESTARTS + 1} times; see the Ray logs") from None
+                    log.warning("calibration worker %d died; a new one replays its shard through the %d layer(s) "
+                                "quantized so far", i, len(self.history) - 1)
+                    self._replace(i)
+                    ref = getattr(self.workers[i], method).remote(*args)
+                except self.ray.exceptions.RayTaskError:
+                    get(self.ray, ref)  # the work's own error, in one line
+        return out
+
+    def _replace(self, i: int) -> None:
+        """A new worker for shard ``i``, brought to where the others are: every finished layer's quantized weights
+        and the step through it, then the current layer's weights quantized so far."""
+        w = self.remote.remote(*self.args[i])
+        calls = []
+        for layer, sent in enumerate(self.history):
+            calls += [w.set_weights.remote(ref) for ref in sent]
+            if layer < len(self.history) - 1:
+                calls.append(w.advance.remote())
+        get(self.ray, calls)
+        self.workers[i] = w
+        self.replaced += 1
 
     def groups(self, layer: nn.Module, locals_: list[str]) -> list[list[str]]:
-        return get(self.ray, self.workers[0].groups.remote(locals_))
+        return self._call([0], "groups", locals_)[0]
 
     def hessians(self, layer: nn.Module, firsts: list[str], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-        parts = get(self.ray, [w.hessians.remote(firsts) for w in self.workers])
+        parts = self._call(range(self.n), "hessians", firsts)
         device = next(layer.parameters()).device
         out = {}
         for local in firsts:
@@ -115,12 +157,14 @@ class RayCalibration(Calibration):
 
     def quantized(self, layer: nn.Module, locals_: list[str]) -> None:
         weights = self.ray.put({local: layer.get_submodule(local).weight.detach().cpu() for local in locals_})
-        get(self.ray, [w.set_weights.remote(weights) for w in self.workers])
+        self.history[-1].append(weights)
+        self._call(range(self.n), "set_weights", weights)
 
     def advance(self, layer: nn.Module) -> None:
-        get(self.ray, [w.advance.remote() for w in self.workers])
+        self._call(range(self.n), "advance")
+        self.history.append([])
 
     def close(self) -> None:
         for w in self.workers:
             self.ray.kill(w)
-        self.workers = []
+        self.workers, self.history = [], [[]]

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -155,59 +156,97 @@ def _grad_align(model, arch, sets, names, grid, sketch_dim, batch_size, seed, pr
     return {"values": values, "per_layer": per_layer, "lower_is_better": False}
 
 
-def _measured(load_model: Callable, sets, calib_sources, grid, spec: MixtureSpec, group_size: int, batch_size: int,
-              out_dir: Path | None, progress: bool, model_id: str) -> dict:
-    """GPTQ at ``spec.measure_bits`` on each mixture of the grid, scored by the held-out NLL; each point is
-    stored under a fingerprint of everything it depends on, so a resumed search reuses only identical points."""
-    nsamples, seqlen, seed, bits = spec.nsamples, spec.seqlen, spec.seed, spec.measure_bits
-    depends = {"model": model_id, "sources": [s.name for s in calib_sources],
-               "bits": bits, "group_size": group_size, "grid": SYM_GRID, "nsamples": nsamples,
-               "seqlen": seqlen, "seed": seed, "targets": spec.targets, "heldout_samples": spec.heldout_samples,
-               "heldout_fraction": spec.heldout_fraction, "batch_size": batch_size, "data": store.fingerprint()}
+@dataclass(frozen=True)
+class MeasuredPoint:
+    """One measured grid point: GPTQ at ``bits`` (``group_size``) on ``calib_ids``, scored on ``heldout``."""
+
+    calib_ids: torch.Tensor  # (nsamples, seqlen)
+    heldout: torch.Tensor  # (windows, seqlen)
+    bits: int
+    group_size: int
+    batch_size: int
+
+
+def measure_point(lm, point: MeasuredPoint, progress: bool = False) -> float:
+    """Quantize ``lm`` (a fresh model: changed in place) by ``point`` and return the mean NLL per held-out token."""
     from tasa.eval.perplexity import window_scores
     from tasa.models import resolve
     from tasa.plan import Plan
     from tasa.quant.apply import quantize_model
 
-    values = []
-    seconds = []
-    for w in grid:
-        key = "-".join(f"{x:.6g}" for x in w)
-        path = out_dir / "measured" / f"{key}.json" if out_dir else None
-        settings = fingerprint({**depends, "weights": list(w)})
-        if path is not None and path.is_file():
-            rec = read_json(path)
-            if rec.get("settings") == settings:
-                values.append(rec["nll"])
-                seconds.append(rec["seconds"])
-                continue
-        t0 = time.perf_counter()
-        lm = load_model()
-        arch = resolve(lm.model)
+    arch = resolve(lm.model)
+    plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=point.bits, group_size=point.group_size))
+    quantize_model(lm.model, arch, plan, point.calib_ids, batch_size=point.batch_size, progress=progress)
+    held = point.heldout
+    return float(window_scores(lm.model, held, batch_size=point.batch_size, progress=False).nll.sum()) / (
+        held.shape[0] * (held.shape[1] - 1))
+
+
+# What measures points: given the points, yields (index, mean held-out NLL, seconds) as each finishes.
+PointRunner = Callable[[list[MeasuredPoint]], Iterator[tuple[int, float, float]]]
+
+
+def serial_points(load_model: Callable, progress: bool) -> PointRunner:
+    """Points measured here, one after another, each on a fresh model from ``load_model``."""
+    def run(points: list[MeasuredPoint]) -> Iterator[tuple[int, float, float]]:
+        for i, point in enumerate(points):
+            t0 = time.perf_counter()
+            nll = measure_point(load_model(), point, progress)
+            yield i, nll, time.perf_counter() - t0
+    return run
+
+
+def _measured(run_points: PointRunner, sets, calib_sources, grid, spec: MixtureSpec, group_size: int,
+              batch_size: int, out_dir: Path | None, model_id: str, tokenizer) -> dict:
+    """GPTQ at ``spec.measure_bits`` on each mixture of the grid, scored by the held-out NLL; each point is
+    stored as it finishes under a fingerprint of everything it depends on, so a resumed search reuses only
+    identical points.  The calibration of every point is drawn here; ``run_points`` measures them."""
+    nsamples, seqlen, seed, bits = spec.nsamples, spec.seqlen, spec.seed, spec.measure_bits
+    depends = {"model": model_id, "sources": [s.name for s in calib_sources],
+               "bits": bits, "group_size": group_size, "grid": SYM_GRID, "nsamples": nsamples,
+               "seqlen": seqlen, "seed": seed, "targets": spec.targets, "heldout_samples": spec.heldout_samples,
+               "heldout_fraction": spec.heldout_fraction, "batch_size": batch_size, "data": store.fingerprint()}
+    values: list[float | None] = [None] * len(grid)
+    seconds: list[float | None] = [None] * len(grid)
+    todo, points = [], []
+    for j, w in enumerate(grid):
+        rec = _stored_point(out_dir, w, fingerprint({**depends, "weights": list(w)}))
+        if rec is not None:
+            values[j], seconds[j] = rec["nll"], rec["seconds"]
+            continue
         mix = CalibSpec(sources=tuple((s.name, x) for s, x in zip(calib_sources, w) if x > 0),
                         nsamples=nsamples, seqlen=seqlen, seed=seed)
-        cal = mix_sources(lm.tokenizer, calib_sources, list(w), mix)
-        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=bits, group_size=group_size))
-        quantize_model(lm.model, arch, plan, cal.input_ids, batch_size=batch_size, progress=progress)
-        held = sets["heldout"]
-        nll = float(window_scores(lm.model, held, batch_size=batch_size, progress=False).nll.sum()) / (
-            held.shape[0] * (held.shape[1] - 1))
-        secs = time.perf_counter() - t0
-        if path is not None:
-            write_json_atomic(path, {"weights": list(w), "bits": bits, "group_size": group_size, "nll": nll,
-                                     "seconds": secs, "settings": settings})
-        values.append(nll)
-        seconds.append(secs)
-        del lm
+        todo.append(j)
+        points.append(MeasuredPoint(mix_sources(tokenizer, calib_sources, list(w), mix).input_ids, sets["heldout"],
+                                    bits, group_size, batch_size))
+    for i, nll, secs in run_points(points):
+        j = todo[i]
+        values[j], seconds[j] = nll, secs
+        if out_dir is not None:
+            write_json_atomic(_point_path(out_dir, grid[j]),
+                              {"weights": list(grid[j]), "bits": bits, "group_size": group_size, "nll": nll,
+                               "seconds": secs, "settings": fingerprint({**depends, "weights": list(grid[j])})})
     return {"values": values, "lower_is_better": True, "bits": bits, "group_size": group_size,
             "seconds_per_point": seconds}
 
 
+def _point_path(out_dir: Path, w) -> Path:
+    return out_dir / "measured" / ("-".join(f"{x:.6g}" for x in w) + ".json")
+
+
+def _stored_point(out_dir: Path | None, w, settings: str) -> dict | None:
+    if out_dir is None or not _point_path(out_dir, w).is_file():
+        return None
+    rec = read_json(_point_path(out_dir, w))
+    return rec if rec.get("settings") == settings else None
+
+
 def search(lm, load_model: Callable, spec: MixtureSpec, group_size: int, runtime: Runtime = Runtime(),
-           out_dir: Path | None = None) -> dict:
+           out_dir: Path | None = None, run_points: PointRunner | None = None) -> dict:
     """Score every mixture of the grid by each criterion of ``spec``; the first criterion chooses.
     ``group_size``: the resolved group size of the measured criterion's GPTQ; ``load_model`` loads a fresh
-    model for each of its points."""
+    model for each of its points, measured here one after another unless ``run_points`` measures them
+    (e.g. on a Ray cluster: tasa.distributed.points)."""
     from tasa.models import resolve
 
     general, tasks, criteria = spec.general, list(spec.tasks), list(spec.criteria)
@@ -235,8 +274,9 @@ def search(lm, load_model: Callable, spec: MixtureSpec, group_size: int, runtime
         elif crit == "grad-align":
             results[crit] = _grad_align(lm.model, arch, sets, names, grid, spec.sketch_dim, batch_size, seed, progress)
         else:
-            results[crit] = _measured(load_model, sets, calib_sources, grid, spec, group_size, batch_size, out_dir,
-                                      progress, str(getattr(lm, "path", "")))
+            results[crit] = _measured(run_points or serial_points(load_model, progress), sets, calib_sources, grid,
+                                      spec, group_size, batch_size, out_dir, str(getattr(lm, "path", "")),
+                                      lm.tokenizer)
         seconds[crit] = time.perf_counter() - t
         vals = results[crit]["values"]
         best = (min if LOWER_IS_BETTER[crit] else max)(range(len(grid)), key=lambda j: (vals[j], j))

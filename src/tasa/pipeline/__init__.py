@@ -6,6 +6,7 @@
     quantize        GPTQ / RTN by a uniform spec or a plan, export        (quantize.py)
     evaluate        perplexity and tasks against a reference              (evaluate.py)
     run             all of them, resumable, with a report                 (run.py)
+    sweep           several plans from one profile, quantized and evaluated (sweep.py)
 
 Each takes the model and paths plus frozen specs from tasa.config (validated on construction) and a Runtime,
 and returns a typed result holding the record it wrote.  Shared checks and provenance: common.py.
@@ -16,6 +17,7 @@ from tasa.pipeline.profile import ProfileResult, profile
 from tasa.pipeline.quantize import QuantizeResult, quantize
 from tasa.pipeline.run import RunResult, run
 from tasa.pipeline.search_mixture import MixtureResult, search_mixture
+from tasa.pipeline.sweep import SweepResult, sweep
 
 __all__ = ["AllocationResult", "EvalResult", "MixtureResult", "ProfileResult", "QuantizeResult", "RunResult",
-           "allocate_bits", "evaluate", "profile", "quantize", "run", "search_mixture"]
+           "SweepResult", "allocate_bits", "evaluate", "profile", "quantize", "run", "search_mixture", "sweep"]

@@ -54,6 +54,16 @@ class QuantizeResult:
         return self.record["seconds"]
 
 
+def with_quantizer_options(plan: Plan, spec: QuantizeSpec) -> Plan:
+    """``plan`` with the quantizer options of ``spec`` (scale search, act-order, static groups) on every module;
+    its grids stay the plan's."""
+    options = {k: v for k, v in (("scale_search", spec.scale_search), ("act_order", spec.act_order),
+                                 ("static_groups", spec.static_groups)) if v}
+    if not options:
+        return plan
+    return dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **options) for n, qs in plan.modules.items()})
+
+
 def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: Runtime):
     """GPTQ's calibration: the token ids (held here), or, with ``--distributed ray``, spread over Ray workers
     (data-parallel Hessians); learned rounding keeps its calibration here."""
@@ -119,12 +129,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     arch = resolve(lm.model)
     if plan_obj is not None:
         _check_plan(plan_obj, arch, spec, allow_partial_plan)
-        the_plan = plan_obj
-        options = {k: v for k, v in (("scale_search", spec.scale_search), ("act_order", spec.act_order),
-                                     ("static_groups", spec.static_groups)) if v}
-        if options:  # options of the quantizer, for any plan (its grids stay the plan's)
-            the_plan = dataclasses.replace(plan_obj, modules={
-                n: dataclasses.replace(qs, **options) for n, qs in plan_obj.modules.items()})
+        the_plan = with_quantizer_options(plan_obj, spec)
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid

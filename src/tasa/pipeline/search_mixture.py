@@ -43,7 +43,16 @@ def search_mixture(model: str | LoadedModel, output_dir: str | Path, spec: Mixtu
     if lm.max_length is not None and spec.seqlen > lm.max_length:
         raise TasaError(f"seqlen {spec.seqlen} exceeds the model's maximum context of {lm.max_length} tokens")
     group_size = resolve_group_size(resolve(lm.model), spec.group_size)
-    s = search(lm, lambda: model_of(model, runtime)[0], spec, group_size, runtime, out_dir=out)
+    run_points = None
+    if runtime.cluster.backend is not None and "measured" in spec.criteria:  # the measured points: Ray tasks
+        from tasa.distributed.probes import ModelSource
+        from tasa.distributed.tasks import ray_map
+        from tasa.mixture.search import measure_point
+
+        run_points = ray_map(runtime.cluster, ModelSource.of(lm, resolve(lm.model)), measure_point,
+                             "measured points", runtime.progress)
+    s = search(lm, lambda: model_of(model, runtime)[0], spec, group_size, runtime, out_dir=out,
+               run_points=run_points)
     s.update({"model": model, "dtype": dtype_name(lm.model), "machine": machine_info(), "date": now()})
     s["seconds"]["with_loading"] = time.perf_counter() - t0
     s = schemas.Mixture.from_dict(s).to_dict()  # the typed record is what is written
