@@ -50,7 +50,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _source(model_dir):
-    from tasa.distributed.probes import ModelSource
+    from tasa.distributed.cluster import ModelSource
 
     return ModelSource(str(model_dir), "float32", gpu=False, stream=False, tie_experts=True)
 
@@ -167,7 +167,7 @@ def test_pipeline_placement_gives_the_task_placements_probes(cluster, model_dir,
     """Two stages holding layers [0, 2) and [2, 3) of a streamed model: probes of layers 0 and 1 start on the
     first and flow through the second, those of layer 2 start on the last; the same probes as serially."""
     from tasa.distributed.pipeline import RayPipeline
-    from tasa.distributed.probes import ModelSource
+    from tasa.distributed.cluster import ModelSource
     from tasa.models import load
 
     monkeypatch.setenv("TASA_DATA_DIR", str(tiny_data))
@@ -204,7 +204,7 @@ def test_data_parallel_hessians_equal_the_single_worker_ones(cluster, model_dir)
     """GPTQ's calibration on 2 Ray workers (a shard of 3 and of 2 sequences): each layer's merged Hessians equal
     those of all 5 sequences in one process, and the quantized model matches the single-process one."""
     from tasa.distributed.calibration import RayCalibration
-    from tasa.distributed.probes import ModelSource
+    from tasa.distributed.cluster import ModelSource
     from tasa.models import load
     from tasa.config import QuantSpec
     from tasa.plan import Plan

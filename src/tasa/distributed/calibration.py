@@ -25,7 +25,7 @@ import torch.nn as nn
 from tasa.config import Cluster
 from tasa.distributed.cluster import RESTARTS, connect, get, worker_count
 from tasa.errors import TasaError
-from tasa.distributed.probes import ModelSource
+from tasa.distributed.cluster import ModelSource
 from tasa.quant.apply import Calibration
 from tasa.quant.gptq import merge_hessians
 

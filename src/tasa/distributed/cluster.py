@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from tasa.config import Cluster
 from tasa.errors import TasaError
@@ -19,6 +22,43 @@ from tasa.errors import TasaError
 log = logging.getLogger("tasa.distributed")
 
 RESTARTS = 3  # Ray restarts of an actor whose process died, and retries of the calls it held
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a worker loads the model the driver holds: what ``tasa.models.load`` is given, and the unit layout."""
+
+    source: str
+    dtype: str
+    gpu: bool
+    stream: bool
+    tie_experts: bool
+
+    @classmethod
+    def of(cls, lm, arch, stream: bool = False, tie_experts: bool = True) -> "ModelSource":
+        """How workers load ``lm`` (loaded here): from the same source (a local path made absolute: workers may
+        start elsewhere), at its dtype, on GPUs when it is on one; streamed when ``stream`` or when it is here."""
+        from pathlib import Path
+
+        from tasa.models import compute_device, compute_dtype
+
+        where = Path(lm.source)
+        return cls(str(where.resolve()) if where.exists() else lm.source,
+                   str(compute_dtype(lm.model)).replace("torch.", ""), gpu=compute_device(lm.model).type == "cuda",
+                   stream=stream or arch.streamer is not None, tie_experts=tie_experts)
+
+
+def to_device(x, device):
+    """``x`` (tensors, in dicts, tuples, lists and dataclasses) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in dataclasses.fields(x)})
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
 
 
 def ray_module():

@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 
 from tasa.config import Cluster, ProfileSpec
-from tasa.errors import TasaError
-from tasa.distributed.cluster import actor_class, connect, get, worker_count
+from tasa.distributed.cluster import ModelSource, actor_class, get, to_device
 from tasa.distributed.costmodel import ProbeCosts, balanced_slices
-from tasa.distributed.probes import ModelSource, ModelWorker, RayProbes, _Setup, _to
-from tasa.profile.probe import ProbeJob, Scorer
+from tasa.distributed.probes import ModelWorker, RayProbes, _Setup
+from tasa.errors import TasaError
+from tasa.profile.probe import ProbeJob
 
 
 class StageWorker(ModelWorker):
@@ -52,7 +52,7 @@ class StageWorker(ModelWorker):
         if not self.last:
             return out, seconds
         if job is None:  # the full-precision pass: token scores with their top-k
-            return _to(out, "cpu"), seconds
+            return to_device(out, "cpu"), seconds
         return self.scorer.losses(out), seconds
 
     def begin(self, job: ProbeJob | None, spec: ProfileSpec, layer_refs: list, references: list):
@@ -76,10 +76,10 @@ class StageWorker(ModelWorker):
         import ray
 
         if references and not self.scorer.refs:
-            self.scorer.refs = _to(ray.get(references[0]), self.device)
+            self.scorer.refs = to_device(ray.get(references[0]), self.device)
         hidden, seconds = previous
         t = time.perf_counter()
-        out = self._run(self.start, _to(hidden, self.device), keep_reference=job is None)
+        out = self._run(self.start, to_device(hidden, self.device), keep_reference=job is None)
         return self._finish(job, out, seconds + time.perf_counter() - t)
 
 
@@ -135,34 +135,22 @@ class _Chains:
 class RayPipeline(RayProbes):
     """The runner of :func:`tasa.profile.probe.run_probes` on Ray stages (see the module docstring)."""
 
-    def __init__(self, scorer: Scorer, spec: ProfileSpec, cluster: Cluster, model: ModelSource,
-                 max_logits_gb: float = 2.0):
-        ray = connect(cluster)
-        self.ray, self.spec, self.scorer = ray, spec, scorer
-        self.gpu, self.threads = model.gpu, cluster.threads
-        t = time.perf_counter()
-        layers = scorer.arch.num_layers
-        workers = worker_count(ray, cluster, model.gpu)
-        stages = min(cluster.stages or workers, layers)
+    def _start(self, cluster: Cluster, model: ModelSource, workers: int) -> _Chains:
+        """workers // stages pipelines of stages holding balanced slices of the layers."""
+        arch = self.scorer.arch
+        stages = min(cluster.stages or workers, arch.num_layers)
         if stages > workers:
             raise TasaError(f"--stages {stages}: the Ray cluster holds {workers} worker(s)")
         # relative costs suffice to balance the slices: a layer pass and the head in proportion to their FLOPs per
-        # token (the head: vocab x hidden; on SmolLM2-135M 8x a layer, measured 6.5x; on Llama-3-8B 2.4x)
-        numels = scorer.arch.numels()
-        per_layer = sum(numels[m.name] for m in scorer.arch.layer_modules(0))
-        head = scorer.model.get_output_embeddings().weight.numel() / per_layer
-        self.slices = balanced_slices(ProbeCosts(layers=layers, probes_per_layer=1, layer=1.0, head=head), stages)
-        self.setup = ray.put(_Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
-                                    cluster.threads))
-        remote = actor_class(ray, StageWorker, model.gpu, cluster.threads)
+        # token (the head: vocab x hidden; on SmolLM2-135M 8x a layer, measured 7x; on Llama-3-8B 2.4x)
+        numels = arch.numels()
+        per_layer = sum(numels[m.name] for m in arch.layer_modules(0))
+        head = self.scorer.model.get_output_embeddings().weight.numel() / per_layer
+        self.slices = balanced_slices(ProbeCosts(layers=arch.num_layers, probes_per_layer=1, layer=1.0, head=head),
+                                      stages)
+        remote = actor_class(self.ray, StageWorker, model.gpu, cluster.threads)
         lines = [[remote.remote(model, self.setup, a, b) for a, b in self.slices] for _ in range(workers // stages)]
-        self.pool = _Chains(ray, lines, self.slices)
-        self.ready_at = time.perf_counter()
-        self.start_seconds = self.ready_at - t
-        self.layers: dict[int, list] = {}
-        self.max_layers = 2
-        self._done: list = []
-        self.references: list = []
+        return _Chains(self.ray, lines, self.slices)
 
     def base(self, states) -> dict:
         """The full-precision pass through the stages; the KL references it yields are kept here and put in the
@@ -170,9 +158,9 @@ class RayPipeline(RayProbes):
         keys = self.scorer.state_keys()
         box = [self.ray.put({k: states.get(k).cpu() for k in keys}), self.ray.put(None)]
         scores, _ = get(self.ray, self.pool.chain(None, self.spec, box, []))
-        scores = _to(scores, states.get(keys[0]).device)
+        scores = to_device(scores, states.get(keys[0]).device)
         self.scorer.keep_references(scores)
-        self.references = [self.ray.put(_to(self.scorer.refs, "cpu"))]
+        self.references = [self.ray.put(to_device(self.scorer.refs, "cpu"))]
         return self.scorer.losses(scores, keep_reference=True)
 
     def submit(self, job: ProbeJob) -> None:

@@ -12,7 +12,6 @@ store.  At most as many layers' inputs are in flight as ``max_state_gb`` holds (
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -20,33 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from tasa.config import Cluster, ProfileSpec
-from tasa.distributed.cluster import ActorPool, connect, worker_count
+from tasa.distributed.cluster import ActorPool, ModelSource, connect, to_device, worker_count
 from tasa.profile.objectives import Objective
 from tasa.profile.probe import ProbeJob, Scorer, StateKey, objective_batches
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """How a worker loads the model the driver holds: what ``tasa.models.load`` is given, and the unit layout."""
-
-    source: str
-    dtype: str
-    gpu: bool
-    stream: bool
-    tie_experts: bool
-
-    @classmethod
-    def of(cls, lm, arch, stream: bool = False, tie_experts: bool = True) -> "ModelSource":
-        """How workers load ``lm`` (loaded here): from the same source (a local path made absolute: workers may
-        start elsewhere), at its dtype, on GPUs when it is on one; streamed when ``stream`` or when it is here."""
-        from pathlib import Path
-
-        from tasa.models import compute_device, compute_dtype
-
-        where = Path(lm.source)
-        return cls(str(where.resolve()) if where.exists() else lm.source,
-                   str(compute_dtype(lm.model)).replace("torch.", ""), gpu=compute_device(lm.model).type == "cuda",
-                   stream=stream or arch.streamer is not None, tie_experts=tie_experts)
 
 
 @dataclass
@@ -58,19 +33,6 @@ class _Setup:
     max_logits_gb: float
     plain_head: bool
     threads: int
-
-
-def _to(x, device):
-    """``x`` (tensors, in dicts, tuples, lists and dataclasses) on ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: _to(getattr(x, f.name), device) for f in dataclasses.fields(x)})
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
 
 
 class ModelWorker:
@@ -104,10 +66,10 @@ class ModelWorker:
         import ray
 
         if references and not self.scorer.refs:
-            self.scorer.refs = _to(ray.get(references[0]), self.device)
+            self.scorer.refs = to_device(ray.get(references[0]), self.device)
         if self.layer != layer:
             states, hessians = ray.get(layer_refs)
-            self.states, self.hessians = _to(states, self.device), _to(hessians, self.device)
+            self.states, self.hessians = to_device(states, self.device), to_device(hessians, self.device)
             self.layer = layer
 
 
@@ -120,7 +82,7 @@ class ProbeWorker(ModelWorker):
         import ray
 
         states = ray.get(box[0])
-        return {k: _to(self.scorer.batch_scores(k, 0, states[k].to(self.device), keep_reference=True), "cpu")
+        return {k: to_device(self.scorer.batch_scores(k, 0, states[k].to(self.device), keep_reference=True), "cpu")
                 for k in keys}
 
     def probe(self, job: ProbeJob, spec: ProfileSpec, layer_refs: list, references: list) -> tuple[dict, float]:
@@ -145,16 +107,20 @@ class RayProbes:
         self.ray, self.spec, self.scorer = ray, spec, scorer
         self.gpu, self.threads = model.gpu, cluster.threads
         t = time.perf_counter()
-        setup = _Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain, cluster.threads)
-        n = worker_count(ray, cluster, model.gpu)
-        self.setup = ray.put(setup)  # held here for the pool's life: a restarted worker is built from it again
-        self.pool = ActorPool(ray, ProbeWorker, (model, self.setup), n, model.gpu, cluster.threads)
+        # held here for the workers' life: a restarted worker is built from it again
+        self.setup = ray.put(_Setup(scorer.objectives, spec.batch_tokens, max_logits_gb, scorer.plain,
+                                    cluster.threads))
+        self.pool = self._start(cluster, model, worker_count(ray, cluster, model.gpu))
         self.ready_at = time.perf_counter()
         self.start_seconds = self.ready_at - t
         self.layers: dict[int, list] = {}  # layer -> [object refs of its inputs and Hessians, probes pending]
         self.max_layers = 2
         self._done: list = []  # probes finished while waiting for room, not yet handed back
         self.references: list = []  # [object ref of the KL references], once the full-precision pass is done
+
+    def _start(self, cluster: Cluster, model: ModelSource, workers: int):
+        """The workers, started (each loads the model): a pool taking whole probes."""
+        return ActorPool(self.ray, ProbeWorker, (model, self.setup), workers, model.gpu, cluster.threads)
 
     def base(self, states) -> dict:
         """The full-precision pass, its batches spread over the workers (largest first, to the least loaded);
@@ -173,9 +139,9 @@ class RayProbes:
         scores = {}
         for _, part in self.pool.results(wait=True):
             scores.update(part)
-        scores = _to(scores, states.get(keys[0]).device)
+        scores = to_device(scores, states.get(keys[0]).device)
         self.scorer.keep_references(scores)
-        self.references = [self.ray.put(_to(self.scorer.refs, "cpu"))]
+        self.references = [self.ray.put(to_device(self.scorer.refs, "cpu"))]
         return self.scorer.losses(scores, keep_reference=True)
 
     def start_layer(self, layer: int, states, calib) -> None:
@@ -186,7 +152,7 @@ class RayProbes:
             self._done.extend(self._collect(at_least=1))
             self._release()
         snapshot = {k: states.get(k).cpu() for k in self.scorer.state_keys()}
-        hessians = None if calib is None else _to(calib.hessians(), "cpu")
+        hessians = None if calib is None else to_device(calib.hessians(), "cpu")
         self.layers[layer] = [[self.ray.put(snapshot), self.ray.put(hessians)], 0]
         if len(self.layers) == 1:  # the budget in layers, from the first one's size
             size = sum(t.numel() * t.element_size() for t in snapshot.values())

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tasa.config import Cluster
 from tasa.distributed.cluster import RESTARTS, connect, get
-from tasa.distributed.probes import ModelSource
+from tasa.distributed.cluster import ModelSource
 
 
 def _run(fn: Callable, model: ModelSource, job: Any, threads: int) -> tuple[Any, float]:

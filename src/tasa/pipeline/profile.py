@@ -52,7 +52,8 @@ def _runner(lm: LoadedModel, arch, spec: ProfileSpec, runtime: Runtime):
     if cluster.backend is None:
         return None
     from tasa.distributed.pipeline import RayPipeline
-    from tasa.distributed.probes import ModelSource, RayProbes
+    from tasa.distributed.cluster import ModelSource
+    from tasa.distributed.probes import RayProbes
 
     pipeline = cluster.placement == "pipeline" or (cluster.placement == "auto" and arch.streamer is not None)
     source = ModelSource.of(lm, arch, stream=pipeline, tie_experts=spec.tie_experts)

@@ -76,7 +76,7 @@ def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: 
         raise TasaError("quantize spreads its calibration over workers that each hold the model: "
                         "--placement pipeline applies to profiling only")
     from tasa.distributed.calibration import RayCalibration
-    from tasa.distributed.probes import ModelSource
+    from tasa.distributed.cluster import ModelSource
 
     return RayCalibration(runtime.cluster, ModelSource.of(lm, arch), calib_ids, runtime.batch_size)
 

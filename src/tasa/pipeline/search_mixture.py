@@ -45,7 +45,7 @@ def search_mixture(model: str | LoadedModel, output_dir: str | Path, spec: Mixtu
     group_size = resolve_group_size(resolve(lm.model), spec.group_size)
     run_points = None
     if runtime.cluster.backend is not None and "measured" in spec.criteria:  # the measured points: Ray tasks
-        from tasa.distributed.probes import ModelSource
+        from tasa.distributed.cluster import ModelSource
         from tasa.distributed.tasks import ray_map
         from tasa.mixture.search import measure_point
 

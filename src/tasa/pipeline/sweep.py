@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.config import EvalSpec, QuantizeSpec, Runtime, SweepSpec
 from tasa.data import build_calibration, store
-from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
 from tasa.pipeline.allocate import allocate_bits, read_profile
 from tasa.pipeline.common import check_new_dir, machine_info, model_of, now
@@ -109,7 +108,7 @@ def sweep(model: str | LoadedModel, sensitivity: str | Path, output_dir: str | P
 def _runner(lm: LoadedModel, runtime: Runtime):
     """What runs the plans: here, one after another on a fresh model each; or Ray tasks (--distributed ray)."""
     if runtime.cluster.backend is not None:
-        from tasa.distributed.probes import ModelSource
+        from tasa.distributed.cluster import ModelSource
         from tasa.distributed.tasks import ray_map
 
         return ray_map(runtime.cluster, ModelSource.of(lm, resolve(lm.model)), run_plan, "plans", runtime.progress)
