@@ -263,11 +263,13 @@ class Runtime:
 
 
 LEARN_DTYPES = ("auto", "float32", "bfloat16")
-# The default quantizer of tasa quantize and tasa run: GPTQ with a 16-range scale search, the best option that
-# keeps `make run` (SmolLM2-135M on 2 CPU cores) within its 15 minutes: it took 29% off the KL of tasa run's
-# 3.5-bit plan for 4% more quantization time; learned rounding (--learn-rounding) is better still but takes
+# The default quantizer of tasa quantize, run and sweep: GPTQ with act-order, static groups and a 16-range scale
+# search, the best option that keeps `make run` (SmolLM2-135M on 2 CPU cores) within its 15 minutes: on tasa
+# run's 3.5-bit plan (3 calibration seeds) it took the KL to full precision from 0.549 (plain GPTQ) to 0.349, the
+# scale search alone to 0.391, in GPTQ's time; learned rounding (--learn-rounding) is better still but takes
 # several times GPTQ's time on a CPU (docs/RESULTS.md, "Quantizer options").
 SCALE_SEARCH = 16
+ACT_ORDER = True  # with static groups: grids fixed in column order before the columns are reordered (g_idx trivial)
 
 
 @dataclass(frozen=True)
@@ -279,8 +281,8 @@ class QuantizeSpec:
     bits: int = 4
     group_size: int | None = None
     sym: bool = True
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = ACT_ORDER  # GPTQ: for every module, the plan's modules included
+    static_groups: bool = ACT_ORDER
     damp: float = 0.01
     true_sequential: bool = True
     allow_ragged_groups: bool = False
@@ -304,9 +306,17 @@ class QuantizeSpec:
 
     @property
     def quantizer(self) -> str:
-        """What rounds the weights, for records and reports, e.g. ``gptq with --scale-search 16``."""
-        name = f"learned rounding ({self.learn_rounding} steps per layer)" if self.learn_rounding else self.method
-        return name + (f" with --scale-search {self.scale_search}" if self.scale_search else "")
+        """What rounds the weights, for records and reports, e.g. ``gptq with --act-order --static-groups
+        --scale-search 16``."""
+        if self.learn_rounding:
+            name, flags = f"learned rounding ({self.learn_rounding} steps per layer)", []
+        else:
+            name = self.method
+            flags = [f for f, on in (("--act-order", self.act_order), ("--static-groups", self.static_groups))
+                     if on and self.method == "gptq"]
+        if self.scale_search:
+            flags.append(f"--scale-search {self.scale_search}")
+        return name + (" with " + " ".join(flags) if flags else "")
 
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "fp")
@@ -516,7 +526,9 @@ class RunSpec:
     eval_limit: int = 50
     eval_windows: int = 20
     generate: bool = False
-    scale_search: int = SCALE_SEARCH  # the quantize stage's QuantizeSpec.scale_search
+    scale_search: int = SCALE_SEARCH  # the quantize stage's QuantizeSpec.scale_search, act_order, static_groups
+    act_order: bool = ACT_ORDER
+    static_groups: bool = ACT_ORDER
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
@@ -543,7 +555,8 @@ class RunSpec:
 
     def quantize_spec(self) -> "QuantizeSpec":
         """The quantize stage's options (its method and grids are the plan's)."""
-        return QuantizeSpec(scale_search=self.scale_search, learn_rounding=self.learn_rounding,
+        return QuantizeSpec(act_order=self.act_order, static_groups=self.static_groups,
+                            scale_search=self.scale_search, learn_rounding=self.learn_rounding,
                             learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)
 
 

@@ -109,7 +109,8 @@ def test_quantize_applies_act_order_and_static_groups_to_every_module_of_a_plan(
     from tasa.plan import Plan
 
     calib = CalibSpec.parse("wikitext2", nsamples=8, seqlen=32)
-    quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(bits=3, group_size=16), calib,
+    quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(bits=3, group_size=16, act_order=False,
+                                                               static_groups=False), calib,
              export=ExportSpec(format="fp"))
     plan = tmp_path / "a" / "plan.json"
     quantize(str(tiny_model_dir), tmp_path / "b", QuantizeSpec(act_order=True, static_groups=True), calib, plan=plan,

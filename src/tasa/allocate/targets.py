@@ -133,9 +133,10 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
     out = []
     for name, s in modules.items():
         grid = target.grids.get(s.bits) if target.grids is not None else None
+        # act-order with static groups stores the grid in column order (no g_idx): the same layout as without
         if grid is not None and (s.group_size, s.super_group, s.scale_bits if s.super_group else None,
-                                 s.sym, s.act_order) != (grid.group_size, grid.super_group,
-                                                         grid.scale_bits if grid.super_group else None, True, False):
+                                 s.sym, s.act_order and not s.static_groups) != (
+                grid.group_size, grid.super_group, grid.scale_bits if grid.super_group else None, True, False):
             out.append(f"{name}: {s.bits}-bit grid with groups of {s.group_size}"
                        f"{f' in super-groups of {s.super_group}' if s.super_group else ''}, but {target.name} serves "
                        f"{s.bits} bits only on the grid {_grid_text(grid)} (allocate with --target {target.name})")

@@ -134,7 +134,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
         if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid
             qspec = dataclasses.replace(rules.grids[qspec.bits], damp=qspec.damp, block_size=qspec.block_size,
-                                        scale_search=qspec.scale_search)
+                                        scale_search=qspec.scale_search, act_order=qspec.act_order,
+                                        static_groups=qspec.static_groups)
         the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
     packed: dict = {}
     packer = qcfg = None

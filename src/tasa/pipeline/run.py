@@ -212,6 +212,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
             "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID,
             **({"scale_search": spec.scale_search} if spec.scale_search else {}),  # runs without them keep their key
+            **({"act_order": spec.act_order, "static_groups": spec.static_groups}
+               if spec.act_order or spec.static_groups else {}),
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
                if spec.learn_rounding else {})}
 
