@@ -165,7 +165,8 @@ def test_more_workers_than_the_cluster_holds(cluster):
 
 def test_pipeline_placement_gives_the_task_placements_probes(cluster, model_dir, tiny_data, tmp_path, monkeypatch):
     """Two stages holding layers [0, 2) and [2, 3) of a streamed model: probes of layers 0 and 1 start on the
-    first and flow through the second, those of layer 2 start on the last; the same probes as serially."""
+    first and flow through the second, those of layer 2 start on the last; the same probes as serially, with two
+    pipelines of one stage, and with the last stage killed mid-profile (restarted by Ray, its calls retried)."""
     from tasa.distributed.pipeline import RayPipeline
     from tasa.distributed.cluster import ModelSource
     from tasa.models import load
@@ -189,6 +190,25 @@ def test_pipeline_placement_gives_the_task_placements_probes(cluster, model_dir,
     for k in serial.probes:
         torch.testing.assert_close(two.probes[k]["arc_easy"].choice_logp, res.probes[k]["arc_easy"].choice_logp,
                                    rtol=1e-5, atol=2e-6)
+    seen: dict = {}
+
+    class Killing(RayPipeline):  # the last stage SIGKILLed after the 5th probe is submitted: restarted, retried
+        def submit(self, job):
+            super().submit(job)
+            seen["n"] = seen.get("n", 0) + 1
+            if seen["n"] == 5:
+                seen["killed"] = self.pool.pids[1]
+                os.kill(self.pool.pids[1], signal.SIGKILL)
+
+        def close(self):
+            seen["after"] = self.pool.call_all("pid")
+            super().close()
+
+    killed = run_probes(lm.model, arch, objs, spec, progress=False,
+                        runner=functools.partial(Killing, cluster=cluster, model=source))
+    assert seen["killed"] not in seen["after"] and len(seen["after"]) == 2
+    for k in serial.probes:
+        torch.testing.assert_close(killed.probes[k]["wikitext2"].kl, res.probes[k]["wikitext2"].kl, rtol=0, atol=0)
     assert res.probes.keys() == serial.probes.keys() and len(res.probes) == 42
     for o in ("wikitext2", "arc_easy"):
         torch.testing.assert_close(res.base[o].nll, serial.base[o].nll, rtol=1e-5, atol=2e-6)
