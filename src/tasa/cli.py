@@ -3,7 +3,7 @@
 Errors in the user's input print one line (``tasa: error: ...``) and exit 2.  Flags shared by several verbs
 (model and runtime, ``--group-size``, ``--seqlen``, ``--seed``) come from parent parsers, so each has one name,
 one default and one help text.  This file is longer than ~400 lines because it holds the argument definitions
-and help texts of six verbs; the dispatch is a few lines per verb.
+and help texts of seven verbs; the dispatch is a few lines per verb.
 """
 from __future__ import annotations
 

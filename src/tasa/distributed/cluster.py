@@ -113,10 +113,10 @@ def actor_class(ray, cls: type, gpu: bool, threads: int):
                                    max_restarts=RESTARTS, max_task_retries=RESTARTS)
 
 
-def get(ray, refs, timeout: float | None = None):
+def get(ray, refs):
     """``ray.get``, with the errors of the work (its own message) and of dead actors as one-line TasaErrors."""
     try:
-        return ray.get(refs, timeout=timeout)
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
         raise TasaError(f"a Ray worker failed: {_first_line(cause)}") from None
@@ -169,10 +169,6 @@ class ActorPool:
             ref = getattr(self.actors[i], call.method).remote(*call.args)
             self.running[ref] = (call, i)
             self.load[i] += 1
-
-    @property
-    def pending(self) -> int:
-        return len(self.queue) + len(self.running)
 
     def results(self, wait: bool = False, at_least: int = 0) -> list[tuple[Any, Any]]:
         """(tag, value) of the calls finished now: of ``at_least`` calls at least (or all there are), waiting

@@ -89,7 +89,9 @@ def sweep(model: str | LoadedModel, sensitivity: str | Path, output_dir: str | P
         else:
             todo.append((key, settings))
     jobs = [PlanJob(plans[k], calib_ids, spec.quantize, spec.evaluation, runtime.batch_size) for k, _ in todo]
-    for i, result, secs in _runner(lm, runtime)(jobs):
+    run_jobs = _runner(lm, runtime)
+    del lm  # the plans load fresh models: this one (when loaded here) is not kept beside them
+    for i, result, secs in run_jobs(jobs):
         key, settings = todo[i]
         points[key] = {"plan": key, **result, "seconds": secs, "settings": settings}
         write_json_atomic(out / "points" / f"{key}.json", points[key])
@@ -113,9 +115,10 @@ def _runner(lm: LoadedModel, runtime: Runtime):
 
         return ray_map(runtime.cluster, ModelSource.of(lm, resolve(lm.model)), run_plan, "plans", runtime.progress)
 
+    source = lm.source
+
     def serial(jobs):
         for i, job in enumerate(tqdm(jobs, desc="plans", disable=not runtime.progress)):
             t = time.perf_counter()
-            fresh = model_of(lm.source, runtime)[0]
-            yield i, run_plan(fresh, job), time.perf_counter() - t
+            yield i, run_plan(model_of(source, runtime)[0], job), time.perf_counter() - t
     return serial

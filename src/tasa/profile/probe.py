@@ -21,6 +21,13 @@ damage GPTQ leaves, which the final model will carry.
 
 Every finished probe is written atomically to ``store_dir/probes/``; a killed
 run resumes where it stopped and gives the same result.
+
+What computes the probes is a runner: :class:`SerialProbes` here, or a distributed
+one (tasa.distributed) running the same :class:`Scorer` on Ray workers while this
+process walks the layers and keeps the store.  This file is longer than ~400 lines
+because the probe engine's parts (units, the quantize-and-restore swap, kept states,
+the probe store, the scorer, the serial runner, the walk) share its data and are
+read together.
 """
 from __future__ import annotations
 
