@@ -382,3 +382,12 @@ def test_sweep_plans_on_ray_equal_serial(cluster, model_dir, tiny_data, tmp_path
     assert spread["placement"] == "ray" and spread["measured_this_run"] == 2
     assert [r["results"]["wikitext2"]["ppl"] for r in spread["rows"]] == \
         [r["results"]["wikitext2"]["ppl"] for r in serial["rows"]]
+
+
+def test_run_quantize_stage_takes_the_cluster_without_the_profiles_placement(cluster):
+    from tasa.pipeline.run import quantize_runtime
+
+    pipe = Runtime(cluster=dataclasses.replace(cluster, placement="pipeline", stages=1))
+    q = quantize_runtime(pipe)
+    assert (q.cluster.backend, q.cluster.workers, q.cluster.placement, q.cluster.stages) == ("ray", 2, "auto", None)
+    assert quantize_runtime(Runtime()) == Runtime()

@@ -124,6 +124,15 @@ def _profile_needed_bits(lm, out: Path, spec: ProfileSpec, allocation: Allocatio
         todo = sorted({*todo, *more})
 
 
+def quantize_runtime(runtime: Runtime) -> Runtime:
+    """The quantize stage's runtime: the profile's placement settings (--placement, --stages) do not apply to it;
+    with --distributed its calibration is spread in shards over workers that each load the model (streamed when
+    this process streams it)."""
+    if runtime.cluster.backend is None:
+        return runtime
+    return dataclasses.replace(runtime, cluster=dataclasses.replace(runtime.cluster, placement="auto", stages=None))
+
+
 def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Runtime()) -> RunResult:
     """The whole method on ``model``, resumable.
 
@@ -230,7 +239,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     def do_quantize():
         q = quantize(shared.fp(), out / "model", spec.quantize_spec(), calib_spec,
                      plan=out / "plan.json",
-                     export=ExportSpec(fmt, tgt.name), runtime=runtime, overwrite=True)
+                     export=ExportSpec(fmt, tgt.name), runtime=quantize_runtime(runtime), overwrite=True)
         shared.quantized_in_memory()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
 
