@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import ACT_ORDER, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, SCALE_SEARCH, TOKEN_COSTS
+from tasa.config import (ACT_ORDER, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, PLACEMENTS, SCALE_SEARCH,
+                         TOKEN_COSTS)
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -182,11 +183,11 @@ def _distributed_args(p: argparse.ArgumentParser) -> None:
                    help="with --distributed ray: the cluster's head, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, "
                         "else a local Ray instance on this machine's cores)")
     p.add_argument("--workers", type=int, default=None,
-                   help="with --distributed ray: probe workers (default: one per GPU of the cluster with a GPU "
+                   help="with --distributed ray: workers (default: one per GPU of the cluster with a GPU "
                         "--device, else the cluster's CPU cores // --worker-threads)")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="with --distributed ray on CPUs: torch threads (and cores) per worker (default: 1)")
-    p.add_argument("--placement", choices=["auto", "task", "pipeline"], default="auto",
+    p.add_argument("--placement", choices=list(PLACEMENTS), default="auto",
                    help="with --distributed ray: task = every worker holds the model and takes whole probes; "
                         "pipeline = each worker holds a slice of the layers and probes flow through them, for "
                         "models one worker cannot hold; auto = pipeline when this machine streams the model "

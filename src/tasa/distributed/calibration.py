@@ -37,10 +37,10 @@ class CalibWorker:
 
     def __init__(self, model: ModelSource, threads: int, shard: torch.Tensor, batch_size: int):
         torch.set_num_threads(threads)
-        from tasa.models import compute_device, load, resolve
+        from tasa.models import compute_device, resolve
         from tasa.models.walker import capture_ids, move_outside_layers
 
-        lm = load(model.source, dtype=model.dtype, device="cuda" if model.gpu else "cpu", stream=model.stream)
+        lm = model.load()
         self.arch = resolve(lm.model)
         self.device = compute_device(lm.model)
         move_outside_layers(lm.model, self.arch, self.device)

@@ -47,6 +47,12 @@ class ModelSource:
                    str(compute_dtype(lm.model)).replace("torch.", ""), gpu=compute_device(lm.model).type == "cuda",
                    stream=stream or arch.streamer is not None, tie_experts=tie_experts)
 
+    def load(self):
+        """The model, loaded in a worker as this source says (a LoadedModel)."""
+        from tasa.models import load
+
+        return load(self.source, dtype=self.dtype, device="cuda" if self.gpu else "cpu", stream=self.stream)
+
 
 def to_device(x, device):
     """``x`` (tensors, in dicts, tuples, lists and dataclasses) on ``device``."""
@@ -124,6 +130,16 @@ def get(ray, refs):
         raise TasaError(f"a Ray worker could not start or died: {_first_line(e)}") from None
 
 
+def ready(ray, refs: list, block: bool) -> list:
+    """The refs of ``refs`` finished now; with ``block``, one at least (waiting for it) unless ``refs`` is empty."""
+    if not refs:
+        return []
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    if done or not block:
+        return done
+    return ray.wait(refs, num_returns=1)[0]
+
+
 @dataclass
 class _Call:
     method: str
@@ -175,12 +191,10 @@ class ActorPool:
         for them; with ``wait``, of every call submitted."""
         out: list = []
         while self.running:
-            ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
-            if not ready:
-                if not (wait or len(out) < at_least):
-                    break
-                ready, _ = self.ray.wait(list(self.running), num_returns=1)
-            for ref in ready:
+            done = ready(self.ray, list(self.running), block=wait or len(out) < at_least)
+            if not done:
+                break
+            for ref in done:
                 call, i = self.running.pop(ref)
                 self.load[i] -= 1
                 try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from tasa.config import Cluster, ProfileSpec
-from tasa.distributed.cluster import ModelSource, actor_class, get, to_device
+from tasa.distributed.cluster import ModelSource, actor_class, get, ready, to_device
 from tasa.distributed.costmodel import ProbeCosts, balanced_slices
 from tasa.distributed.probes import ModelWorker, RayProbes, _Setup
 from tasa.errors import TasaError
@@ -64,19 +64,13 @@ class StageWorker(ModelWorker):
         if job is None:
             out = self._run(0, self.states, keep_reference=True)
         else:
-            from tasa.profile.probe import quant_swapped
-
-            with quant_swapped(self.scorer.model, job.unit.modules, job.bits, spec.group_size, spec.sym,
-                               self.hessians, spec.damp):
+            with self.scorer.swapped(job.unit, job.bits, spec, self.hessians):
                 out = self._run(layer, self.states, keep_reference=False)
         return self._finish(job, out, time.perf_counter() - t)
 
     def carry(self, job: ProbeJob | None, previous: tuple, references: list):
         """The probe's activations from the stage before through this one (``previous``: its output)."""
-        import ray
-
-        if references and not self.scorer.refs:
-            self.scorer.refs = to_device(ray.get(references[0]), self.device)
+        self._references(references)
         hidden, seconds = previous
         t = time.perf_counter()
         out = self._run(self.start, to_device(hidden, self.device), keep_reference=job is None)
@@ -115,12 +109,10 @@ class _Chains:
     def results(self, at_least: int = 0) -> list:
         out: list = []
         while self.running:
-            ready, _ = self.ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
-            if not ready:
-                if len(out) >= at_least:
-                    break
-                ready, _ = self.ray.wait(list(self.running), num_returns=1)
-            for ref in ready:
+            done = ready(self.ray, list(self.running), block=len(out) < at_least)
+            if not done:
+                break
+            for ref in done:
                 job, line = self.running.pop(ref)
                 self.load[line] -= 1
                 out.append((job, get(self.ray, ref)))

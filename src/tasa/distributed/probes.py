@@ -42,9 +42,9 @@ class ModelWorker:
 
     def __init__(self, model: ModelSource, setup: _Setup, layers: range | None = None):
         torch.set_num_threads(setup.threads)
-        from tasa.models import compute_device, load, resolve
+        from tasa.models import compute_device, resolve
 
-        lm = load(model.source, dtype=model.dtype, device="cuda" if model.gpu else "cpu", stream=model.stream)
+        lm = model.load()
         arch = resolve(lm.model)
         arch.tie_experts = model.tie_experts
         self.device = compute_device(lm.model)
@@ -61,12 +61,18 @@ class ModelWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _inputs(self, layer: int, layer_refs: list, references: list) -> None:
-        """Fetch the KL references once, and ``layer``'s inputs and Hessians when the layer changes."""
+    def _references(self, references: list) -> None:
+        """Fetch the KL references (``references``: their object ref, once the full-precision pass is done) once."""
         import ray
 
         if references and not self.scorer.refs:
             self.scorer.refs = to_device(ray.get(references[0]), self.device)
+
+    def _inputs(self, layer: int, layer_refs: list, references: list) -> None:
+        """Fetch the KL references once, and ``layer``'s inputs and Hessians when the layer changes."""
+        import ray
+
+        self._references(references)
         if self.layer != layer:
             states, hessians = ray.get(layer_refs)
             self.states, self.hessians = to_device(states, self.device), to_device(hessians, self.device)

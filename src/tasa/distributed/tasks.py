@@ -22,12 +22,9 @@ from tasa.distributed.cluster import ModelSource
 
 
 def _run(fn: Callable, model: ModelSource, job: Any, threads: int) -> tuple[Any, float]:
-    from tasa.models import load
-
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    lm = load(model.source, dtype=model.dtype, device="cuda" if model.gpu else "cpu", stream=model.stream)
-    return fn(lm, job), time.perf_counter() - t0
+    return fn(model.load(), job), time.perf_counter() - t0
 
 
 DATA_ENV = ("TASA_DATA_DIR", "TASA_DATA_SOURCE")  # where tasa reads its datasets (tasa.data.store)

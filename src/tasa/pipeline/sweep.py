@@ -84,8 +84,9 @@ def sweep(model: str | LoadedModel, sensitivity: str | Path, output_dir: str | P
     for key, plan in plans.items():
         settings = fingerprint({**depends, "plan": plan.to_dict()})
         path = out / "points" / f"{key}.json"
-        if path.is_file() and read_json(path).get("settings") == settings:
-            points[key] = read_json(path)
+        rec = read_json(path) if path.is_file() else None
+        if rec is not None and rec.get("settings") == settings:
+            points[key] = rec
         else:
             todo.append((key, settings))
     jobs = [PlanJob(plans[k], calib_ids, spec.quantize, spec.evaluation, runtime.batch_size) for k, _ in todo]

@@ -336,10 +336,14 @@ class Scorer:
             self.keep_references(scores)
         return self.losses(scores, keep_reference)
 
+    def swapped(self, unit: Unit, bits: int, spec: ProfileSpec, hessians: dict[str, torch.Tensor] | None = None):
+        """Within the block, ``unit`` quantized at ``bits`` as ``spec`` says (RTN, or GPTQ on ``hessians``)."""
+        return quant_swapped(self.model, unit.modules, bits, spec.group_size, spec.sym, hessians, spec.damp)
+
     def probe(self, unit: Unit, bits: int, spec: ProfileSpec, states: Callable[[StateKey], torch.Tensor],
               hessians: dict[str, torch.Tensor] | None = None) -> dict[str, ItemLosses]:
         """The losses with ``unit`` quantized at ``bits`` (RTN, or GPTQ on ``hessians``), weights restored after."""
-        with quant_swapped(self.model, unit.modules, bits, spec.group_size, spec.sym, hessians, spec.damp):
+        with self.swapped(unit, bits, spec, hessians):
             return self.score(unit.layer, states)
 
 
@@ -434,8 +438,9 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for i, h in enumerate(captured.hidden):
                 hidden.put((o.name, i), h)
             del captured
-        to_measure = [u for u in plan_units if not (store and all(store.get(f"{u.name}@{b}") for b in spec.bits))]
-        run = runner(scorer, spec) if runner is not None and to_measure else SerialProbes(scorer, spec)
+        keys = [f"{u.name}@{b}" for u in plan_units for b in spec.bits]
+        stored = {k: rec for k in keys if (rec := store.get(k)) is not None} if store else {}  # read once
+        run = runner(scorer, spec) if runner is not None and len(stored) < len(keys) else SerialProbes(scorer, spec)
         base = run.base(hidden)  # each run: it also sets the KL references
         last = max(u.layer for u in plan_units)
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
@@ -445,7 +450,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for unit in (u for u in plan_units if u.layer == layer):
                 for b in spec.bits:
                     key = f"{unit.name}@{b}"
-                    rec = store.get(key) if store else None
+                    rec = stored.get(key)
                     if rec is not None:
                         record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
                     else:

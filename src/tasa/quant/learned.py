@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
