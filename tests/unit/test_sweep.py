@@ -67,3 +67,10 @@ def test_sweep_cli_and_bad_input(profiled, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(TasaError, match="learned rounding"):
         _spec(quantize=QuantizeSpec(learn_rounding=4))
+
+
+def test_an_infeasible_budget_fails_before_the_model_loads(profiled, tmp_path, no_work):
+    model_dir, profile_dir = profiled
+    with pytest.raises(TasaError, match="infeasible"):
+        pipeline.sweep(str(model_dir), profile_dir, tmp_path / "sweep", _spec(budgets=(3.0, 1.0)),
+                       Runtime(progress=False))

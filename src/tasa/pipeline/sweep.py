@@ -21,7 +21,7 @@ from tasa.artifacts import fingerprint, read_json, write_json_atomic
 from tasa.config import EvalSpec, QuantizeSpec, Runtime, SweepSpec
 from tasa.data import build_calibration, store
 from tasa.models import LoadedModel, resolve
-from tasa.pipeline.allocate import allocate_bits, read_profile
+from tasa.pipeline.allocate import allocate_bits
 from tasa.pipeline.common import check_new_dir, machine_info, model_of, now
 from tasa.plan import Plan
 
@@ -64,15 +64,14 @@ def sweep(model: str | LoadedModel, sensitivity: str | Path, output_dir: str | P
     ``sweep.json``: per plan its allocation (budget, beta, average bits, bits per layer), the evaluation's
     results and its seconds."""
     out = check_new_dir(output_dir)
-    read_profile(sensitivity)  # a bad profile fails before the model loads
     t0 = time.perf_counter()
-    lm, name = model_of(model, runtime)
     plans, summaries = {}, {}
-    for key, allocation in spec.allocations():
+    for key, allocation in spec.allocations():  # a bad profile or an infeasible budget fails before the model loads
         path = out / "plans" / f"{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         summaries[key] = allocate_bits(sensitivity, path, allocation).summary
         plans[key] = Plan.load(path)
+    lm, name = model_of(model, runtime)
     calib_ids = build_calibration(lm.tokenizer, spec.calib, lm.max_length).input_ids
     depends = {"model": name, "calib": spec.calib.describe(), "nsamples": spec.calib.nsamples,
                "seqlen": spec.calib.seqlen, "seed": spec.calib.seed,
