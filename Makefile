@@ -25,10 +25,18 @@ $(GPTQMODEL_VENV)/.installed:
 	    echo "GPTQModel 7.6.0 could not be installed; CI does not skip the GPTQModel checks" >&2; exit 1; fi; \
 	  echo "GPTQModel 7.6.0 could not be installed: the GPTQModel load tests will be skipped"; }
 
+# llama.cpp's HF -> GGUF converter (from the llama-cpp-python source distribution), for the tests that export
+# a Hugging Face model to GGUF through it.  Same rule: skipped outside CI if it cannot be fetched, fatal in CI.
+LLAMA_CPP ?= .llama-cpp
+$(LLAMA_CPP)/convert_hf_to_gguf.py:
+	@$(PY) tools/fetch_llama_cpp.py $(LLAMA_CPP) || { if [ "$${CI:-}" = "true" ]; then \
+	    echo "llama.cpp's converter could not be fetched; CI does not skip the GGUF conversion tests" >&2; exit 1; fi; \
+	  echo "llama.cpp's converter could not be fetched: the GGUF conversion tests will be skipped"; }
+
 run: setup
 	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 --output-dir $(RUN_DIR)
 
-test: setup $(GPTQMODEL_VENV)/.installed
+test: setup $(GPTQMODEL_VENV)/.installed $(LLAMA_CPP)/convert_hf_to_gguf.py
 	$(PY) -m pytest
 
 .PHONY: setup run test

@@ -47,6 +47,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import RESULTS, WORK, row, write_results  # noqa: E402
+from tools.fetch_llama_cpp import LLAMA_CPP_PYTHON, fetch as fetch_llama_cpp  # noqa: E402
 
 BENCH = "engines"
 RUN_PLAN = _HERE / "results" / "run" / "plan.json"  # tasa run's committed 3.5-bit plan (3 and 4 bits)
@@ -87,7 +88,6 @@ for w in windows:
     result.append([float(logp[i, w[i + 1]]) for i in range(len(w) - 1)])
 json.dump(result, open(out_file, "w"))
 '''
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 
 def ensure_llama(python: Path) -> Path:
@@ -107,18 +107,7 @@ def ensure_llama_tools(src: Path) -> Path:
     bin_dir = src / "build" / "bin"
     if (bin_dir / "llama-quantize").is_file() and (bin_dir / "llama-imatrix").is_file():
         return bin_dir
-    if not (src / "CMakeLists.txt").is_file():
-        import tarfile
-
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        LLAMA_CPP_PYTHON, "-d", str(src.parent)], check=True)
-        sdist = next(src.parent.glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(sdist) as tar:
-            prefix = f"{sdist.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+    fetch_llama_cpp(src, everything=True)
     subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_BUILD_TOOLS=ON"], cwd=src, check=True)

@@ -127,6 +127,21 @@ def gptqmodel_python() -> Path:
 
 
 @pytest.fixture
+def llama_cpp_dir() -> Path:
+    """A llama.cpp source tree with its HF -> GGUF converter (.llama-cpp from `make test`, or $LLAMA_CPP_DIR).
+
+    Missing: the test is skipped, except in CI (CI=true), where it fails."""
+    env = os.environ.get("LLAMA_CPP_DIR")
+    where = Path(env) if env else Path(__file__).resolve().parents[1] / ".llama-cpp"
+    if (where / "convert_hf_to_gguf.py").is_file():
+        return where
+    reason = "llama.cpp's converter is not there (make test fetches it into .llama-cpp; or set LLAMA_CPP_DIR)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + "; CI does not skip it")
+    pytest.skip(reason)
+
+
+@pytest.fixture
 def no_work(monkeypatch):
     import importlib
 

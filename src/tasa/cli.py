@@ -132,11 +132,20 @@ def _format_arg(p: argparse.ArgumentParser) -> None:
                    help="gptq: packed GPTQ checkpoint (int32 qweight/qzeros, fp16 scales, per-module bits in "
                         "quantize_config.json 'dynamic'); compressed-tensors: llm-compressor's pack-quantized "
                         "format, which vLLM serves at 2 to 8 bits per module (a config group per grid); gguf: one GGUF "
-                        "file for llama.cpp, a GGML type per tensor holding tasa's codes exactly (the model must be "
-                        "read from a GGUF file, whose metadata and tokenizer it carries; --target llama.cpp); fp: the "
+                        "file for llama.cpp, a GGML type per tensor holding tasa's codes exactly, its metadata, "
+                        "tokenizer and float tensors from a GGUF of the model (the file it is read from, "
+                        "--gguf-template or --llama-cpp; --target llama.cpp); fp: the "
                         "dequantized float model, loadable by plain transformers. The target's rules for the format "
                         "apply (--target vllm --format gptq: vLLM's GPTQ path, 4/8 bits) (default: the format the "
                         "target is served from: gptq for gptqmodel, compressed-tensors for vllm, gguf for llama.cpp)")
+    p.add_argument("--gguf-template", default=None, metavar="FILE",
+                   help="--format gguf of a Hugging Face model: a GGUF of the same model (e.g. llama.cpp's "
+                        "convert_hf_to_gguf.py output) whose metadata, tokenizer and float tensors the export "
+                        "carries; checked against the model (default: the model's own GGUF file, else --llama-cpp)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="--format gguf of a Hugging Face model: a llama.cpp checkout; tasa runs its "
+                        "convert_hf_to_gguf.py on the model's directory for the template (a temporary 16-bit GGUF, "
+                        "removed after; needs 'pip install tasa[gguf]') (default: $LLAMA_CPP_DIR)")
 
 
 def _allocation_args(p: argparse.ArgumentParser) -> None:
@@ -502,7 +511,7 @@ def run(argv: list[str] | None = None) -> int:
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,
-                                                  args.float_dtype),
+                                                  args.float_dtype, args.gguf_template, args.llama_cpp),
                                 runtime=_runtime(args),
                                 overwrite=args.overwrite, allow_partial_plan=args.allow_partial_plan)
         s = {**res.record, "output_dir": str(res.output_dir)}
@@ -553,7 +562,8 @@ def run(argv: list[str] | None = None) -> int:
                        probe_tokens=args.probe_tokens,
                        choice_cost=args.choice_cost, token_cost=args.token_cost,
                        probe_quantizer=args.probe_quantizer, granularity=args.granularity,
-                       tie_experts=args.tie_experts, export_format=args.export_format, nsamples=args.nsamples,
+                       tie_experts=args.tie_experts, export_format=args.export_format,
+                       gguf_template=args.gguf_template, llama_cpp=args.llama_cpp, nsamples=args.nsamples,
                        search_samples=args.search_samples, seqlen=args.seqlen, seed=args.seed,
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
                        scale_search=args.scale_search, act_order=args.act_order,

@@ -332,12 +332,17 @@ class ExportSpec:
     ``max_shard_size`` (e.g. "1GB", "500MB"; a larger single tensor gets a shard of its own).  The export
     holds at most one shard in memory.  ``float_dtype``: the dtype of every tensor left in float (embeddings,
     head, norms, routers; with ``fp`` the dequantized linears too): ``auto`` is the source checkpoint's own
-    dtype when it is a half one (a GGUF file's: float16), else the compute dtype."""
+    dtype when it is a half one (a GGUF file's: float16), else the compute dtype.  ``gguf_template``,
+    ``llama_cpp``: where a ``gguf`` export of a Hugging Face model takes its metadata, tokenizer and unquantized
+    tensors from (a GGUF of the model, or a llama.cpp checkout whose converter makes one; see
+    tasa.export.gguf_source)."""
 
     format: str | None = None  # None: the format the target is served from (gptq for gptqmodel)
     target: str | None = None
     max_shard_size: str = "1GB"
     float_dtype: str = "auto"  # the dtype of the tensors left in float (auto: the source's half dtype)
+    gguf_template: str | None = None
+    llama_cpp: str | None = None
 
     def __post_init__(self) -> None:
         if self.format is not None:
@@ -521,6 +526,8 @@ class RunSpec:
     granularity: str = "layer"
     tie_experts: bool = True
     export_format: str | None = None  # None: the format the target is served from
+    gguf_template: str | None = None  # a gguf export's ExportSpec.gguf_template and llama_cpp
+    llama_cpp: str | None = None
     nsamples: int = 64
     search_samples: int = 4
     seqlen: int = 512

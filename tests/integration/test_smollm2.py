@@ -153,3 +153,39 @@ def test_a_gguf_sources_float_tensors_are_exported_in_float16(smollm, tmp_path):
     assert r["float_bytes"] == pytest.approx(2 * embed, rel=0.02)  # the embedding is nearly all of it
     assert 4.0 < r["bits_per_weight_linears"] < 4.6  # 4 bits plus fp16 scales and packed zeros per 64
     assert r["size_bytes"] == pytest.approx(r["packed_bytes"] + 2 * embed, rel=0.01)  # in float32: +113 MB
+
+
+def test_a_hugging_face_model_exported_to_gguf_through_llama_cpps_converter(smollm, tmp_path, llama_cpp_dir):
+    """SmolLM2 as a Hugging Face directory, exported to GGUF with llama.cpp's own converter making the template:
+    the quantized tensors are the bytes the export from its GGUF file holds, the tokenizer and chat template the
+    same, the float tensors the same values in the converter's 16-bit type, and the template is gone."""
+    import gguf
+    import numpy as np
+
+    from tasa.config import ExportSpec, QuantizeSpec, Runtime
+    from tasa.pipeline import quantize
+
+    spec = QuantizeSpec(method="rtn", bits=4, group_size=32)
+    via = quantize(smollm.path, tmp_path / "hf", spec, runtime=Runtime(progress=False),
+                   export=ExportSpec(format="gguf", target="llama.cpp", llama_cpp=str(llama_cpp_dir)))
+    own = quantize("smollm2-135m", tmp_path / "gguf", spec, runtime=Runtime(progress=False),
+                   export=ExportSpec(format="gguf", target="llama.cpp"))
+    a, b = (gguf.GGUFReader(r.output_dir / "model.gguf") for r in (via, own))
+    ta, tb = ({t.name: t for t in r.tensors} for r in (a, b))
+    assert sorted(ta) == sorted(tb)
+    quantized = [n for n, t in tb.items() if t.tensor_type.name == "Q4_0"]
+    assert len(quantized) == 210
+    for name, t in tb.items():
+        if name in quantized:
+            assert ta[name].tensor_type.name == "Q4_0" and np.array_equal(ta[name].data, t.data), name
+        else:  # the converter's 16-bit copy (norms: float32) of what the GGUF source holds
+            assert ta[name].tensor_type.name in ("F16", "BF16", "F32"), name
+            want = gguf.quants.dequantize(t.data, t.tensor_type)
+            got = gguf.quants.dequantize(ta[name].data, ta[name].tensor_type)
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max(), err_msg=name)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.block_count"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+    assert a.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "convert_hf_to_gguf.py" in via.record["gguf_template"]
+    assert not list(tmp_path.glob(".hf.tmp-*"))  # the converted template was removed

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasa.allocate.targets import LLAMA_CPP_GRIDS, TARGETS, check_servable, violations
-from tasa.config import ExportSpec, QuantizeSpec, QuantSpec
+from tasa.config import ExportSpec, QuantizeSpec, QuantSpec, Runtime
 from tasa.errors import TasaError
 from tasa.export.gguf import encode, ggml_type
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
@@ -105,13 +105,13 @@ def test_llama_cpp_rules_name_the_module_and_the_rule():
 
 # ---- a whole model: a tiny GGUF source, quantized by tasa, written as GGUF, read back by transformers ----------
 
-def tiny_gguf(path, seed: int = 0):
+def tiny_gguf(path, seed: int = 0, hidden: int = 128):
     """A tiny random LLaMA (hidden 128, MLP 256: the down projection can take the K types) as a GGUF file with a
     byte-level BPE tokenizer, written by gguf-py the way llama.cpp's converter lays LLaMA out (q/k rows
     permuted)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    model = tiny_llama(seed=seed, hidden=128)
+    model = tiny_llama(seed=seed, hidden=hidden)
     cfg = model.config
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("tiny-llama")
@@ -209,9 +209,17 @@ def test_gguf_export_needs_a_gguf_source_and_gguf_grids(tmp_path, tiny_model_dir
     from tasa.pipeline.quantize import quantize
 
     monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(TasaError, match="convert_hf_to_gguf.py"):
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    with pytest.raises(TasaError, match="pass --gguf-template FILE .* or --llama-cpp DIR"):
         quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(method="rtn", bits=4, group_size=32),
                  export=ExportSpec(format="gguf", target="llama.cpp"))
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
+    with pytest.raises(TasaError, match=r"\$LLAMA_CPP_DIR .* has no convert_hf_to_gguf.py"):
+        quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(method="rtn", bits=4, group_size=32),
+                 export=ExportSpec(format="gguf", target="llama.cpp"))
+    with pytest.raises(TasaError, match="--gguf-template nothing.gguf: no such .gguf file"):
+        quantize(str(tiny_model_dir), tmp_path / "a", QuantizeSpec(method="rtn", bits=4, group_size=32),
+                 export=ExportSpec(format="gguf", target="llama.cpp", gguf_template="nothing.gguf"))
     src = tiny_gguf(tmp_path / "tiny.gguf")
     with pytest.raises(TasaError, match="128 input features, but its 3-bit grid needs a multiple of 256"):
         quantize(str(src), tmp_path / "b", QuantizeSpec(method="rtn", bits=3, group_size=16),
@@ -219,3 +227,69 @@ def test_gguf_export_needs_a_gguf_source_and_gguf_grids(tmp_path, tiny_model_dir
     out = quantize(str(src), tmp_path / "c", QuantizeSpec(method="rtn", bits=4, group_size=128),
                    export=ExportSpec(target="llama.cpp"))  # the target's format and its one 4-bit grid: Q4_0
     assert set(json.loads((out.output_dir / "quantize.json").read_text())["gguf_types"].values()) == {"Q4_0"}
+
+
+# ---- a Hugging Face model exported to GGUF: its metadata and float tensors from a GGUF of the same model ---------
+
+def _hf_dir_of(gguf_file, tmp_path):
+    """The tiny GGUF model as a Hugging Face directory (safetensors, config, tokenizer)."""
+    from tasa.models import load
+
+    lm = load(str(gguf_file))
+    out = tmp_path / f"hf-{gguf_file.stem}"
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
+def test_hf_model_with_a_gguf_template_writes_the_same_file_as_the_gguf_source(tmp_path, monkeypatch):
+    from tasa.pipeline.quantize import quantize
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_gguf(tmp_path / "tiny.gguf")
+    hf = _hf_dir_of(src, tmp_path)
+    plan = _mixed_plan(tmp_path / "plan.json", src)
+    from_gguf = quantize(str(src), tmp_path / "a", plan=plan, export=ExportSpec(format="gguf"))
+    from_hf = quantize(str(hf), tmp_path / "b", plan=plan, export=ExportSpec(format="gguf", gguf_template=str(src)))
+    assert (from_hf.output_dir / "model.gguf").read_bytes() == (from_gguf.output_dir / "model.gguf").read_bytes()
+    streamed = quantize(str(hf), tmp_path / "s", plan=plan, runtime=Runtime(stream="on"),
+                        export=ExportSpec(format="gguf", gguf_template=str(src)))  # the template checked, streamed
+    assert streamed.record["streamed"]
+    assert (streamed.output_dir / "model.gguf").read_bytes() == (from_gguf.output_dir / "model.gguf").read_bytes()
+    assert from_hf.record["gguf_template"] == "tiny.gguf"
+    assert "from tiny.gguf" in (from_hf.output_dir / "README.md").read_text()
+
+
+def test_a_gguf_template_of_another_model_is_refused_naming_the_tensor(tmp_path, monkeypatch):
+    from tasa.pipeline.quantize import quantize
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    hf = _hf_dir_of(tiny_gguf(tmp_path / "tiny.gguf"), tmp_path)
+    q4 = QuantizeSpec(method="rtn", bits=4, group_size=32)
+    other = tiny_gguf(tmp_path / "other-seed.gguf", seed=1)  # same shapes, other weights (norms: all ones in both)
+    with pytest.raises(TasaError, match="other-seed.gguf is not this model's GGUF: output.weight differs from "
+                                        "lm_head.weight"):
+        quantize(str(hf), tmp_path / "c", q4, export=ExportSpec(format="gguf", target="llama.cpp",
+                                                                gguf_template=str(other)))
+    narrow = tiny_gguf(tmp_path / "narrow.gguf", hidden=64)
+    with pytest.raises(TasaError, match="narrow.gguf is not this model's GGUF: output.weight is 260 x 64, "
+                                        "lm_head 260 x 128"):
+        quantize(str(hf), tmp_path / "c", q4, export=ExportSpec(format="gguf", target="llama.cpp",
+                                                                gguf_template=str(narrow)))
+    assert not list(tmp_path.glob(".c.tmp-*"))  # nothing left behind
+
+
+def test_a_failing_converter_is_reported_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, tiny_model_dir):
+    from tasa.pipeline.quantize import quantize
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    fake = tmp_path / "llama.cpp"
+    fake.mkdir()
+    (fake / "convert_hf_to_gguf.py").write_text(
+        "import sys\nprint('INFO: loading', file=sys.stderr)\n"
+        "print('NotImplementedError: BPE pre-tokenizer was not recognized', file=sys.stderr)\nsys.exit(1)\n")
+    with pytest.raises(TasaError, match=f"llama.cpp's convert_hf_to_gguf.py could not convert {tiny_model_dir}: "
+                                        "NotImplementedError: BPE pre-tokenizer was not recognized"):
+        quantize(str(tiny_model_dir), tmp_path / "d", QuantizeSpec(method="rtn", bits=4, group_size=32),
+                 export=ExportSpec(format="gguf", target="llama.cpp", llama_cpp=str(fake)))
+    assert not list(tmp_path.glob(".d.tmp-*"))

@@ -209,7 +209,7 @@ def available_memory(device: str) -> int:
 STREAM_ABOVE = 0.5  # auto: stream a model whose weights (at the compute dtype) exceed this share of free memory
 
 
-def _local_dir(kind: str, where, spec: str) -> Path:
+def local_dir(kind: str, where, spec: str) -> Path:
     """The local directory of a hub model (its config, tokenizer and safetensors only), or ``where``."""
     if kind != "hub":
         return Path(where)
@@ -249,7 +249,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
                 log.info("streaming %s: %.1f GB of weights, more than %.0f%% of the free memory on %s",
                          spec, size / 1e9, 100 * STREAM_ABOVE, device)
     if stream:
-        kind, where = "dir", _local_dir(kind, where, spec)
+        kind, where = "dir", local_dir(kind, where, spec)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     try:
         if stream:

@@ -22,7 +22,7 @@ from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
 from tasa.models.loading import resolve_source
-from tasa.models.streaming import compute_dtype
+from tasa.models.streaming import compute_dtype, held
 from tasa.pipeline.common import (bits_summary, check_group_size, check_output_dir, check_plan_covers,
                                   clear_stale_temps, dtype_name, machine_info, model_of, now, peak_gpu_gb, publish_dir,
                                   resolve_group_size, temp_dir_for)
@@ -97,12 +97,12 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     is served from); or ``fp``, the dequantized float model
     (loadable by plain transformers).  Either way the directory also holds the tokenizer, ``plan.json`` and
     ``quantize.json``.
+    ``gguf``: one GGUF file for llama.cpp, its metadata, tokenizer and float tensors from a GGUF of the model
+    (the file it was read from, ``export.gguf_template``, or llama.cpp's converter in ``export.llama_cpp``; see
+    tasa.export.gguf_source).
     """
-    from tasa.allocate.targets import check_servable, get_target, target_for
-    from tasa.export import compressed_tensors as ct
-    from tasa.export import gguf
-    from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
-    from tasa.export.writer import CheckpointWriter, write_config_files
+    from tasa.allocate.targets import get_target, target_for
+    from tasa.export import gguf_source
 
     out = check_output_dir(output_dir, overwrite)
     clear_stale_temps(out)
@@ -116,15 +116,28 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         for name, _ in calib_spec.sources:
             resolve_calibration_source(name)
     target = export.target or (plan_obj.meta.get("target") if plan_obj is not None else None) or "gptqmodel"
-    if export.format is None:  # the format the target's engine serves
-        export = dataclasses.replace(export, format=get_target(target).format)
-    rules = target_for(target, export.format) if export.format != "fp" else None  # a target/format mismatch: now
-    if export.format == "gguf" and (model.gguf is None if isinstance(model, LoadedModel)
-                                    else resolve_source(model)[0] != "gguf"):  # before the load
-        raise TasaError("GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF file the "
-                        "model is read from: convert the model to an F16 GGUF first (llama.cpp's "
-                        "convert_hf_to_gguf.py --outtype f16) and pass that file as --model")
+    # the format the target's engine serves, when none is asked
+    export = dataclasses.replace(export, target=target, format=export.format or get_target(target).format)
+    if export.format != "fp":
+        target_for(target, export.format)  # a target/format mismatch: now
+    template = gguf_template(model, export) if export.format == "gguf" else None  # before the load
     t0 = time.perf_counter()
+    with gguf_source.materialized(template, lambda: _hf_dir(model), lambda: temp_dir_for(out)) as template:
+        return _quantize(model, out, spec, calib_spec, plan_obj, export, runtime, allow_partial_plan, template, t0)
+
+
+def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None, plan_obj: Plan | None,
+              export: ExportSpec, runtime: Runtime, allow_partial_plan: bool, template, t0: float) -> QuantizeResult:
+    """quantize() once its arguments are checked (and a GGUF export's template is at hand)."""
+    from tasa.allocate.targets import check_servable, target_for
+    from tasa.export import compressed_tensors as ct
+    from tasa.export import gguf, gguf_source
+    from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
+    from tasa.export.writer import CheckpointWriter, write_config_files
+
+    method = plan_obj.method if plan_obj is not None else spec.method
+    target = export.target
+    rules = target_for(target, export.format) if export.format != "fp" else None
     lm, model = model_of(model, runtime)
     arch = resolve(lm.model)
     if plan_obj is not None:
@@ -151,9 +164,12 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         if export.format == "gguf":
             import gguf as gguf_py
 
-            source = gguf_py.GGUFReader(lm.gguf)
+            source = gguf_py.GGUFReader(template.file)
             gguf_names = gguf.tensor_map(lm.model, source)
-            gguf_types = gguf.plan_types(the_plan.modules, gguf_names[0], lm.gguf.name)
+            gguf_types = gguf.plan_types(the_plan.modules, gguf_names[0], template.described)
+            if template.file != lm.gguf:  # a GGUF of the model, not the file it was read from: is it the model's?
+                gguf_source.check_template(lm.model, source, gguf_names[0], template.described,
+                                           lambda module: held(lm.model, module))
         elif export.format == "gptq":
             fmt = checkpoint_format(the_plan)
             qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
@@ -220,7 +236,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         }
         writer.finish()
         if export.format == "gguf":
-            _write_gguf_extras(tmp, writer, lm.gguf)
+            _write_gguf_extras(tmp, writer, template.described)
         else:
             readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
             write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
@@ -228,7 +244,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
         planned = sum(n for name, n in arch.numels().items() if name in the_plan.modules)
         record.update(_sizes(record["size_bytes"], writer.packed_bytes, planned, lm.model, float_dtype, export.format))
         if export.format == "gguf":
-            record.update(float_dtype=f"as stored in {lm.gguf.name}", gguf_types=dict(writer.tensor_types))
+            record.update(float_dtype=f"as stored in {template.described}", gguf_template=template.described,
+                          gguf_types=dict(writer.tensor_types))
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)
         usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
@@ -239,11 +256,32 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     return QuantizeResult(out, record)
 
 
+def _hf_dir(model: str | LoadedModel) -> Path:
+    """The local Hugging Face directory of ``model`` (a hub id's downloaded snapshot), for llama.cpp's converter."""
+    from tasa.models.loading import local_dir
+
+    spec = model.path if isinstance(model, LoadedModel) else model
+    return local_dir(*resolve_source(spec), spec)
+
+
+def gguf_template(model: str | LoadedModel, export: ExportSpec):
+    """Where a GGUF export of ``model`` takes its metadata, tokenizer and float tensors (tasa.export.gguf_source);
+    an error saying how to give one when nothing does.  Cheap: before any load."""
+    from tasa.export import gguf_source
+
+    if isinstance(model, LoadedModel):
+        source = model.gguf
+    else:
+        kind, where = resolve_source(model)
+        source = Path(where) if kind == "gguf" else None
+    return gguf_source.template_source(source, export.gguf_template, export.llama_cpp)
+
+
 GGUF_FILE = "model.gguf"
 LLAMA_QUANTIZE_TYPES = "llama-quantize-tensor-types.txt"
 
 
-def _write_gguf_extras(out: Path, writer, source: Path) -> None:
+def _write_gguf_extras(out: Path, writer, source: str) -> None:
     """A GGUF export's README, and the llama-quantize tensor types that give its tensors the same types from an
     F16 GGUF (for users who prefer llama.cpp's own quantizer)."""
     (out / LLAMA_QUANTIZE_TYPES).write_text("\n".join(writer.tensor_type_overrides()) + "\n")
@@ -251,7 +289,7 @@ def _write_gguf_extras(out: Path, writer, source: Path) -> None:
     (out / "README.md").write_text(
         f"# GGUF written by tasa\n\n`{GGUF_FILE}`: llama.cpp's format, one GGML type per tensor "
         f"({', '.join(types)}); the quantized linears hold tasa's codes and scales exactly, everything else "
-        f"(metadata, tokenizer, chat template, embeddings, norms) is {source.name}'s own.\n\n"
+        f"(metadata, tokenizer, chat template, embeddings, norms) is from {source}.\n\n"
         f"    llama-cli -m {GGUF_FILE}\n\nThe same per-tensor types from llama.cpp's own quantizer, starting "
         f"from an F16 GGUF of the model:\n\n    llama-quantize --tensor-type-file {LLAMA_QUANTIZE_TYPES} "
         "model-f16.gguf model-mix.gguf Q8_0\n\n(Q8_0: the type of every tensor the file does not name.)\n")

@@ -18,7 +18,7 @@ from tasa.pipeline.allocate import allocate_bits
 from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, model_of, validation_group_size
 from tasa.pipeline.evaluate import evaluate
 from tasa.pipeline.profile import profile
-from tasa.pipeline.quantize import quantize
+from tasa.pipeline.quantize import gguf_template, quantize
 from tasa.pipeline.search_mixture import search_mixture
 from tasa.quant.rtn import SYM_GRID
 
@@ -163,6 +163,9 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     calib = _calibration(spec, run_warnings)
     fmt = spec.export_format or get_target(spec.target).format
     tgt = get_target(spec.target) if fmt == "fp" else target_for(spec.target, fmt)  # fp: served by none
+    export = ExportSpec(fmt, tgt.name, gguf_template=spec.gguf_template, llama_cpp=spec.llama_cpp)
+    if fmt == "gguf":
+        gguf_template(model, export)  # a Hugging Face model without a way to its GGUF template: now
     bits = tuple(candidate_bits(tgt, None, DEFAULT_BITS) if spec.bits is None
                  else candidate_bits(tgt, spec.bits, spec.bits))
     for b in bits:
@@ -224,7 +227,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
             **({"act_order": spec.act_order, "static_groups": spec.static_groups}
                if spec.act_order or spec.static_groups else {}),
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
-               if spec.learn_rounding else {})}
+               if spec.learn_rounding else {}),
+            **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
                 "generate": spec.generate, "seqlen": spec.seqlen}
@@ -239,7 +243,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     def do_quantize():
         q = quantize(shared.fp(), out / "model", spec.quantize_spec(), calib_spec,
                      plan=out / "plan.json",
-                     export=ExportSpec(fmt, tgt.name), runtime=quantize_runtime(runtime), overwrite=True)
+                     export=export, runtime=quantize_runtime(runtime), overwrite=True)
         shared.quantized_in_memory()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
 
