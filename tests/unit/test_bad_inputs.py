@@ -234,6 +234,8 @@ def test_allocate_budget_and_bits(extra, message, tmp_path, capsys):
     (["--budget", "3.5", "--target", "vllm-gptq"], "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),
     (["--budget", "3.5", "--target", "vllm", "--format", "gptq"],
      "budget 3.5 bits per weight is infeasible: the lowest candidate, 4-bit"),  # vLLM's GPTQ path: 4/8 bits
+    (["--budget", "4", "--target", "llama.cpp", "--llama-cpp", "/nonexistent"],  # a GGUF export without template
+     "--llama-cpp /nonexistent has no convert_hf_to_gguf.py"),
 ])
 def test_run_refuses_infeasible_budgets_before_any_work(extra, message, tiny_model_dir, tmp_path, capsys, no_work):
     out = tmp_path / "run"
