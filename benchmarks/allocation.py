@@ -33,8 +33,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (parse_or_work, RESULTS, ROOT, cached, peer_venv, row, run_json,  # noqa: E402
-                               score_model, wikitext2, write_results)
+from benchmarks.common import (GPTQMODEL_REQS, parse_or_work, RESULTS, ROOT, cached, peer_venv, row,  # noqa: E402
+                               run_json, score_model, wikitext2, write_results)
 
 BENCH = "allocation"
 GROUP = 64
@@ -45,7 +45,6 @@ BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LIMITS = {"wikitext2": 30, "arc_easy": 300, "arc_challenge": 200, "gsm8k": 150}
 PROFILE = RESULTS / "paper_table" / "layer-sensitivity.json"  # the paper table's committed layer profile
 RECORDS = RESULTS / BENCH
-PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 # the rows measured by default (about 6 CPU-minutes of GPTQ and scoring each on an idle 2-core machine); --rows
 # also takes tasa-beta0, tasa-beta0.25, tasa-beta0.75, uniform-w8, vllm-4.25 and tasa-pTOKENS-SETTING
 ROWS = ["fp", "uniform-w3", "uniform-w4", "naive-3.5", "tasa-beta0.5", "tasa-beta1"]
@@ -119,7 +118,7 @@ def gptqmodel_check(lm, arch, plan, packed: dict, work: Path) -> float:
     write_checkpoint(out, lm.model, lm.tokenizer, packed, qcfg, arch.spec.layers_path)
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     made = ROOT / ".venv-gptqmodel" / "bin" / "python"  # `make test`'s GPTQModel 7.6.0 environment, if present
-    python = made if (made.parent.parent / ".installed").is_file() else peer_venv("gptqmodel", PEER_REQS)
+    python = made if (made.parent.parent / ".installed").is_file() else peer_venv("gptqmodel", GPTQMODEL_REQS)
     peer = run_json([str(python), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"),
                      str(out), json.dumps(ids.tolist())], env={"GPTQMODEL_CPU_WORKERS": "2"})
     if peer["bits"] != {n: s.bits for n, s in plan.modules.items()}:

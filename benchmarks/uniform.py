@@ -22,8 +22,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (parse_or_work, cached, load_linear_weights, peer_venv, row, run_json,  # noqa: E402
-                               write_results)
+from benchmarks.common import (GPTQMODEL_REQS, parse_or_work, cached, load_linear_weights, peer_venv,  # noqa: E402
+                               row, run_json, write_results)
 
 BENCH = "uniform"
 GROUP = 64
@@ -31,7 +31,6 @@ NSAMPLES, SEQLEN, SEED = 128, 512, 0
 EVAL_WINDOWS = 40
 DAMP = 0.01
 BATCH = 8
-PEER_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]
 ROWS = ["fp", "tasa-rtn-w3", "tasa-rtn-w4", "tasa-gptq-w3", "tasa-gptq-w4", "tasa-gptq-w8",
         "gptqmodel-w3", "gptqmodel-w4"]
 # Extra calibration seeds for the GPTQ rows (row name suffix -sN), to tell differences from seed noise.
@@ -124,7 +123,7 @@ def main() -> None:
         if tool == "gptqmodel":
 
             def quantize_peer(bits=bits, name=name, seed=seed):
-                py = peer_venv("gptqmodel", PEER_REQS)
+                py = peer_venv("gptqmodel", GPTQMODEL_REQS)
                 return run_json([str(py), str(Path(__file__).parent / "peers" / "gptqmodel_quantize.py"),
                                  "--model-dir", fp_dir, "--calib", str(calib_file(work, seed)), "--bits", str(bits),
                                  "--group-size", str(GROUP), "--damp", str(DAMP), "--batch-size", str(BATCH),
