@@ -29,10 +29,11 @@ class QuantSpec:
                  with a trivial g_idx).
     damp:        GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean.
     block_size:  GPTQ: columns per lazy-batch update.
-    super_group: 0, or columns sharing one fp16 super-scale (symmetric grids only): each group's scale is then
-                 that super-scale times a signed ``scale_bits``-bit integer, the two-level grid of llama.cpp's
-                 K-quants (Q3_K: 16-column groups, 256-column super-groups, 6-bit scales).
-    scale_bits:  bits of those integer group scales.
+    super_group: 0, or columns sharing one fp16 super-scale: each group's scale is then that super-scale times
+                 a ``scale_bits``-bit integer, the two-level grid of llama.cpp's K-quants (Q3_K: 16-column
+                 groups, 256-column super-groups, signed 6-bit scales); asymmetric, each group also subtracts
+                 an fp16 super-min times an unsigned integer (Q4_K: 32-column groups, 6-bit scales and mins).
+    scale_bits:  bits of those integer group scales (and mins).
     scale_search: 0, or the number of narrower ranges to try for each group's grid besides the plain one
                  (1 - k / (2 * scale_search) of it, k = 1..scale_search: down to half), keeping, row by row, the
                  one with the least weighted squared error (weights: the Hessian's diagonal inside GPTQ, equal
@@ -63,8 +64,6 @@ class QuantSpec:
             if self.group_size < 1 or self.super_group % self.group_size or self.super_group == self.group_size:
                 raise TasaError(f"a super-group must hold several groups: {self.super_group} columns in groups of "
                                 f"{self.group_size}")
-            if not self.sym:
-                raise TasaError("two-level (super-group) scales are for symmetric grids only")
             if self.act_order and not self.static_groups:
                 raise TasaError("super-group scales with act_order need static_groups")
             if not 2 <= self.scale_bits <= 8:

@@ -19,6 +19,9 @@ class QuantResult:
     bits, group_size: the grid used (group_size -1 = per channel).
     super_scales: (rows, n_super) float32 for a two-level grid (QuantSpec.super_group), else None: every
             scale is its super-group's super-scale times an integer.
+    mins, super_mins: an asymmetric two-level grid's (llama.cpp's Q2_K/Q4_K/Q5_K): per group the offset
+            subtracted, ``weight = scale * code - min`` (zeros are then 0), each min its super-group's
+            super-min times an integer; None for every other grid.
     """
 
     weight: torch.Tensor
@@ -29,8 +32,12 @@ class QuantResult:
     bits: int
     group_size: int
     super_scales: torch.Tensor | None = None
+    mins: torch.Tensor | None = None
+    super_mins: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        """Rebuild the float weight from codes, scales, zeros and g_idx."""
+        """Rebuild the float weight from codes, scales, zeros (or mins) and g_idx."""
         g = self.g_idx.long()
+        if self.mins is not None:
+            return (self.scales[:, g] * self.codes.float() - self.mins[:, g]).to(self.weight.dtype)
         return (self.scales[:, g] * (self.codes.float() - self.zeros[:, g])).to(self.weight.dtype)

@@ -57,11 +57,12 @@ def test_a_target_its_engine_does_not_serve_from_the_format_is_refused_before_lo
 
 
 def test_gguf_export_of_a_model_not_read_from_gguf_is_refused_before_loading(tiny_model_dir, tmp_path, capsys,
-                                                                            no_work):
+                                                                            no_work, monkeypatch):
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     out = tmp_path / "q"
     expect_error(quantize_args(tiny_model_dir, out, "--bits", "4", "--group-size", "32", "--target", "llama.cpp"),
-                 "GGUF export carries the metadata, tokenizer and unquantized tensors from the GGUF file the model "
-                 "is read from: convert the model to an F16 GGUF first", capsys)
+                 "GGUF export takes the metadata, tokenizer and unquantized tensors from a GGUF of the model: pass "
+                 "--gguf-template FILE", capsys)
     assert not out.exists()
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasa.allocate.targets import LLAMA_CPP_GRIDS, TARGETS, check_servable, violations
-from tasa.config import ExportSpec, QuantizeSpec, QuantSpec, Runtime
+from tasa.allocate.targets import LLAMA_CPP_ASYM_GRIDS, LLAMA_CPP_GRIDS, TARGETS, check_servable, violations
+from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, QuantSpec, Runtime
 from tasa.errors import TasaError
 from tasa.export.gguf import encode, ggml_type
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
@@ -16,7 +16,7 @@ from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
 
 gguf = pytest.importorskip("gguf")
-TYPES = {t: g for _, (g, t, _) in LLAMA_CPP_GRIDS.items()}
+TYPES = {t: (g, bpw) for table in (LLAMA_CPP_GRIDS, LLAMA_CPP_ASYM_GRIDS) for _, (g, t, bpw) in table.items()}
 
 
 def _weight(seed: int, rows: int = 6, cols: int = 512) -> torch.Tensor:
@@ -40,15 +40,14 @@ def _hessian(cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("type_name", sorted(TYPES))
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_every_type_decodes_to_tasas_weights_exactly(type_name, method):
-    spec = TYPES[type_name]
-    w = _weight(len(type_name))
+    spec, bpw = TYPES[type_name]
+    w = _weight(len(type_name) + spec.bits)
     if method == "rtn":
         r = rtn_quantize(w, spec.bits, spec.group_size, spec.sym, spec.super_group, spec.scale_bits)
     else:
         r = gptq_quantize(w, _hessian(w.shape[1], 1), spec)
     assert ggml_type(spec) == type_name
     data = encode(r, type_name)
-    bpw = LLAMA_CPP_GRIDS[spec.bits][2]
     assert data.dtype == np.uint8 and data.shape == (w.shape[0], w.shape[1] * bpw / 8)  # bits per weight, honest
     back = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
     assert np.array_equal(back.astype(np.float32), r.weight.numpy())
@@ -70,18 +69,40 @@ def test_two_level_grid_is_a_super_scale_times_integers(method):
     assert (k == -32).any(dim=1).all()  # each row's largest group scale sits on the grid's end
 
 
-def test_gptq_on_the_two_level_grid_lowers_the_weighted_error():
-    spec = QuantSpec(bits=3, group_size=16, super_group=256, scale_bits=6)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("bits,group,scale_bits", [(4, 32, 6), (2, 16, 4)])
+def test_asymmetric_two_level_grid_is_super_scales_and_mins_times_unsigned_integers(method, bits, group, scale_bits):
+    spec = QuantSpec(bits=bits, group_size=group, sym=False, super_group=256, scale_bits=scale_bits)
+    w = _weight(8)
+    r = rtn_quantize(w, bits, group, False, 256, scale_bits) if method == "rtn" else gptq_quantize(
+        w, _hessian(512, 4), spec)
+    top = 2 ** scale_bits - 1
+    for per_group, super_ in ((r.scales, r.super_scales), (r.mins, r.super_mins)):
+        k = per_group / super_.repeat_interleave(256 // group, dim=1)
+        assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= top
+        assert (k == top).any(dim=1).all() or per_group is r.mins  # each row's largest scale on the grid's end
+        assert torch.equal(super_, super_.half().float()) and (super_ > 0).all()
+    assert int(r.codes.max()) <= 2 ** bits - 1 and torch.equal(r.dequantize(), r.weight)
+    assert torch.equal(r.zeros, torch.zeros_like(r.zeros))
+    assert torch.all(r.weight[1, :32] == 0)  # an all-zero group stays zero: its min and its codes are 0
+    assert (r.weight - w).abs().max() < 2.2 * (r.scales.max() / 2 + 1e-9)  # within about half a step, clipping aside
+
+
+@pytest.mark.parametrize("sym,bits,group,scale_bits", [(True, 3, 16, 6), (False, 4, 32, 6)])
+def test_gptq_on_the_two_level_grid_lowers_the_weighted_error(sym, bits, group, scale_bits):
+    spec = QuantSpec(bits=bits, group_size=group, sym=sym, super_group=256, scale_bits=scale_bits)
     w, h = _weight(9), _hessian(512, 3)
     err = lambda q: torch.trace((q - w) @ h @ (q - w).T).item()  # noqa: E731
-    assert err(gptq_quantize(w, h, spec).weight) < 0.8 * err(rtn_quantize(w, 3, 16, True, 256, 6).weight)
+    rtn = rtn_quantize(w, bits, group, sym, 256, scale_bits).weight
+    assert err(gptq_quantize(w, h, spec).weight) < 0.8 * err(rtn)
 
 
 def test_bad_two_level_specs_are_refused():
     with pytest.raises(TasaError, match="several groups"):
         QuantSpec(bits=3, group_size=16, super_group=16)
-    with pytest.raises(TasaError, match="symmetric"):
-        QuantSpec(bits=3, group_size=16, super_group=256, sym=False)
+    from tasa.quant.learned import LearnedGrid
+    with pytest.raises(TasaError, match="learned rounding does not take asymmetric two-level grids"):
+        LearnedGrid(torch.randn(4, 256), QuantSpec(bits=4, group_size=32, sym=False, super_group=256))
     with pytest.raises(TasaError, match="multiple of the 256-column super-group"):
         rtn_quantize(torch.randn(4, 320), 3, 16, True, 256, 6)
     assert "super_group" not in QuantSpec(bits=4).to_dict()  # one-level plans: unchanged files
@@ -97,10 +118,24 @@ def test_llama_cpp_rules_name_the_module_and_the_rule():
                    "symmetric (allocate with --target llama.cpp)"]
     assert violations({"a": tgt.spec(3, 64)}, tgt, (), {"a": 576}) == [
         "a: 576 input features, but its 3-bit grid needs a multiple of 256"]
-    with pytest.raises(TasaError, match="2-bit, but llama.cpp serves only 3, 4, 5, 6, 8-bit gguf"):
+    with pytest.raises(TasaError, match="7-bit, but llama.cpp serves only 2, 3, 4, 5, 6, 8-bit gguf"):
+        check_servable({"a": QuantSpec(bits=7, group_size=32)}, tgt, ())
+    with pytest.raises(TasaError, match="a: symmetric 2-bit grid, but llama.cpp serves 2 bits only on an asymmetric "
+                                        r"grid \(--asym\)"):
         check_servable({"a": QuantSpec(bits=2, group_size=32)}, tgt, ())
     with pytest.raises(TasaError, match="no GGUF type"):
         ggml_type(QuantSpec(bits=4, group_size=128))
+    # asymmetric: Q2_K, Q4_K, Q5_K; the other bit-widths of an asymmetric plan on the symmetric types
+    asym = {b: tgt.spec(b, 64, sym=False) for b in (2, 3, 4, 5, 6, 8)}
+    assert [ggml_type(asym[b]) for b in sorted(asym)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert violations({"a": QuantSpec(bits=4, group_size=32, sym=False)}, tgt, ()) == [
+        "a: 4-bit asymmetric grid with groups of 32, but llama.cpp serves 4 bits only on the grid groups of 32 in "
+        "super-groups of 256 with 6-bit group scales, asymmetric (allocate with --target llama.cpp)"]
+    assert violations({"a": asym[4]}, tgt, (), {"a": 576}) == [
+        "a: 576 input features, but its 4-bit grid needs a multiple of 256"]
+    # a width no K type takes: the symmetric type (Q4_0) where there is one, unservable at 2 bits (Q2_K only)
+    assert ggml_type(tgt.spec(4, 64, False, 576)) == "Q4_0" and ggml_type(tgt.spec(4, 64, False, 512)) == "Q4_K"
+    assert tgt.fits(4, [576, 512], sym=False) and tgt.fits(2, [512], sym=False) and not tgt.fits(2, [576], False)
 
 
 # ---- a whole model: a tiny GGUF source, quantized by tasa, written as GGUF, read back by transformers ----------
@@ -293,3 +328,38 @@ def test_a_failing_converter_is_reported_in_one_line_and_leaves_nothing(tmp_path
         quantize(str(tiny_model_dir), tmp_path / "d", QuantizeSpec(method="rtn", bits=4, group_size=32),
                  export=ExportSpec(format="gguf", target="llama.cpp", llama_cpp=str(fake)))
     assert not list(tmp_path.glob(".d.tmp-*"))
+
+
+def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_path, monkeypatch, data_dir):
+    """--asym on llama.cpp: the down projections (256 inputs) on Q4_K, the others (128) on Q4_0; a plan with Q2_K
+    and Q5_K; GPTQ on the asymmetric two-level grid; transformers' GGUF loader reads tasa's weights exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from tasa.models import load, resolve
+    from tasa.pipeline.quantize import quantize
+    from tasa.plan import Plan
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_gguf(tmp_path / "tiny.gguf")
+    q4 = QuantizeSpec(method="rtn", bits=4, sym=False, group_size=32)
+    out = quantize(str(src), tmp_path / "u", q4, calib=None, export=ExportSpec(target="llama.cpp"))
+    types = out.record["gguf_types"]
+    assert {t for n, t in types.items() if "ffn_down" in n} == {"Q4_K"}
+    assert {t for n, t in types.items() if "ffn_down" not in n} == {"Q4_0"}
+    arch = resolve(load(str(src)).model)
+    tgt = TARGETS["llama.cpp"]
+    modules = {m.name: tgt.spec((2 if m.layer == 0 else 5) if "down_proj" in m.name else 8, 0, False,
+                                m.in_features) for m in arch.modules}
+    Plan(modules, method="gptq", meta={"target": "llama.cpp"}).save(tmp_path / "plan.json")
+    calib = CalibSpec.parse("wikitext2", nsamples=4, seqlen=32)
+    got_dir = quantize(str(src), tmp_path / "k", plan=tmp_path / "plan.json", calib=calib,
+                       export=ExportSpec(format="gguf")).output_dir
+    fp_dir = quantize(str(src), tmp_path / "fp", plan=tmp_path / "plan.json", calib=calib,
+                      export=ExportSpec(format="fp", float_dtype="float32")).output_dir
+    types = json.loads((got_dir / "quantize.json").read_text())["gguf_types"]
+    assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q5_K"
+    assert types["blk.0.attn_q.weight"] == "Q8_0"
+    got = AutoModelForCausalLM.from_pretrained(got_dir, gguf_file="model.gguf", dtype=torch.float32).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -149,10 +149,10 @@ def _metadata(tgt: Target, bits: int, group_size: int) -> float:
     return metadata_bits(bits, group_size)
 
 
-def _fitting(units: Sequence, bits: Sequence[int], tgt: Target) -> list[set[int]]:
-    """Per unit, the candidate bit-widths the target serves for its modules' input widths (llama.cpp's K types
-    need multiples of 256); an error naming a unit none fits."""
-    out = [{b for b in bits if tgt.fits(b, u.in_features)} for u in units]
+def _fitting(units: Sequence, bits: Sequence[int], tgt: Target, sym: bool) -> list[set[int]]:
+    """Per unit, the candidate bit-widths the target serves for its modules' input widths on the profile's grid
+    (llama.cpp's K types need multiples of 256); an error naming a unit none fits."""
+    out = [{b for b in bits if tgt.fits(b, u.in_features, sym)} for u in units]
     for u, ok in zip(units, out):
         if not ok:
             raise TasaError(f"{u.name}: none of the bit-widths {', '.join(map(str, bits))} is servable by "
@@ -200,8 +200,9 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
     sym = sens.sym
     if tgt.sym_only and not sym:
         raise TasaError(f"the profile used asymmetric grids, but {tgt.name} serves only symmetric GPTQ weights")
-    if not sym and tgt.asym_bits is not None:  # an asymmetric profile: only the widths it serves asymmetric
-        tgt = dataclasses.replace(tgt, bits=tuple(b for b in tgt.bits if b in tgt.asym_bits))
+    if not sym and tgt.asym_bits is not None and tgt.grids is None:  # an asymmetric profile: only the widths it
+        tgt = dataclasses.replace(tgt, bits=tuple(b for b in tgt.bits if b in tgt.asym_bits))  # serves asymmetric
+    # (a target of fixed grids, llama.cpp, serves the others on its symmetric grid: Target.grid)
     bits = candidate_bits(tgt, bits or None, sens.bits)
     g = sens.group_size
     check_budget(budget, bits, g, budget_includes_metadata)
@@ -209,7 +210,7 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
     costs = _combined_costs(sens, bits, beta, task_weights)
     ties = _fusion_groups(sens) if granularity == "module" and tie else []
     unit_bits, cost = _allocate_units(costs, sens.sizes, _tied([u.modules[0] for u in units], ties), budget, g,
-                                      budget_includes_metadata, tgt, _fitting(units, bits, tgt))
+                                      budget_includes_metadata, tgt, _fitting(units, bits, tgt, sym))
     module_bits = {m: b for u, b in zip(units, unit_bits) for m in u.modules}
     numel = {m: u.numel / len(u.modules) for u in units for m in u.modules}  # refined below; bits shared in a unit
     if module_sens is not None:
@@ -230,12 +231,12 @@ def plan_from_sensitivity(sens: "dict | Sensitivity", budget: float, bits: Seque
                                        _tied([mod_units[i].modules[0] for i in members], ties),
                                        b + (_metadata(tgt, b, g) if budget_includes_metadata else 0.0), g,
                                        budget_includes_metadata, tgt,
-                                       _fitting([mod_units[i] for i in members], bits, tgt))
+                                       _fitting([mod_units[i] for i in members], bits, tgt, sym))
             module_bits.update({m: x for i, x in zip(members, split) for m in mod_units[i].modules})
-    spec_of = {b: tgt.spec(b, g, sym) for b in bits}
-    modules = {m: spec_of[b] for m, b in module_bits.items()}
     widths = {m: w for u in (*units, *(module_sens.units if module_sens is not None else ()))
               if u.in_features for m, w in zip(u.modules, u.in_features)}
+    # a module's grid: the target's at its bits (llama.cpp, asymmetric: a K type where its width takes one)
+    modules = {m: tgt.spec(b, g, sym, widths.get(m)) for m, b in module_bits.items()}
     check_servable(modules, tgt, sens.fusion_groups, widths)
     total = sum(numel.values())
     weight_bits = sum(numel[m] * b for m, b in module_bits.items()) / total

@@ -12,7 +12,7 @@ which refuses a plan the target cannot serve and names the module and the rule.
 | ``vllm-gptq`` | gptq | 4, 8 | symmetric | tied |
 | ``sglang`` | gptq | 4, 8 | symmetric | tied |
 | ``compressed-tensors`` | compressed-tensors | 2 to 8 | symmetric or not | free |
-| ``llama.cpp`` | gguf | 3, 4, 5, 6, 8 | one symmetric grid per bit-width: its GGML type's | free |
+| ``llama.cpp`` | gguf | 2, 3, 4, 5, 6, 8 | its GGML types' grids: one symmetric per bit-width but 2, one asymmetric at 2, 4, 5 | free |
 
 - ``gptqmodel``: with mixed bit-widths GPTQModel runs every module on its plain
   Torch kernel (``BACKEND.TORCH``), since its fast kernels take one bit-width per model.
@@ -24,8 +24,10 @@ which refuses a plan the target cannot serve and names the module and the rule.
   share one grid; their group sizes are -1, 32, 64 or 128.
 - ``compressed-tensors``: the format's own limits, for other loaders.
 - ``llama.cpp``: a GGML type per tensor; tasa quantizes each bit-width on the grid of one type, so the GGUF holds
-  its codes exactly (:data:`LLAMA_CPP_GRIDS`: Q3_K, Q4_0, Q5_0, Q6_K, Q8_0).  The K types work on 256-column
-  super-blocks, so they need input widths that are multiples of 256 (checked where the widths are known).
+  its codes exactly (:data:`LLAMA_CPP_GRIDS`: Q3_K, Q4_0, Q5_0, Q6_K, Q8_0; asymmetric, for a plan made with
+  ``--asym``, :data:`LLAMA_CPP_ASYM_GRIDS`: Q2_K, Q4_K, Q5_K, the other bit-widths of such a plan on the
+  symmetric types).  The K types work on 256-column super-blocks, so they need input widths that are multiples of
+  256 (checked where the widths are known).
 
 :func:`target_for` maps a target and an export format to the rules that apply (``vllm`` asked for a GPTQ
 checkpoint is ``vllm-gptq``).
@@ -47,6 +49,13 @@ LLAMA_CPP_GRIDS: dict[int, tuple[QuantSpec, str, float]] = {
     6: (QuantSpec(bits=6, group_size=16, super_group=256, scale_bits=8), "Q6_K", 6.5625),
     8: (QuantSpec(bits=8, group_size=32), "Q8_0", 8.5),
 }
+# ... and the asymmetric ones (scale * code - min; 16 or 32-column groups, unsigned 4-/6-bit scales and mins, fp16
+# super-scale and super-min per 256 columns)
+LLAMA_CPP_ASYM_GRIDS: dict[int, tuple[QuantSpec, str, float]] = {
+    2: (QuantSpec(bits=2, group_size=16, sym=False, super_group=256, scale_bits=4), "Q2_K", 2.625),
+    4: (QuantSpec(bits=4, group_size=32, sym=False, super_group=256, scale_bits=6), "Q4_K", 4.5),
+    5: (QuantSpec(bits=5, group_size=32, sym=False, super_group=256, scale_bits=6), "Q5_K", 5.5),
+}
 
 
 @dataclass(frozen=True)
@@ -59,17 +68,36 @@ class Target:
     note: str
     format: str = "gptq"  # the checkpoint format the engine serves these weights from
     asym_bits: tuple[int, ...] | None = None  # asymmetric grids only at these bit-widths (None: at every one)
-    grids: Mapping[int, QuantSpec] | None = None  # the one grid served at each bit-width (None: any)
+    grids: Mapping[int, QuantSpec] | None = None  # the one (symmetric) grid served at each bit-width (None: any)
     bits_per_weight: Mapping[int, float] | None = None  # storage per weight, scales included (None: by the grid)
+    asym_grids: Mapping[int, QuantSpec] | None = None  # with ``grids``: the asymmetric grid served at a bit-width
 
-    def fits(self, bits: int, in_features: Sequence[int] | None) -> bool:
+    def grid(self, bits: int, sym: bool = True, width: int | None = None) -> QuantSpec | None:
+        """The one grid this target serves ``bits``-bit weights of ``width`` input features on (None: any width):
+        asymmetric where asked, served and fitting the width, else the symmetric one; None where any grid is
+        served, or none is."""
+        if self.grids is None:
+            return None
+        asym = None if sym or self.asym_grids is None else self.asym_grids.get(bits)
+        if asym is not None and (width is None or asym.fits_width(width) or bits not in self.grids):
+            return asym
+        return self.grids.get(bits)
+
+    def fits(self, bits: int, in_features: Sequence[int] | None, sym: bool = True) -> bool:
         """Whether ``bits``-bit weights of modules with these input widths are servable (unknown widths: yes)."""
-        grid = self.grids.get(bits) if self.grids is not None else None
-        return grid is None or all(grid.fits_width(w) for w in in_features or ())
+        if self.grids is None:
+            return True
+        grids = [self.grid(bits, sym, w) for w in in_features or (None,)]
+        return all(g is not None and (w is None or g.fits_width(w)) for g, w in zip(grids, in_features or (None,)))
 
-    def spec(self, bits: int, group_size: int, sym: bool = True) -> QuantSpec:
-        """The grid a plan for this target quantizes ``bits``-bit modules on."""
-        return self.grids[bits] if self.grids is not None else QuantSpec(bits=bits, group_size=group_size, sym=sym)
+    def spec(self, bits: int, group_size: int, sym: bool = True, width: int | None = None) -> QuantSpec:
+        """The grid a plan for this target quantizes ``bits``-bit modules of ``width`` inputs on."""
+        if self.grids is None:
+            return QuantSpec(bits=bits, group_size=group_size, sym=sym)
+        grid = self.grid(bits, sym, width)
+        if grid is None:
+            raise TasaError(f"{self.name} serves {bits}-bit weights only on an asymmetric grid (--asym)")
+        return grid
 
 
 ENGINE_GROUPS = (-1, 32, 64, 128)
@@ -86,11 +114,15 @@ TARGETS: dict[str, Target] = {
                      "SGLang's GPTQ path: symmetric 4/8-bit, q/k/v and gate/up fused"),
     "compressed-tensors": Target("compressed-tensors", (2, 3, 4, 5, 6, 7, 8), False, False, None,
                                  "compressed-tensors pack-quantized: 2 to 8 bits, any grid", "compressed-tensors"),
-    "llama.cpp": Target("llama.cpp", tuple(LLAMA_CPP_GRIDS), True, False, None,
+    "llama.cpp": Target("llama.cpp", tuple(sorted({*LLAMA_CPP_GRIDS, *LLAMA_CPP_ASYM_GRIDS})), False, False, None,
                         "llama.cpp: a GGUF with a GGML type per tensor (" + ", ".join(
-                            f"{b}-bit {t}" for b, (_, t, _) in LLAMA_CPP_GRIDS.items()) + ")", "gguf",
+                            f"{b}-bit {t}" for b, (_, t, _) in LLAMA_CPP_GRIDS.items()) + "; asymmetric: " + ", ".join(
+                            f"{b}-bit {t}" for b, (_, t, _) in LLAMA_CPP_ASYM_GRIDS.items()) + ")", "gguf",
+                        asym_bits=tuple(LLAMA_CPP_ASYM_GRIDS),
                         grids={b: g for b, (g, _, _) in LLAMA_CPP_GRIDS.items()},
-                        bits_per_weight={b: bpw for b, (_, _, bpw) in LLAMA_CPP_GRIDS.items()}),
+                        bits_per_weight={b: bpw for table in (LLAMA_CPP_ASYM_GRIDS, LLAMA_CPP_GRIDS)
+                                         for b, (_, _, bpw) in table.items()},
+                        asym_grids={b: g for b, (g, _, _) in LLAMA_CPP_ASYM_GRIDS.items()}),
 }
 # another format of a target's engine: its rules there
 _BY_FORMAT = {("vllm", "gptq"): "vllm-gptq", ("vllm-gptq", "compressed-tensors"): "vllm",
@@ -132,14 +164,17 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
     (module: input features), where known, checks super-group grids."""
     out = []
     for name, s in modules.items():
-        grid = target.grids.get(s.bits) if target.grids is not None else None
+        grid = target.grid(s.bits, s.sym)
         # act-order with static groups stores the grid in column order (no g_idx): the same layout as without
         if grid is not None and (s.group_size, s.super_group, s.scale_bits if s.super_group else None,
                                  s.sym, s.act_order and not s.static_groups) != (
-                grid.group_size, grid.super_group, grid.scale_bits if grid.super_group else None, True, False):
-            out.append(f"{name}: {s.bits}-bit grid with groups of {s.group_size}"
+                grid.group_size, grid.super_group, grid.scale_bits if grid.super_group else None, grid.sym, False):
+            out.append(f"{name}: {s.bits}-bit {'' if s.sym else 'asymmetric '}grid with groups of {s.group_size}"
                        f"{f' in super-groups of {s.super_group}' if s.super_group else ''}, but {target.name} serves "
                        f"{s.bits} bits only on the grid {_grid_text(grid)} (allocate with --target {target.name})")
+        elif grid is None and target.grids is not None and s.bits in target.bits and s.sym:
+            out.append(f"{name}: symmetric {s.bits}-bit grid, but {target.name} serves {s.bits} bits only on an "
+                       "asymmetric grid (--asym)")
         if widths is not None and name in widths and not s.fits_width(widths[name]):
             out.append(f"{name}: {widths[name]} input features, but its {s.bits}-bit grid needs a multiple of "
                        f"{s.super_group}")
@@ -170,7 +205,8 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
 
 def _grid_text(grid: QuantSpec) -> str:
     return (f"groups of {grid.group_size}" + (f" in super-groups of {grid.super_group} with {grid.scale_bits}-bit "
-                                              "group scales" if grid.super_group else "") + ", symmetric")
+                                              "group scales" if grid.super_group else "")
+            + (", symmetric" if grid.sym else ", asymmetric"))
 
 
 def check_servable(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: Sequence[Sequence[str]],

@@ -11,10 +11,15 @@ tasa.allocate.targets.LLAMA_CPP_GRIDS):
 | 5 bits, groups of 32 | Q5_0 | 5.5 |
 | 6 bits, groups of 16 in 256-column super-groups, 8-bit group scales | Q6_K | 6.5625 |
 | 8 bits, groups of 32 | Q8_0 | 8.5 |
+| asymmetric: 2 bits, groups of 16 in 256-column super-groups, 4-bit group scales and mins | Q2_K | 2.625 |
+| asymmetric: 4 bits, groups of 32 in 256-column super-groups, 6-bit group scales and mins | Q4_K | 4.5 |
+| asymmetric: 5 bits, groups of 32 in 256-column super-groups, 6-bit group scales and mins | Q5_K | 5.5 |
 
 A symmetric code c of b bits stands for ``scale * (c - 2**(b-1))``: the legacy types store that signed value
 with an fp16 scale per 32 weights; the K types store per 16 weights an integer k with ``scale = d * k`` and an
-fp16 ``d`` per 256 weights (tasa's two-level grid, tasa.quant.rtn).  llama.cpp's own quantizer never writes the
+fp16 ``d`` per 256 weights (tasa's two-level grid, tasa.quant.rtn); the asymmetric K types store an unsigned
+code c with ``scale * c - min``, per group an unsigned integer for each of scale and min, per 256 weights their
+fp16 ``d`` and ``dmin``.  llama.cpp's own quantizer never writes the
 code -128 in Q8_0 (it scales by amax/127); the format and its kernels take it as the int8 it is.
 
 Everything else comes from the source GGUF the model was loaded from, byte for byte: metadata, tokenizer, chat
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from tasa import __version__
-from tasa.allocate.targets import LLAMA_CPP_GRIDS, TARGETS, violations
+from tasa.allocate.targets import LLAMA_CPP_ASYM_GRIDS, LLAMA_CPP_GRIDS, TARGETS, violations
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.quantized import QuantResult
@@ -40,12 +45,12 @@ from tasa.quantized import QuantResult
 def ggml_type(spec: QuantSpec) -> str:
     """The GGML type that holds ``spec``'s grid exactly (tasa.allocate.targets.LLAMA_CPP_GRIDS), or an error
     naming the grids GGUF holds."""
-    grid, name, _ = LLAMA_CPP_GRIDS.get(spec.bits, (None, None, None))
+    grid, name, _ = (LLAMA_CPP_GRIDS if spec.sym else LLAMA_CPP_ASYM_GRIDS).get(spec.bits, (None, None, None))
     if grid is not None and not violations({"m": spec}, TARGETS["llama.cpp"], ()):
         return name
-    held = "; ".join(f"{t}: {b}-bit, groups of {g.group_size}" + (f" in super-groups of {g.super_group}"
-                                                                     if g.super_group else "")
-                     for b, (g, t, _) in LLAMA_CPP_GRIDS.items())
+    held = "; ".join(f"{t}: {b}-bit{'' if g.sym else ' asymmetric'}, groups of {g.group_size}"
+                     + (f" in super-groups of {g.super_group}" if g.super_group else "")
+                     for table in (LLAMA_CPP_GRIDS, LLAMA_CPP_ASYM_GRIDS) for b, (g, t, _) in table.items())
     raise TasaError(f"a {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'} grid with groups of "
                     f"{spec.group_size}{' and act_order' if spec.act_order else ''} is no GGUF type ({held}); "
                     "allocate with --target llama.cpp")
@@ -103,6 +108,46 @@ def _q6_k(codes: np.ndarray, k: np.ndarray, d: np.ndarray) -> np.ndarray:
                           axis=2).reshape(rows, -1)
 
 
+def _k_scales_mins(k: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales k and mins j (rows, nb, 8): the low 6 bits of scale/min i < 4
+    in bytes i / 4 + i, those of i >= 4 as nibbles of byte 4 + i, their top 2 bits in the top of bytes i - 4
+    and i."""
+    k, j = k.astype(np.uint8), j.astype(np.uint8)
+    out = np.empty((*k.shape[:2], 12), dtype=np.uint8)
+    out[..., 0:4] = k[..., :4] | ((k[..., 4:] >> 4) << 6)
+    out[..., 4:8] = j[..., :4] | ((j[..., 4:] >> 4) << 6)
+    out[..., 8:12] = (k[..., 4:] & 15) | ((j[..., 4:] & 15) << 4)
+    return out
+
+
+def _q4_5_k(codes: np.ndarray, k: np.ndarray, j: np.ndarray, d: np.ndarray, dmin: np.ndarray,
+            bits: int) -> np.ndarray:
+    """Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (d, dmin, scales[12], qh[32], qs[128]) blocks of 256 weights:
+    codes 0..15 / 0..31 in eight groups of 32, k and j (rows, cols / 32) in 0..63."""
+    rows, cols = codes.shape
+    nb = cols // 256
+    c = codes.reshape(rows, nb, 4, 2, 32).astype(np.uint8)  # [pair of groups, group in pair, 32 weights]
+    qs = ((c[..., 0, :] & 15) | ((c[..., 1, :] & 15) << 4)).reshape(rows, nb, 128)
+    parts = [_fp16_bytes(d), _fp16_bytes(dmin), _k_scales_mins(k.reshape(rows, nb, 8), j.reshape(rows, nb, 8))]
+    if bits == 5:
+        hi = (c.reshape(rows, nb, 8, 32) >> 4) << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        parts.append(hi.sum(axis=2, dtype=np.uint8))
+    parts.append(qs)
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
+def _q2_k(codes: np.ndarray, k: np.ndarray, j: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """Q2_K blocks of 256 weights (scales[16]: scale k low nibble, min j high; qs[64]; d; dmin): codes 0..3 in
+    sixteen groups of 16, k and j in 0..15."""
+    rows, cols = codes.shape
+    nb = cols // 256
+    c = codes.reshape(rows, nb, 2, 4, 32).astype(np.uint8)  # [half of 128, shift s, 32 weights]
+    qs = ((c & 3) << (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 1, 4, 1))).sum(axis=3, dtype=np.uint8)
+    sc = (k.reshape(rows, nb, 16).astype(np.uint8) & 15) | (j.reshape(rows, nb, 16).astype(np.uint8) << 4)
+    return np.concatenate([sc, qs.reshape(rows, nb, 64), _fp16_bytes(d), _fp16_bytes(dmin)],
+                          axis=2).reshape(rows, -1)
+
+
 def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes (rows, bytes per row) of ``result`` in ``type_name``, rows taken in ``row_order`` (GGUF row
     i is ``result``'s row ``row_order[i]``)."""
@@ -112,7 +157,12 @@ def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = N
     if type_name in ("Q4_0", "Q5_0", "Q8_0"):
         return _legacy(codes, scales, result.bits)
     d = pick(result.super_scales).float().cpu().numpy()
-    k = np.rint(scales / np.repeat(d, scales.shape[1] // d.shape[1], axis=1)).astype(np.int16)
+    per = scales.shape[1] // d.shape[1]
+    k = np.rint(scales / np.repeat(d, per, axis=1)).astype(np.int16)
+    if type_name in ("Q2_K", "Q4_K", "Q5_K"):
+        dmin = pick(result.super_mins).float().cpu().numpy()
+        j = np.rint(pick(result.mins).float().cpu().numpy() / np.repeat(dmin, per, axis=1)).astype(np.int16)
+        return _q2_k(codes, k, j, d, dmin) if type_name == "Q2_K" else _q4_5_k(codes, k, j, d, dmin, result.bits)
     return (_q3_k if type_name == "Q3_K" else _q6_k)(codes, k, d)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from tasa import __version__
 from tasa.artifacts import usual_modes, write_json_atomic
-from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, Runtime
+from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, QuantSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import LoadedModel, resolve
@@ -28,7 +28,7 @@ from tasa.pipeline.common import (bits_summary, check_group_size, check_output_d
                                   resolve_group_size, temp_dir_for)
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
-from tasa.quant.learned import OBJECTIVE as LEARNED_OBJECTIVE
+from tasa.quant.learned import ASYM_TWO_LEVEL as LEARNED_ASYM_TWO_LEVEL, OBJECTIVE as LEARNED_OBJECTIVE
 
 log = logging.getLogger("tasa.pipeline")
 
@@ -145,11 +145,18 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
         the_plan = with_quantizer_options(plan_obj, spec)
     else:
         qspec = spec.quant_spec(resolve_group_size(arch, spec.group_size, spec.allow_ragged_groups))
-        if rules is not None and rules.grids is not None and qspec.bits in rules.grids:  # the target's one grid
-            qspec = dataclasses.replace(rules.grids[qspec.bits], damp=qspec.damp, block_size=qspec.block_size,
-                                        scale_search=qspec.scale_search, act_order=qspec.act_order,
-                                        static_groups=qspec.static_groups)
-        the_plan = Plan.uniform([m.name for m in arch.modules], qspec, method=method, model=model)
+
+        def on_target_grid(width: int) -> QuantSpec:
+            """The target's one grid at this bit-width (llama.cpp: for this input width), the quantizer's options
+            on it."""
+            grid = rules.grid(qspec.bits, qspec.sym, width) if rules is not None else None
+            return qspec if grid is None else dataclasses.replace(
+                grid, damp=qspec.damp, block_size=qspec.block_size, scale_search=qspec.scale_search,
+                act_order=qspec.act_order, static_groups=qspec.static_groups)
+        the_plan = Plan({m.name: on_target_grid(m.in_features) for m in arch.modules}, method=method,
+                        meta={"model": model})
+    if spec.learn_rounding and any(qs.super_group and not qs.sym for qs in the_plan.modules.values()):
+        raise TasaError(LEARNED_ASYM_TWO_LEVEL)  # before any work
     packed: dict = {}
     packer = qcfg = None
     if rules is not None:

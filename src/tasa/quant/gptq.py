@@ -26,8 +26,9 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, dequantize, group_bounds,
-                            quantize_codes, rtn_quantize_spec, search_grid)
+from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, compute_super_grid_asym,
+                            dequantize, dequantize_min, group_bounds, quantize_codes, quantize_codes_min,
+                            rtn_quantize_spec, search_grid)
 from tasa.quantized import QuantResult
 
 log = logging.getLogger(__name__)
@@ -121,13 +122,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     zeros = torch.empty_like(scales)
     supers = torch.empty(rows, cols // sg, dtype=torch.float32, device=w.device) if sg else None
     per_super = sg // gsize if sg else 0
+    with_mins = bool(sg) and not spec.sym  # llama.cpp's asymmetric K types: scale * code - min
+    mins = torch.zeros_like(scales) if with_mins else None
+    super_mins = torch.empty_like(supers) if with_mins else None
 
     steps = spec.scale_search  # each group's range searched, its error weighted by the Hessian's diagonal
 
     def super_grid(x: torch.Tensor, first_group: int, weights: torch.Tensor) -> None:
         """Fill the grids of the super-group whose first group is ``first_group`` from its weights ``x``."""
-        sc, z, d = compute_super_grid(x, bits, gsize, spec.scale_bits, steps, weights)
-        scales[:, first_group:first_group + per_super], zeros[:, first_group:first_group + per_super] = sc, z
+        span = slice(first_group, first_group + per_super)
+        if with_mins:
+            scales[:, span], mins[:, span], d, dmin = compute_super_grid_asym(x, bits, gsize, spec.scale_bits, steps,
+                                                                              weights)
+            zeros[:, span] = 0.0
+            super_mins[:, first_group // per_super] = dmin
+        else:
+            scales[:, span], zeros[:, span], d = compute_super_grid(x, bits, gsize, spec.scale_bits, steps, weights)
         supers[:, first_group // per_super] = d
 
     if spec.static_groups or n_groups == 1:
@@ -193,8 +203,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                                                   diag_order[col:col + end - i])
                 scales[:, gi], zeros[:, gi] = cur_scale, cur_zero
             wcol = w_blk[:, i]
-            qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
-            qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
+            if with_mins:  # the group's offset, as its scale: a group's grid is filled when its super-group's is
+                cur_min = mins[:, gi]
+                qcode = quantize_codes_min(wcol.unsqueeze(1), cur_scale, cur_min, bits).squeeze(1)
+                qcol = dequantize_min(qcode.unsqueeze(1), cur_scale, cur_min).squeeze(1)
+            else:
+                qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
+                qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
             codes[:, col] = qcode.to(torch.uint8)
             q_blk[:, i] = qcol
             err = (wcol - qcol) / u_blk[i, i]
@@ -218,6 +233,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         bits=bits,
         group_size=gs,
         super_scales=supers,
+        mins=mins,
+        super_mins=super_mins,
     )
     result.weight = result.dequantize().to(weight.dtype)
     return result

@@ -35,11 +35,14 @@ import torch
 import torch.nn as nn
 
 from tasa.config import QuantSpec
+from tasa.errors import TasaError
 from tasa.models.walker import LayerInputs, layer_output
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tasa.quantized import QuantResult
 
 OBJECTIVE = "token-normalized MSE of the layer output, quantized inputs against the float model's"  # records
+ASYM_TWO_LEVEL = ("learned rounding does not take asymmetric two-level grids (llama.cpp's Q2_K, Q4_K, Q5_K); "
+                  "quantize them with GPTQ (without --learn-rounding)")
 CLIP_MIN = 0.5  # the narrowest range a group's clipping may reach (as tasa.quant.rtn.search_grid's)
 
 
@@ -79,6 +82,8 @@ class LearnedGrid:
     """One linear's weight on its grid with learnable rounding offsets and clipping factors."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None):
+        if spec.super_group and not spec.sym:
+            raise TasaError(ASYM_TWO_LEVEL)
         self.spec, self.dtype = spec, weight.dtype
         self.maxq = 2**spec.bits - 1
         self.w = weight.detach().float()

@@ -26,6 +26,16 @@ super-group, s = -m / zero (m as above, 0 for an all-zero group); then, with ``h
     k     = clamp(round(s / d), -half, half - 1)
     scale = d * k                        # exact in float32; 0 when k == 0 (every code is then ``zero``)
 
+An asymmetric two-level grid (llama.cpp's Q2_K, Q4_K, Q5_K: ``sym`` False with a ``super_group``) subtracts a
+per-group offset instead of a zero point.  For each group, (s, z) is its asymmetric grid as above and
+mn = s * z >= 0 (the range holds 0); then, with ``top = 2**scale_bits - 1``::
+
+    d     = fp16(max s / top)            dmin = fp16(max mn / top)     # over the super-group
+    k     = clamp(round(s / d), 0, top)  j    = clamp(round(mn / dmin), 0, top)
+    scale = d * k                        min  = dmin * j
+    code  = clamp(round((x + min) / scale), 0, maxq)   (0 where scale is 0)
+    x_hat = scale * code - min           # in float32: llama.cpp's own arithmetic, to the bit
+
 Worked example, 4 bits symmetric, x = [-1, 0.5, 0.3]: m = -1, zero = 8, scale = 0.125,
 codes = [0, 12, 10], x_hat = [-1, 0.5, 0.25].  A 2-bit asymmetric one, x = [-1, 0, 0.5, 2]: lo=-1, hi=2, scale=1,
 zero=1, codes = [0, 1, 1, 3] (torch.round rounds half to even: 0.5 -> 0),
@@ -119,6 +129,41 @@ def compute_super_grid(x: torch.Tensor, bits: int, group_size: int, scale_bits: 
     return d.unsqueeze(1) * k, torch.full_like(s, zero), d
 
 
+def compute_super_grid_asym(x: torch.Tensor, bits: int, group_size: int, scale_bits: int, steps: int = 0,
+                            weights: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The asymmetric two-level grid of one super-group ``x`` (rows, super_group): per-group scales and mins
+    (rows, super_group / group_size), super-scales d and super-mins dmin (rows,); ``steps``, ``weights``: each
+    group's range searched first, as :func:`compute_super_grid`'s."""
+    rows = x.shape[0]
+    sub = x.float().reshape(-1, group_size)  # row r*groups+j: group j of row r
+    w = None if weights is None else weights.expand(rows, -1).reshape(-1, group_size)
+    s, z = search_grid(sub, bits, False, steps, w)
+    s, mn = s.view(rows, -1), (s * z).view(rows, -1)
+    top = 2.0 ** scale_bits - 1
+    d = fp16_scale(s.max(dim=1).values / top)  # positive: every group's asymmetric scale is
+    dmin = fp16_scale(mn.max(dim=1).values / top)  # an all-zero super-group's: the smallest fp16, every j 0
+    k = torch.clamp(torch.round(s / d.unsqueeze(1)), 0, top)
+    j = torch.clamp(torch.round(mn / dmin.unsqueeze(1)), 0, top)
+    return d.unsqueeze(1) * k, dmin.unsqueeze(1) * j, d, dmin
+
+
+def quantize_codes_min(x: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float) of ``x`` (rows, k) on an asymmetric two-level grid (scale, min), each (rows,) or
+    (rows, 1); a zero scale gives the code 0 (the weight is then -min)."""
+    maxq = 2**bits - 1
+    if scale.dim() == 1:
+        scale, mins = scale.unsqueeze(1), mins.unsqueeze(1)
+    codes = torch.clamp(torch.round((x.float() + mins) / torch.where(scale == 0, 1.0, scale)), 0, maxq)
+    return torch.where(scale == 0, 0.0, codes)
+
+
+def dequantize_min(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    if scale.dim() == 1:
+        scale, mins = scale.unsqueeze(1), mins.unsqueeze(1)
+    return scale * codes - mins
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (as float) of ``x`` (rows, k) on the grid (scale, zero), each (rows,) or (rows, 1); a zero
     scale (a two-level grid's k = 0) gives the code ``zero``."""
@@ -173,11 +218,18 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, su
         n = cols // super_group
         x = weight.reshape(rows * n, super_group)
         w = None if weights is None else weights.float().view(n, super_group).repeat(rows, 1)  # row r*n+j: j
-        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits, scale_search, w)
         per = super_group // group_size
+        g_idx = (torch.arange(cols, device=weight.device) // group_size).to(torch.int32)
+        if not sym:
+            scale, mins, d, dmin = compute_super_grid_asym(x, bits, group_size, scale_bits, scale_search, w)
+            q = quantize_codes_min(x.reshape(-1, group_size), scale.reshape(-1), mins.reshape(-1), bits)
+            deq = dequantize_min(q, scale.reshape(-1), mins.reshape(-1)).view(rows, cols)
+            return QuantResult(deq.to(weight.dtype), q.to(torch.uint8).view(rows, cols), scale.view(rows, n * per),
+                               torch.zeros(rows, n * per, device=weight.device), g_idx, bits, group_size,
+                               d.view(rows, n), mins.view(rows, n * per), dmin.view(rows, n))
+        scale, zero, d = compute_super_grid(x, bits, group_size, scale_bits, scale_search, w)
         q = quantize_codes(x.reshape(-1, group_size), scale.reshape(-1), zero.reshape(-1), bits)
         deq = dequantize(q, scale.reshape(-1), zero.reshape(-1)).view(rows, cols)
-        g_idx = (torch.arange(cols, device=weight.device) // group_size).to(torch.int32)
         return QuantResult(deq.to(weight.dtype), q.to(torch.uint8).view(rows, cols), scale.view(rows, n * per),
                            zero.view(rows, n * per), g_idx, bits, group_size, d.view(rows, n))
     bounds = group_bounds(cols, group_size)
