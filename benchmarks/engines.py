@@ -347,7 +347,8 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
     rows, entries = [], [("source", embedded_gguf_path(), "SmolLM2-135M-Instruct.Q4_1.gguf as shipped", None)]
     same = llama_cpp_plan(RUN_PLAN, work / "plan-llama.cpp-same-bits.json", servable=False)
     servable = llama_cpp_plan(RUN_PLAN, work / "plan-llama.cpp-servable.json", servable=True)
-    for name, how in (("w4", ["--bits", "4"]), ("tasa-3.5", ["--plan", str(same)]),
+    for name, how in (("w4", ["--bits", "4"]), ("w4-asym", ["--bits", "4", "--asym"]),  # Q4_K where widths allow
+                      ("tasa-3.5", ["--plan", str(same)]),
                       ("tasa-3.5-servable", ["--plan", str(servable)])):
         out = work / f"smollm2-{name}-gguf"
         if not (out / "model.gguf").is_file():
