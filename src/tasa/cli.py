@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import (ACT_ORDER, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, PLACEMENTS, SCALE_SEARCH,
+from tasa.config import (ACT_ORDER, AUTO_CHOICE_ITEMS, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, PLACEMENTS, SCALE_SEARCH,
                          TOKEN_COSTS)
 from tasa.errors import TasaError
 
@@ -167,10 +167,13 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "unit (one probe, one bit-width; attention and shared experts get their own), as engines' "
                         "fused MoE kernels need; --no-tie-experts probes and allocates every expert on its own "
                         "(default: tied)")
-    p.add_argument("--choice-cost", choices=list(CHOICE_COSTS), default="kl",
+    p.add_argument("--choice-cost", choices=list(CHOICE_COSTS), default="auto",
                    help="multiple-choice objectives: kl = divergence of the answer distribution from full "
                         "precision, gold = increase of -log p(gold | choices), token-kl = per-token divergence of "
-                        "the next-token distribution on the choices' tokens (default: kl)")
+                        f"the next-token distribution on the choices' tokens, auto = token-kl below "
+                        f"{AUTO_CHOICE_ITEMS} items (tasa run's 768-token profile), else kl (tasa profile's 4096): "
+                        "the one that predicts the answer-distribution ranking of held-out items better at that "
+                        "size (docs/RESULTS.md) (default: auto)")
     p.add_argument("--token-cost", choices=list(TOKEN_COSTS), default="kl",
                    help="text objectives (wikitext2, gsm8k solutions): kl = per-token divergence of the next-token "
                         "distribution from full precision, nll = increase of the per-token NLL; kl ranks units "

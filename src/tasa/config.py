@@ -380,7 +380,9 @@ class EvalSpec:
 
 
 PROFILE_ESTIMATORS = ("measured", "fisher", "autoscheme")
-CHOICE_COSTS = ("kl", "gold", "token-kl")  # how a probe scores multiple-choice objectives (tasa.profile.objectives)
+CHOICE_COSTS = ("auto", "kl", "gold", "token-kl")  # how a probe scores multiple-choice objectives (tasa.profile.objectives)
+# "auto": token-kl for an objective of fewer items than this, else kl (the crossover measured on ARC-Easy)
+AUTO_CHOICE_ITEMS = 100
 TOKEN_COSTS = ("kl", "nll")  # how a probe scores text objectives
 
 
@@ -399,7 +401,7 @@ class ProfileSpec:
     seed: int = 0
     batch_tokens: int = 512
     estimator: str = "measured"
-    choice_cost: str = "kl"
+    choice_cost: str = "auto"
     token_cost: str = "kl"
     probe_quantizer: str = "rtn"
     calib: CalibSpec | None = None
@@ -519,7 +521,7 @@ class RunSpec:
     target: str = "gptqmodel"
     group_size: int | None = None
     probe_tokens: int = 768
-    choice_cost: str = "kl"
+    choice_cost: str = "auto"
     token_cost: str = "kl"
     probe_quantizer: str = "rtn"
     granularity: str = "layer"

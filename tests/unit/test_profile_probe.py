@@ -352,7 +352,7 @@ def test_row_slices_respect_the_token_budget(data_dir, tokenizer):
         o.row_slices(0)
 
 
-def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path):
+def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path, monkeypatch):
     from tasa.profile.objectives import choice_kl
     from tasa.profile.sensitivity import sensitivities
 
@@ -378,6 +378,14 @@ def test_choice_kl_hand_example_and_sensitivity(data_dir, tokenizer, tmp_path):
         assert gold_costs[j] == pytest.approx(float((p.nll - res.base["arc_easy"].nll).mean()))
     with pytest.raises(TasaError, match="choice cost"):
         build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="margin")
+    # auto: token-kl on fewer than AUTO_CHOICE_ITEMS items (a cheap profile), kl from there on
+    import tasa.profile.objectives as objectives
+
+    few = build_objective("arc_easy", tokenizer, min_tokens=200, choice_cost="auto")
+    assert 2 <= few.n_items < objectives.AUTO_CHOICE_ITEMS and few.choice_cost == "token-kl" and few.token_kl
+    monkeypatch.setattr(objectives, "AUTO_CHOICE_ITEMS", few.n_items)  # as many items as the threshold: kl
+    assert build_objective("arc_easy", tokenizer, min_tokens=200, choice_cost="auto").choice_cost == "kl"
+    assert build_objective("arc_easy", tokenizer, min_tokens=20, choice_cost="auto").choice_cost == "token-kl"
 
 
 def test_kept_states_spill_to_disk_past_the_ram_budget(data_dir, tokenizer, tmp_path, monkeypatch):

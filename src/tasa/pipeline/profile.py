@@ -73,7 +73,8 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
     ``spec.estimator``: ``measured`` (probes), or a gradient estimator, ``fisher`` or ``autoscheme`` (see
     tasa.profile.estimators), whose costs then stand in for the probes'; ``compare_estimators`` (with
     ``measured``) also runs both estimators and records their Kendall tau against the probes and their cost.
-    ``choice_cost``: how multiple-choice objectives score a probe, ``kl`` or ``gold``; ``token_cost``: how text
+    ``choice_cost``: how multiple-choice objectives score a probe, ``auto``, ``kl``, ``gold`` or ``token-kl``
+    (each objective's in the record's ``objectives``); ``token_cost``: how text
     objectives do, ``kl`` or ``nll`` (see tasa.profile.objectives).  ``max_state_gb``: RAM budget for the kept
     layer inputs; past it they are spilled to ``output_dir/kept-states`` (removed when done).  ``probe_quantizer``:
     ``rtn`` (the unit's intrinsic sensitivity, the method's default) or ``gptq`` (the damage GPTQ leaves: each
@@ -155,6 +156,7 @@ def profile(model: str | LoadedModel, output_dir: str | Path, spec: ProfileSpec 
         **settings,
         "choice_cost": spec.choice_cost,
         "objectives": {o.name: {"kind": o.kind, "items": o.n_items, "scored_tokens": o.scored_tokens,
+                                "cost": o.choice_cost if o.kind == "choice" else o.token_cost,  # auto resolved
                                 "base": base.get(o.name)} for o in objs},
         "units": [{"name": u.name, "layer": u.layer, "modules": list(u.modules),
                    "numel": sum(numels[m] for m in u.modules), "in_features": [widths[m] for m in u.modules]}
