@@ -279,12 +279,30 @@ def last_line(text: str) -> str:
     return lines[-1][-500:] if lines else ""
 
 
+def plan_4_8(run_plan: Path, out: Path) -> Path:
+    """`tasa run`'s layer plan moved up one step for vLLM's CPU kernels, which serve 4-bit weight-only and W8A8
+    layers only: its 3-bit layers at 4 bits (groups of 64), its 4-bit (more sensitive) layers at 8 bits (W8A8
+    takes them per output channel)."""
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    plan = Plan.load(run_plan)
+    up = {3: 4, 4: 8}
+    Plan({n: QuantSpec(bits=up[s.bits], group_size=s.group_size) for n, s in plan.modules.items()},
+         method=plan.method, meta={"target": "vllm", "model": plan.meta.get("model"),
+                                   "made_by": f"benchmarks/engines.py plan_4_8 from {run_plan.name}"}
+         ).save(out)
+    return out
+
+
 def vllm_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, n_windows: int) -> list[dict]:
     (work / "vllm_score.py").write_text(VLLM_SCRIPT)
     rows = []
+    plan48 = plan_4_8(RUN_PLAN, work / "plan-vllm-4-8.json")
     for name, fmt, target, how in (("w4", "compressed-tensors", "vllm", ["--bits", "4", "--group-size", "64"]),
                                    ("w4", "gptq", "vllm-gptq", ["--bits", "4", "--group-size", "64"]),
-                                   ("tasa-3.5", "compressed-tensors", "vllm", ["--plan", str(RUN_PLAN)])):
+                                   ("tasa-3.5", "compressed-tensors", "vllm", ["--plan", str(RUN_PLAN)]),
+                                   ("tasa-4-8-w8a8", "compressed-tensors", "vllm", ["--plan", str(plan48), "--w8a8"])):
         out = work / f"smollm2-{name}-{fmt}"
         if not (out / "config.json").is_file():
             r = quantize_cmd(name, how, target, fmt, out)

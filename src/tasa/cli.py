@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the linears a --plan leaves out in full precision (default: such a plan is refused); "
                         "the reported average bits count them at their stored bits")
     _format_arg(q)
+    q.add_argument("--w8a8", action="store_true",
+                   help="compressed-tensors: write the 8-bit modules as W8A8, int8 weights (quantized per output "
+                        "channel) with dynamic per-token int8 activations, the scheme vLLM's int8 kernels serve "
+                        "(its CPU build serves 8-bit weights only so) (default: weight-only)")
     q.add_argument("--float-dtype", choices=list(FLOAT_DTYPES), default="auto",
                    help="dtype of the tensors left in float (embeddings, head, norms, routers): auto = the source "
                         "checkpoint's half dtype (bfloat16/float16; a GGUF file's: float16), else the compute dtype "
@@ -514,7 +518,8 @@ def run(argv: list[str] | None = None) -> int:
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,
-                                                  args.float_dtype, args.gguf_template, args.llama_cpp),
+                                                  args.float_dtype, args.gguf_template, args.llama_cpp,
+                                                  args.w8a8),
                                 runtime=_runtime(args),
                                 overwrite=args.overwrite, allow_partial_plan=args.allow_partial_plan)
         s = {**res.record, "output_dir": str(res.output_dir)}

@@ -342,10 +342,13 @@ class ExportSpec:
     float_dtype: str = "auto"  # the dtype of the tensors left in float (auto: the source's half dtype)
     gguf_template: str | None = None
     llama_cpp: str | None = None
+    w8a8: bool = False  # compressed-tensors: the 8-bit modules as W8A8 (int8 weights per channel, int8 activations)
 
     def __post_init__(self) -> None:
         if self.format is not None:
             _one_of(self.format, EXPORT_FORMATS, "export format")
+        if self.w8a8 and self.format not in (None, "compressed-tensors"):
+            raise TasaError(f"--w8a8 is a compressed-tensors scheme, not one of {self.format} checkpoints")
         _one_of(self.float_dtype, FLOAT_DTYPES, "--float-dtype")
         self.max_shard_bytes  # validated
 

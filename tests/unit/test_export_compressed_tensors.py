@@ -1,6 +1,7 @@
 """compressed-tensors export (issue 37): tasa's packing and config against the compressed-tensors library's own
 decompression, for every bit-width and both grids; a whole checkpoint loaded by transformers through the library;
 refusals named."""
+import dataclasses
 import json
 
 import pytest
@@ -141,3 +142,66 @@ def test_an_asymmetric_mixed_checkpoint_decompresses_in_the_library_to_tasas_wei
         assert "weight_zero_point" in state
         weight = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
         assert torch.equal(weight, ref.get_submodule(name).weight.half()), name
+
+
+def test_w8a8_modules_are_int_quantized_and_the_library_decompresses_them_to_tasas_weights(tmp_path):
+    """--w8a8: the plan's 8-bit modules quantized per output channel and stored int-quantized (int8 weight, scale
+    per channel, dynamic per-token int8 activations declared), the rest pack-quantized, one mixed-precision
+    checkpoint; the library's decompression and tasa's reader both give the weights tasa quantized."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+
+    from tasa.config import ExportSpec, QuantizeSpec, Runtime
+    from tasa.models import load
+    from tasa.pipeline import quantize
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_llama(layers=2, hidden=64)
+    plan = mixed_plan(model, sym=True)  # 2, 3, 4 and 8 bits, groups of 32
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    plan.save(tmp_path / "plan.json")
+    res = quantize(str(src), tmp_path / "w8a8", QuantizeSpec(scale_search=0), plan=tmp_path / "plan.json",
+                   export=ExportSpec("compressed-tensors", "compressed-tensors", w8a8=True),
+                   runtime=Runtime(progress=False))
+    out = res.output_dir
+    eight = sorted(n for n, s in plan.modules.items() if s.bits == 8)
+    assert res.record["w8a8"] == eight and eight
+    raw = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert raw["format"] == "mixed-precision"
+    int_groups = [g for g in raw["config_groups"].values() if g["format"] == "int-quantized"]
+    assert len(int_groups) == 1 and sorted(int_groups[0]["targets"]) == eight
+    assert int_groups[0]["weights"]["strategy"] == "channel" and int_groups[0]["input_activations"]["dynamic"]
+    cfg = QuantizationConfig.model_validate(raw)
+    skeleton = tiny_llama(layers=2, hidden=64)
+    apply_quantization_config(skeleton, cfg)
+    tensors = load_file(out / "model.safetensors")
+    per_channel = dataclasses.replace(plan, modules={n: dataclasses.replace(s, group_size=-1) if s.bits == 8 else s
+                                                     for n, s in plan.modules.items()})
+    ref = reference(per_channel)
+    mine = load(str(out)).model
+    for name in eight:
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        assert state["weight"].dtype == torch.int8 and state["weight_scale"].shape == (state["weight"].shape[0], 1)
+        scheme = skeleton.get_submodule(name).quantization_scheme
+        assert scheme.input_activations.num_bits == 8 and scheme.input_activations.dynamic
+        lib = IntQuantizationCompressor.decompress(state, scheme)["weight"]
+        assert torch.equal(lib.float(), ref.get_submodule(name).weight.half().float()), name
+    for name in plan.modules:
+        assert torch.equal(mine.get_submodule(name).weight, ref.get_submodule(name).weight), name
+
+
+def test_w8a8_refusals(tmp_path):
+    from tasa.config import ExportSpec
+
+    with pytest.raises(TasaError, match="--w8a8 is a compressed-tensors scheme, not one of gptq checkpoints"):
+        ExportSpec("gptq", w8a8=True)
+    plan = Plan({"m": QuantSpec(bits=8, group_size=32)})
+    with pytest.raises(TasaError, match="m: W8A8 weights are 8-bit symmetric per output channel, not groups of 32"):
+        quantization_config(plan, ["m"], w8a8=True)
+    r = rtn_quantize(torch.randn(4, 64), 8, 32, True)
+    with pytest.raises(TasaError, match="m: W8A8 stores 8-bit symmetric per-channel weights, not this 8-bit grid "
+                                        "of 2 group"):
+        pack_result("m", r, True, w8a8=True)

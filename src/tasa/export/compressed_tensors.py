@@ -22,6 +22,16 @@ because ``-q`` leaves the code range at q = -2^(bits-1).  Scales are float16, ta
 ``quantization_config`` gives one config group per distinct grid (bits, group size, symmetry), whose
 ``targets`` are the exact names of its modules (checkpoint names), and ``ignore`` lists every linear left
 in full precision.
+
+W8A8 (``w8a8``: the 8-bit modules of a plan, on a per-channel symmetric grid): such a module is stored
+``int-quantized``, as llm-compressor writes its W8A8-int8 schemes and vLLM's int8 kernels read them::
+
+    NAME.weight          int8 (out, in)        q = code - 128
+    NAME.weight_scale    float16 (out, 1)      one scale per output channel (negative where tasa's is)
+
+and its config group also declares ``input_activations``: int8, symmetric, per token, dynamic (the engine
+quantizes each token's activations on the fly; nothing is calibrated).  A checkpoint holding both kinds has
+the format ``mixed-precision`` and a ``format`` per config group.
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ from tasa.quantized import QuantResult
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 CT_BITS = tuple(range(2, 9))
+PACKED, INT = "pack-quantized", "int-quantized"
+W8A8_ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 
 
 def pack_dense(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,9 +105,25 @@ def _check(name: str, result: QuantResult) -> None:
                         "needs groups in column order (quantize without act-order, or export --format gptq)")
 
 
-def pack_result(name: str, result: QuantResult, sym: bool) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one quantized linear (see the module docstring)."""
+def w8a8_ok(spec) -> str | None:
+    """Why a module's grid cannot be written as W8A8 (None: it can)."""
+    if spec.bits != 8:
+        return f"{spec.bits}-bit"
+    if not spec.sym or spec.group_size != -1:
+        return "W8A8 weights are 8-bit symmetric per output channel"
+    return None
+
+
+def pack_result(name: str, result: QuantResult, sym: bool, w8a8: bool = False) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized linear (see the module docstring); ``w8a8``: the
+    int-quantized form of an 8-bit per-channel symmetric grid."""
     _check(name, result)
+    if w8a8:
+        if result.bits != 8 or not sym or result.scales.shape[1] != 1:
+            raise TasaError(f"{name}: W8A8 stores 8-bit symmetric per-channel weights, not this "
+                            f"{result.bits}-bit grid of {result.scales.shape[1]} group(s)")
+        return {f"{name}.weight": (result.codes.cpu().to(torch.int16) - 128).to(torch.int8),
+                f"{name}.weight_scale": result.scales.cpu().to(torch.float16)}
     half = 1 << (result.bits - 1)
     out = {f"{name}.weight_packed": pack_dense(result.codes.cpu(), result.bits),
            f"{name}.weight_scale": result.scales.cpu().to(torch.float16),
@@ -109,8 +137,10 @@ def pack_result(name: str, result: QuantResult, sym: bool) -> dict[str, torch.Te
     return out
 
 
-def dequantize_module(get, name: str, bits: int, sym: bool, group_size: int) -> torch.Tensor:
-    """The float32 weight (out, in) of module ``name`` from its tensors (``get(suffix)``)."""
+def dequantize_module(get, name: str, bits: int, sym: bool, group_size: int, fmt: str = PACKED) -> torch.Tensor:
+    """The float32 weight (out, in) of module ``name`` from its tensors (``get(suffix)``), stored as ``fmt``."""
+    if fmt == INT:  # int8 codes, one scale per output channel
+        return get("weight").float() * get("weight_scale").float()
     out, cols = (int(x) for x in get("weight_shape"))
     half = 1 << (bits - 1)
     q = unpack_dense(get("weight_packed"), bits, cols) - half
@@ -124,39 +154,48 @@ def dequantize_module(get, name: str, bits: int, sym: bool, group_size: int) -> 
     return scale[:, g] * (q.float() - zp[:, g])
 
 
-def quantization_config(plan: Plan, all_linears: list[str], names: dict[str, str] | None = None) -> dict:
+def quantization_config(plan: Plan, all_linears: list[str], names: dict[str, str] | None = None,
+                        w8a8: bool = False) -> dict:
     """``quantization_config`` (config.json) for ``plan``: a config group per grid, its modules as exact targets
-    (their checkpoint names: ``names``, see tasa.export.writer.checkpoint_key), every other linear ignored."""
+    (their checkpoint names: ``names``, see tasa.export.writer.checkpoint_key), every other linear ignored;
+    ``w8a8``: the 8-bit modules as W8A8 (each must be on a per-channel symmetric grid)."""
     if not plan.modules:
         raise TasaError("the plan quantizes no module; nothing to export")
     by_grid: dict[tuple, list[str]] = defaultdict(list)
     for name, spec in plan.modules.items():
         if spec.act_order and not spec.static_groups:
             raise TasaError(f"{name}: act-order groups cannot be written as compressed-tensors (export --format gptq)")
-        by_grid[(spec.bits, spec.group_size, spec.sym)].append(name)
+        int8 = w8a8 and spec.bits == 8
+        if int8 and w8a8_ok(spec):
+            raise TasaError(f"{name}: {w8a8_ok(spec)}, not groups of {spec.group_size}")
+        by_grid[(spec.bits, spec.group_size, spec.sym, int8)].append(name)
     stored = {n: checkpoint_key(names or {}, f"{n}.weight")[: -len(".weight")] for n in all_linears}
     groups = {}
-    for i, ((bits, gs, sym), members) in enumerate(sorted(by_grid.items())):
+    for i, ((bits, gs, sym, int8), members) in enumerate(sorted(by_grid.items())):
         weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
                    "strategy": "channel" if gs == -1 else "group"}
         if gs != -1:
             weights["group_size"] = gs
         groups[f"group_{i}"] = {"targets": sorted(stored[n] for n in members), "weights": weights,
-                                "input_activations": None, "output_activations": None}
+                                "input_activations": dict(W8A8_ACTIVATIONS) if int8 else None,
+                                "output_activations": None, "format": INT if int8 else PACKED}
+    formats = {g["format"] for g in groups.values()}
     ignore = sorted(stored[n] for n in all_linears if n not in plan.modules)
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": groups, "ignore": ["lm_head", *ignore], "kv_cache_scheme": None,
-            "global_compression_ratio": None}
+    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": groups, "ignore": ["lm_head", *ignore],
+            "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
-def module_grid(qcfg: dict, name: str) -> tuple[int, bool, int] | None:
-    """(bits, symmetric, group size) of checkpoint module ``name`` by ``qcfg``'s config groups, else None."""
+def module_grid(qcfg: dict, name: str) -> tuple[int, bool, int, str] | None:
+    """(bits, symmetric, group size, format) of checkpoint module ``name`` by ``qcfg``'s config groups, else
+    None."""
     for group in qcfg.get("config_groups", {}).values():
         for target in group.get("targets", []):
             hit = re.match(target[3:], name) if target.startswith("re:") else target == name
             if hit:
                 w = group["weights"]
-                return int(w["num_bits"]), bool(w.get("symmetric", True)), int(w.get("group_size") or -1)
+                return (int(w["num_bits"]), bool(w.get("symmetric", True)), int(w.get("group_size") or -1),
+                        group.get("format") or qcfg.get("format") or PACKED)
     return None
 
 

@@ -159,28 +159,41 @@ class GptqWeights(PackedWeights):
 
 
 class CompressedTensorsWeights(PackedWeights):
-    """A compressed-tensors ``pack-quantized`` checkpoint (tasa's, llm-compressor's integer weight-only ones)."""
+    """A compressed-tensors checkpoint of integer weights (tasa's, llm-compressor's): ``pack-quantized``
+    weight-only linears, ``int-quantized`` ones (W8A8: int8 weights per output channel), or both
+    (``mixed-precision``)."""
 
     suffixes, optional, marker = CT_SUFFIXES, ("weight_zero_point",), "weight_packed"
+    FORMATS = ("pack-quantized", "int-quantized", "mixed-precision")
 
     def __init__(self, path: str | Path):
         super().__init__(path)
         self.qcfg = json.loads((self.path / "config.json").read_text())["quantization_config"]
-        if self.qcfg.get("format") != "pack-quantized":
+        if self.qcfg.get("format") not in self.FORMATS:
             raise TasaError(f"{self.path}: compressed-tensors format {self.qcfg.get('format')!r} is not supported "
-                            "(pack-quantized)")
+                            f"({', '.join(self.FORMATS)})")
+        # int-quantized linears: an integer NAME.weight beside its NAME.weight_scale
+        self.int8 = {k[: -len(".weight_scale")] for k in self._file_of if k.endswith(".weight_scale")
+                     and k[: -len(".weight_scale")] not in self.quantized and k[: -len("_scale")] in self._file_of
+                     and not Weights.stored_dtype(self, k[: -len("_scale")]).is_floating_point}
+        self.quantized |= self.int8
         for name in self.quantized:
             if ct_module_grid(self.qcfg, name) is None:
                 raise TasaError(f"{self.path}: no config group of quantization_config targets {name}")
 
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(super().keys()))  # an int-quantized NAME.weight is stored under its own name
+
     def dequantize(self, name: str) -> torch.Tensor:
-        bits, sym, group_size = ct_module_grid(self.qcfg, name)
-        return ct_dequantize(self._packed(name), name, bits, sym, group_size)
+        bits, sym, group_size, fmt = ct_module_grid(self.qcfg, name)
+        return ct_dequantize(self._packed(name), name, bits, sym, group_size, fmt)
 
     def shape(self, key: str) -> tuple[int, ...]:
         name = self._quantized(key)
         if name is None:
             return super().shape(key)
+        if name in self.int8:
+            return Weights.shape(self, key)
         return tuple(int(x) for x in Weights.raw(self, f"{name}.weight_shape"))
 
 

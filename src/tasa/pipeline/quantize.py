@@ -157,6 +157,8 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
                         meta={"model": model})
     if spec.learn_rounding and any(qs.super_group and not qs.sym for qs in the_plan.modules.values()):
         raise TasaError(LEARNED_ASYM_TWO_LEVEL)  # before any work
+    if export.w8a8:
+        the_plan = _w8a8_plan(the_plan, export)
     packed: dict = {}
     packer = qcfg = None
     if rules is not None:
@@ -182,8 +184,9 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
             packer = lambda n, r: pack_result(n, r, fmt)  # noqa: E731
         else:
-            qcfg = ct.quantization_config(the_plan, linears, names)
-            packer = lambda n, r: ct.pack_result(n, r, the_plan.modules[n].sym)  # noqa: E731
+            qcfg = ct.quantization_config(the_plan, linears, names, export.w8a8)
+            packer = lambda n, r: ct.pack_result(n, r, the_plan.modules[n].sym,  # noqa: E731
+                                                 export.w8a8 and the_plan.modules[n].bits == 8)
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
@@ -228,6 +231,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "data": store.fingerprint(),
             **bits_summary(the_plan, arch, dtype_name(lm.model)),
             "format": export.format,
+            **({"w8a8": sorted(n for n, qs in the_plan.modules.items() if qs.bits == 8)} if export.w8a8 else {}),
             "target": target if export.format != "fp" else None,
             "streamed": arch.streamer is not None,
             "seconds": {"load_and_data": t_load, "quantize": report.seconds},
@@ -261,6 +265,21 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantizeResult(out, record)
+
+
+def _w8a8_plan(plan: Plan, export: ExportSpec) -> Plan:
+    """``plan`` with its 8-bit modules on the grid W8A8 stores: symmetric, one scale per output channel (the
+    quantizer's options kept); an error when there is none or one is asymmetric."""
+    if export.format != "compressed-tensors":
+        raise TasaError(f"--w8a8 is a compressed-tensors scheme, not one of {export.format} checkpoints")
+    eight = [n for n, qs in plan.modules.items() if qs.bits == 8]
+    if not eight:
+        raise TasaError("--w8a8 writes the plan's 8-bit modules as W8A8, but it has none")
+    asym = [n for n in eight if not plan.modules[n].sym]
+    if asym:
+        raise TasaError(f"{asym[0]}: W8A8 weights are symmetric; this 8-bit grid is asymmetric")
+    return dataclasses.replace(plan, modules={n: dataclasses.replace(qs, group_size=-1) if qs.bits == 8 else qs
+                                              for n, qs in plan.modules.items()})
 
 
 def _hf_dir(model: str | LoadedModel) -> Path:
