@@ -205,3 +205,17 @@ def test_w8a8_refusals(tmp_path):
     with pytest.raises(TasaError, match="m: W8A8 stores 8-bit symmetric per-channel weights, not this 8-bit grid "
                                         "of 2 group"):
         pack_result("m", r, True, w8a8=True)
+    from tasa.config import QuantizeSpec, Runtime
+    from tasa.pipeline import quantize
+    from tests.conftest import byte_tokenizer
+
+    src = tmp_path / "src"
+    tiny_llama(layers=2, hidden=64).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    with pytest.raises(TasaError, match="--w8a8 writes the plan's 8-bit modules as W8A8, but it has none"):
+        quantize(str(src), tmp_path / "q", QuantizeSpec(method="rtn", bits=4, group_size=32),
+                 export=ExportSpec("compressed-tensors", "vllm", w8a8=True), runtime=Runtime(progress=False))
+    with pytest.raises(TasaError, match="W8A8 weights are symmetric; this 8-bit grid is asymmetric"):
+        quantize(str(src), tmp_path / "q", QuantizeSpec(method="rtn", bits=8, group_size=32, sym=False),
+                 export=ExportSpec("compressed-tensors", "vllm", w8a8=True), runtime=Runtime(progress=False))
+    assert not (tmp_path / "q").exists()
