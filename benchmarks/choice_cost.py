@@ -12,8 +12,9 @@ log-likelihoods and the per-token KL on its choices' tokens.  Two per-item costs
 For k = 49 (the items of `tasa run`'s 768-token profile), 98 and 160, over 200 random draws of k items: Kendall tau
 between each cost's layer ranking on the k items and the kl ranking on the *other* 472 - k items (held-out
 truth: how well a k-item profile predicts the answer-distribution damage), and each cost's split-half stability
-(tasa's own statistic, 20 random halves) on the k items.  Also both on the first 49 items, which are exactly the
-items `tasa run`'s profile draws (rows are taken in one seeded order until the token budget is met).
+(tasa's own statistic, 20 random halves) on the k items.  Also both on the 49 items `tasa run`'s 768-token
+profile draws (rows are taken in one seeded order until the token budget is met, so they are among the 472;
+found by their tokens, as objectives order items by length).
 """
 from __future__ import annotations
 
@@ -34,9 +35,15 @@ SIZES = (49, 98, 160)
 DRAWS = 200
 
 
-def probe_costs(out: Path, bits: tuple[int, ...]) -> tuple[dict, float]:
+def _rows(obj) -> list[tuple]:
+    """Each item's tokens up to its last scored one (its last choice's end: padding dropped), to find one
+    objective's items in another's."""
+    return [tuple(ids[: int(mask.nonzero().max()) + 1].tolist()) for ids, mask in zip(obj.input_ids, obj.score_mask)]
+
+
+def probe_costs(out: Path, bits: tuple[int, ...]) -> tuple[dict, float, list[int]]:
     """{bits: (kl (items, layers), token-kl (items, layers))} from the profile in ``out`` (made or resumed now by
-    the tasa CLI), and the profile's probe seconds."""
+    the tasa CLI), the profile's probe seconds, and the indices of `tasa run`'s 49 items among them."""
     import numpy as np
 
     from tasa.artifacts import read_json
@@ -56,13 +63,16 @@ def probe_costs(out: Path, bits: tuple[int, ...]) -> tuple[dict, float]:
                           max_length=lm.max_length, choice_cost="kl")
     res = run_probes(lm.model, resolve(lm.model), [obj], spec,  # every probe read back from the store
                      store=ProbeStore(out, read_json(out / "probe_settings.json")), progress=False)
+    where = {r: i for i, r in enumerate(_rows(obj))}
+    run_items = [where[r] for r in _rows(build_objective("arc_easy", lm.tokenizer, min_tokens=768,
+                                                          seqlen=spec.probe_seqlen, seed=0, max_length=lm.max_length))]
     base = res.base["arc_easy"].choice_logp
     costs = {}
     for b in bits:
         probes = [res.probes[(u.name, b)]["arc_easy"] for u in res.units]
         costs[b] = (np.stack([choice_kl(base, p.choice_logp).numpy() for p in probes], 1),
                     np.stack([p.kl.numpy() for p in probes], 1))  # per-item sums: a mean per token over items
-    return costs, seconds
+    return costs, seconds, run_items
 
 
 def main() -> None:
@@ -75,7 +85,7 @@ def main() -> None:
 
     bits = tuple(int(b) for b in args.bits.split(","))
     t0 = time.perf_counter()
-    costs, probe_seconds = probe_costs(WORK / BENCH, bits)
+    costs, probe_seconds, run_items = probe_costs(WORK / BENCH, bits)
     rows = []
     for b in bits:
         kl, tok = costs[b]
@@ -98,10 +108,11 @@ def main() -> None:
                     "items": k, "heldout_items": n - k, "draws": DRAWS,
                     "tau_vs_heldout_kl_mean": float(np.mean(taus[c])), "tau_vs_heldout_kl_sd": float(np.std(taus[c])),
                     "split_half_stability_mean": float(np.mean(stab[c]))}, None))
-        first, rest = np.arange(49), np.arange(49, n)
+        first = np.array(run_items)
+        rest = np.setdiff1d(np.arange(n), first)
         for c, m in ranked.items():
             rows.append(row(f"arc_easy-{c}-w{b}-run-items", "tasa", f"rtn-probe/{c}", b, 64, None, {
-                "items": 49, "heldout_items": n - 49,
+                "items": len(first), "heldout_items": len(rest),
                 "tau_vs_heldout_kl": kendall_tau(m[first].sum(0), kl[rest].mean(0)),
                 "split_half_stability": split_half_tau(m[first]),
                 "split_half_stability_all_items": split_half_tau(m),

@@ -407,7 +407,7 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
             engine = json.loads((work / f"llama-{name}.json").read_text())
             metrics.update(loaded=True, vs_tasa_float32=compare(engine, tasa_logprobs(path, wins, "float32")))
             metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
-        if name in ("w4", "w4-asym", "tasa-3.5-servable", "llama-imatrix-same-types"):
+        if name in ("tasa-3.5-servable", "llama-imatrix-same-types"):
             metrics.update(gguf_quality(path, work, limit))
         bits = json.loads((out / "quantize.json").read_text())["average_bits"] if out else None
         rows.append(row(f"llama.cpp-gguf-{name}", f"llama-cpp-python {LLAMA_CPP_PYTHON.split('==')[1]}", "gguf",
