@@ -109,9 +109,9 @@ def _q6_k(codes: np.ndarray, k: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def _k_scales_mins(k: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales k and mins j (rows, nb, 8): the low 6 bits of scale/min i < 4
-    in bytes i / 4 + i, those of i >= 4 as nibbles of byte 4 + i, their top 2 bits in the top of bytes i - 4
-    and i."""
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales k and mins j (rows, nb, 8): for i < 4, scale i in the low 6
+    bits of byte i and min i in those of byte 4 + i; for i >= 4, the low 4 bits of scale i and min i as the low
+    and high nibbles of byte 4 + i, and their top 2 bits in the top 2 of bytes i - 4 (scale) and i (min)."""
     k, j = k.astype(np.uint8), j.astype(np.uint8)
     out = np.empty((*k.shape[:2], 12), dtype=np.uint8)
     out[..., 0:4] = k[..., :4] | ((k[..., 4:] >> 4) << 6)
