@@ -346,6 +346,7 @@ def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_p
     types = out.record["gguf_types"]
     assert {t for n, t in types.items() if "ffn_down" in n} == {"Q4_K"}
     assert {t for n, t in types.items() if "ffn_down" not in n} == {"Q4_0"}
+    assert out.record["quant_spec"] is None and out.record["plan_bits"] == [4]  # two grids: no one quant_spec
     arch = resolve(load(str(src)).model)
     tgt = TARGETS["llama.cpp"]
     modules = {m.name: tgt.spec((2 if m.layer == 0 else 5) if "down_proj" in m.name else 8, 0, False,

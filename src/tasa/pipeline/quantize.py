@@ -214,7 +214,9 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "model": model,
             "method": method,
             "quantizer": dataclasses.replace(spec, method=method).quantizer,
-            "quant_spec": the_plan.modules[arch.modules[0].name].to_dict() if plan_obj is None else None,
+            # the one grid of a uniform quantization (None for a plan, or where the target's grid varies by width)
+            "quant_spec": (the_plan.modules[arch.modules[0].name].to_dict()
+                           if plan_obj is None and len(set(the_plan.modules.values())) == 1 else None),
             "plan_bits": sorted({qs.bits for qs in the_plan.modules.values()}),
             "calib": calib_spec.describe() if calib_spec else None,
             "calib_counts": calib_counts,
