@@ -87,8 +87,9 @@ class Target:
         """Whether ``bits``-bit weights of modules with these input widths are servable (unknown widths: yes)."""
         if self.grids is None:
             return True
-        grids = [self.grid(bits, sym, w) for w in in_features or (None,)]
-        return all(g is not None and (w is None or g.fits_width(w)) for g, w in zip(grids, in_features or (None,)))
+        if not in_features:
+            return self.grid(bits, sym) is not None
+        return all((g := self.grid(bits, sym, w)) is not None and g.fits_width(w) for w in in_features)
 
     def spec(self, bits: int, group_size: int, sym: bool = True, width: int | None = None) -> QuantSpec:
         """The grid a plan for this target quantizes ``bits``-bit modules of ``width`` inputs on."""

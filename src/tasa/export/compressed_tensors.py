@@ -166,8 +166,8 @@ def quantization_config(plan: Plan, all_linears: list[str], names: dict[str, str
         if spec.act_order and not spec.static_groups:
             raise TasaError(f"{name}: act-order groups cannot be written as compressed-tensors (export --format gptq)")
         int8 = w8a8 and spec.bits == 8
-        if int8 and w8a8_ok(spec):
-            raise TasaError(f"{name}: {w8a8_ok(spec)}, not groups of {spec.group_size}")
+        if int8 and (why := w8a8_ok(spec)):
+            raise TasaError(f"{name}: {why}, not groups of {spec.group_size}")
         by_grid[(spec.bits, spec.group_size, spec.sym, int8)].append(name)
     stored = {n: checkpoint_key(names or {}, f"{n}.weight")[: -len(".weight")] for n in all_linears}
     groups = {}

@@ -166,16 +166,23 @@ def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = N
     return (_q3_k if type_name == "Q3_K" else _q6_k)(codes, k, d)
 
 
-def tensor_map(model, reader) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
-    """For every linear weight of ``model`` the GGUF file read by ``reader`` (a gguf.GGUFReader) holds:
-    {module name: GGUF tensor name} and {module name: GGUF row order (None: the same)}, by transformers' GGUF
-    loader's own name map and tensor processor (what it does to a tensor's rows on loading, undone)."""
+def weights_map(model, reader) -> tuple[object, dict[str, str]]:
+    """transformers' GGUF loader for ``model`` and the GGUF file read by ``reader``: its tensor processor (what it
+    does to a tensor on loading) and {GGUF tensor name: the model's parameter name}."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    return processor, get_gguf_hf_weights_map(model, processor)
+
+
+def tensor_map(model, reader) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
+    """For every linear weight of ``model`` the GGUF file read by ``reader`` (a gguf.GGUFReader) holds:
+    {module name: GGUF tensor name} and {module name: GGUF row order (None: the same)}, by transformers' GGUF
+    loader's own name map and tensor processor (what it does to a tensor's rows on loading, undone)."""
+    processor, hf_names = weights_map(model, reader)
     names, orders = {}, {}
-    for gname, hf in get_gguf_hf_weights_map(model, processor).items():
+    for gname, hf in hf_names.items():
         if not hf.endswith(".weight"):
             continue
         module = hf[: -len(".weight")]

@@ -128,7 +128,7 @@ def check_template(model: torch.nn.Module, reader, names: dict[str, str], descri
     """An error naming the first tensor of the template ``reader`` that is not ``model``'s: a linear's shape
     (``names``: tasa.export.gguf.tensor_map's), or the values of a float tensor outside the decoder layers.
     ``held(module)``: a context in which a module's weights are resident (a streamed model's reads them)."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from tasa.export.gguf import weights_map
 
     tensors = {t.name: t for t in reader.tensors}
     for module, gname in sorted(names.items()):
@@ -140,10 +140,8 @@ def check_template(model: torch.nn.Module, reader, names: dict[str, str], descri
         if shape != tuple(weight.shape):
             raise TasaError(f"{described} is not this model's GGUF: {gname} is {shape[0]} x {shape[1]}, "
                             f"{module} {weight.shape[0]} x {weight.shape[1]}")
-    arch = reader.fields["general.architecture"].contents()
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
     params = dict(model.named_parameters(remove_duplicate=False))
-    for gname, hf in sorted(get_gguf_hf_weights_map(model, processor).items()):
+    for gname, hf in sorted(weights_map(model, reader)[1].items()):
         t = tensors.get(gname)
         if t is None or gname.startswith("blk.") or t.tensor_type.name not in FLOAT_TYPES or hf not in params:
             continue
