@@ -55,6 +55,25 @@ def _source(model_dir):
     return ModelSource(str(model_dir), "float32", gpu=False, stream=False, tie_experts=True)
 
 
+def _killing(base, after: int, worker: int, seen: dict):
+    """``base`` (a Ray probe runner) whose ``worker``-th actor is SIGKILLed right after the ``after``-th probe is
+    submitted; ``seen`` records the killed pid ("killed") and, at close, the pool's pids ("after")."""
+
+    class Killing(base):
+        def submit(self, job):
+            super().submit(job)
+            seen["submitted"] = seen.get("submitted", 0) + 1
+            if seen["submitted"] == after:
+                seen["killed"] = self.pool.pids[worker]
+                os.kill(self.pool.pids[worker], signal.SIGKILL)
+
+        def close(self):
+            seen["after"] = self.pool.call_all("pid")
+            super().close()
+
+    return Killing
+
+
 def test_distributed_profile_equals_serial(cluster, model_dir, tiny_data, tmp_path, monkeypatch):
     from tasa import pipeline
     from tasa.config import AllocationSpec
@@ -98,23 +117,11 @@ def test_worker_killed_mid_profile_changes_nothing(cluster, model_dir, tiny_data
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     serial = run_probes(lm.model, arch, objs, spec, calib_ids=calib, progress=False)
     seen: dict = {}
-
-    class Killing(RayProbes):
-        def submit(self, job):
-            super().submit(job)
-            seen["submitted"] = seen.get("submitted", 0) + 1
-            if seen["submitted"] == 3:
-                seen["killed"] = self.pool.pids[0]
-                os.kill(self.pool.pids[0], signal.SIGKILL)
-
-        def close(self):
-            seen["pids_after"] = self.pool.call_all("pid")
-            super().close()
-
+    Killing = _killing(RayProbes, after=3, worker=0, seen=seen)
     store = ProbeStore(tmp_path, {"test": 1})
     runner = functools.partial(Killing, cluster=cluster, model=_source(model_dir))
     res = run_probes(lm.model, arch, objs, spec, store=store, calib_ids=calib, progress=False, runner=runner)
-    assert seen["killed"] not in seen["pids_after"] and len(seen["pids_after"]) == 2  # restarted, not lost
+    assert seen["killed"] not in seen["after"] and len(seen["after"]) == 2  # restarted, not lost
     assert res.probes.keys() == serial.probes.keys() and len(res.probes) == 63
     assert len(list((tmp_path / "probes").glob("*.json"))) == 63
     # float32 sums in another order (1 thread in a worker, the test's threads here; Hessians and GPTQ too): a
@@ -191,18 +198,8 @@ def test_pipeline_placement_gives_the_task_placements_probes(cluster, model_dir,
         torch.testing.assert_close(two.probes[k]["arc_easy"].choice_logp, res.probes[k]["arc_easy"].choice_logp,
                                    rtol=1e-5, atol=2e-6)
     seen: dict = {}
-
-    class Killing(RayPipeline):  # the last stage SIGKILLed after the 5th probe is submitted: restarted, retried
-        def submit(self, job):
-            super().submit(job)
-            seen["n"] = seen.get("n", 0) + 1
-            if seen["n"] == 5:
-                seen["killed"] = self.pool.pids[1]
-                os.kill(self.pool.pids[1], signal.SIGKILL)
-
-        def close(self):
-            seen["after"] = self.pool.call_all("pid")
-            super().close()
+    # the last stage SIGKILLed after the 5th probe is submitted: restarted, retried
+    Killing = _killing(RayPipeline, after=5, worker=1, seen=seen)
 
     killed = run_probes(lm.model, arch, objs, spec, progress=False,
                         runner=functools.partial(Killing, cluster=cluster, model=source))
