@@ -16,6 +16,16 @@ from tasa.config import QuantSpec
 from tasa.schemas import PLAN_VERSION
 from tasa.errors import TasaError
 
+ROLES = ("gate_proj", "up_proj", "down_proj")  # the linears of a routed expert (tasa.models.moe)
+
+
+def expert_container(local: str) -> str | None:
+    """The local name of the RoutedExperts list a linear belongs to (``mlp.experts`` for
+    ``mlp.experts.3.down_proj``), else None."""
+    parts = local.split(".")
+    if len(parts) >= 3 and parts[-2].isdigit() and parts[-1] in ROLES:
+        return ".".join(parts[:-2])
+    return None
 
 
 @dataclass

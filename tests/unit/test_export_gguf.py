@@ -144,12 +144,18 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 128):
     """A tiny random LLaMA (hidden 128, MLP 256: the down projection can take the K types) as a GGUF file with a
     byte-level BPE tokenizer, written by gguf-py the way llama.cpp's converter lays LLaMA out (q/k rows
     permuted)."""
+    return write_gguf(tiny_llama(seed=seed, hidden=hidden), path, "llama")
+
+
+def write_gguf(model, path, arch: str):
+    """``model`` (LLaMA, or a transformers-5 mixture of experts: Mixtral as llama.cpp's ``llama``, Qwen3-MoE as
+    ``qwen3moe``) as a float32 GGUF laid out as llama.cpp's converter does it: q/k rows permuted for ``llama``, a
+    layer's routed experts one (experts, rows, columns) tensor per projection, the router ``ffn_gate_inp``."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    model = tiny_llama(seed=seed, hidden=hidden)
     cfg = model.config
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -159,6 +165,10 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 128):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
     tokens = sorted(ByteLevel.alphabet()) + ["<s>", "</s>", "<unk>", "<pad>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -169,11 +179,18 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 128):
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     cfg.num_hidden_layers)
     for key, t in model.state_dict().items():
-        name = names.get_name(key[: -len(".weight")]) + ".weight"
         a = t.numpy()
-        if ".attn_q." in name or ".attn_k." in name:  # llama.cpp's convert_hf_to_gguf permute
+        if key.endswith("experts.gate_up_proj"):  # (experts, 2 x intermediate, hidden): gate rows, then up rows
+            half = a.shape[1] // 2
+            for role, part in (("gate_proj", a[:, :half]), ("up_proj", a[:, half:])):
+                w.add_tensor(names.get_name(key.replace("gate_up_proj", role)) + ".weight", np.ascontiguousarray(part))
+            continue
+        stem, suffix = key.rsplit(".", 1) if key.endswith(".weight") else (key, "")
+        name = names.get_name(stem) + (f".{suffix}" if suffix else ".weight")
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):  # llama.cpp's convert_hf_to_gguf permute
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
         w.add_tensor(name, np.ascontiguousarray(a))
@@ -364,3 +381,63 @@ def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_p
     want = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).state_dict()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+# ---- mixture of experts: a layer's routed experts of one projection are one 3-D GGUF tensor of one type ----------
+
+@pytest.mark.parametrize("kind,arch", [("mixtral", "llama"), ("qwen3_moe", "qwen3moe")])
+def test_moe_experts_are_stacked_into_one_tensor_per_projection_of_one_type(tmp_path, monkeypatch, data_dir, kind,
+                                                                            arch):
+    """A tiny Mixtral (llama.cpp's ``llama``) and Qwen3-MoE with a GGUF template: each layer's experts written as
+    ``ffn_{gate,up,down}_exps`` (experts, rows, columns) at the layer's type, gguf-py's dequantization of every
+    expert equal to tasa's weights; streamed, the same bytes; experts of one projection on two grids refused by the
+    rules (at allocation and export)."""
+    from tasa.models import load, resolve
+    from tasa.pipeline.quantize import quantize
+    from tasa.plan import Plan
+    from tests.conftest import byte_tokenizer
+    from tests.unit.test_moe import tiny_moe
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_moe(kind)
+    hf = tmp_path / kind
+    model.save_pretrained(hf)
+    byte_tokenizer().save_pretrained(hf)
+    template = write_gguf(model, tmp_path / f"{kind}.gguf", arch)
+    arch_ = resolve(load(str(hf)).model)
+    tgt = TARGETS["llama.cpp"]
+    modules = {m.name: tgt.spec(8 if "self_attn" in m.name else (4 if m.layer == 0 else 8), 0) for m in arch_.modules}
+    Plan(modules, method="gptq", meta={"target": "llama.cpp"}).save(tmp_path / "plan.json")
+    calib = CalibSpec.parse("wikitext2", nsamples=4, seqlen=32)
+    export = ExportSpec(format="gguf", gguf_template=str(template))
+    got = quantize(str(hf), tmp_path / "q", plan=tmp_path / "plan.json", calib=calib, export=export)
+    fp = quantize(str(hf), tmp_path / "fp", plan=tmp_path / "plan.json", calib=calib,
+                  export=ExportSpec(format="fp", float_dtype="float32"))
+    reader = gguf.GGUFReader(got.output_dir / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type.name == "Q4_0"
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q8_0"
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"  # the router: the template's own
+    assert not any(".experts." in n or n.startswith("blk.0.ffn_gate.") for n in tensors)
+    want = load(str(fp.output_dir)).model
+    for layer in range(2):
+        for role, short in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            t = tensors[f"blk.{layer}.ffn_{short}_exps.weight"]
+            deq = gguf.quants.dequantize(t.data, t.tensor_type).reshape(4, *t.data.shape[1:-1], -1)
+            for e in range(4):
+                ref = want.get_submodule(f"model.layers.{layer}.mlp.experts.{e}.{role}").weight
+                assert np.array_equal(deq[e], ref.detach().numpy()), (layer, role, e)
+    assert got.record["gguf_types"]["blk.1.ffn_up_exps.weight"] == "Q8_0"
+    streamed = quantize(str(hf), tmp_path / "s", plan=tmp_path / "plan.json", calib=calib, export=export,
+                        runtime=Runtime(stream="on"))
+    assert (streamed.output_dir / "model.gguf").read_bytes() == (got.output_dir / "model.gguf").read_bytes()
+
+    mixed = dict(modules)
+    mixed["model.layers.0.mlp.experts.1.up_proj"] = tgt.spec(8, 0)
+    rule = r"model.layers.0.mlp.experts.\*.up_proj: routed experts on different grids \(4-bit, 8-bit\), but llama.cpp"
+    with pytest.raises(TasaError, match=rule):
+        check_servable(mixed, tgt, [])
+    Plan(mixed, method="rtn", meta={"target": "llama.cpp"}).save(tmp_path / "mixed.json")
+    with pytest.raises(TasaError, match=rule):
+        quantize(str(hf), tmp_path / "m", plan=tmp_path / "mixed.json", export=export)
+    assert not (tmp_path / "m").exists()

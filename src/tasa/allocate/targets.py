@@ -12,7 +12,7 @@ which refuses a plan the target cannot serve and names the module and the rule.
 | ``vllm-gptq`` | gptq | 4, 8 | symmetric | tied |
 | ``sglang`` | gptq | 4, 8 | symmetric | tied |
 | ``compressed-tensors`` | compressed-tensors | 2 to 8 | symmetric or not | free |
-| ``llama.cpp`` | gguf | 2, 3, 4, 5, 6, 8 | its GGML types' grids: one symmetric per bit-width but 2, one asymmetric at 2, 4, 5 | free |
+| ``llama.cpp`` | gguf | 2, 3, 4, 5, 6, 8 | its GGML types' grids: one symmetric per bit-width but 2, one asymmetric at 2, 4, 5 | free; a layer's experts of one projection tied |
 
 - ``gptqmodel``: with mixed bit-widths GPTQModel runs every module on its plain
   Torch kernel (``BACKEND.TORCH``), since its fast kernels take one bit-width per model.
@@ -23,7 +23,8 @@ which refuses a plan the target cannot serve and names the module and the rule.
   a layer's routed experts into one fused MoE), so the members of a fusion group
   share one grid; their group sizes are -1, 32, 64 or 128.
 - ``compressed-tensors``: the format's own limits, for other loaders.
-- ``llama.cpp``: a GGML type per tensor; tasa quantizes each bit-width on the grid of one type, so the GGUF holds
+- ``llama.cpp``: a GGML type per tensor (a layer's routed experts of one projection are one 3-D tensor, so they
+  share one type: ``--tie-experts``, the default, ties them); tasa quantizes each bit-width on the grid of one type, so the GGUF holds
   its codes exactly (:data:`LLAMA_CPP_GRIDS`: Q3_K, Q4_0, Q5_0, Q6_K, Q8_0; asymmetric, for a plan made with
   ``--asym``, :data:`LLAMA_CPP_ASYM_GRIDS`: Q2_K, Q4_K, Q5_K, the other bit-widths of such a plan on the
   symmetric types).  The K types work on 256-column super-blocks, so they need input widths that are multiples of
@@ -39,6 +40,7 @@ from typing import Mapping, Sequence
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.plan import expert_container
 
 
 # llama.cpp's types that hold a tasa grid exactly: bits -> (grid, GGML type, bits per weight with block scales)
@@ -71,6 +73,7 @@ class Target:
     grids: Mapping[int, QuantSpec] | None = None  # the one (symmetric) grid served at each bit-width (None: any)
     bits_per_weight: Mapping[int, float] | None = None  # storage per weight, scales included (None: by the grid)
     asym_grids: Mapping[int, QuantSpec] | None = None  # with ``grids``: the asymmetric grid served at a bit-width
+    stacked_experts: bool = False  # a layer's routed experts of one projection are one tensor: one grid
 
     def grid(self, bits: int, sym: bool = True, width: int | None = None) -> QuantSpec | None:
         """The one grid this target serves ``bits``-bit weights of ``width`` input features on (None: any width):
@@ -123,7 +126,7 @@ TARGETS: dict[str, Target] = {
                         grids={b: g for b, (g, _, _) in LLAMA_CPP_GRIDS.items()},
                         bits_per_weight={b: bpw for table in (LLAMA_CPP_ASYM_GRIDS, LLAMA_CPP_GRIDS)
                                          for b, (_, _, bpw) in table.items()},
-                        asym_grids={b: g for b, (g, _, _) in LLAMA_CPP_ASYM_GRIDS.items()}),
+                        asym_grids={b: g for b, (g, _, _) in LLAMA_CPP_ASYM_GRIDS.items()}, stacked_experts=True),
 }
 # another format of a target's engine: its rules there
 _BY_FORMAT = {("vllm", "gptq"): "vllm-gptq", ("vllm-gptq", "compressed-tensors"): "vllm",
@@ -190,6 +193,8 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
         if target.group_sizes is not None and s.group_size not in target.group_sizes:
             out.append(f"{name}: group size {s.group_size}, but {target.name} serves group sizes "
                        f"{', '.join(map(str, target.group_sizes))}")
+    if target.stacked_experts:
+        out += _mixed_expert_stacks(modules, target)
     if target.tie_fused:
         for group in fusion_groups:
             present = [m for m in group if m in modules]
@@ -201,6 +206,24 @@ def violations(modules: Mapping[str, QuantSpec], target: Target, fusion_groups: 
                 detail = ", ".join(f"{m.rsplit('.', 1)[-1]}={modules[m].bits}b" for m in present)
                 out.append(f"{group[0].rsplit('.', 1)[0]}: fusion group with different grids ({detail}), but "
                            f"{target.name} fuses them into one matmul and needs one bit-width")
+    return out
+
+
+def _mixed_expert_stacks(modules: Mapping[str, QuantSpec], target: Target) -> list[str]:
+    """One line per layer and projection whose routed experts (``...experts.{e}.{role}``) the plan puts on more
+    than one grid."""
+    stacks: dict[str, dict[str, QuantSpec]] = {}
+    for name, s in modules.items():
+        container = expert_container(name)
+        if container is not None:
+            stacks.setdefault(f"{container}.*.{name.rsplit('.', 1)[-1]}", {})[name] = s
+    out = []
+    for stack, members in sorted(stacks.items()):
+        grids = sorted({(s.bits, s.sym) for s in members.values()})
+        if len(grids) > 1:
+            held = ", ".join(f"{b}-bit{'' if sym else ' asymmetric'}" for b, sym in grids)
+            out.append(f"{stack}: routed experts on different grids ({held}), but {target.name} stores a layer's "
+                       "experts of one projection as one tensor of one type (allocate with --tie-experts)")
     return out
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from tasa import __version__
 from tasa.allocate.targets import LLAMA_CPP_ASYM_GRIDS, LLAMA_CPP_GRIDS, TARGETS, violations
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.plan import expert_container
 from tasa.quantized import QuantResult
 
 
@@ -168,18 +170,34 @@ def encode(result: QuantResult, type_name: str, row_order: np.ndarray | None = N
 
 def weights_map(model, reader) -> tuple[object, dict[str, str]]:
     """transformers' GGUF loader for ``model`` and the GGUF file read by ``reader``: its tensor processor (what it
-    does to a tensor on loading) and {GGUF tensor name: the model's parameter name}."""
+    does to a tensor on loading) and {GGUF tensor name: the model's parameter name}.  The file's architecture
+    names the tensors (a Mixtral GGUF is llama.cpp's ``llama`` with expert tensors)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-    return processor, get_gguf_hf_weights_map(model, processor)
+    try:
+        return processor, get_gguf_hf_weights_map(model, processor, model_type=arch)
+    except NotImplementedError:
+        raise TasaError(f"GGUF architecture {arch!r} is unknown to this gguf package") from None
 
 
-def tensor_map(model, reader) -> tuple[dict[str, str], dict[str, np.ndarray | None]]:
-    """For every linear weight of ``model`` the GGUF file read by ``reader`` (a gguf.GGUFReader) holds:
-    {module name: GGUF tensor name} and {module name: GGUF row order (None: the same)}, by transformers' GGUF
-    loader's own name map and tensor processor (what it does to a tensor's rows on loading, undone)."""
+class TensorMap(NamedTuple):
+    """Where each linear of a model is in a GGUF file: ``names`` {module: GGUF tensor name}; ``orders`` {module:
+    GGUF row order, None where the same}; ``experts`` {module: its index in the 3-D tensor ``names`` gives}, for
+    the routed experts (llama.cpp stores a layer's experts of one projection as one (experts, rows, columns)
+    tensor, ``blk.N.ffn_{gate,up,down}_exps``)."""
+
+    names: dict[str, str]
+    orders: dict[str, np.ndarray | None]
+    experts: dict[str, int]
+
+
+def tensor_map(model, reader) -> TensorMap:
+    """For every linear weight of ``model`` the GGUF file read by ``reader`` (a gguf.GGUFReader) holds, where it is
+    (:class:`TensorMap`), by transformers' GGUF loader's own name map and tensor processor (what it does to a
+    tensor's rows on loading, undone), and for routed experts (tasa.models.moe: ``...experts.{e}.{role}``) by
+    gguf-py's name map of the file's architecture (the expert list's ``...experts.{role}`` is its 3-D tensor)."""
     processor, hf_names = weights_map(model, reader)
     names, orders = {}, {}
     for gname, hf in hf_names.items():
@@ -198,7 +216,34 @@ def tensor_map(model, reader) -> tuple[dict[str, str], dict[str, np.ndarray | No
         names[module] = gname
         # loading puts GGUF row moved[i] at row i; writing puts row i at GGUF row moved[i]
         orders[module] = None if np.array_equal(moved, probe.reshape(-1)) else np.argsort(moved.astype(np.int64))
-    return names, orders
+    experts = {}
+    stacked = _expert_names(model, reader)
+    for module, (gname, index) in stacked.items():
+        names[module], orders[module], experts[module] = gname, None, index
+    return TensorMap(names, orders, experts)
+
+
+def _expert_names(model, reader) -> dict[str, tuple[str, int]]:
+    """{routed-expert linear: (its layer's 3-D GGUF tensor, its index there)} by gguf-py's name map."""
+    import gguf
+
+    arch = reader.fields["general.architecture"].contents()
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        return {}
+    name_map = gguf.get_tensor_name_map(by_name[arch], model.config.num_hidden_layers)
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        container = expert_container(name)
+        if container is None:
+            continue
+        index, role = name.split(".")[-2:]
+        stacked = name_map.get_name(f"{container}.{role}")
+        if stacked is not None:
+            out[name] = (stacked + ".weight", int(index))
+    return out
 
 
 def copy_metadata(reader, writer, values: dict | None = None, skip: tuple[str, ...] = ()) -> None:
@@ -221,45 +266,70 @@ def _is_linear(model, module: str) -> bool:
         return False
 
 
-def plan_types(plan: dict[str, QuantSpec], names: dict[str, str], source_name: str) -> dict[str, str]:
-    """{module: GGML type} of every planned module; an error for a grid no type holds or a module the source GGUF
-    (``names``: tensor_map's) has no tensor for."""
+def plan_types(plan: dict[str, QuantSpec], tmap: TensorMap, source_name: str) -> dict[str, str]:
+    """{module: GGML type} of every planned module; an error for a grid no type holds, a module the source GGUF
+    (``tmap``: tensor_map's) has no tensor for, or routed experts that one GGUF tensor holds quantized in part or
+    with more than one type."""
     types = {m: ggml_type(s) for m, s in plan.items()}
-    missing = sorted(set(plan) - set(names))
+    missing = sorted(set(plan) - set(tmap.names))
     if missing:
         raise TasaError(f"{missing[0]} has no tensor in {source_name} (GGUF export writes the linears the source "
                         "GGUF holds)")
+    stacks: dict[str, list[str]] = {}
+    for module in tmap.experts:
+        stacks.setdefault(tmap.names[module], []).append(module)
+    for gname, members in sorted(stacks.items()):
+        held = sorted({types.get(m, "unquantized") for m in members})
+        if len(held) > 1:
+            raise TasaError(f"{gname}: llama.cpp stores the {len(members)} routed experts of this projection as "
+                            f"one tensor of one type, but the plan gives them {', '.join(held)} (allocate with "
+                            "--tie-experts, the default)")
     return types
 
 
 class GgufWriter:
     """A GGUF file: the quantized linears as they finish (spooled to a temporary file), then every other tensor
     and all metadata from the source GGUF ``reader`` reads.  The interface of tasa.export.writer.CheckpointWriter.
-    ``types``: plan_types'; ``names``, ``orders``: tensor_map's."""
+    ``types``: plan_types'; ``tmap``: tensor_map's.  A layer's routed experts of one projection are written as
+    one 3-D tensor, stacked in expert order."""
 
-    def __init__(self, path: Path, reader, types: dict[str, str], names: dict[str, str],
-                 orders: dict[str, np.ndarray | None]):
+    def __init__(self, path: Path, reader, types: dict[str, str], tmap: TensorMap):
         import gguf
 
-        self.path, self.reader, self.types, self.names, self.orders = Path(path), reader, types, names, orders
+        self.path, self.reader, self.types, self.tmap = Path(path), reader, types, tmap
         self.writer = gguf.GGUFWriter(self.path, reader.fields["general.architecture"].contents(), use_temp_file=True)
         self.written: set[str] = set()
         self.packed_bytes = 0
         self.tensor_types: dict[str, str] = {}
+        self.expert_counts = {t.name: int(t.shape[-1]) for t in reader.tensors if len(t.shape) == 3}
 
     def pack(self, name: str, result: QuantResult) -> dict:
         """The on_result packer: {module: (GGUF bytes, type)}."""
-        return {name: (encode(result, self.types[name], self.orders[name]), self.types[name])}
+        return {name: (encode(result, self.types[name], self.tmap.orders[name]), self.types[name])}
 
     def add_layer(self, index: int, layer, packed: dict) -> None:
+        stacks: dict[str, dict[int, tuple[np.ndarray, str]]] = {}
+        for module, (data, t) in packed.items():
+            gname = self.tmap.names[module]
+            if module in self.tmap.experts:
+                stacks.setdefault(gname, {})[self.tmap.experts[module]] = (data, t)
+            else:
+                self._add(gname, data, t)
+        for gname, parts in stacks.items():
+            count = self.expert_counts.get(gname)
+            types = {t for _data, t in parts.values()}
+            if count is None or sorted(parts) != list(range(count)) or len(types) != 1:  # plan_types refuses these
+                raise TasaError(f"{gname}: layer {index} quantized experts {sorted(parts)} as {sorted(types)}, but "
+                                f"the GGUF tensor holds {count} experts of one type")
+            self._add(gname, np.stack([parts[e][0] for e in range(count)]), types.pop())
+
+    def _add(self, gname: str, data: np.ndarray, type_name: str) -> None:
         import gguf
 
-        for module, (data, t) in packed.items():
-            gname = self.names[module]
-            self.writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
-            self.written.add(gname)
-            self.tensor_types[gname] = t
-            self.packed_bytes += data.nbytes
+        self.writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
+        self.written.add(gname)
+        self.tensor_types[gname] = type_name
+        self.packed_bytes += data.nbytes
 
     def finish(self) -> None:
         import gguf

@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,22 +124,29 @@ def _tensor_array(t) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
 
 
-def check_template(model: torch.nn.Module, reader, names: dict[str, str], described: str,
+def check_template(model: torch.nn.Module, reader, tmap, described: str,
                    held: Callable[[torch.nn.Module], ContextManager] = lambda _m: nullcontext()) -> None:
     """An error naming the first tensor of the template ``reader`` that is not ``model``'s: a linear's shape
-    (``names``: tasa.export.gguf.tensor_map's), or the values of a float tensor outside the decoder layers.
-    ``held(module)``: a context in which a module's weights are resident (a streamed model's reads them)."""
+    (``tmap``: tasa.export.gguf.tensor_map's; a routed expert's within its layer's 3-D tensor), or the values of a
+    float tensor outside the decoder layers.  ``held(module)``: a context in which a module's weights are resident
+    (a streamed model's reads them)."""
     from tasa.export.gguf import weights_map
 
     tensors = {t.name: t for t in reader.tensors}
-    for module, gname in sorted(names.items()):
+    counts = Counter(tmap.names[m] for m in tmap.experts)
+    for module, gname in sorted(tmap.names.items()):
         t = tensors.get(gname)
         if t is None:  # not in the file (a tied head); a planned module without a tensor is plan_types' error
             continue
         weight = model.get_submodule(module).weight
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if module in tmap.experts:
+            if len(shape) != 3 or shape[0] != counts[gname]:
+                raise TasaError(f"{described} is not this model's GGUF: {gname} has shape {shape}, not one "
+                                f"matrix for each of the model's {counts[gname]} experts")
+            shape = shape[1:]
         if shape != tuple(weight.shape):
-            raise TasaError(f"{described} is not this model's GGUF: {gname} is {shape[0]} x {shape[1]}, "
+            raise TasaError(f"{described} is not this model's GGUF: {gname} is {' x '.join(map(str, shape))}, "
                             f"{module} {weight.shape[0]} x {weight.shape[1]}")
     params = dict(model.named_parameters(remove_duplicate=False))
     for gname, hf in sorted(weights_map(model, reader)[1].items()):

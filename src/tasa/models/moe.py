@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
+from tasa.plan import ROLES, expert_container  # noqa: F401 - names of routed-expert linears
 
 log = logging.getLogger(__name__)
 
 FUSED = ("gate_up_proj", "down_proj")
-ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
 class ExpertMLP(nn.Module):
@@ -172,12 +172,3 @@ def is_router(local: str) -> bool:
     DeepSeek's routers, Qwen2-MoE's shared-expert gate): those stay in full precision."""
     leaf = local.rsplit(".", 1)[-1]
     return leaf in ("gate", "router") or leaf.endswith("_gate")
-
-
-def expert_container(local: str) -> str | None:
-    """The local name of the RoutedExperts list a linear belongs to (``mlp.experts`` for
-    ``mlp.experts.3.down_proj``), else None."""
-    parts = local.split(".")
-    if len(parts) >= 3 and parts[-2].isdigit() and parts[-1] in ROLES:
-        return ".".join(parts[:-2])
-    return None

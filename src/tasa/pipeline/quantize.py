@@ -174,10 +174,10 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             import gguf as gguf_py
 
             source = gguf_py.GGUFReader(template.file)
-            gguf_names = gguf.tensor_map(lm.model, source)
-            gguf_types = gguf.plan_types(the_plan.modules, gguf_names[0], template.described)
+            gguf_map = gguf.tensor_map(lm.model, source)
+            gguf_types = gguf.plan_types(the_plan.modules, gguf_map, template.described)
             if template.file != lm.gguf:  # a GGUF of the model, not the file it was read from: is it the model's?
-                gguf_source.check_template(lm.model, source, gguf_names[0], template.described,
+                gguf_source.check_template(lm.model, source, gguf_map, template.described,
                                            lambda module: held(lm.model, module))
         elif export.format == "gptq":
             fmt = checkpoint_format(the_plan)
@@ -198,7 +198,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
         # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
         float_dtype = _float_dtype(export.float_dtype, lm)
         if export.format == "gguf":
-            writer = gguf.GgufWriter(tmp / GGUF_FILE, source, gguf_types, *gguf_names)
+            writer = gguf.GgufWriter(tmp / GGUF_FILE, source, gguf_types, gguf_map)
             packer, float_dtype = writer.pack, None  # every float tensor is the source GGUF's own
         else:
             writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
