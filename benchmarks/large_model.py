@@ -54,7 +54,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, ROOT, WORK, cached, parse_or_work, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, cached, parse_or_work, row, write_results  # noqa: E402
 
 BENCH = "large_model"
 RECORDS = RESULTS / BENCH

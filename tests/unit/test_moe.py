@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from tasa.config import CalibSpec, QuantizeSpec, Runtime

@@ -27,7 +27,6 @@ from tasa.allocate.dp import allocate
 from tasa.allocate.targets import Target, check_servable, get_target, target_bits
 from tasa import schemas
 from tasa.schemas import Sensitivity
-from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.plan import Plan
 

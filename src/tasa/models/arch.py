@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from tasa.errors import TasaError
-from tasa.models.moe import RoutedExperts, expert_container, is_router, unfuse_experts
+from tasa.models.moe import RoutedExperts, is_router, unfuse_experts
+from tasa.plan import expert_container
 from tasa.models.streaming import streamer_of
 
 _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")

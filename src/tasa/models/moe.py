@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
-from tasa.plan import ROLES, expert_container  # noqa: F401 - names of routed-expert linears
+from tasa.plan import ROLES
 
 log = logging.getLogger(__name__)
 

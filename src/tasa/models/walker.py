@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
-from tasa.models.moe import expert_container
+from tasa.plan import expert_container
 
 _CACHE_KEYS = ("past_key_values", "past_key_value", "use_cache")
 

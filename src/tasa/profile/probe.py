@@ -53,7 +53,7 @@ from tasa.profile.objectives import KL_TOPK, Batch, ItemLosses, Objective, item_
 from tasa.eval.metrics import TokenScores
 from tasa.profile.scores import forward_token_nll, forward_token_scores
 from tasa.config import ProfileSpec, QuantSpec
-from tasa.models.moe import expert_container
+from tasa.plan import expert_container
 from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from, walk
 from tasa.quant.apply import layer_hessians
 from tasa.quant.gptq import gptq_quantize

@@ -28,10 +28,9 @@ import torch.nn as nn
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
-from tasa.models.moe import expert_container
 from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, input_groups, move_outside_layers,
                                  parallel_steps, run_layer, walk)
-from tasa.plan import Plan
+from tasa.plan import Plan, expert_container
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.learned import LayerLearning, learn_layer, step_dtype
 from tasa.quant.rtn import rtn_quantize_spec
