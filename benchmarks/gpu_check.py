@@ -23,6 +23,9 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
 - ``llama3-8b-4l-gptq``: a synthetic Llama-3-8B-shaped model (its real config cut to 4 layers; random bfloat16
   weights, benchmarks/large_model.py's generator) quantized by the 3/4/8 plan with GPTQ, streamed, on
   WikiText-2 (8 x 256): per-module relative errors within 1%, and the time.
+- ``vllm-*`` rows (GPU only, issue 37; needs vLLM installed): what vLLM's CPU build refuses, on its GPU kernels:
+  the 3/4-bit plan and a {3, 4, 8} plan as compressed-tensors, uniform 8-bit as compressed-tensors and GPTQ, each
+  scored by vLLM and by tasa's reader on 8 WikiText-2 windows (perplexity within 1%).
 - ``*-bf16`` rows (GPU only): the quantize commands at the GPU's default dtype, bfloat16 (Hessians and GPTQ
   updates stay float32), for time and memory.
 
@@ -220,6 +223,75 @@ def run_moe(work: Path, device: str, model: str) -> dict:
         return {"qwen3-moe-30b-2l-gptq": {"error": str(e)}}
 
 
+VLLM_WINDOWS = 8
+
+
+def plan_3_4_8(plan: Path, out: Path) -> Path:
+    """``plan`` (3 and 4 bits by layer) with its first and last layers at 8 bits: a {3, 4, 8} mix for vLLM."""
+    from tasa.config import QuantSpec
+    from tasa.plan import Plan
+
+    p = Plan.load(plan)
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in p.modules})
+    ends = {layers[0], layers[-1]}
+    modules = {n: QuantSpec(bits=8, group_size=q.group_size) if int(n.split(".layers.")[1].split(".")[0]) in ends
+               else q for n, q in p.modules.items()}
+    Plan(modules, method=p.method, meta={**p.meta, "derived_from": str(plan)}).save(out)
+    return out
+
+
+def run_vllm(work: Path, model: str, plan: Path) -> dict:
+    """Issue 37: what vLLM's CPU build refuses (3- and 8-bit weight-only layers), served by its GPU kernels: tasa's
+    3/4-bit plan and a {3, 4, 8} plan as compressed-tensors (``--target vllm``), uniform 8-bit as compressed-tensors
+    and as GPTQ (``--target vllm-gptq``); each checkpoint's first 8 WikiText-2 windows of 512 tokens scored by vLLM
+    (bfloat16, prompt log-probabilities; benchmarks/engines.py's script) and by tasa's reader (float32): perplexity
+    ratio (goal: within 1%) and per-token differences.  Needs vLLM installed in this Python."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"vllm": {"error": "vllm is not installed in this Python (pip install vllm where a registry is "
+                                  "reachable, then run --phases vllm)"}}
+    from benchmarks.engines import VLLM_SCRIPT, compare as compare_logprobs, last_line, tasa_logprobs
+    from tasa.data import eval_texts
+    from tasa.models import load
+
+    d = work / "vllm"
+    d.mkdir(parents=True, exist_ok=True)
+    tok = load(model, device="cpu").tokenizer
+    ids = tok("\n\n".join(eval_texts("wikitext2")), return_tensors="pt").input_ids[0]
+    wins = [ids[i * 512:(i + 1) * 512].tolist() for i in range(VLLM_WINDOWS)]
+    (d / "windows.json").write_text(json.dumps(wins))
+    (d / "score.py").write_text(VLLM_SCRIPT)
+    checkpoints = {"ct-plan-3-4": (["--plan", str(plan)], "vllm", "compressed-tensors"),
+                   "ct-plan-3-4-8": (["--plan", str(plan_3_4_8(plan, d / "plan-3-4-8.json"))], "vllm",
+                                     "compressed-tensors"),
+                   "ct-w8": (["--bits", "8", "--group-size", "64"], "vllm", "compressed-tensors"),
+                   "gptq-w8": (["--bits", "8", "--group-size", "64"], "vllm-gptq", "gptq")}
+    out: dict[str, dict] = {}
+    for name, (how, target, fmt) in checkpoints.items():
+        q = d / name
+        try:
+            r = tasa(work, f"vllm-{name}", ["quantize", "--model", model, *how, "--calib", "wikitext2", "--nsamples",
+                                            "16", "--seqlen", "512", "--target", target, "--format", fmt,
+                                            "--output-dir", str(q)])
+        except RuntimeError as e:
+            out[f"vllm-{name}"] = {"error": str(e)}
+            continue
+        res = subprocess.run([sys.executable, str(d / "score.py"), str(q), str(d / "windows.json"),
+                              str(d / f"{name}.json")], capture_output=True, text=True)
+        m = {"quantize_seconds": r["seconds"], "bits": json.loads((q / "quantize.json").read_text())["average_bits"]}
+        if res.returncode != 0:
+            m.update(loaded=False, error=last_line(res.stderr))
+        else:
+            m.update(loaded=True, **compare_logprobs(json.loads((d / f"{name}.json").read_text()),
+                                                     tasa_logprobs(q, wins, "float32")))
+            m["ppl_within_1pct"] = abs(m["ppl_ratio"] - 1) <= 0.01
+        out[f"vllm-{name}"] = m
+        print(json.dumps({name: m}), flush=True)
+    return out
+
+
 def compare(cpu: dict, gpu: dict) -> dict:
     """The GPU's results against the CPU's, command by command (those that ran on both)."""
     out: dict[str, dict] = {}
@@ -244,7 +316,7 @@ def compare(cpu: dict, gpu: dict) -> dict:
     return out
 
 
-PHASES = ("prepare", "reference", "test", "test-bf16", "moe", "report")
+PHASES = ("prepare", "reference", "test", "test-bf16", "moe", "vllm", "report")
 
 
 def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
@@ -260,7 +332,7 @@ def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
             metrics = {k: v for k, v in r.items() if k not in ("seconds", "plan", "costs", "rel_error", "last_line",
                                                                "returncode")}
             metrics["device"] = device
-            metrics["dtype"] = "bfloat16" if which in ("test-bf16", "moe") else "float32"
+            metrics["dtype"] = "bfloat16" if which in ("test-bf16", "moe", "vllm") else "float32"
             if which == "test":
                 metrics.update(checks.get(cmd, {}))
             rows.append(row(f"{cmd}-{which}", "tasa", cmd.split("-")[-1], r.get("bits"),
@@ -286,7 +358,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="the model of the smollm2-* rows (default: smollm2-135m)")
     ap.add_argument("--layers-8b", type=int, help="layers of the Llama-3-8B shape (default: 4; --small: 1)")
     ap.add_argument("--phases", default=",".join(PHASES),
-                    help=f"which of {','.join(PHASES)} to run (default: all, in that order; 'moe' on a GPU only). "
+                    help=f"which of {','.join(PHASES)} to run (default: all, in that order; 'moe' and 'vllm' on a GPU only). "
                     "After 'prepare', 'reference' and the GPU phases may run at once, in two processes; 'report' "
                     "only rewrites the results")
     ap.add_argument("--cut-gguf", type=Path, metavar="OUT", help="write SmolLM2-135M's layers "
@@ -315,13 +387,15 @@ def main() -> None:
             fixed_plan(model, work / "plan-smollm2.json")
             synthetic_8b_layers(work, s["layers_8b"], s["small"], model)
             continue
-        if phase in ("test-bf16", "moe") and not test.startswith("cuda"):
+        if phase in ("test-bf16", "moe", "vllm") and not test.startswith("cuda"):
             continue
         if phase == "report":
             out = save(work, ref, test, args.small, model)
             continue
         if phase == "moe":
             raw = run_moe(work, test, model)
+        elif phase == "vllm":
+            raw = run_vllm(work, model, fixed_plan(model, work / "plan-smollm2.json"))
         else:
             device, dtype = (ref, "float32") if phase == "reference" else (test, "float32" if phase == "test"
                                                                            else "bfloat16")
