@@ -291,3 +291,46 @@ def test_a_streamed_head_is_read_once_for_all_its_position_chunks(tmp_path, monk
     assert streamed.model.lm_head.weight.device.type == "meta"  # released after
     want = head_scores(full.model, hidden, targets, chunk=3)
     assert torch.equal(got.nll, want.nll)
+
+
+def test_streamed_evaluation_runs_layer_major_reading_each_layer_once_per_pass(sharded_dir, monkeypatch):
+    """A streamed model's logits for many padded batches come layer-major (every batch through a layer before the
+    next layer is read): equal to the in-memory model's batch-by-batch logits, each decoder layer read once per
+    pass (batch by batch it would be read once per batch), several passes when the hidden states exceed the
+    budget; perplexity and log-likelihoods through it equal the in-memory ones."""
+    from tasa.eval.lm import loglikelihoods
+    from tasa.eval.perplexity import perplexity
+    from tasa.models.weights import Weights
+    from tasa.models.walker import forward_logits
+
+    full, streamed = load(str(sharded_dir)), load(str(sharded_dir), stream=True)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, width in ((3, 17), (2, 11), (4, 6)):
+        mask = torch.ones(rows, width, dtype=torch.long)
+        mask[0, width - 3:] = 0  # right padding, as the log-likelihood batches have
+        batches.append({"input_ids": torch.randint(0, 256, (rows, width), generator=g), "attention_mask": mask})
+    reads = []
+    real_get = Weights.get
+    monkeypatch.setattr(Weights, "get", lambda self, key, *a, **k: (reads.append(key), real_get(self, key, *a, **k))[1])
+    key = "model.layers.1.self_attn.q_proj.weight"
+    got = dict(forward_logits(streamed.model, batches))
+    assert reads.count(key) == 1
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            want = full.model(**b).logits
+            keep = b["attention_mask"].bool()
+            torch.testing.assert_close(got[i][keep], want[keep], rtol=0, atol=1e-5)
+    reads.clear()
+    one_batch = 3 * 17 * 64 * 4  # the largest batch's hidden states (float32, hidden 64)
+    assert [i for i, _ in forward_logits(streamed.model, batches, max_bytes=one_batch)] == [0, 1, 2]
+    assert reads.count(key) == 2  # batch 0 alone, then batches 1 and 2 together
+    assert streamed.model.tasa_streamer.resident_bytes() <= streamed.model.get_input_embeddings().weight.numel() * 4 + 4096
+
+    text = " ".join(f"word{i} and more text" for i in range(60))
+    ppl = [perplexity(m.model, m.tokenizer, text, seqlen=32, batch_size=2, progress=False) for m in (full, streamed)]
+    assert ppl[0].windows >= 3 and ppl[1].nll == pytest.approx(ppl[0].nll, rel=1e-6)
+    requests = [("The cat sat on", " the mat"), ("The cat sat on", " a hat"), ("One two", " three four five")]
+    ll = [loglikelihoods(m.model, m.tokenizer, requests, batch_size=2, progress=False) for m in (full, streamed)]
+    for a, b in zip(*ll):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4) and (a.tokens, a.is_greedy) == (b.tokens, b.is_greedy)

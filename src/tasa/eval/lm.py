@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models import compute_device
+from tasa.models.streaming import streamer_of
+from tasa.models.walker import forward_logits
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
         whole = (ctx + cont)[-(max_len + 1):]
         seqs.append((tuple(whole[: len(whole) - len(cont)]), tuple(cont)))
     results: list[LLResult | None] = [None] * len(requests)
-    if prefix_cache:
+    if prefix_cache and streamer_of(model) is None:  # a streamed model runs layer-major (each layer read once)
         _run_prefix_shared(model, seqs, results, batch_size, progress, desc)
     else:
         _run_full(model, seqs, results, batch_size, progress, desc)
@@ -109,17 +111,17 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
 
 def _run_full(model, seqs, results, batch_size, progress, desc) -> None:
     """Each request as one sequence ``context + continuation[:-1]``; the lm-eval way."""
-    device = _model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            idx = order[start:start + batch_size]
-            rows = [list(seqs[i][0] + seqs[i][1])[:-1] for i in idx]
-            ids, mask = _pad(rows, 0, device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            for k, i in enumerate(idx):
-                ctx, cont = seqs[i]
-                results[i] = _score(logits[k, len(ctx) - 1:], cont)
+    groups = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = []
+    for idx in groups:
+        ids, mask = _pad([list(seqs[i][0] + seqs[i][1])[:-1] for i in idx], 0, "cpu")
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    for k, logits in tqdm(forward_logits(model, batches, progress, desc), total=len(batches), desc=desc,
+                          disable=not progress):
+        for j, i in enumerate(groups[k]):
+            ctx, cont = seqs[i]
+            results[i] = _score(logits[j, len(ctx) - 1:], cont)
 
 
 def _run_prefix_shared(model, seqs, results, batch_size, progress, desc) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models import compute_device
+from tasa.models.walker import forward_logits
 
 
 @dataclass
@@ -71,10 +72,13 @@ def window_scores(model, windows: torch.Tensor, batch_size: int = 4, progress: b
                         f"{reference['idx'].shape[1] + 1} tokens, this run on {windows.shape[0]} of "
                         f"{windows.shape[1]}; use the same --limit and --seqlen")
     sums, kls, top_lp, top_idx = [], [], [], []
+    starts = range(0, windows.shape[0], batch_size)
+    batches = [{"input_ids": windows[start:start + batch_size]} for start in starts]
     with torch.no_grad():
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
+        for k, logits in tqdm(forward_logits(model, batches, progress, desc), total=len(batches), desc=desc,
+                              disable=not progress):  # (B, T, V); a streamed model's layer-major
+            start = starts[k]
             batch = windows[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
             ref = None if reference is None else (reference["logp"][start:start + batch_size].to(device),
                                                   reference["idx"][start:start + batch_size].to(device))

@@ -189,6 +189,19 @@ class Streamer:
             self._pin(unit)
 
     @contextmanager
+    def outside_held(self):
+        """Within the block, every unit outside the decoder layers (embeddings, final norm, head) stays resident:
+        read once for a layer-major pass's many batches."""
+        pinned = [u for u in self.others if not u.pinned]
+        for unit in pinned:
+            self._pin(unit)
+        try:
+            yield
+        finally:
+            for unit in pinned:
+                self._unpin(unit)
+
+    @contextmanager
     def held(self, module: nn.Module):
         """Within the block, ``module`` (a unit: a decoder layer, the head ...) stays resident, read once for
         several calls (e.g. the head applied chunk by chunk)."""

@@ -74,20 +74,27 @@ def layers_from(model: nn.Module, arch: ModelArch, start: int, stop: int | None 
         setattr(parent, attr, original)
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index`` during capture: records its call, computes nothing.  Attribute
-    reads the model's forward makes on its layers (e.g. ``attention_type``) go to the real layer."""
+class _StandIn(nn.Module):
+    """Stands in for a decoder layer in the model's own forward; attribute reads the model's forward makes on its
+    layers (e.g. ``attention_type``) go to the real layer."""
 
-    def __init__(self, layer: nn.Module, index: int, sink: dict, last: bool):
+    def __init__(self, layer: nn.Module):
         super().__init__()
         object.__setattr__(self, "_layer", layer)  # not a submodule: never moved, never in state_dict
-        self.index, self.sink, self.last = index, sink, last
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_layer"), name)
+
+
+class _Recorder(_StandIn):
+    """Stands in for decoder layer ``index`` during capture: records its call, computes nothing."""
+
+    def __init__(self, layer: nn.Module, index: int, sink: dict, last: bool):
+        super().__init__(layer)
+        self.index, self.sink, self.last = index, sink, last
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -307,3 +314,66 @@ def tail_from(model: nn.Module, arch: ModelArch, start: int, hidden: torch.Tenso
             yield
     finally:
         handle.remove()
+
+
+class _Emit(_StandIn):
+    """Stands in for all the decoder layers when only the model's final norm and head are wanted: whatever it is
+    given, it returns ``hidden`` (what leaves the last layer)."""
+
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor):
+        super().__init__(layer)
+        object.__setattr__(self, "_hidden", hidden)
+
+    def forward(self, *args, **kwargs):
+        return object.__getattribute__(self, "_hidden")
+
+
+def head_logits(model: nn.Module, arch: ModelArch, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The model's logits when ``hidden`` leaves its last decoder layer on ``inputs`` (their attention mask):
+    the model's own forward with its layers replaced by :class:`_Emit` (its final norm, head and any logit
+    processing; embeddings not read)."""
+    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    with layers_from(model, arch, 0, replace=[_Emit(arch.layers[-1], hidden)]), torch.no_grad():
+        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False, **kwargs).logits
+
+
+LAYER_MAJOR_BYTES = 4 * 2 ** 30  # hidden states a layer-major pass holds at once (more batches: several passes)
+
+
+def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False, desc: str = "layers",
+                   max_bytes: int = LAYER_MAJOR_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, logits) of each of ``batches`` (the model's forward kwargs: ``input_ids``, ``attention_mask``), in
+    order.  A model in memory runs its forward batch by batch.  A streamed model runs *layer-major*: every batch
+    through decoder layer 0, then every batch through layer 1 ..., so each layer is read once per pass instead of
+    once per batch (batch by batch, a 70B model would be read from disk for every batch); the batches' hidden
+    states are held meanwhile, up to ``max_bytes`` (more: several passes).  The same computation, in another
+    order: equal to the batch-by-batch logits up to float rounding."""
+    from tasa.models.arch import resolve
+    from tasa.models.streaming import compute_device, compute_dtype, streamer_of
+
+    device = compute_device(model)
+    on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    streamer = streamer_of(model)
+    if streamer is None:
+        with torch.no_grad():
+            for i, b in enumerate(on_device):
+                yield i, model(**b, use_cache=False).logits
+        return
+    arch = resolve(model)
+    width = model.config.get_text_config().hidden_size * compute_dtype(model).itemsize
+    start = 0
+    while start < len(on_device):
+        stop, held_bytes = start, 0
+        while stop < len(on_device) and (stop == start or held_bytes + on_device[stop]["input_ids"].numel() * width
+                                          <= max_bytes):
+            held_bytes += on_device[stop]["input_ids"].numel() * width
+            stop += 1
+        chunk = on_device[start:stop]
+        with streamer.outside_held(), torch.no_grad():
+            inputs = capture(model, arch, chunk)
+            for _index, layer in walk(arch, device, desc=desc, progress=progress):
+                run_layer(layer, inputs, advance=True)
+            for b, batch in enumerate(chunk):
+                hidden, inputs.hidden[b] = inputs.hidden[b], None
+                yield start + b, head_logits(model, arch, hidden, batch)
+        start = stop
