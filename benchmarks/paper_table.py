@@ -31,8 +31,11 @@ general-only calibration. A row whose model is another row's, bit for bit, reuse
 whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on the same calibration).
 
 Quantizer rows (issue 38): ``KIND+TAG-...`` is row ``KIND-...`` quantized with the options QUANTIZERS[TAG] (``ss``:
-GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid): TASA 3.5 on the
-searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary.
+GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid; ``best``: GPTQ with
+act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04): TASA 3.5 on the
+searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
+AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
+rounding compared with AutoRound's at equal plan and calibration).
 
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
@@ -102,8 +105,10 @@ BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmode
              "pplonly-3.5-wiki", "tasa-3.5-searched", "tasa-3.5-task", "tasa-3.5-wiki", "tasamod-3.5-searched",
              "tasagptq-3.5-searched"]
 # quantizer options of issue 38 (tasa quantize --scale-search N --learn-rounding STEPS), by row tag ('tasa+lr-...')
-QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32}}
-QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki"]
+QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32},
+              "best": {"act_order": True, "static_groups": True, "scale_search": 16}}  # `tasa quantize`'s default
+QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
+                  "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
@@ -366,10 +371,11 @@ def worker(name: str, work: Path) -> dict:
         calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
                  if p["kind"] != "rtn" else None)
         options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
-        if options.get("scale_search"):
+        grid_options = {k: v for k, v in options.items() if k != "learn_rounding"}  # QuantSpec fields
+        if grid_options:
             import dataclasses
 
-            plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, scale_search=options["scale_search"])
+            plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
@@ -580,6 +586,7 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
             if p["quantizer"]:
                 q = QUANTIZERS[p["quantizer"]]
                 method = (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
+                    ("+act-order+static-groups" if q.get("act_order") else "") + \
                     (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "")
             calib = None if p["kind"] in ("fp", "rtn") else \
                 f"{calib_string(p['calib'], work)} {NSAMPLES}x{SEQLEN} seed {p['seed']}"
