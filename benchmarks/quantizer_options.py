@@ -8,7 +8,9 @@ eval` on the first 40 WikiText-2 test windows of 512 tokens with KL to the float
 Rows: ``gptq`` (plain grid, ``--scale-search 0``), ``gptq-ss16`` (``--scale-search 16``), ``gptq-actorder`` (``--act-order``),
 ``gptq-actorder-static`` (with ``--static-groups``), the same with ``-ss16`` (and the search), ``learnedN-ss16`` (``--learn-rounding N`` from the searched
 grid; steps in bfloat16 where the CPU has it, ``learnedNf32`` in float32).  ``learned128b2-ss16``: 128 steps of 2
-sequences each (``--batch-size 2``), the tokens of 32 steps of 8.  ``learned32mse-ss16`` was measured with
+sequences each (``--batch-size 2``), the tokens of 32 steps of 8.  ``...-ftA``: the default GPTQ with asymmetric
+calibration (``--float-targets A``: each linear fitted to the float model's outputs from the quantized model's
+inputs, GPTAQ's objective).  ``learned32mse-ss16`` was measured with
 the plain-MSE objective tasa had first (kept for the record; the code no longer has it).  Each row's record lands in
 benchmarks/results/quantizer_options.json as it finishes; a finished row is not run again.
 """
@@ -35,7 +37,11 @@ ROWS = {"gptq": ["--scale-search", "0"], "gptq-ss16": ["--scale-search", "16"],
         "gptq-actorder-static-ss16": ["--scale-search", "16", "--act-order", "--static-groups"],
         "learned32f32-ss16": ["--scale-search", "16", "--learn-rounding", "32", "--learn-dtype", "float32"],
         "learned32-ss16": ["--scale-search", "16", "--learn-rounding", "32"],
-        "learned128b2-ss16": ["--scale-search", "16", "--learn-rounding", "128", "--batch-size", "2"]}
+        "learned128b2-ss16": ["--scale-search", "16", "--learn-rounding", "128", "--batch-size", "2"],
+        "gptq-actorder-static-ss16-ft1": ["--scale-search", "16", "--act-order", "--static-groups",
+                                          "--float-targets", "1"],
+        "gptq-actorder-static-ss16-ft025": ["--scale-search", "16", "--act-order", "--static-groups",
+                                            "--float-targets", "0.25"]}
 
 
 def measure(name: str, seed: int, work: Path) -> dict:

@@ -112,6 +112,14 @@ def _scale_search_arg(p: argparse.ArgumentParser) -> None:
                         f"(RTN: plain squared error); 0: off (default: {SCALE_SEARCH})")
 
 
+def _float_targets_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--float-targets", type=float, default=0.0, metavar="ALPHA",
+                   help="GPTQ with asymmetric calibration (GPTAQ / GPTQ v2): each linear is fitted so that, fed the "
+                        "quantized model's inputs, it reproduces the float model's outputs (the float model's inputs "
+                        "are kept beside them, one more copy of a layer's inputs); ALPHA in (0, 1] scales the "
+                        "correction toward them (1: the least-squares fit); 0: off (default: 0)")
+
+
 def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-rounding", type=int, default=0, metavar="STEPS",
                    help="for any plan: instead of GPTQ (or RTN), learn every weight's rounding and each group's "
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     _gptq_order_args(q)
     _scale_search_arg(q)
+    _float_targets_arg(q)
     _learn_rounding_args(q)
     q.add_argument("--calib", default="wikitext2",
                    help="calibration sources with weights, e.g. wikitext2:0.5,gsm8k:0.5; a name, NAME/SPLIT, "
@@ -514,7 +523,7 @@ def run(argv: list[str] | None = None) -> int:
                             true_sequential=not args.no_true_sequential,
                             allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search,
                             learn_rounding=args.learn_rounding, learn_lr=args.learn_lr,
-                            learn_dtype=args.learn_dtype)
+                            learn_dtype=args.learn_dtype, float_targets=args.float_targets)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,

@@ -291,9 +291,15 @@ class QuantizeSpec:
     learn_rounding: int = 0  # not 0: learned rounding (tasa.quant.learned) in this many steps per decoder layer
     learn_lr: float | None = None  # its first step size (None: 1 / learn_rounding)
     learn_dtype: str = "auto"  # its steps' dtype: auto (tasa.quant.learned.step_dtype), float32 or bfloat16
+    float_targets: float = 0.0  # not 0: GPTQ with asymmetric calibration of this strength (tasa.quant.apply)
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        if not 0 <= self.float_targets <= 1:
+            raise TasaError(f"--float-targets takes a strength in [0, 1], got {self.float_targets!r}")
+        if self.float_targets and (self.learn_rounding or self.method != "gptq"):
+            raise TasaError("--float-targets is a GPTQ option (learned rounding already targets the float model's "
+                            "outputs; RTN has no calibration)")
         if not isinstance(self.learn_rounding, int) or not 0 <= self.learn_rounding <= 100_000:
             raise TasaError(f"--learn-rounding takes 0 to 100000 steps, got {self.learn_rounding!r}")
         if self.learn_lr is not None and not 0 < self.learn_lr <= 1:
@@ -317,6 +323,8 @@ class QuantizeSpec:
                      if on and self.method == "gptq"]
         if self.scale_search:
             flags.append(f"--scale-search {self.scale_search}")
+        if self.float_targets:
+            flags.append(f"--float-targets {self.float_targets:g}")
         return name + (" with " + " ".join(flags) if flags else "")
 
 

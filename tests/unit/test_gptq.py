@@ -5,7 +5,8 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian, merge_hessians
+from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_weights, gptq_quantize,
+                             make_empty_hessian, merge_hessians)
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -137,3 +138,34 @@ def test_shape_mismatch_and_nan():
     w[0, 0] = float("inf")
     with pytest.raises(TasaError, match="NaN/Inf"):
         gptq_quantize(w, torch.eye(8), QuantSpec())
+
+
+# ---- asymmetric calibration (--float-targets): fit the float model's outputs from the quantized model's inputs ----
+
+def test_float_output_weights_are_the_least_squares_fit_to_the_float_outputs():
+    """C accumulated over batches is 2/n (X_f - X)^T X; W + W C H^-1 (undamped) is the least-squares V of
+    X V^T = X_f W^T, so GPTQ on H approximates the float outputs; alpha scales the correction; C = 0 (the same
+    inputs) leaves W."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=g)
+    xf = x + 0.1 * torch.randn(300, 24, generator=g)  # what the float model feeds the linear
+    w = torch.randn(7, 24, generator=g)
+    h, c, n = make_empty_hessian(24), make_empty_hessian(24), 0
+    for lo, hi in ((0, 120), (120, 300)):
+        accumulate_shift(c, n, x[lo:hi], xf[lo:hi])
+        n = accumulate_hessian(h, n, x[lo:hi])
+    torch.testing.assert_close(c, 2 / 300 * (xf - x).t() @ x, rtol=1e-5, atol=1e-6)
+    v = float_output_weights(w, h, c, alpha=1.0, damp=0.0)
+    want = torch.linalg.lstsq(x.double(), (xf @ w.t()).double()).solution.t().float()
+    torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-4)
+    half = float_output_weights(w, h, c, alpha=0.5, damp=0.0)
+    torch.testing.assert_close(half, w + 0.5 * (v - w), rtol=1e-4, atol=1e-4)
+    assert torch.equal(float_output_weights(w, h, torch.zeros_like(c)), w)
+    fit = lambda q: float(((x.double() @ q.double().t() - xf.double() @ w.double().t()) ** 2).sum())  # noqa: E731
+    for bits in (3, 8):  # any Q: its error to the float outputs is its H-error to V plus V's own (what GPTQ of V
+        spec = QuantSpec(bits=bits, group_size=8)  # minimises), so at 8 bits, where rounding is small, GPTQ of V
+        q_v, q_w = gptq_quantize(v, h, spec).weight, gptq_quantize(w, h, spec).weight  # wins by far
+        for q in (q_v, q_w):
+            assert fit(q) == pytest.approx(float(((x.double() @ (q - want).double().t()) ** 2).sum()) + fit(want),
+                                           rel=1e-6)
+    assert fit(q_v) - fit(want) < 0.2 * (fit(q_w) - fit(want))  # above the error no linear map avoids

@@ -72,6 +72,9 @@ def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: 
     if spec.learn_rounding:
         log.warning("--distributed spreads GPTQ's calibration; learned rounding runs here")
         return calib_ids
+    if spec.float_targets:
+        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
+                        "it does not run with --distributed")
     if runtime.cluster.placement == "pipeline":
         raise TasaError("quantize spreads its calibration over workers that each hold the model: "
                         "--placement pipeline applies to profiling only")
@@ -209,7 +212,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
                                 on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()),
                                 learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
                                 learn_dtype=None if spec.learn_dtype == "auto" else getattr(torch, spec.learn_dtype),
-                                seed=calib_spec.seed if calib_spec else 0)
+                                seed=calib_spec.seed if calib_spec else 0, float_targets=spec.float_targets)
         record = {
             "model": model,
             "method": method,

@@ -17,6 +17,7 @@ groups of a layer see the already-quantized earlier groups
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from tasa.models.streaming import compute_device
 from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, input_groups, move_outside_layers,
                                  parallel_steps, run_layer, walk)
 from tasa.plan import Plan, expert_container
-from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_weights, gptq_quantize,
+                             make_empty_hessian)
 from tasa.quant.learned import LayerLearning, learn_layer, step_dtype
 from tasa.quant.rtn import rtn_quantize_spec
 from tasa.quantized import QuantResult
@@ -103,6 +105,7 @@ def quantize_model(
     learn_lr: float | None = None,
     learn_dtype: torch.dtype | None = None,
     seed: int = 0,
+    float_targets: float = 0.0,
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
@@ -115,6 +118,7 @@ def quantize_model(
     learn_iters: not 0: the plan's grids with learned rounding (tasa.quant.learned; ``learn_iters`` steps of
                rate ``learn_lr`` per layer, batches in an order drawn from ``seed``, steps computed in
                ``learn_dtype``; None: tasa.quant.learned.step_dtype) instead of its method.
+    float_targets: not 0: GPTQ with asymmetric calibration of strength ``float_targets`` (:class:`Calibration`).
     """
     unknown = [n for n in plan.modules if n not in {m.name for m in arch.modules}]
     if unknown:
@@ -137,7 +141,7 @@ def quantize_model(
                 raise TasaError("GPTQ needs calibration data")
             move_outside_layers(model, arch, device)
             calib = calib_ids if isinstance(calib_ids, Calibration) else \
-                Calibration(model, arch, calib_ids, batch_size, device)
+                Calibration(model, arch, calib_ids, batch_size, device, float_targets)
             try:
                 _apply_gptq(model, arch, plan, calib, device, true_sequential, report, on_result, progress, on_layer)
             finally:
@@ -170,26 +174,77 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
 class Calibration:
     """The calibration's inputs of the current decoder layer, held here, and what GPTQ asks of them: which linears
     share an input, the Hessians of some inputs, the layer's quantized modules, and the step to the next layer.
-    tasa.distributed.calibration holds them on several workers instead (data-parallel Hessians)."""
+    tasa.distributed.calibration holds them on several workers instead (data-parallel Hessians).
+
+    ``float_targets`` (alpha, 0: off): asymmetric calibration (GPTAQ / GPTQ v2).  A second stream of inputs, the
+    float model's, is advanced by a float copy of each layer; each input's Hessian comes with C = 2/n (X_f - X)^T X
+    (:meth:`shift`), and GPTQ approximates tasa.quant.gptq.float_output_weights, so that each linear reproduces the
+    float model's outputs from the quantized model's inputs rather than its own float outputs from them.  Routed
+    experts, whose tokens differ between the two streams, keep the plain objective."""
+
+    float_targets: float = 0.0  # (subclasses that hold the inputs elsewhere calibrate plainly)
 
     def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int,
-                 device: torch.device):
+                 device: torch.device, float_targets: float = 0.0):
         self.inputs = capture_ids(model, arch, calib_ids, batch_size, device)
+        self.float_targets = float_targets
+        self.float_inputs = LayerInputs(list(self.inputs.hidden), self.inputs.kwargs) if float_targets else None
+        self.float_layer: nn.Module | None = None
+        self.shifts: dict[str, torch.Tensor] = {}
+
+    def begin(self, layer: nn.Module) -> None:
+        """A new decoder layer, not yet quantized: with float targets, keep a float copy of it."""
+        if self.float_targets:
+            self.float_layer = copy.deepcopy(layer)
 
     def groups(self, layer: nn.Module, locals_: list[str]) -> list[list[str]]:
         return input_groups(layer, locals_, self.inputs)
 
     def hessians(self, layer: nn.Module, firsts: list[str], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-        return layer_hessians(layer, self.inputs, firsts, counts=counts)
+        if not self.float_targets or any(expert_container(local) is not None for local in firsts):
+            return layer_hessians(layer, self.inputs, firsts, counts=counts)
+        device = self.inputs.hidden[0].device
+        state = {local: [make_empty_hessian(layer.get_submodule(local).in_features, device),
+                         make_empty_hessian(layer.get_submodule(local).in_features, device), 0] for local in firsts}
+        for b in range(len(self.inputs)):  # each batch through the float layer, then the quantized one
+            floats: dict[str, torch.Tensor] = {}
+            run_layer(self.float_layer, _batch(self.float_inputs, b),
+                      {local: (lambda x, local=local: floats.__setitem__(local, x)) for local in firsts},
+                      stop_after=firsts[-1])
+
+            def tap(local):
+                def fn(x):
+                    st = state[local]
+                    accumulate_shift(st[1], st[2], x, floats[local])
+                    st[2] = accumulate_hessian(st[0], st[2], x)
+                return fn
+            run_layer(layer, _batch(self.inputs, b), {local: tap(local) for local in firsts}, stop_after=firsts[-1])
+        counts.update({local: st[2] for local, st in state.items()})
+        self.shifts.update({local: st[1] for local, st in state.items()})
+        return {local: st[0] for local, st in state.items()}
+
+    def shift(self, local: str) -> torch.Tensor | None:
+        """C of input ``local`` from the last :meth:`hessians` (None: plain calibration), handed over once."""
+        return self.shifts.pop(local, None) if self.float_targets else None
 
     def quantized(self, layer: nn.Module, locals_: list[str]) -> None:
         """``locals_`` of ``layer`` now hold their quantized weights (here: the same modules; nothing to do)."""
 
     def advance(self, layer: nn.Module) -> None:
         run_layer(layer, self.inputs, advance=True)
+        if self.float_layer is not None:
+            run_layer(self.float_layer, self.float_inputs, advance=True)
+            self.float_layer = None
 
     def close(self) -> None:
-        self.inputs = None
+        self.inputs = self.float_inputs = self.float_layer = None
+
+
+def _batch(inputs: LayerInputs, b: int) -> LayerInputs:
+    """Batch ``b`` of ``inputs`` alone, at the same layer."""
+    one = LayerInputs([inputs.hidden[b]], [inputs.kwargs[b]])
+    one.index = inputs.index
+    return one
 
 
 def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, report, on_result, progress,
@@ -197,6 +252,7 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
     for index, layer in walk(arch, device, "GPTQ layers", progress):
         planned = [m for m in arch.layer_modules(index) if m.name in plan]
         by_local = {m.local: m for m in planned}
+        calib.begin(layer)
         if planned:
             groups = calib.groups(layer, [m.local for m in planned])
             hessians, counts = {}, {}
@@ -207,10 +263,11 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
                     if true_sequential:
                         hessians = calib.hessians(layer, [g[0] for g in chunk], counts)
                     for group in chunk:
-                        h, n = hessians.pop(group[0]), counts[group[0]]
+                        h, n, shift = hessians.pop(group[0]), counts[group[0]], calib.shift(group[0])
                         for local in group:
-                            _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result)
-                        del h
+                            _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result,
+                                         shift, calib.float_targets)
+                        del h, shift
                     calib.quantized(layer, [local for group in chunk for local in group])
         calib.advance(layer)
         if on_layer:
@@ -279,14 +336,18 @@ def _chunks(step: list[list[str]], layer: nn.Module) -> list[list[list[str]]]:
 
 
 def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.Tensor, tokens: int,
-                 report: QuantReport, on_result) -> None:
+                 report: QuantReport, on_result, shift: torch.Tensor | None = None, alpha: float = 0.0) -> None:
     """GPTQ of one planned linear on Hessian ``h`` of ``tokens`` calibration tokens, in place; a routed expert no
-    token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so."""
+    token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so.  ``shift``
+    (asymmetric calibration, :class:`Calibration`): GPTQ of tasa.quant.gptq.float_output_weights instead of the
+    weights themselves (the relative error is then measured against those)."""
     spec = plan[name]
     linear = layer.get_submodule(local)
     t = time.perf_counter()
-    result = gptq_quantize(linear.weight.data, h, spec, name=name)
-    err = _relative_error(linear.weight.data, result.weight, h) if tokens else None
+    weight = linear.weight.data if shift is None or not tokens else \
+        float_output_weights(linear.weight.data, h, shift, alpha, spec.damp)
+    result = gptq_quantize(weight, h, spec, name=name)
+    err = _relative_error(weight, result.weight, h) if tokens else None
     _store(linear, result)
     report.modules[name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, err, tokens,
                                        None if tokens else "rtn: no calibration token reached it")

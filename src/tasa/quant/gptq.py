@@ -54,6 +54,37 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
     return total
 
 
+def accumulate_shift(shift: torch.Tensor, n_seen: int, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Fold a batch into the running C = 2/n (X_f - X)^T X, in place, where X (..., d_in) are the inputs the
+    quantized model feeds a linear and X_f the float model's inputs to it on the same tokens (the asymmetric
+    calibration of GPTAQ / GPTQ v2).  ``n_seen`` counts the tokens before this batch, as for
+    :func:`accumulate_hessian` (call both with the same count).  Returns the new token count."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    dx = targets.reshape(-1, targets.shape[-1]).float() - x
+    total = n_seen + x.shape[0]
+    shift.mul_(n_seen / total)
+    shift.addmm_(dx.t(), x, alpha=2.0 / total)
+    return total
+
+
+def float_output_weights(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, alpha: float = 1.0,
+                         damp: float = 0.01) -> torch.Tensor:
+    """The weights GPTQ should approximate when the layer's quantized model feeds it inputs X but it must reproduce
+    the float model's outputs W X_f: W + alpha W C H^-1 (H, C: :func:`accumulate_hessian`, :func:`accumulate_shift`;
+    H damped as GPTQ damps it).  At ``alpha`` 1 it is the least-squares solution of min_V ||X V^T - X_f W^T||, so
+    ||X Q^T - X_f W^T||^2 = ||X (Q - V)^T||^2 + const: GPTQ of V on H minimises the error to the float outputs
+    (GPTAQ's objective, in closed form); smaller ``alpha`` shrinks the correction (fewer calibration tokens than
+    inputs: it is estimated with noise).  Inputs that are always zero keep their weights."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    w = weight.float()
+    correction = torch.linalg.solve(h, (w @ shift.float()).t()).t()  # (W C) H^-1, H symmetric
+    correction[:, dead] = 0.0
+    return w + alpha * correction
+
+
 def merge_hessians(parts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
     """The H = 2/n X^T X of all tokens from those of shards of them ((H_i, n_i) each, as
     :func:`accumulate_hessian` leaves them): sum n_i H_i / sum n_i, and the token count (data-parallel
