@@ -147,7 +147,7 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 128):
     return write_gguf(tiny_llama(seed=seed, hidden=hidden), path, "llama")
 
 
-def write_gguf(model, path, arch: str):
+def write_gguf(model, path, arch: str, key_length: int | None = None):
     """``model`` (LLaMA, or a transformers-5 mixture of experts: Mixtral as llama.cpp's ``llama``, Qwen3-MoE as
     ``qwen3moe``) as a float32 GGUF laid out as llama.cpp's converter does it: q/k rows permuted for ``llama``, a
     layer's routed experts one (experts, rows, columns) tensor per projection, the router ``ffn_gate_inp``."""
@@ -165,6 +165,9 @@ def write_gguf(model, path, arch: str):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if key_length:
+        w.add_key_length(key_length)
+        w.add_value_length(key_length)
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
     if experts:
         w.add_expert_count(experts)

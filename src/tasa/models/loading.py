@@ -82,31 +82,19 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
 
 
 def gguf_to_hf_dir(gguf_path: Path) -> Path:
-    """Dequantize a GGUF file once into a cached float HF directory; return the directory."""
+    """Dequantize a GGUF file once into a cached float HF directory (tasa.models.gguf_input: one tensor at a time);
+    return the directory."""
     digest = sha256_file(gguf_path)[:20]
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tasa.models.gguf_input import convert_gguf
 
-    log.info("converting %s to a float safetensors cache at %s (once)", gguf_path.name, target)
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    except ImportError as e:
-        raise TasaError(f"loading GGUF needs the 'gguf' and 'accelerate' packages: {e}") from None
-    except Exception as e:  # transformers raises assorted errors on unsupported GGUF layouts
-        raise TasaError(f"could not load GGUF file {gguf_path}: {e}") from None
-    # The weights are already dequantized to float: drop the GGUF quantizer so the
-    # model saves as a plain float checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    log.info("converting %s to a float safetensors cache at %s (once, one tensor at a time)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_gguf(gguf_path, tmp)
         usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
         os.replace(tmp, target)
     except FileExistsError:  # another process finished first: keep theirs
