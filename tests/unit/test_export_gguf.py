@@ -444,3 +444,16 @@ def test_moe_experts_are_stacked_into_one_tensor_per_projection_of_one_type(tmp_
     with pytest.raises(TasaError, match=rule):
         quantize(str(hf), tmp_path / "m", plan=tmp_path / "mixed.json", export=export)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_expert_stack_quantized_in_part_is_refused_naming_the_tensor():
+    from tasa.export.gguf import TensorMap, plan_types
+
+    spec = TARGETS["llama.cpp"].spec(4, 0)
+    names = {f"model.layers.0.mlp.experts.{e}.up_proj": "blk.0.ffn_up_exps.weight" for e in range(3)}
+    tmap = TensorMap(names, dict.fromkeys(names), {m: e for e, m in enumerate(names)})
+    assert set(plan_types({m: spec for m in names}, tmap, "src.gguf").values()) == {"Q4_0"}
+    with pytest.raises(TasaError, match=r"blk.0.ffn_up_exps.weight: llama.cpp stores the 3 routed experts of this "
+                                        r"projection as one tensor of one type, but the plan gives them Q4_0, "
+                                        r"unquantized"):
+        plan_types({m: spec for m in list(names)[:2]}, tmap, "src.gguf")
