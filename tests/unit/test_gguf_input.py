@@ -83,5 +83,5 @@ def test_a_gguf_without_a_tensor_the_model_needs_is_named(tmp_path):
     cut.write_kv_data_to_file()
     cut.write_tensors_to_file()
     cut.close()
-    with pytest.raises(TasaError, match=r"cut.gguf: it holds no tensor for model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(TasaError, match=r"cut.gguf: it holds no tensor for model.layers.1.mlp.up_proj.weight of LlamaForCausalLM"):
         convert_gguf(tmp_path / "cut.gguf", tmp_path / "out")

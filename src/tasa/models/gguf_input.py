@@ -105,7 +105,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, max_shard_bytes: int | None = N
     missing = sorted(set(expected) - written - tied)
     if missing:
         raise TasaError(f"could not load GGUF file {gguf_path}: it holds no tensor for {missing[0]}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        + f" of {type(model).__name__}, the model transformers reads it as (a layout its GGUF "
+                        "loader does not support: load the Hugging Face checkpoint instead)")
     writer.close()
     config.architectures = [type(model).__name__]  # as save_pretrained records them
     config.dtype = torch.float32
