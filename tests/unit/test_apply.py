@@ -144,3 +144,16 @@ def test_float_targets_change_only_what_sees_quantized_inputs_and_fit_the_float_
         QuantizeSpec(float_targets=2.0)
     with pytest.raises(TasaError, match="--float-targets is a GPTQ option"):
         QuantizeSpec(float_targets=0.5, learn_rounding=8)
+
+
+def test_float_targets_refused_before_loading_with_rtn_plans_and_distributed(tmp_path, tiny_model_dir):
+    from tasa.config import Cluster, QuantizeSpec, Runtime
+    from tasa.pipeline.quantize import quantize
+
+    spec = QuantizeSpec(bits=4, group_size=32, float_targets=0.5)
+    Plan({}, method="rtn").save(tmp_path / "rtn.json")
+    with pytest.raises(TasaError, match="--float-targets is a GPTQ option, and the plan's method is RTN"):
+        quantize(str(tmp_path / "no-such-model"), tmp_path / "a", spec, plan=tmp_path / "rtn.json")
+    with pytest.raises(TasaError, match="--float-targets keeps the float model's inputs .* not run with --distributed"):
+        quantize(str(tmp_path / "no-such-model"), tmp_path / "b", spec,
+                 runtime=Runtime(cluster=Cluster(backend="ray")))

@@ -72,9 +72,6 @@ def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: 
     if spec.learn_rounding:
         log.warning("--distributed spreads GPTQ's calibration; learned rounding runs here")
         return calib_ids
-    if spec.float_targets:
-        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
-                        "it does not run with --distributed")
     if runtime.cluster.placement == "pipeline":
         raise TasaError("quantize spreads its calibration over workers that each hold the model: "
                         "--placement pipeline applies to profiling only")
@@ -111,6 +108,11 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     clear_stale_temps(out)
     plan_obj = Plan.load(plan) if plan is not None else None
     method = plan_obj.method if plan_obj is not None else spec.method
+    if spec.float_targets and method != "gptq":
+        raise TasaError("--float-targets is a GPTQ option, and the plan's method is RTN")
+    if spec.float_targets and runtime.cluster.backend is not None:
+        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
+                        "it does not run with --distributed")
     needs_calib = method == "gptq" or spec.learn_rounding
     calib_spec = calib if needs_calib else None
     if needs_calib and calib_spec is None:
