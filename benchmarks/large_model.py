@@ -43,6 +43,10 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   layer before the next layer is read: tasa's streamed evaluation) against batch by batch (the same code with a
   hidden-state budget of zero: every layer read again for every window, as a streamed model's own forward does):
   time, peak RSS, and the same NLL.
+- ``llama3-8b-4l-gguf-convert-streamed`` / ``...-whole``: a GGUF input converted to tasa's float32 safetensors
+  cache: the 8B shape cut to 4 layers (random bfloat16, ~3.8 GB; llama.cpp's converter writes its BF16 GGUF),
+  converted one tensor at a time (tasa.models.gguf_input, what tasa does) against transformers' whole-model GGUF
+  loading and save_pretrained (what tasa did before 2026-12-05): peak RSS, time, and the same tensors.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8
         "llama3-8b-in-memory", "llama3-8b-profile-streamed", "llama3-8b-gptq-layer-streamed-bf16",
         "llama3-8b-profile-streamed-bf16", "mixtral-8x7b-2l-rtn-streamed",
         "qwen3-moe-30b-2l-gptq-streamed", "llama3-8b-eval-streamed-batch-by-batch",
-        "llama3-8b-eval-streamed-layer-major"]
+        "llama3-8b-eval-streamed-layer-major", "llama3-8b-4l-gguf-convert-whole", "llama3-8b-4l-gguf-convert-streamed"]
 TASA = [sys.executable, "-m", "tasa"]
 AS_LIMIT = 20 * 2 ** 30
 RUN_PLAN = RESULTS / "run" / "plan.json"
@@ -313,9 +317,91 @@ def eval_worker(name: str, work: Path) -> dict:
     return {**r, **json.loads(out.read_text()), "model_disk_gb": disk_bytes(model) / 1e9, "seqlen": 128}
 
 
+CONVERT_WHOLE = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+src, out = sys.argv[1:3]
+model = AutoModelForCausalLM.from_pretrained(src.rsplit("/", 1)[0], gguf_file=src.rsplit("/", 1)[1], dtype=torch.float32)
+model.hf_quantizer = None
+del model.config.quantization_config
+model.save_pretrained(out)
+"""
+CONVERT_STREAMED = r"""
+import sys
+from pathlib import Path
+from tasa.models.gguf_input import convert_gguf
+convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def gguf_input(work: Path) -> Path:
+    """The 8B shape cut to 4 layers as a BF16 GGUF by llama.cpp's converter (written once)."""
+    import torch
+
+    from tasa.export.gguf_source import convert
+    from tasa.models.synthetic import synthetic_checkpoint
+    from tools.fetch_llama_cpp import fetch
+
+    out = work / "llama3-8b-4l.gguf"
+    if out.is_file():
+        return out
+    hf = work / "llama3-8b-4l-synthetic"
+    cfg = llama3_8b_config()
+    cfg.num_hidden_layers = 4
+    synthetic_checkpoint(cfg, hf, dtype=torch.bfloat16, max_shard_bytes=2 ** 30)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(synthetic_8b(work)).save_pretrained(hf)
+    convert(hf, out, fetch(ROOT / "benchmarks" / ".work" / "llama-src", everything=True))
+    shutil.rmtree(hf)
+    return out
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors directories hold the same tensors (read one at a time)."""
+    from safetensors import safe_open
+
+    def index(d: Path) -> dict[str, Path]:
+        out = {}
+        for f in d.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        return False
+    for k in ia:
+        with safe_open(str(ia[k]), "pt") as ha, safe_open(str(ib[k]), "pt") as hb:
+            if not ha.get_tensor(k).equal(hb.get_tensor(k)):
+                return False
+    return True
+
+
+def convert_worker(name: str, work: Path) -> dict:
+    """The two GGUF-conversion rows (module docstring); the streamed row compares its output with the whole one's."""
+    src = gguf_input(work)
+    out = work / f"{name}-out"
+    shutil.rmtree(out, ignore_errors=True)
+    script = CONVERT_STREAMED if name.endswith("streamed") else CONVERT_WHOLE
+    r = measured([sys.executable, "-c", script, str(src), str(out)], work / "logs" / f"{name}.log")
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    result = {**r, "gguf_gb": src.stat().st_size / 1e9, "output_gb": disk_bytes(out) / 1e9}
+    whole = work / "llama3-8b-4l-gguf-convert-whole-out"
+    if name.endswith("streamed") and whole.is_dir():
+        result["same_tensors_as_whole"] = same_tensors(out, whole)
+        shutil.rmtree(whole)
+    if name.endswith("streamed"):
+        shutil.rmtree(out)
+    return result
+
+
 def worker(name: str, work: Path) -> dict:
     if name in MOE:
         return moe_worker(name, work)
+    if "-gguf-convert-" in name:
+        return convert_worker(name, work)
     if name.startswith("llama3-8b-eval-"):
         return eval_worker(name, work)
     out = work / name
@@ -390,8 +476,9 @@ def main() -> None:
         if name == "llama3-8b-eval-streamed-layer-major" and other in results:
             metrics["eval_time_ratio_vs_batch_by_batch"] = r["eval_seconds"] / results[other]["eval_seconds"]
             metrics["same_nll_as_batch_by_batch"] = abs(r["nll"] - results[other]["nll"]) <= 1e-5 * abs(r["nll"])
-        if name.startswith("llama3-8b-eval-"):
-            rows.append(row(name, "tasa", "eval", None, None, None, metrics, r["seconds"]))
+        if name.startswith("llama3-8b-eval-") or "-gguf-convert-" in name:
+            rows.append(row(name, "tasa" if not name.endswith("whole") else "transformers", name.split("-")[-2]
+                            if "convert" in name else "eval", None, None, None, metrics, r["seconds"]))
             continue
         calib = ("gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else
                  None if name in MOE and MOE[name][2] == "rtn" else "wikitext2 (8 x 256)")

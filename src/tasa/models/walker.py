@@ -355,9 +355,10 @@ def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False
     on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     streamer = streamer_of(model)
     if streamer is None:
-        with torch.no_grad():
-            for i, b in enumerate(on_device):
-                yield i, model(**b, use_cache=False).logits
+        for i, b in enumerate(on_device):
+            with torch.no_grad():  # (no grad mode held across the yields: the caller's code runs between them)
+                logits = model(**b, use_cache=False).logits
+            yield i, logits
         return
     arch = resolve(model)
     width = model.config.get_text_config().hidden_size * compute_dtype(model).itemsize
@@ -369,10 +370,11 @@ def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False
             held_bytes += on_device[stop]["input_ids"].numel() * width
             stop += 1
         chunk = on_device[start:stop]
-        with streamer.outside_held(), torch.no_grad():
-            inputs = capture(model, arch, chunk)
-            for _index, layer in walk(arch, device, desc=desc, progress=progress):
-                run_layer(layer, inputs, advance=True)
+        with streamer.outside_held():  # embeddings, norm and head read once for the chunk
+            with torch.no_grad():
+                inputs = capture(model, arch, chunk)
+                for _index, layer in walk(arch, device, desc=desc, progress=progress):
+                    run_layer(layer, inputs, advance=True)
             for b, batch in enumerate(chunk):
                 hidden, inputs.hidden[b] = inputs.hidden[b], None
                 yield start + b, head_logits(model, arch, hidden, batch)
