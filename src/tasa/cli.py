@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_size_args(r)
     _gptq_order_args(r)
     _scale_search_arg(r)
+    _float_targets_arg(r)
     _learn_rounding_args(r)
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--calib", default="wikitext2", help="calibration sources with weights (default: wikitext2)")
     w.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default: 64)")
     _scale_search_arg(w)
+    _float_targets_arg(w)
     _gptq_order_args(w)
     w.add_argument("--tasks", default="wikitext2",
                    help="evaluation: wikitext2, arc_easy, arc_challenge, mmlu, gsm8k (gold-solution NLL, no "
@@ -585,7 +587,7 @@ def run(argv: list[str] | None = None) -> int:
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
                        scale_search=args.scale_search, act_order=args.act_order,
                        static_groups=args.static_groups, learn_rounding=args.learn_rounding,
-                       learn_lr=args.learn_lr, learn_dtype=args.learn_dtype)
+                       learn_lr=args.learn_lr, learn_dtype=args.learn_dtype, float_targets=args.float_targets)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")
@@ -621,7 +623,8 @@ def run(argv: list[str] | None = None) -> int:
         spec = SweepSpec(budgets=budgets, betas=betas, bits=tuple(bits) if bits else None,
                          target=args.target or "gptqmodel",
                          quantize=QuantizeSpec(damp=args.damp, scale_search=args.scale_search,
-                                               act_order=args.act_order, static_groups=args.static_groups),
+                                               act_order=args.act_order, static_groups=args.static_groups,
+                                               float_targets=args.float_targets),
                          calib=CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
                          evaluation=EvalSpec(tasks=tuple(_names(args.tasks)), limit=args.eval_limit,
                                              windows=args.eval_windows, seqlen=args.seqlen, generate=False))

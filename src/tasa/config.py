@@ -553,6 +553,7 @@ class RunSpec:
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
+    float_targets: float = 0.0  # ... and its float_targets
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
@@ -578,7 +579,7 @@ class RunSpec:
         """The quantize stage's options (its method and grids are the plan's)."""
         return QuantizeSpec(act_order=self.act_order, static_groups=self.static_groups,
                             scale_search=self.scale_search, learn_rounding=self.learn_rounding,
-                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype)
+                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype, float_targets=self.float_targets)
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,10 @@ def test_float_targets_refused_before_loading_with_rtn_plans_and_distributed(tmp
     with pytest.raises(TasaError, match="--float-targets keeps the float model's inputs .* not run with --distributed"):
         quantize(str(tmp_path / "no-such-model"), tmp_path / "b", spec,
                  runtime=Runtime(cluster=Cluster(backend="ray")))
+    from tasa.config import RunSpec
+    from tasa.pipeline.run import run
+
+    run_spec = RunSpec(tasks=("gsm8k",), budget=3.5, float_targets=0.5)
+    assert run_spec.quantize_spec().float_targets == 0.5  # tasa run's quantize stage takes it
+    with pytest.raises(TasaError, match="--float-targets keeps the float model's inputs .* not run with --distributed"):
+        run(str(tmp_path / "no-such-model"), tmp_path / "c", run_spec, Runtime(cluster=Cluster(backend="ray")))

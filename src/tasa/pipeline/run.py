@@ -157,6 +157,9 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     from tasa.stages import Stages, stage_key as _key
 
     tasks = list(spec.tasks)
+    if spec.float_targets and runtime.cluster.backend is not None:
+        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
+                        "it does not run with --distributed")
     for t in tasks:  # bad names and specs, and too few test rows, fail before any work
         get_task(t).select(spec.eval_limit, "--eval-limit")
     run_warnings: list[str] = []
@@ -228,6 +231,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
                if spec.act_order or spec.static_groups else {}),
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
                if spec.learn_rounding else {}),
+            **({"float_targets": spec.float_targets} if spec.float_targets else {}),
             **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
