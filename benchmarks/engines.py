@@ -370,6 +370,15 @@ def gguf_quality(path: Path, work: Path, limit: int) -> dict:
             "eval_limit": limit}
 
 
+def llama_vs_tasa(res: subprocess.CompletedProcess, scores: Path, reference: Path, wins: list[list[int]]) -> dict:
+    """llama.cpp's scoring run ``res`` (its log-probabilities in ``scores``) against tasa's reader of ``reference``
+    in float32: loaded, the comparison and whether perplexity is within 1%; or the engine's error."""
+    if res.returncode != 0:
+        return {"loaded": False, "error": last_line(res.stderr)}
+    vs = compare(json.loads(scores.read_text()), tasa_logprobs(reference, wins, "float32"))
+    return {"loaded": True, "vs_tasa_float32": vs, "ppl_within_1pct": abs(vs["ppl_ratio"] - 1) <= 0.01}
+
+
 def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, tools: Path, n_windows: int,
                limit: int) -> list[dict]:
     import gguf
@@ -417,12 +426,7 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
                    "types": dict(sorted({t.tensor_type.name: 0 for t in linears}.items()))}
         for t in linears:
             metrics["types"][t.tensor_type.name] += 1
-        if res.returncode != 0:
-            metrics.update(loaded=False, error=last_line(res.stderr))
-        else:
-            engine = json.loads((work / f"llama-{name}.json").read_text())
-            metrics.update(loaded=True, vs_tasa_float32=compare(engine, tasa_logprobs(path, wins, "float32")))
-            metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
+        metrics.update(llama_vs_tasa(res, work / f"llama-{name}.json", path, wins))
         if name in ("tasa-3.5-servable", "llama-imatrix-same-types"):
             metrics.update(gguf_quality(path, work, limit))
         bits = json.loads((out / "quantize.json").read_text())["average_bits"] if out else None
@@ -535,12 +539,7 @@ def moe_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, n_
             if t.name.startswith("blk.") and len(t.shape) >= 2:
                 key = t.tensor_type.name + (" (experts)" if "_exps" in t.name else "")
                 metrics["types"][key] = metrics["types"].get(key, 0) + 1
-        if res.returncode != 0:
-            metrics.update(loaded=False, error=last_line(res.stderr))
-        else:
-            engine = json.loads((work / f"llama-{name}.json").read_text())
-            metrics.update(loaded=True, vs_tasa_float32=compare(engine, tasa_logprobs(reference, wins, "float32")))
-            metrics["ppl_within_1pct"] = abs(metrics["vs_tasa_float32"]["ppl_ratio"] - 1) <= 0.01
+        metrics.update(llama_vs_tasa(res, work / f"llama-{name}.json", reference, wins))
         rows.append(row(f"llama.cpp-gguf-{name}", f"llama-cpp-python {LLAMA_CPP_PYTHON.split('==')[1]}", "gguf",
                         bits, None, None if bits is None else "wikitext2 (16 x 512)",
                         {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))
