@@ -348,6 +348,8 @@ def gguf_input(work: Path) -> Path:
     hf = work / "llama3-8b-4l-synthetic"
     cfg = llama3_8b_config()
     cfg.num_hidden_layers = 4
+    cfg.architectures = ["LlamaForCausalLM"]  # what llama.cpp's converter dispatches on
+    shutil.rmtree(hf, ignore_errors=True)
     synthetic_checkpoint(cfg, hf, dtype=torch.bfloat16, max_shard_bytes=2 ** 30)
     from transformers import AutoTokenizer
 

@@ -82,8 +82,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, max_shard_bytes: int | None = N
         weights = gguf.quants.dequantize(t.data, t.tensor_type)
         result = processor.process(weights=weights, name=t.name, tensor_key_mapping=mapping,
                                    parsed_parameters=parsed)
-        if result.name in mapping:
-            parsed["tensors"][mapping[result.name]] = torch.from_numpy(np.copy(result.weights))
+        if result.name in mapping:  # a copy only of a view of the memory-mapped file (F32 tensors dequantize so)
+            w = result.weights
+            own = w.flags.writeable and not np.shares_memory(w, t.data)
+            parsed["tensors"][mapping[result.name]] = torch.from_numpy(w if own else np.copy(w))
         # the model tensor it fills: by its name, or (a fused parameter the processor fills in place, e.g. stacked
         # experts, whose model key has no ".weight") by its name without the suffix
         key = mapping.get(t.name, mapping.get(t.name.rsplit(".", 1)[0]))
