@@ -292,7 +292,8 @@ def disk_bytes(path: Path) -> int:
 
 EVAL_SCRIPT = r"""
 import functools, json, sys, time
-import tasa.eval.perplexity as P
+import importlib
+P = importlib.import_module("tasa.eval.perplexity")  # (tasa.eval exports a function of that name)
 from tasa.data import eval_texts
 from tasa.models import load
 path, mode, out = sys.argv[1:4]
