@@ -23,6 +23,11 @@ types (llama-imatrix on the same calibration text, then llama-quantize --imatrix
 GGUF of the same float weights).  Quality of the two GGUFs' weights is also measured by `tasa eval` (transformers
 dequantizes every GGML type exactly): WikiText-2 perplexity, KL to the float model, ARC-Easy accuracy.
 
+llama.cpp-moe (``--engines llama.cpp-moe``): SmolLM2-135M upcycled into a Mixtral (``upcycled_moe``: 4 noisy copies
+of its MLP per layer, a random router), its float GGUF by llama.cpp's converter, and tasa's mix on llama.cpp's grids
+(``moe_plan``) written with the converter's file as template: each layer's experts one stacked tensor per
+projection; both scored by llama.cpp against tasa's float model and tasa's float32 export of the same quantization.
+
 For each export: the first ``--windows`` WikiText-2 test windows of 512 tokens are scored by the engine
 (log-probabilities of every next token; vLLM in bfloat16) and by tasa's reader of the same checkpoint
 (``tasa.models.load``: dequantized, bfloat16 and float32): per-token log-probability differences (max, mean) and
