@@ -467,6 +467,9 @@ def main() -> None:
         print(f"[{BENCH}] {name} ...", flush=True)
         results[name] = cached(RECORDS / f"{name}.json", lambda n=name: worker(n, work))
         print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'costs'})}", flush=True)
+    # the summary covers every row measured so far, this run's or earlier ones', not only the rows asked now
+    results = {name: results.get(name) or json.loads((RECORDS / f"{name}.json").read_text())
+               for name in ROWS if name in results or (RECORDS / f"{name}.json").is_file()}
     rows = []
     for name, r in results.items():
         metrics = {k: v for k, v in r.items() if k not in ("seconds",)}
