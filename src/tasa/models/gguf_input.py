@@ -53,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, max_shard_bytes: int | None = N
 
     from tasa.export.gguf import weights_map
     from tasa.export.writer import MAX_SHARD_BYTES, ShardWriter
-    from tasa.models.moe import FUSED, checkpoint_names
+    from tasa.models.moe import checkpoint_names, is_fused
 
     where, name = str(gguf_path.parent), gguf_path.name
     try:
@@ -69,8 +69,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, max_shard_bytes: int | None = N
         raise
     except Exception as e:  # transformers raises assorted errors on unsupported GGUF layouts
         raise TasaError(f"could not load GGUF file {gguf_path}: {e}") from None
-    fused = {n: m for n, m in model.named_modules()
-             if all(isinstance(m._parameters.get(p), torch.Tensor) and m._parameters[p].dim() == 3 for p in FUSED)}
+    fused = {n: m for n, m in model.named_modules() if is_fused(m)}
     names = checkpoint_names(model, fused) if fused else {}
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     remaining = Counter(mapping.values())  # model key -> GGUF tensors that fill it still to come

@@ -67,7 +67,8 @@ class RoutedExperts(nn.ModuleList):
         return out
 
 
-def _is_fused(module: nn.Module) -> bool:
+def is_fused(module: nn.Module) -> bool:
+    """Whether ``module`` holds transformers-5 fused experts (3-D ``gate_up_proj`` and ``down_proj``)."""
     return all(isinstance(module._parameters.get(n), torch.Tensor) and module._parameters[n].dim() == 3
                for n in FUSED)
 
@@ -137,7 +138,7 @@ def unfuse_experts(model: nn.Module) -> dict[str, str]:
     expert and the fused tensors dropped layer by layer, so no second copy of the model is held; on the meta
     device nothing is allocated).  Returns :func:`checkpoint_names` (also kept as ``model.tasa_checkpoint_names``);
     a model without fused experts is left as it is (its checkpoint names are still recorded)."""
-    fused = {name: m for name, m in model.named_modules() if _is_fused(m)}
+    fused = {name: m for name, m in model.named_modules() if is_fused(m)}
     if not fused and hasattr(model, "tasa_checkpoint_names"):
         return model.tasa_checkpoint_names
     layouts = {name: _check_layout(name, m) for name, m in fused.items()}
