@@ -146,6 +146,44 @@ def test_float_targets_change_only_what_sees_quantized_inputs_and_fit_the_float_
         QuantizeSpec(float_targets=0.5, learn_rounding=8)
 
 
+def test_float_targets_held_float_inputs_equal_the_per_call_float_passes(monkeypatch):
+    """The float layer's inputs of all of a layer's linear groups, gathered in one pass and held, give the same
+    weights as running the float layer up to each group's linear per call (FLOAT_INPUTS_BYTES 0 forces that), in
+    fewer float-layer passes; the held inputs are gone once the layer is done."""
+    import tasa.quant.apply as apply_mod
+
+    ids = calib_ids(n=8, t=32)
+    spec = QuantSpec(bits=2, group_size=16)
+    weights, passes, real = {}, {}, apply_mod.run_layer
+    for budget in (apply_mod.FLOAT_INPUTS_BYTES, 0):
+        monkeypatch.setattr(apply_mod, "FLOAT_INPUTS_BYTES", budget)
+        calls = []
+
+        def counting(layer, inputs, *a, calls=calls, **k):
+            calls.append(layer)
+            return real(layer, inputs, *a, **k)
+        monkeypatch.setattr(apply_mod, "run_layer", counting)
+        model = tiny_llama()
+        arch = resolve(model)
+        calib = apply_mod.Calibration(model, arch, ids, 4, torch.device("cpu"), 0.5)
+        layers = []
+        real_begin = calib.begin
+
+        def begin(layer):
+            real_begin(layer)
+            layers.append(calib.float_layer)
+        calib.begin = begin
+        quantize_model(model, arch, Plan.uniform([m.name for m in arch.modules], spec), calib, progress=False,
+                       float_targets=0.5)
+        assert calib.float_held == {}
+        weights[budget] = {n: p.clone() for n, p in model.named_parameters()}
+        passes[budget] = sum(1 for c in calls if any(c is f for f in layers))
+    held, per_call = weights
+    assert all(torch.equal(weights[held][n], weights[per_call][n]) for n in weights[held])
+    # per layer: one gathering pass + the advance, against one pass per input group (4) per batch (2) + the advance
+    assert passes[held] == 2 * 2 and passes[per_call] == 2 * (4 * 2 + 1)
+
+
 def test_float_targets_refused_before_loading_with_rtn_plans_and_distributed(tmp_path, tiny_model_dir):
     from tasa.config import Cluster, QuantizeSpec, Runtime
     from tasa.pipeline.quantize import quantize

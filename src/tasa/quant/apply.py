@@ -190,6 +190,8 @@ class Calibration:
         self.float_targets = float_targets
         self.float_inputs = LayerInputs(list(self.inputs.hidden), self.inputs.kwargs) if float_targets else None
         self.float_layer: nn.Module | None = None
+        self.float_firsts: list[str] = []  # the first linear of each input group of the layer (routed experts aside)
+        self.float_held: dict[str, list[torch.Tensor]] = {}  # the float inputs of some of them, batch by batch
         self.shifts: dict[str, torch.Tensor] = {}
 
     def begin(self, layer: nn.Module) -> None:
@@ -198,7 +200,10 @@ class Calibration:
             self.float_layer = copy.deepcopy(layer)
 
     def groups(self, layer: nn.Module, locals_: list[str]) -> list[list[str]]:
-        return input_groups(layer, locals_, self.inputs)
+        groups = input_groups(layer, locals_, self.inputs)
+        if self.float_targets:
+            self.float_firsts = [g[0] for g in groups if expert_container(g[0]) is None]
+        return groups
 
     def hessians(self, layer: nn.Module, firsts: list[str], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         if not self.float_targets or any(expert_container(local) is not None for local in firsts):
@@ -206,11 +211,9 @@ class Calibration:
         device = self.inputs.hidden[0].device
         state = {local: [make_empty_hessian(layer.get_submodule(local).in_features, device),
                          make_empty_hessian(layer.get_submodule(local).in_features, device), 0] for local in firsts}
-        for b in range(len(self.inputs)):  # each batch through the float layer, then the quantized one
-            floats: dict[str, torch.Tensor] = {}
-            run_layer(self.float_layer, _batch(self.float_inputs, b),
-                      {local: (lambda x, local=local: floats.__setitem__(local, x)) for local in firsts},
-                      stop_after=firsts[-1])
+        held = self._held_float_inputs(layer, firsts)
+        for b in range(len(self.inputs)):  # each batch's float inputs (held, or through the float layer now)
+            floats = {local: held[local][b] for local in firsts} if held else self._float_batch(firsts, b)
 
             def tap(local):
                 def fn(x):
@@ -219,9 +222,36 @@ class Calibration:
                     st[2] = accumulate_hessian(st[0], st[2], x)
                 return fn
             run_layer(layer, _batch(self.inputs, b), {local: tap(local) for local in firsts}, stop_after=firsts[-1])
+        for local in firsts:
+            self.float_held.pop(local, None)
         counts.update({local: st[2] for local, st in state.items()})
         self.shifts.update({local: st[1] for local, st in state.items()})
         return {local: st[0] for local, st in state.items()}
+
+    def _held_float_inputs(self, layer: nn.Module, firsts: list[str]) -> dict[str, list[torch.Tensor]] | None:
+        """The float model's inputs of ``firsts``, batch by batch, held: on the layer's first call, one pass of the
+        float layer gathers the inputs of every linear group of the layer (held until their Hessians are taken) if
+        they fit :data:`FLOAT_INPUTS_BYTES`; None when they do not (:meth:`_float_batch` then, per call)."""
+        if not all(local in self.float_held for local in firsts):
+            rest = [local for local in self.float_firsts if local not in self.float_held]
+            tokens = sum(h.numel() // h.shape[-1] for h in self.float_inputs.hidden)
+            size = tokens * self.float_inputs.hidden[0].element_size() * sum(
+                layer.get_submodule(local).in_features for local in rest)
+            if not set(firsts) <= set(rest) or size > FLOAT_INPUTS_BYTES:
+                return None
+            gathered: dict[str, list[torch.Tensor]] = {local: [] for local in rest}
+            run_layer(self.float_layer, self.float_inputs, {local: gathered[local].append for local in rest},
+                      stop_after=rest[-1])
+            self.float_held.update(gathered)
+        return {local: self.float_held[local] for local in firsts}
+
+    def _float_batch(self, firsts: list[str], b: int) -> dict[str, torch.Tensor]:
+        """The float model's inputs of ``firsts`` on batch ``b``: the float layer run up to the last of them."""
+        floats: dict[str, torch.Tensor] = {}
+        run_layer(self.float_layer, _batch(self.float_inputs, b),
+                  {local: (lambda x, local=local: floats.__setitem__(local, x)) for local in firsts},
+                  stop_after=firsts[-1])
+        return floats
 
     def shift(self, local: str) -> torch.Tensor | None:
         """C of input ``local`` from the last :meth:`hessians` (None: plain calibration), handed over once."""
@@ -235,9 +265,11 @@ class Calibration:
         if self.float_layer is not None:
             run_layer(self.float_layer, self.float_inputs, advance=True)
             self.float_layer = None
+            self.float_held.clear()
 
     def close(self) -> None:
         self.inputs = self.float_inputs = self.float_layer = None
+        self.float_held = {}
 
 
 def _batch(inputs: LayerInputs, b: int) -> LayerInputs:
@@ -317,6 +349,7 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             on_layer(index, layer)
 
 
+FLOAT_INPUTS_BYTES = 2 * 2**30  # float-model inputs of a layer's linears held at once (asymmetric calibration)
 HESSIAN_BYTES_PER_PASS = 4 * 2**30  # Hessians gathered in one pass over a layer's inputs, at most (routed experts)
 
 
