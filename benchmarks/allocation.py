@@ -33,8 +33,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import (GPTQMODEL_REQS, parse_or_work, RESULTS, ROOT, cached, peer_venv, row,  # noqa: E402
-                               run_json, score_model, wikitext2, write_results)
+from benchmarks.common import (GPTQMODEL_REQS, parse_or_work, RESULTS, ROOT, cached, peer_venv, recorded,  # noqa: E402
+                               row, run_json, score_model, wikitext2, write_results)
 
 BENCH = "allocation"
 GROUP = 64
@@ -210,7 +210,7 @@ def main() -> None:
             [sys.executable, __file__, "--worker", n], log=work / "logs" / f"{n}.log"))
         print(f"  {json.dumps(results[name]['metrics'])}", flush=True)
     rows = []
-    for name, r in results.items():
+    for name, r in recorded(RECORDS, ROWS, results).items():
         bits = None if name == "fp" else r["bits"]
         method = "fp" if name == "fp" else "gptq"
         rows.append(row(name, "tasa" if name != "fp" else "none", method, bits, GROUP,

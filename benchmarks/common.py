@@ -60,6 +60,15 @@ def cached(path: Path, compute) -> dict:
     return value
 
 
+def recorded(records: Path, order: list[str], measured: dict[str, dict]) -> dict[str, dict]:
+    """Every row with a record in ``records`` (this run's ``measured`` ones or earlier runs'), the rows of
+    ``order`` first, then the others by name: a benchmark's summary json covers every row measured so far, not only
+    the rows asked for now (a ``--rows`` subset must not drop the others from it)."""
+    names = {p.stem for p in records.glob("*.json")} | set(measured)
+    return {name: measured.get(name) or read_json(records / f"{name}.json")
+            for name in [n for n in order if n in names] + sorted(names - set(order))}
+
+
 GPTQMODEL_REQS = ["torch==2.13.0", "transformers==5.23.0", "gptqmodel==7.6.0"]  # the peer GPTQModel's environment
 
 

@@ -63,7 +63,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, ROOT, cached, parse_or_work, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, cached, parse_or_work, recorded, row, write_results  # noqa: E402
 
 BENCH = "large_model"
 RECORDS = RESULTS / BENCH
@@ -467,9 +467,7 @@ def main() -> None:
         print(f"[{BENCH}] {name} ...", flush=True)
         results[name] = cached(RECORDS / f"{name}.json", lambda n=name: worker(n, work))
         print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'costs'})}", flush=True)
-    # the summary covers every row measured so far, this run's or earlier ones', not only the rows asked now
-    results = {name: results.get(name) or json.loads((RECORDS / f"{name}.json").read_text())
-               for name in ROWS if name in results or (RECORDS / f"{name}.json").is_file()}
+    results = recorded(RECORDS, ROWS, results)
     rows = []
     for name, r in results.items():
         metrics = {k: v for k, v in r.items() if k not in ("seconds",)}

@@ -26,7 +26,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, cached, parse_or_work, row, run_json, write_results  # noqa: E402
+from benchmarks.common import RESULTS, cached, parse_or_work, recorded, row, run_json, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -79,9 +79,10 @@ def worker(name: str, work: Path) -> dict:
 
 def main() -> None:
     args, work = parse_or_work(__doc__, "repro_check", worker, ROWS)
+    measured = {name: cached(OWN / f"{name}.json", lambda n=name: run_json([sys.executable, __file__, "--worker", n]))
+                for name in args.rows.split(",")}
     rows = []
-    for name in args.rows.split(","):
-        r = cached(OWN / f"{name}.json", lambda n=name: run_json([sys.executable, __file__, "--worker", n]))
+    for name, r in recorded(OWN, ROWS, measured).items():
         base = name.rsplit("-t", 1)[0]
         metrics = {k: v for k, v in r.items() if k not in ("bits", "seconds")}
         metrics["recorded_2026_12_01_wikitext2_ppl"] = read_json(RECORDS / f"{RECORDED[base]}.json")["metrics"]["wikitext2_ppl"]
