@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from tasa import __version__
 from tasa.artifacts import usual_modes, write_json_atomic
 from tasa.config import CalibSpec, ExportSpec, QuantizeSpec, QuantSpec, Runtime
 from tasa.data import build_calibration, resolve_calibration_source, store
@@ -135,10 +134,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
               export: ExportSpec, runtime: Runtime, allow_partial_plan: bool, template, t0: float) -> QuantizeResult:
     """quantize() once its arguments are checked (and a GGUF export's template is at hand)."""
     from tasa.allocate.targets import check_servable, target_for
-    from tasa.export import compressed_tensors as ct
-    from tasa.export import gguf, gguf_source
-    from tasa.export.gptq import README, checkpoint_format, pack_result, quantize_config
-    from tasa.export.writer import CheckpointWriter, write_config_files
+    from tasa.export.formats import open_export
 
     method = plan_obj.method if plan_obj is not None else spec.method
     target = export.target
@@ -164,34 +160,15 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
         raise TasaError(LEARNED_ASYM_TWO_LEVEL)  # before any work
     if export.w8a8:
         the_plan = _w8a8_plan(the_plan, export)
-    packed: dict = {}
-    packer = qcfg = None
     if rules is not None:
         try:
             check_servable(the_plan.modules, rules, arch.fusion_groups(),
                            {m.name: m.in_features for m in arch.modules})
         except TasaError as e:
             raise TasaError(f"{e}; or write a float model with --format fp") from None
-        # the checkpoint's quantization config, made now: it refuses what the format cannot write before any work
-        names = getattr(lm.model, "tasa_checkpoint_names", {})
-        linears = [m.name for m in arch.modules]
-        if export.format == "gguf":
-            import gguf as gguf_py
-
-            source = gguf_py.GGUFReader(template.file)
-            gguf_map = gguf.tensor_map(lm.model, source)
-            gguf_types = gguf.plan_types(the_plan.modules, gguf_map, template.described)
-            if template.file != lm.gguf:  # a GGUF of the model, not the file it was read from: is it the model's?
-                gguf_source.check_template(lm.model, source, gguf_map, template.described,
-                                           lambda module: held(lm.model, module))
-        elif export.format == "gptq":
-            fmt = checkpoint_format(the_plan)
-            qcfg = quantize_config(the_plan, linears, arch.numels(), f"tasa:{__version__}", target, fmt, names)
-            packer = lambda n, r: pack_result(n, r, fmt)  # noqa: E731
-        else:
-            qcfg = ct.quantization_config(the_plan, linears, names, export.w8a8)
-            packer = lambda n, r: ct.pack_result(n, r, the_plan.modules[n].sym,  # noqa: E731
-                                                 export.w8a8 and the_plan.modules[n].bits == 8)
+    # the format's part, made now: it refuses what the format cannot write before any work
+    exporter = open_export(export.format, the_plan, lm, arch, target, _float_dtype(export.float_dtype, lm),
+                           export.w8a8, template, lambda module: held(lm.model, module))
     calib_ids, calib_counts = None, {}
     if calib_spec is not None:
         cal = build_calibration(lm.tokenizer, calib_spec, lm.max_length)
@@ -201,12 +178,9 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
     tmp = temp_dir_for(out)
     try:
         # the checkpoint is written as the layers finish (a streamed model holds one layer at a time)
-        float_dtype = _float_dtype(export.float_dtype, lm)
-        if export.format == "gguf":
-            writer = gguf.GgufWriter(tmp / GGUF_FILE, source, gguf_types, gguf_map)
-            packer, float_dtype = writer.pack, None  # every float tensor is the source GGUF's own
-        else:
-            writer = CheckpointWriter(tmp, lm.model, arch.spec.layers_path, export.max_shard_bytes, float_dtype)
+        writer = exporter.writer(tmp, lm, arch, export.max_shard_bytes)
+        packed: dict = {}
+        packer = exporter.packer
         report = quantize_model(lm.model, arch, the_plan, calib, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
@@ -253,17 +227,12 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "date": now(),
         }
         writer.finish()
-        if export.format == "gguf":
-            _write_gguf_extras(tmp, writer, template.described)
-        else:
-            readme = {"gptq": README, "compressed-tensors": ct.README}.get(export.format)
-            write_config_files(tmp, lm.model, lm.tokenizer, qcfg, readme, float_dtype)
+        extra = exporter.finish(tmp, writer, lm)
         record["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".safetensors", ".gguf"))
         planned = sum(n for name, n in arch.numels().items() if name in the_plan.modules)
-        record.update(_sizes(record["size_bytes"], writer.packed_bytes, planned, lm.model, float_dtype, export.format))
-        if export.format == "gguf":
-            record.update(float_dtype=f"as stored in {template.described}", gguf_template=template.described,
-                          gguf_types=dict(writer.tensor_types))
+        record.update(_sizes(record["size_bytes"], writer.packed_bytes, planned, lm.model, exporter.float_dtype,
+                             export.format))
+        record.update(extra)
         the_plan.save(tmp / "plan.json")
         write_json_atomic(tmp / "quantize.json", record)
         usual_modes(tmp)  # mkdtemp and safetensors create owner-only modes
@@ -308,24 +277,6 @@ def gguf_template(model: str | LoadedModel, export: ExportSpec):
         kind, where = resolve_source(model)
         source = Path(where) if kind == "gguf" else None
     return gguf_source.template_source(source, export.gguf_template, export.llama_cpp)
-
-
-GGUF_FILE = "model.gguf"
-LLAMA_QUANTIZE_TYPES = "llama-quantize-tensor-types.txt"
-
-
-def _write_gguf_extras(out: Path, writer, source: str) -> None:
-    """A GGUF export's README, and the llama-quantize tensor types that give its tensors the same types from an
-    F16 GGUF (for users who prefer llama.cpp's own quantizer)."""
-    (out / LLAMA_QUANTIZE_TYPES).write_text("\n".join(writer.tensor_type_overrides()) + "\n")
-    types = sorted(set(writer.tensor_types.values()))
-    (out / "README.md").write_text(
-        f"# GGUF written by tasa\n\n`{GGUF_FILE}`: llama.cpp's format, one GGML type per tensor "
-        f"({', '.join(types)}); the quantized linears hold tasa's codes and scales exactly, everything else "
-        f"(metadata, tokenizer, chat template, embeddings, norms) is from {source}.\n\n"
-        f"    llama-cli -m {GGUF_FILE}\n\nThe same per-tensor types from llama.cpp's own quantizer, starting "
-        f"from an F16 GGUF of the model:\n\n    llama-quantize --tensor-type-file {LLAMA_QUANTIZE_TYPES} "
-        "model-f16.gguf model-mix.gguf Q8_0\n\n(Q8_0: the type of every tensor the file does not name.)\n")
 
 
 def _float_dtype(name: str, lm) -> torch.dtype | None:
