@@ -12,6 +12,7 @@ from tasa.models.arch import resolve
 from tasa.profile import probe as probe_mod
 from tasa.profile.objectives import build_objective, item_losses
 from tasa.config import ProfileSpec
+from tasa.models import walker as walker_mod
 from tasa.models.walker import capture, run_layer
 from tasa.profile.probe import ProbeStore, run_probes
 from tasa.quant.rtn import rtn_quantize
@@ -398,14 +399,14 @@ def test_kept_states_spill_to_disk_past_the_ram_budget(data_dir, tokenizer, tmp_
                                                         for b in bs) * 64 * 4
     in_memory = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=70), progress=False)
     seen = []
-    real_put = probe_mod.KeptStates.put
+    real_put = walker_mod.KeptStates.put
 
     def put(self, key, t):
         seen.append(self.dir)
         real_put(self, key, t)
         assert self.dir is None or self._path(key).is_file()
 
-    monkeypatch.setattr(probe_mod.KeptStates, "put", put)
+    monkeypatch.setattr(walker_mod.KeptStates, "put", put)
     store = ProbeStore(tmp_path, {"x": 1})
     spilled = run_probes(model, arch, objs, ProfileSpec(bits=(2,), group_size=16, batch_tokens=70, max_state_gb=0.0), store=store, progress=False)
     assert seen and all(d == tmp_path / "kept-states" for d in seen)

@@ -334,3 +334,72 @@ def test_streamed_evaluation_runs_layer_major_reading_each_layer_once_per_pass(s
     ll = [loglikelihoods(m.model, m.tokenizer, requests, batch_size=2, progress=False) for m in (full, streamed)]
     for a, b in zip(*ll):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-4) and (a.tokens, a.is_greedy) == (b.tokens, b.is_greedy)
+
+
+def test_streamed_backward_gives_the_whole_models_gradients_one_layer_at_a_time(sharded_dir, monkeypatch):
+    """The grad-align sketches of a streamed model (layer-major backward: each layer read once forward and once
+    backward, its inputs kept, spilled to disk past the budget) equal the in-memory model's whole backward, exact
+    sketches (k >= the layer's weights) and hashed ones; spilled kept inputs give the same gradients; the streamed
+model computes as before."""
+    from tasa.mixture.collect import gradient_sketches
+    from tasa.models import walker as walker_mod
+    from tasa.models.weights import Weights
+
+    full, streamed = load(str(sharded_dir)), load(str(sharded_dir), stream=True)
+    arch_f, arch_s = resolve(full.model), resolve(streamed.model)
+    ids = {"a": torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1)),
+           "b": torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(2))}
+    exact = max(sum(m.numel for m in arch_f.layer_modules(i)) for i in range(arch_f.num_layers))
+    reads = []
+    real_get = Weights.get
+    monkeypatch.setattr(Weights, "get", lambda self, key, *a, **k: (reads.append(key), real_get(self, key, *a, **k))[1])
+    for k in (exact, 97):
+        want = gradient_sketches(full.model, arch_f, ids, batch_size=2, k=k, seed=3, progress=False)
+        reads.clear()
+        got = gradient_sketches(streamed.model, arch_s, ids, batch_size=2, k=k, seed=3, progress=False)
+        for name in ids:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+        assert reads.count("model.layers.1.mlp.down_proj.weight") == 2 * len(ids)  # forward + backward, per set
+    spilled = []
+    real_put = walker_mod.KeptStates.put
+    monkeypatch.setattr(walker_mod.KeptStates, "put",
+                        lambda self, key, t: (spilled.append(self.dir is not None), real_put(self, key, t))[1])
+    grads = {}
+    batches = [{"input_ids": ids["a"][:2]}, {"input_ids": ids["a"][2:]}]
+    for budget in (walker_mod.LAYER_MAJOR_BYTES, 0):
+        seen = {}
+        walker_mod.layer_major_backward(
+            streamed.model, batches, lambda b, logits: logits.float().logsumexp(-1).mean(),
+            lambda i, b, g: seen.update({(i, b, local): x.clone() for local, x in g.items()}), max_bytes=budget)
+        grads[budget] = seen
+    assert spilled and spilled[-1] and not spilled[0]
+    assert grads[0].keys() == grads[walker_mod.LAYER_MAJOR_BYTES].keys()
+    for key, g in grads[0].items():
+        assert torch.equal(g, grads[walker_mod.LAYER_MAJOR_BYTES][key])
+    with torch.no_grad():  # the streamed model computes as before
+        torch.testing.assert_close(streamed.model(input_ids=ids["a"]).logits, full.model(input_ids=ids["a"]).logits)
+
+
+def test_streamed_fisher_estimates_equal_the_in_memory_ones(sharded_dir, data_dir):
+    """The Fisher estimator on a streamed model (per-batch gradients layer by layer) gives the in-memory costs for
+    a token objective and a multiple-choice one (padded batches, several per objective); autoscheme, which
+    quantizes every layer at once, is refused naming the alternatives."""
+    from tasa.profile.estimators import estimate
+    from tasa.profile.objectives import build_objective
+    from tasa.profile.probe import units
+
+    full, streamed = load(str(sharded_dir)), load(str(sharded_dir), stream=True)
+    objs = [build_objective("wikitext2", full.tokenizer, min_tokens=60, seqlen=32),
+            build_objective("arc_easy", full.tokenizer, min_tokens=20)]
+    costs = {}
+    for lm in (full, streamed):
+        arch = resolve(lm.model)
+        costs[lm is streamed], _ = estimate(lm.model, arch, objs, units(arch, "module"), (2, 4), "fisher",
+                                            group_size=16, batch_tokens=70)
+    for o in objs:
+        for b in ("2", "4"):
+            assert costs[True][o.name][b] == pytest.approx(costs[False][o.name][b], rel=1e-3, abs=1e-12)
+            assert any(v > 0 for v in costs[True][o.name][b])
+    with pytest.raises(TasaError, match="--estimator fisher or measured"):
+        arch = resolve(streamed.model)
+        estimate(streamed.model, arch, objs, units(arch, "layer"), (2,), "autoscheme", group_size=16)

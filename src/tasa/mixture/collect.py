@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tasa.errors import TasaError
 from tasa.models import compute_device, streamer_of
 from tasa.models.arch import ModelArch
-from tasa.models.walker import capture_ids, input_groups, move_outside_layers, walk
+from tasa.models.walker import capture_ids, input_groups, layer_major_backward, move_outside_layers, walk
 from tasa.quant.apply import layer_hessians
 
 _P = 2**31 - 1  # Mersenne prime for the sketch hashes
@@ -77,12 +77,25 @@ def collect_hessians(model: nn.Module, arch: ModelArch, token_sets: dict[str, to
             on_layer(index, hessians, numel)
 
 
+def _check_token_set(name: str, ids: torch.Tensor) -> int:
+    """The number of predicted tokens of token set ``name`` ((sequences, tokens >= 2) ids), or an error."""
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise TasaError(f"token set {name!r} needs shape (sequences, tokens >= 2)")
+    return ids.shape[0] * (ids.shape[1] - 1)
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The batch's share of the set's mean next-token loss (float32 logits at least)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="sum") / n_tokens
+
+
 def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
                       k: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per token set, a (layers, k) count sketch of the mean-loss gradient of each layer's linear weights."""
     if streamer_of(model) is not None:
-        raise TasaError("the grad-align criterion needs every weight in memory; search the mixture of a streamed "
-                        "model with --mixture-criterion hessian-trace (or measured)")
+        return _streamed_gradient_sketches(model, arch, token_sets, batch_size, k, seed, progress)
     layer_params: list[list[tuple[str, nn.Parameter]]] = []
     for i in range(arch.num_layers):
         layer = arch.layers[i]
@@ -111,19 +124,14 @@ def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, t
             if id(p) in wanted:
                 handles.append(p.register_post_accumulate_grad_hook(fold))
         for name, ids in token_sets.items():
-            if ids.ndim != 2 or ids.shape[1] < 2:
-                raise TasaError(f"token set {name!r} needs shape (sequences, tokens >= 2)")
+            n_tokens = _check_token_set(name, ids)
             current["s"] = torch.zeros(arch.num_layers, k, dtype=torch.float64)
-            n_tokens = ids.shape[0] * (ids.shape[1] - 1)
             dev = compute_device(model)
             for start in tqdm(range(0, ids.shape[0], batch_size), desc=f"gradients {name}", disable=not progress):
                 batch = ids[start:start + batch_size].to(dev)
-                logits = model(input_ids=batch, use_cache=False).logits
-                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                       batch[:, 1:].reshape(-1), reduction="sum") / n_tokens
+                loss = _next_token_loss(model(input_ids=batch, use_cache=False).logits, batch, n_tokens)
                 loss.backward()
-                del logits, loss
+                del loss
             out[name] = current["s"]
     finally:
         for h in handles:
@@ -131,4 +139,34 @@ def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, t
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
             p.grad = None
+    return out
+
+
+def _streamed_gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor],
+                                batch_size: int, k: int, seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    """:func:`gradient_sketches` of a model streamed from disk: the backward runs one decoder layer at a time
+    (tasa.models.walker.layer_major_backward); each layer's weight gradients of each batch are folded into its
+    sketch as they come, in the whole-model order of the weights."""
+    offsets = {}  # layer -> {local: (offset, layer total)}
+    for i in range(arch.num_layers):
+        total = sum(m.numel for m in arch.layer_modules(i))
+        off, offsets[i] = 0, {}
+        for m in arch.layer_modules(i):
+            offsets[i][m.local] = (off, total)
+            off += m.numel
+    out: dict[str, torch.Tensor] = {}
+    for name, ids in token_sets.items():
+        n_tokens = _check_token_set(name, ids)
+        sketch = torch.zeros(arch.num_layers, k, dtype=torch.float64)
+        batches = [{"input_ids": ids[s:s + batch_size]} for s in range(0, ids.shape[0], batch_size)]
+
+        def fold(i: int, _b: int, grads: dict[str, torch.Tensor]) -> None:
+            for local, g in grads.items():
+                off, total = offsets[i][local]
+                sketch[i] += count_sketch(g.cpu(), k, off, seed * 1_000_003 + i, total)
+
+        layer_major_backward(model, batches, lambda b, logits: _next_token_loss(
+            logits, batches[b]["input_ids"].to(logits.device), n_tokens), fold, progress=progress,
+            desc=f"gradients {name}")
+        out[name] = sketch
     return out

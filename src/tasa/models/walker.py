@@ -19,7 +19,11 @@ layer lives while it is used (the large-model path streams layers through it).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import hashlib
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -52,6 +56,43 @@ class LayerInputs:
     def call(self, b: int) -> tuple[torch.Tensor, dict]:
         """(hidden, kwargs) of batch ``b`` for the current layer."""
         return self.hidden[b], self.kwargs[b][self.index]
+
+
+class KeptStates:
+    """The hidden states entering the current layer, one per (objective, batch): held in memory, or,
+    when ``spill_dir`` is given, written to safetensors files there and read back on use (for
+    profiles whose kept states would not fit the RAM budget)."""
+
+    def __init__(self, spill_dir: Path | None = None):
+        self.dir = spill_dir
+        self.mem: dict[tuple[str, int], torch.Tensor] = {}
+        self.device: dict[tuple[str, int], torch.device] = {}
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: tuple[str, int]) -> Path:
+        return self.dir / f"{hashlib.sha1(key[0].encode()).hexdigest()[:12]}-{key[1]}.safetensors"
+
+    def put(self, key: tuple[str, int], t: torch.Tensor) -> None:
+        if self.dir is None:
+            self.mem[key] = t
+            return
+        from safetensors.torch import save_file
+
+        self.device[key] = t.device
+        save_file({"h": t.detach().contiguous().cpu()}, str(self._path(key)))
+
+    def get(self, key: tuple[str, int]) -> torch.Tensor:
+        if self.dir is None:
+            return self.mem[key]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(key)))["h"].to(self.device[key])
+
+    def close(self) -> None:
+        self.mem.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def layer_output(out) -> torch.Tensor:
@@ -328,12 +369,14 @@ class _Emit(_StandIn):
         return object.__getattribute__(self, "_hidden")
 
 
-def head_logits(model: nn.Module, arch: ModelArch, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+def head_logits(model: nn.Module, arch: ModelArch, hidden: torch.Tensor, inputs: dict,
+                grad: bool = False) -> torch.Tensor:
     """The model's logits when ``hidden`` leaves its last decoder layer on ``inputs`` (their attention mask):
     the model's own forward with its layers replaced by :class:`_Emit` (its final norm, head and any logit
-    processing; embeddings not read)."""
+    processing; embeddings not read).  ``grad``: differentiable in ``hidden``."""
     kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
-    with layers_from(model, arch, 0, replace=[_Emit(arch.layers[-1], hidden)]), torch.no_grad():
+    with layers_from(model, arch, 0, replace=[_Emit(arch.layers[-1], hidden)]), \
+            (nullcontext() if grad else torch.no_grad()):
         return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False, **kwargs).logits
 
 
@@ -379,3 +422,63 @@ def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False
                 hidden, inputs.hidden[b] = inputs.hidden[b], None
                 yield start + b, head_logits(model, arch, hidden, batch)
         start = stop
+
+
+def layer_major_backward(model: nn.Module, batches: list[dict], loss_of: Callable[[int, torch.Tensor], torch.Tensor],
+                         on_grads: Callable[[int, int, dict[str, torch.Tensor]], None],
+                         on_layer: Callable[[int, nn.Module], None] | None = None, progress: bool = False,
+                         desc: str = "gradients", max_bytes: int = LAYER_MAJOR_BYTES) -> None:
+    """Backpropagate ``loss_of(b, logits)`` of each of ``batches`` (the model's forward kwargs) one decoder layer at
+    a time, for a model streamed from disk (never whole in memory): every batch through layer 0, 1 ... with each
+    layer's inputs kept (spilled to a temporary directory past ``max_bytes``), the loss's gradient at the last
+    hidden states through the model's own final norm and head, then from the last layer down, each layer read once
+    more and run again on its kept inputs to carry the gradient to its inputs.  ``on_grads(layer, b, {local name:
+    gradient})`` gets the gradient of batch ``b``'s loss with respect to the weight of each of the layer's linears
+    (tasa.models.arch's modules), as a whole-model backward would give it (up to float rounding); then
+    ``on_layer(layer, module)``, the layer still resident."""
+    from tasa.models.arch import resolve
+    from tasa.models.streaming import compute_device, compute_dtype, streamer_of
+
+    arch, device, streamer = resolve(model), compute_device(model), streamer_of(model)
+    on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    width = model.config.get_text_config().hidden_size * compute_dtype(model).itemsize
+    kept_bytes = sum(b["input_ids"].numel() for b in on_device) * width * arch.num_layers
+    kept = KeptStates(Path(tempfile.mkdtemp(prefix="tasa-states-")) if kept_bytes > max_bytes else None)
+    try:
+        with streamer.outside_held() if streamer is not None else nullcontext():
+            with torch.no_grad():
+                inputs = capture(model, arch, on_device)
+                for index, layer in walk(arch, device, desc=f"{desc}: forward", progress=progress):
+                    for b in range(len(inputs)):
+                        kept.put((str(index), b), inputs.hidden[b])
+                    run_layer(layer, inputs, advance=True)
+            grads = []
+            for b, batch in enumerate(on_device):
+                hidden = inputs.hidden[b].detach().requires_grad_()
+                inputs.hidden[b] = None
+                grads.append(torch.autograd.grad(loss_of(b, head_logits(model, arch, hidden, batch, grad=True)),
+                                                 hidden)[0])
+        for index in tqdm(reversed(range(arch.num_layers)), total=arch.num_layers, desc=f"{desc}: backward",
+                          disable=not progress):
+            with resident(arch, index, device) as layer:
+                weights = {m.local: layer.get_submodule(m.local).weight for m in arch.layer_modules(index)}
+                before = {local: w.requires_grad for local, w in weights.items()}
+                try:
+                    for w in weights.values():
+                        w.requires_grad_(True)
+                    for b in range(len(on_device)):
+                        x = kept.get((str(index), b)).detach().requires_grad_()
+                        out = forward_layer(layer, x, inputs.kwargs[b][index], index)
+                        got = torch.autograd.grad(out, [x, *weights.values()], grad_outputs=grads[b],
+                                                  allow_unused=True)  # a routed expert no token of b reached
+                        grads[b] = got[0]
+                        on_grads(index, b, {local: torch.zeros_like(w) if g is None else g
+                                            for (local, w), g in zip(weights.items(), got[1:])})
+                    if on_layer is not None:
+                        with torch.no_grad():
+                            on_layer(index, layer)
+                finally:
+                    for local, w in weights.items():
+                        w.requires_grad_(before[local])
+    finally:
+        kept.close()

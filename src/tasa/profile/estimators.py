@@ -19,10 +19,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tasa.errors import TasaError
 from tasa.models import compute_device, compute_dtype, streamer_of
 from tasa.models.arch import ModelArch
+from tasa.models.walker import layer_major_backward
+from tasa.eval.metrics import logp_scores
 from tasa.profile.objectives import Objective, item_losses
 from tasa.profile.probe import Unit, head_is_plain, quant_swapped
 from tasa.profile.scores import forward_token_nll
@@ -47,19 +50,62 @@ def _grads_on(model: nn.Module, names: list[str]):
             p.grad = None
 
 
+def _loss(objective: Objective, rows: slice, nll: torch.Tensor) -> torch.Tensor:
+    """The batch ``rows``' share of the objective's mean item loss, from its per-token NLL."""
+    losses = item_losses(objective.subset(rows), nll.cpu())
+    if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
+        return losses.nll.sum() / objective.score_mask.sum()
+    return losses.nll.sum() / objective.n_items
+
+
 def _backward(model: nn.Module, objective: Objective, batch_tokens: int, plain_head: bool, on_batch=None) -> None:
     """Backward of the objective's mean item loss, one batch at a time (``on_batch`` after each)."""
     dtype, device = compute_dtype(model), compute_device(model)
     for rows in objective.row_slices(batch_tokens):
         nll = forward_token_nll(model, objective.batch(rows, dtype, device), plain_head)
-        losses = item_losses(objective.subset(rows), nll.cpu())
-        if objective.kind == "nll":  # per-token mean over the whole objective, this batch's share
-            loss = losses.nll.sum() / objective.score_mask.sum()
-        else:
-            loss = losses.nll.sum() / objective.n_items
-        loss.backward()
+        _loss(objective, rows, nll).backward()
         if on_batch is not None:
             on_batch()
+
+
+def _fisher_cost(fisher: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sym: bool) -> float:
+    """1/2 sum F (W - Q_b(W))^2 of one linear."""
+    return 0.5 * float((fisher * (w - rtn_quantize(w, bits, group_size, sym).weight) ** 2).sum())
+
+
+def _streamed_fisher(model: nn.Module, arch: ModelArch, objective: Objective, bits: tuple[int, ...],
+                     group_size: int, sym: bool, batch_tokens: int) -> dict[int, dict[str, float]]:
+    """{bits: {module: Fisher cost}} of a model streamed from disk: the objective's batches backpropagated one
+    decoder layer at a time (tasa.models.walker.layer_major_backward), each layer's Fisher diagonal summed over the
+    batches and turned into its modules' costs while the layer is resident."""
+    dtype, device = compute_dtype(model), compute_device(model)
+    slices = objective.row_slices(batch_tokens)
+    batches = [objective.batch(rows, dtype, device) for rows in slices]
+    fisher: dict[str, torch.Tensor] = {}
+    costs: dict[int, dict[str, float]] = {b: {} for b in bits}
+
+    def loss_of(b: int, logits: torch.Tensor) -> torch.Tensor:
+        batch = batches[b]
+        sel = batch.score_mask.nonzero(as_tuple=True)
+        scores = logp_scores(F.log_softmax(logits[sel[0], batch.pred_pos[sel]].float(), dim=-1),
+                             batch.inputs["input_ids"][sel], 0, None)
+        nll = torch.zeros(batch.score_mask.shape, dtype=scores.nll.dtype, device=scores.nll.device)
+        return _loss(objective, slices[b], nll.index_put(sel, scores.nll))
+
+    def on_grads(_i: int, _b: int, grads: dict[str, torch.Tensor]) -> None:
+        for local, g in grads.items():
+            fisher[local] = fisher[local] + g ** 2 if local in fisher else g ** 2
+
+    def on_layer(i: int, layer: nn.Module) -> None:
+        for m in arch.layer_modules(i):
+            w = layer.get_submodule(m.local).weight
+            for b in bits:
+                costs[b][m.name] = _fisher_cost(fisher[m.local], w, b, group_size, sym)
+        fisher.clear()
+
+    layer_major_backward(model, [b.inputs for b in batches], loss_of, on_grads, on_layer,
+                         desc=f"Fisher {objective.name}")
+    return costs
 
 
 def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], plan_units: list[Unit],
@@ -72,8 +118,14 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
     names = [m.name for m in arch.modules]
     costs: dict = {o.name: {} for o in objectives}
     if streamer_of(model) is not None:
-        raise TasaError("the gradient estimators need every weight in memory; profile a streamed model with "
-                        "measured probes (--estimator measured)")
+        if method != "fisher":
+            raise TasaError("the autoscheme estimator quantizes every layer at once in memory; profile a streamed "
+                            "model with --estimator fisher or measured probes (--estimator measured)")
+        for o in objectives:
+            per_bits = _streamed_fisher(model, arch, o, bits, group_size, sym, batch_tokens)
+            for b in bits:
+                costs[o.name][str(b)] = [sum(per_bits[b][m] for m in u.modules) for u in plan_units]
+        return costs, time.perf_counter() - t0
     first = objectives[0].batch(objectives[0].row_slices(batch_tokens)[0], compute_dtype(model), compute_device(model))
     plain = head_is_plain(model, first)
     with _grads_on(model, names):
@@ -89,8 +141,8 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
 
                 _backward(model, o, batch_tokens, plain, accumulate)
                 for b in bits:
-                    per_module = {n: 0.5 * float((fisher[n] * (w.detach() - rtn_quantize(
-                        w.detach(), b, group_size, sym).weight) ** 2).sum()) for n, w in params.items()}
+                    per_module = {n: _fisher_cost(fisher[n], w.detach(), b, group_size, sym)
+                                  for n, w in params.items()}
                     costs[o.name][str(b)] = [sum(per_module[m] for m in u.modules) for u in plan_units]
         else:
             for b in bits:

@@ -32,7 +32,6 @@ read together.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -54,7 +53,8 @@ from tasa.eval.metrics import TokenScores
 from tasa.profile.scores import forward_token_nll, forward_token_scores
 from tasa.config import ProfileSpec, QuantSpec
 from tasa.plan import expert_container
-from tasa.models.walker import capture, capture_ids, forward_layer, input_groups, run_layer, tail_from, walk
+from tasa.models.walker import (KeptStates, capture, capture_ids, forward_layer, input_groups, run_layer, tail_from,
+                               walk)
 from tasa.quant.apply import layer_hessians
 from tasa.quant.gptq import gptq_quantize
 from tasa.quant.rtn import rtn_quantize
@@ -154,43 +154,6 @@ def quant_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, gr
         with torch.no_grad():
             for name, w in saved.items():
                 model.get_submodule(name).weight.copy_(w)
-
-
-class KeptStates:
-    """The hidden states entering the current layer, one per (objective, batch): held in memory, or,
-    when ``spill_dir`` is given, written to safetensors files there and read back on use (for
-    profiles whose kept states would not fit the RAM budget)."""
-
-    def __init__(self, spill_dir: Path | None = None):
-        self.dir = spill_dir
-        self.mem: dict[tuple[str, int], torch.Tensor] = {}
-        self.device: dict[tuple[str, int], torch.device] = {}
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: tuple[str, int]) -> Path:
-        return self.dir / f"{hashlib.sha1(key[0].encode()).hexdigest()[:12]}-{key[1]}.safetensors"
-
-    def put(self, key: tuple[str, int], t: torch.Tensor) -> None:
-        if self.dir is None:
-            self.mem[key] = t
-            return
-        from safetensors.torch import save_file
-
-        self.device[key] = t.device
-        save_file({"h": t.detach().contiguous().cpu()}, str(self._path(key)))
-
-    def get(self, key: tuple[str, int]) -> torch.Tensor:
-        if self.dir is None:
-            return self.mem[key]
-        from safetensors.torch import load_file
-
-        return load_file(str(self._path(key)))["h"].to(self.device[key])
-
-    def close(self) -> None:
-        self.mem.clear()
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def state_bytes(model: nn.Module, batches: dict[str, list[Batch]]) -> int:
