@@ -16,7 +16,8 @@ Setup: group size 64, symmetric (tasa's signed-max grid since 2026-11-25), GPTQ 
 takes calibration. Calibrations: ``wiki`` (WikiText-2 validation; the baselines' convention),
 ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks' train rows), ``searched`` (``tasa search-mixture``
 with its default criterion, grad-align, over WikiText-2 and both tasks; 64 x 512 tokens per
-source, as ``tasa run --calib auto``).
+source, as ``tasa run --calib auto``), ``mix`` (wikitext2:0.5,gsm8k:0.25,arc_easy:0.25: half general text, the
+calibration trade-off of issue 38).
 The layer profile is the 4,096-token measured profile of benchmarks/profile.py (wikitext2, gsm8k,
 arc_easy; KL cost for ARC-Easy; bits 3, 4, 8).
 
@@ -32,10 +33,13 @@ whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on t
 
 Quantizer rows (issue 38): ``KIND+TAG-...`` is row ``KIND-...`` quantized with the options QUANTIZERS[TAG] (``ss``:
 GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid; ``best``: GPTQ with
-act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04): TASA 3.5 on the
+act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04; ``ft``: that with
+``--float-targets 0.25``): TASA 3.5 on the
 searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
-rounding compared with AutoRound's at equal plan and calibration).
+rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
+(``autoround-w3-wiki``, ``autoround-w4-wiki``: its defaults, as the AutoScheme rows) and TASA's 3.5-bit plan
+quantized by AutoRound on the task calibration (``artasa-3.5-task``: its per-layer ``layer_config``).
 
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
@@ -89,7 +93,7 @@ SEEDS = (0, 1, 2)
 BUDGETS = (3.0, 3.25, 3.5, 3.75, 4.0)
 SWEEP_SEEDS = (0,)  # budgets other than 3.5, and the module-granularity experiment (tasamod): one calibration seed
 LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
-CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5"}
+CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5", "mix": "wikitext2:0.5,gsm8k:0.25,arc_easy:0.25"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 # Each row's record (scores, times, bits: a few KB) is committed here, so the table survives the loss of
 # benchmarks/.work (a fresh checkout) and a later run resumes from the rows already measured. Heavy,
@@ -99,6 +103,7 @@ RECORDS = RESULTS / BENCH
 MODULE_PROFILE = RECORDS / "module-profile"
 GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
 PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
+PEERS = ("gptqmodel", "autoround", "artasa")  # row kinds whose weights another tool quantizes (artasa: TASA's plan, AutoRound)
 AUTOROUND_REQS = ["torch==2.13.0", "transformers==5.23.0", "auto-round==0.16.1"]
 BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmodel-w3-wiki", "gptqmodel-w4-wiki",
              "gptq-w3-searched", "gptq-w4-searched", "autoround-as3.5-wiki", "asgptq-3.5-wiki",
@@ -106,9 +111,13 @@ BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmode
              "tasagptq-3.5-searched"]
 # quantizer options of issue 38 (tasa quantize --scale-search N --learn-rounding STEPS), by row tag ('tasa+lr-...')
 QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32},
-              "best": {"act_order": True, "static_groups": True, "scale_search": 16}}  # `tasa quantize`'s default
+              "best": {"act_order": True, "static_groups": True, "scale_search": 16},  # `tasa quantize`'s default
+              "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25}}
+RUN_OPTIONS = ("learn_rounding", "float_targets")  # quantize_model's arguments; the other options are QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
-                  "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task"]
+                  "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
+                  "tasa+ft-3.5-mix", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
+                  "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
@@ -317,6 +326,12 @@ def allocation(name: str):
     return plan_from_sensitivity(sens, parse(name)["bits"], bits=bits, beta=beta)
 
 
+def autoscheme(name: str) -> bool:
+    """Whether row ``name`` is AutoRound at AutoScheme's bits ('autoround-as3.5-wiki'; 'autoround-w4-wiki' is
+    AutoRound's own uniform W4)."""
+    return parse(name)["kind"] == "autoround" and name.split("-")[1].startswith("as")
+
+
 def autoscheme_plan(autoround_row: str, names: list[str], work: Path):
     """The bits AutoScheme chose for every linear in an AutoRound row, as a plan."""
     from tasa.config import QuantSpec
@@ -362,16 +377,18 @@ def worker(name: str, work: Path) -> dict:
     arch = resolve(lm.model)
     p = parse(name)
     out: dict = {"seconds": None}
-    if p["kind"] in ("gptqmodel", "autoround"):
+    if p["kind"] in PEERS:
         load_linear_weights(lm, arch, work / "peers" / f"{name}.safetensors")
-        if p["kind"] == "autoround":
+        if autoscheme(name):
             out["layer_bits"] = layer_bits(autoscheme_plan(name, [m.name for m in arch.modules], work), arch)
+        elif p["kind"] == "artasa":
+            out["layer_bits"] = layer_bits(allocation(name)[0], arch)
     elif p["kind"] != "fp":
         plan = plan_for(name, arch, work)
         calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
                  if p["kind"] != "rtn" else None)
         options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
-        grid_options = {k: v for k, v in options.items() if k != "learn_rounding"}  # QuantSpec fields
+        grid_options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}  # QuantSpec fields
         if grid_options:
             import dataclasses
 
@@ -379,7 +396,8 @@ def worker(name: str, work: Path) -> dict:
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
-                       learn_iters=options.get("learn_rounding", 0), seed=p["seed"])
+                       learn_iters=options.get("learn_rounding", 0), float_targets=options.get("float_targets", 0.0),
+                       seed=p["seed"])
         out["seconds"] = time.perf_counter() - t0
         out["quantizer"] = options
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
@@ -439,11 +457,19 @@ def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
                "--bits", str(int(p["bits"])), "--group-size", str(GROUP), "--damp", str(DAMP),
                "--batch-size", str(BATCH), "--out", str(dest)]
         env = {"GPTQMODEL_CPU_WORKERS": "2", "GPTQ_TORCH_CACHE_WEIGHTS": "1"}
-    else:
+    else:  # AutoRound: at the bits of AutoScheme's choice, uniform, or TASA's plan (artasa)
+        if autoscheme(name):
+            bits = ["--avg-bits", str(p["bits"]), "--options", "3,4,8"]
+        elif p["kind"] == "artasa":
+            planned = dest.with_suffix(".plan.json")
+            planned.write_text(json.dumps({n: qs.bits for n, qs in allocation(name)[0].modules.items()}))
+            bits = ["--layer-bits", str(planned)]
+        else:
+            bits = ["--bits", str(int(p["bits"]))]
         py = peer_venv("autoround", AUTOROUND_REQS)
         cmd = [str(py), str(_HERE / "peers" / "autoround_autoscheme.py"), "--model-dir", fp_dir, "--calib", calib,
-               "--avg-bits", str(p["bits"]), "--options", "3,4,8", "--group-size", str(GROUP),
-               "--batch-size", str(BATCH), "--seed", str(42 + p["seed"]), "--out", str(dest)]
+               *bits, "--group-size", str(GROUP), "--batch-size", str(BATCH), "--seed", str(42 + p["seed"]),
+               "--out", str(dest)]
         env = {}
     out = run_json(cmd, env=env, log=work / "logs" / f"{name}-quantize.log")
     scheme = Path(f"{dest}.layers.json")  # AutoScheme's per-module bits: kept with the row's records
@@ -466,7 +492,7 @@ def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
     model = model or not (RECORDS / f"{name}.json").is_file()
     if p["calib"]:
         build_calib(work, p["calib"], p["seed"])
-    if p["kind"] in ("gptqmodel", "autoround"):
+    if p["kind"] in PEERS:
         cached(RECORDS / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
         if model and not (work / "peers" / f"{name}.safetensors").is_file():
             quantize_peer(name, work, fp_dir)
@@ -581,13 +607,16 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
             if r.get("layer_bits"):
                 m["layer_bits"] = r["layer_bits"]
             p = parse(name)
-            tool = {"gptqmodel": "gptqmodel", "autoround": "auto-round", "fp": "none"}.get(p["kind"], "tasa")
-            method = {"fp": "fp", "rtn": "rtn", "autoround": "autoround+autoscheme"}.get(p["kind"], "gptq")
+            tool = {"gptqmodel": "gptqmodel", "autoround": "auto-round", "artasa": "auto-round",
+                    "fp": "none"}.get(p["kind"], "tasa")
+            method = {"fp": "fp", "rtn": "rtn", "autoround": "autoround+autoscheme" if autoscheme(name) else "autoround",
+                      "artasa": "autoround+tasa-plan"}.get(p["kind"], "gptq")
             if p["quantizer"]:
                 q = QUANTIZERS[p["quantizer"]]
                 method = (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
                     ("+act-order+static-groups" if q.get("act_order") else "") + \
-                    (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "")
+                    (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "") + \
+                    (f"+float-targets{q['float_targets']}" if q.get("float_targets") else "")
             calib = None if p["kind"] in ("fp", "rtn") else \
                 f"{calib_string(p['calib'], work)} {NSAMPLES}x{SEQLEN} seed {p['seed']}"
             rows.append(row(name, tool, method, r.get("bits", p["bits"]), None if p["kind"] == "fp" else GROUP,
@@ -818,7 +847,8 @@ def gap_positions(metrics: dict) -> dict:
     out = {}
     for base in dict.fromkeys(parse(n)["base"] for n in metrics):
         p = parse(base)
-        if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround") or not 3 < p["bits"] < 4:
+        if p["kind"] not in ("tasa", "tasamod", "tasagptq", "pplonly", "asgptq", "autoround", "artasa") or \
+                not 3 < p["bits"] < 4:
             continue
         seeds = [s for s in seeds_of(base) if with_seed(base, s) in metrics]
         gptq = tagged("gptq", p)  # against the uniform rows of the same quantizer

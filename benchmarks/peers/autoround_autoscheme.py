@@ -1,9 +1,13 @@
 """Peer worker, run inside the AutoRound environment (auto-round 0.16, not tasa's).
 
-AutoRound's AutoScheme chooses a bit-width per linear layer under an average-bits budget
-(first-order score sum |grad x (W - Q(W))| with every layer at each candidate scheme, then
-a knapsack); AutoRound then quantizes the model with those schemes (sign-gradient tuning of
-rounding and clipping, ``--iters`` steps per block).
+The bit-width of each linear layer is one of:
+- ``--avg-bits B``: AutoRound's AutoScheme chooses it under an average-bits budget (first-order score
+  sum |grad x (W - Q(W))| with every layer at each candidate scheme, then a knapsack);
+- ``--bits B``: every linear of the decoder layers at B bits (AutoRound's own uniform quantization);
+- ``--layer-bits FILE``: a json {linear name: bits} (another tool's plan, e.g. tasa's), passed to AutoRound
+  as its per-layer ``layer_config``.
+AutoRound then quantizes the model at those bit-widths (sign-gradient tuning of rounding and clipping,
+``--iters`` steps per block), symmetric integer grids of ``--group-size``.
 
 Calibration: AutoRound reads text, not token ids, so the caller's calibration windows are
 decoded and written as a jsonl file; each line also carries the start of the next window, so
@@ -31,7 +35,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", required=True)
     p.add_argument("--calib", required=True, help="torch file holding an int64 (N, T) tensor")
-    p.add_argument("--avg-bits", type=float, required=True)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--avg-bits", type=float, help="AutoScheme's budget")
+    how.add_argument("--bits", type=int, help="uniform bit-width")
+    how.add_argument("--layer-bits", help="json file {linear name: bits}")
     p.add_argument("--options", default="3,4,8", help="candidate bit-widths")
     p.add_argument("--group-size", type=int, required=True)
     p.add_argument("--iters", type=int, default=200, help="AutoRound tuning steps per block (its default)")
@@ -61,13 +68,25 @@ def main() -> None:
     with open(data, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    options = [QuantizationScheme(bits=int(b), group_size=args.group_size, sym=True, data_type="int")
-               for b in args.options.split(",")]
-    scheme = AutoScheme(avg_bits=args.avg_bits, options=options, dataset=data, nsamples=args.scheme_nsamples,
-                        seqlen=args.scheme_seqlen, ignore_scale_zp_bits=True, device_map="cpu")
+    def grid(bits: int) -> QuantizationScheme:
+        return QuantizationScheme(bits=bits, group_size=args.group_size, sym=True, data_type="int")
+
+    layer_config = None
+    if args.avg_bits is not None:
+        scheme = AutoScheme(avg_bits=args.avg_bits, options=[grid(int(b)) for b in args.options.split(",")],
+                            dataset=data, nsamples=args.scheme_nsamples, seqlen=args.scheme_seqlen,
+                            ignore_scale_zp_bits=True, device_map="cpu")
+    elif args.bits is not None:
+        scheme = grid(args.bits)
+    else:
+        with open(args.layer_bits) as f:
+            planned = json.load(f)
+        scheme = grid(max(planned.values()))
+        layer_config = {name: {"bits": int(b), "group_size": args.group_size, "sym": True, "data_type": "int"}
+                        for name, b in planned.items()}
     t0 = time.perf_counter()
-    ar = AutoRound(args.model_dir, scheme=scheme, dataset=data, nsamples=n, seqlen=seqlen, iters=args.iters,
-                   batch_size=args.batch_size, seed=args.seed, device_map="cpu")
+    ar = AutoRound(args.model_dir, scheme=scheme, layer_config=layer_config, dataset=data, nsamples=n, seqlen=seqlen,
+                   iters=args.iters, batch_size=args.batch_size, seed=args.seed, device_map="cpu")
     model, layer_config = ar.quantize()
     seconds = time.perf_counter() - t0
 
