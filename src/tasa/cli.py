@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import (ACT_ORDER, AUTO_CHOICE_ITEMS, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, PLACEMENTS, SCALE_SEARCH,
-                         TOKEN_COSTS)
+from tasa.config import (ACT_ORDER, AUTO_CHOICE_ITEMS, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, FLOAT_TARGETS,
+                         PLACEMENTS, SCALE_SEARCH, TOKEN_COSTS)
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -113,11 +113,12 @@ def _scale_search_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _float_targets_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--float-targets", type=float, default=0.0, metavar="ALPHA",
+    p.add_argument("--float-targets", type=float, default=None, metavar="ALPHA",
                    help="GPTQ with asymmetric calibration (GPTAQ / GPTQ v2): each linear is fitted so that, fed the "
                         "quantized model's inputs, it reproduces the float model's outputs (the float model's inputs "
                         "are kept beside them, one more copy of a layer's inputs); ALPHA in (0, 1] scales the "
-                        "correction toward them (1: the least-squares fit); 0: off (default: 0)")
+                        f"correction toward them (1: the least-squares fit); 0: off (default: {FLOAT_TARGETS:g} for "
+                        "GPTQ in one process; off for RTN, learned rounding and --distributed calibration)")
 
 
 def _learn_rounding_args(p: argparse.ArgumentParser) -> None:

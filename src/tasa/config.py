@@ -270,6 +270,10 @@ LEARN_DTYPES = ("auto", "float32", "bfloat16")
 # scale search alone to 0.391, in GPTQ's time; learned rounding (--learn-rounding) is better still but takes
 # several times GPTQ's time on a CPU (docs/RESULTS.md, "Quantizer options").
 SCALE_SEARCH = 16
+# GPTQ's asymmetric calibration (--float-targets) at this strength wherever it applies (GPTQ in one process): on
+# SmolLM2-135M it took the KL of `tasa run`'s plan from 0.349 to 0.305 over three calibration seeds
+# (docs/RESULTS.md, "Quantizer options"); 1 (the plain least-squares fit) overshoots.
+FLOAT_TARGETS = 0.25
 ACT_ORDER = True  # with static groups: grids fixed in column order before the columns are reordered (g_idx trivial)
 
 
@@ -291,11 +295,12 @@ class QuantizeSpec:
     learn_rounding: int = 0  # not 0: learned rounding (tasa.quant.learned) in this many steps per decoder layer
     learn_lr: float | None = None  # its first step size (None: 1 / learn_rounding)
     learn_dtype: str = "auto"  # its steps' dtype: auto (tasa.quant.learned.step_dtype), float32 or bfloat16
-    float_targets: float = 0.0  # not 0: GPTQ with asymmetric calibration of this strength (tasa.quant.apply)
+    # GPTQ with asymmetric calibration of this strength (tasa.quant.apply); None: FLOAT_TARGETS where it applies
+    float_targets: float | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
-        if not 0 <= self.float_targets <= 1:
+        if self.float_targets is not None and not 0 <= self.float_targets <= 1:
             raise TasaError(f"--float-targets takes a strength in [0, 1], got {self.float_targets!r}")
         if self.float_targets and (self.learn_rounding or self.method != "gptq"):
             raise TasaError("--float-targets is a GPTQ option (learned rounding already targets the float model's "
@@ -306,6 +311,15 @@ class QuantizeSpec:
             raise TasaError(f"--learn-lr must be in (0, 1], got {self.learn_lr!r}")
         _one_of(self.learn_dtype, LEARN_DTYPES, "--learn-dtype")
         self.quant_spec(-1 if self.group_size is None else self.group_size)  # bits, group size, damp in range
+
+    def float_strength(self, method: str | None = None, distributed: bool = False) -> float:
+        """The asymmetric calibration's strength for a quantization by ``method`` (default: this spec's; a plan
+        brings its own): the one asked for, else FLOAT_TARGETS for GPTQ without learned rounding in one process
+        (``distributed``: data-parallel calibration, which holds no float stream), else 0."""
+        if self.float_targets is not None:
+            return self.float_targets
+        gptq = (method or self.method) == "gptq" and not self.learn_rounding
+        return FLOAT_TARGETS if gptq and not distributed else 0.0
 
     def quant_spec(self, group_size: int) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=group_size, sym=self.sym, act_order=self.act_order,
@@ -553,7 +567,7 @@ class RunSpec:
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
-    float_targets: float = 0.0  # ... and its float_targets
+    float_targets: float | None = None  # ... and its float_targets
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range

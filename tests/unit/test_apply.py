@@ -202,3 +202,29 @@ def test_float_targets_refused_before_loading_with_rtn_plans_and_distributed(tmp
     assert run_spec.quantize_spec().float_targets == 0.5  # tasa run's quantize stage takes it
     with pytest.raises(TasaError, match="--float-targets keeps the float model's inputs .* not run with --distributed"):
         run(str(tmp_path / "no-such-model"), tmp_path / "c", run_spec, Runtime(cluster=Cluster(backend="ray")))
+
+
+def test_float_targets_default_where_gptq_runs_in_one_process(tmp_path, tiny_model_dir, data_dir):
+    """Unless asked otherwise, GPTQ in one process calibrates asymmetrically at FLOAT_TARGETS; RTN, learned rounding
+    and data-parallel calibration do not (and are not refused for it); an explicit 0 turns it off.  The record
+    names the strength that made the checkpoint."""
+    from safetensors.torch import load_file
+
+    from tasa.config import FLOAT_TARGETS, CalibSpec, ExportSpec, QuantizeSpec
+    from tasa.pipeline.quantize import quantize
+
+    assert QuantizeSpec().float_strength() == FLOAT_TARGETS == 0.25
+    assert QuantizeSpec().float_strength("rtn") == QuantizeSpec(method="rtn").float_strength() == 0.0
+    assert QuantizeSpec(learn_rounding=4).float_strength() == 0.0
+    assert QuantizeSpec().float_strength(distributed=True) == 0.0
+    assert QuantizeSpec(float_targets=0.0).float_strength() == 0.0
+    assert QuantizeSpec(float_targets=1.0).float_strength("gptq") == 1.0
+    calib = CalibSpec.parse("wikitext2", nsamples=4, seqlen=32)
+    weights = {}
+    for name, spec in (("default", QuantizeSpec(bits=3, group_size=32)),
+                       ("off", QuantizeSpec(bits=3, group_size=32, float_targets=0.0)),
+                       ("rtn", QuantizeSpec(bits=3, group_size=32, method="rtn"))):
+        r = quantize(str(tiny_model_dir), tmp_path / name, spec, calib, export=ExportSpec(format="fp"))
+        assert r.record["quantizer"].endswith("--float-targets 0.25") == (name == "default")
+        weights[name] = load_file(str(next((tmp_path / name).glob("*.safetensors"))))
+    assert any(not torch.equal(weights["default"][k], weights["off"][k]) for k in weights["default"])

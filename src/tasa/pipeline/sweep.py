@@ -47,7 +47,7 @@ def run_plan(lm: LoadedModel, job: PlanJob) -> dict:
     plan = with_quantizer_options(job.plan, job.quantize)
     report = quantize_model(lm.model, arch, plan, job.calib_ids if plan.method == "gptq" else None,
                             batch_size=job.batch_size, true_sequential=job.quantize.true_sequential, progress=False,
-                            float_targets=job.quantize.float_targets if plan.method == "gptq" else 0.0)
+                            float_targets=job.quantize.float_strength(plan.method))
     ev = evaluate(lm, job.evaluation, runtime=Runtime(device=str(next(lm.model.parameters()).device),
                                                       batch_size=job.batch_size, progress=False))
     return {"results": ev.record["results"], "quantize_seconds": report.seconds}
