@@ -385,6 +385,11 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert sorted({m["bits"] for m in plan["modules"].values()}) == [2, 4]
     report = (out_dir / "report.md").read_text()
     assert "## Plan" in report and "| gsm8k | gold-solution NLL" in report and "| wikitext2 | KL" in report
+    took = json.loads((out_dir / "run.json").read_text())["seconds"]["quantize"]
+    assert (f"made by gptq with --act-order --static-groups --scale-search 16 --float-targets 0.25 in {took:.0f} s."
+            in report)  # the default quantizer, and the better one with its estimated time here
+    assert "`--learn-rounding 128 --batch-size 2` (learned rounding) leaves less error: about 3x" in report
+    assert f"about {3 * took:.0f} s for this run" in report
     pred = json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["predicted"]
     assert f"from uniform 4-bit (0) to uniform 2-bit (1): wikitext2 {pred['wikitext2']['gap_position']:.2f}, " \
            f"gsm8k {pred['gsm8k']['gap_position']:.2f}" in report

@@ -181,7 +181,7 @@ def test_a_fused_expert_layout_tasa_cannot_unfuse_is_refused():
 @pytest.mark.parametrize("granularity", ["layer", "module"])
 def test_a_streamed_moe_run_gives_the_in_memory_runs_profile_plan_checkpoint_and_scores(tmp_path, data_dir,
                                                                                        granularity):
-    from tests.unit.test_streaming import run_in_memory_and_streamed
+    from tests.unit.test_streaming import run_in_memory_and_streamed, same_scores
 
     model = tmp_path / "m"
     tiny_moe("mixtral").save_pretrained(model, max_shard_size="60KB")
@@ -201,10 +201,7 @@ def test_a_streamed_moe_run_gives_the_in_memory_runs_profile_plan_checkpoint_and
         assert {b["bits"] for b in plan.values()} == {2, 4}  # the budget splits between units
     ckpt = [p for p in on.rglob("model.safetensors")]
     assert len(ckpt) == 1 and ckpt[0].read_bytes() == (off / ckpt[0].relative_to(on)).read_bytes()
-    scores = [json.loads((d / "eval-quant.json").read_text())["results"] for d in (off, on)]
-    for task in scores[0]:
-        assert {k: v for k, v in scores[0][task].items() if k != "seconds"} == {
-            k: v for k, v in scores[1][task].items() if k != "seconds"}
+    same_scores(off, on)
 
 
 def test_shared_experts_are_their_own_units_and_their_gate_stays_float():

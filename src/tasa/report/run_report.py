@@ -8,6 +8,7 @@ import numpy as np
 
 from tasa import schemas
 from tasa.artifacts import read_json
+from tasa.config import BETTER_QUANTIZER
 from tasa.report.common import save_figure, write_pages
 
 # metrics shown per task, lower-is-better marked with a trailing "-"
@@ -78,6 +79,19 @@ def _prediction(alloc: dict) -> list[str]:
             + ".", ""]
 
 
+def _quantizer(summary: dict) -> list[str]:
+    """Which quantizer made the checkpoint, in how long, and the better one where time allows (or on a GPU)."""
+    name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    md = ["## Quantizer", "", f"The checkpoint was made by {name}{took}."]
+    if not name.startswith("learned rounding"):
+        flags, ratio = BETTER_QUANTIZER
+        estimate = f", about {ratio * seconds:.0f} s for this run" if seconds is not None else ""
+        md.append(f"Where time allows, and on a GPU, `{flags}` (learned rounding) leaves less error: about "
+                  f"{ratio:g}x this quantizer's time on a CPU{estimate} (docs/RESULTS.md, \"Quantizer options\").")
+    return md + [""]
+
+
 def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md / report.html / plan.png into ``run_dir`` from the run's artifacts and ``summary``."""
     plan = read_json(run_dir / "plan.json")
@@ -93,6 +107,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
           "## Plan", "", f"![plan.png]({_plan_figure(plan, run_dir)})", "",
           "| layer | bits (average of its modules) |", "| --- | ---: |"]
     md += [f"| {name.replace('layer.', '')} | {b:g} |" for name, b in alloc["layer_bits"].items()]
+    md += _quantizer(summary)
     if (run_dir / "mixture" / "mixture.json").is_file():
         mix = read_json(run_dir / "mixture" / "mixture.json")
         md += ["", "## Calibration mixture", "",
