@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -427,7 +427,8 @@ def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False
 def layer_major_backward(model: nn.Module, batches: list[dict], loss_of: Callable[[int, torch.Tensor], torch.Tensor],
                          on_grads: Callable[[int, int, dict[str, torch.Tensor]], None],
                          on_layer: Callable[[int, nn.Module], None] | None = None, progress: bool = False,
-                         desc: str = "gradients", max_bytes: int = LAYER_MAJOR_BYTES) -> None:
+                         desc: str = "gradients", max_bytes: int = LAYER_MAJOR_BYTES,
+                         layer_context: Callable[[int, nn.Module], ContextManager] | None = None) -> None:
     """Backpropagate ``loss_of(b, logits)`` of each of ``batches`` (the model's forward kwargs) one decoder layer at
     a time, for a model streamed from disk (never whole in memory): every batch through layer 0, 1 ... with each
     layer's inputs kept (spilled to a temporary directory past ``max_bytes``), the loss's gradient at the last
@@ -435,11 +436,14 @@ def layer_major_backward(model: nn.Module, batches: list[dict], loss_of: Callabl
     more and run again on its kept inputs to carry the gradient to its inputs.  ``on_grads(layer, b, {local name:
     gradient})`` gets the gradient of batch ``b``'s loss with respect to the weight of each of the layer's linears
     (tasa.models.arch's modules), as a whole-model backward would give it (up to float rounding); then
-    ``on_layer(layer, module)``, the layer still resident."""
+    ``on_layer(layer, module)``, the layer still resident.  ``layer_context(layer, module)``: entered each time a
+    layer is resident, in both passes, around everything done with it (e.g. its linears quantized in place and
+    restored on exit: the gradient is then the one at the changed weights)."""
     from tasa.models.arch import resolve
     from tasa.models.streaming import compute_device, compute_dtype, streamer_of
 
     arch, device, streamer = resolve(model), compute_device(model), streamer_of(model)
+    context = layer_context or (lambda _index, _layer: nullcontext())
     on_device = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     width = model.config.get_text_config().hidden_size * compute_dtype(model).itemsize
     kept_bytes = sum(b["input_ids"].numel() for b in on_device) * width * arch.num_layers
@@ -451,7 +455,8 @@ def layer_major_backward(model: nn.Module, batches: list[dict], loss_of: Callabl
                 for index, layer in walk(arch, device, desc=f"{desc}: forward", progress=progress):
                     for b in range(len(inputs)):
                         kept.put((str(index), b), inputs.hidden[b])
-                    run_layer(layer, inputs, advance=True)
+                    with context(index, layer):
+                        run_layer(layer, inputs, advance=True)
             grads = []
             for b, batch in enumerate(on_device):
                 hidden = inputs.hidden[b].detach().requires_grad_()
@@ -460,7 +465,7 @@ def layer_major_backward(model: nn.Module, batches: list[dict], loss_of: Callabl
                                                  hidden)[0])
         for index in tqdm(reversed(range(arch.num_layers)), total=arch.num_layers, desc=f"{desc}: backward",
                           disable=not progress):
-            with resident(arch, index, device) as layer:
+            with resident(arch, index, device) as layer, context(index, layer):
                 weights = {m.local: layer.get_submodule(m.local).weight for m in arch.layer_modules(index)}
                 before = {local: w.requires_grad for local, w in weights.items()}
                 try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -73,16 +74,20 @@ def _fisher_cost(fisher: torch.Tensor, w: torch.Tensor, bits: int, group_size: i
     return 0.5 * float((fisher * (w - rtn_quantize(w, bits, group_size, sym).weight) ** 2).sum())
 
 
-def _streamed_fisher(model: nn.Module, arch: ModelArch, objective: Objective, bits: tuple[int, ...],
-                     group_size: int, sym: bool, batch_tokens: int) -> dict[int, dict[str, float]]:
-    """{bits: {module: Fisher cost}} of a model streamed from disk: the objective's batches backpropagated one
-    decoder layer at a time (tasa.models.walker.layer_major_backward), each layer's Fisher diagonal summed over the
-    batches and turned into its modules' costs while the layer is resident."""
+def _streamed_costs(model: nn.Module, arch: ModelArch, objective: Objective, batch_tokens: int,
+                    fold: Callable[[torch.Tensor], torch.Tensor],
+                    cost_of: Callable[[str, nn.Linear, torch.Tensor], object],
+                    layer_context: Callable[[int, nn.Module], ContextManager] | None = None,
+                    desc: str = "gradients") -> dict[str, object]:
+    """{module: cost_of(local name, linear, sum over batches of fold(weight gradient))} of a model streamed from
+    disk: the objective's batches backpropagated one decoder layer at a time
+    (tasa.models.walker.layer_major_backward, ``layer_context`` around each resident layer), each layer's folded
+    gradients summed over the batches and turned into its modules' costs while the layer is resident."""
     dtype, device = compute_dtype(model), compute_device(model)
     slices = objective.row_slices(batch_tokens)
     batches = [objective.batch(rows, dtype, device) for rows in slices]
-    fisher: dict[str, torch.Tensor] = {}
-    costs: dict[int, dict[str, float]] = {b: {} for b in bits}
+    folded: dict[str, torch.Tensor] = {}
+    costs: dict[str, object] = {}
 
     def loss_of(b: int, logits: torch.Tensor) -> torch.Tensor:
         batch = batches[b]
@@ -94,18 +99,50 @@ def _streamed_fisher(model: nn.Module, arch: ModelArch, objective: Objective, bi
 
     def on_grads(_i: int, _b: int, grads: dict[str, torch.Tensor]) -> None:
         for local, g in grads.items():
-            fisher[local] = fisher[local] + g ** 2 if local in fisher else g ** 2
+            folded[local] = folded[local] + fold(g) if local in folded else fold(g)
 
     def on_layer(i: int, layer: nn.Module) -> None:
         for m in arch.layer_modules(i):
-            w = layer.get_submodule(m.local).weight
-            for b in bits:
-                costs[b][m.name] = _fisher_cost(fisher[m.local], w, b, group_size, sym)
-        fisher.clear()
+            costs[m.name] = cost_of(m.local, layer.get_submodule(m.local), folded[m.local])
+        folded.clear()
 
-    layer_major_backward(model, [b.inputs for b in batches], loss_of, on_grads, on_layer,
-                         desc=f"Fisher {objective.name}")
+    layer_major_backward(model, [b.inputs for b in batches], loss_of, on_grads, on_layer, desc=desc,
+                         layer_context=layer_context)
     return costs
+
+
+def _streamed_fisher(model: nn.Module, arch: ModelArch, objective: Objective, bits: tuple[int, ...],
+                     group_size: int, sym: bool, batch_tokens: int) -> dict[int, dict[str, float]]:
+    """{bits: {module: Fisher cost}} of a streamed model: each layer's Fisher diagonal (squared per-batch
+    gradients, summed) turned into its modules' costs at every bit-width."""
+    per_module = _streamed_costs(
+        model, arch, objective, batch_tokens, lambda g: g ** 2,
+        lambda _local, lin, fisher: {b: _fisher_cost(fisher, lin.weight, b, group_size, sym) for b in bits},
+        desc=f"Fisher {objective.name}")
+    return {b: {name: c[b] for name, c in per_module.items()} for b in bits}
+
+
+def _streamed_autoscheme(model: nn.Module, arch: ModelArch, objective: Objective, bits: int, group_size: int,
+                         sym: bool, batch_tokens: int) -> dict[str, float]:
+    """{module: AutoScheme cost at ``bits``} of a streamed model: every layer's linears RTN-quantized in place
+    while it is resident (both passes, so the gradient is the one at the quantized weights of the whole model),
+    the batches' gradients summed, each module scored by sum |g * (W - Q_b(W))| against its original weights."""
+    originals: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def quantized(index: int, layer: nn.Module):
+        with quant_swapped(layer, tuple(m.local for m in arch.layer_modules(index)), bits, group_size,
+                           sym) as saved:
+            originals.update(saved)
+            try:
+                yield
+            finally:
+                originals.clear()
+
+    return _streamed_costs(
+        model, arch, objective, batch_tokens, lambda g: g,
+        lambda local, lin, g: float((g * (originals[local] - lin.weight)).abs().sum()),
+        layer_context=quantized, desc=f"AutoScheme {objective.name} {bits}-bit")
 
 
 def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], plan_units: list[Unit],
@@ -118,11 +155,9 @@ def estimate(model: nn.Module, arch: ModelArch, objectives: list[Objective], pla
     names = [m.name for m in arch.modules]
     costs: dict = {o.name: {} for o in objectives}
     if streamer_of(model) is not None:
-        if method != "fisher":
-            raise TasaError("the autoscheme estimator quantizes every layer at once in memory; profile a streamed "
-                            "model with --estimator fisher or measured probes (--estimator measured)")
         for o in objectives:
-            per_bits = _streamed_fisher(model, arch, o, bits, group_size, sym, batch_tokens)
+            per_bits = (_streamed_fisher(model, arch, o, bits, group_size, sym, batch_tokens) if method == "fisher"
+                        else {b: _streamed_autoscheme(model, arch, o, b, group_size, sym, batch_tokens) for b in bits})
             for b in bits:
                 costs[o.name][str(b)] = [sum(per_bits[b][m] for m in u.modules) for u in plan_units]
         return costs, time.perf_counter() - t0

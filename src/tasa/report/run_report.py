@@ -83,13 +83,13 @@ def _quantizer(summary: dict) -> list[str]:
     """Which quantizer made the checkpoint, in how long, and the better one where time allows (or on a GPU)."""
     name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
-    md = ["## Quantizer", "", f"The checkpoint was made by {name}{took}."]
+    md = ["", "## Quantizer", "", f"The checkpoint was made by {name}{took}."]
     if not name.startswith("learned rounding"):
         flags, ratio = BETTER_QUANTIZER
         estimate = f", about {ratio * seconds:.0f} s for this run" if seconds is not None else ""
         md.append(f"Where time allows, and on a GPU, `{flags}` (learned rounding) leaves less error: about "
                   f"{ratio:g}x this quantizer's time on a CPU{estimate} (docs/RESULTS.md, \"Quantizer options\").")
-    return md + [""]
+    return md
 
 
 def write_run_report(run_dir: Path, summary: dict) -> Path:
