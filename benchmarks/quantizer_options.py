@@ -30,11 +30,14 @@ from benchmarks.common import RESULTS, WORK, row, write_results  # noqa: E402
 BENCH = "quantizer_options"
 PLAN = RESULTS / "run" / "plan.json"
 CALIB, NSAMPLES, SEQLEN, WINDOWS = "gsm8k:0.5,arc_easy:0.5", 64, 512, 40
-ROWS = {"gptq": ["--scale-search", "0"], "gptq-ss16": ["--scale-search", "16"],
-        "gptq-actorder": ["--scale-search", "0", "--act-order"],
-        "gptq-actorder-static": ["--scale-search", "0", "--act-order", "--static-groups"],
-        "gptq-actorder-ss16": ["--scale-search", "16", "--act-order"],
-        "gptq-actorder-static-ss16": ["--scale-search", "16", "--act-order", "--static-groups"],
+# Each row names every option whose default changed since the rows were first measured: act-order and static
+# groups (on by default since 2026-12-04), asymmetric calibration (on since 2026-12-05).
+OFF, PLAIN = ["--float-targets", "0"], ["--no-act-order", "--no-static-groups"]
+ROWS = {"gptq": ["--scale-search", "0", *PLAIN, *OFF], "gptq-ss16": ["--scale-search", "16", *PLAIN, *OFF],
+        "gptq-actorder": ["--scale-search", "0", "--act-order", "--no-static-groups", *OFF],
+        "gptq-actorder-static": ["--scale-search", "0", "--act-order", "--static-groups", *OFF],
+        "gptq-actorder-ss16": ["--scale-search", "16", "--act-order", "--no-static-groups", *OFF],
+        "gptq-actorder-static-ss16": ["--scale-search", "16", "--act-order", "--static-groups", *OFF],
         "learned32f32-ss16": ["--scale-search", "16", "--learn-rounding", "32", "--learn-dtype", "float32"],
         "learned32-ss16": ["--scale-search", "16", "--learn-rounding", "32"],
         "learned128b2-ss16": ["--scale-search", "16", "--learn-rounding", "128", "--batch-size", "2"],
