@@ -189,8 +189,14 @@ def test_the_cli_writes_the_usual_checkpoint_and_records_the_learning(fmt, tiny_
         assert torch.allclose(packed.get(f"{name}.weight", torch.float32), want, atol=1e-3 * want.abs().max()), name
 
 
-def test_gptqmodel_loads_a_learned_rounding_checkpoint_with_matching_logits(tiny_model_dir, tmp_path, capsys,
-                                                                            data_dir, gptqmodel_python):
+@pytest.mark.parametrize("options, quantizer", [
+    (["--learn-rounding", "6"], "learned rounding (6 steps per layer) with --scale-search 16"),
+    ([], "gptq with --act-order --static-groups --scale-search 16 --float-targets 0.25"),  # the default
+    (["--float-targets", "1", "--no-act-order"], "gptq with --static-groups --scale-search 16 --float-targets 1")])
+def test_gptqmodel_loads_each_quantizers_checkpoint_with_matching_logits(tiny_model_dir, tmp_path, capsys, data_dir,
+                                                                          gptqmodel_python, options, quantizer):
+    """Learned rounding, the default GPTQ (act-order, static groups, scale search, asymmetric calibration) and
+    another mix of options all write checkpoints GPTQModel 7.6.0 loads and computes as tasa reads them."""
     import subprocess
 
     from tasa.models import load
@@ -198,9 +204,10 @@ def test_gptqmodel_loads_a_learned_rounding_checkpoint_with_matching_logits(tiny
 
     out = tmp_path / "q"
     code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--group-size", "32",
-                            "--learn-rounding", "6", "--format", "gptq", "--calib", "wikitext2", "--nsamples", "8",
+                            *options, "--format", "gptq", "--calib", "wikitext2", "--nsamples", "8",
                             "--seqlen", "32", "--output-dir", str(out), "--quiet"], capsys)
     assert code == 0, err
+    assert json.loads((out / "quantize.json").read_text())["quantizer"] == quantizer
     ids = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
     proc = subprocess.run([str(gptqmodel_python), str(ROOT / "tests" / "peers" / "gptqmodel_logits.py"), str(out),
                            json.dumps(ids.tolist())], capture_output=True, text=True, timeout=600)
