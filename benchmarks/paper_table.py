@@ -111,12 +111,12 @@ BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmode
              "tasagptq-3.5-searched"]
 # quantizer options of issue 38 (tasa quantize --scale-search N --learn-rounding STEPS), by row tag ('tasa+lr-...')
 QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32},
-              "best": {"act_order": True, "static_groups": True, "scale_search": 16},  # `tasa quantize`'s default
-              "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25}}
+              "best": {"act_order": True, "static_groups": True, "scale_search": 16},  # the default until 2026-12-05
+              "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25}}  # since
 RUN_OPTIONS = ("learn_rounding", "float_targets")  # quantize_model's arguments; the other options are QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
-                  "tasa+ft-3.5-mix", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
+                  "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
