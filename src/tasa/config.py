@@ -8,7 +8,7 @@ and checked here, in one place, with the defaults the CLI and the Python API sha
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tasa.errors import TasaError
 
@@ -325,6 +325,10 @@ class QuantizeSpec:
             return self.float_targets
         gptq = (method or self.method) == "gptq" and not self.learn_rounding
         return FLOAT_TARGETS if gptq and not distributed else 0.0
+
+    def resolved(self, method: str | None = None, distributed: bool = False) -> "QuantizeSpec":
+        """This spec with its asymmetric calibration's strength settled (:meth:`float_strength`), as it runs."""
+        return replace(self, float_targets=self.float_strength(method, distributed))
 
     def quant_spec(self, group_size: int) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=group_size, sym=self.sym, act_order=self.act_order,

@@ -91,23 +91,26 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, n_tokens: int) -> 
                            reduction="sum") / n_tokens
 
 
+def _sketch_offsets(arch: ModelArch) -> dict[int, dict[str, tuple[int, int]]]:
+    """Layer -> {local name: (offset, layer total)}: where each linear's weights sit in its layer's flattened
+    gradient, in the layer's module order (the sketch hashes positions in it)."""
+    offsets: dict[int, dict[str, tuple[int, int]]] = {}
+    for i in range(arch.num_layers):
+        total, off, offsets[i] = sum(m.numel for m in arch.layer_modules(i)), 0, {}
+        for m in arch.layer_modules(i):
+            offsets[i][m.local] = (off, total)
+            off += m.numel
+    return offsets
+
+
 def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, torch.Tensor], batch_size: int,
                       k: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per token set, a (layers, k) count sketch of the mean-loss gradient of each layer's linear weights."""
     if streamer_of(model) is not None:
         return _streamed_gradient_sketches(model, arch, token_sets, batch_size, k, seed, progress)
-    layer_params: list[list[tuple[str, nn.Parameter]]] = []
-    for i in range(arch.num_layers):
-        layer = arch.layers[i]
-        layer_params.append([(m.name, layer.get_submodule(m.local).weight) for m in arch.layer_modules(i)])
-    offsets: dict[int, tuple[int, int, int]] = {}  # id(param) -> (layer, offset, layer total)
-    for i, params in enumerate(layer_params):
-        total = sum(p.numel() for _, p in params)
-        off = 0
-        for _, p in params:
-            offsets[id(p)] = (i, off, total)
-            off += p.numel()
-    wanted = {id(p) for params in layer_params for _, p in params}
+    offsets = {id(arch.layers[i].get_submodule(local).weight): (i, *where)  # id(param) -> (layer, offset, total)
+               for i, per_layer in _sketch_offsets(arch).items() for local, where in per_layer.items()}
+    wanted = set(offsets)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
@@ -147,13 +150,7 @@ def _streamed_gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: d
     """:func:`gradient_sketches` of a model streamed from disk: the backward runs one decoder layer at a time
     (tasa.models.walker.layer_major_backward); each layer's weight gradients of each batch are folded into its
     sketch as they come, in the whole-model order of the weights."""
-    offsets = {}  # layer -> {local: (offset, layer total)}
-    for i in range(arch.num_layers):
-        total = sum(m.numel for m in arch.layer_modules(i))
-        off, offsets[i] = 0, {}
-        for m in arch.layer_modules(i):
-            offsets[i][m.local] = (off, total)
-            off += m.numel
+    offsets = _sketch_offsets(arch)
     out: dict[str, torch.Tensor] = {}
     for name, ids in token_sets.items():
         n_tokens = _check_token_set(name, ids)

@@ -112,7 +112,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     if spec.float_targets and runtime.cluster.backend is not None:
         raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
                         "it does not run with --distributed")
-    spec = dataclasses.replace(spec, float_targets=spec.float_strength(method, runtime.cluster.backend is not None))
+    spec = spec.resolved(method, runtime.cluster.backend is not None)
     needs_calib = method == "gptq" or spec.learn_rounding
     calib_spec = calib if needs_calib else None
     if needs_calib and calib_spec is None:

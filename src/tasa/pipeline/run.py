@@ -224,10 +224,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     a_spec = dataclasses.replace(a_spec, bits=tuple(prof.get("profiled_bits", bits)))
     a_in = {"profile": _key(p_in), **allocation}
     stages.run("allocate", a_in, lambda: allocate_bits(prof["sensitivity"], out / "plan.json", a_spec).summary)
-    q_spec = spec.quantize_spec()  # its asymmetric calibration resolved (the default depends on where it runs)
-    q_spec = dataclasses.replace(q_spec, float_targets=q_spec.float_strength(
-        "gptq", quantize_runtime(runtime).cluster.backend is not None))
-    float_targets = q_spec.float_targets
+    # its asymmetric calibration settled (the default depends on where it runs)
+    q_spec = spec.quantize_spec().resolved("gptq", quantize_runtime(runtime).cluster.backend is not None)
     q_in = {"allocate": _key(a_in), "data": data_fp, "calib": calib, "nsamples": spec.nsamples,
             "seqlen": spec.seqlen, "seed": spec.seed, "grid": SYM_GRID,
             **({"scale_search": spec.scale_search} if spec.scale_search else {}),  # runs without them keep their key
@@ -235,7 +233,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
                if spec.act_order or spec.static_groups else {}),
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
                if spec.learn_rounding else {}),
-            **({"float_targets": float_targets} if float_targets else {}),
+            **({"float_targets": q_spec.float_targets} if q_spec.float_targets else {}),
             **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
