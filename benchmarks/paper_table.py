@@ -39,7 +39,9 @@ searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three see
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
 (``autoround-w3-wiki``, ``autoround-w4-wiki``: its defaults, as the AutoScheme rows) and TASA's 3.5-bit plan
-quantized by AutoRound on the task calibration (``artasa-3.5-task``: its per-layer ``layer_config``).
+quantized by AutoRound on the task calibration and on the mixed one (``artasa-3.5-task``, ``artasa-3.5-mix``: its
+per-layer ``layer_config``; the mixed one against ``tasa+ft-3.5-mix`` and ``tasa+lr-3.5-mix`` at equal plan and
+calibration).
 
 Experiment (why 3.5 bits lands short of W4, allocation granularity): ``tasamod-3.5-searched`` is TASA
 (beta 0.5) allocated over every linear module of the model at once from a module profile of all 30
@@ -117,7 +119,7 @@ RUN_OPTIONS = ("learn_rounding", "float_targets")  # quantize_model's arguments;
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
-                  "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task"]
+                  "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
 
