@@ -347,6 +347,39 @@ def test_streamed_evaluation_runs_layer_major_reading_each_layer_once_per_pass(s
         assert b.logprob == pytest.approx(a.logprob, abs=1e-4) and (a.tokens, a.is_greedy) == (b.tokens, b.is_greedy)
 
 
+def test_streamed_generation_runs_every_prompt_that_fits_in_one_batch(tmp_path, monkeypatch):
+    """A streamed model reads each decoder layer once per generated token of a batch, so its generation batches
+    take as many prompts as their KV caches and working memory fit in the budget (never fewer than batch_size);
+    embeddings and head are read once for the whole generation.  The continuations equal the in-memory model's."""
+    from tasa.eval.lm import generation_batches, greedy_generate
+    from tasa.models.walker import token_state_bytes
+    from tasa.models.weights import Weights
+
+    path = _save(tiny_llama(layers=3), tmp_path / "llama")
+    full, streamed = load(str(path)), load(str(path), stream=True)
+    contexts = ["The cat sat on", "a mat and a hat", "one two", "x", "hello there, you"]
+    want = greedy_generate(full.model, full.tokenizer, contexts, [], max_new_tokens=4, batch_size=2, progress=False)
+    reads, calls = [], []
+    real_get = Weights.get
+    monkeypatch.setattr(Weights, "get", lambda self, key, *a, **k: (reads.append(key), real_get(self, key, *a, **k))[1])
+    streamed.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    got = greedy_generate(streamed.model, streamed.tokenizer, contexts, [], max_new_tokens=4, batch_size=2,
+                          progress=False)
+    assert got == want
+    assert 1 <= len(calls) <= 4  # one batch: its prompt pass and up to 3 steps (batches of 2: three, up to 12 passes)
+    assert reads.count("model.layers.1.mlp.up_proj.weight") == len(calls)
+    assert reads.count("lm_head.weight") == 1 and reads.count("model.embed_tokens.weight") == 1
+
+    kv, work = token_state_bytes(streamed.model)
+    assert (kv, work) == (2 * 3 * 2 * 16 * 4, (4 * 64 + 3 * 128) * 4)  # K and V of 2 heads of 16, 3 layers, float32
+    lengths = [30, 20, 20, 10, 5]
+    budget = 2 * ((30 + 4) * kv + 30 * work)  # two rows of the longest prompt
+    assert generation_batches(streamed.model, lengths, 1, 4, max_bytes=budget) == [2, 2, 1]
+    assert generation_batches(streamed.model, lengths, 3, 4, max_bytes=budget) == [3, 2]  # never below batch_size
+    assert generation_batches(streamed.model, lengths, 1, 4, max_bytes=1) == [1] * 5
+    assert generation_batches(full.model, lengths, 2, 4) == [2, 2, 1]  # in memory: batch_size rows
+
+
 def test_streamed_backward_gives_the_whole_models_gradients_one_layer_at_a_time(sharded_dir, monkeypatch):
     """The grad-align sketches of a streamed model (layer-major backward: each layer read once forward and once
     backward, its inputs kept, spilled to disk past the budget) equal the in-memory model's whole backward, exact

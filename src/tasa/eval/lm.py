@@ -17,6 +17,7 @@ Speed, without changing results beyond float noise:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from tasa.errors import TasaError
 from tasa.models import compute_device
 from tasa.models.streaming import streamer_of
-from tasa.models.walker import forward_logits
+from tasa.models.walker import LAYER_MAJOR_BYTES, forward_logits, token_state_bytes
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def greedy_generate(model, tokenizer, contexts: Sequence[str], until: Iterable[s
                     batch_size: int = 8, progress: bool = True, desc: str = "generate") -> list[str]:
     """Greedy continuations of ``contexts``, each cut at the first stop string (lm-eval's generate_until).
 
-    Batched with left padding and a KV cache, longest contexts first.  A row
+    Batched with left padding and a KV cache, longest contexts first (a streamed model in batches as large as
+    memory allows: :func:`generation_batches`).  A row
     stops at a stop string, at EOS or after ``max_new_tokens``; stopped rows
     leave the batch (their KV-cache rows are dropped), so a batch costs what its
     still-running rows need rather than what its longest answer needs.
@@ -201,15 +203,37 @@ def greedy_generate(model, tokenizer, contexts: Sequence[str], until: Iterable[s
         raise TasaError("an empty prompt cannot be continued")
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     out: list[str | None] = [None] * len(contexts)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            idx = order[start:start + batch_size]
+    sizes = generation_batches(model, [len(enc[i]) for i in order], batch_size, max_new_tokens)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    streamer = streamer_of(model)
+    with torch.no_grad(), (streamer.outside_held() if streamer else nullcontext()):  # embeddings, head: read once
+        for start, size in tqdm(list(zip(starts, sizes)), desc=desc, disable=not progress):
+            idx = order[start:start + size]
             texts = _greedy_batch(model, tokenizer, [enc[i] for i in idx], stops, max_new_tokens, eos_id)
             for i, text in zip(idx, texts):
                 for s in stops:
                     text = text.split(s)[0]
                 out[i] = text
     return out  # type: ignore[return-value]
+
+
+def generation_batches(model, lengths: list[int], batch_size: int, max_new_tokens: int,
+                       max_bytes: int = LAYER_MAJOR_BYTES) -> list[int]:
+    """Row counts of the generation batches over prompts of ``lengths`` tokens (longest first).  A model in
+    memory: ``batch_size`` rows each.  A streamed model reads every decoder layer once per generated token of a
+    batch, so its batches take as many rows as their state fits in ``max_bytes`` (each row's KV cache at its
+    longest, prompt + ``max_new_tokens``, and the prompt's working memory in one layer; tasa.models.walker's
+    estimate), never fewer than ``batch_size``."""
+    if streamer_of(model) is None:
+        return [min(batch_size, len(lengths) - s) for s in range(0, len(lengths), batch_size)]
+    kv, work = token_state_bytes(model)
+    sizes, start = [], 0
+    while start < len(lengths):
+        width = lengths[start]  # the batch's longest prompt: every row is padded to it
+        fit = max_bytes // ((width + max_new_tokens) * kv + width * work)
+        sizes.append(min(max(batch_size, fit), len(lengths) - start))
+        start += sizes[-1]
+    return sizes
 
 
 def _greedy_batch(model, tokenizer, rows: list[list[int]], stops: list[str], max_new_tokens: int,

@@ -383,6 +383,23 @@ def head_logits(model: nn.Module, arch: ModelArch, hidden: torch.Tensor, inputs:
 LAYER_MAJOR_BYTES = 4 * 2 ** 30  # hidden states a layer-major pass holds at once (more batches: several passes)
 
 
+def token_state_bytes(model: nn.Module) -> tuple[int, int]:
+    """(KV-cache bytes one token keeps over all decoder layers, working bytes one token needs inside one layer's
+    forward) of ``model``, estimated from its text config: keys and values of ``num_key_value_heads`` (else every
+    head) of ``head_dim`` (else hidden / heads) per layer; the residual stream, attention output and MLP
+    intermediates of one layer.  An upper bound for models that cache less (sliding windows, latent attention)."""
+    from tasa.models.streaming import compute_dtype
+
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    itemsize = compute_dtype(model).itemsize
+    inner = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+    return (2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize,
+            (4 * cfg.hidden_size + 3 * inner) * itemsize)
+
+
 def forward_logits(model: nn.Module, batches: list[dict], progress: bool = False, desc: str = "layers",
                    max_bytes: int = LAYER_MAJOR_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, logits) of each of ``batches`` (the model's forward kwargs: ``input_ids``, ``attention_mask``), in

@@ -20,16 +20,14 @@ from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tasa.errors import TasaError
 from tasa.models import compute_device, compute_dtype, streamer_of
 from tasa.models.arch import ModelArch
 from tasa.models.walker import layer_major_backward
-from tasa.eval.metrics import logp_scores
 from tasa.profile.objectives import Objective, item_losses
 from tasa.profile.probe import Unit, head_is_plain, quant_swapped
-from tasa.profile.scores import forward_token_nll
+from tasa.profile.scores import forward_token_nll, logits_token_nll
 from tasa.quant.rtn import rtn_quantize
 
 ESTIMATORS = ("fisher", "autoscheme")
@@ -90,12 +88,7 @@ def _streamed_costs(model: nn.Module, arch: ModelArch, objective: Objective, bat
     costs: dict[str, object] = {}
 
     def loss_of(b: int, logits: torch.Tensor) -> torch.Tensor:
-        batch = batches[b]
-        sel = batch.score_mask.nonzero(as_tuple=True)
-        scores = logp_scores(F.log_softmax(logits[sel[0], batch.pred_pos[sel]].float(), dim=-1),
-                             batch.inputs["input_ids"][sel], 0, None)
-        nll = torch.zeros(batch.score_mask.shape, dtype=scores.nll.dtype, device=scores.nll.device)
-        return _loss(objective, slices[b], nll.index_put(sel, scores.nll))
+        return _loss(objective, slices[b], logits_token_nll(batches[b], logits))
 
     def on_grads(_i: int, _b: int, grads: dict[str, torch.Tensor]) -> None:
         for local, g in grads.items():

@@ -89,11 +89,21 @@ def forward_token_scores(model: nn.Module, batch: Batch, plain_head: bool = True
         sc = head_scores(model, captured["h"], targets, topk, reference)
     else:
         sc = logp_scores(F.log_softmax(out.logits[0].float(), dim=-1), targets, topk, reference)
+    return TokenScores(_scatter(batch, sel, sc.nll), sc.topk, None if sc.kl is None else _scatter(batch, sel, sc.kl))
 
-    def scatter(v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(batch.score_mask.shape, dtype=v.dtype, device=v.device).index_put(sel, v)
 
-    return TokenScores(scatter(sc.nll), sc.topk, None if sc.kl is None else scatter(sc.kl))
+def _scatter(batch: Batch, sel: tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """Values of the scored tokens (in mask order) laid out as the batch's (B, w) score mask, zero elsewhere."""
+    return torch.zeros(batch.score_mask.shape, dtype=v.dtype, device=v.device).index_put(sel, v)
+
+
+def logits_token_nll(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    """NLL of every scored token of ``batch`` (zero elsewhere) from the model's full (B, T, vocab) ``logits``
+    (differentiable; what :func:`forward_token_scores` computes from its own forward pass)."""
+    sel = batch.score_mask.nonzero(as_tuple=True)
+    scores = logp_scores(F.log_softmax(logits[sel[0], batch.pred_pos[sel]].float(), dim=-1),
+                         batch.inputs["input_ids"][sel], 0, None)
+    return _scatter(batch, sel, scores.nll)
 
 
 def forward_token_nll(model: nn.Module, batch: Batch, plain_head: bool = True) -> torch.Tensor:
