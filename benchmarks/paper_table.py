@@ -34,7 +34,8 @@ whose only plan within budget over {3, 4, 8} is uniform W3 (uniform GPTQ W3 on t
 Quantizer rows (issue 38): ``KIND+TAG-...`` is row ``KIND-...`` quantized with the options QUANTIZERS[TAG] (``ss``:
 GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid; ``best``: GPTQ with
 act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04; ``ft``: that with
-``--float-targets 0.25``): TASA 3.5 on the
+``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
+``--learn-start gptq``): TASA 3.5 on the
 searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
@@ -114,11 +115,13 @@ BASE_ROWS = ["fp", "rtn-w3", "rtn-w4", "gptq-w3-wiki", "gptq-w4-wiki", "gptqmode
 # quantizer options of issue 38 (tasa quantize --scale-search N --learn-rounding STEPS), by row tag ('tasa+lr-...')
 QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_rounding": 32},
               "best": {"act_order": True, "static_groups": True, "scale_search": 16},  # the default until 2026-12-05
-              "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25}}  # since
-RUN_OPTIONS = ("learn_rounding", "float_targets")  # quantize_model's arguments; the other options are QuantSpec's
+              "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25},  # since
+              "gl": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
+                     "learn_rounding": 32, "learn_start": "gptq"}}  # ft's GPTQ, each layer then refined 32 steps
+RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start")  # quantize_model's arguments; the other options are QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
-                  "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
+                  "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
               for kind, cal in (("tasa", "searched"), ("pplonly", "wiki"))]
@@ -399,7 +402,7 @@ def worker(name: str, work: Path) -> dict:
         t0 = time.perf_counter()
         quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
                        learn_iters=options.get("learn_rounding", 0), float_targets=options.get("float_targets", 0.0),
-                       seed=p["seed"])
+                       learn_start=options.get("learn_start", "rtn"), seed=p["seed"])
         out["seconds"] = time.perf_counter() - t0
         out["quantizer"] = options
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
@@ -615,7 +618,8 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
                       "artasa": "autoround+tasa-plan"}.get(p["kind"], "gptq")
             if p["quantizer"]:
                 q = QUANTIZERS[p["quantizer"]]
-                method = (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
+                method = ("gptq+" if q.get("learn_start") == "gptq" else "") + \
+                    (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
                     ("+act-order+static-groups" if q.get("act_order") else "") + \
                     (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "") + \
                     (f"+float-targets{q['float_targets']}" if q.get("float_targets") else "")

@@ -134,6 +134,11 @@ def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
                    help="learned rounding's steps computed in this dtype: auto is bfloat16 for a float32 model where "
                         "the device computes it natively (CUDA; a CPU with AVX512-BF16/AMX), else the model's own "
                         "(default: auto)")
+    p.add_argument("--learn-start", choices=["rtn", "gptq"], default="rtn",
+                   help="where learned rounding starts: rtn (the grid of --scale-search, rounded to nearest: "
+                        "AutoRound's start) or gptq (each layer quantized by GPTQ with its options, --float-targets "
+                        "included, then every code moved by at most one step and each group's scale rescaled by "
+                        "the same learning; never worse than GPTQ on the layer's calibration) (default: rtn)")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -526,7 +531,8 @@ def run(argv: list[str] | None = None) -> int:
                             true_sequential=not args.no_true_sequential,
                             allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search,
                             learn_rounding=args.learn_rounding, learn_lr=args.learn_lr,
-                            learn_dtype=args.learn_dtype, float_targets=args.float_targets)
+                            learn_dtype=args.learn_dtype, float_targets=args.float_targets,
+                            learn_start=args.learn_start)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,
@@ -588,7 +594,8 @@ def run(argv: list[str] | None = None) -> int:
                        eval_limit=args.eval_limit, eval_windows=args.eval_windows, generate=args.generate,
                        scale_search=args.scale_search, act_order=args.act_order,
                        static_groups=args.static_groups, learn_rounding=args.learn_rounding,
-                       learn_lr=args.learn_lr, learn_dtype=args.learn_dtype, float_targets=args.float_targets)
+                       learn_lr=args.learn_lr, learn_dtype=args.learn_dtype, float_targets=args.float_targets,
+                       learn_start=args.learn_start)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

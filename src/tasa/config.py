@@ -264,6 +264,7 @@ class Runtime:
 
 
 LEARN_DTYPES = ("auto", "float32", "bfloat16")
+LEARN_STARTS = ("rtn", "gptq")
 # The default quantizer of tasa quantize, run and sweep: GPTQ with act-order, static groups and a 16-range scale
 # search, the best option that keeps `make run` (SmolLM2-135M on 2 CPU cores) within its 15 minutes: on tasa
 # run's 3.5-bit plan (3 calibration seeds) it took the KL to full precision from 0.549 (plain GPTQ) to 0.349, the
@@ -302,14 +303,19 @@ class QuantizeSpec:
     learn_dtype: str = "auto"  # its steps' dtype: auto (tasa.quant.learned.step_dtype), float32 or bfloat16
     # GPTQ with asymmetric calibration of this strength (tasa.quant.apply); None: FLOAT_TARGETS where it applies
     float_targets: float | None = None
+    learn_start: str = "rtn"  # learned rounding from RTN on the grid, or "gptq": GPTQ's result, refined
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        _one_of(self.learn_start, LEARN_STARTS, "--learn-start")
+        if self.learn_start == "gptq" and not (self.learn_rounding and self.method == "gptq"):
+            raise TasaError("--learn-start gptq refines GPTQ's result by learned rounding: give --learn-rounding "
+                            "STEPS, with GPTQ")
         if self.float_targets is not None and not 0 <= self.float_targets <= 1:
             raise TasaError(f"--float-targets takes a strength in [0, 1], got {self.float_targets!r}")
-        if self.float_targets and (self.learn_rounding or self.method != "gptq"):
-            raise TasaError("--float-targets is a GPTQ option (learned rounding already targets the float model's "
-                            "outputs; RTN has no calibration)")
+        if self.float_targets and (not self.runs_gptq or self.method != "gptq"):
+            raise TasaError("--float-targets is a GPTQ option (learned rounding from RTN already targets the float "
+                            "model's outputs; RTN has no calibration)")
         if not isinstance(self.learn_rounding, int) or not 0 <= self.learn_rounding <= 100_000:
             raise TasaError(f"--learn-rounding takes 0 to 100000 steps, got {self.learn_rounding!r}")
         if self.learn_lr is not None and not 0 < self.learn_lr <= 1:
@@ -323,8 +329,21 @@ class QuantizeSpec:
         (``distributed``: data-parallel calibration, which holds no float stream), else 0."""
         if self.float_targets is not None:
             return self.float_targets
-        gptq = (method or self.method) == "gptq" and not self.learn_rounding
+        gptq = (method or self.method) == "gptq" and self.runs_gptq
         return FLOAT_TARGETS if gptq and not distributed else 0.0
+
+    @property
+    def runs_gptq(self) -> bool:
+        """Whether GPTQ computes the weights (alone, or as learned rounding's start) for a GPTQ plan."""
+        return not self.learn_rounding or self.learn_start == "gptq"
+
+    def check_distributed(self, distributed: bool) -> None:
+        """Refuse, with --distributed calibration, the options that need the float model's layer inputs and outputs
+        beside the quantized model's (one process holds both streams)."""
+        if distributed and (self.float_targets or self.learn_start == "gptq"):
+            raise TasaError(f"{'--float-targets' if self.float_targets else '--learn-start gptq'} keeps the float "
+                            "model's inputs beside the quantized model's in one process; it does not run with "
+                            "--distributed")
 
     def resolved(self, method: str | None = None, distributed: bool = False) -> "QuantizeSpec":
         """This spec with its asymmetric calibration's strength settled (:meth:`float_strength`), as it runs."""
@@ -338,12 +357,13 @@ class QuantizeSpec:
     def quantizer(self) -> str:
         """What rounds the weights, for records and reports, e.g. ``gptq with --act-order --static-groups
         --scale-search 16``."""
+        flags = [f for f, on in (("--act-order", self.act_order), ("--static-groups", self.static_groups))
+                 if on and self.method == "gptq" and self.runs_gptq]
         if self.learn_rounding:
-            name, flags = f"learned rounding ({self.learn_rounding} steps per layer)", []
+            name = f"learned rounding ({self.learn_rounding} steps per layer)" + \
+                (" from GPTQ" if self.learn_start == "gptq" else "")
         else:
             name = self.method
-            flags = [f for f, on in (("--act-order", self.act_order), ("--static-groups", self.static_groups))
-                     if on and self.method == "gptq"]
         if self.scale_search:
             flags.append(f"--scale-search {self.scale_search}")
         if self.float_targets:
@@ -576,7 +596,8 @@ class RunSpec:
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
-    float_targets: float | None = None  # ... and its float_targets
+    float_targets: float | None = None  # ... and its float_targets and learn_start
+    learn_start: str = "rtn"
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
@@ -602,7 +623,8 @@ class RunSpec:
         """The quantize stage's options (its method and grids are the plan's)."""
         return QuantizeSpec(act_order=self.act_order, static_groups=self.static_groups,
                             scale_search=self.scale_search, learn_rounding=self.learn_rounding,
-                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype, float_targets=self.float_targets)
+                            learn_lr=self.learn_lr, learn_dtype=self.learn_dtype, float_targets=self.float_targets,
+                            learn_start=self.learn_start)
 
 
 @dataclass(frozen=True)

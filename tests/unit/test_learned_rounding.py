@@ -138,6 +138,78 @@ def test_the_driver_learns_every_layer_deterministically():
     assert any(not torch.equal(got[n].codes, got3[n].codes) for n in got)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=16, act_order=True, static_groups=True),
+                                  QuantSpec(bits=4, group_size=16, sym=False),
+                                  QuantSpec(bits=3, group_size=16, super_group=64)], ids=str)
+def test_refining_a_gptq_result_starts_exactly_at_it_and_never_raises_the_layers_error(spec):
+    """Learned rounding from GPTQ's result (learn_start gptq): at the start the grid is GPTQ's result exactly
+    (act-order's group index, two-level scales, asymmetric zeros kept); learning lowers the layer's error on its
+    calibration against the start's, moves each code by at most one step, and keeps the start's zero points."""
+    from tasa.quant.gptq import gptq_quantize
+
+    _, _, layer, inputs, targets, locals_ = _layer_case()
+    starts = {}
+    for local in locals_:  # GPTQ on a random positive definite Hessian: any result on the grid will do
+        w = layer.get_submodule(local).weight.data
+        h = torch.randn(w.shape[1], w.shape[1] * 2, generator=torch.Generator().manual_seed(7))
+        starts[local] = gptq_quantize(w, h @ h.T, spec)
+    for local, start in starts.items():
+        got = LearnedGrid(layer.get_submodule(local).weight.data, spec, start=start).result()
+        assert torch.equal(got.codes, start.codes) and torch.equal(got.weight, start.weight.to(got.weight.dtype))
+        assert torch.equal(got.g_idx, start.g_idx) and torch.equal(got.zeros, start.zeros.float())
+    results, learning = learn_layer(layer, {local: spec for local in locals_}, inputs, targets, iters=40,
+                                    starts=starts)
+    start_weights = {f"{local}.weight": starts[local].weight for local in locals_}
+    assert learning.loss_start == pytest.approx(_loss(layer, inputs, targets, start_weights), rel=1e-5)
+    assert learning.kept and learning.loss_learned < learning.loss_start
+    for local, r in results.items():
+        assert torch.equal(r.weight, r.dequantize()) and torch.equal(r.zeros, starts[local].zeros.float())
+        assert int((r.codes.int() - starts[local].codes.int()).abs().max()) <= 1
+        assert torch.equal(r.g_idx, starts[local].g_idx)
+
+
+def test_the_driver_refines_gptq_layer_by_layer():
+    """quantize_model(learn_start="gptq"): each layer quantized by GPTQ, then refined against the float model's
+    layer outputs; every layer's kept loss is at most GPTQ's, the model and on_result hold the refined results,
+    and with no steps nothing is refined (GPTQ's result)."""
+    model = tiny_llama()
+    arch = resolve(model)
+    names = [m.name for m in arch.modules]
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    plan = Plan.uniform(names, QuantSpec(bits=2, group_size=16))
+
+    def run(iters, float_targets=0.0):
+        m = tiny_llama()
+        got = {}
+        rep = quantize_model(m, resolve(m), plan, ids, batch_size=4, on_result=lambda n, r: got.setdefault(n, r),
+                             progress=False, learn_iters=iters, learn_start="gptq", float_targets=float_targets)
+        return m, got, rep
+
+    gptq_model, gptq_got, gptq_rep = run(0)
+    assert not gptq_rep.layers
+    for float_targets in (0.0, 0.25):
+        refined, got, rep = run(10, float_targets)
+        assert set(got) == set(names) and set(rep.layers) == {0, 1}
+        assert all(x.loss <= x.loss_start for x in rep.layers.values()) and any(x.kept for x in rep.layers.values())
+        for n in names:
+            assert torch.equal(refined.get_submodule(n).weight, got[n].weight)
+        if float_targets == 0.0:  # layer 0 starts from the same GPTQ result (inputs equal in both runs)
+            assert rep.layers[0].loss_start == pytest.approx(_loss(
+                resolve(model).layers[0], *_first_layer_case(model, ids), {
+                    f"{m.local}.weight": gptq_got[m.name].weight for m in arch.layer_modules(0)}), rel=1e-5)
+    with pytest.raises(TasaError, match="starts from rtn or gptq"):
+        quantize_model(tiny_llama(), arch, plan, ids, progress=False, learn_iters=2, learn_start="awq")
+
+
+def _first_layer_case(model, ids):
+    """(inputs, float targets) of layer 0 of ``model`` on ``ids``, batches of 4."""
+    arch = resolve(model)
+    inputs = capture_ids(model, arch, ids, 4, torch.device("cpu"))
+    with torch.no_grad():
+        targets = [forward_layer(arch.layers[0], *inputs.call(b), 0) for b in range(len(inputs))]
+    return inputs, targets
+
+
 def test_learned_rounding_needs_calibration_and_valid_settings():
     model = tiny_llama()
     with pytest.raises(TasaError, match="learned rounding needs calibration data"):
@@ -149,6 +221,27 @@ def test_learned_rounding_needs_calibration_and_valid_settings():
         QuantizeSpec(learn_rounding=5, learn_lr=0)
     assert QuantizeSpec(learn_rounding=5, scale_search=16).quantizer == \
         "learned rounding (5 steps per layer) with --scale-search 16"
+
+
+def test_learning_from_gptq_is_a_gptq_option_with_its_asymmetric_calibration():
+    """--learn-start gptq needs learned rounding and GPTQ; GPTQ's options (asymmetric calibration by default)
+    apply to its start; the record's quantizer names them; --distributed is refused (no float stream there)."""
+    with pytest.raises(TasaError, match="--learn-start gptq refines GPTQ's result by learned rounding"):
+        QuantizeSpec(learn_start="gptq")
+    with pytest.raises(TasaError, match="--learn-start gptq refines"):
+        QuantizeSpec(method="rtn", learn_rounding=4, learn_start="gptq")
+    with pytest.raises(TasaError, match="--learn-start must be 'rtn' or 'gptq', got 'awq'"):
+        QuantizeSpec(learn_rounding=4, learn_start="awq")
+    with pytest.raises(TasaError, match="--float-targets is a GPTQ option"):
+        QuantizeSpec(learn_rounding=4, float_targets=0.5)  # from RTN: learned rounding targets the float model
+    spec = QuantizeSpec(learn_rounding=4, learn_start="gptq")
+    assert spec.float_strength() == 0.25 and spec.float_strength(distributed=True) == 0.0
+    assert QuantizeSpec(learn_rounding=4).float_strength() == 0.0
+    assert spec.resolved().quantizer == ("learned rounding (4 steps per layer) from GPTQ with --act-order "
+                                         "--static-groups --scale-search 16 --float-targets 0.25")
+    spec.check_distributed(False)
+    with pytest.raises(TasaError, match="--learn-start gptq keeps the float model's inputs .* --distributed"):
+        spec.check_distributed(True)
 
 
 def test_a_bad_learning_rate_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work):
@@ -191,6 +284,9 @@ def test_the_cli_writes_the_usual_checkpoint_and_records_the_learning(fmt, tiny_
 
 @pytest.mark.parametrize("options, quantizer", [
     (["--learn-rounding", "6"], "learned rounding (6 steps per layer) with --scale-search 16"),
+    (["--learn-rounding", "6", "--learn-start", "gptq"],
+     "learned rounding (6 steps per layer) from GPTQ with --act-order --static-groups --scale-search 16 "
+     "--float-targets 0.25"),
     ([], "gptq with --act-order --static-groups --scale-search 16 --float-targets 0.25"),  # the default
     (["--float-targets", "1", "--no-act-order"], "gptq with --static-groups --scale-search 16 --float-targets 1")])
 def test_gptqmodel_loads_each_quantizers_checkpoint_with_matching_logits(tiny_model_dir, tmp_path, capsys, data_dir,

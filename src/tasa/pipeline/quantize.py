@@ -68,7 +68,7 @@ def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: 
     (data-parallel Hessians); learned rounding keeps its calibration here."""
     if runtime.cluster.backend is None or calib_ids is None:
         return calib_ids
-    if spec.learn_rounding:
+    if not spec.runs_gptq:
         log.warning("--distributed spreads GPTQ's calibration; learned rounding runs here")
         return calib_ids
     if runtime.cluster.placement == "pipeline":
@@ -109,9 +109,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     method = plan_obj.method if plan_obj is not None else spec.method
     if spec.float_targets and method != "gptq":
         raise TasaError("--float-targets is a GPTQ option, and the plan's method is RTN")
-    if spec.float_targets and runtime.cluster.backend is not None:
-        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
-                        "it does not run with --distributed")
+    spec.check_distributed(runtime.cluster.backend is not None)
     spec = spec.resolved(method, runtime.cluster.backend is not None)
     needs_calib = method == "gptq" or spec.learn_rounding
     calib_spec = calib if needs_calib else None
@@ -189,7 +187,8 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
                                 on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()),
                                 learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
                                 learn_dtype=None if spec.learn_dtype == "auto" else getattr(torch, spec.learn_dtype),
-                                seed=calib_spec.seed if calib_spec else 0, float_targets=spec.float_targets)
+                                seed=calib_spec.seed if calib_spec else 0, float_targets=spec.float_targets,
+                                learn_start=spec.learn_start)
         record = {
             "model": model,
             "method": method,
@@ -220,7 +219,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "peak_gpu_gb": peak_gpu_gb(runtime.device),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
-                                     "objective": LEARNED_OBJECTIVE,
+                                     "start": spec.learn_start, "objective": LEARNED_OBJECTIVE,
                                      "step_dtype": next(iter(report.layers.values())).step_dtype if report.layers
                                      else None, "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
                if spec.learn_rounding else {}),

@@ -157,9 +157,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     from tasa.stages import Stages, stage_key as _key
 
     tasks = list(spec.tasks)
-    if spec.float_targets and runtime.cluster.backend is not None:
-        raise TasaError("--float-targets keeps the float model's inputs beside the quantized model's in one process; "
-                        "it does not run with --distributed")
+    spec.quantize_spec().check_distributed(runtime.cluster.backend is not None)
     for t in tasks:  # bad names and specs, and too few test rows, fail before any work
         get_task(t).select(spec.eval_limit, "--eval-limit")
     run_warnings: list[str] = []
@@ -233,6 +231,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
                if spec.act_order or spec.static_groups else {}),
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
                if spec.learn_rounding else {}),
+            **({"learn_start": spec.learn_start} if spec.learn_start != "rtn" else {}),  # earlier runs keep their key
             **({"float_targets": q_spec.float_targets} if q_spec.float_targets else {}),
             **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
@@ -106,6 +107,7 @@ def quantize_model(
     learn_dtype: torch.dtype | None = None,
     seed: int = 0,
     float_targets: float = 0.0,
+    learn_start: str = "rtn",
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
@@ -119,7 +121,16 @@ def quantize_model(
                rate ``learn_lr`` per layer, batches in an order drawn from ``seed``, steps computed in
                ``learn_dtype``; None: tasa.quant.learned.step_dtype) instead of its method.
     float_targets: not 0: GPTQ with asymmetric calibration of strength ``float_targets`` (:class:`Calibration`).
+    learn_start: where learned rounding starts: "rtn" (the plan's grid rounded to nearest, AutoRound's start) or
+               "gptq": each layer is quantized by GPTQ (with ``float_targets``), then its result is refined by
+               ``learn_iters`` steps against the float model's layer outputs (:meth:`Calibration.refine`).
     """
+    if learn_start not in ("rtn", "gptq"):
+        raise TasaError(f"learned rounding starts from rtn or gptq, got {learn_start!r}")
+    refine = Refinement(learn_iters, learn_lr, learn_dtype, seed) if learn_iters and learn_start == "gptq" else None
+    if refine and isinstance(calib_ids, Calibration) and calib_ids.float_inputs is None:
+        raise TasaError("learned rounding from GPTQ needs the float model's layer outputs, which this calibration "
+                        "(distributed) does not hold: run it in one process")
     unknown = [n for n in plan.modules if n not in {m.name for m in arch.modules}]
     if unknown:
         raise TasaError(f"plan names modules the model does not have, e.g. {unknown[0]!r}")
@@ -129,21 +140,22 @@ def quantize_model(
         device = compute_device(model)
     device = torch.device(device)
     with torch.no_grad():
-        if learn_iters:
+        if learn_iters and not refine:
             if calib_ids is None:
                 raise TasaError("learned rounding needs calibration data")
             _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
                            learn_iters, learn_lr, learn_dtype, seed)
-        elif plan.method == "rtn":
+        elif plan.method == "rtn" and not refine:
             _apply_rtn(arch, plan, device, report, on_result, progress, on_layer)
         else:
             if calib_ids is None:
                 raise TasaError("GPTQ needs calibration data")
             move_outside_layers(model, arch, device)
             calib = calib_ids if isinstance(calib_ids, Calibration) else \
-                Calibration(model, arch, calib_ids, batch_size, device, float_targets)
+                Calibration(model, arch, calib_ids, batch_size, device, float_targets, float_stream=bool(refine))
             try:
-                _apply_gptq(model, arch, plan, calib, device, true_sequential, report, on_result, progress, on_layer)
+                _apply_gptq(model, arch, plan, calib, device, true_sequential, report, on_result, progress, on_layer,
+                            refine)
             finally:
                 calib.close()
     report.seconds = time.perf_counter() - t0
@@ -171,6 +183,17 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             on_layer(index, layer)
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """Learned rounding from GPTQ's result (:meth:`Calibration.refine`): steps per layer, first step size (None:
+    1 / steps), the steps' dtype (None: tasa.quant.learned.step_dtype), seed of the batch order."""
+
+    iters: int
+    lr: float | None = None
+    dtype: torch.dtype | None = None
+    seed: int = 0
+
+
 class Calibration:
     """The calibration's inputs of the current decoder layer, held here, and what GPTQ asks of them: which linears
     share an input, the Hessians of some inputs, the layer's quantized modules, and the step to the next layer.
@@ -182,21 +205,24 @@ class Calibration:
     float model's outputs from the quantized model's inputs rather than its own float outputs from them.  Routed
     experts, whose tokens differ between the two streams, keep the plain objective."""
 
-    float_targets: float = 0.0  # (subclasses that hold the inputs elsewhere calibrate plainly)
+    float_targets: float = 0.0  # (subclasses that hold the inputs elsewhere calibrate plainly ...
+    float_inputs: LayerInputs | None = None  # ... and hold no float stream)
 
     def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int,
-                 device: torch.device, float_targets: float = 0.0):
+                 device: torch.device, float_targets: float = 0.0, float_stream: bool = False):
         self.inputs = capture_ids(model, arch, calib_ids, batch_size, device)
         self.float_targets = float_targets
-        self.float_inputs = LayerInputs(list(self.inputs.hidden), self.inputs.kwargs) if float_targets else None
+        self.float_inputs = LayerInputs(list(self.inputs.hidden), self.inputs.kwargs) \
+            if float_targets or float_stream else None  # float_stream: for :meth:`refine` alone
+        self.float_outputs: list[torch.Tensor] | None = None  # the float layer's, once :meth:`refine` computed them
         self.float_layer: nn.Module | None = None
         self.float_firsts: list[str] = []  # the first linear of each input group of the layer (routed experts aside)
         self.float_held: dict[str, list[torch.Tensor]] = {}  # the float inputs of some of them, batch by batch
         self.shifts: dict[str, torch.Tensor] = {}
 
     def begin(self, layer: nn.Module) -> None:
-        """A new decoder layer, not yet quantized: with float targets, keep a float copy of it."""
-        if self.float_targets:
+        """A new decoder layer, not yet quantized: with the float stream, keep a float copy of it."""
+        if self.float_inputs is not None:
             self.float_layer = copy.deepcopy(layer)
 
     def groups(self, layer: nn.Module, locals_: list[str]) -> list[list[str]]:
@@ -260,15 +286,30 @@ class Calibration:
     def quantized(self, layer: nn.Module, locals_: list[str]) -> None:
         """``locals_`` of ``layer`` now hold their quantized weights (here: the same modules; nothing to do)."""
 
+    def refine(self, layer: nn.Module, index: int, specs: dict[str, QuantSpec], starts: dict[str, QuantResult],
+               refine: Refinement) -> tuple[dict[str, QuantResult], LayerLearning]:
+        """Learned rounding from ``starts`` (GPTQ's results of ``layer``'s linears ``specs``): the offsets and
+        scale factors that bring the layer, fed the quantized model's inputs, closest to the float layer's outputs
+        on the float model's inputs (tasa.quant.learned.learn_layer), kept only if they beat the start."""
+        self.float_outputs = [forward_layer(self.float_layer, *self.float_inputs.call(b), index)
+                              for b in range(len(self.float_inputs))]
+        return learn_layer(layer, specs, self.inputs, self.float_outputs, refine.iters, refine.lr, refine.seed + index,
+                           autocast=step_dtype(self.inputs.hidden[0].device, next(layer.parameters()).dtype,
+                                               refine.dtype), starts=starts)
+
     def advance(self, layer: nn.Module) -> None:
         run_layer(layer, self.inputs, advance=True)
         if self.float_layer is not None:
-            run_layer(self.float_layer, self.float_inputs, advance=True)
-            self.float_layer = None
+            if self.float_outputs is not None:  # computed by refine: the float stream's next inputs
+                self.float_inputs.hidden = self.float_outputs
+                self.float_inputs.index += 1
+            else:
+                run_layer(self.float_layer, self.float_inputs, advance=True)
+            self.float_layer, self.float_outputs = None, None
             self.float_held.clear()
 
     def close(self) -> None:
-        self.inputs = self.float_inputs = self.float_layer = None
+        self.inputs = self.float_inputs = self.float_layer = self.float_outputs = None
         self.float_held = {}
 
 
@@ -280,10 +321,13 @@ def _batch(inputs: LayerInputs, b: int) -> LayerInputs:
 
 
 def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, report, on_result, progress,
-                on_layer):
+                on_layer, refine: Refinement | None = None):
+    """GPTQ layer by layer; ``refine``: each layer's results then refined (:meth:`Calibration.refine`), and handed
+    to ``on_result`` once refined."""
     for index, layer in walk(arch, device, "GPTQ layers", progress):
         planned = [m for m in arch.layer_modules(index) if m.name in plan]
         by_local = {m.local: m for m in planned}
+        results: dict[str, QuantResult] = {}
         calib.begin(layer)
         if planned:
             groups = calib.groups(layer, [m.local for m in planned])
@@ -297,10 +341,20 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
                     for group in chunk:
                         h, n, shift = hessians.pop(group[0]), counts[group[0]], calib.shift(group[0])
                         for local in group:
-                            _gptq_module(layer, local, by_local[local].name, plan, h, n, report, on_result,
-                                         shift, calib.float_targets)
+                            results[local] = _gptq_module(layer, local, by_local[local].name, plan, h, n, report,
+                                                          None if refine else on_result, shift, calib.float_targets)
                         del h, shift
                     calib.quantized(layer, [local for group in chunk for local in group])
+            if refine:
+                t = time.perf_counter()
+                results, report.layers[index] = calib.refine(
+                    layer, index, {local: plan[m.name] for local, m in by_local.items()}, results, refine)
+                seconds = (time.perf_counter() - t) / len(planned)
+                for local, m in by_local.items():
+                    _store(layer.get_submodule(local), results[local])
+                    report.modules[m.name].seconds += seconds
+                    if on_result:
+                        on_result(m.name, results[local])
         calib.advance(layer)
         if on_layer:
             on_layer(index, layer)
@@ -369,7 +423,8 @@ def _chunks(step: list[list[str]], layer: nn.Module) -> list[list[list[str]]]:
 
 
 def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.Tensor, tokens: int,
-                 report: QuantReport, on_result, shift: torch.Tensor | None = None, alpha: float = 0.0) -> None:
+                 report: QuantReport, on_result, shift: torch.Tensor | None = None,
+                 alpha: float = 0.0) -> QuantResult:
     """GPTQ of one planned linear on Hessian ``h`` of ``tokens`` calibration tokens, in place; a routed expert no
     token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so.  ``shift``
     (asymmetric calibration, :class:`Calibration`): GPTQ of tasa.quant.gptq.float_output_weights instead of the
@@ -386,3 +441,4 @@ def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.T
                                        None if tokens else "rtn: no calibration token reached it")
     if on_result:
         on_result(name, result)
+    return result

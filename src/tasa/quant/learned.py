@@ -79,21 +79,34 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class LearnedGrid:
-    """One linear's weight on its grid with learnable rounding offsets and clipping factors."""
+    """One linear's weight on its grid with learnable rounding offsets and clipping factors.
 
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None):
+    ``start`` (a quantizer's result on the same grid, e.g. GPTQ's): refine it instead of rounding the weight.
+    Its codes are the base, each moved by round(code + V) (V in [-1/2, 1/2], so by at most one step), and each
+    group's scale is multiplied by a factor in [CLIP_MIN, 2 - CLIP_MIN] (zero points kept; a two-level grid's
+    scales kept).  At V = 0 and factor 1 the weight is ``start``'s exactly.  Asymmetric two-level grids are
+    refused either way."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None,
+                 start: QuantResult | None = None):
         if spec.super_group and not spec.sym:
             raise TasaError(ASYM_TWO_LEVEL)
         self.spec, self.dtype = spec, weight.dtype
         self.maxq = 2**spec.bits - 1
         self.w = weight.detach().float()
-        start = rtn_quantize_spec(weight, spec, input_weights)  # the (searched) grid: where learning starts
+        self.base_codes = None if start is None else start.codes.float()
+        if start is None:
+            start = rtn_quantize_spec(weight, spec, input_weights)  # the (searched) grid: where learning starts
         self.g_idx, self.super_scales = start.g_idx, start.super_scales
         self.g = start.g_idx.long()
         self.offsets = torch.zeros_like(self.w)  # V
         self.clip: list[torch.Tensor] = []
-        if spec.super_group:  # the two-level grid's scales are integers times a super-scale: kept as RTN's
+        if spec.super_group:  # the two-level grid's scales are integers times a super-scale: kept as the start's
             self.scales, self.zeros = start.scales, start.zeros
+            return
+        if self.base_codes is not None:  # refining: the start's scales times a learned factor
+            self.base, self.zeros = start.scales.float(), start.zeros.float()
+            self.clip = [torch.ones_like(self.base)]
             return
         plain = start if not spec.scale_search else rtn_quantize_spec(weight, dataclasses.replace(spec,
                                                                                                   scale_search=0))
@@ -118,14 +131,14 @@ class LearnedGrid:
     def clamp_(self) -> None:
         self.offsets.clamp_(-0.5, 0.5)
         for c in self.clip:
-            c.clamp_(CLIP_MIN, 1.0)
+            c.clamp_(CLIP_MIN, 1.0 if self.base_codes is None else 2 - CLIP_MIN)
 
     def _grid(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales, zeros), each (rows, groups); scales rounded to fp16 unless ``ste`` (training)."""
         if not self.clip:
             return self.scales, self.zeros
         rnd = _round_ste if ste else torch.round
-        if self.spec.sym:
+        if self.spec.sym or self.base_codes is not None:
             scale = self.base * self.clip[0]
             return (scale if ste else fp16_scale(scale)), self.zeros
         lo, hi = self.lo * self.clip[0], self.hi * self.clip[1]
@@ -134,9 +147,12 @@ class LearnedGrid:
         return scale, torch.clamp(rnd(-lo / scale), 0, self.maxq)
 
     def _codes(self, scale: torch.Tensor, zero: torch.Tensor, ste: bool) -> torch.Tensor:
+        rnd = _round_ste if ste else torch.round
+        if self.base_codes is not None:  # refining: the start's codes moved by their offsets
+            return torch.clamp(rnd(self.base_codes + self.offsets), 0, self.maxq)
         s, z = scale[:, self.g], zero[:, self.g]
         x = self.w / torch.where(s == 0, 1.0, s) + self.offsets
-        codes = torch.clamp((_round_ste if ste else torch.round)(x) + z, 0, self.maxq)
+        codes = torch.clamp(rnd(x) + z, 0, self.maxq)
         return torch.where(s == 0, z, codes)  # a two-level grid's zero scale: every code is the zero point
 
     def weight(self) -> torch.Tensor:
@@ -175,16 +191,19 @@ class LayerLearning:
 def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInputs, targets: list[torch.Tensor],
                 iters: int, lr: float | None = None, seed: int = 0,
                 input_weights: dict[str, torch.Tensor] | None = None,
-                autocast: torch.dtype | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
+                autocast: torch.dtype | None = None,
+                starts: dict[str, QuantResult] | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
     """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
     (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
     model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
     ``autocast``: the steps' matrix products in this dtype (:func:`step_dtype`); the losses that decide what is
-    kept are computed in the layer's own.  The layer's own weights are not changed.  Returns each linear's
-    QuantResult and the losses."""
+    kept are computed in the layer's own.  ``starts``: each linear's result to refine (:class:`LearnedGrid`) instead
+    of its rounding; the losses are then measured against it.  The layer's own weights are not changed (pass the
+    float ones).  Returns each linear's QuantResult and the losses."""
     t0 = time.perf_counter()
-    input_weights = input_weights or {}
-    grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local))
+    input_weights, starts = input_weights or {}, starts or {}
+    grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local),
+                                starts.get(local))
              for local, spec in specs.items()}
     params = [p for g in grids.values() for p in g.parameters()]
     lr = 1.0 / iters if lr is None else lr
