@@ -137,8 +137,8 @@ def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-start", choices=["rtn", "gptq"], default="rtn",
                    help="where learned rounding starts: rtn (the grid of --scale-search, rounded to nearest: "
                         "AutoRound's start) or gptq (each layer quantized by GPTQ with its options, --float-targets "
-                        "included, then every code moved by at most one step and each group's scale rescaled by "
-                        "the same learning; never worse than GPTQ on the layer's calibration) (default: rtn)")
+                        "included, then the same learning on the values GPTQ rounded, on GPTQ's grid with each "
+                        "group's scale rescaled; never worse than GPTQ on the layer's calibration) (default: rtn)")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,9 @@ class QuantResult:
     mins, super_mins: an asymmetric two-level grid's (llama.cpp's Q2_K/Q4_K/Q5_K): per group the offset
             subtracted, ``weight = scale * code - min`` (zeros are then 0), each min its super-group's
             super-min times an integer; None for every other grid.
+    rounded: (rows, cols) float32, original column order: the values the quantizer rounded to ``codes`` (GPTQ:
+            the weights as its error feedback had updated them), where asked (tasa.quant.gptq.gptq_quantize's
+            ``keep_rounded``, for learned rounding from GPTQ); else None.
     """
 
     weight: torch.Tensor
@@ -34,6 +37,7 @@ class QuantResult:
     super_scales: torch.Tensor | None = None
     mins: torch.Tensor | None = None
     super_mins: torch.Tensor | None = None
+    rounded: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """Rebuild the float weight from codes, scales, zeros (or mins) and g_idx."""

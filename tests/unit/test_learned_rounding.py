@@ -142,9 +142,10 @@ def test_the_driver_learns_every_layer_deterministically():
                                   QuantSpec(bits=4, group_size=16, sym=False),
                                   QuantSpec(bits=3, group_size=16, super_group=64)], ids=str)
 def test_refining_a_gptq_result_starts_exactly_at_it_and_never_raises_the_layers_error(spec):
-    """Learned rounding from GPTQ's result (learn_start gptq): at the start the grid is GPTQ's result exactly
-    (act-order's group index, two-level scales, asymmetric zeros kept); learning lowers the layer's error on its
-    calibration against the start's, moves each code by at most one step, and keeps the start's zero points."""
+    """Learned rounding from GPTQ's result (learn_start gptq): GPTQ keeps the values it rounded without changing
+    its result; at the start the grid is GPTQ's result exactly (act-order's group index, two-level scales,
+    asymmetric zeros kept); learning lowers the layer's error on its calibration against the start's, keeps the
+    start's zero points, and its offsets move each code by at most one step at the learned scale."""
     from tasa.quant.gptq import gptq_quantize
 
     _, _, layer, inputs, targets, locals_ = _layer_case()
@@ -152,7 +153,12 @@ def test_refining_a_gptq_result_starts_exactly_at_it_and_never_raises_the_layers
     for local in locals_:  # GPTQ on a random positive definite Hessian: any result on the grid will do
         w = layer.get_submodule(local).weight.data
         h = torch.randn(w.shape[1], w.shape[1] * 2, generator=torch.Generator().manual_seed(7))
-        starts[local] = gptq_quantize(w, h @ h.T, spec)
+        plain = gptq_quantize(w, h @ h.T, spec)
+        starts[local] = gptq_quantize(w, h @ h.T, spec, keep_rounded=True)
+        assert plain.rounded is None and torch.equal(plain.codes, starts[local].codes)
+        assert starts[local].rounded.shape == w.shape
+        with pytest.raises(TasaError, match="needs the values it rounded"):
+            LearnedGrid(w, spec, start=plain)
     for local, start in starts.items():
         got = LearnedGrid(layer.get_submodule(local).weight.data, spec, start=start).result()
         assert torch.equal(got.codes, start.codes) and torch.equal(got.weight, start.weight.to(got.weight.dtype))
@@ -164,8 +170,11 @@ def test_refining_a_gptq_result_starts_exactly_at_it_and_never_raises_the_layers
     assert learning.kept and learning.loss_learned < learning.loss_start
     for local, r in results.items():
         assert torch.equal(r.weight, r.dequantize()) and torch.equal(r.zeros, starts[local].zeros.float())
-        assert int((r.codes.int() - starts[local].codes.int()).abs().max()) <= 1
         assert torch.equal(r.g_idx, starts[local].g_idx)
+        s, z = r.scales[:, r.g_idx.long()], r.zeros[:, r.g_idx.long()]
+        nearest = torch.clamp(torch.round(starts[local].rounded / torch.where(s == 0, 1.0, s)) + z, 0, 2**spec.bits - 1)
+        assert int((r.codes.float() - nearest).abs().max()) <= 1
+    assert any(not torch.equal(r.codes, starts[local].codes) for local, r in results.items())
 
 
 def test_the_driver_refines_gptq_layer_by_layer():

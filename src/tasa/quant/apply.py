@@ -342,7 +342,8 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
                         h, n, shift = hessians.pop(group[0]), counts[group[0]], calib.shift(group[0])
                         for local in group:
                             results[local] = _gptq_module(layer, local, by_local[local].name, plan, h, n, report,
-                                                          None if refine else on_result, shift, calib.float_targets)
+                                                          None if refine else on_result, shift, calib.float_targets,
+                                                          keep_rounded=refine is not None)
                         del h, shift
                     calib.quantized(layer, [local for group in chunk for local in group])
             if refine:
@@ -424,7 +425,7 @@ def _chunks(step: list[list[str]], layer: nn.Module) -> list[list[list[str]]]:
 
 def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.Tensor, tokens: int,
                  report: QuantReport, on_result, shift: torch.Tensor | None = None,
-                 alpha: float = 0.0) -> QuantResult:
+                 alpha: float = 0.0, keep_rounded: bool = False) -> QuantResult:
     """GPTQ of one planned linear on Hessian ``h`` of ``tokens`` calibration tokens, in place; a routed expert no
     token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so.  ``shift``
     (asymmetric calibration, :class:`Calibration`): GPTQ of tasa.quant.gptq.float_output_weights instead of the
@@ -434,7 +435,7 @@ def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.T
     t = time.perf_counter()
     weight = linear.weight.data if shift is None or not tokens else \
         float_output_weights(linear.weight.data, h, shift, alpha, spec.damp)
-    result = gptq_quantize(weight, h, spec, name=name)
+    result = gptq_quantize(weight, h, spec, name=name, keep_rounded=keep_rounded)
     err = _relative_error(weight, result.weight, h) if tokens else None
     _store(linear, result)
     report.modules[name] = ModuleStats(spec.bits, spec.group_size, time.perf_counter() - t, err, tokens,

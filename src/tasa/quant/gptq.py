@@ -121,8 +121,10 @@ def _inverse_cholesky(prepared: Callable[[], torch.Tensor], damp: float, name: s
     raise TasaError(f"{name}: Hessian is not positive definite even with damp={damp:g}; check the calibration data")
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantResult:
-    """Quantize ``weight`` (d_out, d_in) with GPTQ under ``spec``, given H (d_in, d_in).
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str = "weight",
+                  keep_rounded: bool = False) -> QuantResult:
+    """Quantize ``weight`` (d_out, d_in) with GPTQ under ``spec``, given H (d_in, d_in).  ``keep_rounded``: the
+    result also holds the values each code was rounded from (QuantResult.rounded).
 
     The input tensors are not modified.
     """
@@ -135,7 +137,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
         # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
         log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
-        return rtn_quantize_spec(weight, spec)
+        result = rtn_quantize_spec(weight, spec)
+        result.rounded = weight.detach().float().clone() if keep_rounded else None
+        return result
     rows, cols = weight.shape
     bits, gs, sg = spec.bits, spec.group_size, spec.super_group
     if sg:
@@ -206,6 +210,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     u = _inverse_cholesky(prepared, spec.damp, name)  # (d_in, d_in) upper
     codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
+    rounded = torch.empty_like(w) if keep_rounded else None
 
     # Blocks hold whole groups (super-groups) so that a dynamic grid sees fully updated weights.
     block = spec.block_size
@@ -242,6 +247,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
                 qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
             codes[:, col] = qcode.to(torch.uint8)
+            if rounded is not None:
+                rounded[:, col] = wcol
             q_blk[:, i] = qcol
             err = (wcol - qcol) / u_blk[i, i]
             w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
@@ -252,6 +259,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
+        rounded = None if rounded is None else rounded[:, inv]
         g_idx = group_of_pos[inv].to(torch.int32)
     else:
         g_idx = group_of_pos.to(torch.int32)
@@ -266,6 +274,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         super_scales=supers,
         mins=mins,
         super_mins=super_mins,
+        rounded=rounded,
     )
     result.weight = result.dequantize().to(weight.dtype)
     return result

@@ -81,11 +81,11 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class LearnedGrid:
     """One linear's weight on its grid with learnable rounding offsets and clipping factors.
 
-    ``start`` (a quantizer's result on the same grid, e.g. GPTQ's): refine it instead of rounding the weight.
-    Its codes are the base, each moved by round(code + V) (V in [-1/2, 1/2], so by at most one step), and each
-    group's scale is multiplied by a factor in [CLIP_MIN, 2 - CLIP_MIN] (zero points kept; a two-level grid's
-    scales kept).  At V = 0 and factor 1 the weight is ``start``'s exactly.  Asymmetric two-level grids are
-    refused either way."""
+    ``start`` (GPTQ's result on the same grid, holding the values it rounded, QuantResult.rounded): refine it
+    instead of rounding the weight: those values take the weight's place (codes = clamp(round(R / scale + V) +
+    zero): at a given scale the offsets move each code by at most one step), the grid is the start's (group index, zero points; a two-level
+    grid's scales kept) and each group's scale is multiplied by a learned factor in [CLIP_MIN, 2 - CLIP_MIN].  At
+    V = 0 and factor 1 the weight is ``start``'s exactly.  Asymmetric two-level grids are refused either way."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None,
                  start: QuantResult | None = None):
@@ -93,8 +93,11 @@ class LearnedGrid:
             raise TasaError(ASYM_TWO_LEVEL)
         self.spec, self.dtype = spec, weight.dtype
         self.maxq = 2**spec.bits - 1
-        self.w = weight.detach().float()
-        self.base_codes = None if start is None else start.codes.float()
+        self.refining = start is not None
+        if self.refining and start.rounded is None:
+            raise TasaError("learned rounding from a quantizer's result needs the values it rounded "
+                            "(tasa.quant.gptq.gptq_quantize with keep_rounded)")
+        self.w = (weight if start is None else start.rounded).detach().float()
         if start is None:
             start = rtn_quantize_spec(weight, spec, input_weights)  # the (searched) grid: where learning starts
         self.g_idx, self.super_scales = start.g_idx, start.super_scales
@@ -104,7 +107,7 @@ class LearnedGrid:
         if spec.super_group:  # the two-level grid's scales are integers times a super-scale: kept as the start's
             self.scales, self.zeros = start.scales, start.zeros
             return
-        if self.base_codes is not None:  # refining: the start's scales times a learned factor
+        if self.refining:  # the start's scales times a learned factor
             self.base, self.zeros = start.scales.float(), start.zeros.float()
             self.clip = [torch.ones_like(self.base)]
             return
@@ -131,14 +134,14 @@ class LearnedGrid:
     def clamp_(self) -> None:
         self.offsets.clamp_(-0.5, 0.5)
         for c in self.clip:
-            c.clamp_(CLIP_MIN, 1.0 if self.base_codes is None else 2 - CLIP_MIN)
+            c.clamp_(CLIP_MIN, 2 - CLIP_MIN if self.refining else 1.0)
 
     def _grid(self, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales, zeros), each (rows, groups); scales rounded to fp16 unless ``ste`` (training)."""
         if not self.clip:
             return self.scales, self.zeros
         rnd = _round_ste if ste else torch.round
-        if self.spec.sym or self.base_codes is not None:
+        if self.spec.sym or self.refining:
             scale = self.base * self.clip[0]
             return (scale if ste else fp16_scale(scale)), self.zeros
         lo, hi = self.lo * self.clip[0], self.hi * self.clip[1]
@@ -147,12 +150,9 @@ class LearnedGrid:
         return scale, torch.clamp(rnd(-lo / scale), 0, self.maxq)
 
     def _codes(self, scale: torch.Tensor, zero: torch.Tensor, ste: bool) -> torch.Tensor:
-        rnd = _round_ste if ste else torch.round
-        if self.base_codes is not None:  # refining: the start's codes moved by their offsets
-            return torch.clamp(rnd(self.base_codes + self.offsets), 0, self.maxq)
         s, z = scale[:, self.g], zero[:, self.g]
         x = self.w / torch.where(s == 0, 1.0, s) + self.offsets
-        codes = torch.clamp(rnd(x) + z, 0, self.maxq)
+        codes = torch.clamp((_round_ste if ste else torch.round)(x) + z, 0, self.maxq)
         return torch.where(s == 0, z, codes)  # a two-level grid's zero scale: every code is the zero point
 
     def weight(self) -> torch.Tensor:
