@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tasa.config import QuantSpec
+from tasa.config import LEARN_STARTS, QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
@@ -125,8 +125,8 @@ def quantize_model(
                "gptq": each layer is quantized by GPTQ (with ``float_targets``), then its result is refined by
                ``learn_iters`` steps against the float model's layer outputs (:meth:`Calibration.refine`).
     """
-    if learn_start not in ("rtn", "gptq"):
-        raise TasaError(f"learned rounding starts from rtn or gptq, got {learn_start!r}")
+    if learn_start not in LEARN_STARTS:
+        raise TasaError(f"learned rounding starts from {' or '.join(LEARN_STARTS)}, got {learn_start!r}")
     refine = Refinement(learn_iters, learn_lr, learn_dtype, seed) if learn_iters and learn_start == "gptq" else None
     if refine and isinstance(calib_ids, Calibration) and calib_ids.float_inputs is None:
         raise TasaError("learned rounding from GPTQ needs the float model's layer outputs, which this calibration "
