@@ -82,10 +82,11 @@ class LearnedGrid:
     """One linear's weight on its grid with learnable rounding offsets and clipping factors.
 
     ``start`` (GPTQ's result on the same grid, holding the values it rounded, QuantResult.rounded): refine it
-    instead of rounding the weight: those values take the weight's place (codes = clamp(round(R / scale + V) +
-    zero): at a given scale the offsets move each code by at most one step), the grid is the start's (group index, zero points; a two-level
-    grid's scales kept) and each group's scale is multiplied by a learned factor in [CLIP_MIN, 2 - CLIP_MIN].  At
-    V = 0 and factor 1 the weight is ``start``'s exactly.  Asymmetric two-level grids are refused either way."""
+    instead of rounding the weight: those values R take the weight's place (codes = clamp(round(R / scale + V) +
+    zero): at a given scale the offsets move each code by at most one step), the grid is the start's (group
+    index, zero points; a two-level grid's scales kept) and each group's scale is multiplied by a learned factor
+    in [CLIP_MIN, 2 - CLIP_MIN].  At V = 0 and factor 1 the weight is ``start``'s exactly.  Asymmetric two-level
+    grids are refused either way."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, input_weights: torch.Tensor | None = None,
                  start: QuantResult | None = None):
@@ -198,8 +199,8 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
     ``autocast``: the steps' matrix products in this dtype (:func:`step_dtype`); the losses that decide what is
     kept are computed in the layer's own.  ``starts``: each linear's result to refine (:class:`LearnedGrid`) instead
-    of its rounding; the losses are then measured against it.  The layer's own weights are not changed (pass the
-    float ones).  Returns each linear's QuantResult and the losses."""
+    of its rounding; the losses are then measured against it (the weights of those linears are not read).  The
+    layer's own weights are not changed.  Returns each linear's QuantResult and the losses."""
     t0 = time.perf_counter()
     input_weights, starts = input_weights or {}, starts or {}
     grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local),
