@@ -33,6 +33,44 @@ def test_the_start_is_rtn_on_the_searched_grid(spec):
     assert torch.equal(got.weight, got.dequantize())
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_contiguous_groups_compute_what_the_per_column_gather_does(spec):
+    """Contiguous groups of equal width are computed on a (rows, groups, width) view, other layouts by gathering
+    each column's group: the same weight and codes bit for bit (a two-level grid's empty group included), the
+    same gradients, and an act-order group index keeps the gather."""
+    gen = torch.Generator().manual_seed(5)
+    cols = 192  # a multiple of every spec's group and super-group
+    w = torch.randn(24, cols, generator=gen)
+    w[3, :16] = 0  # an all-zero group: a zero scale in the two-level grid
+    outs = []
+    for contiguous in (True, False):
+        grid = LearnedGrid(w, spec, torch.rand(cols, generator=torch.Generator().manual_seed(4)) + 0.1)
+        assert grid.width is not None and (not spec.super_group or bool((grid.scales == 0).any()))
+        if not contiguous:
+            grid.width = None
+        torch.manual_seed(6)
+        grid.offsets.uniform_(-0.5, 0.5)
+        for c in grid.clip:
+            c.uniform_(0.5, 1.0)
+        params = [p.requires_grad_(True) for p in grid.parameters()]
+        q = grid.weight()
+        grads = torch.autograd.grad((q * torch.linspace(-1, 1, q.numel()).view_as(q)).sum(), params,
+                                    allow_unused=True)
+        for p in params:
+            p.requires_grad_(False)
+        outs.append((q.detach(), grid.result(), grads))
+    (q1, r1, g1), (q2, r2, g2) = outs
+    assert torch.equal(q1, q2) and torch.equal(r1.codes, r2.codes) and torch.equal(r1.weight, r2.weight)
+    assert torch.equal(g1[0], g2[0])  # the offsets' gradient: elementwise, bit for bit
+    for a, b in zip(g1[1:], g2[1:]):  # the clipping's: the same sums over each group, in another order
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4) and a.abs().sum() > 0
+    if spec.group_size != -1:
+        permuted = rtn_quantize_spec(w, spec)
+        permuted.g_idx = permuted.g_idx[torch.randperm(cols, generator=gen)]
+        permuted.rounded = w
+        assert LearnedGrid(w, spec, start=permuted).width is None
+
+
 def test_the_loss_weighs_every_tokens_relative_error_alike():
     target = torch.tensor([[[3.0, 4.0], [300.0, 400.0]]])  # a token 100 times the other's norm
     small, large = target.clone(), target.clone()
