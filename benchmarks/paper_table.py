@@ -35,8 +35,8 @@ Quantizer rows (issue 38): ``KIND+TAG-...`` is row ``KIND-...`` quantized with t
 GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, from that grid; ``best``: GPTQ with
 act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04; ``ft``: that with
 ``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
-``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``: the same
-with 128 steps, on TASA 3.5 with the mixed calibration and uniform W3): TASA 3.5 on the
+``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``, ``gl200``: the
+same with 128 and 200 steps, on TASA 3.5 with the mixed calibration, and uniform W3): TASA 3.5 on the
 searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
@@ -120,12 +120,14 @@ QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_roun
               "gl": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
                      "learn_rounding": 32, "learn_start": "gptq"},  # ft's GPTQ, each layer then refined 32 steps
               "gl128": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
-                        "learn_rounding": 128, "learn_start": "gptq"}}  # the same, 128 steps
+                        "learn_rounding": 128, "learn_start": "gptq"},  # the same, 128 steps
+              "gl200": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
+                        "learn_rounding": 200, "learn_start": "gptq"}}  # the same, 200 steps (AutoRound's count)
 RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start")  # quantize_model's arguments; the others QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
-                  "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki",
+                  "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "tasa+gl200-3.5-mix",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
