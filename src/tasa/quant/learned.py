@@ -103,11 +103,10 @@ class LearnedGrid:
             start = rtn_quantize_spec(weight, spec, input_weights)  # the (searched) grid: where learning starts
         self.g_idx, self.super_scales = start.g_idx, start.super_scales
         self.g = start.g_idx.long()
-        rows, cols = self.w.shape
-        groups = start.scales.shape[1]
-        # contiguous groups of equal width (static groups, no act-order permutation): the steps view the weight as
-        # (rows, groups, width) and broadcast each group's scale, instead of gathering it per column (whose
-        # backward, an index_put, took 15% of a step on SmolLM2)
+        cols, groups = self.w.shape[1], start.scales.shape[1]
+        # contiguous groups of equal width (the group index in column order: no act-order, or act-order with static
+        # groups, tasa's default): the steps view the weight as (rows, groups, width) and broadcast each group's
+        # scale, instead of gathering it per column (whose backward, an index_put, took 15% of a step on SmolLM2)
         width = cols // groups
         self.width = width if width * groups == cols and torch.equal(
             self.g, torch.arange(cols, device=self.g.device) // width) else None
