@@ -118,11 +118,9 @@ QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_roun
               "best": {"act_order": True, "static_groups": True, "scale_search": 16},  # the default until 2026-12-05
               "ft": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25},  # since
               "gl": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
-                     "learn_rounding": 32, "learn_start": "gptq"},  # ft's GPTQ, each layer then refined 32 steps
-              "gl128": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
-                        "learn_rounding": 128, "learn_start": "gptq"},  # the same, 128 steps
-              "gl200": {"act_order": True, "static_groups": True, "scale_search": 16, "float_targets": 0.25,
-                        "learn_rounding": 200, "learn_start": "gptq"}}  # the same, 200 steps (AutoRound's count)
+                     "learn_rounding": 32, "learn_start": "gptq"}}  # ft's GPTQ, each layer then refined 32 steps
+# gl with more steps per layer (200: AutoRound's count)
+QUANTIZERS.update({f"gl{steps}": {**QUANTIZERS["gl"], "learn_rounding": steps} for steps in (128, 200)})
 RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start")  # quantize_model's arguments; the others QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
