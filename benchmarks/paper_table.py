@@ -17,7 +17,7 @@ takes calibration. Calibrations: ``wiki`` (WikiText-2 validation; the baselines'
 ``task`` (gsm8k:0.5,arc_easy:0.5, the tasks' train rows), ``searched`` (``tasa search-mixture``
 with its default criterion, grad-align, over WikiText-2 and both tasks; 64 x 512 tokens per
 source, as ``tasa run --calib auto``), ``mix`` (wikitext2:0.5,gsm8k:0.25,arc_easy:0.25: half general text, the
-calibration trade-off of issue 38).
+calibration trade-off of issue 38), ``mix75`` (wikitext2:0.75,gsm8k:0.125,arc_easy:0.125: the trade-off's next point).
 The layer profile is the 4,096-token measured profile of benchmarks/profile.py (wikitext2, gsm8k,
 arc_easy; KL cost for ARC-Easy; bits 3, 4, 8).
 
@@ -36,8 +36,8 @@ GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, f
 act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04; ``ft``: that with
 ``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
 ``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``, ``gl200``: the
-same with 128 and 200 steps, on TASA 3.5 with the mixed calibration, and uniform W3): TASA 3.5 on the
-searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
+same with 128 and 200 steps, on TASA 3.5 with the mixed calibration (and ``mix75``), and uniform W3/W4): TASA 3.5 on
+the searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
 (``autoround-w3-wiki``, ``autoround-w4-wiki``: its defaults, as the AutoScheme rows) and TASA's 3.5-bit plan
@@ -97,7 +97,8 @@ SEEDS = (0, 1, 2)
 BUDGETS = (3.0, 3.25, 3.5, 3.75, 4.0)
 SWEEP_SEEDS = (0,)  # budgets other than 3.5, and the module-granularity experiment (tasamod): one calibration seed
 LIMITS = {"wikitext2": 40, "arc_easy": 1000, "arc_challenge": 1000, "gsm8k": 250, "gsm8k_5shot": 250}
-CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5", "mix": "wikitext2:0.5,gsm8k:0.25,arc_easy:0.25"}
+CALIBS = {"wiki": "wikitext2", "task": "gsm8k:0.5,arc_easy:0.5", "mix": "wikitext2:0.5,gsm8k:0.25,arc_easy:0.25",
+          "mix75": "wikitext2:0.75,gsm8k:0.125,arc_easy:0.125"}
 PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 # Each row's record (scores, times, bits: a few KB) is committed here, so the table survives the loss of
 # benchmarks/.work (a fresh checkout) and a later run resumes from the rows already measured. Heavy,
@@ -125,7 +126,8 @@ RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start")  # quantize_mod
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
-                  "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "tasa+gl200-3.5-mix",
+                  "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
+                  "tasa+gl128-3.5-mix75",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
@@ -405,11 +407,15 @@ def worker(name: str, work: Path) -> dict:
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
-        quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
-                       learn_iters=options.get("learn_rounding", 0), float_targets=options.get("float_targets", 0.0),
-                       learn_start=options.get("learn_start", "rtn"), seed=p["seed"])
+        report = quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
+                                learn_iters=options.get("learn_rounding", 0),
+                                float_targets=options.get("float_targets", 0.0),
+                                learn_start=options.get("learn_start", "rtn"), seed=p["seed"])
         out["seconds"] = time.perf_counter() - t0
         out["quantizer"] = options
+        if report.layers:  # learned rounding: each layer's calibration loss before and after, and whether it was kept
+            out["learning"] = {str(i): {"loss_start": r.loss_start, "loss_learned": r.loss_learned, "kept": r.kept}
+                               for i, r in sorted(report.layers.items())}
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
         # count; recorded like `tasa quantize` records them in quantize.json (rows measured before 2026-12-04 lack them)
         out["calib_sha256"] = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()
