@@ -36,7 +36,8 @@ GPTQ with ``--scale-search 16``; ``lr``: learned rounding, 32 steps per layer, f
 act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default since 2026-12-04; ``ft``: that with
 ``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
 ``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``, ``gl200``: the
-same with 128 and 200 steps, on TASA 3.5 with the mixed calibration (and ``mix75``), and uniform W3/W4): TASA 3.5 on
+same with 128 and 200 steps, on TASA 3.5 with the mixed calibration (and ``mix75``), and uniform W3/W4; ``gk128``:
+``gl128`` with the last layer's learning on the output distribution's KL, ``--learn-output-kl``): TASA 3.5 on
 the searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
@@ -122,12 +123,13 @@ QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_roun
                      "learn_rounding": 32, "learn_start": "gptq"}}  # ft's GPTQ, each layer then refined 32 steps
 # gl with more steps per layer (200: AutoRound's count)
 QUANTIZERS.update({f"gl{steps}": {**QUANTIZERS["gl"], "learn_rounding": steps} for steps in (128, 200)})
-RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start")  # quantize_model's arguments; the others QuantSpec's
+QUANTIZERS["gk128"] = {**QUANTIZERS["gl128"], "learn_output_kl": True}  # the last layer on the output KL
+RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl")  # quantize_model's arguments; the others QuantSpec's
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
                   "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
-                  "tasa+gl128-3.5-mix75",
+                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
@@ -410,11 +412,13 @@ def worker(name: str, work: Path) -> dict:
         report = quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
                                 learn_iters=options.get("learn_rounding", 0),
                                 float_targets=options.get("float_targets", 0.0),
-                                learn_start=options.get("learn_start", "rtn"), seed=p["seed"])
+                                learn_start=options.get("learn_start", "rtn"),
+                                learn_output_kl=options.get("learn_output_kl", False), seed=p["seed"])
         out["seconds"] = time.perf_counter() - t0
         out["quantizer"] = options
         if report.layers:  # learned rounding: each layer's calibration loss before and after, and whether it was kept
-            out["learning"] = {str(i): {"loss_start": r.loss_start, "loss_learned": r.loss_learned, "kept": r.kept}
+            out["learning"] = {str(i): {"loss_start": r.loss_start, "loss_learned": r.loss_learned, "kept": r.kept,
+                                        **({"objective": r.objective} if r.objective != "mse" else {})}
                                for i, r in sorted(report.layers.items())}
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
         # count; recorded like `tasa quantize` records them in quantize.json (rows measured before 2026-12-04 lack them)
@@ -633,7 +637,8 @@ def summarise(work: Path, bases: list[str]) -> tuple[list[dict], dict, dict]:
                     (f"learned-rounding{q['learn_rounding']}" if q.get("learn_rounding") else "gptq") + \
                     ("+act-order+static-groups" if q.get("act_order") else "") + \
                     (f"+scale-search{q['scale_search']}" if q.get("scale_search") else "") + \
-                    (f"+float-targets{q['float_targets']}" if q.get("float_targets") else "")
+                    (f"+float-targets{q['float_targets']}" if q.get("float_targets") else "") + \
+                    ("+output-kl" if q.get("learn_output_kl") else "")
             calib = None if p["kind"] in ("fp", "rtn") else \
                 f"{calib_string(p['calib'], work)} {NSAMPLES}x{SEQLEN} seed {p['seed']}"
             rows.append(row(name, tool, method, r.get("bits", p["bits"]), None if p["kind"] == "fp" else GROUP,

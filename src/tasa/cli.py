@@ -139,6 +139,10 @@ def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
                         "AutoRound's start) or gptq (each layer quantized by GPTQ with its options, --float-targets "
                         "included, then the same learning on the values GPTQ rounded, on GPTQ's grid with each "
                         "group's scale rescaled; never worse than GPTQ on the layer's calibration) (default: rtn)")
+    p.add_argument("--learn-output-kl", action="store_true",
+                   help="learned rounding of the last decoder layer minimises the KL divergence of the model's "
+                        "next-token distribution (float against quantized, through its final norm and head, on "
+                        "1024 of a batch's tokens a step) instead of the layer output's error (default: off)")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -532,7 +536,7 @@ def run(argv: list[str] | None = None) -> int:
                             allow_ragged_groups=args.allow_ragged_groups, scale_search=args.scale_search,
                             learn_rounding=args.learn_rounding, learn_lr=args.learn_lr,
                             learn_dtype=args.learn_dtype, float_targets=args.float_targets,
-                            learn_start=args.learn_start)
+                            learn_start=args.learn_start, learn_output_kl=args.learn_output_kl)
         calib = CalibSpec.parse(args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         res = pipeline.quantize(args.model, args.output_dir, spec, calib, plan=args.plan,
                                 export=ExportSpec(args.export_format, args.target, args.max_shard_size,
@@ -595,7 +599,7 @@ def run(argv: list[str] | None = None) -> int:
                        scale_search=args.scale_search, act_order=args.act_order,
                        static_groups=args.static_groups, learn_rounding=args.learn_rounding,
                        learn_lr=args.learn_lr, learn_dtype=args.learn_dtype, float_targets=args.float_targets,
-                       learn_start=args.learn_start)
+                       learn_start=args.learn_start, learn_output_kl=args.learn_output_kl)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

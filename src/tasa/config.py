@@ -306,9 +306,12 @@ class QuantizeSpec:
     # GPTQ with asymmetric calibration of this strength (tasa.quant.apply); None: FLOAT_TARGETS where it applies
     float_targets: float | None = None
     learn_start: str = "rtn"  # learned rounding from RTN on the grid, or "gptq": GPTQ's result, refined
+    learn_output_kl: bool = False  # learned rounding of the last decoder layer on the output distribution's KL
 
     def __post_init__(self) -> None:
         _one_of(self.method, ("gptq", "rtn"), "the quantization method")
+        if self.learn_output_kl and not self.learn_rounding:
+            raise TasaError("--learn-output-kl is an objective of learned rounding: give --learn-rounding STEPS")
         _one_of(self.learn_start, LEARN_STARTS, "--learn-start")
         if self.learn_start == "gptq" and not (self.learn_rounding and self.method == "gptq"):
             raise TasaError("--learn-start gptq refines GPTQ's result by learned rounding: give --learn-rounding "
@@ -370,6 +373,8 @@ class QuantizeSpec:
             flags.append(f"--scale-search {self.scale_search}")
         if self.float_targets:
             flags.append(f"--float-targets {self.float_targets:g}")
+        if self.learn_output_kl:
+            flags.append("--learn-output-kl")
         return name + (" with " + " ".join(flags) if flags else "")
 
 
@@ -598,8 +603,9 @@ class RunSpec:
     learn_rounding: int = 0  # ... and its learn_rounding, learn_lr and learn_dtype
     learn_lr: float | None = None
     learn_dtype: str = "auto"
-    float_targets: float | None = None  # ... and its float_targets and learn_start
+    float_targets: float | None = None  # ... and its float_targets, learn_start and learn_output_kl
     learn_start: str = "rtn"
+    learn_output_kl: bool = False
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
@@ -626,7 +632,7 @@ class RunSpec:
         return QuantizeSpec(act_order=self.act_order, static_groups=self.static_groups,
                             scale_search=self.scale_search, learn_rounding=self.learn_rounding,
                             learn_lr=self.learn_lr, learn_dtype=self.learn_dtype, float_targets=self.float_targets,
-                            learn_start=self.learn_start)
+                            learn_start=self.learn_start, learn_output_kl=self.learn_output_kl)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from tasa.models.arch import resolve
 from tasa.models.walker import capture_ids, forward_layer
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
-from tasa.quant.learned import LearnedGrid, learn_layer, token_normalized_mse
+from tasa.quant.learned import LearnedGrid, learn_layer, output_kl, token_normalized_mse
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tests.conftest import tiny_llama
 from tests.unit.test_bad_inputs import expect_error, quantize_args, run_cli
@@ -360,3 +360,102 @@ def test_gptqmodel_loads_each_quantizers_checkpoint_with_matching_logits(tiny_mo
     with torch.no_grad():
         ref = load(str(out)).model(input_ids=ids).logits
     assert (torch.tensor(got["logits"]) - ref).abs().max().item() < 5e-3 * max(1.0, ref.abs().max().item())
+
+
+def test_the_output_kl_is_the_mean_kl_of_the_next_token_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    p, q = torch.softmax(target, -1), torch.softmax(logits, -1)
+    want = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert float(output_kl(logits, target)) == pytest.approx(want, rel=1e-6)
+    assert float(output_kl(logits + torch.randn(5, 1, generator=g), target)) == pytest.approx(want, rel=1e-5)
+    assert float(output_kl(target, target)) == pytest.approx(0.0, abs=1e-7) and want > 0
+
+
+def _output_kl_of(model, ids, weights, batch=4):
+    """The model's output KL on ``ids`` with ``weights`` (name -> tensor) in place of its own, against itself,
+    averaged over batches of ``batch`` sequences."""
+    import copy
+
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in weights.items():
+            quantized.get_submodule(name).weight.copy_(w)
+        kls = [output_kl(quantized(input_ids=ids[s:s + batch]).logits.flatten(0, 1),
+                         model(input_ids=ids[s:s + batch]).logits.flatten(0, 1)) for s in range(0, len(ids), batch)]
+    return sum(float(k) for k in kls) / len(kls)
+
+
+@pytest.mark.parametrize("head_tokens", [1024, 48])  # every sequence of a batch in a step; two, in chunks of two
+def test_the_last_layer_learns_the_models_output_distribution(head_tokens):
+    """With the model's head, learned rounding of the last decoder layer measures and lowers the KL divergence of
+    the model's next-token distribution: its losses are exactly the quantized model's output KL to the float
+    model on the calibration (chunked or not), and learning lowers it, on the grid."""
+    from tasa.quant.apply import output_head
+
+    model = tiny_llama(layers=1)
+    arch = resolve(model)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    inputs = capture_ids(model, arch, ids, 4, torch.device("cpu"))
+    layer = arch.layers[0]
+    with torch.no_grad():
+        targets = [forward_layer(layer, *inputs.call(b), 0) for b in range(len(inputs))]
+    spec = QuantSpec(bits=2, group_size=16)
+    locals_ = [m.local for m in arch.layer_modules(0)]
+    assert output_head(model, arch, 1) is None  # not the last layer: no head
+    results, learning = learn_layer(layer, {local: spec for local in locals_}, inputs, targets, iters=40, seed=0,
+                                    head=output_head(model, arch, 0), head_tokens=head_tokens)
+    rtn = {m.name: rtn_quantize_spec(layer.get_submodule(m.local).weight, spec).weight for m in arch.layer_modules(0)}
+    learned = {m.name: results[m.local].weight for m in arch.layer_modules(0)}
+    assert learning.objective == "output-kl"
+    assert learning.loss_start == pytest.approx(_output_kl_of(model, ids, rtn), rel=1e-4)
+    assert learning.loss_learned == pytest.approx(_output_kl_of(model, ids, learned), rel=1e-4)
+    assert learning.kept and learning.loss_learned < 0.9 * learning.loss_start
+    for r in results.values():
+        assert torch.equal(r.weight, r.dequantize()) and int(r.codes.max()) <= 3
+
+
+@pytest.mark.parametrize("start", ["rtn", "gptq"])
+def test_the_driver_puts_only_the_last_layer_on_the_output_kl(start):
+    """quantize_model(learn_output_kl=True): the last layer's kept loss is the quantized model's output KL on the
+    calibration (its inputs the quantized model's); the other layers keep the layer-output objective; without
+    learned rounding the option is refused."""
+    model = tiny_llama()
+    arch = resolve(model)
+    names = [m.name for m in arch.modules]
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    plan = Plan.uniform(names, QuantSpec(bits=2, group_size=16))
+    import copy
+
+    quantized = copy.deepcopy(model)
+    got = {}
+    rep = quantize_model(quantized, resolve(quantized), plan, ids, batch_size=4, progress=False, learn_iters=10,
+                         learn_start=start, learn_output_kl=True, on_result=lambda n, r: got.setdefault(n, r))
+    assert [rep.layers[i].objective for i in (0, 1)] == ["mse", "output-kl"]
+    assert rep.layers[1].loss == pytest.approx(_output_kl_of(model, ids, {n: r.weight for n, r in got.items()}),
+                                               rel=1e-4)
+    with pytest.raises(TasaError, match="the output-KL objective is learned rounding's"):
+        quantize_model(tiny_llama(), arch, plan, ids, progress=False, learn_output_kl=True)
+
+
+def test_the_output_kl_option_needs_learned_rounding(tiny_model_dir, tmp_path, capsys, no_work):
+    with pytest.raises(TasaError, match="--learn-output-kl is an objective of learned rounding"):
+        QuantizeSpec(learn_output_kl=True)
+    assert QuantizeSpec(learn_rounding=4, learn_start="gptq", learn_output_kl=True).resolved().quantizer == (
+        "learned rounding (4 steps per layer) from GPTQ with --act-order --static-groups --scale-search 16 "
+        "--float-targets 0.25 --learn-output-kl")
+    expect_error(quantize_args(tiny_model_dir, tmp_path / "q", "--learn-output-kl"),
+                 "--learn-output-kl is an objective of learned rounding: give --learn-rounding STEPS", capsys)
+    from tasa.config import RunSpec
+
+    assert RunSpec(tasks=("gsm8k",), budget=3.5, learn_rounding=4, learn_output_kl=True).quantize_spec().learn_output_kl
+    expect_error(["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3.5", "--output-dir",
+                  str(tmp_path / "r"), "--learn-output-kl"], "--learn-output-kl is an objective of learned rounding", capsys)
+
+
+def test_the_cli_records_the_last_layers_objective(tiny_model_dir, tmp_path, capsys, data_dir):
+    rec = _cli_quantize(tiny_model_dir, tmp_path / "q", "gptq", capsys, "--learn-output-kl")
+    learned = rec["learned_rounding"]
+    assert learned["last_layer_objective"].startswith("KL divergence of the model's next-token distribution")
+    assert [learned["layers"][i]["objective"] for i in ("0", "1")] == ["mse", "output-kl"]
+    assert rec["quantizer"].endswith("--learn-output-kl")

@@ -28,6 +28,7 @@ from tasa.pipeline.common import (bits_summary, check_group_size, check_output_d
 from tasa.plan import Plan
 from tasa.quant.apply import quantize_model
 from tasa.quant.learned import ASYM_TWO_LEVEL as LEARNED_ASYM_TWO_LEVEL, OBJECTIVE as LEARNED_OBJECTIVE
+from tasa.quant.learned import OUTPUT_KL as LEARNED_OUTPUT_KL
 
 log = logging.getLogger("tasa.pipeline")
 
@@ -188,7 +189,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
                                 learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
                                 learn_dtype=None if spec.learn_dtype == "auto" else getattr(torch, spec.learn_dtype),
                                 seed=calib_spec.seed if calib_spec else 0, float_targets=spec.float_targets,
-                                learn_start=spec.learn_start)
+                                learn_start=spec.learn_start, learn_output_kl=spec.learn_output_kl)
         record = {
             "model": model,
             "method": method,
@@ -220,6 +221,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
                                      "start": spec.learn_start, "objective": LEARNED_OBJECTIVE,
+                                     **({"last_layer_objective": LEARNED_OUTPUT_KL} if spec.learn_output_kl else {}),
                                      "step_dtype": next(iter(report.layers.values())).step_dtype if report.layers
                                      else None, "layers": {i: dataclasses.asdict(x) for i, x in report.layers.items()}}}
                if spec.learn_rounding else {}),

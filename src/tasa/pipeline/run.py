@@ -232,6 +232,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
             **({"learn_rounding": spec.learn_rounding, "learn_lr": spec.learn_lr, "learn_dtype": spec.learn_dtype}
                if spec.learn_rounding else {}),
             **({"learn_start": spec.learn_start} if spec.learn_start != "rtn" else {}),  # earlier runs keep their key
+            **({"learn_output_kl": True} if spec.learn_output_kl else {}),
             **({"float_targets": q_spec.float_targets} if q_spec.float_targets else {}),
             **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
 

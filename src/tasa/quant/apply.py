@@ -30,8 +30,8 @@ from tasa.config import LEARN_STARTS, QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
-from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, input_groups, move_outside_layers,
-                                 parallel_steps, run_layer, walk)
+from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, head_logits, input_groups,
+                                 move_outside_layers, parallel_steps, run_layer, walk)
 from tasa.plan import Plan, expert_container
 from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_weights, gptq_quantize,
                              make_empty_hessian)
@@ -108,6 +108,7 @@ def quantize_model(
     seed: int = 0,
     float_targets: float = 0.0,
     learn_start: str = "rtn",
+    learn_output_kl: bool = False,
 ) -> QuantReport:
     """Quantize ``model`` in place according to ``plan``.
 
@@ -124,10 +125,15 @@ def quantize_model(
     learn_start: where learned rounding starts: "rtn" (the plan's grid rounded to nearest, AutoRound's start) or
                "gptq": each layer is quantized by GPTQ (with ``float_targets``), then its result is refined by
                ``learn_iters`` steps against the float model's layer outputs (:meth:`Calibration.refine`).
+    learn_output_kl: learned rounding of the last decoder layer minimises the KL divergence of the model's output
+               distribution (its final norm and head) instead of the layer output's MSE (:func:`output_head`).
     """
     if learn_start not in LEARN_STARTS:
         raise TasaError(f"learned rounding starts from {' or '.join(LEARN_STARTS)}, got {learn_start!r}")
-    refine = Refinement(learn_iters, learn_lr, learn_dtype, seed) if learn_iters and learn_start == "gptq" else None
+    if learn_output_kl and not learn_iters:
+        raise TasaError("the output-KL objective is learned rounding's: give learn_iters (--learn-rounding STEPS)")
+    refine = Refinement(learn_iters, learn_lr, learn_dtype, seed, learn_output_kl) \
+        if learn_iters and learn_start == "gptq" else None
     if refine and isinstance(calib_ids, Calibration) and calib_ids.float_inputs is None:
         raise TasaError("learned rounding from GPTQ needs the float model's layer outputs, which this calibration "
                         "(distributed) does not hold: run it in one process")
@@ -144,7 +150,7 @@ def quantize_model(
             if calib_ids is None:
                 raise TasaError("learned rounding needs calibration data")
             _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
-                           learn_iters, learn_lr, learn_dtype, seed)
+                           learn_iters, learn_lr, learn_dtype, seed, learn_output_kl)
         elif plan.method == "rtn" and not refine:
             _apply_rtn(arch, plan, device, report, on_result, progress, on_layer)
         else:
@@ -183,15 +189,25 @@ def _apply_rtn(arch, plan, device, report, on_result, progress, on_layer):
             on_layer(index, layer)
 
 
+def output_head(model: nn.Module, arch: ModelArch, index: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For the last decoder layer (``index``), the model's logits of the hidden states leaving it (its final norm,
+    head and logit processing, differentiable: tasa.models.walker.head_logits); None for any other layer."""
+    if index != len(arch.layers) - 1:
+        return None
+    return lambda hidden: head_logits(model, arch, hidden, {}, grad=True)
+
+
 @dataclass(frozen=True)
 class Refinement:
     """Learned rounding from GPTQ's result (:meth:`Calibration.refine`): steps per layer, first step size (None:
-    1 / steps), the steps' dtype (None: tasa.quant.learned.step_dtype), seed of the batch order."""
+    1 / steps), the steps' dtype (None: tasa.quant.learned.step_dtype), seed of the batch order, and whether the
+    last layer learns the output distribution's KL (:func:`output_head`)."""
 
     iters: int
     lr: float | None = None
     dtype: torch.dtype | None = None
     seed: int = 0
+    output_kl: bool = False
 
 
 class Calibration:
@@ -211,6 +227,7 @@ class Calibration:
     def __init__(self, model: nn.Module, arch: ModelArch, calib_ids: torch.Tensor, batch_size: int,
                  device: torch.device, float_targets: float = 0.0, float_stream: bool = False):
         self.inputs = capture_ids(model, arch, calib_ids, batch_size, device)
+        self.model, self.arch = model, arch  # (the final norm and head, for refine's output-KL objective)
         self.float_targets = float_targets
         self.float_inputs = LayerInputs(list(self.inputs.hidden), self.inputs.kwargs) \
             if float_targets or float_stream else None  # float_stream: for :meth:`refine` alone
@@ -295,7 +312,8 @@ class Calibration:
                               for b in range(len(self.float_inputs))]
         return learn_layer(layer, specs, self.inputs, self.float_outputs, refine.iters, refine.lr, refine.seed + index,
                            autocast=step_dtype(self.inputs.hidden[0].device, next(layer.parameters()).dtype,
-                                               refine.dtype), starts=starts)
+                                               refine.dtype), starts=starts,
+                           head=output_head(self.model, self.arch, index) if refine.output_kl else None)
 
     def advance(self, layer: nn.Module) -> None:
         run_layer(layer, self.inputs, advance=True)
@@ -309,7 +327,7 @@ class Calibration:
             self.float_held.clear()
 
     def close(self) -> None:
-        self.inputs = self.float_inputs = self.float_layer = self.float_outputs = None
+        self.inputs = self.float_inputs = self.float_layer = self.float_outputs = self.model = None
         self.float_held = {}
 
 
@@ -362,7 +380,7 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
 
 
 def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_result, progress, on_layer,
-                   iters, lr, dtype, seed):
+                   iters, lr, dtype, seed, output_kl=False):
     """Learned rounding layer by layer: each layer's targets are the float layer's outputs on the float
     model's inputs (a second stream of layer inputs, advanced by the float layer before it is quantized)."""
     move_outside_layers(model, arch, device)
@@ -387,7 +405,8 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
                                             targets, iters, lr, seed + index,
                                             {local: s / max(n, 1) for local, (s, n) in squares.items()},
-                                            autocast=step_dtype(device, next(layer.parameters()).dtype, dtype))
+                                            autocast=step_dtype(device, next(layer.parameters()).dtype, dtype),
+                                            head=output_head(model, arch, index) if output_kl else None)
             report.layers[index] = learning
             seconds = (time.perf_counter() - t) / len(planned)
             for local, m in planned.items():

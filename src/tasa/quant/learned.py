@@ -22,6 +22,12 @@ gradient), one calibration batch a step, in a seeded order.  Start: V = 0 and c 
 parameters are kept only if they lower the loss over every calibration batch; otherwise the start is kept, so
 the layer's reconstruction error on its calibration never rises.
 
+With a ``head`` (the model's final norm and head, for its last decoder layer: ``--learn-output-kl``) the loss is
+instead the KL divergence of the model's next-token distribution, the float model's against the quantized one's
+(:func:`output_kl`): what the quantized model is finally scored on, where the hidden states' MSE weighs every
+direction alike, also those the head ignores.  Each step draws whole sequences of its batch, about HEAD_TOKENS
+tokens (the head's logits of a whole batch are several times a layer's work); the keep decision sees every token.
+
 Pure functions over a layer and its cached inputs; the loop over layers is tasa.quant.apply's.
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -44,6 +51,9 @@ OBJECTIVE = "token-normalized MSE of the layer output, quantized inputs against 
 ASYM_TWO_LEVEL = ("learned rounding does not take asymmetric two-level grids (llama.cpp's Q2_K, Q4_K, Q5_K); "
                   "quantize them with GPTQ (without --learn-rounding)")
 CLIP_MIN = 0.5  # the narrowest range a group's clipping may reach (as tasa.quant.rtn.search_grid's)
+HEAD_TOKENS = 1024  # about as many tokens (whole sequences) one output-KL step, or one chunk of the keep decision's
+# loss, computes: 2 of the paper table's batches' 8 sequences of 512
+OUTPUT_KL = "KL divergence of the model's next-token distribution, float against quantized"  # the last layer's
 
 
 def step_dtype(device: torch.device, dtype: torch.dtype, asked: torch.dtype | None = None) -> torch.dtype | None:
@@ -71,6 +81,12 @@ def token_normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     out, target = out.float(), target.float()
     err = (out - target).pow(2).sum(-1)
     return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def output_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over tokens (rows) of KL(softmax(target) || softmax(logits)), in float32."""
+    return torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), torch.log_softmax(target.float(), -1),
+                                      reduction="batchmean", log_target=True)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +217,7 @@ class LayerLearning:
     steps: int
     seconds: float = 0.0
     step_dtype: str | None = None  # the steps' autocast dtype, if any
+    objective: str = "mse"  # what the losses measure: "mse" (token_normalized_mse) or "output-kl" (output_kl)
 
     @property
     def loss(self) -> float:
@@ -211,14 +228,19 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                 iters: int, lr: float | None = None, seed: int = 0,
                 input_weights: dict[str, torch.Tensor] | None = None,
                 autocast: torch.dtype | None = None,
-                starts: dict[str, QuantResult] | None = None) -> tuple[dict[str, QuantResult], LayerLearning]:
+                starts: dict[str, QuantResult] | None = None,
+                head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                head_tokens: int = HEAD_TOKENS) -> tuple[dict[str, QuantResult], LayerLearning]:
     """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
     (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
     model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
     ``autocast``: the steps' matrix products in this dtype (:func:`step_dtype`); the losses that decide what is
     kept are computed in the layer's own.  ``starts``: each linear's result to refine (:class:`LearnedGrid`) instead
-    of its rounding; the losses are then measured against it (the weights of those linears are not read).  The
-    layer's own weights are not changed.  Returns each linear's QuantResult and the losses."""
+    of its rounding; the losses are then measured against it (the weights of those linears are not read).
+    ``head``: the model's logits of (sequences, tokens, hidden) states leaving ``layer`` (its last decoder layer):
+    the loss is then :func:`output_kl` of the logits of the batch's sequences, ``head_tokens // seqlen`` of them (at
+    least one) a step, drawn from ``seed``, and all of them, as many at a time, for the keep decision.  The layer's own weights are not changed.  Returns
+    each linear's QuantResult and the losses."""
     t0 = time.perf_counter()
     input_weights, starts = input_weights or {}, starts or {}
     grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local),
@@ -227,21 +249,30 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     params = [p for g in grids.values() for p in g.parameters()]
     lr = 1.0 / iters if lr is None else lr
     dtype, layer_device = next(layer.parameters()).dtype, next(layer.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
 
-    def loss_of(b: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_of(b: int, weights: dict[str, torch.Tensor], every_token: bool = False) -> torch.Tensor:
         hidden, kwargs = inputs.call(b)
         out = layer_output(torch.func.functional_call(layer, weights, (hidden,), kwargs))
-        return token_normalized_mse(out, targets[b])
+        if head is None:
+            return token_normalized_mse(out, targets[b])
+        per = max(1, head_tokens // out.shape[1])  # whole sequences (their own positions) a step, or a chunk
+        if not every_token:
+            pick = torch.randperm(out.shape[0], generator=gen)[:per].to(out.device)
+            with torch.no_grad():
+                want = head(targets[b][pick])
+            return output_kl(head(out[pick]).flatten(0, -2), want.flatten(0, -2))
+        return sum(output_kl(head(out[s:s + per]).flatten(0, -2), head(targets[b][s:s + per]).flatten(0, -2))
+                   * out[s:s + per].shape[0] for s in range(0, out.shape[0], per)) / out.shape[0]
 
     def total() -> float:
         """The mean loss over every batch with the weights as they would be stored (fp16 scales)."""
         with torch.no_grad():
             weights = {f"{local}.weight": g.result().weight.to(dtype) for local, g in grids.items()}
-            return sum(float(loss_of(b, weights)) for b in range(len(inputs))) / len(inputs)
+            return sum(float(loss_of(b, weights, every_token=True)) for b in range(len(inputs))) / len(inputs)
 
     start_state = [p.clone() for p in params]
     loss_start = total()
-    gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     trainable = [p.requires_grad_(True) for p in params]
     was = [p.requires_grad for p in layer.parameters()]
@@ -273,4 +304,5 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                 p.copy_(s)
     results = {local: g.result() for local, g in grids.items()}
     return results, LayerLearning(loss_start, loss_learned, kept, iters, time.perf_counter() - t0,
-                                  str(autocast).replace("torch.", "") if autocast else None)
+                                  str(autocast).replace("torch.", "") if autocast else None,
+                                  "mse" if head is None else "output-kl")
