@@ -142,7 +142,8 @@ def _learn_rounding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-output-kl", action="store_true",
                    help="learned rounding of the last decoder layer minimises the KL divergence of the model's "
                         "next-token distribution (float against quantized, through its final norm and head, on "
-                        "1024 of a batch's tokens a step) instead of the layer output's error (default: off)")
+                        "whole sequences of about 1024 tokens of a batch a step) instead of the layer output's "
+                        "error (default: off)")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
