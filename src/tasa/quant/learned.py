@@ -239,8 +239,8 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     of its rounding; the losses are then measured against it (the weights of those linears are not read).
     ``head``: the model's logits of (sequences, tokens, hidden) states leaving ``layer`` (its last decoder layer):
     the loss is then :func:`output_kl` of the logits of the batch's sequences, ``head_tokens // seqlen`` of them (at
-    least one) a step, drawn from ``seed``, and all of them, as many at a time, for the keep decision.  The layer's own weights are not changed.  Returns
-    each linear's QuantResult and the losses."""
+    least one) a step, drawn from ``seed``, and all of them, as many at a time, for the keep decision.  The layer's
+    own weights are not changed.  Returns each linear's QuantResult and the losses."""
     t0 = time.perf_counter()
     input_weights, starts = input_weights or {}, starts or {}
     grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local),
