@@ -450,7 +450,8 @@ def test_the_output_kl_option_needs_learned_rounding(tiny_model_dir, tmp_path, c
 
     assert RunSpec(tasks=("gsm8k",), budget=3.5, learn_rounding=4, learn_output_kl=True).quantize_spec().learn_output_kl
     expect_error(["run", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--budget", "3.5", "--output-dir",
-                  str(tmp_path / "r"), "--learn-output-kl"], "--learn-output-kl is an objective of learned rounding", capsys)
+                  str(tmp_path / "r"), "--learn-output-kl"],
+                 "--learn-output-kl is an objective of learned rounding", capsys)
 
 
 def test_the_cli_records_the_last_layers_objective(tiny_model_dir, tmp_path, capsys, data_dir):
