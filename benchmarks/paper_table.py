@@ -74,6 +74,7 @@ aggregated: SmolLM2-135M scores at chance on them in full precision.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -404,8 +405,6 @@ def worker(name: str, work: Path) -> dict:
         options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
         grid_options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}  # QuantSpec fields
         if grid_options:
-            import dataclasses
-
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
@@ -417,9 +416,7 @@ def worker(name: str, work: Path) -> dict:
         out["seconds"] = time.perf_counter() - t0
         out["quantizer"] = options
         if report.layers:  # learned rounding: each layer's calibration loss before and after, and whether it was kept
-            out["learning"] = {str(i): {"loss_start": r.loss_start, "loss_learned": r.loss_learned, "kept": r.kept,
-                                        **({"objective": r.objective} if r.objective != "mse" else {})}
-                               for i, r in sorted(report.layers.items())}
+            out["learning"] = {str(i): dataclasses.asdict(r) for i, r in sorted(report.layers.items())}
         # what the weights also depend on (README "Reproducibility"): the exact calibration tokens and the thread
         # count; recorded like `tasa quantize` records them in quantize.json (rows measured before 2026-12-04 lack them)
         out["calib_sha256"] = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()

@@ -251,28 +251,43 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     dtype, layer_device = next(layer.parameters()).dtype, next(layer.parameters()).device
     gen = torch.Generator().manual_seed(seed)
 
-    def loss_of(b: int, weights: dict[str, torch.Tensor], every_token: bool = False) -> torch.Tensor:
+    def loss_of(b: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A step's loss on batch ``b`` (with the output KL, on ``head_tokens`` worth of its sequences)."""
         hidden, kwargs = inputs.call(b)
         out = layer_output(torch.func.functional_call(layer, weights, (hidden,), kwargs))
         if head is None:
             return token_normalized_mse(out, targets[b])
-        per = max(1, head_tokens // out.shape[1])  # whole sequences (their own positions) a step, or a chunk
-        if not every_token:
-            pick = torch.randperm(out.shape[0], generator=gen)[:per].to(out.device)
-            with torch.no_grad():
-                want = head(targets[b][pick])
-            return output_kl(head(out[pick]).flatten(0, -2), want.flatten(0, -2))
-        return sum(output_kl(head(out[s:s + per]).flatten(0, -2), head(targets[b][s:s + per]).flatten(0, -2))
-                   * out[s:s + per].shape[0] for s in range(0, out.shape[0], per)) / out.shape[0]
-
-    def total() -> float:
-        """The mean loss over every batch with the weights as they would be stored (fp16 scales)."""
+        pick = torch.randperm(out.shape[0], generator=gen)[:max(1, head_tokens // out.shape[1])].to(out.device)
         with torch.no_grad():
-            weights = {f"{local}.weight": g.result().weight.to(dtype) for local, g in grids.items()}
-            return sum(float(loss_of(b, weights, every_token=True)) for b in range(len(inputs))) / len(inputs)
+            want = head(targets[b][pick])
+        return output_kl(head(out[pick]).flatten(0, -2), want.flatten(0, -2))
 
-    start_state = [p.clone() for p in params]
-    loss_start = total()
+    def totals(*weight_sets: dict[str, torch.Tensor]) -> list[float]:
+        """The mean loss over every batch (every token) of each set of weights, in one pass: the float model's
+        logits of a chunk are computed once for all the sets."""
+        sums = [0.0] * len(weight_sets)
+        with torch.no_grad():
+            for b in range(len(inputs)):
+                hidden, kwargs = inputs.call(b)
+                outs = [layer_output(torch.func.functional_call(layer, w, (hidden,), kwargs)) for w in weight_sets]
+                if head is None:
+                    losses = [token_normalized_mse(out, targets[b]) for out in outs]
+                else:  # whole sequences (their own positions) a chunk
+                    per, n = max(1, head_tokens // outs[0].shape[1]), outs[0].shape[0]
+                    losses = [0.0] * len(outs)
+                    for s in range(0, n, per):
+                        want = head(targets[b][s:s + per]).flatten(0, -2)
+                        for i, out in enumerate(outs):
+                            losses[i] += output_kl(head(out[s:s + per]).flatten(0, -2), want) * out[s:s + per].shape[0]
+                    losses = [x / n for x in losses]
+                sums = [t + float(x) for t, x in zip(sums, losses)]
+        return [t / len(inputs) for t in sums]
+
+    def stored() -> dict[str, torch.Tensor]:
+        """The weights as they would be stored (fp16 scales), in the layer's dtype."""
+        return {f"{local}.weight": g.result().weight.to(dtype) for local, g in grids.items()}
+
+    start_state, start_weights = [p.clone() for p in params], stored()
     order: list[int] = []
     trainable = [p.requires_grad_(True) for p in params]
     was = [p.requires_grad for p in layer.parameters()]
@@ -296,7 +311,7 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
             p.requires_grad_(w)
         for p in params:
             p.requires_grad_(False)
-    loss_learned = total()
+    loss_start, loss_learned = totals(start_weights, stored())
     kept = loss_learned < loss_start
     if not kept:
         with torch.no_grad():
