@@ -37,7 +37,8 @@ act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default si
 ``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
 ``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``, ``gl200``: the
 same with 128 and 200 steps, on TASA 3.5 with the mixed calibration (and ``mix75``), and uniform W3/W4; ``gk128``:
-``gl128`` with the last layer's learning on the output distribution's KL, ``--learn-output-kl``): TASA 3.5 on
+``gl128`` with the last layer's learning on the output distribution's KL, ``--learn-output-kl``; ``gk128b2``: that
+with 2-sequence batches, ``--batch-size 2``, each learning step on a quarter of the tokens): TASA 3.5 on
 the searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
@@ -125,12 +126,16 @@ QUANTIZERS = {"ss": {"scale_search": 16}, "lr": {"scale_search": 16, "learn_roun
 # gl with more steps per layer (200: AutoRound's count)
 QUANTIZERS.update({f"gl{steps}": {**QUANTIZERS["gl"], "learn_rounding": steps} for steps in (128, 200)})
 QUANTIZERS["gk128"] = {**QUANTIZERS["gl128"], "learn_output_kl": True}  # the last layer on the output KL
-RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl")  # quantize_model's arguments; the others QuantSpec's
+# gk128 with 2-sequence batches (`--batch-size 2`): each learning step on a quarter of the tokens (GPTQ's Hessians
+# and the float targets are the same sums in smaller pieces)
+QUANTIZERS["gk128b2"] = {**QUANTIZERS["gk128"], "batch_size": 2}
+# quantize_model's arguments; the others QuantSpec's
+RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl", "batch_size")
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
                   "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
-                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75",
+                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
@@ -408,7 +413,8 @@ def worker(name: str, work: Path) -> dict:
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
-        report = quantize_model(lm.model, arch, plan, calib, batch_size=BATCH, progress=False,
+        report = quantize_model(lm.model, arch, plan, calib, batch_size=options.get("batch_size", BATCH),
+                                progress=False,
                                 learn_iters=options.get("learn_rounding", 0),
                                 float_targets=options.get("float_targets", 0.0),
                                 learn_start=options.get("learn_start", "rtn"),
