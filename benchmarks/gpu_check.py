@@ -17,9 +17,10 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
   3/4 bits) on gsm8k:0.5,arc_easy:0.5 (64 x 512 tokens): each module's GPTQ relative error
   tr(E H E^T) / tr(W H W^T) must agree within 1% (relative) between the devices.
 - ``smollm2-eval``: `tasa eval` of that checkpoint on WikiText-2 (20 windows): perplexity within 0.5%.
-- ``smollm2-quantize-learned32`` / ``smollm2-eval-learned32`` (issue 38): the same plan with `--learn-rounding 32`
-  (bfloat16 steps where the device has them): its time on each device, and its perplexity (learned rounding
-  follows the gradients' signs, so the devices may round a few weights apart: reported, not a tolerance).
+- ``smollm2-quantize-better`` / ``smollm2-eval-better`` (issue 38): the same plan with the better quantizer the
+  run report names (tasa.config.BETTER_QUANTIZER: learned rounding from GPTQ, the last layer on the output
+  distribution; bfloat16 steps where the device has them): its time on each device, and its perplexity (learned
+  rounding follows the gradients' signs, so the devices may round a few weights apart: reported, not a tolerance).
 - ``llama3-8b-4l-gptq``: a synthetic Llama-3-8B-shaped model (its real config cut to 4 layers; random bfloat16
   weights, benchmarks/large_model.py's generator) quantized by the 3/4/8 plan with GPTQ, streamed, on
   WikiText-2 (8 x 256): per-module relative errors within 1%, and the time.
@@ -199,11 +200,13 @@ def run_device(work: Path, device: str, tag: str, s: dict, model: str, dtype: st
     attempt("smollm2-quantize", lambda: quantize(f"{tag}-quantize", smollm2, d / "quantized"))
     if dtype == "float32" and "error" not in out["smollm2-quantize"]:
         attempt("smollm2-eval", evaluate)
-    if dtype == "float32":  # learned rounding (issue 38): its time on each device, and what it scores
-        attempt("smollm2-quantize-learned32", lambda: quantize(f"{tag}-learned", [*smollm2, "--learn-rounding", "32"],
-                                                                d / "learned"))
-        if "error" not in out["smollm2-quantize-learned32"]:
-            attempt("smollm2-eval-learned32", lambda: evaluate("learned"))
+    if dtype == "float32":  # the better quantizer (issue 38): its time on each device, and what it scores
+        from tasa.config import BETTER_QUANTIZER
+
+        better = [*smollm2, *BETTER_QUANTIZER[0].split()]
+        attempt("smollm2-quantize-better", lambda: quantize(f"{tag}-better", better, d / "better"))
+        if "error" not in out["smollm2-quantize-better"]:
+            attempt("smollm2-eval-better", lambda: evaluate("better"))
     big, plan = synthetic_8b_layers(work, s["layers_8b"], s["small"], model)
     attempt(f"llama3-8b-{s['layers_8b']}l-gptq", lambda: quantize(f"{tag}-8b", [
         "--model", str(big), "--plan", str(plan), "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256",
