@@ -37,8 +37,9 @@ act-order, static groups and ``--scale-search 16``, `tasa quantize`'s default si
 ``--float-targets 0.25``; ``gl``: ``ft``'s GPTQ, each layer's result then refined by 32 steps of learned rounding,
 ``--learn-start gptq``, also on uniform W3/W4, ``gptq+gl-w3-wiki``, ``gptq+gl-w4-wiki``; ``gl128``, ``gl200``: the
 same with 128 and 200 steps, on TASA 3.5 with the mixed calibration (and ``mix75``), and uniform W3/W4; ``gk128``:
-``gl128`` with the last layer's learning on the output distribution's KL, ``--learn-output-kl``; ``gk128b2``: that
-with 2-sequence batches, ``--batch-size 2``, each learning step on a quarter of the tokens): TASA 3.5 on
+``gl128`` with the last layer's learning on the output distribution's KL, ``--learn-output-kl`` (also on the
+task-only calibration, ``tasa+gk128-3.5-task``: does the better quantizer still want general text?); ``gk128b2``:
+that with 2-sequence batches, ``--batch-size 2``, each learning step on a quarter of the tokens): TASA 3.5 on
 the searched calibration and uniform W3/W4 on WikiText-2 (QUANTIZER_ROWS), three seeds like the rows they vary; and
 AutoScheme's own per-module choice quantized by tasa's options on WikiText-2 (``asgptq+lr``, ``asgptq+best``: the
 rounding compared with AutoRound's at equal plan and calibration); AutoRound's own uniform W3/W4 on WikiText-2
@@ -135,7 +136,7 @@ QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wi
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
                   "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
-                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75",
+                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75", "tasa+gk128-3.5-task",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5

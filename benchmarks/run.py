@@ -5,10 +5,13 @@ committed, so every figure RESULTS.md gives for it can be read back from the rep
     .venv/bin/python benchmarks/run.py --record DIR --time-log LOG --command "..." --note "..."
                                                        # records a run made elsewhere (e.g. `make run` on a fresh
                                                        # clone under /usr/bin/time -v, LOG its output)
+    .venv/bin/python benchmarks/run.py --better        # the same run with the better quantizer the run report
+                                                       # names (tasa.config.BETTER_QUANTIZER's options)
 
 Writes benchmarks/results/run.json (schema of docs/RESULTS.md; one row, the quantized model, with the
 evaluation metrics and per-stage seconds) and benchmarks/results/run/ (stages.json, run.json, plan.json,
-quantize.json, sensitivity.json, mixture.json, eval-fp.json and eval-quant.json without per-item samples).
+quantize.json, sensitivity.json, mixture.json, eval-fp.json and eval-quant.json without per-item samples);
+with --better, benchmarks/results/run-better.json and benchmarks/results/run-better/.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from benchmarks.common import RESULTS, ROOT, WORK, row, write_results  # noqa: E
 
 from tasa import schemas  # noqa: E402
 from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
+from tasa.config import BETTER_QUANTIZER  # noqa: E402
 
 RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", "3.5"]  # make run's
-RECORDS = RESULTS / "run"
 FILES = {"stages.json": "stages.json", "run.json": "run.json", "plan.json": "plan.json",
          "model/quantize.json": "quantize.json", "profile/sensitivity.json": "sensitivity.json",
          "mixture/mixture.json": "mixture.json", "eval-fp.json": "eval-fp.json", "eval-quant.json": "eval-quant.json"}
@@ -47,12 +50,14 @@ def parse_time_log(text: str) -> dict:
     return {"wall_seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20}
 
 
-def record(run_dir: Path, timing: dict, command: str, note: str) -> Path:
-    RECORDS.mkdir(parents=True, exist_ok=True)
+def record(run_dir: Path, timing: dict, command: str, note: str, name: str = "run") -> Path:
+    """Write RESULTS/NAME.json and the run's small records under RESULTS/NAME/."""
+    records = RESULTS / name
+    records.mkdir(parents=True, exist_ok=True)
     for src, dest in FILES.items():
         data = read_json(run_dir / src)
         data.pop("samples", None)  # per-item records: large, and not needed for any figure
-        write_json_atomic(RECORDS / dest, data)
+        write_json_atomic(records / dest, data)
     stages = {k: v.to_dict() for k, v in schemas.stage_records(read_json(run_dir / "stages.json")).items()}
     fp, q = read_json(run_dir / "eval-fp.json")["results"], read_json(run_dir / "eval-quant.json")["results"]
     quant = read_json(run_dir / "model" / "quantize.json")
@@ -64,9 +69,12 @@ def record(run_dir: Path, timing: dict, command: str, note: str) -> Path:
                "peak_rss_gb": timing["peak_rss_gb"], "wall_seconds": timing["wall_seconds"],
                "stage_seconds": {k: v.get("seconds") for k, v in stages.items()}}
     group_size = next(iter(read_json(run_dir / "plan.json")["modules"].values()))["group_size"]
-    rows = [row("tasa-run-3.5", "tasa", "tasa run (layer plan, GPTQ)", quant["average_bits"], group_size,
+    method = "tasa run (layer plan, GPTQ)"
+    if quant.get("learned_rounding"):
+        method = "tasa run (layer plan, GPTQ refined by learned rounding)"
+    rows = [row("tasa-run-3.5" + name[len("run"):], "tasa", method, quant["average_bits"], group_size,
                 quant["calib"], metrics, timing["wall_seconds"])]
-    return write_results("run", command, rows, extra={"note": note, "records": "benchmarks/results/run/"})
+    return write_results(name, command, rows, extra={"note": note, "records": f"benchmarks/results/{name}/"})
 
 
 def main() -> None:
@@ -75,20 +83,27 @@ def main() -> None:
     ap.add_argument("--time-log", type=Path, help="with --record: GNU time -v output of that run")
     ap.add_argument("--command", default=".venv/bin/python benchmarks/run.py")
     ap.add_argument("--note", default="")
+    ap.add_argument("--better", action="store_true",
+                    help="run (or record, named so) with the better quantizer's options, tasa.config.BETTER_QUANTIZER")
     args = ap.parse_args()
+    name = "run-better" if args.better else "run"
+    extra = BETTER_QUANTIZER[0].split() if args.better else []
+    if args.better and args.command == ap.get_default("command"):
+        args.command += " --better"
     if args.record:
         if not args.time_log:
             raise SystemExit("--record needs --time-log")
-        out = record(args.record, parse_time_log(args.time_log.read_text(errors="replace")), args.command, args.note)
+        out = record(args.record, parse_time_log(args.time_log.read_text(errors="replace")), args.command, args.note,
+                     name)
     else:
-        run_dir = WORK / "run"
+        run_dir = WORK / name
         shutil.rmtree(run_dir, ignore_errors=True)
-        log = WORK / "run-time.log"
+        log = WORK / f"{name}-time.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
-            subprocess.run(["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "tasa"), "run", *RUN_ARGS,
+            subprocess.run(["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "tasa"), "run", *RUN_ARGS, *extra,
                             "--output-dir", str(run_dir), "--quiet"], stderr=f, check=True)
-        out = record(run_dir, parse_time_log(log.read_text()), args.command, args.note)
+        out = record(run_dir, parse_time_log(log.read_text()), args.command, args.note, name)
     print(f"-> {out}")
 
 
