@@ -47,6 +47,14 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   cache: the 8B shape cut to 4 layers (random bfloat16, ~3.8 GB; llama.cpp's converter writes its BF16 GGUF),
   converted one tensor at a time (tasa.models.gguf_input, what tasa does) against transformers' whole-model GGUF
   loading and save_pretrained (what tasa did before 2026-12-05): peak RSS, time, and the same tensors.
+- ``llama3-8b-generate-streamed`` / ``...-offloaded``: greedy generation with a KV cache from the synthetic 8B model
+  (bfloat16 compute; 4 WikiText-2 prompts of 64 tokens in one batch, 16 new tokens each, no stop string) by
+  tasa.eval.lm.greedy_generate, the model layer-streamed by tasa (``load(stream=True)``: embeddings and head held,
+  each decoder layer read when used) against the same model under accelerate's offloading (transformers
+  ``device_map="auto"`` with ``max_memory`` 4 GiB of CPU memory, the rest offloaded to disk): load and
+  generation time, forward passes, peak RSS, and whether the two generate the same tokens.  Each row reads the
+  model's files once just before it, so both start from the same page cache.  Issue 36 asks which of the two a
+  streamed evaluation's generation should use.
 """
 from __future__ import annotations
 
@@ -71,7 +79,8 @@ ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8
         "llama3-8b-in-memory", "llama3-8b-profile-streamed", "llama3-8b-gptq-layer-streamed-bf16",
         "llama3-8b-profile-streamed-bf16", "mixtral-8x7b-2l-rtn-streamed",
         "qwen3-moe-30b-2l-gptq-streamed", "llama3-8b-eval-streamed-batch-by-batch",
-        "llama3-8b-eval-streamed-layer-major", "llama3-8b-4l-gguf-convert-whole", "llama3-8b-4l-gguf-convert-streamed"]
+        "llama3-8b-eval-streamed-layer-major", "llama3-8b-4l-gguf-convert-whole", "llama3-8b-4l-gguf-convert-streamed",
+        "llama3-8b-generate-streamed", "llama3-8b-generate-offloaded"]
 TASA = [sys.executable, "-m", "tasa"]
 AS_LIMIT = 20 * 2 ** 30
 RUN_PLAN = RESULTS / "run" / "plan.json"
@@ -318,6 +327,59 @@ def eval_worker(name: str, work: Path) -> dict:
     return {**r, **json.loads(out.read_text()), "model_disk_gb": disk_bytes(model) / 1e9, "seqlen": 128}
 
 
+GENERATE_SCRIPT = r"""
+import hashlib, json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tasa.data import eval_texts
+from tasa.eval.lm import greedy_generate
+from tasa.models import load
+path, mode, offload, cpu_memory, out = sys.argv[1:6]
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 16
+t0 = time.perf_counter()
+if mode == "streamed":
+    lm = load(path, dtype="bfloat16", stream=True)
+    model, tok = lm.model, lm.tokenizer
+else:
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={"cpu": cpu_memory}, offload_folder=offload)
+load_seconds = time.perf_counter() - t0
+placement = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+texts = [t for t in eval_texts("wikitext2") if len(tok(t).input_ids) >= PROMPT_TOKENS][:PROMPTS]
+prompts = [tok.decode(tok(t).input_ids[:PROMPT_TOKENS]) for t in texts]
+passes = []
+model.register_forward_pre_hook(lambda m, a: passes.append(1))
+t0 = time.perf_counter()
+outs = greedy_generate(model, tok, prompts, until=[], max_new_tokens=NEW_TOKENS, batch_size=PROMPTS, progress=False)
+seconds = time.perf_counter() - t0
+json.dump({"load_seconds": load_seconds, "generate_seconds": seconds, "forward_passes": len(passes),
+           "seconds_per_pass": seconds / len(passes), "prompts": PROMPTS, "prompt_tokens": PROMPT_TOKENS,
+           "new_tokens": NEW_TOKENS, "placement": placement,
+           "outputs_sha256": hashlib.sha256(json.dumps(outs).encode()).hexdigest()}, open(out, "w"))
+"""
+
+
+def generate_worker(name: str, work: Path) -> dict:
+    """The two generation rows (module docstring)."""
+    model = synthetic_8b(work)
+    mode = name.rsplit("-", 1)[1]
+    out, offload = work / f"{name}.json", work / f"{name}-offload"
+    shutil.rmtree(offload, ignore_errors=True)
+    for shard in sorted(model.glob("*.safetensors")):  # both rows start from the same page cache: the model read
+        with open(shard, "rb") as f:                    # once just before (it fits this machine's RAM)
+            while f.read(1 << 26):
+                pass
+    r = measured([sys.executable, "-c", GENERATE_SCRIPT, str(model), mode, str(offload), "4GiB", str(out)],
+                 work / "logs" / f"{name}.log")
+    offloaded_gb = sum(p.stat().st_size for p in offload.rglob("*") if p.is_file()) / 1e9 if offload.exists() else 0
+    shutil.rmtree(offload, ignore_errors=True)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    return {**r, **json.loads(out.read_text()), "model_disk_gb": disk_bytes(model) / 1e9,
+            "offload_folder_gb": offloaded_gb, "compute_dtype": "bfloat16"}
+
+
 CONVERT_WHOLE = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -407,6 +469,8 @@ def worker(name: str, work: Path) -> dict:
         return convert_worker(name, work)
     if name.startswith("llama3-8b-eval-"):
         return eval_worker(name, work)
+    if name.startswith("llama3-8b-generate-"):
+        return generate_worker(name, work)
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     if name.startswith("smollm2-"):
@@ -480,6 +544,14 @@ def main() -> None:
         if name == "llama3-8b-eval-streamed-layer-major" and other in results:
             metrics["eval_time_ratio_vs_batch_by_batch"] = r["eval_seconds"] / results[other]["eval_seconds"]
             metrics["same_nll_as_batch_by_batch"] = abs(r["nll"] - results[other]["nll"]) <= 1e-5 * abs(r["nll"])
+        other = "llama3-8b-generate-offloaded"
+        if name == "llama3-8b-generate-streamed" and other in results:
+            metrics["generate_time_ratio_vs_offloaded"] = r["generate_seconds"] / results[other]["generate_seconds"]
+            metrics["same_outputs_as_offloaded"] = r["outputs_sha256"] == results[other]["outputs_sha256"]
+        if name.startswith("llama3-8b-generate-"):
+            rows.append(row(name, "accelerate" if name.endswith("offloaded") else "tasa", "generate", None, None,
+                            None, metrics, r["seconds"]))
+            continue
         if name.startswith("llama3-8b-eval-") or "-gguf-convert-" in name:
             rows.append(row(name, "tasa" if not name.endswith("whole") else "transformers", name.split("-")[-2]
                             if "convert" in name else "eval", None, None, None, metrics, r["seconds"]))
