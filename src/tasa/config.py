@@ -284,6 +284,9 @@ FLOAT_TARGETS = 0.25
 # times the default's quantize time on 2 CPU cores (1,474-1,516 s against ~370 s; docs/RESULTS.md, "TASA's plan
 # with each quantizer ...").  The run report names it with its estimated time.
 BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl", 4.0)
+# tasa run's general text: the general source of its mixture search, its calibration where the tasks have none,
+# and its first profile objective.
+GENERAL_TEXT = "wikitext2"
 ACT_ORDER = True  # with static groups: grids fixed in column order before the columns are reordered (g_idx trivial)
 
 

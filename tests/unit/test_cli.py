@@ -391,6 +391,7 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert ("`--learn-rounding 128 --learn-start gptq --learn-output-kl` (learned rounding) leaves less error: "
             "about 4x" in report)
     assert f"about {4 * took:.0f} s for this run" in report
+    assert "no general text" not in report  # its calibration has wikitext2
     pred = json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["predicted"]
     assert f"from uniform 4-bit (0) to uniform 2-bit (1): wikitext2 {pred['wikitext2']['gap_position']:.2f}, " \
            f"gsm8k {pred['gsm8k']['gap_position']:.2f}" in report

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa.artifacts import write_json_atomic
-from tasa.config import (AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
+from tasa.config import (GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
                          QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
@@ -77,7 +77,7 @@ def _no_calibration_rows(task: str) -> str | None:
 
 
 def _calibration(spec: RunSpec, warnings: list[str]) -> str:
-    """The run's calibration: ``spec.calib``, or "auto" / wikitext2 when it is None (with a warning saying why)."""
+    """The run's calibration: ``spec.calib``, or "auto" / GENERAL_TEXT when it is None (with a warning saying why)."""
     if spec.calib not in (None, "auto"):
         return spec.calib
     problem = next(((t, p) for t in spec.tasks if (p := _no_calibration_rows(t))), None)
@@ -86,9 +86,9 @@ def _calibration(spec: RunSpec, warnings: list[str]) -> str:
                         " (pass --calib explicitly)")
     if problem:
         warnings.append(f"calibration: task {problem[0]!r} {problem[1]}, so no mixture is searched; "
-                        "calibrating on wikitext2 (pass --calib to choose)")
+                        f"calibrating on {GENERAL_TEXT} (pass --calib to choose)")
         log.warning(warnings[-1])
-    return "wikitext2" if problem else "auto"
+    return GENERAL_TEXT if problem else "auto"
 
 
 def _check_run_dir(out: Path) -> None:
@@ -180,7 +180,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     _check_run_dir(out)
     stages = Stages(out)
     shared = _SharedModel(model, runtime)
-    objectives = ["wikitext2", *tasks]
+    objectives = [GENERAL_TEXT, *tasks]
     data_fp = store.fingerprint()  # where the built-in rows come from: part of every stage's inputs
     model_in = {"model": model, "data": data_fp, "dtype": runtime.dtype}
 
@@ -188,7 +188,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         m_in = {**model_in, "tasks": tasks, "criterion": spec.mixture_criterion, "search_samples": spec.search_samples,
                 "seqlen": spec.seqlen, "seed": spec.seed, "group_size": spec.group_size,
                 **({"grid": SYM_GRID} if spec.mixture_criterion == "measured" else {})}  # only it quantizes
-        m_spec = MixtureSpec(general="wikitext2", tasks=tuple(tasks), criteria=(spec.mixture_criterion,),
+        m_spec = MixtureSpec(general=GENERAL_TEXT, tasks=tuple(tasks), criteria=(spec.mixture_criterion,),
                              nsamples=spec.search_samples, heldout_samples=spec.search_samples, seqlen=spec.seqlen,
                              group_size=spec.group_size, seed=spec.seed)
         calib = stages.run("mixture", m_in, lambda: {
