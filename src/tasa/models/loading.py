@@ -24,6 +24,7 @@ from tasa.errors import TasaError
 from tasa.export.gptq import quantized_format
 from tasa.models.moe import model_names, unfuse_experts
 from tasa.models.weights import open_weights
+from tasa.numerics import all_finite, nonfinite_count
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def _first_line(e: BaseException) -> str:
 def check_finite(model: torch.nn.Module, spec: str) -> None:
     """Refuse a model whose weights hold NaN or infinite values (every verb loads through here)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            bad = int((~torch.isfinite(p)).sum())
+        if not all_finite(p):
+            bad = nonfinite_count(p)
             raise TasaError(f"model {spec}: {name} holds {bad} NaN/infinite value(s); refusing to use it")
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from tasa.errors import TasaError
 from tasa.models.weights import Weights
+from tasa.numerics import all_finite, nonfinite_count
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ class Streamer:
         for key, mod, attr, is_param in unit.tensors:
             current = mod._parameters[attr] if is_param else mod._buffers[attr]
             value = self._read(key, current)
-            if not unit.checked and value.is_floating_point() and not torch.isfinite(value).all():
-                bad = int((~torch.isfinite(value)).sum())
+            if not unit.checked and not all_finite(value):
+                bad = nonfinite_count(value)
                 raise TasaError(f"{key} holds {bad} NaN/infinite value(s); refusing to use it")
             if is_param:
                 mod._parameters[attr] = nn.Parameter(value, requires_grad=False)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
+from tasa.numerics import all_finite
 from tasa.plan import expert_container
 
 _CACHE_KEYS = ("past_key_values", "past_key_value", "use_cache")
@@ -227,7 +228,7 @@ def walk(arch: ModelArch, device: torch.device, desc: str = "layers", progress: 
 def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:
     """The layer's output hidden states; NaN/Inf activations are an error."""
     out = layer_output(layer(hidden, **kwargs))
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise TasaError(f"decoder layer {index} produced NaN/Inf activations")
     return out
 

@@ -26,6 +26,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.numerics import all_finite
 from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, compute_super_grid_asym,
                             dequantize, dequantize_min, group_bounds, quantize_codes, quantize_codes_min,
                             rtn_quantize_spec, search_grid)
@@ -131,7 +132,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise TasaError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
     check_finite(weight, name)
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
     if not torch.any(hessian):
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to

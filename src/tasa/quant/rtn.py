@@ -47,6 +47,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.numerics import all_finite, nonfinite_count
 from tasa.quantized import QuantResult
 
 FP16_MIN_SCALE = 2.0**-24  # the smallest positive fp16 value; a scale never rounds to zero
@@ -188,8 +189,8 @@ def group_bounds(cols: int, group_size: int) -> list[tuple[int, int]]:
 
 
 def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
-    if not torch.isfinite(weight).all():
-        bad = (~torch.isfinite(weight)).sum().item()
+    if not all_finite(weight):
+        bad = nonfinite_count(weight)
         raise TasaError(f"{name} holds {bad} NaN/Inf values; refusing to quantize it")
 
 
