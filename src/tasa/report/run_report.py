@@ -9,6 +9,7 @@ import numpy as np
 from tasa import schemas
 from tasa.artifacts import read_json
 from tasa.config import BETTER_QUANTIZER, GENERAL_TEXT, CalibSpec
+from tasa.mixture.search import calib_string
 from tasa.report.common import save_figure, write_pages
 
 # metrics shown per task, lower-is-better marked with a trailing "-"
@@ -93,7 +94,8 @@ def _quantizer(summary: dict) -> list[str]:
                   f"{ratio:g}x this quantizer's time on a CPU{estimate} (docs/RESULTS.md, \"Quantizer options\").")
     general = dict(CalibSpec.parse(summary["calib"]).sources).get(GENERAL_TEXT, 0.0)
     if general <= 0 and summary.get("tasks"):
-        mixed = ",".join([f"{GENERAL_TEXT}:0.75", *(f"{t}:{0.25 / len(summary['tasks']):g}" for t in summary["tasks"])])
+        tasks = summary["tasks"]
+        mixed = calib_string([GENERAL_TEXT, *tasks], (0.75, *[0.25 / len(tasks)] * len(tasks)))
         md.append(f"{'This' if learned else 'With learned rounding, this'} calibration has no general text "
                   f"({GENERAL_TEXT}). Learned rounding protects what its calibration shows it: on SmolLM2-135M "
                   "three quarters general text halved the KL to full precision at no measurable task cost "
