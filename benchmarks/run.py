@@ -7,11 +7,15 @@ committed, so every figure RESULTS.md gives for it can be read back from the rep
                                                        # clone under /usr/bin/time -v, LOG its output)
     .venv/bin/python benchmarks/run.py --better        # the same run with the better quantizer the run report
                                                        # names (tasa.config.BETTER_QUANTIZER's options)
+    .venv/bin/python benchmarks/run.py --better --calib wikitext2:0.75,gsm8k:0.125,arc_easy:0.125
+                                                       # ... on a calibration given instead of searched (the one
+                                                       # the run report suggests for learned rounding)
 
 Writes benchmarks/results/run.json (schema of docs/RESULTS.md; one row, the quantized model, with the
 evaluation metrics and per-stage seconds) and benchmarks/results/run/ (stages.json, run.json, plan.json,
 quantize.json, sensitivity.json, mixture.json, eval-fp.json and eval-quant.json without per-item samples);
-with --better, benchmarks/results/run-better.json and benchmarks/results/run-better/.
+with --better, benchmarks/results/run-better.json and benchmarks/results/run-better/; with --calib, "-calib" is
+added to the name (a given calibration skips the mixture search, so there is no mixture.json).
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ def record(run_dir: Path, timing: dict, command: str, note: str, name: str = "ru
     records = RESULTS / name
     records.mkdir(parents=True, exist_ok=True)
     for src, dest in FILES.items():
+        if src == "mixture/mixture.json" and not (run_dir / src).is_file():
+            continue  # a run given --calib searches no mixture
         data = read_json(run_dir / src)
         data.pop("samples", None)  # per-item records: large, and not needed for any figure
         write_json_atomic(records / dest, data)
@@ -85,11 +91,12 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--better", action="store_true",
                     help="run (or record, named so) with the better quantizer's options, tasa.config.BETTER_QUANTIZER")
+    ap.add_argument("--calib", help="calibration for `tasa run --calib` (default: make run's, the searched mixture)")
     args = ap.parse_args()
-    name = "run-better" if args.better else "run"
-    extra = BETTER_QUANTIZER[0].split() if args.better else []
-    if args.better and args.command == ap.get_default("command"):
-        args.command += " --better"
+    name = "run" + ("-better" if args.better else "") + ("-calib" if args.calib else "")
+    extra = (BETTER_QUANTIZER[0].split() if args.better else []) + (["--calib", args.calib] if args.calib else [])
+    if args.command == ap.get_default("command"):
+        args.command += "".join([" --better" if args.better else "", f" --calib {args.calib}" if args.calib else ""])
     if args.record:
         if not args.time_log:
             raise SystemExit("--record needs --time-log")
