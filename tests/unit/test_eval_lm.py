@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tasa.errors import TasaError
-from tasa.eval.lm import encode_pair, greedy_generate, loglikelihoods
+from tasa.eval.lm import dense_head_input, encode_pair, greedy_generate, loglikelihoods
 from tests.conftest import tiny_llama
 
 REQUESTS = [
@@ -113,3 +113,30 @@ def test_greedy_generation_equals_transformers_generate(tokenizer):
     want = tokenizer.decode(ref[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     got = greedy_generate(model, tokenizer, ["questions about apples"], [], max_new_tokens=8, progress=False)[0]
     assert got == want
+
+
+def _dense(t):
+    return list(t.stride()) == list(torch.empty(t.shape).stride())
+
+
+def test_head_reads_a_dense_input_where_only_the_last_position_is_kept(tokenizer):
+    """logits_to_keep=1 hands the head a strided view of the last position, which torch's CPU bfloat16 linear
+    multiplies ~100x slower when the weight needs no gradient; generation and the prefix pass densify it."""
+    model = tiny_llama(seed=3).to(torch.bfloat16).requires_grad_(False)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0]))  # after any pre-hook
+    ids = torch.randint(0, 200, (3, 7))
+    with torch.no_grad():
+        plain = model(input_ids=ids, logits_to_keep=1).logits
+        assert not _dense(seen[-1])  # the case at stake: batch stride 7 * hidden for one position
+        with dense_head_input(model):
+            densified = model(input_ids=ids, logits_to_keep=1).logits
+        assert _dense(seen[-1]) and torch.equal(seen[-1], seen[-2])
+        assert torch.equal(plain, densified)
+        model(input_ids=ids, logits_to_keep=1)
+    assert not _dense(seen[-1])  # the hook is removed on leaving
+    seen.clear()
+    contexts = ["the cat sat", "questions about apples and oranges", "seven"]
+    greedy_generate(model, tokenizer, contexts, [], max_new_tokens=3, batch_size=3, progress=False)
+    loglikelihoods(model, tokenizer, REQUESTS, batch_size=4, progress=False)
+    assert seen and all(_dense(x) for x in seen)

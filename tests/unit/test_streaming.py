@@ -70,6 +70,31 @@ def test_streamed_forward_equals_in_memory_with_one_layer_resident(sharded_dir):
     assert all(p.device.type == "meta" for p in arch.layers[0].parameters())
 
 
+def test_heap_is_trimmed_only_after_units_that_owned_memory(tmp_path, monkeypatch):
+    """Weights read at their stored dtype are views of the checkpoint's memory map (unmapped when dropped, no heap
+    to give back); cast on reading they are copies, and each unit that held one is followed by malloc_trim, as is
+    each layer a stage pinned (its working memory)."""
+    import tasa.models.streaming as streaming
+
+    path = _save(tiny_llama(layers=3), tmp_path / "m")
+    view = open_weights(path).get("model.layers.0.mlp.up_proj.weight")
+    assert not streaming._owns_memory(view) and streaming._owns_memory(view.clone())
+    trims = []
+    monkeypatch.setattr(streaming, "_return_freed_memory", lambda: trims.append(1))
+    ids = torch.randint(0, 256, (1, 5))
+    stored = load(str(path), dtype="float32", stream=True).model  # saved in float32: views
+    with torch.no_grad():
+        stored(input_ids=ids)
+    assert trims == []
+    for _ in walk(resolve(stored), torch.device("cpu")):  # a stage's pinned layers: trimmed after each release
+        pass
+    assert len(trims) == 3
+    cast = load(str(path), dtype="bfloat16", stream=True).model  # cast on reading: copies
+    with torch.no_grad():
+        cast(input_ids=ids)
+    assert len(trims) == 3 + 3 + 3  # every decoder layer, and the embeddings, final norm and head
+
+
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_streamed_quantization_writes_the_same_checkpoint_bytes(sharded_dir, tmp_path, data_dir, method):
     spec = QuantizeSpec(method=method, bits=4, group_size=32)
