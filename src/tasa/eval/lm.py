@@ -140,9 +140,9 @@ def dense_head_input(model):
     """Within the block the output head reads a dense copy of its input.  ``logits_to_keep=1`` hands the head the
     hidden states' last position, a view whose batch stride spans the whole sequence; torch 2.13's CPU bfloat16
     ``linear`` cannot flatten such an input into one matrix product when the weight needs no gradient (a
-    streamed or quantized model's), and broadcasts the weight into a batched product instead, ~100x slower: 3 s
-    of a 4-row first pass through a 1B model's 128k-token head against 0.07 s (tests/unit/test_eval_lm.py checks the input is dense).
-    The copy is one hidden vector per row."""
+    streamed model's), and broadcasts the weight into a batched product instead, ~100x slower: about 3 s of a
+    1B model's prompt pass in its 128k-token head against 0.07 s (docs/RESULTS.md).  The copy is one hidden
+    vector per row (tests/unit/test_eval_lm.py: the head's input is dense, the logits equal)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         yield
