@@ -25,26 +25,19 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import WORK, row, write_results  # noqa: E402
+from benchmarks.large_model import read_shards, synthetic_dir  # noqa: E402
 
 BENCH = "generation_profile"
 MODES = ("streamed", "memory", "offloaded")
-MODEL = WORK / BENCH / "llama-1b"
+MODEL = WORK / BENCH / "llama-1b"  # written once by synthetic_dir
 
 
-def synthetic_model() -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig
+def llama_1b_config():
+    from transformers import LlamaConfig
 
-    from tasa.models.loading import embedded_gguf_path, gguf_to_hf_dir
-    from tasa.models.synthetic import synthetic_checkpoint
-
-    if not (MODEL / "tokenizer_config.json").is_file():  # the tokenizer is written last: a complete model
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
-                          rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-        synthetic_checkpoint(cfg, MODEL, dtype=torch.bfloat16, max_shard_bytes=2 ** 30)
-        AutoTokenizer.from_pretrained(gguf_to_hf_dir(embedded_gguf_path())).save_pretrained(MODEL)
-    return MODEL
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
 
 
 def measure(mode: str) -> list[dict]:
@@ -105,11 +98,10 @@ def main() -> None:
     if sys.argv[1:2] == ["--mode"]:
         print(json.dumps(measure(sys.argv[2])))
         return
-    synthetic_model()
+    synthetic_dir(MODEL.parent, MODEL.name, llama_1b_config())
     rows = []
     for mode in MODES:
-        for f in MODEL.glob("*.safetensors"):  # the same page cache for every mode
-            f.read_bytes()
+        read_shards(MODEL)  # the same page cache for every mode
         proc = subprocess.run([sys.executable, __file__, "--mode", mode], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"generation_profile: {mode} failed:\n{proc.stderr[-2000:]}")
