@@ -25,7 +25,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import WORK, row, write_results  # noqa: E402
-from benchmarks.large_model import read_shards, synthetic_dir  # noqa: E402
+from benchmarks.large_model import (NEW_TOKENS, PROMPTS, generation_model, generation_prompts,  # noqa: E402
+                                    read_shards, synthetic_dir)
 
 BENCH = "generation_profile"
 MODES = ("streamed", "memory", "offloaded")
@@ -42,13 +43,8 @@ def llama_1b_config():
 
 def measure(mode: str) -> list[dict]:
     """Two generations in this process, by ``mode``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import tasa.models.streaming as streaming
-    from tasa.data import eval_texts
     from tasa.eval.lm import greedy_generate
-    from tasa.models.loading import load
 
     timers: collections.Counter = collections.Counter()
 
@@ -67,16 +63,8 @@ def measure(mode: str) -> list[dict]:
         for owner, name in ((streaming.Streamer, "_materialize"), (streaming.Streamer, "_dematerialize"),
                             (streaming, "_return_freed_memory")):
             timed(owner, name)
-    if mode == "offloaded":
-        tok = AutoTokenizer.from_pretrained(MODEL)
-        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16, device_map="auto",
-                                                     max_memory={"cpu": "1GiB"},
-                                                     offload_folder=str(WORK / BENCH / "offload"))
-    else:
-        lm = load(str(MODEL), dtype="bfloat16", stream=mode == "streamed")
-        model, tok = lm.model, lm.tokenizer
-    texts = [t for t in eval_texts("wikitext2") if len(tok(t).input_ids) >= 64][:4]
-    prompts = [tok.decode(tok(t).input_ids[:64]) for t in texts]
+    model, tok = generation_model(MODEL, mode, WORK / BENCH / "offload", "1GiB")
+    prompts = generation_prompts(tok)
     starts: list[float] = []
     model.register_forward_pre_hook(lambda m, a: starts.append(time.perf_counter()))
     out = []
@@ -84,7 +72,8 @@ def measure(mode: str) -> list[dict]:
         starts.clear()
         timers.clear()
         t0 = time.perf_counter()
-        texts_out = greedy_generate(model, tok, prompts, until=[], max_new_tokens=16, batch_size=4, progress=False)
+        texts_out = greedy_generate(model, tok, prompts, until=[], max_new_tokens=NEW_TOKENS, batch_size=PROMPTS,
+                                    progress=False)
         total = time.perf_counter() - t0
         passes = [b - a for a, b in zip(starts, starts[1:])]
         out.append({"generate_s": total, "prompt_pass_s": passes[0],

@@ -329,25 +329,14 @@ def eval_worker(name: str, work: Path) -> dict:
 
 GENERATE_SCRIPT = r"""
 import hashlib, json, sys, time
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from tasa.data import eval_texts
+from benchmarks.large_model import NEW_TOKENS, PROMPT_TOKENS, PROMPTS, generation_model, generation_prompts
 from tasa.eval.lm import greedy_generate
-from tasa.models import load
 path, mode, offload, cpu_memory, out = sys.argv[1:6]
-PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 16
 t0 = time.perf_counter()
-if mode == "streamed":
-    lm = load(path, dtype="bfloat16", stream=True)
-    model, tok = lm.model, lm.tokenizer
-else:
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
-                                                 max_memory={"cpu": cpu_memory}, offload_folder=offload)
+model, tok = generation_model(path, mode, offload, cpu_memory)
 load_seconds = time.perf_counter() - t0
 placement = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
-texts = [t for t in eval_texts("wikitext2") if len(tok(t).input_ids) >= PROMPT_TOKENS][:PROMPTS]
-prompts = [tok.decode(tok(t).input_ids[:PROMPT_TOKENS]) for t in texts]
+prompts = generation_prompts(tok)
 passes = []
 model.register_forward_pre_hook(lambda m, a: passes.append(1))
 t0 = time.perf_counter()
@@ -358,6 +347,32 @@ json.dump({"load_seconds": load_seconds, "generate_seconds": seconds, "forward_p
            "new_tokens": NEW_TOKENS, "placement": placement,
            "outputs_sha256": hashlib.sha256(json.dumps(outs).encode()).hexdigest()}, open(out, "w"))
 """
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 16  # the generation rows: one batch of WikiText-2 prompts, greedy
+
+
+def generation_model(path, mode: str, offload, cpu_memory: str):
+    """(model, tokenizer) of the bfloat16 model at ``path`` for a generation row: ``streamed`` (tasa's layer
+    streaming), ``memory`` (tasa's in-memory load) or ``offloaded`` (transformers + accelerate, ``device_map="auto"``
+    within ``cpu_memory``, the rest offloaded to the folder ``offload``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasa.models import load
+
+    if mode == "offloaded":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
+                                                     max_memory={"cpu": cpu_memory}, offload_folder=str(offload))
+        return model, AutoTokenizer.from_pretrained(path)
+    lm = load(str(path), dtype="bfloat16", stream=mode == "streamed")
+    return lm.model, lm.tokenizer
+
+
+def generation_prompts(tok) -> list[str]:
+    """The first PROMPTS WikiText-2 test texts of at least PROMPT_TOKENS tokens, cut to that many."""
+    from tasa.data import eval_texts
+
+    texts = [t for t in eval_texts("wikitext2") if len(tok(t).input_ids) >= PROMPT_TOKENS][:PROMPTS]
+    return [tok.decode(tok(t).input_ids[:PROMPT_TOKENS]) for t in texts]
 
 
 def read_shards(model: Path) -> None:
