@@ -14,14 +14,19 @@ compressed-tensors (``--target vllm``) and as GPTQ (``--target vllm-gptq``); and
 llama.cpp: llama-cpp-python 0.3.36 built from its source distribution in its own environment
 (``--llama-python``; default benchmarks/.work/llama-venv), and llama.cpp's own tools (llama-imatrix,
 llama-quantize) built with CMake from the llama.cpp that source distribution vendors (benchmarks/.work/llama-src).
+llama.cpp runs with its weight repacking off (``use_extra_bufts`` false; llama-imatrix ``--no-repack``): on CPUs with
+AMX its repacked path dies with SIGILL at an AMX tile load (``tileloadd`` in ggml_backend_amx_mul_mat, on an Intel
+Xeon, 2026-12-06, seen in gdb); the plain CPU kernels read the same file, on every CPU.
 GGUF rows: the source GGUF itself (llama.cpp against transformers' dequantization of the same file: the engine's
 own numerical floor, as llama.cpp quantizes activations to 8 bits for its quantized matmuls); SmolLM2-135M at 4 bits
 (Q4_0, GPTQ); `tasa run`'s 3.5-bit plan (refused: 3-bit types need input widths that are multiples of 256, and
 SmolLM2's are 576 except the down projections' 1536); that plan made servable (3-bit down projections as Q3_K,
-the other 3-bit modules at 4 bits, Q4_0); and llama.cpp's own quantization of the same model to the same per-tensor
-types (llama-imatrix on the same calibration text, then llama-quantize --imatrix --tensor-type-file from an F32
-GGUF of the same float weights).  Quality of the two GGUFs' weights is also measured by `tasa eval` (transformers
-dequantizes every GGML type exactly): WikiText-2 perplexity, KL to the float model, ARC-Easy accuracy.
+the other 3-bit modules at 4 bits, Q4_0), by tasa's default quantizer and by its better one
+(tasa.config.BETTER_QUANTIZER: learned rounding from GPTQ); and llama.cpp's own quantization of the same model to
+the same per-tensor types (llama-imatrix on the same calibration text, then llama-quantize --imatrix
+--tensor-type-file from an F32 GGUF of the same float weights).  Quality of these three GGUFs' weights is also
+measured by `tasa eval` (transformers dequantizes every GGML type exactly): WikiText-2 perplexity, KL to the float
+model, ARC-Easy accuracy.  tasa's rows record which quantizer made the file and its quantize seconds.
 
 llama.cpp-moe (``--engines llama.cpp-moe``): SmolLM2-135M upcycled into a Mixtral (``upcycled_moe``: 4 noisy copies
 of its MLP per layer, a random router), its float GGUF by llama.cpp's converter, and tasa's mix on llama.cpp's grids
@@ -43,6 +48,7 @@ import math
 import numpy as np
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +59,7 @@ sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import GPTQMODEL_REQS, RESULTS, WORK, peer_venv, row, write_results  # noqa: E402
 from tools.fetch_llama_cpp import LLAMA_CPP_PYTHON, fetch as fetch_llama_cpp  # noqa: E402
+from tasa.config import BETTER_QUANTIZER  # noqa: E402
 
 BENCH = "engines"
 RUN_PLAN = _HERE / "results" / "run" / "plan.json"  # tasa run's committed 3.5-bit plan (3 and 4 bits)
@@ -80,7 +87,14 @@ if __name__ == "__main__":
 LLAMA_SCRIPT = r'''
 import json, sys
 import numpy as np
+import llama_cpp.llama_cpp as lib
 from llama_cpp import Llama
+_defaults = lib.llama_model_default_params
+def _no_repack():  # llama.cpp's plain CPU kernels: its repacked (AMX) path dies with SIGILL on AMX CPUs (see main)
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+lib.llama_model_default_params = _no_repack
 model, ids_file, out_file = sys.argv[1:4]
 windows = json.load(open(ids_file))
 llm = Llama(model_path=model, n_ctx=len(windows[0]), n_batch=len(windows[0]), logits_all=True, verbose=False)
@@ -238,7 +252,7 @@ def root_cause(stderr: str, code: int) -> str:
             more = [x.strip() for x in lines[i + 1:i + 6] if x.strip() and not x.strip().startswith(("File", "^"))]
             return " ".join([line.strip(), *more])[:800]
     tail = [x for x in lines if x.strip()]
-    return tail[-1][-400:] if tail else f"exit {code}"
+    return tail[-1][-400:] if tail else f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
 
 
 def windows(n: int) -> list[list[int]]:
@@ -379,7 +393,7 @@ def llama_vs_tasa(res: subprocess.CompletedProcess, scores: Path, reference: Pat
     """llama.cpp's scoring run ``res`` (its log-probabilities in ``scores``) against tasa's reader of ``reference``
     in float32: loaded, the comparison and whether perplexity is within 1%; or the engine's error."""
     if res.returncode != 0:
-        return {"loaded": False, "error": last_line(res.stderr)}
+        return {"loaded": False, "error": root_cause(res.stderr, res.returncode)}
     vs = compare(json.loads(scores.read_text()), tasa_logprobs(reference, wins, "float32"))
     return {"loaded": True, "vs_tasa_float32": vs, "ppl_within_1pct": abs(vs["ppl_ratio"] - 1) <= 0.01}
 
@@ -397,7 +411,8 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
     servable = llama_cpp_plan(RUN_PLAN, work / "plan-llama.cpp-servable.json", servable=True)
     for name, how in (("w4", ["--bits", "4"]), ("w4-asym", ["--bits", "4", "--asym"]),  # Q4_K where widths allow
                       ("tasa-3.5", ["--plan", str(same)]),
-                      ("tasa-3.5-servable", ["--plan", str(servable)])):
+                      ("tasa-3.5-servable", ["--plan", str(servable)]),
+                      ("tasa-3.5-servable-better", ["--plan", str(servable), *BETTER_QUANTIZER[0].split()])):
         out = work / f"smollm2-{name}-gguf"
         if not (out / "model.gguf").is_file():
             r = quantize_cmd(name, how, "llama.cpp", "gguf", out)
@@ -406,14 +421,14 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
                                 {"exported": False, "refusal": last_line(r.stderr)}, None))
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-        entries.append((name, out / "model.gguf", "tasa GPTQ", out))
+        entries.append((name, out / "model.gguf", "tasa quantize", out))
     types_file = work / "smollm2-tasa-3.5-servable-gguf" / "llama-quantize-tensor-types.txt"
     own = work / "smollm2-llama-imatrix-same-types.gguf"
     if not own.is_file():  # llama.cpp's own quantizer, the same per-tensor types, on the same calibration text
         f32 = f32_gguf(embedded_gguf_path(), work / "smollm2-f32.gguf")
         imatrix = work / "imatrix.gguf"
         subprocess.run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(calibration_text(work / "calib.txt")),
-                        "-o", str(imatrix), "-c", "512", "--no-ppl"], check=True, capture_output=True)
+                        "-o", str(imatrix), "-c", "512", "--no-ppl", "--no-repack"], check=True, capture_output=True)
         subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), "--tensor-type-file",
                         str(types_file), "--token-embedding-type", "q8_0",
                         str(f32), str(own), "Q4_0"], check=True, capture_output=True)
@@ -432,9 +447,12 @@ def llama_rows(work: Path, wins: list[list[int]], ids_file: Path, python: Path, 
         for t in linears:
             metrics["types"][t.tensor_type.name] += 1
         metrics.update(llama_vs_tasa(res, work / f"llama-{name}.json", path, wins))
-        if name in ("tasa-3.5-servable", "llama-imatrix-same-types"):
+        if name in ("tasa-3.5-servable", "tasa-3.5-servable-better", "llama-imatrix-same-types"):
             metrics.update(gguf_quality(path, work, limit))
-        bits = json.loads((out / "quantize.json").read_text())["average_bits"] if out else None
+        record = json.loads((out / "quantize.json").read_text()) if out else {}
+        if record:  # which of tasa's quantizers made the file, and in how long
+            metrics.update(quantizer=record["quantizer"], quantize_seconds=record["seconds"]["quantize"])
+        bits = record.get("average_bits")
         rows.append(row(f"llama.cpp-gguf-{name}", f"llama-cpp-python {LLAMA_CPP_PYTHON.split('==')[1]}", "gguf",
                         bits, None, "wikitext2 (16 x 512)" if name != "source" else None,
                         {**metrics, "windows": n_windows, "seqlen": SEQLEN}, seconds))

@@ -386,6 +386,46 @@ def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_p
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.parametrize("start,output_kl", [("gptq", True), ("rtn", False)])
+def test_learned_rounding_on_llama_cpp_grids_is_what_the_gguf_holds(tmp_path, monkeypatch, data_dir, start, output_kl):
+    """Learned rounding on llama.cpp's symmetric grids, Q3_K (two-level) and Q6_K down projections, Q4_0 elsewhere:
+    from GPTQ with the last layer on the output KL (the better quantizer) and from RTN.  The GGUF holds exactly the
+    weights of the same quantization exported as float.  (On this random model GPTQ's 4-bit result is not beaten in
+    a few steps, so only the start from RTN is asked to keep what it learned.)"""
+    from transformers import AutoModelForCausalLM
+
+    from tasa.models import load, resolve
+    from tasa.pipeline.quantize import quantize
+    from tasa.plan import Plan
+
+    monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_gguf(tmp_path / "tiny.gguf")
+    arch = resolve(load(str(src)).model)
+    tgt = TARGETS["llama.cpp"]
+    modules = {m.name: tgt.spec((3 if m.layer == 0 else 6) if "down_proj" in m.name else 4, 0) for m in arch.modules}
+    Plan(modules, method="gptq", meta={"target": "llama.cpp"}).save(tmp_path / "plan.json")
+    spec = QuantizeSpec(learn_rounding=16, learn_start=start, learn_output_kl=output_kl)
+
+    def run(name, fmt):
+        return quantize(str(src), tmp_path / name, spec, plan=tmp_path / "plan.json",
+                        calib=CalibSpec.parse("wikitext2", nsamples=4, seqlen=32),
+                        export=ExportSpec(format=fmt, **({"float_dtype": "float32"} if fmt == "fp" else {})))
+
+    got, fp = run("k", "gguf"), run("fp", "fp")
+    quantizer = got.record["quantizer"]
+    assert quantizer.startswith("learned rounding (16 steps per layer)") and ("from GPTQ" in quantizer) == (start == "gptq")
+    assert {v for k, v in got.record["gguf_types"].items() if "ffn_down" in k} == {"Q3_K", "Q6_K"}
+    learned = got.record["learned_rounding"]
+    assert learned["layers"] == fp.record["learned_rounding"]["layers"] | {  # the same learning (bar its time)
+        i: {**x, "seconds": learned["layers"][i]["seconds"]} for i, x in fp.record["learned_rounding"]["layers"].items()}
+    assert (learned.get("last_layer_objective") is not None) == output_kl
+    assert start == "gptq" or any(x["kept"] for x in learned["layers"].values())
+    weights = AutoModelForCausalLM.from_pretrained(got.output_dir, gguf_file="model.gguf", dtype=torch.float32)
+    want = AutoModelForCausalLM.from_pretrained(fp.output_dir, dtype=torch.float32).state_dict()
+    for k, v in weights.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 # ---- mixture of experts: a layer's routed experts of one projection are one 3-D GGUF tensor of one type ----------
 
 @pytest.mark.parametrize("kind,arch", [("mixtral", "llama"), ("qwen3_moe", "qwen3moe")])
