@@ -223,9 +223,18 @@ def _fields(path):
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
 
 
-def test_tiny_gguf_model_round_trips_through_transformers(tmp_path, monkeypatch):
+def _assert_gguf_is_the_float_export(gguf_dir, fp_dir):
+    """transformers' reading of ``gguf_dir``/model.gguf has exactly the tensors of the float export in ``fp_dir``."""
     from transformers import AutoModelForCausalLM
 
+    got = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_tiny_gguf_model_round_trips_through_transformers(tmp_path, monkeypatch):
     from tasa.pipeline.quantize import quantize
 
     monkeypatch.setenv("TASA_CACHE_DIR", str(tmp_path / "cache"))
@@ -234,11 +243,7 @@ def test_tiny_gguf_model_round_trips_through_transformers(tmp_path, monkeypatch)
     out = quantize(str(src), tmp_path / "q", plan=plan, export=ExportSpec(format="gguf")).output_dir
     fp = quantize(str(src), tmp_path / "fp", plan=plan,
                   export=ExportSpec(format="fp", float_dtype="float32")).output_dir
-    got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).state_dict()
-    want = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32).state_dict()
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    _assert_gguf_is_the_float_export(out, fp)
     fields, reader = _fields(out / "model.gguf")
     src_fields, src_reader = _fields(src)
     assert {k: v for k, v in fields.items() if k not in ("general.file_type", "general.quantized_by")} == {
@@ -353,8 +358,6 @@ def test_a_failing_converter_is_reported_in_one_line_and_leaves_nothing(tmp_path
 def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_path, monkeypatch, data_dir):
     """--asym on llama.cpp: the down projections (256 inputs) on Q4_K, the others (128) on Q4_0; a plan with Q2_K
     and Q5_K; GPTQ on the asymmetric two-level grid; transformers' GGUF loader reads tasa's weights exactly."""
-    from transformers import AutoModelForCausalLM
-
     from tasa.models import load, resolve
     from tasa.pipeline.quantize import quantize
     from tasa.plan import Plan
@@ -380,10 +383,7 @@ def test_asymmetric_k_types_through_the_pipeline_read_back_by_transformers(tmp_p
     types = json.loads((got_dir / "quantize.json").read_text())["gguf_types"]
     assert types["blk.0.ffn_down.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q5_K"
     assert types["blk.0.attn_q.weight"] == "Q8_0"
-    got = AutoModelForCausalLM.from_pretrained(got_dir, gguf_file="model.gguf", dtype=torch.float32).state_dict()
-    want = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).state_dict()
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    _assert_gguf_is_the_float_export(got_dir, fp_dir)
 
 
 @pytest.mark.parametrize("start,output_kl", [("gptq", True), ("rtn", False)])
@@ -392,8 +392,6 @@ def test_learned_rounding_on_llama_cpp_grids_is_what_the_gguf_holds(tmp_path, mo
     from GPTQ with the last layer on the output KL (the better quantizer) and from RTN.  The GGUF holds exactly the
     weights of the same quantization exported as float.  (On this random model GPTQ's 4-bit result is not beaten in
     a few steps, so only the start from RTN is asked to keep what it learned.)"""
-    from transformers import AutoModelForCausalLM
-
     from tasa.models import load, resolve
     from tasa.pipeline.quantize import quantize
     from tasa.plan import Plan
@@ -416,14 +414,11 @@ def test_learned_rounding_on_llama_cpp_grids_is_what_the_gguf_holds(tmp_path, mo
     assert quantizer.startswith("learned rounding (16 steps per layer)") and ("from GPTQ" in quantizer) == (start == "gptq")
     assert {v for k, v in got.record["gguf_types"].items() if "ffn_down" in k} == {"Q3_K", "Q6_K"}
     learned = got.record["learned_rounding"]
-    assert learned["layers"] == fp.record["learned_rounding"]["layers"] | {  # the same learning (bar its time)
-        i: {**x, "seconds": learned["layers"][i]["seconds"]} for i, x in fp.record["learned_rounding"]["layers"].items()}
+    assert learned["layers"] == {i: {**x, "seconds": learned["layers"][i]["seconds"]}  # the same learning, bar time
+                                 for i, x in fp.record["learned_rounding"]["layers"].items()}
     assert (learned.get("last_layer_objective") is not None) == output_kl
     assert start == "gptq" or any(x["kept"] for x in learned["layers"].values())
-    weights = AutoModelForCausalLM.from_pretrained(got.output_dir, gguf_file="model.gguf", dtype=torch.float32)
-    want = AutoModelForCausalLM.from_pretrained(fp.output_dir, dtype=torch.float32).state_dict()
-    for k, v in weights.state_dict().items():
-        assert torch.equal(v, want[k]), k
+    _assert_gguf_is_the_float_export(got.output_dir, fp.output_dir)
 
 
 # ---- mixture of experts: a layer's routed experts of one projection are one 3-D GGUF tensor of one type ----------
