@@ -193,6 +193,14 @@ class ProbeStore:
     def put(self, key: str, value: dict) -> None:
         write_json_atomic(self._path(key), {"key": key, **value})
 
+    def get_base(self) -> dict[str, ItemLosses] | None:
+        """The full-precision pass's losses, when an earlier run kept them."""
+        p = self.root / "probe_base.json"
+        return _losses_from(read_json(p)["losses"]) if p.is_file() else None
+
+    def put_base(self, losses: dict[str, ItemLosses]) -> None:
+        write_json_atomic(self.root / "probe_base.json", {"losses": _losses_record(losses)})
+
 
 @dataclass
 class ProbeResults:
@@ -366,13 +374,20 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
     or a temporary one) and read back batch by batch.
 
     ``runner``: what computes the full-precision pass and the probes, given the :class:`Scorer` and ``spec``;
-    default :class:`SerialProbes`, here and now (also when every probe is in the store).  A distributed runner
+    default :class:`SerialProbes`, here and now.  The store keeps the full-precision pass too: when it holds every
+    probe and that pass, nothing runs (``placement`` None).  A distributed runner
     (tasa.distributed) computes them elsewhere while this process walks the layers and keeps the store.
     """
     if spec.group_size is None:
         raise ValueError("run_probes needs a resolved group size")
     t0 = time.perf_counter()
     plan_units = units(arch, spec.granularity, spec.layers)
+    keys = [f"{u.name}@{b}" for u in plan_units for b in spec.bits]
+    stored = {k: rec for k in keys if (rec := store.get(k)) is not None} if store else {}  # read once
+    if store is not None and len(stored) == len(keys) and (kept_base := store.get_base()) is not None:  # nothing to run: no model pass
+        return ProbeResults(kept_base, {(u.name, b): _losses_from(stored[f"{u.name}@{b}"]["losses"])
+                                        for u in plan_units for b in spec.bits}, plan_units,
+                            time.perf_counter() - t0, sum(float(r.get("seconds", 0.0)) for r in stored.values()))
     batches = objective_batches(model, objectives, spec.batch_tokens, max_logits_gb)
     scorer = Scorer(model, arch, objectives, batches, head_is_plain(model, batches[objectives[0].name][0]))
     spill = None
@@ -401,23 +416,19 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for i, h in enumerate(captured.hidden):
                 hidden.put((o.name, i), h)
             del captured
-        keys = [f"{u.name}@{b}" for u in plan_units for b in spec.bits]
-        stored = {k: rec for k in keys if (rec := store.get(k)) is not None} if store else {}  # read once
+        for key, rec in stored.items():
+            record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
         run = runner(scorer, spec) if runner is not None and len(stored) < len(keys) else SerialProbes(scorer, spec)
-        base = run.base(hidden)  # each run: it also sets the KL references
-        last = max(u.layer for u in plan_units)
+        base = run.base(hidden)  # it also sets the KL references of the probes still to run
+        if store:
+            store.put_base(base)
+        # the layers are walked only as far as a probe is left to run
+        last = max((u.layer for u in plan_units for b in spec.bits if f"{u.name}@{b}" not in stored), default=-1)
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
             if layer > last:
                 break
-            todo = []
-            for unit in (u for u in plan_units if u.layer == layer):
-                for b in spec.bits:
-                    key = f"{unit.name}@{b}"
-                    rec = stored.get(key)
-                    if rec is not None:
-                        record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
-                    else:
-                        todo.append(ProbeJob(key, unit, b))
+            todo = [ProbeJob(f"{u.name}@{b}", u, b) for u in plan_units if u.layer == layer for b in spec.bits
+                    if f"{u.name}@{b}" not in stored]
             if todo:
                 run.start_layer(layer, hidden, calib)
                 for job in todo:
