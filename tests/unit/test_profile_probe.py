@@ -167,26 +167,31 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tokenizer, tmp_path, mo
     assert len(list((tmp_path / "probes").glob("*.json"))) == 3  # 3 probes, and the base apart
     assert (tmp_path / "probe_base.json").is_file()
     monkeypatch.setattr(probe_mod, "quant_swapped", real)
-    layers_run = []
+    layers_run = []  # the layers the kept inputs are carried through by the walk
     real_forward = probe_mod.forward_layer
-    monkeypatch.setattr(probe_mod, "forward_layer", lambda module, h, kw, layer: (layers_run.append(layer),
-                                                                                   real_forward(module, h, kw, layer))[1])
-    resumed = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=ProbeStore(tmp_path, settings), progress=False)
+
+    def forward(module, h, kwargs, layer):
+        layers_run.append(layer)
+        return real_forward(module, h, kwargs, layer)
+
+    monkeypatch.setattr(probe_mod, "forward_layer", forward)
+    spec = ProfileSpec(bits=(2, 4), group_size=16)
+    resumed = run_probes(model, arch, objs, spec, store=ProbeStore(tmp_path, settings), progress=False)
     assert resumed.probes.keys() == full.probes.keys()
     stored = [json.loads(f.read_text())["seconds"] for f in (tmp_path / "probes").glob("*.json")]
     assert len(stored) == 6 and resumed.probe_seconds == pytest.approx(sum(stored))  # resumed probes counted
-    assert sorted(set(layers_run)) == [0, 1]  # layer 2's probes needed its inputs
-    # only layer 0's probes missing: the layers are walked no further than layer 0 (nothing run through a layer)
+    assert sorted(set(layers_run)) == [0, 1]  # layer 2's probes needed layer 1's outputs
+    # only layer 0's probes missing: the walk stops at layer 0 (its inputs carried through no layer)
     store = ProbeStore(tmp_path, settings)
     for u in (u for u in full.units if u.layer == 0):
         for b in (2, 4):
             store._path(f"{u.name}@{b}").unlink()
     layers_run.clear()
-    first = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=store, progress=False)
+    first = run_probes(model, arch, objs, spec, store=store, progress=False)
     assert layers_run == []
     # everything stored: the results come back without a pass of the model
     monkeypatch.setattr(probe_mod, "capture", lambda *a, **k: pytest.fail("the model ran"))
-    again = run_probes(model, arch, objs, ProfileSpec(bits=(2, 4), group_size=16), store=store, progress=False)
+    again = run_probes(model, arch, objs, spec, store=store, progress=False)
     assert again.units == full.units and again.placement is None  # nothing ran anywhere
     assert again.probe_seconds == pytest.approx(sum(json.loads(f.read_text())["seconds"]
                                                     for f in (tmp_path / "probes").glob("*.json")))

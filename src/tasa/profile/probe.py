@@ -384,7 +384,8 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
     plan_units = units(arch, spec.granularity, spec.layers)
     keys = [f"{u.name}@{b}" for u in plan_units for b in spec.bits]
     stored = {k: rec for k in keys if (rec := store.get(k)) is not None} if store else {}  # read once
-    if store is not None and len(stored) == len(keys) and (kept_base := store.get_base()) is not None:  # nothing to run: no model pass
+    # everything stored, the full-precision pass too: no pass of the model
+    if store is not None and len(stored) == len(keys) and (kept_base := store.get_base()) is not None:
         return ProbeResults(kept_base, {(u.name, b): _losses_from(stored[f"{u.name}@{b}"]["losses"])
                                         for u in plan_units for b in spec.bits}, plan_units,
                             time.perf_counter() - t0, sum(float(r.get("seconds", 0.0)) for r in stored.values()))
@@ -420,7 +421,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
         run = runner(scorer, spec) if runner is not None and len(stored) < len(keys) else SerialProbes(scorer, spec)
         base = run.base(hidden)  # it also sets the KL references of the probes still to run
-        if store:
+        if store is not None:
             store.put_base(base)
         # the layers are walked only as far as a probe is left to run
         last = max((u.layer for u in plan_units for b in spec.bits if f"{u.name}@{b}" not in stored), default=-1)
