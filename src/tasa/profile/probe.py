@@ -382,13 +382,15 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
         raise ValueError("run_probes needs a resolved group size")
     t0 = time.perf_counter()
     plan_units = units(arch, spec.granularity, spec.layers)
-    keys = [f"{u.name}@{b}" for u in plan_units for b in spec.bits]
-    stored = {k: rec for k in keys if (rec := store.get(k)) is not None} if store else {}  # read once
+    stored = {}  # key -> (losses, compute seconds) of the probes an earlier run finished, read once
+    for k in (f"{u.name}@{b}" for u in plan_units for b in spec.bits) if store is not None else ():
+        if (rec := store.get(k)) is not None:
+            stored[k] = (_losses_from(rec["losses"]), float(rec.get("seconds", 0.0)))
+    missing = [(u, b) for u in plan_units for b in spec.bits if f"{u.name}@{b}" not in stored]
     # everything stored, the full-precision pass too: no pass of the model
-    if store is not None and len(stored) == len(keys) and (kept_base := store.get_base()) is not None:
-        return ProbeResults(kept_base, {(u.name, b): _losses_from(stored[f"{u.name}@{b}"]["losses"])
-                                        for u in plan_units for b in spec.bits}, plan_units,
-                            time.perf_counter() - t0, sum(float(r.get("seconds", 0.0)) for r in stored.values()))
+    if not missing and store is not None and (kept_base := store.get_base()) is not None:
+        return ProbeResults(kept_base, {(u.name, b): stored[f"{u.name}@{b}"][0] for u in plan_units for b in spec.bits},
+                            plan_units, time.perf_counter() - t0, sum(secs for _, secs in stored.values()))
     batches = objective_batches(model, objectives, spec.batch_tokens, max_logits_gb)
     scorer = Scorer(model, arch, objectives, batches, head_is_plain(model, batches[objectives[0].name][0]))
     spill = None
@@ -417,19 +419,17 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for i, h in enumerate(captured.hidden):
                 hidden.put((o.name, i), h)
             del captured
-        for key, rec in stored.items():
-            record(key, _losses_from(rec["losses"]), float(rec.get("seconds", 0.0)), stored=True)
-        run = runner(scorer, spec) if runner is not None and len(stored) < len(keys) else SerialProbes(scorer, spec)
+        for key, (losses, secs) in stored.items():
+            record(key, losses, secs, stored=True)
+        run = runner(scorer, spec) if runner is not None and missing else SerialProbes(scorer, spec)
         base = run.base(hidden)  # it also sets the KL references of the probes still to run
         if store is not None:
             store.put_base(base)
-        # the layers are walked only as far as a probe is left to run
-        last = max((u.layer for u in plan_units for b in spec.bits if f"{u.name}@{b}" not in stored), default=-1)
+        last = max((u.layer for u, _ in missing), default=-1)  # the layers are walked only as far as a probe is left
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
             if layer > last:
                 break
-            todo = [ProbeJob(f"{u.name}@{b}", u, b) for u in plan_units if u.layer == layer for b in spec.bits
-                    if f"{u.name}@{b}" not in stored]
+            todo = [ProbeJob(f"{u.name}@{b}", u, b) for u, b in missing if u.layer == layer]
             if todo:
                 run.start_layer(layer, hidden, calib)
                 for job in todo:
