@@ -382,14 +382,16 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
         raise ValueError("run_probes needs a resolved group size")
     t0 = time.perf_counter()
     plan_units = units(arch, spec.granularity, spec.layers)
+    jobs = [ProbeJob(f"{u.name}@{b}", u, b) for u in plan_units for b in spec.bits]  # in the results' order
     stored = {}  # key -> (losses, compute seconds) of the probes an earlier run finished, read once
-    for k in (f"{u.name}@{b}" for u in plan_units for b in spec.bits) if store is not None else ():
-        if (rec := store.get(k)) is not None:
-            stored[k] = (_losses_from(rec["losses"]), float(rec.get("seconds", 0.0)))
-    missing = [(u, b) for u in plan_units for b in spec.bits if f"{u.name}@{b}" not in stored]
+    if store is not None:
+        for job in jobs:
+            if (rec := store.get(job.key)) is not None:
+                stored[job.key] = (_losses_from(rec["losses"]), float(rec.get("seconds", 0.0)))
+    missing = [job for job in jobs if job.key not in stored]
     # everything stored, the full-precision pass too: no pass of the model
     if not missing and store is not None and (kept_base := store.get_base()) is not None:
-        return ProbeResults(kept_base, {(u.name, b): stored[f"{u.name}@{b}"][0] for u in plan_units for b in spec.bits},
+        return ProbeResults(kept_base, {(j.unit.name, j.bits): stored[j.key][0] for j in jobs},
                             plan_units, time.perf_counter() - t0, sum(secs for _, secs in stored.values()))
     batches = objective_batches(model, objectives, spec.batch_tokens, max_logits_gb)
     scorer = Scorer(model, arch, objectives, batches, head_is_plain(model, batches[objectives[0].name][0]))
@@ -399,7 +401,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
     hidden = KeptStates(spill)
     probes: dict = {}
     probe_seconds = 0.0  # measured compute of every probe, including those recorded by an earlier run
-    bar = tqdm(total=len(plan_units) * len(spec.bits), desc=f"probes ({spec.granularity})", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"probes ({spec.granularity})", disable=not progress)
 
     def record(key: str, losses: dict[str, ItemLosses], secs: float, stored: bool = False) -> None:
         nonlocal probe_seconds
@@ -425,11 +427,11 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
         base = run.base(hidden)  # it also sets the KL references of the probes still to run
         if store is not None:
             store.put_base(base)
-        last = max((u.layer for u, _ in missing), default=-1)  # the layers are walked only as far as a probe is left
+        last = max((j.unit.layer for j in missing), default=-1)  # the layers are walked only as far as a probe is left
         for layer, module in walk(arch, compute_device(model)):  # resident while probed (a streamed model's too)
             if layer > last:
                 break
-            todo = [ProbeJob(f"{u.name}@{b}", u, b) for u, b in missing if u.layer == layer]
+            todo = [j for j in missing if j.unit.layer == layer]
             if todo:
                 run.start_layer(layer, hidden, calib)
                 for job in todo:
@@ -448,7 +450,7 @@ def run_probes(model: nn.Module, arch: ModelArch, objectives: list[Objective], s
             for key, losses, secs in done:
                 record(key, losses, secs)
         bar.close()
-        ordered = {(u.name, b): probes[f"{u.name}@{b}"] for u in plan_units for b in spec.bits}
+        ordered = {(j.unit.name, j.bits): probes[j.key] for j in jobs}
         return ProbeResults(base, ordered, plan_units, time.perf_counter() - t0, probe_seconds, run.info())
     finally:
         if run is not None:
