@@ -2,6 +2,8 @@
 the layer's reconstruction error on its own calibration, never raises it, keeps every code on the grid, and its
 checkpoints are the ordinary packed formats."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -370,6 +372,92 @@ def test_the_output_kl_is_the_mean_kl_of_the_next_token_distributions():
     assert float(output_kl(logits, target)) == pytest.approx(want, rel=1e-6)
     assert float(output_kl(logits + torch.randn(5, 1, generator=g), target)) == pytest.approx(want, rel=1e-5)
     assert float(output_kl(target, target)) == pytest.approx(0.0, abs=1e-7) and want > 0
+
+
+# torch.compile's CPU backend (inductor) builds C++: with a compiler the fused kernels must run compiled, without
+# one they must fall back (and still compute the same)
+_COMPILES = bool(shutil.which(os.environ.get("CXX", "g++")))
+
+
+@pytest.mark.parametrize("start", ["rtn", "gptq"])
+def test_a_large_linears_fused_grid_is_the_eager_grid(start):
+    """From 2**16 weights a linear's grid runs compiled (tasa.quant.learned._Fused): the same weight bit for bit
+    as the general computation (symmetric, and refining GPTQ's result), the same gradients up to summation
+    order, whatever the bits and shapes that come one after another in one process (a first version compiled a
+    3-bit grid's largest code in as a constant and reused it for 4 bits)."""
+    from tasa.quant import learned
+    from tasa.quant.gptq import gptq_quantize
+
+    gen = torch.Generator().manual_seed(11)
+    for bits, rows, cols in [(3, 256, 512), (4, 256, 512), (4, 128, 1024), (3, 128, 1024), (2, 256, 512)]:
+        spec = QuantSpec(bits=bits, group_size=64)
+        w = torch.randn(rows, cols, generator=gen)
+        x = torch.randn(cols, 2 * cols, generator=gen)
+        first = gptq_quantize(w, x @ x.T, spec, keep_rounded=True) if start == "gptq" else None
+        outs = []
+        for fused in (True, False):
+            grid = LearnedGrid(w, spec, start=first)
+            assert grid.width == 64 and grid.base_nonzero
+            if not fused:
+                grid.__dict__["base_nonzero"] = False  # the general computation
+            torch.manual_seed(12)
+            grid.offsets.uniform_(-0.5, 0.5)
+            grid.clip[0].uniform_(0.5, 1.5 if first is not None else 1.0)
+            params = [p.requires_grad_(True) for p in grid.parameters()]
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # as the steps run
+                q = grid.weight()
+            grads = torch.autograd.grad((q * torch.linspace(-1, 1, q.numel()).view_as(q)).sum(), params)
+            outs.append((q.detach(), grads))
+        assert learned._fused_grid_weight.compiled is not None
+        assert learned._fused_grid_weight.failed is not _COMPILES
+        (q1, g1), (q2, g2) = outs
+        assert torch.equal(q1, q2), (bits, rows, cols)
+        torch.testing.assert_close(g1[0], g2[0], rtol=0, atol=0)  # the offsets': elementwise
+        torch.testing.assert_close(g1[1], g2[1], rtol=1e-5, atol=1e-5)  # the clipping's: sums over each group
+        assert g1[1].abs().sum() > 0
+
+
+def test_a_heads_output_kl_runs_fused_and_equals_the_eager_one():
+    """From 2**24 logits (a head's, over a vocabulary) output_kl runs compiled: the same divergence and gradient
+    as the eager computation up to float32 summation order, in bfloat16 logits as in float32."""
+    from tasa.quant import learned
+
+    gen = torch.Generator().manual_seed(13)
+    target = torch.randn(256, 65536, generator=gen) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (target * 0.8 + torch.randn(256, 65536, generator=gen)).to(dtype).requires_grad_(True)
+        got = output_kl(logits, target.to(dtype))
+        (g_got,) = torch.autograd.grad(got, logits)
+        want = learned._output_kl(logits, target.to(dtype))
+        (g_want,) = torch.autograd.grad(want, logits)
+        assert learned._fused_output_kl.compiled is not None and learned._fused_output_kl.failed is not _COMPILES
+        assert float(got) == pytest.approx(float(want), rel=1e-5) and float(want) > 0.1
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bfloat16 gradients: one step of its 8-bit mantissa
+        torch.testing.assert_close(g_got.float(), g_want.float(), rtol=tol, atol=1e-9)
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_computation_and_says_so_once(monkeypatch, caplog):
+    from tasa.quant import learned
+
+    calls = []
+
+    def broken(fn):
+        def run(*args):
+            calls.append(args)
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler\nand a long log")
+        return run
+
+    monkeypatch.setattr(learned.torch, "compile", broken)
+    fused = learned._Fused(learned._output_kl, 10)
+    logits, target = torch.randn(4, 8), torch.randn(4, 8)
+    small = learned._Fused(learned._output_kl, 100)
+    assert float(small(logits, target)) == float(learned._output_kl(logits, target)) and small.compiled is None
+    with caplog.at_level("WARNING", logger="tasa.quant.learned"):
+        assert float(fused(logits, target)) == float(learned._output_kl(logits, target))
+        assert float(fused(logits, target)) == float(learned._output_kl(logits, target))
+    assert fused.failed and len(calls) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "output_kl runs unfused (torch.compile failed: InductorError: CppCompileError: no C++ compiler)"]
 
 
 def _output_kl_of(model, ids, weights, batch=4):

@@ -28,12 +28,18 @@ instead the KL divergence of the model's next-token distribution, the float mode
 direction alike, also those the head ignores.  Each step draws whole sequences of its batch, about HEAD_TOKENS
 tokens (the head's logits of a whole batch are several times a layer's work); the keep decision sees every token.
 
+A large linear's grid in each step and the divergence of a head's logits run compiled (:class:`_Fused`:
+torch.compile fuses their chains of elementwise operations, which eager PyTorch runs as a pass over memory each):
+equal to the eager computation up to float32 summation order, eager where compiling fails.
+
 Pure functions over a layer and its cached inputs; the loop over layers is tasa.quant.apply's.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -46,6 +52,8 @@ from tasa.errors import TasaError
 from tasa.models.walker import LayerInputs, layer_output
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tasa.quantized import QuantResult
+
+log = logging.getLogger(__name__)
 
 OBJECTIVE = "token-normalized MSE of the layer output, quantized inputs against the float model's"  # records
 ASYM_TWO_LEVEL = ("learned rounding does not take asymmetric two-level grids (llama.cpp's Q2_K, Q4_K, Q5_K); "
@@ -83,15 +91,67 @@ def token_normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (err / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
-def output_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean over tokens (rows) of KL(softmax(target) || softmax(logits)), in float32."""
+def _output_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), torch.log_softmax(target.float(), -1),
                                       reduction="batchmean", log_target=True)
+
+
+class _Fused:
+    """``fn`` compiled by torch.compile (on first use) for inputs of at least ``min_numel`` elements, eager for
+    smaller ones: the learning steps' memory-bound chains of elementwise operations and reductions, which the
+    compiler fuses into a few passes over memory (equal to eager up to float32 summation order).  Where compiling
+    fails (no C++ compiler for inductor on a CPU, an unsupported device) it says so once and runs eagerly;
+    TORCH_COMPILE_DISABLE=1 makes it eager too."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], min_numel: int):
+        self.fn, self.min_numel = fn, min_numel
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.failed = False
+
+    def __call__(self, first: torch.Tensor, *args) -> torch.Tensor:
+        if first.numel() < self.min_numel or self.failed:
+            return self.fn(first, *args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn)
+        try:
+            return self.compiled(first, *args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager computation is the same
+            self.failed = True
+            text = str(e).strip()
+            log.warning("%s runs unfused (torch.compile failed: %s)", self.fn.__name__.strip("_"),
+                        text.splitlines()[0][:200] if text else type(e).__name__)
+            return self.fn(first, *args)
+
+
+# the head's logits of a step or keep-decision chunk (1,024 x 49,152 on SmolLM2): fused, 8x less time than eager
+# on 2 CPU cores, where most of the output-KL layer's time went
+_fused_output_kl = _Fused(_output_kl, 2**24)
+
+
+def output_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over tokens (rows) of KL(softmax(target) || softmax(logits)), in float32 (:class:`_Fused` for a
+    head's logits over a vocabulary)."""
+    return _fused_output_kl(logits, target)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
+
+
+def _grid_weight(w: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor, clip: torch.Tensor,
+                 zeros: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """:meth:`LearnedGrid.weight` of a grid of contiguous groups whose scales are ``base * clip`` (symmetric, or
+    refining a start): values and offsets (rows, groups, width), the rest (rows, groups), the largest code a
+    0-dimensional tensor (a Python number would be compiled in as a constant: torch 2.13 then reused a 3-bit
+    grid's kernel for a 4-bit one); rounding straight-through.  (rows, groups * width)."""
+    scale, zero = (base * clip)[:, :, None], zeros[:, :, None]
+    codes = torch.clamp(_round_ste(w / scale + offsets) + zero, torch.zeros_like(maxq), maxq)
+    return (scale * (codes - zero)).reshape(w.shape[0], -1)
+
+
+# a linear's weight in each learning step: fused, 3x less time than eager on SmolLM2's linears (a third of a step)
+_fused_grid_weight = _Fused(_grid_weight, 2**16)
 
 
 class LearnedGrid:
@@ -152,6 +212,11 @@ class LearnedGrid:
             self.lo, self.hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
             self.clip = [ratio.clone(), ratio.clone()]  # of the low and the high end
 
+    @functools.cached_property
+    def base_nonzero(self) -> bool:
+        """Every group's base scale is not 0 (nor is its scale then: the clipping factors are at least CLIP_MIN)."""
+        return bool((self.base != 0).all())
+
     def parameters(self) -> list[torch.Tensor]:
         return [self.offsets, *self.clip]
 
@@ -191,6 +256,9 @@ class LearnedGrid:
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight, differentiable in the offsets and clipping factors (float32)."""
+        if self.width and self.clip and (self.spec.sym or self.refining) and self.base_nonzero:
+            return _fused_grid_weight(self._columns(self.w), self._columns(self.offsets), self.base, self.clip[0],
+                                      self.zeros, torch.tensor(float(self.maxq), device=self.w.device))
         scale, zero = self._grid(ste=True)
         q = self._per_column(scale) * (self._codes(scale, zero, ste=True) - self._per_column(zero))
         return q.reshape(self.w.shape)
