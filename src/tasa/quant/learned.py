@@ -123,8 +123,8 @@ class _Fused:
             return self.fn(first, *args)
 
 
-# the head's logits of a step or keep-decision chunk (1,024 x 49,152 on SmolLM2): fused, 8x less time than eager
-# on 2 CPU cores, where most of the output-KL layer's time went
+# the head's logits of a step or keep-decision chunk (1,024 x 49,152 on SmolLM2), where most of the output-KL
+# layer's time went (benchmarks/fused_steps.py)
 _fused_output_kl = _Fused(_output_kl, 2**24)
 
 
@@ -143,14 +143,14 @@ def _grid_weight(w: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor, cli
                  zeros: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
     """:meth:`LearnedGrid.weight` of a grid of contiguous groups whose scales are ``base * clip`` (symmetric, or
     refining a start): values and offsets (rows, groups, width), the rest (rows, groups), the largest code a
-    0-dimensional tensor (a Python number would be compiled in as a constant: torch 2.13 then reused a 3-bit
-    grid's kernel for a 4-bit one); rounding straight-through.  (rows, groups * width)."""
+    0-dimensional tensor (as a Python number, torch 2.13's compiled kernel gave a 4-bit grid wrong weights after a
+    3-bit one); rounding straight-through.  (rows, groups * width)."""
     scale, zero = (base * clip)[:, :, None], zeros[:, :, None]
     codes = torch.clamp(_round_ste(w / scale + offsets) + zero, torch.zeros_like(maxq), maxq)
     return (scale * (codes - zero)).reshape(w.shape[0], -1)
 
 
-# a linear's weight in each learning step: fused, 3x less time than eager on SmolLM2's linears (a third of a step)
+# a linear's weight in each learning step (SmolLM2's smallest linear has 110,592 weights)
 _fused_grid_weight = _Fused(_grid_weight, 2**16)
 
 
