@@ -41,8 +41,10 @@ def row(name, tool, method, bits, group_size, calib, metrics, seconds) -> dict:
             "metrics": metrics, "seconds": seconds}
 
 
-def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | None = None) -> Path:
-    out = RESULTS / f"{benchmark}.json"
+def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | None = None,
+                  path: Path | None = None) -> Path:
+    """Write benchmark's record (``path``: elsewhere than benchmarks/results/BENCHMARK.json)."""
+    out = path or RESULTS / f"{benchmark}.json"
     payload = {"benchmark": benchmark, "date": date.today().isoformat(), "machine": machine(), "command": command,
                "rows": rows}
     if extra:

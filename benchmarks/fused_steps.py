@@ -39,6 +39,7 @@ def main() -> None:
     work = WORK / pt.BENCH
     p = pt.parse(name)
     pt.build_calib(work, p["calib"], p["seed"])
+    pt.fp_reference(work)
     out = RESULTS / f"{BENCH}.json"
     done = {r["name"]: r for r in read_json(out)["rows"]} if out.is_file() else {}
     recorded = pt.RECORDS / f"{name}.json"

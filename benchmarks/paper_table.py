@@ -80,6 +80,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -109,6 +110,8 @@ PROFILE = WORK / "profile" / "layer" / "sensitivity.json"
 # re-derivable inputs (profiles, calibration tokens, the FP reference log-probs, peer weights) stay in .work,
 # except the module profile's probes (longer than a working session here: see the docstring).
 RECORDS = RESULTS / BENCH
+# where a worker loads, quantizes and scores its model, in float32 (benchmarks/quantizer_time.py --device); cpu if unset
+DEVICE_ENV = "TASA_BENCH_DEVICE"
 MODULE_PROFILE = RECORDS / "module-profile"
 GPTQ_PROFILE = WORK / BENCH / "gptq-profile"
 PROFILES = {"layer": PROFILE.parent, "module": MODULE_PROFILE, "gptq": GPTQ_PROFILE}
@@ -389,12 +392,14 @@ def worker(name: str, work: Path) -> dict:
         return module_profile_worker()
     if name == "profile:gptq":
         return gptq_profile_worker(work)
+    device = os.environ.get(DEVICE_ENV, "cpu")
     if name == "fp-reference":  # the FP top-256 log-probs alone (lost with .work; the FP row's record is kept)
-        return {"wikitext2_ppl": wikitext2(load("smollm2-135m"), work, None, LIMITS, SEQLEN).ppl}
+        return {"wikitext2_ppl": wikitext2(load("smollm2-135m", dtype="float32", device=device), work, None, LIMITS,
+                                           SEQLEN).ppl}
     generate = name.startswith("gen:")
     name = name[4:] if generate else name
     torch.manual_seed(0)
-    lm = load("smollm2-135m")
+    lm = load("smollm2-135m", dtype="float32", device=device)
     arch = resolve(lm.model)
     p = parse(name)
     out: dict = {"seconds": None}
@@ -420,7 +425,10 @@ def worker(name: str, work: Path) -> dict:
                                 float_targets=options.get("float_targets", 0.0),
                                 learn_start=options.get("learn_start", "rtn"),
                                 learn_output_kl=options.get("learn_output_kl", False), seed=p["seed"])
+        if device.startswith("cuda"):  # the GPU's queued work belongs to the quantization's time
+            torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - t0
+        out["device"] = device
         out["quantizer"] = options
         if report.layers:  # learned rounding: each layer's calibration loss before and after, and whether it was kept
             out["learning"] = {str(i): dataclasses.asdict(r) for i, r in sorted(report.layers.items())}
@@ -470,7 +478,10 @@ def gptq_profile_worker(work: Path) -> dict:
     return {"seconds": s["seconds"], "units": len(s["units"]), "peak_rss_gb": peak_rss_gb()}
 
 
-def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
+def quantize_peer(name: str, work: Path, fp_dir: str, python: str | None = None, device: str = "cpu") -> dict:
+    """A peer's quantization of row ``name`` in its own process: its fake-quantized weights in work/peers.
+    ``python``: AutoRound's interpreter (default: its environment under benchmarks/.work, made once);
+    ``device``: where AutoRound computes (its device_map)."""
     p = parse(name)
     dest = work / "peers" / f"{name}.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -490,10 +501,10 @@ def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
             bits = ["--layer-bits", str(planned)]
         else:
             bits = ["--bits", str(int(p["bits"]))]
-        py = peer_venv("autoround", AUTOROUND_REQS)
+        py = python or peer_venv("autoround", AUTOROUND_REQS)
         cmd = [str(py), str(_HERE / "peers" / "autoround_autoscheme.py"), "--model-dir", fp_dir, "--calib", calib,
                *bits, "--group-size", str(GROUP), "--batch-size", str(BATCH), "--seed", str(42 + p["seed"]),
-               "--out", str(dest)]
+               "--device-map", device, "--out", str(dest)]
         env = {}
     out = run_json(cmd, env=env, log=work / "logs" / f"{name}-quantize.log")
     scheme = Path(f"{dest}.layers.json")  # AutoScheme's per-module bits: kept with the row's records
@@ -503,6 +514,21 @@ def quantize_peer(name: str, work: Path, fp_dir: str) -> dict:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def fp_reference(work: Path, env: dict | None = None) -> None:
+    """The FP model's top-256 WikiText-2 log-probs (the quantized rows' KL reference) in ``work``, computed once by
+    a worker (``env``: e.g. its device), and checked against the FP row's recorded perplexity."""
+    if (work / "fp.topk.safetensors").is_file():
+        return
+    ref = run_json([sys.executable, __file__, "--worker", "fp-reference"], env=env,
+                   log=work / "logs" / "fp-reference.log")
+    fp = json.loads((RECORDS / "fp.json").read_text())["metrics"]["wikitext2_ppl"]
+    if abs(ref["wikitext2_ppl"] / fp - 1) > 1e-4:
+        raise RuntimeError(f"the FP model now has WikiText-2 ppl {ref['wikitext2_ppl']}, its record {fp}: "
+                           "the reference would not match the recorded rows")
+
+
 
 
 def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
@@ -520,12 +546,8 @@ def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
         cached(RECORDS / f"{name}-quantize.json", lambda: quantize_peer(name, work, fp_dir))
         if model and not (work / "peers" / f"{name}.safetensors").is_file():
             quantize_peer(name, work, fp_dir)
-    if p["kind"] != "fp" and model and not (work / "fp.topk.safetensors").is_file():
-        ref = run_json([sys.executable, __file__, "--worker", "fp-reference"], log=work / "logs" / "fp-reference.log")
-        fp = json.loads((RECORDS / "fp.json").read_text())["metrics"]["wikitext2_ppl"]
-        if abs(ref["wikitext2_ppl"] / fp - 1) > 1e-4:
-            raise RuntimeError(f"the FP model now has WikiText-2 ppl {ref['wikitext2_ppl']}, its record {fp}: "
-                               "the reference would not match the recorded rows")
+    if p["kind"] != "fp" and model:
+        fp_reference(work)
     if p["kind"] == "asgptq":
         run_row(with_seed("autoround-as3.5-wiki", p["seed"]), work, fp_dir)
     for kind, part in (("tasamod", "module"), ("tasagptq", "gptq")):

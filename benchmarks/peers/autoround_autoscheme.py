@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--scheme-seqlen", type=int, default=256, help="AutoScheme's sequence length (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device-map", default="cpu", help="AutoRound's device_map: cpu, cuda, 0, ... (default: cpu)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -75,7 +76,7 @@ def main() -> None:
     if args.avg_bits is not None:
         scheme = AutoScheme(avg_bits=args.avg_bits, options=[grid(int(b)) for b in args.options.split(",")],
                             dataset=data, nsamples=args.scheme_nsamples, seqlen=args.scheme_seqlen,
-                            ignore_scale_zp_bits=True, device_map="cpu")
+                            ignore_scale_zp_bits=True, device_map=args.device_map)
     elif args.bits is not None:
         scheme = grid(args.bits)
     else:
@@ -86,7 +87,7 @@ def main() -> None:
                         for name, b in planned.items()}
     t0 = time.perf_counter()
     ar = AutoRound(args.model_dir, scheme=scheme, layer_config=layer_config, dataset=data, nsamples=n, seqlen=seqlen,
-                   iters=args.iters, batch_size=args.batch_size, seed=args.seed, device_map="cpu")
+                   iters=args.iters, batch_size=args.batch_size, seed=args.seed, device_map=args.device_map)
     model, layer_config = ar.quantize()
     seconds = time.perf_counter() - t0
 
