@@ -529,8 +529,6 @@ def fp_reference(work: Path, env: dict | None = None) -> None:
                            "the reference would not match the recorded rows")
 
 
-
-
 def run_row(name: str, work: Path, fp_dir: str, model: bool = False) -> dict:
     """Measure a row unless its record exists. ``model``: also make sure the inputs its model is rebuilt
     from are on disk (a peer's weights live in .work and are lost with it; requantizing them keeps the

@@ -66,9 +66,8 @@ KL_GOAL, PPL_GOAL, TIME_GOAL = 0.142, 33.0, 0.5  # issue 38: AutoScheme 3.5's KL
 
 def goals(metrics: dict, ratio: float | None) -> dict:
     """Which of issue 38's goals a row's scores and time (over AutoRound's in the same run) meet."""
-    quality = metrics["wikitext2_kl"] <= KL_GOAL and metrics["wikitext2_ppl"] <= PPL_GOAL
-    return {"kl_goal": metrics["wikitext2_kl"] <= KL_GOAL, "ppl_goal": metrics["wikitext2_ppl"] <= PPL_GOAL,
-            "time_goal": quality and ratio is not None and ratio <= TIME_GOAL}
+    kl, ppl = metrics["wikitext2_kl"] <= KL_GOAL, metrics["wikitext2_ppl"] <= PPL_GOAL
+    return {"kl_goal": kl, "ppl_goal": ppl, "time_goal": kl and ppl and ratio is not None and ratio <= TIME_GOAL}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -98,8 +97,8 @@ def main() -> None:
                     help="the interpreter AutoRound runs in (default: its environment under benchmarks/.work)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"some of {','.join(ROWS)} (default: all, in this order)")
     ap.add_argument("--results", type=Path, default=None,
-                    help="the record's path (default: benchmarks/results/quantizer_time.json, or "
-                         "quantizer_time-cuda.json on a GPU); a lent machine keeps benchmarks/.work between calls")
+                    help="the record's path (default: benchmarks/results/quantizer_time[-cuda][-sSEED].json); "
+                         "a lent machine keeps benchmarks/.work between calls")
     args = ap.parse_args()
     wanted = args.rows.split(",")
     if any(r not in ROWS for r in wanted):
@@ -136,14 +135,15 @@ def main() -> None:
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
             t0 = time.perf_counter()
             log = WORK / BENCH / f"{name}-{args.device}.log"
-            if p["kind"] in pt.PEERS:
+            peer = p["kind"] in pt.PEERS
+            if peer:  # its weights, quantized in its own process, then scored by the paper table's worker
                 q = pt.quantize_peer(name, work, fp_dir, python=args.autoround_python, device=args.device)
-                r = run_json([sys.executable, str(_HERE / "paper_table.py"), "--worker", name], env=env, log=log)
+            r = run_json([sys.executable, str(_HERE / "paper_table.py"), "--worker", name], env=env, log=log)
+            if peer:
                 seconds, tool, method = q["seconds"], "auto-round", "autoround+tasa-plan (its defaults)"
                 bits = q["average_bits"]
                 metrics = dict(r["metrics"], peak_rss_gb=q["peak_rss_gb"])
             else:
-                r = run_json([sys.executable, str(_HERE / "paper_table.py"), "--worker", name], env=env, log=log)
                 seconds, tool, method = r["seconds"], "tasa", f"{p['quantizer']}: {pt.QUANTIZERS[p['quantizer']]}"
                 bits = r["bits"]
                 learning = r.get("learning", {})
