@@ -259,10 +259,11 @@ def test_data_parallel_hessians_equal_the_single_worker_ones(cluster, model_dir)
     # layers see other inputs: the same quality, not the same bits.  How far it spreads depends on the CPU's
     # summation order (an AMD EPYC kept 98.9% of the weights identical, an Intel Xeon 26% to 100%); the
     # errors stay close (measured: every module within 1.8%).  The first layer's first inputs are the same in both
-    # runs, their Hessians equal up to float32 summation order: the same codes, and each group's fp16 scale at most
-    # one fp16 step apart where the scale search's choice sits on an fp16 rounding boundary (1-2 groups of q_proj's
-    # 256 on the AMD EPYC of 2026-12-07; bit-equal on the CPUs before), so every weight (q - z) * s within 2^-10 of
-    # itself; a code rounded the other way would be a whole grid step off.
+    # runs, their Hessians equal up to float32 summation order: the same codes, and each group's fp16 scale (taken
+    # from columns GPTQ has already updated, which carry the Hessian's last bits) at most one fp16 step apart where
+    # it sits on an fp16 rounding boundary (1-2 groups of q_proj's 256 on the AMD EPYC of 2026-12-07; bit-equal on
+    # the CPUs before), so every weight (q - z) * s within 2^-10 of itself; a code rounded the other way would be a
+    # whole grid step off.
     weights = dict(serial_model.named_parameters()), dict(dp_model.named_parameters())
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
         a, b = weights[0][name + ".weight"], weights[1][name + ".weight"]
