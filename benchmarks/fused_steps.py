@@ -38,8 +38,6 @@ def main() -> None:
     name = pt.with_seed(ROW, args.seed)
     work = WORK / pt.BENCH
     p = pt.parse(name)
-    pt.build_calib(work, p["calib"], p["seed"])
-    pt.fp_reference(work)
     out = RESULTS / f"{BENCH}.json"
     done = {r["name"]: r for r in read_json(out)["rows"]} if out.is_file() else {}
     recorded = pt.RECORDS / f"{name}.json"
@@ -47,7 +45,9 @@ def main() -> None:
     rows = []
     for variant, env in VARIANTS.items():
         key = f"{name}-{variant}"
-        if key not in done:
+        if key not in done:  # its inputs (made once in .work) only when it runs
+            pt.build_calib(work, p["calib"], p["seed"])
+            pt.fp_reference(work)
             r = run_json([sys.executable, str(_HERE / "paper_table.py"), "--worker", name], env=env,
                          log=WORK / BENCH / f"{key}.log")
             learning = r.get("learning", {})
