@@ -155,6 +155,52 @@ def test_learning_that_cannot_help_keeps_the_start():
     assert all(torch.equal(results[local].weight, rtn[f"{local}.weight"]) for local in locals_)
 
 
+@pytest.mark.parametrize("helps", [True, False], ids=["kept", "start kept"])
+def test_advancing_leaves_the_outputs_of_the_kept_weights_as_the_next_layers_inputs(helps):
+    """learn_layer(advance=True) takes the next layer's inputs from its keep decision's pass: bit for bit what a
+    pass of the layer holding the kept weights gives (tasa.models.walker.run_layer), whether the learned weights
+    or the start are kept; the inputs' layer index moves on."""
+    from tasa.models.walker import LayerInputs, run_layer
+
+    _, _, layer, inputs, targets, locals_ = _layer_case()
+    spec = QuantSpec(bits=2, group_size=16)
+    if not helps:  # targets RTN's own weights produce: the start is kept
+        rtn = {f"{local}.weight": rtn_quantize_spec(layer.get_submodule(local).weight, spec).weight
+               for local in locals_}
+        with torch.no_grad():
+            targets = [torch.func.functional_call(layer, rtn, (h,), kw) for h, kw in
+                       (inputs.call(b) for b in range(len(inputs)))]
+        targets = [t[0] if isinstance(t, tuple) else t for t in targets]
+    ahead = LayerInputs(list(inputs.hidden), inputs.kwargs)
+    ahead.index = inputs.index
+    results, learning = learn_layer(layer, {local: spec for local in locals_}, ahead, targets, iters=20, seed=0,
+                                    advance=True)
+    assert learning.kept == helps and ahead.index == inputs.index + 1
+    for local, r in results.items():
+        layer.get_submodule(local).weight.data.copy_(r.weight)
+    with torch.no_grad():
+        run_layer(layer, inputs, advance=True)
+    assert len(ahead) == len(inputs) and all(torch.equal(a, b) for a, b in zip(ahead.hidden, inputs.hidden))
+
+
+def test_refining_gptq_runs_each_layer_once_after_learning():
+    """learn_start gptq with the float stream: per layer, one float-layer pass gathers the float inputs and
+    advances that stream (the refinement's targets), and no pass of the quantized layer follows the learning's
+    keep decision (its outputs are the next inputs).  Counted in calls of the layer (the float copies included:
+    a deep copy keeps the hook), per layer with 2 batches: grouping 1, Hessians 4 input groups x 2 batches,
+    the float gathering pass 2, learning 4 steps, the keep decision 2 weight sets x 2 batches: 19 (it was 23: the
+    refinement's float pass and the quantized layer's pass after it, 2 each)."""
+    model = tiny_llama()
+    arch = resolve(model)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    calls = [0] * arch.num_layers
+    for i, layer in enumerate(arch.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    quantize_model(model, arch, Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=2, group_size=16)),
+                   ids, batch_size=4, progress=False, learn_iters=4, learn_start="gptq", float_targets=0.25)
+    assert calls == [19] * arch.num_layers
+
+
 def _quantize(plan_spec, iters, seed=0):
     model = tiny_llama()
     arch = resolve(model)

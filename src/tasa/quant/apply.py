@@ -236,6 +236,8 @@ class Calibration:
         self.float_firsts: list[str] = []  # the first linear of each input group of the layer (routed experts aside)
         self.float_held: dict[str, list[torch.Tensor]] = {}  # the float inputs of some of them, batch by batch
         self.shifts: dict[str, torch.Tensor] = {}
+        self.refined = False  # :meth:`refine` has advanced the inputs past the current layer
+        self.float_advanced = False  # the float stream is past the current layer (float_outputs: its inputs now)
 
     def begin(self, layer: nn.Module) -> None:
         """A new decoder layer, not yet quantized: with the float stream, keep a float copy of it."""
@@ -276,6 +278,8 @@ class Calibration:
         float layer gathers the inputs of every linear group of the layer (held until their Hessians are taken) if
         they fit :data:`FLOAT_INPUTS_BYTES`; None when they do not (:meth:`_float_batch` then, per call)."""
         if not all(local in self.float_held for local in firsts):
+            if self.float_advanced:  # every group's were gathered by the one pass that advanced the stream
+                raise RuntimeError(f"float inputs of {firsts} asked for after the float stream advanced")
             rest = [local for local in self.float_firsts if local not in self.float_held]
             tokens = sum(h.numel() // h.shape[-1] for h in self.float_inputs.hidden)
             size = tokens * self.float_inputs.hidden[0].element_size() * sum(
@@ -283,9 +287,13 @@ class Calibration:
             if not set(firsts) <= set(rest) or size > FLOAT_INPUTS_BYTES:
                 return None
             gathered: dict[str, list[torch.Tensor]] = {local: [] for local in rest}
+            # the whole float layer, not only up to the last input: the float stream advances with this pass (its
+            # outputs, :meth:`refine`'s targets, replace its inputs, which nothing reads again: the layer need not
+            # run again in :meth:`refine` or :meth:`advance`)
             run_layer(self.float_layer, self.float_inputs, {local: gathered[local].append for local in rest},
-                      stop_after=rest[-1])
+                      advance=True)
             self.float_held.update(gathered)
+            self.float_outputs, self.float_advanced = self.float_inputs.hidden, True
         return {local: self.float_held[local] for local in firsts}
 
     def _float_batch(self, firsts: list[str], b: int) -> dict[str, torch.Tensor]:
@@ -308,22 +316,29 @@ class Calibration:
         """Learned rounding from ``starts`` (GPTQ's results of ``layer``'s linears ``specs``): the offsets and
         scale factors that bring the layer, fed the quantized model's inputs, closest to the float layer's outputs
         on the float model's inputs (tasa.quant.learned.learn_layer), kept only if they beat the start."""
-        self.float_outputs = [forward_layer(self.float_layer, *self.float_inputs.call(b), index)
-                              for b in range(len(self.float_inputs))]
-        return learn_layer(layer, specs, self.inputs, self.float_outputs, refine.iters, refine.lr, refine.seed + index,
-                           autocast=step_dtype(self.inputs.hidden[0].device, next(layer.parameters()).dtype,
-                                               refine.dtype), starts=starts,
-                           head=output_head(self.model, self.arch, index) if refine.output_kl else None)
+        if self.float_outputs is None:
+            self.float_outputs = [forward_layer(self.float_layer, *self.float_inputs.call(b), index)
+                                  for b in range(len(self.float_inputs))]
+        out = learn_layer(layer, specs, self.inputs, self.float_outputs, refine.iters, refine.lr, refine.seed + index,
+                          autocast=step_dtype(self.inputs.hidden[0].device, next(layer.parameters()).dtype,
+                                              refine.dtype), starts=starts,
+                          head=output_head(self.model, self.arch, index) if refine.output_kl else None, advance=True)
+        self.refined = True  # the learning's keep decision left the layer's outputs in self.inputs
+        return out
 
     def advance(self, layer: nn.Module) -> None:
-        run_layer(layer, self.inputs, advance=True)
+        if not self.refined:
+            run_layer(layer, self.inputs, advance=True)
+        self.refined = False
         if self.float_layer is not None:
-            if self.float_outputs is not None:  # computed by refine: the float stream's next inputs
+            if self.float_advanced:  # by the pass that gathered the float inputs (:meth:`_held_float_inputs`)
+                pass
+            elif self.float_outputs is not None:  # computed by refine: the float stream's next inputs
                 self.float_inputs.hidden = self.float_outputs
                 self.float_inputs.index += 1
             else:
                 run_layer(self.float_layer, self.float_inputs, advance=True)
-            self.float_layer, self.float_outputs = None, None
+            self.float_layer, self.float_outputs, self.float_advanced = None, None, False
             self.float_held.clear()
 
     def close(self) -> None:
@@ -406,7 +421,8 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
                                             targets, iters, lr, seed + index,
                                             {local: s / max(n, 1) for local, (s, n) in squares.items()},
                                             autocast=step_dtype(device, next(layer.parameters()).dtype, dtype),
-                                            head=output_head(model, arch, index) if output_kl else None)
+                                            head=output_head(model, arch, index) if output_kl else None,
+                                            advance=True)
             report.layers[index] = learning
             seconds = (time.perf_counter() - t) / len(planned)
             for local, m in planned.items():
@@ -416,7 +432,8 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
                                                      squares[local][1])
                 if on_result:
                     on_result(m.name, results[local])
-        run_layer(layer, inputs, advance=True)
+        else:
+            run_layer(layer, inputs, advance=True)
         fp_inputs.hidden = targets
         fp_inputs.index += 1
         if on_layer:

@@ -50,6 +50,7 @@ import torch.nn as nn
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.walker import LayerInputs, layer_output
+from tasa.numerics import all_finite
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tasa.quantized import QuantResult
 
@@ -298,7 +299,8 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                 autocast: torch.dtype | None = None,
                 starts: dict[str, QuantResult] | None = None,
                 head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                head_tokens: int = HEAD_TOKENS) -> tuple[dict[str, QuantResult], LayerLearning]:
+                head_tokens: int = HEAD_TOKENS, advance: bool = False,
+                ) -> tuple[dict[str, QuantResult], LayerLearning]:
     """Learn the rounding of the linears ``specs`` (local names) of ``layer`` so that ``layer`` on ``inputs``
     (what the quantized model feeds it, per batch) reproduces ``targets`` (the float layer's outputs on the float
     model's inputs, per batch), in ``iters`` signed-gradient steps of learning rate ``lr`` (default 1 / iters).
@@ -308,7 +310,10 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     ``head``: the model's logits of (sequences, tokens, hidden) states leaving ``layer`` (its last decoder layer):
     the loss is then :func:`output_kl` of the logits of the batch's sequences, ``head_tokens // seqlen`` of them (at
     least one) a step, drawn from ``seed``, and all of them, as many at a time, for the keep decision.  The layer's
-    own weights are not changed.  Returns each linear's QuantResult and the losses."""
+    own weights are not changed.  ``advance``: ``inputs`` then hold the layer's outputs with the kept weights (the
+    next layer's inputs, as tasa.models.walker.run_layer's ``advance`` leaves them, NaN/Inf an error), taken from the
+    keep decision's pass, which computes them anyway: no further pass over the layer.  Returns each linear's
+    QuantResult and the losses."""
     t0 = time.perf_counter()
     input_weights, starts = input_weights or {}, starts or {}
     grids = {local: LearnedGrid(layer.get_submodule(local).weight.data, spec, input_weights.get(local),
@@ -330,14 +335,20 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
             want = head(targets[b][pick])
         return output_kl(head(out[pick]).flatten(0, -2), want.flatten(0, -2))
 
-    def totals(*weight_sets: dict[str, torch.Tensor]) -> list[float]:
-        """The mean loss over every batch (every token) of each set of weights, in one pass: the float model's
-        logits of a chunk are computed once for all the sets."""
+    def totals(*weight_sets: dict[str, torch.Tensor]) -> tuple[list[float], list[list[torch.Tensor]]]:
+        """The mean loss over every batch (every token) of each set of weights, in one pass (the float model's
+        logits of a chunk are computed once for all the sets), and, with ``advance``, each set's outputs (the last
+        set's in ``inputs.hidden``, whose batches this pass is the last to read)."""
         sums = [0.0] * len(weight_sets)
+        kept_outs: list[list[torch.Tensor]] = [[] for _ in weight_sets]
         with torch.no_grad():
             for b in range(len(inputs)):
                 hidden, kwargs = inputs.call(b)
                 outs = [layer_output(torch.func.functional_call(layer, w, (hidden,), kwargs)) for w in weight_sets]
+                if advance:
+                    for held, out in zip(kept_outs, outs):
+                        held.append(out)
+                    inputs.hidden[b] = outs[-1]
                 if head is None:
                     losses = [token_normalized_mse(out, targets[b]) for out in outs]
                 else:  # whole sequences (their own positions) a chunk
@@ -349,7 +360,7 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                             losses[i] += output_kl(head(out[s:s + per]).flatten(0, -2), want) * out[s:s + per].shape[0]
                     losses = [x / n for x in losses]
                 sums = [t + float(x) for t, x in zip(sums, losses)]
-        return [t / len(inputs) for t in sums]
+        return [t / len(inputs) for t in sums], kept_outs
 
     def stored() -> dict[str, torch.Tensor]:
         """The weights as they would be stored (fp16 scales), in the layer's dtype."""
@@ -379,12 +390,18 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
             p.requires_grad_(w)
         for p in params:
             p.requires_grad_(False)
-    loss_start, loss_learned = totals(start_weights, stored())
+    (loss_start, loss_learned), (start_outs, learned_outs) = totals(start_weights, stored())
     kept = loss_learned < loss_start
     if not kept:
         with torch.no_grad():
             for p, s in zip(params, start_state):
                 p.copy_(s)
+    if advance:
+        inputs.hidden[:] = learned_outs if kept else start_outs
+        for b, out in enumerate(inputs.hidden):
+            if not all_finite(out):
+                raise TasaError(f"decoder layer {inputs.index} produced NaN/Inf activations")
+        inputs.index += 1
     results = {local: g.result() for local, g in grids.items()}
     return results, LayerLearning(loss_start, loss_learned, kept, iters, time.perf_counter() - t0,
                                   str(autocast).replace("torch.", "") if autocast else None,
