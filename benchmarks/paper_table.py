@@ -133,13 +133,17 @@ QUANTIZERS["gk128"] = {**QUANTIZERS["gl128"], "learn_output_kl": True}  # the la
 # gk128 with 2-sequence batches (`--batch-size 2`): each learning step on a quarter of the tokens (GPTQ's Hessians
 # and the float targets are the same sums in smaller pieces)
 QUANTIZERS["gk128b2"] = {**QUANTIZERS["gk128"], "batch_size": 2}
-# quantize_model's arguments; the others QuantSpec's
-RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl", "batch_size")
+# gk128b2 computed in bfloat16 (`tasa quantize --dtype bfloat16`: the model's forward passes in bfloat16, its Hessians,
+# GPTQ and learned grids in float32), as AutoRound computes on a CPU with bfloat16 (its default `amp` casts the model
+# to bfloat16 there); scored, like every row, in float32 with the quantized linears' exact weights
+QUANTIZERS["gk128b2bf"] = {**QUANTIZERS["gk128b2"], "dtype": "bfloat16"}
+# quantize_model's arguments (dtype: the model's while it is quantized); the others QuantSpec's
+RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl", "batch_size", "dtype")
 QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wiki", "gptq+lr-w4-wiki",
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
                   "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
-                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75", "tasa+gk128-3.5-task",
+                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75", "tasa+gk128b2bf-3.5-mix75", "tasa+gk128-3.5-task",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
@@ -399,9 +403,11 @@ def worker(name: str, work: Path) -> dict:
     generate = name.startswith("gen:")
     name = name[4:] if generate else name
     torch.manual_seed(0)
-    lm = load("smollm2-135m", dtype="float32", device=device)
-    arch = resolve(lm.model)
     p = parse(name)
+    options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
+    compute = options.get("dtype", "float32")  # the model's dtype while it is quantized; scored in float32
+    lm = load("smollm2-135m", dtype=compute, device=device)
+    arch = resolve(lm.model)
     out: dict = {"seconds": None}
     if p["kind"] in PEERS:
         load_linear_weights(lm, arch, work / "peers" / f"{name}.safetensors")
@@ -413,14 +419,14 @@ def worker(name: str, work: Path) -> dict:
         plan = plan_for(name, arch, work)
         calib = (torch.load(calib_file(work, p["calib"], p["seed"]), weights_only=True)
                  if p["kind"] != "rtn" else None)
-        options = QUANTIZERS[p["quantizer"]] if p["quantizer"] else {}
         grid_options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}  # QuantSpec fields
         if grid_options:
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
+        exact: dict = {}  # the quantized linears' weights, exact in float32 (a bfloat16 model holds them rounded)
         report = quantize_model(lm.model, arch, plan, calib, batch_size=options.get("batch_size", BATCH),
-                                progress=False,
+                                progress=False, on_result=lambda n, r: exact.__setitem__(n, r.weight.float().cpu()),
                                 learn_iters=options.get("learn_rounding", 0),
                                 float_targets=options.get("float_targets", 0.0),
                                 learn_start=options.get("learn_start", "rtn"),
@@ -440,6 +446,15 @@ def worker(name: str, work: Path) -> dict:
         out["bits"] = plan.average_bits(arch.numels())
         out["layer_bits"] = layer_bits(plan, arch)
         out["peak_rss_gb"] = peak_rss_gb()
+        out["dtype"] = compute
+        if compute != "float32":  # scored as every row is: the float32 model with the exact quantized weights
+            lm = load("smollm2-135m", dtype="float32", device=device)
+            arch = resolve(lm.model)
+            state = lm.model.state_dict()
+            with torch.no_grad():
+                for n, w in exact.items():
+                    state[n + ".weight"].copy_(w)
+        del exact
     if generate:
         return strict_match(lm)
     reference = None

