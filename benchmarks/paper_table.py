@@ -135,7 +135,9 @@ QUANTIZERS["gk128"] = {**QUANTIZERS["gl128"], "learn_output_kl": True}  # the la
 QUANTIZERS["gk128b2"] = {**QUANTIZERS["gk128"], "batch_size": 2}
 # gk128b2 computed in bfloat16 (`tasa quantize --dtype bfloat16`: the model's forward passes in bfloat16, its Hessians,
 # GPTQ and learned grids in float32), as AutoRound computes on a CPU with bfloat16 (its default `amp` casts the model
-# to bfloat16 there); scored, like every row, in float32 with the quantized linears' exact weights
+# to bfloat16 there); scored, like every row, in float32, its quantized linears holding the weights the bfloat16
+# model held (the codes and fp16 scales dequantized and rounded to bfloat16 once, as an engine computing in bfloat16
+# dequantizes them)
 QUANTIZERS["gk128b2bf"] = {**QUANTIZERS["gk128b2"], "dtype": "bfloat16"}
 # quantize_model's arguments (dtype: the model's while it is quantized); the others QuantSpec's
 RUN_OPTIONS = ("learn_rounding", "float_targets", "learn_start", "learn_output_kl", "batch_size", "dtype")
@@ -424,7 +426,7 @@ def worker(name: str, work: Path) -> dict:
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
-        exact: dict = {}  # the quantized linears' weights, exact in float32 (a bfloat16 model holds them rounded)
+        exact: dict = {}  # the quantized linears' weights as the quantized model holds them (in its dtype)
         report = quantize_model(lm.model, arch, plan, calib, batch_size=options.get("batch_size", BATCH),
                                 progress=False, on_result=lambda n, r: exact.__setitem__(n, r.weight.float().cpu()),
                                 learn_iters=options.get("learn_rounding", 0),
@@ -447,7 +449,7 @@ def worker(name: str, work: Path) -> dict:
         out["layer_bits"] = layer_bits(plan, arch)
         out["peak_rss_gb"] = peak_rss_gb()
         out["dtype"] = compute
-        if compute != "float32":  # scored as every row is: the float32 model with the exact quantized weights
+        if compute != "float32":  # scored as every row is: the float32 model, holding those quantized weights
             lm = load("smollm2-135m", dtype="float32", device=device)
             arch = resolve(lm.model)
             state = lm.model.state_dict()

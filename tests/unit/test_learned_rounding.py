@@ -203,8 +203,9 @@ def test_refining_gptq_runs_each_layer_once_after_learning():
 
 def test_a_bfloat16_model_refines_gptq_and_holds_the_results_rounded():
     """`tasa quantize --dtype bfloat16` with the better quantizer: the forward passes in bfloat16, GPTQ and the
-    grids in float32; each result is on its grid in float32, the model holds it rounded to bfloat16, the steps
-    run in the layer's own dtype, and every layer's loss is finite and never rises."""
+    grids in float32; each result's codes and scales dequantize to its weight rounded to bfloat16 (the layer's
+    dtype), which the model holds; the steps run in the layer's own dtype, and every layer's loss is finite and
+    never rises."""
     model = tiny_llama().to(torch.bfloat16)
     arch = resolve(model)
     ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
@@ -215,8 +216,8 @@ def test_a_bfloat16_model_refines_gptq_and_holds_the_results_rounded():
     assert set(got) == {m.name for m in arch.modules} and set(rep.layers) == {0, 1}
     for m in arch.modules:
         r = got[m.name]
-        assert r.weight.dtype == torch.float32 and torch.equal(r.weight, r.dequantize())
-        assert torch.equal(model.get_submodule(m.name).weight, r.weight.to(torch.bfloat16))
+        assert r.weight.dtype == torch.bfloat16 and torch.equal(r.weight, r.dequantize().to(torch.bfloat16))
+        assert torch.equal(model.get_submodule(m.name).weight, r.weight)
     assert all(x.step_dtype is None and x.loss <= x.loss_start < float("inf") for x in rep.layers.values())
     assert rep.layers[1].objective == "output-kl"
 
