@@ -234,13 +234,12 @@ def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, index: i
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, taps: dict[str, Callable[[torch.Tensor], None]] | None = None,
-              stop_after: str | None = None, advance: bool = False, outputs: list | None = None) -> None:
+              stop_after: str | None = None, advance: bool = False) -> None:
     """Run ``layer`` on every batch of ``inputs``; ``taps[local name]`` sees the input of that linear.
 
     ``stop_after``: end each batch's pass right after that module's tap (nothing after it is computed);
-    ``advance``: the layer's outputs replace the inputs, which then enter the next layer; ``outputs``: a list the
-    outputs are appended to, batch by batch."""
-    if (advance or outputs is not None) and stop_after is not None:
+    ``advance``: the layer's outputs replace the inputs, which then enter the next layer."""
+    if advance and stop_after is not None:
         raise ValueError("a pass that stops early has no output to advance with")
     handles = []
     for local, fn in (taps or {}).items():
@@ -261,8 +260,6 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, taps: dict[str, Callable[[t
                 out = forward_layer(layer, hidden, kwargs, inputs.index)
                 if advance:
                     inputs.hidden[b] = out
-                if outputs is not None:
-                    outputs.append(out)
     finally:
         for h in handles:
             h.remove()

@@ -398,7 +398,7 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
                 p.copy_(s)
     if advance:
         inputs.hidden[:] = learned_outs if kept else start_outs
-        for b, out in enumerate(inputs.hidden):
+        for out in inputs.hidden:
             if not all_finite(out):
                 raise TasaError(f"decoder layer {inputs.index} produced NaN/Inf activations")
         inputs.index += 1
