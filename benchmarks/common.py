@@ -162,13 +162,19 @@ def wikitext2(lm, work: Path, reference: dict | None, limits: dict, seqlen: int)
 
 def load_linear_weights(lm, arch, path: Path) -> None:
     """Copy a peer's (dequantized) linear weights, saved as safetensors, into the loaded float model."""
-    import torch
     from safetensors.torch import load_file
 
     weights = load_file(str(path))
     expected = {m.name + ".weight" for m in arch.modules}
     if set(weights) != expected:
         raise RuntimeError(f"{path.name}: {len(weights)} weights, expected the model's {len(expected)} linears")
+    set_weights(lm, weights)
+
+
+def set_weights(lm, weights: dict) -> None:
+    """Copy ``weights`` (state-dict names) into the loaded model, in its dtype."""
+    import torch
+
     state = lm.model.state_dict()
     with torch.no_grad():
         for k, v in weights.items():

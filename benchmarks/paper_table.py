@@ -91,7 +91,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 from benchmarks.common import (GPTQMODEL_REQS, RESULTS, ROOT, WORK, cached, load_linear_weights,  # noqa: E402
-                               parse_or_work, peer_venv, row, run_json, score_model, wikitext2,
+                               parse_or_work, peer_venv, row, run_json, score_model, set_weights, wikitext2,
                                write_results)
 from tasa.artifacts import write_json_atomic  # noqa: E402
 
@@ -145,7 +145,8 @@ QUANTIZER_ROWS = ["tasa+ss-3.5-searched", "tasa+lr-3.5-searched", "gptq+lr-w3-wi
                   "asgptq+lr-3.5-wiki", "asgptq+best-3.5-wiki", "tasa+best-3.5-task", "tasa+ft-3.5-task",
                   "tasa+ft-3.5-mix", "tasa+lr-3.5-mix", "tasa+gl-3.5-mix", "gptq+gl-w3-wiki", "gptq+gl-w4-wiki",
                   "tasa+gl128-3.5-mix", "gptq+gl128-w3-wiki", "gptq+gl128-w4-wiki", "tasa+gl200-3.5-mix",
-                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75", "tasa+gk128b2bf-3.5-mix75", "tasa+gk128-3.5-task",
+                  "tasa+gl128-3.5-mix75", "tasa+gk128-3.5-mix75", "tasa+gk128b2-3.5-mix75",
+                  "tasa+gk128b2bf-3.5-mix75", "tasa+gk128-3.5-task",
                   "gptq+ft-w4-task", "gptq+ft-w3-wiki", "gptq+ft-w4-wiki",
                   "autoround-w3-wiki", "autoround-w4-wiki", "artasa-3.5-task", "artasa-3.5-mix"]
 SWEEP_ROWS = [f"{kind}-{b:g}-{cal}" for b in BUDGETS if b != 3.5
@@ -426,9 +427,12 @@ def worker(name: str, work: Path) -> dict:
             plan = dataclasses.replace(plan, modules={n: dataclasses.replace(qs, **grid_options)
                                                       for n, qs in plan.modules.items()})
         t0 = time.perf_counter()
-        exact: dict = {}  # the quantized linears' weights as the quantized model holds them (in its dtype)
+        # the quantized linears' weights as a model not in float32 holds them, for its float32 twin to be scored
+        exact: dict = {}
+        keep = None if compute == "float32" else \
+            (lambda n, r: exact.__setitem__(n + ".weight", r.weight.float().cpu()))
         report = quantize_model(lm.model, arch, plan, calib, batch_size=options.get("batch_size", BATCH),
-                                progress=False, on_result=lambda n, r: exact.__setitem__(n, r.weight.float().cpu()),
+                                progress=False, on_result=keep,
                                 learn_iters=options.get("learn_rounding", 0),
                                 float_targets=options.get("float_targets", 0.0),
                                 learn_start=options.get("learn_start", "rtn"),
@@ -450,12 +454,10 @@ def worker(name: str, work: Path) -> dict:
         out["peak_rss_gb"] = peak_rss_gb()
         out["dtype"] = compute
         if compute != "float32":  # scored as every row is: the float32 model, holding those quantized weights
+            del lm, arch
             lm = load("smollm2-135m", dtype="float32", device=device)
             arch = resolve(lm.model)
-            state = lm.model.state_dict()
-            with torch.no_grad():
-                for n, w in exact.items():
-                    state[n + ".weight"].copy_(w)
+            set_weights(lm, exact)
         del exact
     if generate:
         return strict_match(lm)

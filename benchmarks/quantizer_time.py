@@ -6,15 +6,17 @@ calibration tokens and the same machine, in the same run, one after the other, e
 
 Rows, in this order (benchmarks/paper_table.py's rows of the same names, quantized and scored by its own code):
 ``artasa-3.5-mix75``: AutoRound 0.16 with its defaults (200 sign-gradient steps a block, 8-sequence batches) on
-TASA's 3.5-bit plan, given as its per-layer ``layer_config``; ``tasa+gk128b2-3.5-mix75``: (GPTQ with act-order, static groups, ``--scale-search 16``, ``--float-targets 0.25``, then
-128 steps of learned rounding a layer in 2-sequence batches, the last layer on the output distribution's KL);
+TASA's 3.5-bit plan, given as its per-layer ``layer_config``; ``tasa+gk128b2-3.5-mix75``: GPTQ with act-order,
+static groups, ``--scale-search 16``, ``--float-targets 0.25``, then 128 steps of learned rounding a layer in
+2-sequence batches, the last layer on the output distribution's KL, in float32;
 ``tasa+ft-3.5-mix75``: `tasa quantize`'s default (that GPTQ alone); ``tasa+gk128-3.5-mix75``: the better quantizer
 `tasa run` names (tasa.config.BETTER_QUANTIZER: the learning in 8-sequence batches); ``tasa+gk128b2bf-3.5-mix75``:
 gk128b2 with the model in bfloat16 while it is quantized (``--dtype bfloat16``: its forward passes in bfloat16,
 Hessians, GPTQ and the learned grids in float32), as AutoRound computes on a CPU with bfloat16 (its default ``amp``
-casts the model to bfloat16 there), scored in float32 with the quantized weights the bfloat16 model held.  Calibration: 128 x 512 tokens,
-three quarters WikiText-2, the rest GSM8K and ARC-Easy (paper table ``mix75``, seed ``--seed``).  Scores: KL to
-the float model and perplexity on 40 WikiText-2 windows of 512, ARC-Easy/Challenge, GSM8K gold NLL.
+casts the model to bfloat16 there), scored in float32 with the quantized weights the bfloat16 model held.
+Calibration: 128 x 512 tokens, three quarters WikiText-2, the rest GSM8K and ARC-Easy (paper table ``mix75``, seed
+``--seed``).  Scores: KL to the float model and perplexity on 40 WikiText-2 windows of 512, ARC-Easy/Challenge,
+GSM8K gold NLL.
 
 Every row's seconds are its quantization alone (AutoRound's own calibration and tuning; tasa's quantize_model),
 each in a fresh process, nothing else running; the record gives each row's time over AutoRound's in this run and
