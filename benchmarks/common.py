@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import date
@@ -51,6 +52,18 @@ def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | 
         payload.update(extra)
     write_json_atomic(out, payload)
     return out
+
+
+def parse_time_log(text: str) -> dict:
+    """Wall seconds and peak RSS (GB) from GNU time -v output."""
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if not wall or not rss:
+        raise SystemExit("the time log holds no GNU time -v summary")
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return {"wall_seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20}
 
 
 def cached(path: Path, compute) -> dict:

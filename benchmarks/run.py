@@ -20,7 +20,6 @@ added to the name (a given calibration skips the mixture search, so there is no 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, ROOT, WORK, row, write_results  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, WORK, parse_time_log, row, write_results  # noqa: E402
 
 from tasa import schemas  # noqa: E402
 from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
@@ -40,18 +39,6 @@ RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", 
 FILES = {"stages.json": "stages.json", "run.json": "run.json", "plan.json": "plan.json",
          "model/quantize.json": "quantize.json", "profile/sensitivity.json": "sensitivity.json",
          "mixture/mixture.json": "mixture.json", "eval-fp.json": "eval-fp.json", "eval-quant.json": "eval-quant.json"}
-
-
-def parse_time_log(text: str) -> dict:
-    """Wall seconds and peak RSS (GB) from GNU time -v output."""
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    if not wall or not rss:
-        raise SystemExit("the time log holds no GNU time -v summary")
-    seconds = 0.0
-    for part in wall.group(1).split(":"):
-        seconds = seconds * 60 + float(part)
-    return {"wall_seconds": seconds, "peak_rss_gb": int(rss.group(1)) / 2**20}
 
 
 def record(run_dir: Path, timing: dict, command: str, note: str, name: str = "run") -> Path:

@@ -56,6 +56,7 @@ def test_quantize_gptq_then_eval(tiny_model_dir, tmp_path, capsys, data_dir):
     ids = build_calibration(byte_tokenizer(), CalibSpec.parse("wikitext2:0.5,gsm8k:0.5", nsamples=8, seqlen=64)).input_ids
     assert summary["calib_sha256"] == hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     assert summary["threads"] == torch.get_num_threads()
+    assert (summary["dtype"], summary["batch_size"]) == ("float32", 8)  # the CPU's default dtype, the default batch
     assert all(m["rel_error"] is not None and m["rel_error"] >= 0 for m in summary["modules"].values())
     res_file = tmp_path / "res.json"
     code, out, err = run_cli(["eval", "--model", str(out_dir), "--tasks", "wikitext2", "--limit", "3",
@@ -65,6 +66,17 @@ def test_quantize_gptq_then_eval(tiny_model_dir, tmp_path, capsys, data_dir):
     res = json.loads(res_file.read_text())
     assert res["results"]["wikitext2"]["windows"] == 3
     assert res["results"]["wikitext2"]["ppl"] > 1
+
+
+def test_quantize_records_the_dtype_and_batch_size_it_computed_with(tiny_model_dir, tmp_path, capsys, data_dir):
+    """A checkpoint quantized with the model in bfloat16, in 2-sequence batches, says so in quantize.json."""
+    out_dir = tmp_path / "q"
+    code, _, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--bits", "4", "--group-size", "32",
+                            "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "32", "--dtype", "bfloat16",
+                            "--batch-size", "2", "--output-dir", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    summary = json.loads((out_dir / "quantize.json").read_text())
+    assert (summary["dtype"], summary["batch_size"]) == ("bfloat16", 2)
 
 
 def _corrupt(model_dir, key, value):
@@ -388,9 +400,17 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     took = json.loads((out_dir / "run.json").read_text())["seconds"]["quantize"]
     assert (f"made by gptq with --act-order --static-groups --scale-search 16 --float-targets 0.25 in {took:.0f} s."
             in report)  # the default quantizer, and the better one with its estimated time here
-    assert ("`--learn-rounding 128 --learn-start gptq --learn-output-kl` (learned rounding) leaves less error: "
-            "about 4.6x" in report)
-    assert f"about {4.6 * took:.0f} s for this run" in report
+    from tasa.config import BETTER_QUANTIZER
+    from tasa.models.loading import native_bfloat16
+
+    flags, ratio = BETTER_QUANTIZER
+    assert f"`{flags}` (learned rounding) leaves less error: about {ratio:g}x" in report
+    assert f"about {ratio * took:.0f} s for this run" in report
+    run_json = json.loads((out_dir / "run.json").read_text())
+    assert (run_json["device"], run_json["dtype"], run_json["bfloat16_native"]) == ("cpu", "float32",
+                                                                                     native_bfloat16("cpu"))
+    assert ("learns with the model in bfloat16" in report) is native_bfloat16("cpu")  # named where this CPU has it
+    assert f"`tasa quantize --model {tiny_model_dir} --plan {out_dir}/plan.json --calib " in report
     assert "no general text" not in report  # its calibration has wikitext2
     pred = json.loads((out_dir / "plan.json").read_text())["meta"]["allocation"]["predicted"]
     assert f"from uniform 4-bit (0) to uniform 2-bit (1): wikitext2 {pred['wikitext2']['gap_position']:.2f}, " \

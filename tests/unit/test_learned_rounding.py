@@ -138,7 +138,25 @@ def test_bfloat16_steps_learn_too_and_are_chosen_only_for_float32_layers():
     assert learning.kept and learning.loss_learned < 0.9 * learning.loss_start and learning.step_dtype == "bfloat16"
     assert step_dtype(torch.device("cpu"), torch.bfloat16) is None and step_dtype(torch.device("cpu"),
                                                                                    torch.float16) is None
-    assert step_dtype(torch.device("cpu"), torch.float32) in (None, torch.bfloat16)
+    assert step_dtype(torch.device("cpu"), torch.float32, torch.float32) is None  # asked for: the layer's own
+    assert step_dtype(torch.device("cpu"), torch.float32, torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_a_float32_layer_learns_in_bfloat16_exactly_where_the_cpu_computes_it_natively(monkeypatch, native):
+    """What oneDNN reports decides: bfloat16 steps on a CPU with native bfloat16, the layer's own float32 on one
+    without it and on a torch build without oneDNN (None: the query raises)."""
+    from tasa.models.loading import native_bfloat16
+    from tasa.quant.learned import step_dtype
+
+    def query():
+        if native is None:
+            raise RuntimeError("no oneDNN in this build")
+        return native
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", query)
+    assert native_bfloat16("cpu") is bool(native)
+    assert step_dtype(torch.device("cpu"), torch.float32) == (torch.bfloat16 if native else None)
 
 
 def test_learning_that_cannot_help_keeps_the_start():

@@ -205,6 +205,9 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
                              else None),
             "threads": torch.get_num_threads(),
+            # the model's dtype while it was quantized (its forward passes; Hessians, GPTQ and grids are float32)
+            # and the sequences per forward batch (learned rounding's steps take one batch each)
+            "dtype": dtype_name(lm.model), "batch_size": runtime.batch_size,
             # data-parallel Hessians (--distributed ray): the shards' Hessians are merged, summed in another order
             **({"calibration_workers": calib.n} if hasattr(calib, "n") else {}),
             "nsamples": calib_spec.nsamples if calib_spec else None,

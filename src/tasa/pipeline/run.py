@@ -14,6 +14,7 @@ from tasa.config import (GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, Expo
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import streamer_of
+from tasa.models.loading import native_bfloat16, parse_dtype
 from tasa.pipeline.allocate import allocate_bits
 from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, model_of, validation_group_size
 from tasa.pipeline.evaluate import evaluate
@@ -258,8 +259,10 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         shared.quantized(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
-               "quantizer": q_spec.quantizer,
-               "eval_windows": spec.eval_windows, "seqlen": spec.seqlen,
+               "quantizer": q_spec.quantizer, "device": runtime.device,
+               "dtype": str(parse_dtype(runtime.dtype, runtime.device)).replace("torch.", ""),
+               "bfloat16_native": native_bfloat16(runtime.device),
+               "eval_windows": spec.eval_windows, "seqlen": spec.seqlen, "nsamples": spec.nsamples, "seed": spec.seed,
                "probe_tokens": spec.probe_tokens, "profiled_bits": prof.get("profiled_bits"),
                "skipped_bits": prof.get("skipped_bits", []), "warnings": run_warnings + prof["warnings"],
                "sizes": _sizes(out / "model"), "seconds": stages.seconds(), "ran": stages.ran, "output_dir": str(out)}

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.models.loading import native_bfloat16
 from tasa.models.walker import LayerInputs, layer_output
 from tasa.numerics import all_finite
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
@@ -75,13 +76,7 @@ def step_dtype(device: torch.device, dtype: torch.dtype, asked: torch.dtype | No
         return None if asked == dtype else asked
     if dtype != torch.float32:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        native = False
-    return torch.bfloat16 if native else None
+    return torch.bfloat16 if native_bfloat16(device) else None
 
 
 def token_normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

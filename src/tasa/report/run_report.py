@@ -8,7 +8,7 @@ import numpy as np
 
 from tasa import schemas
 from tasa.artifacts import read_json
-from tasa.config import BETTER_QUANTIZER, GENERAL_TEXT, CalibSpec
+from tasa.config import BETTER_QUANTIZER, BETTER_QUANTIZER_BF16, GENERAL_TEXT, CalibSpec
 from tasa.mixture.search import calib_string
 from tasa.report.common import save_figure, write_pages
 
@@ -81,26 +81,53 @@ def _prediction(alloc: dict) -> list[str]:
 
 
 def _quantizer(summary: dict) -> list[str]:
-    """Which quantizer made the checkpoint, in how long, and the better one where time allows (or on a GPU); with
-    learned rounding (used or named) on a calibration without the run's general text, the mixed one to use."""
+    """Which quantizer made the checkpoint, in how long, and the better one where time allows (or on a GPU; on a
+    CPU that computes bfloat16 natively also the faster one at AutoRound's quality), with the `tasa quantize`
+    command that requantizes the run's plan by it; with learned rounding (used or named) on a calibration without
+    the run's general text, the mixed one to use."""
     name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
-    md = ["", "## Quantizer", "", f"The checkpoint was made by {name}{took}."]
+    dtype = summary.get("dtype")
+    computed = f", the model in {dtype} while quantized," if dtype not in (None, "float32") else ""
+    md = ["", "## Quantizer", "", f"The checkpoint was made by {name}{computed}{took}."]
     learned = name.startswith("learned rounding")
-    if not learned:
-        flags, ratio = BETTER_QUANTIZER
-        estimate = f", about {ratio * seconds:.0f} s for this run" if seconds is not None else ""
-        md.append(f"Where time allows, and on a GPU, `{flags}` (learned rounding) leaves less error: about "
-                  f"{ratio:g}x this quantizer's time on a CPU{estimate} (docs/RESULTS.md, \"Quantizer options\").")
-    general = dict(CalibSpec.parse(summary["calib"]).sources).get(GENERAL_TEXT, 0.0)
+    calib = summary["calib"]
+    general = dict(CalibSpec.parse(calib).sources).get(GENERAL_TEXT, 0.0)
     if general <= 0 and summary.get("tasks"):
         tasks = summary["tasks"]
-        mixed = calib_string([GENERAL_TEXT, *tasks], (0.75, *[0.25 / len(tasks)] * len(tasks)))
+        calib = calib_string([GENERAL_TEXT, *tasks], (0.75, *[0.25 / len(tasks)] * len(tasks)))
         md.append(f"{'This' if learned else 'With learned rounding, this'} calibration has no general text "
                   f"({GENERAL_TEXT}). Learned rounding protects what its calibration shows it: on SmolLM2-135M "
                   "three quarters general text halved the KL to full precision at no measurable task cost "
                   f"(docs/RESULTS.md, \"The better quantizer on task-only calibration\"), so run it with "
-                  f"`--calib {mixed}`.")
+                  f"`--calib {calib}`.")
+    if learned:
+        return md
+
+    def estimate(ratio: float) -> str:
+        return f", about {ratio * seconds:.0f} s for this run" if seconds is not None else ""
+
+    flags, ratio = BETTER_QUANTIZER
+    if str(summary.get("device", "cpu")).startswith("cuda"):
+        md.append(f"On a GPU, `{flags}` (learned rounding) leaves less error: its steps are a layer's forward and "
+                  "backward passes, what a GPU does best (docs/RESULTS.md, \"Quantizer options\").")
+    else:
+        md.append(f"Where time allows, and on a GPU, `{flags}` (learned rounding) leaves less error: about "
+                  f"{ratio:g}x this quantizer's time on a CPU{estimate(ratio)} (docs/RESULTS.md, \"Quantizer "
+                  "options\").")
+        if summary.get("bfloat16_native") and summary.get("dtype") in (None, "float32"):
+            flags, fast_ratio = BETTER_QUANTIZER_BF16
+            md.append(f"This CPU computes bfloat16 natively: `{flags}` learns with the model in bfloat16, as "
+                      f"AutoRound does here, and reaches AutoRound's quality in about {fast_ratio:g}x this "
+                      f"quantizer's time{estimate(fast_ratio)} (docs/RESULTS.md, \"The time goal as the issue states "
+                      "it\"); give it to `tasa quantize` as below (`tasa run --dtype bfloat16` would also search, "
+                      "profile and evaluate in bfloat16).")
+    if all(k in summary for k in ("output_dir", "nsamples", "seqlen", "seed")):
+        out = summary["output_dir"]
+        md.append(f"To requantize this run's plan by it, the other stages as they are (with the run's `--format` "
+                  f"and `--target`, if it set them): `tasa quantize --model {summary['model']} --plan "
+                  f"{out}/plan.json --calib {calib} --nsamples {summary['nsamples']} --seqlen {summary['seqlen']} "
+                  f"--seed {summary['seed']} {flags} --output-dir {out}/model-learned`.")
     return md
 
 
