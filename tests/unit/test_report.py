@@ -89,5 +89,7 @@ def test_run_report_gives_the_command_that_requantizes_the_runs_plan():
     native = "\n".join(_quantizer({**run, "bfloat16_native": True, "calib": "wikitext2:0.5,gsm8k:0.5"}))
     assert (f"--calib wikitext2:0.5,gsm8k:0.5 --nsamples 64 --seqlen 512 --seed 3 {BETTER_QUANTIZER_BF16[0]} "
             "--output-dir /r/model-learned`") in native
+    gpu = "\n".join(_quantizer({**run, "device": "cuda:1", "calib": "wikitext2"}))
+    assert "`tasa quantize --model m --device cuda:1 --plan /r/plan.json --calib wikitext2 " in gpu
     assert "tasa quantize" not in "\n".join(_quantizer({k: v for k, v in run.items() if k != "nsamples"}))
     assert "tasa quantize" not in "\n".join(_quantizer({**run, "quantizer": "learned rounding (128 steps)"}))

@@ -123,9 +123,10 @@ def _quantizer(summary: dict) -> list[str]:
                       "it\"); give it to `tasa quantize` as below (`tasa run --dtype bfloat16` would also search, "
                       "profile and evaluate in bfloat16).")
     if all(k in summary for k in ("output_dir", "nsamples", "seqlen", "seed")):
-        out = summary["output_dir"]
+        out, device = summary["output_dir"], str(summary.get("device", "cpu"))
+        on = f" --device {device}" if device != "cpu" else ""
         md.append(f"To requantize this run's plan by it, the other stages as they are (with the run's `--format` "
-                  f"and `--target`, if it set them): `tasa quantize --model {summary['model']} --plan "
+                  f"and `--target`, if it set them): `tasa quantize --model {summary['model']}{on} --plan "
                   f"{out}/plan.json --calib {calib} --nsamples {summary['nsamples']} --seqlen {summary['seqlen']} "
                   f"--seed {summary['seed']} {flags} --output-dir {out}/model-learned`.")
     return md
