@@ -55,13 +55,14 @@ def main() -> None:
     path = RESULTS / f"{BENCH}.json"
     done = {r["name"]: r for r in read_json(path)["rows"]} if path.is_file() else {}
     command = " ".join([".venv/bin/python", "benchmarks/run_quantizer.py", *sys.argv[1:]])
+    group_size, = {m["group_size"] for m in read_json(PLAN)["modules"].values()}  # the plan's one group size
     for name in [n for n in OPTIONS if n in wanted and n not in done]:
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         q = quantize(name, OPTIONS[name])
         metrics = {"quantize_seconds": q["seconds"]["quantize"], "wall_seconds": q["wall_seconds"],
                    "peak_rss_gb": q["peak_rss_gb"]}
         done[name] = dict(row(name, "tasa", f"{q['quantizer']} ({OPTIONS[name] or 'tasa quantize defaults'})",
-                              q["average_bits"], 64, q["calib"], metrics, q["seconds"]["quantize"]),
+                              q["average_bits"], group_size, q["calib"], metrics, q["seconds"]["quantize"]),
                           started=started, flags=OPTIONS[name])
         rows = [done[n] for n in OPTIONS if n in done]
         base = done.get("default")
