@@ -143,10 +143,10 @@ def test_bfloat16_steps_learn_too_and_are_chosen_only_for_float32_layers():
 
 
 @pytest.mark.parametrize("native", [True, False, None])
-def test_a_float32_layer_learns_in_bfloat16_exactly_where_the_cpu_computes_it_natively(monkeypatch, native):
+def test_a_float32_layer_learns_in_bfloat16_exactly_where_the_cpu_computes_it_natively(monkeypatch, request, native):
     """What oneDNN reports decides: bfloat16 steps on a CPU with native bfloat16, the layer's own float32 on one
     without it and on a torch build without oneDNN (None: the query raises)."""
-    from tasa.models.loading import native_bfloat16
+    from tasa.models.loading import _cpu_bfloat16, native_bfloat16
     from tasa.quant.learned import step_dtype
 
     def query():
@@ -155,6 +155,8 @@ def test_a_float32_layer_learns_in_bfloat16_exactly_where_the_cpu_computes_it_na
         return native
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", query)
+    _cpu_bfloat16.cache_clear()  # (asked once a process)
+    request.addfinalizer(_cpu_bfloat16.cache_clear)
     assert native_bfloat16("cpu") is bool(native)
     assert step_dtype(torch.device("cpu"), torch.float32) == (torch.bfloat16 if native else None)
 

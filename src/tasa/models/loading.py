@@ -7,6 +7,7 @@ under ``$TASA_CACHE_DIR`` (default ``~/.cache/tasa``), keyed by the file's SHA-2
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -63,8 +64,13 @@ def native_bfloat16(device: str | torch.device = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_bfloat16()
+
+
+@functools.cache
+def _cpu_bfloat16() -> bool:
     try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
 

@@ -26,6 +26,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+from tasa.models.loading import native_bfloat16
 from tasa.numerics import all_finite
 from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, compute_super_grid_asym,
                             dequantize, dequantize_min, group_bounds, quantize_codes, quantize_codes_min,
@@ -41,17 +42,30 @@ def make_empty_hessian(d_in: int, device: torch.device | str = "cpu") -> torch.T
     return torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
 
 
+def _bfloat16_products(x: torch.Tensor) -> bool:
+    """Whether a batch's products (:func:`accumulate_hessian`, :func:`accumulate_shift`) are taken in bfloat16:
+    for bfloat16 inputs on a CPU that computes it natively (:func:`tasa.models.loading.native_bfloat16`).  The
+    products of bfloat16 values are exact and the matrix product sums them in float32, rounding each entry of the
+    batch's sum once, to 8 bits (by at most 2^-9 of itself): 3.5x faster on a CPU with AVX512-BF16 than the float32
+    product, and a Hessian summed in float32 over such batches is within about 2e-3 of the float32 one (relative
+    Frobenius norm; the diagonal's roundings, alike batch after batch, do not average out), inside GPTQ's damping
+    of 1% of the mean diagonal (tests/unit/test_gptq.py).  Elsewhere they are float32."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_bfloat16("cpu")
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b of two (tokens, d) batches of one dtype (:func:`_bfloat16_products`)."""
+    return a.t() @ b if _bfloat16_products(a) else a.float().t() @ b.float()
+
+
 def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor) -> int:
-    """Fold a batch of inputs (..., d_in) into the running H = 2/n X^T X, in place.
+    """Fold a batch of inputs (..., d_in) into the running H = 2/n X^T X, in place (:func:`_gram`).
 
     Returns the new token count.
     """
-    x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, d_in)
-    n_new = x.shape[0]
-    total = n_seen + n_new
-    hessian.mul_(n_seen / total)
-    x = x * (2.0 / total) ** 0.5
-    hessian.addmm_(x.t(), x)
+    x = inputs.reshape(-1, inputs.shape[-1])  # (tokens, d_in)
+    total = n_seen + x.shape[0]
+    hessian.mul_(n_seen / total).add_(_gram(x, x), alpha=2.0 / total)
     return total
 
 
@@ -60,11 +74,12 @@ def accumulate_shift(shift: torch.Tensor, n_seen: int, inputs: torch.Tensor, tar
     quantized model feeds a linear and X_f the float model's inputs to it on the same tokens (the asymmetric
     calibration of GPTAQ / GPTQ v2).  ``n_seen`` counts the tokens before this batch, as for
     :func:`accumulate_hessian` (call both with the same count).  Returns the new token count."""
-    x = inputs.reshape(-1, inputs.shape[-1]).float()
-    dx = targets.reshape(-1, targets.shape[-1]).float() - x
+    x = inputs.reshape(-1, inputs.shape[-1])
+    if not _bfloat16_products(x):
+        x = x.float()
+    dx = targets.reshape(-1, targets.shape[-1]).to(x.dtype) - x  # (in bfloat16: rounded to 8 bits of itself)
     total = n_seen + x.shape[0]
-    shift.mul_(n_seen / total)
-    shift.addmm_(dx.t(), x, alpha=2.0 / total)
+    shift.mul_(n_seen / total).add_(_gram(dx, x), alpha=2.0 / total)
     return total
 
 
