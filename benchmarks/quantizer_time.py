@@ -12,7 +12,8 @@ static groups, ``--scale-search 16``, ``--float-targets 0.25``, then 128 steps o
 ``tasa+ft-3.5-mix75``: `tasa quantize`'s default (that GPTQ alone); ``tasa+gk128-3.5-mix75``: the better quantizer
 `tasa run` names (tasa.config.BETTER_QUANTIZER: the learning in 8-sequence batches); ``tasa+gk128b2bf-3.5-mix75``:
 gk128b2 with the model in bfloat16 while it is quantized (``--dtype bfloat16``: its forward passes in bfloat16,
-Hessians, GPTQ and the learned grids in float32), as AutoRound computes on a CPU with bfloat16 (its default ``amp``
+GPTQ and the learned grids in float32, the Hessians summed in float32 from each batch's bfloat16 products since
+2026-12-07 (tasa.quant.gptq._bfloat16_products)), as AutoRound computes on a CPU with bfloat16 (its default ``amp``
 casts the model to bfloat16 there), scored in float32 with the quantized weights the bfloat16 model held.
 Calibration: 128 x 512 tokens, three quarters WikiText-2, the rest GSM8K and ARC-Easy (paper table ``mix75``, seed
 ``--seed``).  Scores: KL to the float model and perplexity on 40 WikiText-2 windows of 512, ARC-Easy/Challenge,

@@ -9,7 +9,7 @@ multiplies its run's quantize time by.
 Plan: the committed `make run` plan (benchmarks/results/run-better/plan.json: SmolLM2-135M, 3.5 bits, group size
 64); calibration as `tasa run` quantizes it: the mixture it searched (gsm8k:0.5,arc_easy:0.5), 64 x 512 tokens,
 seed 0.  Writes benchmarks/results/run_quantizer.json after each row, with every row measured before (a finished
-row is not run again; ``--rows`` runs some and keeps the others).  Seconds are `tasa quantize`'s own quantize stage
+row is not run again; ``--rows`` runs some and keeps the others; ``--results``: another record).  Seconds are `tasa quantize`'s own quantize stage
 (its quantize.json), wall seconds and peak RSS the whole process's (GNU time).
 """
 from __future__ import annotations
@@ -48,11 +48,14 @@ def quantize(name: str, flags: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(OPTIONS), help=f"some of {','.join(OPTIONS)} (default: all)")
+    ap.add_argument("--results", type=Path, default=RESULTS / f"{BENCH}.json",
+                    help="the record to write and resume (default: benchmarks/results/run_quantizer.json); another "
+                         "one measures the rows again, in a run of their own")
     args = ap.parse_args()
     wanted = args.rows.split(",")
     if any(r not in OPTIONS for r in wanted):
         raise SystemExit(f"--rows: each of {', '.join(OPTIONS)}, got {args.rows!r}")
-    path = RESULTS / f"{BENCH}.json"
+    path = args.results
     done = {r["name"]: r for r in read_json(path)["rows"]} if path.is_file() else {}
     command = " ".join([".venv/bin/python", "benchmarks/run_quantizer.py", *sys.argv[1:]])
     group_size, = {m["group_size"] for m in read_json(PLAN)["modules"].values()}  # the plan's one group size
@@ -67,7 +70,7 @@ def main() -> None:
         rows = [done[n] for n in OPTIONS if n in done]
         base = done.get("default")
         ratios = {r["name"]: r["seconds"] / base["seconds"] for r in rows} if base else {}
-        write_results(BENCH, command, rows, {"over_default": ratios})
+        write_results(BENCH, command, rows, {"over_default": ratios}, path=path)
         print(f"{name}: quantized in {q['seconds']['quantize']:.0f} s", flush=True)
 
 

@@ -205,7 +205,8 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "calib_sha256": (hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest() if calib_ids is not None
                              else None),
             "threads": torch.get_num_threads(),
-            # the model's dtype while it was quantized (its forward passes; Hessians, GPTQ and grids are float32)
+            # the model's dtype while it was quantized (its forward passes; Hessians are summed and GPTQ and grids
+            # computed in float32, a bfloat16 model's Hessians from bfloat16 products on a CPU with native bfloat16)
             # and the sequences per forward batch (learned rounding's steps take one batch each)
             "dtype": dtype_name(lm.model), "batch_size": runtime.batch_size,
             # data-parallel Hessians (--distributed ray): the shards' Hessians are merged, summed in another order
