@@ -286,10 +286,11 @@ FLOAT_TARGETS = 0.25
 # Xeon, 2026-12-06; benchmarks/run_quantizer.py).  The run report names it with its estimated time.
 BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl", 4.9)
 # On a CPU that computes bfloat16 natively (AVX512-BF16, AMX), the faster one at AutoRound's quality: the same
-# learning in 2-sequence batches with the model in bfloat16 while it is quantized (Hessians, GPTQ and learned grids
-# stay float32), as AutoRound itself computes there: on the paper table's plan and calibration KL 0.140 +- 0.004 and
-# perplexity 32.61 over three seeds, in 0.44x AutoRound's time in the same run (docs/RESULTS.md, "The time goal as
-# the issue states it"; 0.5002x with both in one invocation); in `tasa run`'s setting this many times the default's
+# learning in 2-sequence batches with the model in bfloat16 while it is quantized (GPTQ and learned grids stay
+# float32, Hessians are summed in float32 from bfloat16 products), as AutoRound itself computes there: on the paper
+# table's plan and calibration KL 0.140 +- 0.004 and perplexity 32.61 over three seeds; in one invocation with
+# AutoRound on the same plan, calibration and machine 0.42x its time at KL 0.138 (docs/RESULTS.md, "Met in one
+# invocation"); in `tasa run`'s setting this many times the default's
 # quantize time on the same machine (494 s against 256 s, benchmarks/run_quantizer.py).
 BETTER_QUANTIZER_BF16 = ("--learn-rounding 128 --learn-start gptq --learn-output-kl --batch-size 2 --dtype bfloat16",
                          1.9)
