@@ -1,5 +1,8 @@
-"""Finite-value checks shared by loading, streaming, the layer walker and the quantizers."""
+"""Finite-value checks shared by loading, streaming, the layer walker and the quantizers; whether a device computes
+bfloat16 natively."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -18,3 +21,20 @@ def all_finite(t: torch.Tensor) -> bool:
 def nonfinite_count(t: torch.Tensor) -> int:
     """How many elements of ``t`` are NaN or infinite (for the error that names them)."""
     return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+
+def native_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX
+    as oneDNN reports (elsewhere torch emulates bfloat16 on a CPU, slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_bfloat16()
+
+
+@functools.cache
+def _cpu_bfloat16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False

@@ -401,7 +401,7 @@ def test_run_end_to_end_caches_stages_and_resumes(tiny_model_dir, tmp_path, caps
     assert (f"made by gptq with --act-order --static-groups --scale-search 16 --float-targets 0.25 in {took:.0f} s."
             in report)  # the default quantizer, and the better one with its estimated time here
     from tasa.config import BETTER_QUANTIZER
-    from tasa.models.loading import native_bfloat16
+    from tasa.numerics import native_bfloat16
 
     flags, ratio = BETTER_QUANTIZER
     assert f"`{flags}` (learned rounding) leaves less error: about {ratio:g}x" in report

@@ -146,7 +146,7 @@ def test_bfloat16_steps_learn_too_and_are_chosen_only_for_float32_layers():
 def test_a_float32_layer_learns_in_bfloat16_exactly_where_the_cpu_computes_it_natively(monkeypatch, request, native):
     """What oneDNN reports decides: bfloat16 steps on a CPU with native bfloat16, the layer's own float32 on one
     without it and on a torch build without oneDNN (None: the query raises)."""
-    from tasa.models.loading import _cpu_bfloat16, native_bfloat16
+    from tasa.numerics import _cpu_bfloat16, native_bfloat16
     from tasa.quant.learned import step_dtype
 
     def query():

@@ -7,7 +7,6 @@ under ``$TASA_CACHE_DIR`` (default ``~/.cache/tasa``), keyed by the file's SHA-2
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import logging
@@ -56,23 +55,6 @@ def cache_dir() -> Path:
 
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def native_bfloat16(device: str | torch.device = "cpu") -> bool:
-    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX
-    as oneDNN reports (elsewhere torch emulates bfloat16 on a CPU, slower than float32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_bfloat16()
-
-
-@functools.cache
-def _cpu_bfloat16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
 
 
 def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:

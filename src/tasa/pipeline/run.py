@@ -14,7 +14,8 @@ from tasa.config import (GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, Expo
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import streamer_of
-from tasa.models.loading import native_bfloat16, parse_dtype
+from tasa.models.loading import parse_dtype
+from tasa.numerics import native_bfloat16
 from tasa.pipeline.allocate import allocate_bits
 from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable, model_of, validation_group_size
 from tasa.pipeline.evaluate import evaluate

@@ -26,8 +26,7 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.models.loading import native_bfloat16
-from tasa.numerics import all_finite
+from tasa.numerics import all_finite, native_bfloat16
 from tasa.quant.rtn import (check_finite, check_super_width, compute_super_grid, compute_super_grid_asym,
                             dequantize, dequantize_min, group_bounds, quantize_codes, quantize_codes_min,
                             rtn_quantize_spec, search_grid)
@@ -44,7 +43,7 @@ def make_empty_hessian(d_in: int, device: torch.device | str = "cpu") -> torch.T
 
 def _bfloat16_products(x: torch.Tensor) -> bool:
     """Whether a batch's products (:func:`accumulate_hessian`, :func:`accumulate_shift`) are taken in bfloat16:
-    for bfloat16 inputs on a CPU that computes it natively (:func:`tasa.models.loading.native_bfloat16`).  The
+    for bfloat16 inputs on a CPU that computes it natively (:func:`tasa.numerics.native_bfloat16`).  The
     products of bfloat16 values are exact and the matrix product sums them in float32, rounding each entry of the
     batch's sum once, to 8 bits (by at most 2^-9 of itself): 3.5x faster on a CPU with AVX512-BF16 than the float32
     product, and a Hessian summed in float32 over such batches is within about 2e-3 of the float32 one (relative

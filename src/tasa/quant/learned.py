@@ -49,9 +49,8 @@ import torch.nn as nn
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.models.loading import native_bfloat16
 from tasa.models.walker import LayerInputs, layer_output
-from tasa.numerics import all_finite
+from tasa.numerics import all_finite, native_bfloat16
 from tasa.quant.rtn import fp16_scale, rtn_quantize_spec
 from tasa.quantized import QuantResult
 
