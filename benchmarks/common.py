@@ -54,6 +54,14 @@ def write_results(benchmark: str, command: str, rows: list[dict], extra: dict | 
     return out
 
 
+def chosen_rows(rows: str, names) -> list[str]:
+    """The comma-separated ``--rows`` of a benchmark whose rows are ``names``; any other name is an error."""
+    wanted = rows.split(",")
+    if any(r not in names for r in wanted):
+        raise SystemExit(f"--rows: each of {', '.join(names)}, got {rows!r}")
+    return wanted
+
+
 def parse_time_log(text: str) -> dict:
     """Wall seconds and peak RSS (GB) from GNU time -v output."""
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)

@@ -64,7 +64,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, WORK, cached, read_json, row, run_json, write_results  # noqa: E402
+from benchmarks.common import (RESULTS, WORK, cached, chosen_rows, read_json, row, run_json,  # noqa: E402
+                               write_results)
 
 BENCH = "quantizer_time"
 PEER = "artasa-3.5-mix75"
@@ -108,9 +109,7 @@ def main() -> None:
                     help="the record's path (default: benchmarks/results/quantizer_time[-cuda][-sSEED].json); "
                          "a lent machine keeps benchmarks/.work between calls")
     args = ap.parse_args()
-    wanted = args.rows.split(",")
-    if any(r not in ROWS for r in wanted):
-        raise SystemExit(f"--rows: each of {', '.join(ROWS)}, got {args.rows!r}")
+    wanted = chosen_rows(args.rows, ROWS)
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     from tasa.config import resolve_device

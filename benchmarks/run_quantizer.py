@@ -9,8 +9,8 @@ multiplies its run's quantize time by.
 Plan: the committed `make run` plan (benchmarks/results/run-better/plan.json: SmolLM2-135M, 3.5 bits, group size
 64); calibration as `tasa run` quantizes it: the mixture it searched (gsm8k:0.5,arc_easy:0.5), 64 x 512 tokens,
 seed 0.  Writes benchmarks/results/run_quantizer.json after each row, with every row measured before (a finished
-row is not run again; ``--rows`` runs some and keeps the others; ``--results``: another record).  Seconds are `tasa quantize`'s own quantize stage
-(its quantize.json), wall seconds and peak RSS the whole process's (GNU time).
+row is not run again; ``--rows`` runs some and keeps the others; ``--results``: another record).  Seconds are
+`tasa quantize`'s own quantize stage (its quantize.json), wall seconds and peak RSS the whole process's (GNU time).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
-from benchmarks.common import RESULTS, ROOT, WORK, parse_time_log, read_json, row, write_results  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, WORK, chosen_rows, parse_time_log, read_json, row,  # noqa: E402
+                               write_results)
 
 from tasa.config import BETTER_QUANTIZER, BETTER_QUANTIZER_BF16  # noqa: E402
 
@@ -52,9 +53,7 @@ def main() -> None:
                     help="the record to write and resume (default: benchmarks/results/run_quantizer.json); another "
                          "one measures the rows again, in a run of their own")
     args = ap.parse_args()
-    wanted = args.rows.split(",")
-    if any(r not in OPTIONS for r in wanted):
-        raise SystemExit(f"--rows: each of {', '.join(OPTIONS)}, got {args.rows!r}")
+    wanted = chosen_rows(args.rows, OPTIONS)
     path = args.results
     done = {r["name"]: r for r in read_json(path)["rows"]} if path.is_file() else {}
     command = " ".join([".venv/bin/python", "benchmarks/run_quantizer.py", *sys.argv[1:]])

@@ -44,8 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU); Hessians are summed, GPTQ and "
                         "learned grids computed in float32 in any case (on a CPU with native bfloat16, a bfloat16 "
-                        "model's Hessians from bfloat16 products batch by batch). On a CPU that computes bfloat16 natively (AVX512-BF16, AMX) "
-                        "bfloat16 quantizes faster, as AutoRound does there by default (docs/RESULTS.md, \"The time "
+                        "model's Hessians from bfloat16 products batch by batch). On a CPU that computes bfloat16 "
+                        "natively (AVX512-BF16, AMX) bfloat16 quantizes faster, as AutoRound does there by default (docs/RESULTS.md, \"The time "
                         "goal as the issue states it\")")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch (default: 8)")
     p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
