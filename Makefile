@@ -34,7 +34,7 @@ $(LLAMA_CPP)/convert_hf_to_gguf.py:
 	  echo "llama.cpp's converter could not be fetched: the GGUF conversion tests will be skipped"; }
 
 run: setup
-	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 --output-dir $(RUN_DIR)
+	$(VENV)/bin/tasa run --model smollm2-135m --tasks gsm8k,arc_easy --budget 3.5 --time-budget 15 --output-dir $(RUN_DIR)
 
 test: setup $(GPTQMODEL_VENV)/.installed $(LLAMA_CPP)/convert_hf_to_gguf.py
 	$(PY) -m pytest

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tasa import __version__
 from tasa.allocate.targets import TARGETS
-from tasa.config import (ACT_ORDER, AUTO_CHOICE_ITEMS, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES, FLOAT_TARGETS,
-                         PLACEMENTS, SCALE_SEARCH, TOKEN_COSTS)
+from tasa.config import (ACT_ORDER, AUTO_CHOICE_ITEMS, BETTER_QUANTIZER, CHOICE_COSTS, EXPORT_FORMATS, FLOAT_DTYPES,
+                         FLOAT_TARGETS, PLACEMENTS, SCALE_SEARCH, TOKEN_COSTS)
 from tasa.errors import TasaError
 
 EPILOG = ("Built-in datasets (wikitext2, gsm8k, arc_easy, arc_challenge, mmlu, mbpp) ship inside tasa; "
@@ -401,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_search_arg(r)
     _float_targets_arg(r)
     _learn_rounding_args(r)
+    r.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="minutes the run's stages may take: the quantizer is then learned rounding from GPTQ ("
+                        f"`{BETTER_QUANTIZER[0]}`) where a trial of its first decoder layer projects it "
+                        "within the minutes left (the quantized evaluation's share kept), else the default; the "
+                        "trial's minute or so is spent either way, and run.json and the report say what was chosen "
+                        "and why (default: no budget, the default quantizer; not with --learn-rounding)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")
@@ -604,7 +610,8 @@ def run(argv: list[str] | None = None) -> int:
                        scale_search=args.scale_search, act_order=args.act_order,
                        static_groups=args.static_groups, learn_rounding=args.learn_rounding,
                        learn_lr=args.learn_lr, learn_dtype=args.learn_dtype, float_targets=args.float_targets,
-                       learn_start=args.learn_start, learn_output_kl=args.learn_output_kl)
+                       learn_start=args.learn_start, learn_output_kl=args.learn_output_kl,
+                       time_budget=args.time_budget)
         s = pipeline.run(args.model, args.output_dir, spec, _runtime(args)).record
         ran = ", ".join(s["ran"]) or "none (all stages up to date)"
         print(f"stages run: {ran}; total recorded time {sum(s['seconds'].values()):.0f} s; calibration {s['calib']}")

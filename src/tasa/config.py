@@ -284,7 +284,8 @@ FLOAT_TARGETS = 0.25
 # "TASA's plan with each quantizer ..."), in this many times the default's quantize time in `tasa run`'s setting
 # on 2 CPU cores (64 x 512 calibration tokens: 1,260 s against 256 s on an AMD EPYC, 2026-12-07; 4.6x on an Intel
 # Xeon, 2026-12-06; benchmarks/run_quantizer.py).  The run report names it with its estimated time.
-BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl", 4.9)
+BETTER_OPTIONS = {"learn_rounding": 128, "learn_start": "gptq", "learn_output_kl": True}  # its QuantizeSpec fields
+BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl", 4.9)  # as tasa quantize flags
 # On a CPU that computes bfloat16 natively (AVX512-BF16, AMX), the faster one at AutoRound's quality: the same
 # learning in 2-sequence batches with the model in bfloat16 while it is quantized (GPTQ and learned grids stay
 # float32, Hessians are summed in float32 from bfloat16 products), as AutoRound itself computes there: on the paper
@@ -621,9 +622,19 @@ class RunSpec:
     float_targets: float | None = None  # ... and its float_targets, learn_start and learn_output_kl
     learn_start: str = "rtn"
     learn_output_kl: bool = False
+    # minutes the run's stages may take (None: no budget): the quantizer is then the better one (BETTER_OPTIONS)
+    # where a trial of its first decoder layer projects it within the minutes left, else the default
+    # (tasa.pipeline.quantizer_choice)
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         self.quantize_spec()  # in range
+        if self.time_budget is not None:
+            if not (isinstance(self.time_budget, (int, float)) and 0 < self.time_budget < float("inf")):
+                raise TasaError(f"--time-budget takes a positive number of minutes, got {self.time_budget!r}")
+            if self.learn_rounding:
+                raise TasaError("--time-budget chooses the quantizer (learned rounding where it fits, else the "
+                                "default); give it or --learn-rounding, not both")
         if not self.tasks or "wikitext2" in self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TasaError("give one or more distinct tasks (wikitext2 perplexity is always profiled and evaluated)")
         _one_of(self.mixture_criterion, MIXTURE_CRITERIA, "the mixture criterion")

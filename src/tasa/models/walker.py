@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tasa.cancel import cancel_point
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.numerics import all_finite
@@ -250,6 +251,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, taps: dict[str, Callable[[t
         handles.append(layer.get_submodule(local).register_forward_pre_hook(hook))
     try:
         for b in range(len(inputs)):
+            cancel_point()
             hidden, kwargs = inputs.call(b)
             if stop_after is not None:
                 try:

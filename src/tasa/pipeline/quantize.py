@@ -10,6 +10,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _calibration(lm: LoadedModel, arch, calib_ids, spec: QuantizeSpec, runtime: 
 def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpec = QuantizeSpec(),
              calib: CalibSpec | None = CalibSpec(), plan: str | Path | None = None,
              export: ExportSpec = ExportSpec(), runtime: Runtime = Runtime(), overwrite: bool = False,
-             allow_partial_plan: bool = False) -> QuantizeResult:
+             allow_partial_plan: bool = False, after_layer: Callable[[int], None] | None = None) -> QuantizeResult:
     """Quantize every decoder-layer linear of ``model`` by ``spec`` (or by ``plan``, a plan.json) and write it.
 
     ``calib``: the GPTQ calibration (unused by RTN).  A plan must name exactly the model's quantizable linears;
@@ -100,6 +101,8 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     ``gguf``: one GGUF file for llama.cpp, its metadata, tokenizer and float tensors from a GGUF of the model
     (the file it was read from, ``export.gguf_template``, or llama.cpp's converter in ``export.llama_cpp``; see
     tasa.export.gguf_source).
+    ``after_layer``: called with each decoder layer's index once it is quantized and written (an exception it
+    raises stops the quantization, and nothing is left in ``output_dir``).
     """
     from tasa.allocate.targets import get_target, target_for
     from tasa.export import gguf_source
@@ -127,11 +130,13 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     template = gguf_template(model, export) if export.format == "gguf" else None  # before the load
     t0 = time.perf_counter()
     with gguf_source.materialized(template, lambda: _hf_dir(model), lambda: temp_dir_for(out)) as template:
-        return _quantize(model, out, spec, calib_spec, plan_obj, export, runtime, allow_partial_plan, template, t0)
+        return _quantize(model, out, spec, calib_spec, plan_obj, export, runtime, allow_partial_plan, template, t0,
+                         after_layer)
 
 
 def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None, plan_obj: Plan | None,
-              export: ExportSpec, runtime: Runtime, allow_partial_plan: bool, template, t0: float) -> QuantizeResult:
+              export: ExportSpec, runtime: Runtime, allow_partial_plan: bool, template, t0: float,
+              after_layer: Callable[[int], None] | None = None) -> QuantizeResult:
     """quantize() once its arguments are checked (and a GGUF export's template is at hand)."""
     from tasa.allocate.targets import check_servable, target_for
     from tasa.export.formats import open_export
@@ -181,11 +186,17 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
         writer = exporter.writer(tmp, lm, arch, export.max_shard_bytes)
         packed: dict = {}
         packer = exporter.packer
+
+        def on_layer(index: int, layer) -> None:
+            writer.add_layer(index, layer, packed)
+            packed.clear()
+            if after_layer:
+                after_layer(index)
         report = quantize_model(lm.model, arch, the_plan, calib, batch_size=runtime.batch_size,
                                 device=runtime.device, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
                                 progress=runtime.progress,
-                                on_layer=lambda i, layer: (writer.add_layer(i, layer, packed), packed.clear()),
+                                on_layer=on_layer,
                                 learn_iters=spec.learn_rounding, learn_lr=spec.learn_lr,
                                 learn_dtype=None if spec.learn_dtype == "auto" else getattr(torch, spec.learn_dtype),
                                 seed=calib_spec.seed if calib_spec else 0, float_targets=spec.float_targets,

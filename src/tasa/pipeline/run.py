@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa.artifacts import write_json_atomic
-from tasa.config import (GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec, ProfileSpec,
-                         QuantSpec, RunSpec, Runtime)
+from tasa.cancel import Overtime, deadline
+from tasa.config import (BETTER_OPTIONS, GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec,
+                         ProfileSpec, QuantizeSpec, QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
-from tasa.models import streamer_of
+from tasa.models import resolve, streamer_of
 from tasa.models.loading import parse_dtype
 from tasa.numerics import native_bfloat16
 from tasa.pipeline.allocate import allocate_bits
@@ -21,6 +23,7 @@ from tasa.pipeline.common import AUTO_GROUP_SIZES, check_new_dir, check_writable
 from tasa.pipeline.evaluate import evaluate
 from tasa.pipeline.profile import profile
 from tasa.pipeline.quantize import gguf_template, quantize
+from tasa.pipeline.quantizer_choice import Candidate, Choice, choose, head_factor
 from tasa.pipeline.search_mixture import search_mixture
 from tasa.quant.rtn import SYM_GRID
 
@@ -236,7 +239,8 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
             **({"learn_start": spec.learn_start} if spec.learn_start != "rtn" else {}),  # earlier runs keep their key
             **({"learn_output_kl": True} if spec.learn_output_kl else {}),
             **({"float_targets": q_spec.float_targets} if q_spec.float_targets else {}),
-            **({"gguf_template": spec.gguf_template} if spec.gguf_template else {})}
+            **({"gguf_template": spec.gguf_template} if spec.gguf_template else {}),
+            **({"time_budget": spec.time_budget} if spec.time_budget is not None else {})}
 
     e_common = {"tasks": objectives, "limit": spec.eval_limit, "windows": spec.eval_windows, "num_fewshot": 0,
                 "generate": spec.generate, "seqlen": spec.seqlen}
@@ -248,19 +252,36 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         shared.fp(), dataclasses.replace(e_spec, log_samples=True), output=out / "eval-fp.json",
         runtime=runtime).results)
 
-    def do_quantize():
-        q = quantize(shared.fp(), out / "model", q_spec, calib_spec,
-                     plan=out / "plan.json",
-                     export=export, runtime=quantize_runtime(runtime), overwrite=True)
-        shared.quantized_in_memory()
-        return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds}
+    def quantize_by(chosen: QuantizeSpec, after_layer=None):
+        return quantize(shared.fp(), out / "model", chosen, calib_spec, plan=out / "plan.json", export=export,
+                        runtime=quantize_runtime(runtime), overwrite=True, after_layer=after_layer)
 
-    stages.run("quantize", q_in, do_quantize)
+    def do_quantize():
+        choice = None
+        chosen = q_spec
+        if spec.time_budget is not None:
+            done = stages.seconds()
+            spent = sum(done.get(k, 0.0) for k in ("mixture", "profile", "allocate", "eval_fp"))
+            # the quantized model's evaluation takes about the full-precision one's time: kept for it
+            left = spec.time_budget * 60 - spent - done.get("eval_fp", 0.0)
+            choice = _choose_quantizer(shared.fp(), spec, quantize_runtime(runtime), left, quantize_by)
+            chosen = choice.candidate.spec
+            log.info("quantizer: %s", choice.describe())
+        q = quantize_by(chosen)
+        shared.quantized_in_memory()
+        return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds,
+                "quantizer": q.record["quantizer"],
+                **({"choice": {"chosen": choice.candidate.name, "seconds_left": choice.seconds_left,
+                               "trials": choice.trials, "describe": choice.describe()}} if choice else {})}
+
+    quant = stages.run("quantize", q_in, do_quantize)
     stages.run("eval_quant", {"quantize": _key(q_in), "eval_fp": _key(fp_in), **e_common}, lambda: evaluate(
         shared.quantized(out / "model"), e_spec, output=out / "eval-quant.json", reference=str(out / "eval-fp.json"),
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
-               "quantizer": q_spec.quantizer, "device": runtime.device,
+               "quantizer": quant.get("quantizer", q_spec.quantizer), "device": runtime.device,
+               **({"quantizer_choice": quant["choice"]} if "choice" in quant else {}),
+               **({"time_budget": spec.time_budget} if spec.time_budget is not None else {}),
                "dtype": str(parse_dtype(runtime.dtype, runtime.device)).replace("torch.", ""),
                "bfloat16_native": native_bfloat16(runtime.device),
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen, "nsamples": spec.nsamples, "seed": spec.seed,
@@ -270,6 +291,51 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
     summary["report"] = str(write_run_report(out, summary))
     write_json_atomic(out / "run.json", summary)
     return RunResult(out, summary)
+
+
+class _FirstLayerDone(Exception):
+    """A quantizer's trial has quantized its first decoder layer."""
+
+
+def _choose_quantizer(lm, spec: RunSpec, runtime: Runtime, seconds_left: float, quantize_by) -> Choice:
+    """The run's quantizer under its time budget (tasa.pipeline.quantizer_choice): the better one
+    (config.BETTER_OPTIONS, where it runs: not with --distributed calibration), timed on the first decoder layer,
+    else the default; ``quantize_by(spec, after_layer)`` quantizes the run's plan by ``spec``."""
+    distributed = runtime.cluster.backend is not None
+    default = spec.quantize_spec().resolved("gptq", distributed)
+    candidates = [Candidate(default.quantizer, default)]
+    if not distributed:
+        better = dataclasses.replace(spec.quantize_spec(), **BETTER_OPTIONS).resolved("gptq")
+        arch = resolve(lm.model)
+        head = lm.model.get_output_embeddings()
+        layer = sum(arch.numels()[m.name] for m in arch.layer_modules(0))
+        factor = head_factor(layer, head.weight.numel()) if better.learn_output_kl and head is not None else 1.0
+        candidates.insert(0, Candidate(better.quantizer, better, factor))
+
+    def trial(c: Candidate, seconds: float) -> tuple[float, bool]:
+        arch = resolve(lm.model)
+
+        def stop(index: int) -> None:
+            raise _FirstLayerDone
+
+        # a streamed model's layer is read again from disk; one in memory is put back as it was
+        saved = None if arch.streamer is not None else \
+            {k: v.detach().clone() for k, v in arch.layers[0].state_dict().items()}
+        t = time.perf_counter()
+        try:
+            with deadline(seconds):
+                try:
+                    quantize_by(c.spec, stop)
+                except _FirstLayerDone:
+                    pass
+            return time.perf_counter() - t, True
+        except Overtime:
+            return time.perf_counter() - t, False
+        finally:
+            if saved is not None:
+                arch.layers[0].load_state_dict(saved)
+
+    return choose(candidates, seconds_left, resolve(lm.model).num_layers, trial)
 
 
 def _sizes(model_dir: Path) -> dict:

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from tasa.cancel import cancel_point
 from tasa.config import LEARN_STARTS, QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
@@ -374,6 +375,7 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
                     for group in chunk:
                         h, n, shift = hessians.pop(group[0]), counts[group[0]], calib.shift(group[0])
                         for local in group:
+                            cancel_point()
                             results[local] = _gptq_module(layer, local, by_local[local].name, plan, h, n, report,
                                                           None if refine else on_result, shift, calib.float_targets,
                                                           keep_rounded=refine is not None)

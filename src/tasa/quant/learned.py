@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from tasa.cancel import cancel_point
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.walker import LayerInputs, layer_output
@@ -367,6 +368,7 @@ def learn_layer(layer: nn.Module, specs: dict[str, QuantSpec], inputs: LayerInpu
     layer.requires_grad_(False)
     try:
         for step in range(iters):
+            cancel_point()
             if not order:
                 order = torch.randperm(len(inputs), generator=gen).tolist()
             with torch.enable_grad(), (torch.autocast(layer_device.type, dtype=autocast) if autocast

@@ -81,15 +81,19 @@ def _prediction(alloc: dict) -> list[str]:
 
 
 def _quantizer(summary: dict) -> list[str]:
-    """Which quantizer made the checkpoint, in how long, and the better one where time allows (or on a GPU; on a
-    CPU that computes bfloat16 natively also the faster one at AutoRound's quality), with the `tasa quantize`
-    command that requantizes the run's plan by it; with learned rounding (used or named) on a calibration without
+    """Which quantizer made the checkpoint, in how long (and why, when chosen under a time budget), and the better
+    one where time allows (or on a GPU; on a CPU that computes bfloat16 natively also the faster one at AutoRound's
+    quality), with the `tasa quantize` command that requantizes the run's plan by it; with learned rounding (used or named) on a calibration without
     the run's general text, the mixed one to use."""
     name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     dtype = summary.get("dtype")
     computed = f", the model in {dtype} while quantized," if dtype not in (None, "float32") else ""
     md = ["", "## Quantizer", "", f"The checkpoint was made by {name}{computed}{took}."]
+    choice = summary.get("quantizer_choice")
+    if choice:
+        md.append(f"It was chosen under the run's time budget of {summary['time_budget']:g} minutes (`--time-budget`; "
+                  f"the quantize time includes the trials): {choice['describe']}.")
     learned = name.startswith("learned rounding")
     calib = summary["calib"]
     general = dict(CalibSpec.parse(calib).sources).get(GENERAL_TEXT, 0.0)
