@@ -35,7 +35,8 @@ from tasa import schemas  # noqa: E402
 from tasa.artifacts import read_json, write_json_atomic  # noqa: E402
 from tasa.config import BETTER_QUANTIZER  # noqa: E402
 
-RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", "3.5"]  # make run's
+RUN_ARGS = ["--model", "smollm2-135m", "--tasks", "gsm8k,arc_easy", "--budget", "3.5"]  # make run's, and its
+TIME_BUDGET = ["--time-budget", "15"]  # quantizer chosen in its 15 minutes (not with --better: that one is given)
 FILES = {"stages.json": "stages.json", "run.json": "run.json", "plan.json": "plan.json",
          "model/quantize.json": "quantize.json", "profile/sensitivity.json": "sensitivity.json",
          "mixture/mixture.json": "mixture.json", "eval-fp.json": "eval-fp.json", "eval-quant.json": "eval-quant.json"}
@@ -65,6 +66,10 @@ def record(run_dir: Path, timing: dict, command: str, note: str, name: str = "ru
     method = "tasa run (layer plan, GPTQ)"
     if quant.get("learned_rounding"):
         method = "tasa run (layer plan, GPTQ refined by learned rounding)"
+    choice = read_json(run_dir / "run.json").get("quantizer_choice")
+    if choice:
+        method = method[:-1] + f", chosen under --time-budget {read_json(run_dir / 'run.json')['time_budget']:g})"
+        metrics["quantizer_choice"] = choice
     rows = [row("tasa-run-3.5" + name[len("run"):], "tasa", method, quant["average_bits"], group_size,
                 quant["calib"], metrics, timing["wall_seconds"])]
     return write_results(name, command, rows, extra={"note": note, "records": f"benchmarks/results/{name}/"})
@@ -81,7 +86,8 @@ def main() -> None:
     ap.add_argument("--calib", help="calibration for `tasa run --calib` (default: make run's, the searched mixture)")
     args = ap.parse_args()
     name = "run" + ("-better" if args.better else "") + ("-calib" if args.calib else "")
-    extra = (BETTER_QUANTIZER[0].split() if args.better else []) + (["--calib", args.calib] if args.calib else [])
+    extra = (BETTER_QUANTIZER[0].split() if args.better else TIME_BUDGET) + (["--calib", args.calib] if args.calib
+                                                                            else [])
     if args.command == ap.get_default("command"):
         args.command += "".join([" --better" if args.better else "", f" --calib {args.calib}" if args.calib else ""])
     if args.record:
