@@ -403,10 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     _learn_rounding_args(r)
     r.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="minutes the run's stages may take: the quantizer is then learned rounding from GPTQ ("
-                        f"`{BETTER_QUANTIZER[0]}`) where a trial of its first decoder layer projects it "
-                        "within the minutes left (the quantized evaluation's share kept), else the default; the "
-                        "trial's minute or so is spent either way, and run.json and the report say what was chosen "
-                        "and why (default: no budget, the default quantizer; not with --learn-rounding)")
+                        f"`{BETTER_QUANTIZER[0]}`), on a CPU that computes bfloat16 natively also the same with "
+                        "the model in bfloat16 for the quantize stage, the first whose trial on the first decoder "
+                        "layer projects it within the minutes left (the quantized evaluation's share kept), else "
+                        "the default; each trial stops at the deadline past which it could not fit, and run.json "
+                        "and the report say what was chosen and why (default: no budget, the default quantizer; "
+                        "not with --learn-rounding)")
     r.add_argument("--generate", action="store_true",
                    help="also run generation tasks' greedy decoding (GSM8K strict match; slow on a CPU)")
     r.add_argument("--output-dir", required=True, help="run directory (created; reused to resume)")

@@ -295,6 +295,7 @@ BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl",
 # against 256 s, benchmarks/run_quantizer.py, before its Hessians were summed from bfloat16 products).
 BETTER_QUANTIZER_BF16 = ("--learn-rounding 128 --learn-start gptq --learn-output-kl --batch-size 2 --dtype bfloat16",
                          1.9)
+BETTER_BF16_BATCH = 2  # its --batch-size (tasa run --time-budget quantizes so with this one)
 # tasa run's general text: the general source of its mixture search, its calibration where the tasks have none,
 # and its first profile objective.
 GENERAL_TEXT = "wikitext2"

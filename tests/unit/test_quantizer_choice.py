@@ -92,8 +92,10 @@ def test_a_deadline_stops_the_block_at_the_first_cancel_point_past_it_in_its_own
     assert not issubclass(Overtime, Exception)  # `except Exception` handlers let it through
 
 
-def _checkpoint(out_dir) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted((out_dir / "model").glob("*.safetensors"))}
+def _checkpoint(out_dir, model: str = "model") -> dict[str, bytes]:
+    checkpoint = {f.name: f.read_bytes() for f in sorted((out_dir / model).glob("*.safetensors"))}
+    assert checkpoint
+    return checkpoint
 
 
 def test_run_chooses_its_quantizer_by_a_trial_that_leaves_the_model_as_it_was(tiny_model_dir, tmp_path, capsys,
@@ -174,3 +176,55 @@ def test_the_better_quantizers_flags_and_fields_agree():
     assert {k: getattr(args, k) for k in BETTER_OPTIONS} == BETTER_OPTIONS
     assert args.learn_rounding and not build_parser().parse_args(["quantize", "--model", "m", "--output-dir",
                                                                   "o"]).learn_rounding
+
+
+def test_run_tries_the_bfloat16_variant_on_a_cpu_that_computes_it_and_reloads_the_model_if_not_chosen(
+        tiny_model_dir, tmp_path, capsys, data_dir, monkeypatch):
+    import importlib
+
+    import tasa.cancel
+    from tasa.config import BETTER_QUANTIZER_BF16
+
+    run_module = importlib.import_module("tasa.pipeline.run")
+    monkeypatch.setattr(run_module, "native_bfloat16", lambda device: True)  # as on such a CPU, anywhere
+    out_dir = tmp_path / "run"
+    args = _small_run(tiny_model_dir, out_dir)
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    default = _checkpoint(out_dir)
+    q_dir = tmp_path / "q-bf16"  # the variant by tasa quantize on the run's plan and calibration
+    code, out, err = run_cli(["quantize", "--model", str(tiny_model_dir), "--plan", str(out_dir / "plan.json"),
+                              "--calib", "wikitext2:0.5,gsm8k:0.5", "--nsamples", "4", "--seqlen", "32",
+                              *BETTER_QUANTIZER_BF16[0].split(), "--output-dir", str(q_dir), "--quiet"], capsys)
+    assert code == 0, err
+    variant = _checkpoint(q_dir, ".")
+
+    def stopping(first_n: int):
+        """deadline(): the first ``first_n`` trials stopped at once, the later ones as asked."""
+        calls = []
+
+        def fake(seconds):
+            calls.append(seconds)
+            return tasa.cancel.deadline(0.0 if len(calls) <= first_n else seconds)
+        return fake
+
+    with monkeypatch.context() as m:  # the float32 one stopped, the bfloat16 one fits: chosen
+        m.setattr(run_module, "deadline", stopping(1))
+        code, out, err = run_cli(args + ["--time-budget", "100000"], capsys)
+    assert code == 0, err
+    run = json.loads((out_dir / "run.json").read_text())
+    choice = run["quantizer_choice"]
+    assert [t["fits"] for t in choice["trials"]] == [False, True]
+    assert choice["chosen"].endswith(", the model in bfloat16, 2-sequence batches")
+    assert run["quantize_dtype"] == "bfloat16" and run["dtype"] == "float32"
+    assert _checkpoint(out_dir) == variant  # as tasa quantize makes it
+    assert "the model in bfloat16 while quantized" in (out_dir / "report.md").read_text()
+    assert json.loads((out_dir / "eval-quant.json").read_text())["results"]["wikitext2"]["kl"] > 0
+
+    with monkeypatch.context() as m:  # both stopped: the default, on the model loaded again in float32
+        m.setattr(run_module, "deadline", stopping(2))
+        code, out, err = run_cli(args + ["--time-budget", "90000"], capsys)
+    assert code == 0, err
+    run = json.loads((out_dir / "run.json").read_text())
+    assert [t["fits"] for t in run["quantizer_choice"]["trials"]] == [False, False]
+    assert run["quantize_dtype"] == "float32" and _checkpoint(out_dir) == default

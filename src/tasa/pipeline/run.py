@@ -3,15 +3,18 @@ report, each stage recorded in stages.json under a hash of its inputs (tasa.stag
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tasa.artifacts import write_json_atomic
 from tasa.cancel import Overtime, deadline
-from tasa.config import (BETTER_OPTIONS, GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec,
+from tasa.config import (BETTER_BF16_BATCH, BETTER_OPTIONS, GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec,
                          ProfileSpec, QuantizeSpec, QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
@@ -58,6 +61,20 @@ class _SharedModel:
         if self.lm is None:
             self.lm, _ = model_of(self.name, self.runtime)
         return self.lm
+
+    def in_dtype(self, dtype) -> None:
+        """Cast the model's parameters to ``dtype`` for a quantizer that computes in it, as loading it in that
+        dtype would (buffers such as rotary frequencies keep theirs; a streamed model then reads its layers in
+        it)."""
+        for p in self.fp().model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+    def drop(self) -> None:
+        """Forget the model (cast, or quantized in another dtype than the run's): the next stage loads it again,
+        the checkpoint once quantized."""
+        self.lm = None
+        gc.collect()
 
     def quantized_in_memory(self) -> None:
         """The quantize stage ran on the shared model: in memory, it now holds the quantized weights; streamed,
@@ -252,25 +269,33 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         shared.fp(), dataclasses.replace(e_spec, log_samples=True), output=out / "eval-fp.json",
         runtime=runtime).results)
 
-    def quantize_by(chosen: QuantizeSpec, after_layer=None):
-        return quantize(shared.fp(), out / "model", chosen, calib_spec, plan=out / "plan.json", export=export,
-                        runtime=quantize_runtime(runtime), overwrite=True, after_layer=after_layer)
+    def quantize_by(chosen: _Quantizer, after_layer=None):
+        q_runtime = quantize_runtime(runtime)
+        if chosen.batch_size:
+            q_runtime = dataclasses.replace(q_runtime, batch_size=chosen.batch_size)
+        return quantize(shared.fp(), out / "model", chosen.spec, calib_spec, plan=out / "plan.json", export=export,
+                        runtime=q_runtime, overwrite=True, after_layer=after_layer)
 
     def do_quantize():
         choice = None
-        chosen = q_spec
+        chosen = _Quantizer(q_spec)
         if spec.time_budget is not None:
             done = stages.seconds()
             spent = sum(done.get(k, 0.0) for k in ("mixture", "profile", "allocate", "eval_fp"))
             # the quantized model's evaluation takes about the full-precision one's time: kept for it
             left = spec.time_budget * 60 - spent - done.get("eval_fp", 0.0)
-            choice = _choose_quantizer(shared.fp(), spec, quantize_runtime(runtime), left, quantize_by)
+            choice = _choose_quantizer(shared, spec, quantize_runtime(runtime), left, quantize_by)
             chosen = choice.candidate.spec
             log.info("quantizer: %s", choice.describe())
+        if chosen.dtype is not None:
+            shared.in_dtype(chosen.dtype)
         q = quantize_by(chosen)
-        shared.quantized_in_memory()
+        if chosen.dtype is None:
+            shared.quantized_in_memory()
+        else:  # the quantized model is evaluated from its checkpoint, in the run's dtype
+            shared.drop()
         return {"average_bits": q.average_bits, "size_bytes": q.size_bytes, "seconds": q.seconds,
-                "quantizer": q.record["quantizer"],
+                "quantizer": q.record["quantizer"], "dtype": q.record["dtype"],
                 **({"choice": {"chosen": choice.candidate.name, "seconds_left": choice.seconds_left,
                                "trials": choice.trials, "describe": choice.describe()}} if choice else {})}
 
@@ -280,6 +305,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
         runtime=runtime).results)
     summary = {"model": model, "tasks": tasks, "calib": calib, "eval_limit": spec.eval_limit,
                "quantizer": quant.get("quantizer", q_spec.quantizer), "device": runtime.device,
+               **({"quantize_dtype": quant["dtype"]} if "dtype" in quant else {}),
                **({"quantizer_choice": quant["choice"]} if "choice" in quant else {}),
                **({"time_budget": spec.time_budget} if spec.time_budget is not None else {}),
                "dtype": str(parse_dtype(runtime.dtype, runtime.device)).replace("torch.", ""),
@@ -297,33 +323,62 @@ class _FirstLayerDone(Exception):
     """A quantizer's trial has quantized its first decoder layer."""
 
 
-def _choose_quantizer(lm, spec: RunSpec, runtime: Runtime, seconds_left: float, quantize_by) -> Choice:
-    """The run's quantizer under its time budget (tasa.pipeline.quantizer_choice): the better one
-    (config.BETTER_OPTIONS, where it runs: not with --distributed calibration), timed on the first decoder layer,
-    else the default; ``quantize_by(spec, after_layer)`` quantizes the run's plan by ``spec``."""
+@dataclass(frozen=True)
+class _Quantizer:
+    """A quantizer of the run's plan: its options, and the model's dtype and the batch size while it quantizes
+    (None: the run's)."""
+
+    spec: QuantizeSpec
+    dtype: object = None
+    batch_size: int | None = None
+
+    def name(self) -> str:
+        """As a choice names it: the spec's quantizer, and the dtype and batch size it runs in."""
+        name = self.spec.quantizer
+        if self.dtype is not None:
+            name += f", the model in {str(self.dtype).replace('torch.', '')}"
+        if self.batch_size:
+            name += f", {self.batch_size}-sequence batches"
+        return name
+
+
+def _choose_quantizer(shared: _SharedModel, spec: RunSpec, runtime: Runtime, seconds_left: float,
+                      quantize_by) -> Choice:
+    """The run's quantizer under its time budget (tasa.pipeline.quantizer_choice), best first: the better one
+    (config.BETTER_OPTIONS) in the run's dtype; on a CPU that computes bfloat16 natively, for a float32 model, the
+    same in bfloat16 in 2-sequence batches (config.BETTER_QUANTIZER_BF16, AutoRound's quality in less time); else
+    the default.  Not the better ones with --distributed calibration (one process holds both streams).  Each but
+    the default is tried on the first decoder layer; ``quantize_by(quantizer, after_layer)`` quantizes the run's
+    plan.  A model cast for a trial is loaded again if its quantizer is not chosen."""
     distributed = runtime.cluster.backend is not None
-    default = spec.quantize_spec().resolved("gptq", distributed)
-    candidates = [Candidate(default.quantizer, default)]
+    default = _Quantizer(spec.quantize_spec().resolved("gptq", distributed))
+    candidates = [Candidate(default.name(), default)]
+    lm = shared.fp()
     if not distributed:
         better = dataclasses.replace(spec.quantize_spec(), **BETTER_OPTIONS).resolved("gptq")
         arch = resolve(lm.model)
         head = lm.model.get_output_embeddings()
         layer = sum(arch.numels()[m.name] for m in arch.layer_modules(0))
         factor = head_factor(layer, head.weight.numel()) if better.learn_output_kl and head is not None else 1.0
-        candidates.insert(0, Candidate(better.quantizer, better, factor))
+        fast = []
+        if native_bfloat16(runtime.device) and str(runtime.device) == "cpu" and \
+                next(lm.model.parameters()).dtype == torch.float32:
+            fast = [_Quantizer(better, torch.bfloat16, BETTER_BF16_BATCH)]
+        candidates[:0] = [Candidate(q.name(), q, factor) for q in [_Quantizer(better), *fast]]
 
     def trial(c: Candidate, seconds: float) -> tuple[float, bool]:
-        arch = resolve(lm.model)
-
         def stop(index: int) -> None:
             raise _FirstLayerDone
 
+        t = time.perf_counter()
+        if c.spec.dtype is not None:
+            shared.in_dtype(c.spec.dtype)
+        arch = resolve(shared.fp().model)
         # a streamed model's layer is read again from disk; one in memory is put back as it was
         saved = None if arch.streamer is not None else \
             {k: v.detach().clone() for k, v in arch.layers[0].state_dict().items()}
-        t = time.perf_counter()
         try:
-            with deadline(seconds):
+            with deadline(seconds - (time.perf_counter() - t)):
                 try:
                     quantize_by(c.spec, stop)
                 except _FirstLayerDone:
@@ -335,7 +390,11 @@ def _choose_quantizer(lm, spec: RunSpec, runtime: Runtime, seconds_left: float, 
             if saved is not None:
                 arch.layers[0].load_state_dict(saved)
 
-    return choose(candidates, seconds_left, resolve(lm.model).num_layers, trial)
+    choice = choose(candidates, seconds_left, resolve(lm.model).num_layers, trial)
+    if any(c.spec.dtype is not None for c in candidates if c.name in {t["name"] for t in choice.trials}) and \
+            choice.candidate.spec.dtype is None:
+        shared.drop()  # cast for a trial: the chosen quantizer reads the model as the run loads it
+    return choice
 
 
 def _sizes(model_dir: Path) -> dict:

@@ -87,7 +87,7 @@ def _quantizer(summary: dict) -> list[str]:
     the run's general text, the mixed one to use."""
     name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
-    dtype = summary.get("dtype")
+    dtype = summary.get("quantize_dtype", summary.get("dtype"))
     computed = f", the model in {dtype} while quantized," if dtype not in (None, "float32") else ""
     md = ["", "## Quantizer", "", f"The checkpoint was made by {name}{computed}{took}."]
     choice = summary.get("quantizer_choice")
