@@ -15,7 +15,8 @@ Writes benchmarks/results/run.json (schema of docs/RESULTS.md; one row, the quan
 evaluation metrics and per-stage seconds) and benchmarks/results/run/ (stages.json, run.json, plan.json,
 quantize.json, sensitivity.json, mixture.json, eval-fp.json and eval-quant.json without per-item samples);
 with --better, benchmarks/results/run-better.json and benchmarks/results/run-better/; with --calib, "-calib" is
-added to the name (a given calibration skips the mixture search, so there is no mixture.json).
+added to the name (a given calibration skips the mixture search, so there is no mixture.json); --name NAME names
+them instead.
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ def main() -> None:
     ap.add_argument("--better", action="store_true",
                     help="run (or record, named so) with the better quantizer's options, tasa.config.BETTER_QUANTIZER")
     ap.add_argument("--calib", help="calibration for `tasa run --calib` (default: make run's, the searched mixture)")
+    ap.add_argument("--name", help="the record's name, RESULTS/NAME.json and RESULTS/NAME/ (default: run, with "
+                                   "-better and -calib as above)")
     args = ap.parse_args()
-    name = "run" + ("-better" if args.better else "") + ("-calib" if args.calib else "")
+    name = args.name or "run" + ("-better" if args.better else "") + ("-calib" if args.calib else "")
     extra = (BETTER_QUANTIZER[0].split() if args.better else TIME_BUDGET) + (["--calib", args.calib] if args.calib
                                                                             else [])
     if args.command == ap.get_default("command"):

@@ -43,16 +43,16 @@ def test_the_best_candidate_whose_projection_fits_what_is_left_after_its_trial_i
     assert (c.candidate, ran) == (best, [("best", 10.0)])  # deadline 60 / (4 + 2)
     assert c.trials == [{"name": "best", "deadline_seconds": 10.0, "trial_seconds": 10.0, "first_layer_seconds": 10.0,
                          "projected_seconds": 50.0, "seconds_left": 50.0, "fits": True}]
-    assert c.describe() == ("best (60 s of the budget left for quantizing; best's first layer took 10.0 s, "
-                            "projecting 50 s against 50 s left (fits))")
+    assert c.describe() == ("best (60 s of the budget left for quantizing; trial of best: its first layer took "
+                            "10.0 s, projecting 50 s against 50 s left (fits))")
     trial, ran = _trials({"best": 10.0, "good": 3.0})
     c = choose([best, good, default], 54.0, 4, trial)  # best stopped at 9 s; good: deadline 45 / 5 = 9 >= 3
     assert (c.candidate, ran) == (good, [("best", 9.0), ("good", 9.0)])
     assert c.trials[0] == {"name": "best", "deadline_seconds": 9.0, "trial_seconds": 9.0, "first_layer_seconds": None,
                            "projected_seconds": None, "seconds_left": 45.0, "fits": False}
     assert c.trials[1]["fits"] and c.trials[1]["seconds_left"] == 42.0 and c.trials[1]["projected_seconds"] == 12.0
-    assert "best's first layer was stopped at its deadline of 9.0 s, past which its projection could not fit; " \
-        "good's first layer took 3.0 s, projecting 12 s against 42 s left (fits)" in c.describe()
+    assert "trial of best: its first layer stopped at the deadline of 9.0 s, past which its projection could not " \
+        "fit; trial of good: its first layer took 3.0 s, projecting 12 s against 42 s left (fits)" in c.describe()
     trial, ran = _trials({"best": 10.0, "good": 3.0})
     c = choose([best, good, default], 17.0, 4, trial)  # neither fits: the default, never tried
     assert (c.candidate, [n for n, _ in ran]) == (default, ["best", "good"])
@@ -170,12 +170,16 @@ def test_run_chooses_its_quantizer_by_a_trial_that_leaves_the_model_as_it_was(ti
 
 def test_the_better_quantizers_flags_and_fields_agree():
     from tasa.cli import build_parser
-    from tasa.config import BETTER_OPTIONS, BETTER_QUANTIZER
+    from tasa.config import BETTER_BF16_BATCH, BETTER_OPTIONS, BETTER_QUANTIZER, BETTER_QUANTIZER_BF16
 
     args = build_parser().parse_args(["quantize", "--model", "m", "--output-dir", "o", *BETTER_QUANTIZER[0].split()])
     assert {k: getattr(args, k) for k in BETTER_OPTIONS} == BETTER_OPTIONS
     assert args.learn_rounding and not build_parser().parse_args(["quantize", "--model", "m", "--output-dir",
                                                                   "o"]).learn_rounding
+    fast = build_parser().parse_args(["quantize", "--model", "m", "--output-dir", "o",
+                                      *BETTER_QUANTIZER_BF16[0].split()])  # what tasa run --time-budget tries
+    assert {k: getattr(fast, k) for k in BETTER_OPTIONS} == BETTER_OPTIONS
+    assert (fast.batch_size, fast.dtype) == (BETTER_BF16_BATCH, "bfloat16")
 
 
 def test_run_tries_the_bfloat16_variant_on_a_cpu_that_computes_it_and_reloads_the_model_if_not_chosen(

@@ -55,9 +55,9 @@ class Choice:
         """One sentence: what was chosen, and why."""
         def trial(t: dict) -> str:
             if t["first_layer_seconds"] is None:
-                return (f"{t['name']}'s first layer was stopped at its deadline of {t['deadline_seconds']:.1f} s, "
-                        "past which its projection could not fit")
-            return (f"{t['name']}'s first layer took {t['first_layer_seconds']:.1f} s, projecting "
+                return (f"trial of {t['name']}: its first layer stopped at the deadline of "
+                        f"{t['deadline_seconds']:.1f} s, past which its projection could not fit")
+            return (f"trial of {t['name']}: its first layer took {t['first_layer_seconds']:.1f} s, projecting "
                     f"{t['projected_seconds']:.0f} s against {t['seconds_left']:.0f} s left"
                     f"{' (fits)' if t['fits'] else ''}")
         left = f"{self.seconds_left:.0f} s of the budget left for quantizing" if self.seconds_left > 0 else \

@@ -14,8 +14,8 @@ import torch
 
 from tasa.artifacts import write_json_atomic
 from tasa.cancel import Overtime, deadline
-from tasa.config import (BETTER_BF16_BATCH, BETTER_OPTIONS, GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec, ExportSpec, MixtureSpec,
-                         ProfileSpec, QuantizeSpec, QuantSpec, RunSpec, Runtime)
+from tasa.config import (BETTER_BF16_BATCH, BETTER_OPTIONS, GENERAL_TEXT, AllocationSpec, CalibSpec, EvalSpec,
+                         ExportSpec, MixtureSpec, ProfileSpec, QuantizeSpec, QuantSpec, RunSpec, Runtime)
 from tasa.data import resolve_calibration_source, store
 from tasa.errors import TasaError
 from tasa.models import resolve, streamer_of
