@@ -291,10 +291,13 @@ BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl",
 # float32, Hessians are summed in float32 from bfloat16 products), as AutoRound itself computes there: on the paper
 # table's plan and calibration KL 0.140 +- 0.004 and perplexity 32.61 over three seeds; in one invocation with
 # AutoRound on the same plan, calibration and machine 0.42x its time at KL 0.138 (docs/RESULTS.md, "Met in one
-# invocation"); in `tasa run`'s setting this many times the default's quantize time on the same machine (494 s
-# against 256 s, benchmarks/run_quantizer.py, before its Hessians were summed from bfloat16 products).
+# invocation"); in `tasa run`'s setting this many times the default's quantize time on the same machine (767 s
+# against 296 s, benchmarks/run_quantizer.py, 2026-12-07 15:28; 1.9x, 494 s against 256 s, the same morning: its
+# ratio to GPTQ varies with this machine's load). tasa run --time-budget tries it rather than rely on the ratio.
 BETTER_QUANTIZER_BF16 = ("--learn-rounding 128 --learn-start gptq --learn-output-kl --batch-size 2 --dtype bfloat16",
-                         1.9)
+                         2.6)
+# The bfloat16 products of the Hessians did not slow it: 21.6 s a layer with them, 22.8 s with float32 products
+# (benchmarks/bf16_products.py, the same afternoon).
 BETTER_BF16_BATCH = 2  # its --batch-size (tasa run --time-budget quantizes so with this one)
 # tasa run's general text: the general source of its mixture search, its calibration where the tasks have none,
 # and its first profile objective.
