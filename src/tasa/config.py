@@ -626,9 +626,9 @@ class RunSpec:
     float_targets: float | None = None  # ... and its float_targets, learn_start and learn_output_kl
     learn_start: str = "rtn"
     learn_output_kl: bool = False
-    # minutes the run's stages may take (None: no budget): the quantizer is then the better one (BETTER_OPTIONS)
-    # where a trial of its first decoder layer projects it within the minutes left, else the default
-    # (tasa.pipeline.quantizer_choice)
+    # minutes the run's stages may take (None: no budget): the quantizer is then the first of the better one
+    # (BETTER_OPTIONS) and, on a CPU that computes bfloat16 natively, its bfloat16 variant whose trial on the first
+    # decoder layer projects it within the minutes left, else the default (tasa.pipeline.run, quantizer_choice)
     time_budget: float | None = None
 
     def __post_init__(self) -> None:
