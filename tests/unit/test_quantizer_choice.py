@@ -100,9 +100,13 @@ def _checkpoint(out_dir, model: str = "model") -> dict[str, bytes]:
 
 def test_run_chooses_its_quantizer_by_a_trial_that_leaves_the_model_as_it_was(tiny_model_dir, tmp_path, capsys,
                                                                              data_dir, monkeypatch):
+    import importlib
+
+    import tasa.cancel
     import tasa.pipeline.quantizer_choice as qc
     from tasa.config import BETTER_QUANTIZER
 
+    run_module = importlib.import_module("tasa.pipeline.run")  # the package's `run` is the function
     out_dir = tmp_path / "run"
     args = _small_run(tiny_model_dir, out_dir)
     code, out, err = run_cli(args, capsys)
@@ -130,14 +134,8 @@ def test_run_chooses_its_quantizer_by_a_trial_that_leaves_the_model_as_it_was(ti
     assert f"made by {better_name}" in report and "time budget of 100000 minutes" in report
     assert choice["describe"] in report
 
-    # one it does not fit (its projection made too long): the default, after the trial, bit for bit as without it
+    # one it does not fit (its projection made too long): the default, after the trial, bit for bit as without it;
     # and one stopped at its deadline, wherever it lands in the trial
-    import importlib
-
-    run_module = importlib.import_module("tasa.pipeline.run")  # the package's `run` is the function
-
-    import tasa.cancel
-
     for stream, minutes, stopped in (("off", "50000", False), ("on", "40000", False), ("off", "30000", True),
                                      ("on", "20000", True)):  # in memory put back; streamed read again
         with monkeypatch.context() as m:
