@@ -83,8 +83,8 @@ def _prediction(alloc: dict) -> list[str]:
 def _quantizer(summary: dict) -> list[str]:
     """Which quantizer made the checkpoint, in how long (and why, when chosen under a time budget), and the better
     one where time allows (or on a GPU; on a CPU that computes bfloat16 natively also the faster one at AutoRound's
-    quality), with the `tasa quantize` command that requantizes the run's plan by it; with learned rounding (used or named) on a calibration without
-    the run's general text, the mixed one to use."""
+    quality), with the `tasa quantize` command that requantizes the run's plan by it; with learned rounding (used
+    or named) on a calibration without the run's general text, the mixed one to use."""
     name, seconds = summary.get("quantizer", "gptq"), summary["seconds"].get("quantize")
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     dtype = summary.get("quantize_dtype", summary.get("dtype"))
