@@ -102,7 +102,7 @@ def quantize(model: str | LoadedModel, output_dir: str | Path, spec: QuantizeSpe
     (the file it was read from, ``export.gguf_template``, or llama.cpp's converter in ``export.llama_cpp``; see
     tasa.export.gguf_source).
     ``after_layer``: called with each decoder layer's index once it is quantized and written (an exception it
-    raises stops the quantization, and nothing is left in ``output_dir``).
+    raises stops the quantization and leaves ``output_dir`` as it was).
     """
     from tasa.allocate.targets import get_target, target_for
     from tasa.export import gguf_source
