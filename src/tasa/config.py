@@ -289,7 +289,7 @@ BETTER_QUANTIZER = ("--learn-rounding 128 --learn-start gptq --learn-output-kl",
 # On a CPU that computes bfloat16 natively (AVX512-BF16, AMX), the faster one at AutoRound's quality: the same
 # learning in 2-sequence batches with the model in bfloat16 while it is quantized (GPTQ and learned grids stay
 # float32, Hessians are summed in float32 from bfloat16 products), as AutoRound itself computes there: on the paper
-# table's plan and calibration KL 0.139 +- 0.002 and perplexity 32.67 over three seeds; in one invocation with
+# table's plan and calibration KL 0.139 +- 0.003 and perplexity 32.67 over three seeds; in one invocation with
 # AutoRound on the same plan, calibration and machine 0.42x its time at KL 0.138 (docs/RESULTS.md, "Met in one
 # invocation"); in `tasa run`'s setting this many times the default's quantize time on the same machine (767 s
 # against 296 s, benchmarks/run_quantizer.py, 2026-12-07 15:28; 1.9x, 494 s against 256 s, the same morning: its
