@@ -354,15 +354,15 @@ def _choose_quantizer(shared: _SharedModel, spec: RunSpec, runtime: Runtime, sec
     default = _Quantizer(spec.quantize_spec().resolved("gptq", distributed))
     candidates = [Candidate(default.name(), default)]
     lm = shared.fp()
+    arch = resolve(lm.model)  # cast in place for a trial, the model keeps its modules
+    dtype = next(lm.model.parameters()).dtype
     if not distributed:
         better = dataclasses.replace(spec.quantize_spec(), **BETTER_OPTIONS).resolved("gptq")
-        arch = resolve(lm.model)
         head = lm.model.get_output_embeddings()
         layer = sum(arch.numels()[m.name] for m in arch.layer_modules(0))
         factor = head_factor(layer, head.weight.numel()) if better.learn_output_kl and head is not None else 1.0
         fast = []
-        if native_bfloat16(runtime.device) and str(runtime.device) == "cpu" and \
-                next(lm.model.parameters()).dtype == torch.float32:
+        if native_bfloat16(runtime.device) and str(runtime.device) == "cpu" and dtype == torch.float32:
             fast = [_Quantizer(better, torch.bfloat16, BETTER_BF16_BATCH)]
         candidates[:0] = [Candidate(q.name(), q, factor) for q in [_Quantizer(better), *fast]]
 
@@ -373,7 +373,6 @@ def _choose_quantizer(shared: _SharedModel, spec: RunSpec, runtime: Runtime, sec
         t = time.perf_counter()
         if c.spec.dtype is not None:
             shared.in_dtype(c.spec.dtype)
-        arch = resolve(shared.fp().model)
         # a streamed model's layer is read again from disk; one in memory is put back as it was
         saved = None if arch.streamer is not None else \
             {k: v.detach().clone() for k, v in arch.layers[0].state_dict().items()}
@@ -390,9 +389,8 @@ def _choose_quantizer(shared: _SharedModel, spec: RunSpec, runtime: Runtime, sec
             if saved is not None:
                 arch.layers[0].load_state_dict(saved)
 
-    choice = choose(candidates, seconds_left, resolve(lm.model).num_layers, trial)
-    if any(c.spec.dtype is not None for c in candidates if c.name in {t["name"] for t in choice.trials}) and \
-            choice.candidate.spec.dtype is None:
+    choice = choose(candidates, seconds_left, arch.num_layers, trial)
+    if choice.candidate.spec.dtype is None and next(lm.model.parameters()).dtype != dtype:
         shared.drop()  # cast for a trial: the chosen quantizer reads the model as the run loads it
     return choice
 
