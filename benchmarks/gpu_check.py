@@ -29,6 +29,9 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
   scored by vLLM and by tasa's reader on 8 WikiText-2 windows (perplexity within 1%).
 - ``*-bf16`` rows (GPU only): the quantize commands at the GPU's default dtype, bfloat16 (Hessians and GPTQ
   updates stay float32), for time and memory.
+- ``*-multi-gpu`` rows (two or more GPUs only): every float32 command again with ``--device cuda:0,cuda:1`` (the
+  decoder layers spread over both, tasa.models.placement), checked against the one-GPU rows by the same tolerances,
+  with the largest peak memory of either GPU.
 
 ``--model`` replaces SmolLM2-135M (a lent GPU machine takes at most 64 MiB of files, and SmolLM2's GGUF is 94 MiB:
 ``--cut-gguf`` writes its layers 0, 27, 28 and 29 with a Q4_1 embedding, 27 MiB; both devices load the same file, so
@@ -319,7 +322,8 @@ def compare(cpu: dict, gpu: dict) -> dict:
     return out
 
 
-PHASES = ("prepare", "reference", "test", "test-bf16", "moe", "vllm", "report")
+PHASES = ("prepare", "reference", "test", "test-bf16", "moe", "vllm", "multi-gpu", "report")
+MULTI_GPU = "cuda:0,cuda:1"
 
 
 def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
@@ -328,9 +332,10 @@ def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
     results = {p: json.loads((work / f"raw-{p}.json").read_text()) for p in PHASES[1:-1]
                if (work / f"raw-{p}.json").is_file()}
     checks = compare(results.get("reference", {}), results.get("test", {}))
+    multi_checks = compare(results.get("test", {}), results.get("multi-gpu", {}))
     rows = []
     for which, r_all in results.items():
-        device = ref if which == "reference" else test
+        device = {"reference": ref, "multi-gpu": MULTI_GPU}.get(which, test)
         for cmd, r in r_all.items():
             metrics = {k: v for k, v in r.items() if k not in ("seconds", "plan", "costs", "rel_error", "last_line",
                                                                "returncode")}
@@ -338,6 +343,8 @@ def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
             metrics["dtype"] = "bfloat16" if which in ("test-bf16", "moe", "vllm") else "float32"
             if which == "test":
                 metrics.update(checks.get(cmd, {}))
+            if which == "multi-gpu":  # against the one-GPU row ("vs_cpu" there: vs one GPU)
+                metrics.update({k.replace("_vs_cpu", "_vs_one_gpu"): v for k, v in multi_checks.get(cmd, {}).items()})
             rows.append(row(f"{cmd}-{which}", "tasa", cmd.split("-")[-1], r.get("bits"),
                             128 if "8b" in cmd or "moe" in cmd else 64, None, metrics, r.get("seconds")))
     gpu = None
@@ -349,6 +356,7 @@ def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
                          + " ".join(sys.argv[1:]), rows,
                          {"devices": [ref, test], "gpu": gpu, "host": machine(), "small": small, "model": model,
                           "tolerances": {"rel_error": ERROR_TOLERANCE, "ppl": PPL_TOLERANCE}, "checks": checks,
+                          "multi_gpu_checks": multi_checks,
                           "phases_done": sorted(results)})
 
 
@@ -390,8 +398,14 @@ def main() -> None:
             fixed_plan(model, work / "plan-smollm2.json")
             synthetic_8b_layers(work, s["layers_8b"], s["small"], model)
             continue
-        if phase in ("test-bf16", "moe", "vllm") and not test.startswith("cuda"):
+        if phase in ("test-bf16", "moe", "vllm", "multi-gpu") and not test.startswith("cuda"):
             continue
+        if phase == "multi-gpu":
+            import torch
+
+            if torch.cuda.device_count() < 2:
+                print(f"multi-gpu skipped: {torch.cuda.device_count()} GPU here", flush=True)
+                continue
         if phase == "report":
             out = save(work, ref, test, args.small, model)
             continue
@@ -399,6 +413,8 @@ def main() -> None:
             raw = run_moe(work, test, model)
         elif phase == "vllm":
             raw = run_vllm(work, model, fixed_plan(model, work / "plan-smollm2.json"))
+        elif phase == "multi-gpu":
+            raw = run_device(work, MULTI_GPU, phase, s, model)
         else:
             device, dtype = (ref, "float32") if phase == "reference" else (test, "float32" if phase == "test"
                                                                            else "bfloat16")

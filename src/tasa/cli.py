@@ -40,7 +40,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="local HF directory, .gguf file, hub id, or 'smollm2-135m' (embedded default)")
     p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, or auto (the first GPU when there is one, else the CPU) (default: cpu)")
+                   help="cpu, cuda, cuda:N, auto (the first GPU when there is one, else the CPU), or several GPUs "
+                        "(cuda:0,cuda:1: the decoder layers spread over them in contiguous runs balanced by bytes, "
+                        "for a model larger than one GPU's memory; they compute one after another) (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on GPU); Hessians are summed, GPTQ and "
                         "learned grids computed in float32 in any case (on a CPU with native bfloat16, a bfloat16 "

@@ -179,12 +179,22 @@ def parse_size(text: str, what: str) -> int:
 
 
 def resolve_device(device: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (the first CUDA device when there is one, else the CPU); a CUDA
-    device this machine does not have is an error."""
+    """``cpu``, ``cuda``, ``cuda:N``, ``auto`` (the first CUDA device when there is one, else the CPU), or a comma
+    list of two or more distinct CUDA devices (``cuda:0,cuda:1``: the model's decoder layers spread over them,
+    tasa.models.placement), returned as ``cuda:N`` names joined by commas; a CUDA device this machine does not have
+    is an error."""
+    if "," in device:
+        names = [d.strip() for d in device.split(",")]
+        if any(not re.fullmatch(r"cuda(:[0-9]+)?", d) for d in names):
+            raise TasaError(f"--device: a list of devices names CUDA devices only (cuda:0,cuda:1), got {device!r}")
+        names = [d if ":" in d else "cuda:0" for d in names]
+        if len(set(names)) != len(names):
+            raise TasaError(f"--device {device}: a device is named twice")
+        return ",".join(resolve_device(d) for d in names)
     if device == "cpu":
         return device
     if device != "auto" and not re.fullmatch(r"cuda(:[0-9]+)?", device):
-        raise TasaError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        raise TasaError(f"--device must be cpu, cuda, cuda:N, a list cuda:0,cuda:1 or auto, got {device!r}")
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -195,6 +205,11 @@ def resolve_device(device: str) -> str:
         raise TasaError(f"--device {device}: this machine has {count} CUDA device(s)"
                         + ("" if count else f" (torch {torch.__version__}, CUDA {torch.version.cuda})"))
     return device
+
+
+def device_list(device: str) -> list[str]:
+    """The devices of a :func:`resolve_device` result, the primary first (one, or the list's)."""
+    return device.split(",")
 
 
 def _one_of(value, choices: tuple, what: str) -> None:
@@ -243,7 +258,7 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a verb computes, not what: torch device, model dtype (None: float32 on CPU, bfloat16 on
+    """Where and how a verb computes, not what: torch device (or devices: ``cuda:0,cuda:1``), model dtype (None: float32 on CPU, bfloat16 on
     GPU), sequences per forward batch, progress bars, and whether the model's weights are read from disk one
     decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free memory); the
     ``cluster`` that measurements spread over (probes; serial here by default)."""
@@ -260,6 +275,16 @@ class Runtime:
             _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.stream, STREAM_MODES, "--stream")
         object.__setattr__(self, "device", resolve_device(self.device))
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device: one, or a list (the model's decoder layers spread over them, tasa.models.placement)."""
+        return device_list(self.device)
+
+    @property
+    def primary(self) -> str:
+        """Where everything outside the decoder layers computes (the only device, or the list's first)."""
+        return self.devices[0]
         _positive(self.batch_size, "--batch-size")
 
 

@@ -248,7 +248,7 @@ def test_streamed_quantization_of_a_200m_parameter_model_holds_few_layers(tmp_pa
 def test_devices_are_resolved_and_checked():
     assert Runtime(device="cpu").device == "cpu"
     assert Runtime(device="auto").device == ("cuda:0" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(TasaError, match="--device must be cpu, cuda, cuda:N or auto, got 'gpu'"):
+    with pytest.raises(TasaError, match="--device must be cpu, cuda, cuda:N, a list cuda:0,cuda:1 or auto, got 'gpu'"):
         Runtime(device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(TasaError, match=r"--device cuda:1: this machine has 0 CUDA device\(s\)"):

@@ -251,7 +251,7 @@ def search(lm, load_model: Callable, spec: MixtureSpec, group_size: int, runtime
 
     general, tasks, criteria = spec.general, list(spec.tasks), list(spec.criteria)
     nsamples, seqlen, seed, damp = spec.nsamples, spec.seqlen, spec.seed, spec.damp
-    batch_size, device, progress = runtime.batch_size, runtime.device, runtime.progress
+    batch_size, device, progress = runtime.batch_size, runtime.primary, runtime.progress
     if general in tasks:
         raise TasaError("give one or more distinct task sources, other than the general source")
     targets = list(spec.targets) if spec.targets else list(tasks)

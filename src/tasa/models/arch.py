@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
@@ -86,6 +87,11 @@ class ModelArch:
     source: str  # "spec" or "discovered"
     streamer: object | None = None  # tasa.models.streaming.Streamer of a streamed model, else None
     tie_experts: bool = True  # the routed experts of a layer share one bit-width (a fusion group each)
+    placement: object | None = None  # tasa.models.placement.Placement of a model spread over several devices
+
+    def layer_device(self, index: int, device: torch.device) -> torch.device:
+        """Where decoder layer ``index`` computes: its placed device, else ``device`` (the one compute device)."""
+        return self.placement.layers[index] if self.placement is not None else device
 
     @property
     def num_layers(self) -> int:
@@ -248,4 +254,5 @@ def resolve(model: nn.Module) -> ModelArch:
     if not modules:
         raise TasaError(f"{model_type}: decoder layers at '{spec.layers_path}' contain no nn.Linear modules")
     _check_coverage(model_type, spec, layers)
-    return ModelArch(model_type, spec, layers, modules, source, streamer_of(model))
+    return ModelArch(model_type, spec, layers, modules, source, streamer_of(model),
+                     placement=getattr(model, "tasa_placement", None))

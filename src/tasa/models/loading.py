@@ -184,7 +184,10 @@ def _is_tied(model, key: str) -> bool:
 
 
 def available_memory(device: str) -> int:
-    """Bytes free for a model on ``device``: available RAM on the CPU, free memory of a CUDA device."""
+    """Bytes free for a model on ``device``: available RAM on the CPU, free memory of a CUDA device (of a list of
+    CUDA devices, ``cuda:0,cuda:1``: all of them)."""
+    if "," in str(device):
+        return sum(available_memory(d) for d in str(device).split(","))
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
@@ -219,10 +222,12 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
     ``stream``: True builds the model on the meta device and reads each decoder layer's weights from disk when
     it is used (tasa.models.streaming: models larger than memory; a hub id is downloaded first); None decides
     by size for a local safetensors checkpoint (streams when its weights at the compute dtype exceed half of
-    the device's free memory); False loads every weight now."""
+    the device's free memory); False loads every weight now.  ``device``: one, or a list of CUDA devices
+    (``cuda:0,cuda:1``) that the decoder layers are spread over (tasa.models.placement)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = parse_dtype(dtype, device)
+    devices = str(device).split(",")
+    torch_dtype = parse_dtype(dtype, devices[0])
     kind, where = resolve_source(spec)
     source_dtype = gguf_file = None
     if kind == "gguf":  # GGUF stores unquantized tensors and its types' scales in float16
@@ -245,7 +250,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
             from tasa.models.streaming import streamed_model
 
             config = AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
-            model = streamed_model(where, config, torch_dtype, device, trust_remote_code)
+            model = streamed_model(where, config, torch_dtype, devices[0], trust_remote_code)
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
         elif kind == "dir" and quantized_format(Path(where)) is not None:
             model = _load_gptq(Path(where), torch_dtype, trust_remote_code)
@@ -274,7 +279,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         unfuse_experts(model)  # routed experts as linears (tasa.models.moe); a streamed skeleton is unfused on meta
         check_finite(model, spec)
         model.eval()
-        model.to(device)
+        if len(devices) == 1:
+            model.to(device)
+    if len(devices) > 1:
+        _spread(model, devices, stream)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if source_dtype is None and kind == "dir":
@@ -283,6 +291,24 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
         source_dtype = getattr(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), "dtype", None)
         source_dtype = source_dtype if isinstance(source_dtype, torch.dtype) else None
     return LoadedModel(model, tok, spec, str(where), source_dtype, gguf_file)
+
+
+def _spread(model: torch.nn.Module, devices: list[str], streamed: bool) -> None:
+    """The model's decoder layers spread over ``devices`` (tasa.models.placement): moved there now, or, streamed, read
+    there when used."""
+    from tasa.models.arch import resolve
+    from tasa.models.placement import install, model_placement, place
+    from tasa.models.streaming import streamer_of
+
+    layers = resolve(model).layers
+    if not streamed:
+        placement = place(model, layers, devices)
+    else:
+        placement = model_placement(model, layers, devices)
+        install(model, layers, placement)
+        streamer_of(model).place(list(placement.layers))
+    log.info("decoder layers spread over %s: %s", ", ".join(map(str, placement.devices)),
+             ", ".join(f"{d}: {sum(x == d for x in placement.layers)}" for d in placement.devices))
 
 
 def _config_dtype(path: Path) -> torch.dtype | None:

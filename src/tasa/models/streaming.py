@@ -71,6 +71,7 @@ class _Unit:
         self.resident = False
         self.pinned = False
         self.checked = False
+        self.device: torch.device | None = None  # where it is read to (None: the streamer's device)
 
 
 class Streamer:
@@ -130,9 +131,10 @@ class Streamer:
                 owner, _, attr = key.rpartition(".")
                 self.model.get_submodule(owner)._parameters[attr] = tied
 
-    def _read(self, key: str, like: torch.Tensor) -> torch.Tensor:
+    def _read(self, key: str, like: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         source = self.source_key(key)
-        t = self.weights.get(source, dtype=like.dtype if like.is_floating_point() else None, device=self.device)
+        t = self.weights.get(source, dtype=like.dtype if like.is_floating_point() else None,
+                             device=device or self.device)
         if tuple(t.shape) != tuple(like.shape):
             raise TasaError(f"{self.weights.path}: tensor {source} has shape {tuple(t.shape)}, the model expects "
                             f"{tuple(like.shape)}")
@@ -141,7 +143,7 @@ class Streamer:
     def _materialize(self, unit: _Unit) -> None:
         for key, mod, attr, is_param in unit.tensors:
             current = mod._parameters[attr] if is_param else mod._buffers[attr]
-            value = self._read(key, current)
+            value = self._read(key, current, unit.device)
             if not unit.checked and not all_finite(value):
                 bad = nonfinite_count(value)
                 raise TasaError(f"{key} holds {bad} NaN/infinite value(s); refusing to use it")
@@ -185,9 +187,20 @@ class Streamer:
         if unit.resident:
             self._dematerialize(unit, trim=True)
 
+    def place(self, devices: list[torch.device]) -> None:
+        """Read decoder layer ``i`` onto ``devices[i]`` from now on (tasa.models.placement), the buffers it holds
+        (made at construction) moved there now."""
+        for unit, device in zip(self.layers, devices):
+            unit.device = torch.device(device)
+            for mod in unit.module.modules():
+                for key, b in mod._buffers.items():
+                    if b is not None and b.device.type != "meta":
+                        mod._buffers[key] = b.to(device)
+
     def fetch(self, index: int, device: str | torch.device | None = None) -> nn.Module:
-        """Decoder layer ``index`` with its weights on the compute device, pinned until :meth:`release`."""
-        if device is not None:
+        """Decoder layer ``index`` with its weights on the compute device (or, for a model spread over several
+        devices, :meth:`place`, on its own), pinned until :meth:`release`."""
+        if device is not None and self.layers[index].device is None:
             self.device = torch.device(device)
         self._pin(self.layers[index])
         return self.layers[index].module
@@ -282,7 +295,11 @@ def held(model: nn.Module, module: nn.Module):
 
 
 def compute_device(model: nn.Module) -> torch.device:
-    """Where the model computes: its streamer's device for a streamed model, else where its weights are."""
+    """Where the model computes: its streamer's device for a streamed model, else where its weights are; for a model
+    spread over several devices, the primary (tasa.models.placement)."""
+    placement = getattr(model, "tasa_placement", None)
+    if placement is not None:
+        return placement.primary
     streamer = streamer_of(model)
     return streamer.device if streamer is not None else next(model.parameters()).device
 

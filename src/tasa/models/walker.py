@@ -201,7 +201,8 @@ def move_outside_layers(model: nn.Module, arch: ModelArch, device: torch.device)
 def resident(arch: ModelArch, index: int, device: torch.device) -> Iterator[nn.Module]:
     """Decoder layer ``index`` on ``device`` for the duration of the block, then back where it lives: moved
     there and back in memory, or, for a streamed model, read from disk and dropped after (with any change made
-    to it)."""
+    to it).  A model spread over several devices (tasa.models.placement): the layer's own device instead."""
+    device = arch.layer_device(index, device)
     if arch.streamer is not None:
         layer = arch.streamer.fetch(index, device)
         try:
@@ -216,6 +217,12 @@ def resident(arch: ModelArch, index: int, device: torch.device) -> Iterator[nn.M
         yield layer
     finally:
         layer.to(home)
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """Where a resident decoder layer computes: its weights' device (on a model spread over several devices, not
+    necessarily where its inputs are held: tasa.models.placement moves them in and its outputs back)."""
+    return next(layer.parameters()).device
 
 
 def walk(arch: ModelArch, device: torch.device, desc: str = "layers", progress: bool = False,

@@ -144,9 +144,10 @@ def machine_info() -> dict:
             "tasa": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def peak_gpu_gb(device) -> float | None:
-    """The most GPU memory torch held on ``device`` in this process (GiB); None on the CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if str(device).startswith("cuda") else None
+def peak_gpu_gb(devices: list[str]) -> float | None:
+    """The most GPU memory torch held on any of ``devices`` in this process (GiB); None on the CPU."""
+    cuda = [d for d in devices if str(d).startswith("cuda")]
+    return max(torch.cuda.max_memory_allocated(d) for d in cuda) / 2 ** 30 if cuda else None
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

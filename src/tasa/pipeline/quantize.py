@@ -193,7 +193,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             if after_layer:
                 after_layer(index)
         report = quantize_model(lm.model, arch, the_plan, calib, batch_size=runtime.batch_size,
-                                device=runtime.device, true_sequential=spec.true_sequential,
+                                device=runtime.primary, true_sequential=spec.true_sequential,
                                 on_result=(lambda n, r: packed.update(packer(n, r))) if packer else None,
                                 progress=runtime.progress,
                                 on_layer=on_layer,
@@ -232,7 +232,7 @@ def _quantize(model, out: Path, spec: QuantizeSpec, calib_spec: CalibSpec | None
             "target": target if export.format != "fp" else None,
             "streamed": arch.streamer is not None,
             "seconds": {"load_and_data": t_load, "quantize": report.seconds},
-            "peak_gpu_gb": peak_gpu_gb(runtime.device),
+            "peak_gpu_gb": peak_gpu_gb(runtime.devices),
             "modules": {n: s.__dict__ for n, s in report.modules.items()},
             **({"learned_rounding": {"steps": spec.learn_rounding, "lr": spec.learn_lr or 1 / spec.learn_rounding,
                                      "start": spec.learn_start, "objective": LEARNED_OBJECTIVE,

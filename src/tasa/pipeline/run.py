@@ -309,7 +309,7 @@ def run(model: str, output_dir: str | Path, spec: RunSpec, runtime: Runtime = Ru
                **({"quantizer_choice": quant["choice"]} if "choice" in quant else {}),
                **({"time_budget": spec.time_budget} if spec.time_budget is not None else {}),
                "dtype": str(parse_dtype(runtime.dtype, runtime.device)).replace("torch.", ""),
-               "bfloat16_native": native_bfloat16(runtime.device),
+               "bfloat16_native": native_bfloat16(runtime.primary),
                "eval_windows": spec.eval_windows, "seqlen": spec.seqlen, "nsamples": spec.nsamples, "seed": spec.seed,
                "probe_tokens": spec.probe_tokens, "profiled_bits": prof.get("profiled_bits"),
                "skipped_bits": prof.get("skipped_bits", []), "warnings": run_warnings + prof["warnings"],
@@ -362,7 +362,7 @@ def _choose_quantizer(shared: _SharedModel, spec: RunSpec, runtime: Runtime, sec
         layer = sum(arch.numels()[m.name] for m in arch.layer_modules(0))
         factor = head_factor(layer, head.weight.numel()) if better.learn_output_kl and head is not None else 1.0
         fast = []
-        if native_bfloat16(runtime.device) and str(runtime.device) == "cpu" and dtype == torch.float32:
+        if native_bfloat16(runtime.primary) and str(runtime.device) == "cpu" and dtype == torch.float32:
             fast = [_Quantizer(better, torch.bfloat16, BETTER_BF16_BATCH)]
         candidates[:0] = [Candidate(q.name(), q, factor) for q in [_Quantizer(better), *fast]]
 

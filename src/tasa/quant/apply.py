@@ -31,7 +31,7 @@ from tasa.config import LEARN_STARTS, QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import ModelArch
 from tasa.models.streaming import compute_device
-from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, head_logits, input_groups,
+from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, head_logits, input_groups, layer_device,
                                  move_outside_layers, parallel_steps, run_layer, walk)
 from tasa.plan import Plan, expert_container
 from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_weights, gptq_quantize,
@@ -69,7 +69,7 @@ def layer_hessians(layer: nn.Module, inputs: LayerInputs, firsts: list[str], adv
     whose H stays zero)."""
     state = {}
     for local in firsts:
-        state[local] = [make_empty_hessian(layer.get_submodule(local).in_features, inputs.hidden[0].device), 0]
+        state[local] = [make_empty_hessian(layer.get_submodule(local).in_features, layer_device(layer)), 0]
 
     def tap(local):
         def fn(x):
@@ -254,7 +254,7 @@ class Calibration:
     def hessians(self, layer: nn.Module, firsts: list[str], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         if not self.float_targets or any(expert_container(local) is not None for local in firsts):
             return layer_hessians(layer, self.inputs, firsts, counts=counts)
-        device = self.inputs.hidden[0].device
+        device = layer_device(layer)
         state = {local: [make_empty_hessian(layer.get_submodule(local).in_features, device),
                          make_empty_hessian(layer.get_submodule(local).in_features, device), 0] for local in firsts}
         held = self._held_float_inputs(layer, firsts)
@@ -321,7 +321,7 @@ class Calibration:
             self.float_outputs = [forward_layer(self.float_layer, *self.float_inputs.call(b), index)
                                   for b in range(len(self.float_inputs))]
         out = learn_layer(layer, specs, self.inputs, self.float_outputs, refine.iters, refine.lr, refine.seed + index,
-                          autocast=step_dtype(self.inputs.hidden[0].device, next(layer.parameters()).dtype,
+                          autocast=step_dtype(layer_device(layer), next(layer.parameters()).dtype,
                                               refine.dtype), starts=starts,
                           head=output_head(self.model, self.arch, index) if refine.output_kl else None, advance=True)
         self.refined = True  # the learning's keep decision left the layer's outputs in self.inputs
@@ -407,7 +407,7 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
         targets = [forward_layer(layer, *fp_inputs.call(b), index) for b in range(len(fp_inputs))]
         planned = {m.local: m for m in arch.layer_modules(index) if m.name in plan}
         if planned:
-            squares = {local: [torch.zeros(layer.get_submodule(local).in_features, device=device), 0]
+            squares = {local: [torch.zeros(layer.get_submodule(local).in_features, device=layer_device(layer)), 0]
                        for local in planned}
 
             def tap(local):
@@ -422,7 +422,7 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
                                             targets, iters, lr, seed + index,
                                             {local: s / max(n, 1) for local, (s, n) in squares.items()},
-                                            autocast=step_dtype(device, next(layer.parameters()).dtype, dtype),
+                                            autocast=step_dtype(layer_device(layer), next(layer.parameters()).dtype, dtype),
                                             head=output_head(model, arch, index) if output_kl else None,
                                             advance=True)
             report.layers[index] = learning
