@@ -167,3 +167,22 @@ def test_a_spread_models_scores_generations_and_profile_equal_one_devices(tmp_pa
              for rec in (pipeline.profile(lm, tmp_path / f"p{i}", spec, Runtime(progress=False),
                                           report=False).record["costs"] for i, lm in enumerate((one, two)))]
     assert len(costs[0]) == 4 and costs[0] == costs[1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_spread_models_mixture_criteria_equal_one_devices(tmp_path, data_dir, moves, stream):
+    from tasa import pipeline
+    from tasa.config import MixtureSpec
+
+    path = _save(tiny_llama(layers=3), tmp_path / "m")
+    spec = MixtureSpec(general="wikitext2", tasks=("gsm8k",), ratios=(0.0, 0.5, 1.0),
+                       criteria=("hessian-trace", "grad-align"), nsamples=4, seqlen=32, heldout_samples=2,
+                       sketch_dim=256, group_size=16)
+    records = []
+    for i, lm in enumerate((load(str(path), stream=stream), load(str(path), device="cpu,cpu:0", stream=stream))):
+        moves.clear()
+        records.append(pipeline.search_mixture(lm, tmp_path / f"s{i}", spec, Runtime(progress=False),
+                                               report=False).record)
+    assert {d for d, _ in moves} == {CPU, OTHER}
+    for criterion in ("hessian-trace", "grad-align"):
+        assert records[0]["results"][criterion]["values"] == records[1]["results"][criterion]["values"]

@@ -117,7 +117,7 @@ def gradient_sketches(model: nn.Module, arch: ModelArch, token_sets: dict[str, t
 
     def fold(p: torch.Tensor) -> None:
         i, off, total = offsets[id(p)]
-        current["s"][i] += count_sketch(p.grad, k, off, seed * 1_000_003 + i, total)
+        current["s"][i] += count_sketch(p.grad, k, off, seed * 1_000_003 + i, total).cpu()  # (p on a GPU)
         p.grad = None
 
     handles = []
