@@ -13,6 +13,8 @@ so that they compute the same thing (``--dtype float32``; a GPU's default is bfl
 - ``smollm2-profile-ray`` (issue 39): the same profile with ``--distributed ray`` (a local Ray instance; one
   worker per GPU on a GPU device, per core on the CPU): its plan and costs against the serial profile's on
   the same device (``same_plan_as_serial``, ``max_abs_cost_difference_vs_serial``), and its time.
+- ``smollm2-search-mixture``: `tasa search-mixture` of SmolLM2-135M (WikiText-2 and GSM8K, ratios 0, 0.25, 0.5,
+  0.75, 1; hessian-trace and grad-align): the chosen ratio must be the same, each criterion's values within 1%.
 - ``smollm2-quantize``: `tasa quantize` by `tasa run`'s committed plan (benchmarks/results/run/plan.json: GPTQ
   3/4 bits) on gsm8k:0.5,arc_easy:0.5 (64 x 512 tokens): each module's GPTQ relative error
   tr(E H E^T) / tr(W H W^T) must agree within 1% (relative) between the devices.
@@ -195,9 +197,18 @@ def run_device(work: Path, device: str, tag: str, s: dict, model: str, dtype: st
                                            "--limit", s["windows"], *dev, "--output", str(d / f"eval-{q}.json")])
         return {**r, "wikitext2_ppl": json.loads((d / f"eval-{q}.json").read_text())["results"]["wikitext2"]["ppl"]}
 
+    def search_mixture() -> dict:
+        r = tasa(work, f"{tag}-search-mixture", ["search-mixture", "--model", model, "--task", "gsm8k", "--criterion",
+                                                 "hessian-trace,grad-align", "--ratios", "0,0.25,0.5,0.75,1",
+                                                 "--nsamples", s["nsamples"], "--seqlen", s["seqlen"],
+                                                 "--group-size", "64", *dev, "--output-dir", str(d / "mixture")])
+        rec = json.loads((d / "mixture" / "mixture.json").read_text())
+        return {**r, "chosen": rec["chosen"], "criteria_values": {c: v["values"] for c, v in rec["results"].items()}}
+
     if dtype == "float32":
         attempt("smollm2-profile", profile)
         attempt("smollm2-profile-ray", profile_ray)
+        attempt("smollm2-search-mixture", search_mixture)
     smollm2 = ["--model", model, "--plan", str(work / "plan-smollm2.json" if model != "smollm2-135m" else RUN_PLAN),
                "--calib", "gsm8k:0.5,arc_easy:0.5", "--nsamples", s["nsamples"], "--seqlen", s["seqlen"]]
     attempt("smollm2-quantize", lambda: quantize(f"{tag}-quantize", smollm2, d / "quantized"))
@@ -315,6 +326,11 @@ def compare(cpu: dict, gpu: dict) -> dict:
                 worst = max(diffs, key=diffs.get)
                 m.update(max_rel_error_difference=diffs[worst], worst_module=worst,
                          rel_errors_within_tolerance=diffs[worst] <= ERROR_TOLERANCE)
+        if "criteria_values" in g:
+            m["same_chosen_mixture"] = g["chosen"] == c["chosen"]
+            worst = max(abs(a - b) / max(abs(b), 1e-12) for k, v in c["criteria_values"].items()
+                        for a, b in zip(g["criteria_values"][k], v))
+            m.update(max_criterion_relative_difference=worst, criteria_within_tolerance=worst <= ERROR_TOLERANCE)
         if "wikitext2_ppl" in g:
             d = abs(g["wikitext2_ppl"] - c["wikitext2_ppl"]) / c["wikitext2_ppl"]
             m.update(ppl_relative_difference=d, ppl_within_tolerance=d <= PPL_TOLERANCE)
@@ -338,7 +354,7 @@ def save(work: Path, ref: str, test: str, small: bool, model: str) -> Path:
         device = {"reference": ref, "multi-gpu": MULTI_GPU}.get(which, test)
         for cmd, r in r_all.items():
             metrics = {k: v for k, v in r.items() if k not in ("seconds", "plan", "costs", "rel_error", "last_line",
-                                                               "returncode")}
+                                                               "returncode", "criteria_values")}
             metrics["device"] = device
             metrics["dtype"] = "bfloat16" if which in ("test-bf16", "moe", "vllm") else "float32"
             if which == "test":

@@ -258,10 +258,10 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a verb computes, not what: torch device (or devices: ``cuda:0,cuda:1``), model dtype (None: float32 on CPU, bfloat16 on
-    GPU), sequences per forward batch, progress bars, and whether the model's weights are read from disk one
-    decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free memory); the
-    ``cluster`` that measurements spread over (probes; serial here by default)."""
+    """Where and how a verb computes, not what: torch device (or devices: ``cuda:0,cuda:1``), model dtype (None:
+    float32 on CPU, bfloat16 on GPU), sequences per forward batch, progress bars, and whether the model's weights
+    are read from disk one decoder layer at a time (``stream``: on, off, or auto: when they exceed half of the free
+    memory); the ``cluster`` that measurements spread over (probes; serial here by default)."""
 
     device: str = "cpu"
     dtype: str | None = None
@@ -275,6 +275,7 @@ class Runtime:
             _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.stream, STREAM_MODES, "--stream")
         object.__setattr__(self, "device", resolve_device(self.device))
+        _positive(self.batch_size, "--batch-size")
 
     @property
     def devices(self) -> list[str]:
@@ -285,7 +286,6 @@ class Runtime:
     def primary(self) -> str:
         """Where everything outside the decoder layers computes (the only device, or the list's first)."""
         return self.devices[0]
-        _positive(self.batch_size, "--batch-size")
 
 
 LEARN_DTYPES = ("auto", "float32", "bfloat16")
