@@ -71,7 +71,7 @@ def test_device_lists_are_resolved_and_checked():
         with pytest.raises(TasaError, match=r"--device cuda:0: this machine has 0 CUDA device\(s\)"):
             Runtime(device="cuda:0,cuda:1")
     assert Runtime(device="cpu").devices == ["cpu"] and Runtime(device="cpu").primary == "cpu"
-    with pytest.raises(TasaError, match="--batch-size must be a positive integer, got 0"):  # the rest of Runtime still checked
+    with pytest.raises(TasaError, match="--batch-size must be a positive integer, got 0"):  # Runtime's other checks
         Runtime(batch_size=0)
 
 

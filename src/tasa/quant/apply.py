@@ -422,7 +422,8 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
             results, learning = learn_layer(layer, {local: plan[m.name] for local, m in planned.items()}, inputs,
                                             targets, iters, lr, seed + index,
                                             {local: s / max(n, 1) for local, (s, n) in squares.items()},
-                                            autocast=step_dtype(layer_device(layer), next(layer.parameters()).dtype, dtype),
+                                            autocast=step_dtype(layer_device(layer), next(layer.parameters()).dtype,
+                                                                dtype),
                                             head=output_head(model, arch, index) if output_kl else None,
                                             advance=True)
             report.layers[index] = learning
