@@ -300,12 +300,12 @@ def _spread(model: torch.nn.Module, devices: list[str], streamed: bool) -> None:
     from tasa.models.placement import install, model_placement, place
     from tasa.models.streaming import streamer_of
 
-    layers = resolve(model).layers
+    arch = resolve(model)
     if not streamed:
-        placement = place(model, layers, devices)
+        placement = place(model, arch, devices)
     else:
-        placement = model_placement(model, layers, devices)
-        install(model, layers, placement)
+        placement = model_placement(model, arch.layers, devices)
+        install(model, arch.layers, placement)
         streamer_of(model).place(list(placement.layers))
     log.info("decoder layers spread over %s: %s", ", ".join(map(str, placement.devices)),
              ", ".join(f"{d}: {sum(x == d for x in placement.layers)}" for d in placement.devices))

@@ -124,23 +124,17 @@ def install(model: nn.Module, layers: nn.ModuleList, placement: Placement) -> No
     model.tasa_placement = placement
 
 
-def place(model: nn.Module, layers: nn.ModuleList, devices: Sequence[str]) -> Placement:
-    """Spread an in-memory model over ``devices`` (:func:`model_placement`): every decoder layer moved to its
-    device, everything else to the primary, and the hooks of :func:`install`."""
-    placement = model_placement(model, layers, devices)
-    inside = {id(m) for m in layers.modules()}
-    for mod in model.modules():
-        if id(mod) in inside:
-            continue
-        for key, p in mod._parameters.items():
-            if p is not None and p.device != placement.primary:
-                p.data = p.data.to(placement.primary)
-        for key, b in mod._buffers.items():
-            if b is not None and b.device != placement.primary:
-                mod._buffers[key] = b.to(placement.primary)
-    for layer, device in zip(layers, placement.layers):
+def place(model: nn.Module, arch, devices: Sequence[str]) -> Placement:
+    """Spread an in-memory model of :class:`tasa.models.arch.ModelArch` ``arch`` over ``devices``
+    (:func:`model_placement`): every decoder layer moved to its device, everything else to the primary, and the
+    hooks of :func:`install`."""
+    from tasa.models.walker import move_outside_layers
+
+    placement = model_placement(model, arch.layers, devices)
+    move_outside_layers(model, arch, placement.primary)
+    for layer, device in zip(arch.layers, placement.layers):
         layer.to(device)
-    install(model, layers, placement)
+    install(model, arch.layers, placement)
     return placement
 
 
