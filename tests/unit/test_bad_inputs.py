@@ -309,3 +309,13 @@ def test_run_budget_check_counts_metadata_of_the_given_group_size(tiny_model_dir
                   "--budget-includes-metadata", "--output-dir", str(tmp_path / "run")],
                  "budget 3.2 bits per weight is infeasible: the lowest candidate, 3-bit, needs 4.188 with scale/zero",
                  capsys)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:0,cpu", "--device: a list of devices names CUDA devices only (cuda:0,cuda:1), got 'cuda:0,cpu'"),
+    ("cuda,cuda:0", "--device cuda,cuda:0: a device is named twice"),
+])
+def test_a_bad_device_list_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, no_work, device, message):
+    out = tmp_path / "q"
+    expect_error(quantize_args(tiny_model_dir, out, "--device", device), message, capsys)
+    assert not out.exists()
