@@ -163,12 +163,13 @@ def test_a_spread_models_scores_generations_and_profile_equal_one_devices(tmp_pa
     assert {d for d, _ in moves} == {CPU, OTHER}
     assert [r.logprob for r in outs[0][0]] == [r.logprob for r in outs[1][0]]  # prefix-shared, KV-cached scoring
     assert outs[0][1] == outs[1][1]  # generation with a KV cache whose layers live on their own devices
-    spec = ProfileSpec(objectives=("wikitext2", "arc_easy"), bits=(2, 4), group_size=16, probe_tokens=40,
-                       probe_seqlen=32)
-    costs = [{(o, b): c["cost"] for o, by_bits in rec.items() for b, c in by_bits.items()}
-             for rec in (pipeline.profile(lm, tmp_path / f"p{i}", spec, Runtime(progress=False),
-                                          report=False).record["costs"] for i, lm in enumerate((one, two)))]
-    assert len(costs[0]) == 4 and costs[0] == costs[1]
+    for estimator in ("measured", "fisher", "autoscheme"):  # probes; gradients through the hooks
+        spec = ProfileSpec(objectives=("wikitext2", "arc_easy"), bits=(2, 4), group_size=16, probe_tokens=40,
+                           probe_seqlen=32, estimator=estimator)
+        costs = [{(o, b): c["cost"] for o, by_bits in rec.items() for b, c in by_bits.items()}
+                 for rec in (pipeline.profile(lm, tmp_path / f"{estimator}-{i}", spec, Runtime(progress=False),
+                                              report=False).record["costs"] for i, lm in enumerate((one, two)))]
+        assert len(costs[0]) == 4 and costs[0] == costs[1], estimator
 
 
 @pytest.mark.parametrize("stream", [False, True])
