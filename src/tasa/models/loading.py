@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from tasa.artifacts import sha256_file, usual_modes
+from tasa.config import device_list
 from tasa.errors import TasaError
 from tasa.export.gptq import quantized_format
 from tasa.models.moe import model_names, unfuse_experts
@@ -187,7 +188,7 @@ def available_memory(device: str) -> int:
     """Bytes free for a model on ``device``: available RAM on the CPU, free memory of a CUDA device (of a list of
     CUDA devices, ``cuda:0,cuda:1``: all of them)."""
     if "," in str(device):
-        return sum(available_memory(d) for d in str(device).split(","))
+        return sum(available_memory(d) for d in device_list(str(device)))
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
@@ -226,7 +227,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, devi
     (``cuda:0,cuda:1``) that the decoder layers are spread over (tasa.models.placement)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    devices = str(device).split(",")
+    devices = device_list(str(device))
     torch_dtype = parse_dtype(dtype, devices[0])
     kind, where = resolve_source(spec)
     source_dtype = gguf_file = None
