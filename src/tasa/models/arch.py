@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tasa.errors import TasaError
 from tasa.models.moe import RoutedExperts, is_router, unfuse_experts
+from tasa.models.placement import placement_of
 from tasa.plan import expert_container
 from tasa.models.streaming import streamer_of
 
@@ -255,4 +256,4 @@ def resolve(model: nn.Module) -> ModelArch:
         raise TasaError(f"{model_type}: decoder layers at '{spec.layers_path}' contain no nn.Linear modules")
     _check_coverage(model_type, spec, layers)
     return ModelArch(model_type, spec, layers, modules, source, streamer_of(model),
-                     placement=getattr(model, "tasa_placement", None))
+                     placement=placement_of(model))

@@ -20,7 +20,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from accelerate.utils import send_to_device
 
 _SKIP_KEYS = ["past_key_values", "past_key_value"]  # the KV cache object stays as it is (its layers' own devices)
 
@@ -96,6 +95,14 @@ def model_placement(model: nn.Module, layers: nn.ModuleList, devices: Sequence[s
     inside = {id(p) for p in layers.parameters()}
     outside = [p for p in model.parameters() if id(p) not in inside]
     return plan_placement([_tensor_bytes(layer.parameters()) for layer in layers], _tensor_bytes(outside), devices)
+
+
+def send_to_device(obj, device: torch.device, skip_keys: list[str]):
+    """accelerate's recursive move of the tensors in ``obj`` (imported on first use: not at tasa's start-up, which
+    reads :func:`placement_of`)."""
+    from accelerate.utils import send_to_device as move
+
+    return move(obj, device, skip_keys=skip_keys)
 
 
 def _inputs_to(device: torch.device):

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from tasa.errors import TasaError
+from tasa.models.placement import placement_of
 from tasa.models.weights import Weights
 from tasa.numerics import all_finite, nonfinite_count
 
@@ -297,7 +298,7 @@ def held(model: nn.Module, module: nn.Module):
 def compute_device(model: nn.Module) -> torch.device:
     """Where the model computes: its streamer's device for a streamed model, else where its weights are; for a model
     spread over several devices, the primary (tasa.models.placement)."""
-    placement = getattr(model, "tasa_placement", None)
+    placement = placement_of(model)
     if placement is not None:
         return placement.primary
     streamer = streamer_of(model)
