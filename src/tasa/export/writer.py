@@ -98,8 +98,12 @@ class CheckpointWriter:
         self.float_dtype = float_dtype  # the model's own float tensors are written in it (None: as they are)
         self.packed_bytes = 0  # bytes of the packed linears' tensors; the rest is float tensors
 
+    def _dtype(self, t: torch.Tensor) -> torch.dtype:
+        """The dtype ``t`` is written in."""
+        return self.float_dtype if self.float_dtype is not None and t.is_floating_point() else t.dtype
+
     def _float(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.float_dtype) if self.float_dtype is not None and t.is_floating_point() else t
+        return t.to(self._dtype(t))
 
     def add_layer(self, index: int, layer: nn.Module, packed: dict[str, torch.Tensor]) -> None:
         """Decoder layer ``index`` (its weights resident): ``packed`` (the GPTQ tensors of its quantized linears,
@@ -125,8 +129,10 @@ class CheckpointWriter:
         for key, t in self.model.state_dict(keep_vars=True).items():
             if key.startswith(self.layers_path + "."):
                 continue
-            if t.device.type == "meta":  # a streamed unit: read it from the checkpoint now
-                t = streamer.weights.get(streamer.source_key(key), dtype=t.dtype if t.is_floating_point() else None)
+            if t.device.type == "meta":  # a streamed unit: read it from the checkpoint now, in the dtype written
+                # (a 128k x 4096 head in the checkpoint's bfloat16 is then not also converted to 2.1 GB of float32)
+                t = streamer.weights.get(streamer.source_key(key), dtype=self._dtype(t)
+                                         if t.is_floating_point() else None)
             else:
                 ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
                 if ptr in seen:
