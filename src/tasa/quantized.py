@@ -40,8 +40,24 @@ class QuantResult:
     rounded: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        """Rebuild the float weight from codes, scales, zeros (or mins) and g_idx."""
+        """Rebuild the float weight from codes, scales, zeros (or mins) and g_idx, in the weight's dtype.
+
+        Computed a band of columns at a time into the result (:data:`DEQUANTIZE_BAND_BYTES` of float32 working
+        memory per step): the whole-matrix expression holds four float32 temporaries of the matrix's size, 0.9 GB
+        for one 4096 x 14336 projection, which set GPTQ's peak on a streamed 8B-shaped layer.  The values are the
+        same bit for bit (each element is computed alone)."""
         g = self.g_idx.long()
-        if self.mins is not None:
-            return (self.scales[:, g] * self.codes.float() - self.mins[:, g]).to(self.weight.dtype)
-        return (self.scales[:, g] * (self.codes.float() - self.zeros[:, g])).to(self.weight.dtype)
+        rows, cols = self.codes.shape
+        out = torch.empty(rows, cols, dtype=self.weight.dtype, device=self.codes.device)
+        step = max(1, DEQUANTIZE_BAND_BYTES // (4 * max(rows, 1)))
+        for c0 in range(0, cols, step):
+            gi, codes = g[c0:c0 + step], self.codes[:, c0:c0 + step].float()
+            if self.mins is not None:
+                band = self.scales[:, gi] * codes - self.mins[:, gi]
+            else:
+                band = self.scales[:, gi] * (codes - self.zeros[:, gi])
+            out[:, c0:c0 + step] = band
+        return out
+
+
+DEQUANTIZE_BAND_BYTES = 32 * 2**20

@@ -5,7 +5,8 @@ from tasa.config import QuantSpec
 from tasa.errors import TasaError
 from tasa.models.arch import resolve
 from tasa.plan import Plan
-from tasa.quant.apply import quantize_model
+import tasa.quant.apply
+from tasa.quant.apply import _relative_error, quantize_model
 from tasa.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from tasa.quant.rtn import rtn_quantize
 from tests.conftest import tiny_llama
@@ -230,3 +231,18 @@ def test_float_targets_default_where_gptq_runs_in_one_process(tmp_path, tiny_mod
         assert r.record["quantizer"].endswith("--float-targets 0.25") == (name == "default")
         weights[name] = load_file(str(next((tmp_path / name).glob("*.safetensors"))))
     assert any(not torch.equal(weights["default"][k], weights["off"][k]) for k in weights["default"])
+
+
+def test_relative_error_in_row_bands_equals_the_whole_matrix_trace(monkeypatch):
+    """tr(E H E^T) / tr(W H W^T), taken a band of rows at a time, against the whole-matrix formula in float64; a
+    weight orthogonal to H's range gives 0, not a division by zero."""
+    gen = torch.Generator().manual_seed(1)
+    w, q = torch.randn(13, 24, generator=gen), torch.randn(13, 24, generator=gen)
+    x = torch.randn(40, 24, generator=gen)
+    h = x.t() @ x
+    e = (w - q).double()
+    expected = float(torch.trace(e @ h.double() @ e.t()) / torch.trace(w.double() @ h.double() @ w.double().t()))
+    for band_rows in (1, 5, 13, 100):
+        monkeypatch.setattr(tasa.quant.apply, "ERROR_BAND_BYTES", 4 * 24 * band_rows)
+        assert _relative_error(w, q, h) == pytest.approx(expected, rel=1e-5)
+    assert _relative_error(w, q, torch.zeros(24, 24)) == 0.0

@@ -5,8 +5,8 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
-from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_weights, gptq_quantize,
-                             make_empty_hessian, merge_hessians)
+from tasa.quant.gptq import (_inverse_cholesky, accumulate_hessian, accumulate_shift, float_output_weights,
+                             gptq_quantize, make_empty_hessian, merge_hessians)
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -125,6 +125,36 @@ def test_cholesky_failure_retries_with_more_damping_then_raises(caplog):
     assert "retrying with damp" in caplog.text
 
 
+def test_a_retry_starts_from_the_undamaged_hessian():
+    """An indefinite H that 1% damping cannot fix but 10% can: the failed factorisation overwrote its working copy,
+    and the retry must start from H again, giving exactly what GPTQ at damp 0.1 gives on the first try."""
+    h = hessian_of(correlated_inputs(64, 16, 3))
+    h[5, 5] = -0.05 * torch.diag(h).mean()  # the 1% damping leaves it negative, the 10% makes it positive
+    w = torch.randn(6, 16)
+    retried = gptq_quantize(w, h, QuantSpec(bits=3, group_size=-1, damp=0.01))
+    direct = gptq_quantize(w, h, QuantSpec(bits=3, group_size=-1, damp=0.1))
+    assert torch.equal(retried.codes, direct.codes) and torch.equal(retried.weight, direct.weight)
+
+
+def test_inverse_cholesky_in_the_matrix_own_storage_with_no_transient_copy():
+    """The upper factor of (H + damp)^-1 comes out of H's own storage, bit for bit what the textbook sequence of
+    whole-matrix calls gives, and no step allocates a second matrix (torch's row-major route computed into a
+    column-major temporary: 0.8 GB more at GPTQ's peak for a 14336-wide input)."""
+    from torch.profiler import ProfilerActivity, profile
+    n = 96
+    h = hessian_of(correlated_inputs(200, n, 4))
+    damped = h.clone()
+    damped.diagonal().add_(0.01 * torch.diag(h).mean())
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    work = h.clone()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        u = _inverse_cholesky(lambda: work, 0.01, "x")
+    assert torch.equal(u, reference)
+    assert u.data_ptr() == work.data_ptr()
+    matrix = n * n * 4
+    assert not [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= matrix // 2]
+
+
 def test_rank_deficient_hessian_handled_by_damping():
     x = torch.randn(3, 16)  # rank 3 < 16
     r = gptq_quantize(torch.randn(4, 16), hessian_of(x), QuantSpec(bits=4, group_size=-1))
@@ -217,3 +247,59 @@ def test_bfloat16_inputs_sum_in_float32_within_three_thousandths_natively_and_ex
     assert cost(ours) <= 1.01 * cost(exact)
     f32 = _sums([x.float() for x in xs], [x.float() for x in xfs])
     assert err(f32[0], exact_h) < 1e-5 and err(f32[1], exact_c) < 1e-5  # float32 inputs: float32 products
+
+
+def test_float_output_weights_solve_in_the_hessian_copy_storage_bit_for_bit():
+    """The damped copy of H is factorised in its own storage: exactly torch.linalg.solve's result (dead inputs
+    keep their weights), and no step allocates a second (d_in, d_in) matrix (0.8 GB for a 14336-wide input)."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(5)
+    n = 96
+    x = torch.randn(300, n, generator=g)
+    x[:, 7] = 0.0  # a dead input
+    h, c = make_empty_hessian(n), make_empty_hessian(n)
+    accumulate_shift(c, 0, x, x + 0.1 * torch.randn(300, n, generator=g))
+    accumulate_hessian(h, 0, x)
+    w = torch.randn(40, n, generator=g)
+    damped = h.clone()
+    damped[7, 7] = 1.0
+    damped.diagonal().add_(0.01 * torch.diag(damped).mean())
+    correction = torch.linalg.solve(damped, (w @ c).t()).t()
+    correction[:, 7] = 0.0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        v = float_output_weights(w, h, c, alpha=0.5, damp=0.01)
+    assert torch.equal(v, w + 0.5 * correction)
+    big = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= n * n * 4 // 2]
+    names = [name for name, _ in big]  # the one copy of H it works in (a clone and its allocation), nothing else
+    assert names.count("aten::clone") == 1 and set(names) <= {"aten::clone", "aten::empty_strided"}, big
+
+
+def test_wide_inputs_fold_their_products_in_bands_with_no_full_size_temporary(monkeypatch):
+    """Past GRAM_BAND_BYTES a batch's X^T X (and the shift's (X_f - X)^T X) is folded a band of 1024 columns at a
+    time (a ragged last band here): the same H and C as the whole product gives, and no op allocates a matrix of
+    H's size besides H and C themselves (a 14336-wide input's product is 0.8 GB)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import tasa.quant.gptq as gptq
+    g = torch.Generator().manual_seed(6)
+    d = 2500
+    x = torch.randn(64, d, generator=g)
+    xf = x + 0.1 * torch.randn(64, d, generator=g)
+
+    def fold():
+        h, c, n = make_empty_hessian(d), make_empty_hessian(d), 0
+        for lo in (0, 32):
+            accumulate_shift(c, n, x[lo:lo + 32], xf[lo:lo + 32])
+            n = accumulate_hessian(h, n, x[lo:lo + 32])
+        return h, c
+    whole = fold()
+    monkeypatch.setattr(gptq, "GRAM_BAND_BYTES", 4 * d * d - 1)
+    h, c = make_empty_hessian(d), make_empty_hessian(d)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        n = 0
+        for lo in (0, 32):
+            accumulate_shift(c, n, x[lo:lo + 32], xf[lo:lo + 32])
+            n = accumulate_hessian(h, n, x[lo:lo + 32])
+    torch.testing.assert_close(h, whole[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c, whole[1], rtol=1e-6, atol=1e-7)
+    assert not [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= 4 * d * d // 2]

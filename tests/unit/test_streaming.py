@@ -80,7 +80,7 @@ def test_heap_is_trimmed_only_after_units_that_owned_memory(tmp_path, monkeypatc
     view = open_weights(path).get("model.layers.0.mlp.up_proj.weight")
     assert not streaming._owns_memory(view) and streaming._owns_memory(view.clone())
     trims = []
-    monkeypatch.setattr(streaming, "_return_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(streaming, "return_freed_memory", lambda: trims.append(1))
     ids = torch.randint(0, 256, (1, 5))
     stored = load(str(path), dtype="float32", stream=True).model  # saved in float32: views
     with torch.no_grad():

@@ -48,7 +48,7 @@ def _own_tensors(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, s
     return out
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the heap's free memory back to the system (glibc's malloc_trim).  After a large block is freed,
     glibc serves later large allocations from its heap, whose free fragments stay resident: streaming the 12
     layers of a 200M-parameter model held ~37 MB more per layer without this (tests/unit/test_streaming.py).
@@ -169,7 +169,7 @@ class Streamer:
                 mod._buffers[attr] = empty
         unit.resident = False
         if trim or owned:  # a forward pass through views of the mapping frees no heap memory worth a trim
-            _return_freed_memory()  # (1.5-3 ms each: 5-8% of a streamed 1B model's decode step)
+            return_freed_memory()  # (1.5-3 ms each: 5-8% of a streamed 1B model's decode step)
 
     def _enter(self, unit: _Unit) -> None:
         if not unit.resident:

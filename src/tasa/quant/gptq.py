@@ -64,8 +64,25 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
     """
     x = inputs.reshape(-1, inputs.shape[-1])  # (tokens, d_in)
     total = n_seen + x.shape[0]
-    hessian.mul_(n_seen / total).add_(_gram(x, x), alpha=2.0 / total)
+    _fold_gram(hessian, n_seen / total, 2.0 / total, x, x)
     return total
+
+
+GRAM_BAND_BYTES = 256 * 2**20  # a batch's a^T b folded in bands of columns when it would take more at once
+
+
+def _fold_gram(acc: torch.Tensor, keep: float, alpha: float, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc = keep * acc + alpha * a^T b (:func:`_gram`), in place.  A product larger than :data:`GRAM_BAND_BYTES`
+    (a 14336-wide input's: 0.8 GB, beside H and C of the same size) is taken in bands of 1024 columns, each band
+    folded in before the next is computed: each entry the same sum over the same tokens, so the same H and C up to
+    the matrix product's own rounding (bit for bit with this machine's BLAS at 2500, 3000 and 14336 columns, in
+    float32 and bfloat16; tests/unit/test_gptq.py allows a rounding)."""
+    cols = acc.shape[1]
+    if 4 * acc.shape[0] * cols <= GRAM_BAND_BYTES:
+        acc.mul_(keep).add_(_gram(a, b), alpha=alpha)
+        return
+    for c0 in range(0, cols, 1024):
+        acc[:, c0:c0 + 1024].mul_(keep).add_(_gram(a, b[:, c0:c0 + 1024]), alpha=alpha)
 
 
 def accumulate_shift(shift: torch.Tensor, n_seen: int, inputs: torch.Tensor, targets: torch.Tensor) -> int:
@@ -78,7 +95,7 @@ def accumulate_shift(shift: torch.Tensor, n_seen: int, inputs: torch.Tensor, tar
         x = x.float()
     dx = targets.reshape(-1, targets.shape[-1]).to(x.dtype) - x  # (in bfloat16: rounded to 8 bits of itself)
     total = n_seen + x.shape[0]
-    shift.mul_(n_seen / total).add_(_gram(dx, x), alpha=2.0 / total)
+    _fold_gram(shift, n_seen / total, 2.0 / total, dx, x)
     return total
 
 
@@ -89,15 +106,33 @@ def float_output_weights(weight: torch.Tensor, hessian: torch.Tensor, shift: tor
     H damped as GPTQ damps it).  At ``alpha`` 1 it is the least-squares solution of min_V ||X V^T - X_f W^T||, so
     ||X Q^T - X_f W^T||^2 = ||X (Q - V)^T||^2 + const: GPTQ of V on H minimises the error to the float outputs
     (GPTAQ's objective, in closed form); smaller ``alpha`` shrinks the correction (fewer calibration tokens than
-    inputs: it is estimated with noise).  Inputs that are always zero keep their weights."""
+    inputs: it is estimated with noise).  Inputs that are always zero keep their weights.  For several linears fed
+    the same input: :func:`float_output_targets`."""
+    return float_output_targets([weight], hessian, [weight.float() @ shift.float()], alpha, damp)[0]
+
+
+def float_output_targets(weights: list[torch.Tensor], hessian: torch.Tensor, products: list[torch.Tensor],
+                         alpha: float = 1.0, damp: float = 0.01) -> list[torch.Tensor]:
+    """:func:`float_output_weights` of linears fed the same input (their ``weights``), given their products W C
+    instead of C, so that the caller can release C, a (d_in, d_in) matrix, before the solve.
+
+    The damped copy of H is factorised once, in its own storage (seen through its transpose, LAPACK's column-major
+    layout, as for :func:`_inverse_cholesky`): ``torch.linalg.solve`` took a second (d_in, d_in) matrix for its
+    factors, 0.8 GB for a 14336-wide input.  The same steps as ``torch.linalg.solve``'s, so the same bits."""
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    w = weight.float()
-    correction = torch.linalg.solve(h, (w @ shift.float()).t()).t()  # (W C) H^-1, H symmetric
-    correction[:, dead] = 0.0
-    return w + alpha * correction
+    factors = h.mT
+    pivots = torch.empty(h.shape[0], dtype=torch.int32, device=h.device)
+    torch.linalg.lu_factor(factors, out=(factors, pivots))
+    out = []
+    for weight, product in zip(weights, products):
+        correction = torch.linalg.lu_solve(factors, pivots, product.t()).t()  # (W C) H^-1, H symmetric
+        correction[:, dead] = 0.0
+        out.append(correction.mul_(alpha).add_(weight.float()))  # W + alpha * correction, in the correction's memory
+        del correction
+    return out
 
 
 def merge_hessians(parts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
@@ -114,20 +149,26 @@ def merge_hessians(parts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
 
 
 def _inverse_cholesky(prepared: Callable[[], torch.Tensor], damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = ``prepared()``, retrying with more damping.
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = ``prepared()`` (symmetric), retrying with more
+    damping.
 
-    Every step overwrites H's own storage (LAPACK still takes one transient copy), so at most two (d_in, d_in)
-    matrices are held at once (0.8 GB each for a 14336-wide input): what keeps a streamed 8B-shaped layer's
-    GPTQ within its memory budget (benchmarks/large_model.py).  A retry starts from a fresh ``prepared()``."""
+    Every step overwrites H's own storage, seen through its transpose: for a symmetric matrix that is the same
+    matrix, laid out column by column as LAPACK wants its operands, so torch takes no transient copy of it either
+    (given a row-major output it computes into a column-major temporary and copies back: one more (d_in, d_in)
+    matrix at the peak, 0.8 GB for a 14336-wide input).  So one matrix is held here: what keeps a streamed
+    8B-shaped layer's GPTQ within its memory budget (benchmarks/large_model.py).  The factor is returned as that
+    column-major view (the same values as a row-major computation gives, bit for bit).  A retry starts from a
+    fresh ``prepared()``."""
     for attempt in range(MAX_DAMP_RETRIES):
         h = prepared()
         h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+        ht = h.mT  # column-major: LAPACK's layout
         info = torch.empty((), dtype=torch.int32, device=h.device)
-        torch.linalg.cholesky_ex(h, out=(h, info))  # h: its lower factor
+        torch.linalg.cholesky_ex(ht, out=(ht, info))  # ht: its lower factor
         if int(info) == 0:
-            torch.cholesky_inverse(h, out=h)  # h: the inverse
-            return torch.linalg.cholesky(h, upper=True, out=h)  # h: the inverse's upper factor
-        del h
+            torch.cholesky_inverse(ht, out=ht)  # ht: the inverse
+            return torch.linalg.cholesky(ht, upper=True, out=ht)  # ht: the inverse's upper factor
+        del h, ht
         new_damp = min(damp * 10, 0.99) if damp < 0.99 else damp
         if attempt == MAX_DAMP_RETRIES - 1 or new_damp == damp:
             break
@@ -212,7 +253,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             h = hessian.detach().float().clone()
             h[dead, dead] = 1.0
         else:
-            h = hessian.detach().float()[perm][:, perm]
+            h = hessian.detach().float()[perm.unsqueeze(1), perm]  # one gather: no row-permuted intermediate
             h[dead[perm], dead[perm]] = 1.0
         return h
     # g_idx in the processing order: static groups follow original columns,
@@ -238,7 +279,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         w_blk = w[:, b0:b1].clone()  # (d_out, bs)
         q_blk = torch.zeros_like(w_blk)
         err_blk = torch.zeros_like(w_blk)
-        u_blk = u[b0:b1, b0:b1]
+        u_blk = u[b0:b1, b0:b1].contiguous()  # (u is column-major: its rows strided)
         for i in range(b1 - b0):
             col = b0 + i
             gi = int(group_of_pos[col])
