@@ -119,6 +119,30 @@ def test_streamed_quantization_writes_the_same_checkpoint_bytes(sharded_dir, tmp
     assert torch.equal(want, got)
 
 
+def test_a_streamed_export_reads_the_outside_tensors_in_the_dtype_it_writes(tmp_path, data_dir, monkeypatch):
+    """A bfloat16 checkpoint quantized in float32 writes its float tensors in bfloat16; the embeddings and head of a
+    streamed model are read from the checkpoint for that in bfloat16 (before: converted to float32 and back, 2.1 GB
+    for a 128k x 4096 head), and the checkpoint is the in-memory run's, byte for byte."""
+    from tasa.models.weights import Weights
+
+    src = _save(tiny_llama(layers=2).to(torch.bfloat16), tmp_path / "bf16")
+    spec = QuantizeSpec(method="rtn", bits=4, group_size=32)
+    ref = quantize(str(src), tmp_path / "mem", spec, None, runtime=Runtime(stream="off", progress=False))
+    reads = []
+    real_get = Weights.get
+
+    def get(self, key, dtype=None, device="cpu"):
+        reads.append((key, dtype))
+        return real_get(self, key, dtype, device)
+    monkeypatch.setattr(Weights, "get", get)
+    out = quantize(str(src), tmp_path / "str", spec, None, runtime=Runtime(stream="on", progress=False))
+    outside = [(k, d) for k, d in reads if k in ("lm_head.weight", "model.embed_tokens.weight")]
+    assert sorted(outside) == [("lm_head.weight", torch.bfloat16), ("model.embed_tokens.weight", torch.bfloat16)]
+    a, b = (o.output_dir / "model.safetensors" for o in (ref, out))
+    assert a.read_bytes() == b.read_bytes()
+    assert load_file(b)["lm_head.weight"].dtype == torch.bfloat16
+
+
 def test_fp_export_of_a_streamed_model_loads_in_transformers(tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
