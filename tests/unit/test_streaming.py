@@ -499,3 +499,43 @@ def test_streamed_gradient_estimates_equal_the_in_memory_ones(sharded_dir, data_
     ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
     with torch.no_grad():
         torch.testing.assert_close(streamed.model(input_ids=ids).logits, full.model(input_ids=ids).logits)
+
+
+def test_a_large_bfloat16_head_and_embedding_stay_as_stored_and_the_head_is_cast_in_bands(tmp_path, monkeypatch):
+    """Past KEEP_STORED_BYTES a streamed model's embedding and bias-free head outside the layers are read at the
+    checkpoint's bfloat16 (the memory map, not a float32 copy; a Llama-3 head: 1.05 GB instead of 2.1 GB) while the
+    model computes in float32: the embedding casts the rows it looked up, the head casts its weight a band of rows
+    at a time (here 50 rows, a ragged last band).  Logits and the head's input gradients equal the in-memory float32
+    model's; released, the placeholders keep the model's dtype."""
+    from tasa.models import streaming
+
+    src = _save(tiny_llama(layers=2).to(torch.bfloat16), tmp_path / "bf16")
+    monkeypatch.setattr(streaming, "KEEP_STORED_BYTES", 0)
+    monkeypatch.setattr(streaming, "HEAD_BAND_BYTES", 4 * 64 * 50)
+    ref = load(str(src), dtype="float32").model
+    model = load(str(src), dtype="float32", stream=True).model
+    seen = {}
+    for name in ("lm_head", "model.embed_tokens"):
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, _a, name=name: seen.__setitem__(name, m.weight.dtype))
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits, model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # (bit for bit with aligned bands, measured)
+    assert seen == {"lm_head": torch.bfloat16, "model.embed_tokens": torch.bfloat16}
+    assert model.lm_head.weight.device.type == "meta" and model.lm_head.weight.dtype == torch.float32
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for head, streamer in ((ref.lm_head, None), (model.lm_head, model.tasa_streamer)):
+        xi = x.clone().requires_grad_()
+        with streamer.held(head) if streamer else torch.enable_grad():
+            (head(xi) ** 2).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(streaming, "KEEP_STORED_BYTES", 2**40)  # below it: read converted, as before
+    small = load(str(src), dtype="float32", stream=True).model
+    small.lm_head.register_forward_pre_hook(lambda m, _a: seen.__setitem__("small", m.weight.dtype))
+    with torch.no_grad():
+        assert torch.equal(small(input_ids=ids).logits, want)
+    assert seen["small"] == torch.float32

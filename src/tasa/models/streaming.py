@@ -14,7 +14,9 @@ layers and every other module that holds parameters (embeddings, final norm, hea
   resident at a time besides the pinned ones.
 
 Parameters shared between modules (tied input/output embeddings) are read once at load and stay
-resident.  Each unit's floating-point weights are checked for NaN/Inf on their first fetch.
+resident.  Each unit's floating-point weights are checked for NaN/Inf on their first fetch.  A large
+embedding or head outside the layers stored in another float dtype than the model computes in is held
+at the stored dtype and cast as it is used (:func:`_keep_stored`).
 """
 from __future__ import annotations
 
@@ -66,6 +68,47 @@ def _owns_memory(t: torch.Tensor) -> bool:
     return t.untyped_storage().resizable()
 
 
+KEEP_STORED_BYTES = 256 * 2**20  # an embedding or head outside the layers this large (at the compute dtype) is read
+# at its stored dtype and cast a band of rows at a time (:func:`_keep_stored`)
+HEAD_BAND_BYTES = 64 * 2**20  # of the head's weight cast at once
+
+
+def _keep_stored(unit: "_Unit", weights: Weights, source_key) -> None:
+    """Read ``unit``'s weight at the checkpoint's dtype when the unit is an embedding or a bias-free linear head
+    outside the decoder layers of at least :data:`KEEP_STORED_BYTES` at the model's dtype and stored in another
+    float dtype (a bfloat16 checkpoint computed in float32): a Llama-3 head, 128256 x 4096, is then 1.05 GB of the
+    checkpoint's memory map instead of 2.1 GB converted (plus the map's pages while converting).  The embedding casts
+    the rows it looked up (the same values as looking them up in the converted table); the head computes its output
+    a band of :data:`HEAD_BAND_BYTES` of rows at a time, each band cast to the model's dtype first (the same products;
+    tests/unit/test_streaming.py)."""
+    mod = unit.module
+    if type(mod) not in (nn.Embedding, nn.Linear) or getattr(mod, "bias", None) is not None:  # (subclasses, e.g.
+        return  # Gemma's scaled embedding, may compute in the weight's dtype)
+    key = f"{unit.name}.weight"
+    if key not in {t[0] for t in unit.tensors}:
+        return
+    model_dtype, stored = mod.weight.dtype, weights.stored_dtype(source_key(key))
+    if stored == model_dtype or not stored.is_floating_point or \
+            mod.weight.numel() * model_dtype.itemsize < KEEP_STORED_BYTES:
+        return
+    unit.kept[key] = model_dtype
+    if isinstance(mod, nn.Embedding):
+        mod.register_forward_hook(lambda _m, _a, out: out.to(model_dtype))
+    else:
+        mod.forward = lambda input, m=mod: _banded_linear(input, m.weight, model_dtype)
+
+
+def _banded_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x W^T with W cast to ``dtype`` a band of rows at a time (see :func:`_keep_stored`); differentiable in x."""
+    if weight.dtype == dtype:
+        return torch.nn.functional.linear(x, weight)
+    rows = max(1, HEAD_BAND_BYTES // (weight.shape[1] * dtype.itemsize))
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    for r0 in range(0, weight.shape[0], rows):
+        out[..., r0:r0 + rows] = torch.nn.functional.linear(x, weight[r0:r0 + rows].to(dtype))
+    return out
+
+
 class _Unit:
     def __init__(self, name: str, module: nn.Module, tensors: list):
         self.name, self.module, self.tensors = name, module, tensors
@@ -73,6 +116,7 @@ class _Unit:
         self.pinned = False
         self.checked = False
         self.device: torch.device | None = None  # where it is read to (None: the streamer's device)
+        self.kept: dict[str, torch.dtype] = {}  # key -> the model's dtype, of weights read at their stored dtype
 
 
 class Streamer:
@@ -100,6 +144,8 @@ class Streamer:
             raise TasaError(f"{weights.path}: the checkpoint has no tensor {missing[0]!r} (and {len(missing) - 1} "
                             "more) of the model's own names; streaming reads a checkpoint in the model's layout "
                             "(load it without --stream)")
+        for unit in self.others:
+            _keep_stored(unit, weights, self.source_key)
         for unit in self.layers + self.others:
             unit.module.register_forward_pre_hook(lambda _m, _a, u=unit: self._enter(u))
             unit.module.register_forward_hook(lambda _m, _a, _o, u=unit: self._leave(u))
@@ -132,9 +178,11 @@ class Streamer:
                 owner, _, attr = key.rpartition(".")
                 self.model.get_submodule(owner)._parameters[attr] = tied
 
-    def _read(self, key: str, like: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    def _read(self, key: str, like: torch.Tensor, device: torch.device | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``key`` shaped as ``like``, in ``like``'s dtype (or ``dtype``), on ``device``."""
         source = self.source_key(key)
-        t = self.weights.get(source, dtype=like.dtype if like.is_floating_point() else None,
+        t = self.weights.get(source, dtype=(dtype or like.dtype) if like.is_floating_point() else None,
                              device=device or self.device)
         if tuple(t.shape) != tuple(like.shape):
             raise TasaError(f"{self.weights.path}: tensor {source} has shape {tuple(t.shape)}, the model expects "
@@ -144,7 +192,8 @@ class Streamer:
     def _materialize(self, unit: _Unit) -> None:
         for key, mod, attr, is_param in unit.tensors:
             current = mod._parameters[attr] if is_param else mod._buffers[attr]
-            value = self._read(key, current, unit.device)
+            stored = self.weights.stored_dtype(self.source_key(key)) if key in unit.kept else None
+            value = self._read(key, current, unit.device, stored)
             if not unit.checked and not all_finite(value):
                 bad = nonfinite_count(value)
                 raise TasaError(f"{key} holds {bad} NaN/infinite value(s); refusing to use it")
@@ -159,10 +208,10 @@ class Streamer:
         """Put ``unit`` back on meta; ``trim``: give the heap's free memory back even if the unit's own tensors
         held none (a stage that pinned it may have left its working memory there)."""
         owned = False  # any tensor with memory of its own (not a view of the memory-mapped checkpoint)
-        for _key, mod, attr, is_param in unit.tensors:
+        for key, mod, attr, is_param in unit.tensors:
             current = mod._parameters[attr] if is_param else mod._buffers[attr]
             owned |= current.device.type == "cpu" and _owns_memory(current)
-            empty = torch.empty(current.shape, dtype=current.dtype, device="meta")
+            empty = torch.empty(current.shape, dtype=unit.kept.get(key, current.dtype), device="meta")
             if is_param:
                 mod._parameters[attr] = nn.Parameter(empty, requires_grad=False)
             else:
