@@ -267,3 +267,8 @@ def test_the_heap_is_trimmed_after_wide_input_groups_only(monkeypatch):
     model = tiny_llama(layers=1)
     quantize_model(model, resolve(model), plan, calib_ids(), progress=False)
     assert len(trims) == 1 + 4
+    monkeypatch.setattr(tasa.quant.apply, "TRIM_AFTER_BYTES", 2**40)  # and after results of RESULTS_TRIM_BYTES
+    monkeypatch.setattr(tasa.quant.apply, "RESULTS_TRIM_BYTES", 4 * (64 * 64 + 2 * 32 * 64))  # q/k/v's; o's
+    model = tiny_llama(layers=1)
+    quantize_model(model, resolve(model), plan, calib_ids(), progress=False)
+    assert len(trims) == 5 + 4  # after v (q, k and v reach it), gate (o and gate), up and down (each alone)

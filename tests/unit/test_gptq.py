@@ -5,9 +5,10 @@ import torch
 
 from tasa.config import QuantSpec
 from tasa.errors import TasaError
+import tasa.quant.gptq as gptq
 from tasa.quant.gptq import (_inverse_cholesky, accumulate_hessian, accumulate_shift, float_output_weights,
-                             gptq_quantize, make_empty_hessian, merge_hessians)
-from tasa.quant.rtn import rtn_quantize
+                             gptq_quantize, gptq_quantize_many, make_empty_hessian, merge_hessians)
+from tasa.quant.rtn import rtn_quantize, rtn_quantize_spec
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -148,11 +149,107 @@ def test_inverse_cholesky_in_the_matrix_own_storage_with_no_transient_copy():
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     work = h.clone()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        u = _inverse_cholesky(lambda: work, 0.01, "x")
+        u = _inverse_cholesky(lambda b: work.unsqueeze(0), 0.01, ["x"])[0]
     assert torch.equal(u, reference)
     assert u.data_ptr() == work.data_ptr()
     matrix = n * n * 4
     assert not [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= matrix // 2]
+
+
+# ---- several linears at once (gptq_quantize_many): shared factorisations, batched experts ----
+
+RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx", "weight", "super_scales", "mins", "super_mins", "rounded")
+
+
+def assert_same_result(a, b):
+    for f in RESULT_FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        assert x is None or torch.equal(x, y), f
+
+
+def spy_batches(monkeypatch) -> tuple[list[int], list[int]]:
+    """Record the size of every GPTQ batch and of every batch of factorised Hessians."""
+    batches, factored = [], []
+    run, factor = gptq._gptq_batch, gptq._inverse_cholesky
+
+    def batch(weights, *args):
+        batches.append(len(weights))
+        return run(weights, *args)
+
+    def inverse(prepared, *args):
+        def counted(b):
+            h = prepared(b)
+            if b is None:
+                factored.append(h.shape[0])
+            return h
+        return factor(counted, *args)
+    monkeypatch.setattr(gptq, "_gptq_batch", batch)
+    monkeypatch.setattr(gptq, "_inverse_cholesky", inverse)
+    return batches, factored
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=16), QuantSpec(bits=3, group_size=-1, sym=False),
+                                  QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True, scale_search=4),
+                                  QuantSpec(bits=4, group_size=16, sym=False, act_order=True),
+                                  QuantSpec(bits=3, group_size=16, super_group=64),
+                                  QuantSpec(bits=4, group_size=16, super_group=64, sym=False, act_order=True,
+                                            static_groups=True, scale_search=3)])
+@pytest.mark.parametrize("budget", [None, 2 * 4 * 64 * 64])
+def test_many_linears_give_each_what_gptq_gives_it_alone(spec, budget, monkeypatch):
+    """Four experts, each a gate and an up projection of one shape on its own Hessian (one with a dead input), are
+    quantized as two batches (the gates, the ups); two linears of another shape on expert 0's Hessian (k/v-like)
+    reuse its factorisation; an expert no token reached is rounded to nearest.  Every result equals gptq_quantize
+    of that linear alone, bit for bit (with what each code was rounded from).  Under a budget of two 64-wide
+    factors the batches and factorisations hold two at most."""
+    if budget:
+        monkeypatch.setattr(gptq, "GPTQ_BATCH_BYTES", budget)
+    g = torch.Generator().manual_seed(4)
+    hessians = []
+    for e in range(4):
+        x = correlated_inputs(40 + 20 * e, 64, e)
+        if e == 2:
+            x[:, 9] = 0.0
+        hessians.append(hessian_of(x))
+    hessians = hessians * 2 + [hessians[0], hessians[0], torch.zeros(64, 64)]
+    weights = [torch.randn(12, 64, generator=g) for _ in range(8)] + [torch.randn(8, 64, generator=g)
+                                                                       for _ in range(2)]
+    weights.append(torch.randn(12, 64, generator=g))
+    names = [f"experts.{e}.gate" for e in range(4)] + [f"experts.{e}.up" for e in range(4)] + ["k", "v", "silent"]
+    batches, factored = spy_batches(monkeypatch)
+    got = list(gptq_quantize_many(weights, hessians, [spec] * 11, names, keep_rounded=True))
+    assert sorted(i for i, _, _ in got) == list(range(11)) and all(seconds >= 0 for *_, seconds in got)
+    monkeypatch.undo()
+    for i, result, _ in got:
+        if i == 10:
+            expected = rtn_quantize_spec(weights[10], spec)
+            expected.rounded = weights[10]
+        else:
+            expected = gptq_quantize(weights[i], hessians[i], spec, keep_rounded=True)
+        assert_same_result(result, expected)
+    if budget:  # experts 0-1: gates, ups, then k, v alone; experts 2-3: gates, ups
+        assert factored == [2, 2] and batches == [2, 2, 1, 1, 2, 2]
+    else:  # one factorisation of the four Hessians; the gates, the ups; k, v alone
+        assert factored == [4] and batches == [4, 4, 1, 1]
+
+
+def test_a_member_of_a_batch_that_is_not_positive_definite_is_retried_alone(caplog):
+    """In a batch of three Hessians the middle one needs 10% damping: it is retried alone (named in the warning) and
+    gets what GPTQ at damp 0.1 gives it; the others keep 1%.  One that no damping fixes fails naming it."""
+    good = [hessian_of(correlated_inputs(64, 16, s)) for s in (1, 2)]
+    bad = hessian_of(correlated_inputs(64, 16, 3))
+    bad[5, 5] = -0.05 * torch.diag(bad).mean()
+    w = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    spec = QuantSpec(bits=3, group_size=-1, damp=0.01)
+    with caplog.at_level(logging.WARNING, logger="tasa.quant.gptq"):
+        got = {i: r for i, r, _ in gptq_quantize_many(w, [good[0], bad, good[1]], [spec] * 3, ["a", "b", "c"])}
+    assert "b: Hessian not positive definite at damp=0.01; retrying with damp=0.1" in caplog.text
+    assert "a: Hessian" not in caplog.text and "c: Hessian" not in caplog.text
+    assert_same_result(got[1], gptq_quantize(w[1], bad, QuantSpec(bits=3, group_size=-1, damp=0.1)))
+    assert_same_result(got[0], gptq_quantize(w[0], good[0], spec))
+    assert_same_result(got[2], gptq_quantize(w[2], good[1], spec))
+    with pytest.raises(TasaError, match="^c: Hessian is not positive definite"):
+        list(gptq_quantize_many(w, [good[0], good[1], -torch.eye(16)], [spec] * 3, ["a", "b", "c"]))
 
 
 def test_rank_deficient_hessian_handled_by_damping():

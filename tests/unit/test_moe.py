@@ -142,6 +142,45 @@ def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_reported(caplog):
     assert per_layer == 2 * ids.numel()
 
 
+def test_a_layers_experts_are_quantized_as_a_batch_with_what_one_at_a_time_gives(monkeypatch):
+    """GPTQ of a layer's routed experts runs as batches (tasa.quant.gptq.gptq_quantize_many: the 4 gate, the 4 up,
+    then the 4 down projections, each expert on the Hessian of its own tokens), and q/k/v share one factorisation of
+    their Hessian, as gate/up do: the model is bit for bit the one quantized a linear at a time (a batch budget of
+    one byte), every module's report the same but for its seconds."""
+    import tasa.quant.gptq as gptq
+
+    ids = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for budget in (1, gptq.GPTQ_BATCH_BYTES):
+        monkeypatch.setattr(gptq, "GPTQ_BATCH_BYTES", budget)
+        batches, factored = [], []
+        run, factor = gptq._gptq_batch, gptq._inverse_cholesky
+        monkeypatch.setattr(gptq, "_gptq_batch", lambda w, *a, run=run: batches.append(len(w)) or run(w, *a))
+        monkeypatch.setattr(gptq, "_inverse_cholesky",
+                            lambda p, *a, factor=factor: factored.append(p(None).shape[0]) or factor(p, *a))
+        model = tiny_moe("qwen3_moe")
+        arch = resolve(model)
+        plan = Plan.uniform([m.name for m in arch.modules], QuantSpec(bits=3, group_size=32, act_order=True,
+                                                                      static_groups=True, scale_search=4),
+                            method="gptq")
+        report = quantize_model(model, arch, plan, ids, batch_size=2, progress=False)
+        runs[budget] = (model.state_dict(), report, batches, factored)
+        monkeypatch.undo()
+    (one, one_report, one_batches, one_factored), (many, report, batches, factored) = runs.values()
+    silent = [n for n, st in report.modules.items() if st.fallback]
+    # per layer, Hessians: q/k/v's, o's, each expert's gate/up and down (experts a token reached)
+    groups = 2 * (1 + 1 + 4 + 4) - sum(n.endswith(("gate_proj", "down_proj")) for n in silent)
+    assert set(one_batches) == set(one_factored) == {1} and len(one_factored) == sum(factored) == groups
+    # per layer, batches: q, then k and v alone (another shape, the same Hessian), o; the 4 gates, 4 ups, 4 downs
+    assert batches[:5] == [1, 1, 1, 1, 4 - sum(".layers.0." in n and n.endswith("gate_proj") for n in silent)]
+    assert factored[:3] == [1, 1, 4 - sum(".layers.0." in n and n.endswith("gate_proj") for n in silent)]
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    for name, st in report.modules.items():
+        other = one_report.modules[name]
+        assert (st.bits, st.rel_error, st.tokens, st.fallback) == (other.bits, other.rel_error, other.tokens,
+                                                                   other.fallback)
+
+
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_streamed_moe_quantization_writes_the_in_memory_checkpoint_in_the_hub_layout(moe_dir, tmp_path, data_dir,
                                                                                      method):

@@ -40,6 +40,25 @@ def test_search_weighs_the_columns_it_is_told_to():
     assert grid_error(x, scale, zero, 2, weights) < grid_error(x, *compute_grid(x, 2, True), 2, weights)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_search_in_bands_of_rows_finds_the_grids_it_finds_at_once(sym, monkeypatch):
+    """Rows are searched in bands that fit a cache (SEARCH_BAND_ELEMENTS): each row's grid is its own, so bands of 3
+    rows (the last one short) give the whole-matrix search's scales and zeros bit for bit, with the column weights
+    shared by every row or given row by row."""
+    import tasa.quant.rtn as rtn
+
+    x = _heavy(11, 16, 7)
+    g = torch.Generator().manual_seed(2)
+    for weights in (None, torch.rand(16, generator=g) + 0.1, torch.rand(11, 16, generator=g) + 0.1):
+        monkeypatch.setattr(rtn, "SEARCH_BAND_ELEMENTS", 2**30)
+        whole = search_grid(x, 3, sym, 8, weights)
+        monkeypatch.setattr(rtn, "SEARCH_BAND_ELEMENTS", 3 * 16)
+        banded = search_grid(x, 3, sym, 8, weights)
+        assert torch.equal(banded[0], whole[0]) and torch.equal(banded[1], whole[1])
+    plain = compute_grid(x, 3, sym)
+    assert not torch.equal(whole[0], plain[0])  # the search moved some grids (what the bands must reproduce)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=64), QuantSpec(bits=4, group_size=32),
                                   QuantSpec(bits=3, group_size=64, act_order=True, static_groups=True),
                                   QuantSpec(bits=3, group_size=16, super_group=256)])

@@ -34,8 +34,8 @@ from tasa.models.streaming import compute_device, return_freed_memory
 from tasa.models.walker import (LayerInputs, capture_ids, forward_layer, head_logits, input_groups, layer_device,
                                  move_outside_layers, parallel_steps, run_layer, walk)
 from tasa.plan import Plan, expert_container
-from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_targets, gptq_quantize,
-                             make_empty_hessian)
+from tasa.quant.gptq import (accumulate_hessian, accumulate_shift, float_output_targets,
+                             gptq_quantize_many, make_empty_hessian)
 from tasa.quant.learned import LayerLearning, learn_layer, step_dtype
 from tasa.quant.rtn import rtn_quantize_spec
 from tasa.quantized import QuantResult
@@ -383,22 +383,23 @@ def _apply_gptq(model, arch, plan, calib: Calibration, device, true_sequential, 
                 for chunk in _chunks(step, layer):
                     if true_sequential:
                         hessians = calib.hessians(layer, [g[0] for g in chunk], counts)
+                    plain: list[tuple[str, torch.Tensor, int]] = []  # quantized together, below
                     for group in chunk:
                         h, n = hessians.pop(group[0]), counts[group[0]]
                         targets = _float_output_targets(layer, group, by_local, plan, h, n, calib.shift(group[0]),
                                                         calib.float_targets)
-                        for local in group:
-                            cancel_point()
-                            result = _gptq_module(layer, local, by_local[local].name, plan, h, n, report,
-                                                  None if refine else on_result, targets.pop(local, None),
-                                                  keep_rounded=refine is not None)
-                            if refine:  # kept for it; else dropped now (an 8B layer's are 0.8 GB by down_proj's)
-                                results[local] = result
-                            del result
-                        wide = h.numel() * h.element_size() >= TRIM_AFTER_BYTES
-                        del h
-                        if wide:  # what glibc would keep of the group's H, targets and working memory
-                            return_freed_memory()
+                        if not targets:  # (a layer's routed experts: batched, each on its own Hessian)
+                            plain += [(local, h, n) for local in group]
+                            continue
+                        _gptq_linears(layer, [(local, h, n) for local in group], targets, by_local, plan, report,
+                                      None if refine else on_result, results if refine else None)
+                        _trim_after(h)
+                        del h, targets
+                    if plain:
+                        _gptq_linears(layer, plain, {}, by_local, plan, report, None if refine else on_result,
+                                      results if refine else None)
+                        _trim_after(max((entry[1] for entry in plain), key=torch.Tensor.numel))
+                        del plain
                     calib.quantized(layer, [local for group in chunk for local in group])
             if refine:
                 t = time.perf_counter()
@@ -464,6 +465,9 @@ def _apply_learned(model, arch, plan, calib_ids, batch_size, device, report, on_
 
 TRIM_AFTER_BYTES = 64 * 2**20  # the heap is trimmed after an input group whose H is this large (d_in >= 4096): 1.5
 # ms to 15 ms a trim, 2% of SmolLM2's GPTQ time if done after every group
+RESULTS_TRIM_BYTES = 64 * 2**20  # and after results of that many float32 bytes were dropped: batches of experts'
+# working memory and results, freed between the checkpoint's packed tensors, left the heap 2.7 GB larger by the end
+# of a Qwen3-30B-A3B-shaped layer's 256 gate/up projections (8.0 GB at the peak instead of 5.3)
 FLOAT_INPUTS_BYTES = 2 * 2**30  # float-model inputs of a layer's linears held at once (asymmetric calibration)
 HESSIAN_BYTES_PER_PASS = 4 * 2**30  # Hessians gathered in one pass over a layer's inputs, at most (routed experts)
 
@@ -508,23 +512,47 @@ def _float_output_targets(layer: nn.Module, group: list[str], modules: dict, pla
     return {local: (out[local], seconds) for local in group}
 
 
-def _gptq_module(layer: nn.Module, local: str, name: str, plan: Plan, h: torch.Tensor, tokens: int,
-                 report: QuantReport, on_result, target: tuple[torch.Tensor, float] | None = None,
-                 keep_rounded: bool = False) -> QuantResult:
-    """GPTQ of one planned linear on Hessian ``h`` of ``tokens`` calibration tokens, in place; a routed expert no
-    token reached is rounded to nearest on the same grid instead (tasa.quant.gptq), and reported so.  ``target``
-    (asymmetric calibration: :func:`_float_output_targets`' weights and seconds): GPTQ of those weights instead of
-    the linear's own (the relative error is then measured against them)."""
-    spec = plan[name]
-    linear = layer.get_submodule(local)
-    t = time.perf_counter()
-    weight, seconds = target if target is not None else (linear.weight.data, 0.0)
-    del target
-    result = gptq_quantize(weight, h, spec, name=name, keep_rounded=keep_rounded)
-    err = _relative_error(weight, result.weight, h) if tokens else None
-    _store(linear, result)
-    report.modules[name] = ModuleStats(spec.bits, spec.group_size, seconds + time.perf_counter() - t, err, tokens,
-                                       None if tokens else "rtn: no calibration token reached it")
-    if on_result:
-        on_result(name, result)
-    return result
+def _gptq_linears(layer: nn.Module, entries: list[tuple[str, torch.Tensor, int]],
+                  targets: dict[str, tuple[torch.Tensor, float]], modules: dict, plan: Plan, report: QuantReport,
+                  on_result, kept: dict[str, QuantResult] | None) -> None:
+    """GPTQ of planned linears of ``layer``, in place: ``entries`` (local name, Hessian, calibration tokens) each;
+    the same Hessian tensor for linears fed the same input (factorised once), and those of one shape and spec
+    quantized as a batch (tasa.quant.gptq.gptq_quantize_many).  A routed expert no token reached is rounded to
+    nearest on the same grid instead, and reported so.  ``targets`` (asymmetric calibration:
+    :func:`_float_output_targets`' weights and seconds, by local name; each popped once done): GPTQ of those
+    weights instead of the linear's own (the relative error is then measured against them).  ``kept``: each result
+    is kept there (for learned rounding); otherwise dropped once stored and handed to ``on_result`` (an 8B layer's
+    are 0.8 GB by down_proj's)."""
+    names = [modules[local].name for local, *_ in entries]
+    weights = [targets[local][0] if local in targets else layer.get_submodule(local).weight.data
+               for local, _, _ in entries]
+    freed = 0  # bytes of results dropped since the heap was last trimmed
+    for i, result, seconds in gptq_quantize_many(weights, [h for _, h, _ in entries],
+                                                 [plan[name] for name in names], names, keep_rounded=kept is not None):
+        cancel_point()
+        local, h, tokens = entries[i]
+        name, spec = names[i], plan[names[i]]
+        target_seconds = targets.pop(local)[1] if local in targets else 0.0
+        t = time.perf_counter()
+        err = _relative_error(weights[i], result.weight, h) if tokens else None
+        weights[i] = None  # (read by GPTQ only when its batch is formed: a target is freed once its result is done)
+        _store(layer.get_submodule(local), result)
+        report.modules[name] = ModuleStats(spec.bits, spec.group_size,
+                                           target_seconds + seconds + time.perf_counter() - t, err,
+                                           tokens, None if tokens else "rtn: no calibration token reached it")
+        if on_result:
+            on_result(name, result)
+        if kept is not None:
+            kept[local] = result
+        freed += 0 if kept is not None else result.weight.numel() * 4
+        del result
+        if freed >= RESULTS_TRIM_BYTES:  # (what glibc keeps of the batches' working memory, results and packing)
+            return_freed_memory()
+            freed = 0
+
+
+def _trim_after(h: torch.Tensor) -> None:
+    """After an input group whose H is wide, return to the system what glibc would keep of its H, targets and
+    working memory."""
+    if h.numel() * h.element_size() >= TRIM_AFTER_BYTES:
+        return_freed_memory()

@@ -16,11 +16,16 @@ Updates are applied lazily in blocks of ``block_size`` columns.  With act_order
 the columns are visited by decreasing diag(H).  Group grids (scale, zero) are
 computed from the *updated* weights when the group's first column is reached,
 or up front from the original weights with ``static_groups``.
+
+:func:`gptq_quantize_many` runs this loop for a batch of linears at once (a layer's routed experts, each on its own
+H: one set of tensor operations per column for the whole batch) and factorises a Hessian once for the linears that
+share it (q/k/v, gate/up); each result is the one :func:`gptq_quantize` gives alone, bit for bit.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import torch
 
@@ -148,33 +153,50 @@ def merge_hessians(parts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     return merged, total
 
 
-def _inverse_cholesky(prepared: Callable[[], torch.Tensor], damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = ``prepared()`` (symmetric), retrying with more
-    damping.
+GPTQ_BATCH_BYTES = 64 * 2**20  # linears quantized together (:func:`gptq_quantize_many`): their float32 weights, and
+# the factors of their Hessians, at most this many bytes a batch (one linear at least)
 
-    Every step overwrites H's own storage, seen through its transpose: for a symmetric matrix that is the same
-    matrix, laid out column by column as LAPACK wants its operands, so torch takes no transient copy of it either
-    (given a row-major output it computes into a column-major temporary and copies back: one more (d_in, d_in)
-    matrix at the peak, 0.8 GB for a 14336-wide input).  So one matrix is held here: what keeps a streamed
-    8B-shaped layer's GPTQ within its memory budget (benchmarks/large_model.py).  The factor is returned as that
-    column-major view (the same values as a row-major computation gives, bit for bit).  A retry starts from a
-    fresh ``prepared()``."""
-    for attempt in range(MAX_DAMP_RETRIES):
-        h = prepared()
-        h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-        ht = h.mT  # column-major: LAPACK's layout
-        info = torch.empty((), dtype=torch.int32, device=h.device)
-        torch.linalg.cholesky_ex(ht, out=(ht, info))  # ht: its lower factor
-        if int(info) == 0:
-            torch.cholesky_inverse(ht, out=ht)  # ht: the inverse
-            return torch.linalg.cholesky(ht, upper=True, out=ht)  # ht: the inverse's upper factor
-        del h, ht
-        new_damp = min(damp * 10, 0.99) if damp < 0.99 else damp
-        if attempt == MAX_DAMP_RETRIES - 1 or new_damp == damp:
-            break
-        log.warning("%s: Hessian not positive definite at damp=%g; retrying with damp=%g", name, damp, new_damp)
-        damp = new_damp
-    raise TasaError(f"{name}: Hessian is not positive definite even with damp={damp:g}; check the calibration data")
+
+def _inverse_cholesky(prepared: Callable[[int | None], torch.Tensor], damp: float, names: list[str]) -> torch.Tensor:
+    """Upper Cholesky factors of (H_b + damp*mean(diag H_b)*I)^-1 for a batch of Hessians: ``prepared(None)`` gives
+    them as one (B, d_in, d_in) tensor (each symmetric), ``prepared(b)`` member b alone; a member that is not
+    positive definite is retried alone with more damping (``names[b]`` in the warning and the error).
+
+    Every step overwrites the batch's own storage, seen through its transpose: for a symmetric matrix that is the
+    same matrix, laid out column by column as LAPACK wants its operands, so torch takes no transient copy of it
+    either (given a row-major output it computes into a column-major temporary and copies back: one more
+    (d_in, d_in) matrix at the peak, 0.8 GB for a 14336-wide input).  So one matrix a member is held here: what
+    keeps a streamed 8B-shaped layer's GPTQ within its memory budget (benchmarks/large_model.py).  The factors are
+    returned as that column-major view (the same values as a row-major computation gives, bit for bit)."""
+    h = prepared(None)
+    for b in range(h.shape[0]):  # each member's own mean (bit for bit the single-matrix arithmetic)
+        h[b].diagonal().add_(damp * torch.mean(torch.diag(h[b])))
+    ht = h.mT  # column-major: LAPACK's layout
+    info = torch.empty(h.shape[0], dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(ht, out=(ht, info))  # ht: the lower factors
+    for b in torch.nonzero(info).flatten().tolist():
+        tried = damp
+        for attempt in range(1, MAX_DAMP_RETRIES + 1):
+            new_damp = min(tried * 10, 0.99) if tried < 0.99 else tried
+            if new_damp == tried or attempt == MAX_DAMP_RETRIES:
+                raise TasaError(f"{names[b]}: Hessian is not positive definite even with damp={tried:g}; check the "
+                                "calibration data")
+            log.warning("%s: Hessian not positive definite at damp=%g; retrying with damp=%g", names[b], tried,
+                        new_damp)
+            tried = new_damp
+            if h.shape[0] == 1:  # a fresh batch of one (no second matrix beside it)
+                del ht, h
+                h = prepared(None)
+            else:  # members of a batch are small (GPTQ_BATCH_BYTES): one fresh member beside it
+                h[b] = prepared(b)
+            h[b].diagonal().add_(tried * torch.mean(torch.diag(h[b])))
+            ht = h.mT
+            one = torch.empty((), dtype=torch.int32, device=h.device)
+            torch.linalg.cholesky_ex(ht[b], out=(ht[b], one))
+            if int(one) == 0:
+                break
+    torch.cholesky_inverse(ht, out=ht)  # ht: the inverses
+    return torch.linalg.cholesky(ht, upper=True, out=ht)  # ht: the inverses' upper factors
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str = "weight",
@@ -184,34 +206,135 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     The input tensors are not modified.
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise TasaError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
-    check_finite(weight, name)
-    if not all_finite(hessian):
-        raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
-    if not torch.any(hessian):
+    return next(gptq_quantize_many([weight], [hessian], [spec], [name], keep_rounded))[1]
+
+
+def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor], specs: list[QuantSpec],
+                       names: list[str], keep_rounded: bool = False) -> Iterator[tuple[int, QuantResult, float]]:
+    """:func:`gptq_quantize` of several linears, ``weights[i]`` on ``hessians[i]`` under ``specs[i]``, yielding
+    ``(i, result, seconds)`` as each is done (not in the order given; ``seconds``: its share of the time spent).
+
+    Linears given the same Hessian tensor (fed the same input: q/k/v, gate/up) and the same damping and column
+    order share one factorisation of it.  Linears of the same shape and spec whose Hessians are as wide are
+    quantized together, as a batch (a layer's routed experts: each with the Hessian of its own tokens), each column
+    one set of tensor operations for the whole batch instead of one per linear; batches and the factors they need
+    hold at most :data:`GPTQ_BATCH_BYTES` of each.  Each result is what :func:`gptq_quantize` gives for that linear
+    alone (tests/unit/test_gptq.py checks it bit for bit).  A linear whose Hessian is zero (a routed expert no
+    calibration token reached) is rounded to nearest on the same grid instead, and logged."""
+    keys: dict[tuple, list[int]] = {}  # one factorisation: (the Hessian, damping, column order) -> linears
+    for i, (weight, hessian, spec, name) in enumerate(zip(weights, hessians, specs, names)):
+        if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+            raise TasaError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
+        check_finite(weight, name)
+        if spec.super_group:
+            check_super_width(weight.shape[1], spec.super_group, name)
+        if not all_finite(hessian):
+            raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
+        if torch.any(hessian):
+            keys.setdefault((id(hessian), spec.damp, spec.act_order), []).append(i)
+            continue
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
         # weigh its rounding by, and would zero every weight (all inputs look dead).  RTN on the same grid.
+        t = time.perf_counter()
         log.warning("%s: no calibration token reached it (zero Hessian); quantized with RTN instead", name)
         result = rtn_quantize_spec(weight, spec)
         result.rounded = weight.detach().float().clone() if keep_rounded else None
-        return result
-    rows, cols = weight.shape
-    bits, gs, sg = spec.bits, spec.group_size, spec.super_group
-    if sg:
-        check_super_width(cols, sg, name)
-    w = weight.detach().float().clone()  # (d_out, d_in)
-    diag = torch.diag(hessian).float().clone()
+        yield i, result, time.perf_counter() - t
+    kinds: dict[tuple, list[tuple]] = {}  # factorisations that can be batched: (width, damping, column order)
+    for key, members in keys.items():
+        kinds.setdefault((hessians[members[0]].shape[0], key[1], key[2]), []).append(key)
+    for (d_in, damp, act_order), factored in kinds.items():
+        per = max(1, GPTQ_BATCH_BYTES // (4 * d_in * d_in))
+        for c0 in range(0, len(factored), per):
+            chunk = [keys[key] for key in factored[c0:c0 + per]]
+            yield from _gptq_chunk(weights, [hessians[m[0]] for m in chunk], specs, names, chunk, damp, act_order,
+                                   keep_rounded)
+
+
+def _gptq_chunk(weights, hessians, specs, names, chunk: list[list[int]], damp: float, act_order: bool,
+                keep_rounded: bool) -> Iterator[tuple[int, QuantResult, float]]:
+    """GPTQ of the linears of ``chunk`` (member b: the indices of the linears quantized on ``hessians[b]``), the
+    members' Hessians factorised together."""
+    t = time.perf_counter()
+    diag = torch.stack([torch.diag(h).float() for h in hessians])  # (B, d_in)
     dead = diag == 0  # inputs that are always zero: H's entry becomes 1, the weights' columns 0
     diag[dead] = 1.0
-    w[:, dead] = 0.0
+    perm = torch.argsort(diag, dim=1, descending=True) if act_order else None
+
+    def member(b: int) -> torch.Tensor:
+        """Member b's H with dead inputs fixed, in the processing order: a new tensor."""
+        if perm is None:
+            h = hessians[b].detach().float().clone()
+            h[dead[b], dead[b]] = 1.0
+        else:
+            p = perm[b]
+            h = hessians[b].detach().float()[p.unsqueeze(1), p]  # one gather: no row-permuted intermediate
+            h[dead[b][p], dead[b][p]] = 1.0
+        return h
+
+    def prepared(b: int | None) -> torch.Tensor:
+        if b is not None:
+            return member(b)
+        if len(hessians) == 1:
+            return member(0).unsqueeze(0)
+        out = torch.empty(len(hessians), *hessians[0].shape, dtype=torch.float32, device=hessians[0].device)
+        for m in range(len(hessians)):
+            out[m] = member(m)
+        return out
+
+    u = _inverse_cholesky(prepared, damp, [names[m[0]] for m in chunk])  # (B, d_in, d_in) upper
+    factor_share = (time.perf_counter() - t) / sum(len(m) for m in chunk)
+    # Batches: linears of one shape and spec, at one place in their members' lists (every gate projection, then
+    # every up projection), on consecutive members, so that their factors are a slice of u (a view, not a copy).
+    runs: dict[tuple, list[tuple[int, int]]] = {}
+    for b, indices in enumerate(chunk):
+        for place, i in enumerate(indices):
+            runs.setdefault((tuple(weights[i].shape), specs[i], place), []).append((b, i))
+    for (shape, spec, _), entries in runs.items():
+        per = max(1, GPTQ_BATCH_BYTES // (4 * shape[0] * shape[1]))
+        batch: list[tuple[int, int]] = []
+        for entry in [*entries, None]:
+            if batch and (entry is None or entry[0] != batch[-1][0] + 1 or len(batch) == per):
+                t = time.perf_counter()
+                b0, b1 = batch[0][0], batch[-1][0] + 1
+                results = _gptq_batch([weights[i] for _, i in batch], u[b0:b1], diag[b0:b1], dead[b0:b1],
+                                      None if perm is None else perm[b0:b1], spec, keep_rounded)
+                share = (time.perf_counter() - t) / len(batch) + factor_share
+                for (_, i), result in zip(batch, results):
+                    yield i, result, share
+                del results
+                batch = []
+            if entry is not None:
+                batch.append(entry)
+
+
+def _gptq_batch(weights: list[torch.Tensor], u: torch.Tensor, diag: torch.Tensor, dead: torch.Tensor,
+                perm: torch.Tensor | None, spec: QuantSpec, keep_rounded: bool) -> list[QuantResult]:
+    """GPTQ of B linears of one shape under one ``spec``, member b's inverse-Hessian factor ``u[b]`` (B, d_in, d_in),
+    Hessian diagonal ``diag[b]`` (dead inputs' set to 1), dead inputs ``dead[b]``, column order ``perm[b]``."""
+    count = len(weights)
+    rows, cols = weights[0].shape
+    bits, gs, sg = spec.bits, spec.group_size, spec.super_group
+    if count == 1:
+        w = weights[0].detach().float().clone().unsqueeze(0)  # (B, d_out, d_in)
+    else:
+        w = torch.stack([weight.detach().float() for weight in weights])
+    w.masked_fill_(dead.unsqueeze(1), 0.0)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        """(B, d_out, k) -> (B * d_out, k): the rtn functions' rows."""
+        return x.reshape(count * rows, x.shape[-1])
+
+    def row_weights(d: torch.Tensor) -> torch.Tensor:
+        """The grid search's column weights (B, k) for :func:`flat`'s rows."""
+        return d[0] if count == 1 else d.unsqueeze(1).expand(count, rows, d.shape[1]).reshape(count * rows, -1)
 
     bounds = group_bounds(cols, gs)
     n_groups = len(bounds)
     gsize = bounds[0][1] - bounds[0][0]  # effective group size (cols if one group)
-    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=w.device)
+    scales = torch.empty(count, rows, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
-    supers = torch.empty(rows, cols // sg, dtype=torch.float32, device=w.device) if sg else None
+    supers = torch.empty(count, rows, cols // sg, dtype=torch.float32, device=w.device) if sg else None
     per_super = sg // gsize if sg else 0
     with_mins = bool(sg) and not spec.sym  # llama.cpp's asymmetric K types: scale * code - min
     mins = torch.zeros_like(scales) if with_mins else None
@@ -223,48 +346,47 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         """Fill the grids of the super-group whose first group is ``first_group`` from its weights ``x``."""
         span = slice(first_group, first_group + per_super)
         if with_mins:
-            scales[:, span], mins[:, span], d, dmin = compute_super_grid_asym(x, bits, gsize, spec.scale_bits, steps,
-                                                                              weights)
-            zeros[:, span] = 0.0
-            super_mins[:, first_group // per_super] = dmin
+            s, mn, d, dmin = compute_super_grid_asym(flat(x), bits, gsize, spec.scale_bits, steps, row_weights(weights))
+            scales[:, :, span], mins[:, :, span] = s.view(count, rows, -1), mn.view(count, rows, -1)
+            zeros[:, :, span] = 0.0
+            super_mins[:, :, first_group // per_super] = dmin.view(count, rows)
         else:
-            scales[:, span], zeros[:, span], d = compute_super_grid(x, bits, gsize, spec.scale_bits, steps, weights)
-        supers[:, first_group // per_super] = d
+            s, z, d = compute_super_grid(flat(x), bits, gsize, spec.scale_bits, steps, row_weights(weights))
+            scales[:, :, span], zeros[:, :, span] = s.view(count, rows, -1), z.view(count, rows, -1)
+        supers[:, :, first_group // per_super] = d.view(count, rows)
 
     if spec.static_groups or n_groups == 1:
         # One grid per row (per channel) comes from the whole row, as in the reference GPTQ.
         if sg:
             for s in range(0, cols, sg):
-                super_grid(w[:, s:s + sg], s // gsize, diag[s:s + sg])
+                super_grid(w[:, :, s:s + sg], s // gsize, diag[:, s:s + sg])
         else:
             for gi, (s, e) in enumerate(bounds):
-                scales[:, gi], zeros[:, gi] = search_grid(w[:, s:e], bits, spec.sym, steps, diag[s:e])
+                scale, zero = search_grid(flat(w[:, :, s:e]), bits, spec.sym, steps, row_weights(diag[:, s:e]))
+                scales[:, :, gi], zeros[:, :, gi] = scale.view(count, rows), zero.view(count, rows)
     precomputed = spec.static_groups or n_groups == 1
 
-    perm = None
-    if spec.act_order:
-        perm = torch.argsort(diag, descending=True)
-        w = w[:, perm]
-    diag_order = diag if perm is None else diag[perm]  # the search's weights, in the processing order
-
-    def prepared() -> torch.Tensor:
-        """H with dead inputs fixed, in the processing order: a new tensor each call."""
-        if perm is None:
-            h = hessian.detach().float().clone()
-            h[dead, dead] = 1.0
-        else:
-            h = hessian.detach().float()[perm.unsqueeze(1), perm]  # one gather: no row-permuted intermediate
-            h[dead[perm], dead[perm]] = 1.0
-        return h
-    # g_idx in the processing order: static groups follow original columns,
-    # dynamic groups are formed from consecutive processed columns.
-    orig_cols = perm if perm is not None else torch.arange(cols, device=w.device)
+    if perm is not None:
+        w = w.gather(2, perm.unsqueeze(1).expand(count, rows, cols))
+    diag_order = diag if perm is None else diag.gather(1, perm)  # the search's weights, in the processing order
+    # The group of each processed column, member by member: static groups follow original columns, dynamic groups
+    # are formed from consecutive processed columns.
+    positions = torch.arange(cols, device=w.device).expand(count, cols)
     if precomputed:
-        group_of_pos = torch.div(orig_cols, gsize, rounding_mode="floor")
+        group_of_pos = torch.div(positions if perm is None else perm, gsize, rounding_mode="floor")
     else:
-        group_of_pos = torch.div(torch.arange(cols, device=w.device), gsize, rounding_mode="floor")
+        group_of_pos = torch.div(positions, gsize, rounding_mode="floor")
+    group_cpu = group_of_pos.cpu()
+    same_group = (group_cpu == group_cpu[0]).all(dim=0).tolist()  # a column every member takes from one group
+    first_group = group_cpu[0].tolist()
+    members = torch.arange(count, device=w.device)
 
-    u = _inverse_cholesky(prepared, spec.damp, name)  # (d_in, d_in) upper
+    def grid_of(table: torch.Tensor, col: int) -> torch.Tensor:
+        """(B, d_out): each member's grid entry for processed column ``col``."""
+        if same_group[col]:
+            return table[:, :, first_group[col]]
+        return table[members, :, group_of_pos[:, col]]
+
     codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
     rounded = torch.empty_like(w) if keep_rounded else None
 
@@ -273,64 +395,64 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if gs != -1 and n_groups > 1:
         unit = sg or gsize
         block = max(1, block // unit) * unit
-    cur_scale = cur_zero = None
+    cur_scale = cur_zero = cur_min = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        w_blk = w[:, b0:b1].clone()  # (d_out, bs)
-        q_blk = torch.zeros_like(w_blk)
+        w_blk = w[:, :, b0:b1].clone()  # (B, d_out, bs)
         err_blk = torch.zeros_like(w_blk)
-        u_blk = u[b0:b1, b0:b1].contiguous()  # (u is column-major: its rows strided)
+        u_blk = u[:, b0:b1, b0:b1].contiguous()  # (u is column-major: its rows strided)
         for i in range(b1 - b0):
             col = b0 + i
-            gi = int(group_of_pos[col])
+            gi = first_group[col]
             if precomputed:
-                cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
+                cur_scale, cur_zero = grid_of(scales, col), grid_of(zeros, col)
+                cur_min = grid_of(mins, col) if with_mins else None
             elif sg and col % gsize == 0:
                 if col % sg == 0:  # the super-group's grids from its weights as updated so far
-                    super_grid(w_blk[:, i:i + sg], gi, diag_order[col:col + sg])
-                cur_scale, cur_zero = scales[:, gi], zeros[:, gi]
+                    super_grid(w_blk[:, :, i:i + sg], gi, diag_order[:, col:col + sg])
+                cur_scale, cur_zero = scales[:, :, gi], zeros[:, :, gi]
+                cur_min = mins[:, :, gi] if with_mins else None
             elif col % gsize == 0:
                 end = min(i + gsize, b1 - b0)
-                cur_scale, cur_zero = search_grid(w_blk[:, i:end], bits, spec.sym, steps,
-                                                  diag_order[col:col + end - i])
-                scales[:, gi], zeros[:, gi] = cur_scale, cur_zero
-            wcol = w_blk[:, i]
+                scale, zero = search_grid(flat(w_blk[:, :, i:end]), bits, spec.sym, steps,
+                                          row_weights(diag_order[:, col:col + end - i]))
+                scales[:, :, gi], zeros[:, :, gi] = scale.view(count, rows), zero.view(count, rows)
+                cur_scale, cur_zero = scales[:, :, gi], zeros[:, :, gi]
+            wcol = w_blk[:, :, i]  # (B, d_out)
+            x, s = wcol.reshape(-1, 1), cur_scale.reshape(-1)
             if with_mins:  # the group's offset, as its scale: a group's grid is filled when its super-group's is
-                cur_min = mins[:, gi]
-                qcode = quantize_codes_min(wcol.unsqueeze(1), cur_scale, cur_min, bits).squeeze(1)
-                qcol = dequantize_min(qcode.unsqueeze(1), cur_scale, cur_min).squeeze(1)
+                qcode = quantize_codes_min(x, s, cur_min.reshape(-1), bits)
+                qcol = dequantize_min(qcode, s, cur_min.reshape(-1)).view(count, rows)
             else:
-                qcode = quantize_codes(wcol.unsqueeze(1), cur_scale, cur_zero, bits).squeeze(1)
-                qcol = dequantize(qcode.unsqueeze(1), cur_scale, cur_zero).squeeze(1)
-            codes[:, col] = qcode.to(torch.uint8)
+                qcode = quantize_codes(x, s, cur_zero.reshape(-1), bits)
+                qcol = dequantize(qcode, s, cur_zero.reshape(-1)).view(count, rows)
+            codes[:, :, col] = qcode.view(count, rows).to(torch.uint8)
             if rounded is not None:
-                rounded[:, col] = wcol
-            q_blk[:, i] = qcol
-            err = (wcol - qcol) / u_blk[i, i]
-            w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
-            err_blk[:, i] = err
-        w[:, b1:] -= err_blk @ u[b0:b1, b1:]
-    del u, w  # before the dequantized result is built: two fewer large matrices at the peak
+                rounded[:, :, col] = wcol
+            err = (wcol - qcol) / u_blk[:, i, i].unsqueeze(1)
+            w_blk[:, :, i:] -= err.unsqueeze(2) * u_blk[:, i, i:].unsqueeze(1)
+            err_blk[:, :, i] = err
+        w[:, :, b1:] -= err_blk @ u[:, b0:b1, b1:]
+    del w  # before the dequantized results are built: one fewer large tensor at the peak
 
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        rounded = None if rounded is None else rounded[:, inv]
-        g_idx = group_of_pos[inv].to(torch.int32)
-    else:
-        g_idx = group_of_pos.to(torch.int32)
-    result = QuantResult(
-        weight=torch.empty(0),
-        codes=codes,
-        scales=scales,
-        zeros=zeros,
-        g_idx=g_idx,
-        bits=bits,
-        group_size=gs,
-        super_scales=supers,
-        mins=mins,
-        super_mins=super_mins,
-        rounded=rounded,
-    )
-    result.weight = result.dequantize().to(weight.dtype)
-    return result
+    inv = torch.argsort(perm, dim=1) if perm is not None else None
+    out = []
+    for b, weight in enumerate(weights):
+        def own(x: torch.Tensor | None) -> torch.Tensor | None:  # member b's, in original column order when permuted
+            if x is None:
+                return None
+            return x[b] if count == 1 else x[b].clone()  # not a view into the batch's storage
+
+        if inv is not None:
+            member_codes = codes[b][:, inv[b]]
+            member_rounded = None if rounded is None else rounded[b][:, inv[b]]
+            g_idx = group_of_pos[b][inv[b]].to(torch.int32)
+        else:
+            member_codes, member_rounded = own(codes), own(rounded)
+            g_idx = group_of_pos[b].to(torch.int32)
+        result = QuantResult(weight=torch.empty(0), codes=member_codes, scales=own(scales), zeros=own(zeros),
+                             g_idx=g_idx, bits=bits, group_size=gs, super_scales=own(supers), mins=own(mins),
+                             super_mins=own(super_mins), rounded=member_rounded)
+        result.weight = result.dequantize().to(weight.dtype)
+        out.append(result)
+    return out

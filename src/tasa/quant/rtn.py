@@ -92,11 +92,27 @@ def grid_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     return (e if weights is None else e * weights).sum(dim=1)
 
 
+SEARCH_BAND_ELEMENTS = 2**18  # weights a band of :func:`search_grid` (1 MB in float32: in a core's cache)
+
+
 def search_grid(x: torch.Tensor, bits: int, sym: bool, steps: int, weights: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``x`` (rows, g), the grid of least weighted squared error among the plain one and ``steps``
     narrower ones (the range shrunk by 1 - k / (2 steps), k = 1..steps; values beyond it clip).  Ties keep the
-    wider grid, so the error is never above the plain grid's."""
+    wider grid, so the error is never above the plain grid's.
+
+    Rows are searched in bands of :data:`SEARCH_BAND_ELEMENTS` (each row's search is its own: the same grids bit for
+    bit), so that the search's many passes over them run in cache: 2 to 4 times faster for a batch of experts
+    (tests/unit/test_scale_search.py)."""
+    band = max(1, SEARCH_BAND_ELEMENTS // max(1, x.shape[1]))
+    if steps and x.shape[0] > band:
+        scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        zero = torch.empty_like(scale)
+        for r0 in range(0, x.shape[0], band):
+            rows = slice(r0, r0 + band)
+            scale[rows], zero[rows] = search_grid(x[rows], bits, sym, steps, weights[rows] if weights is not None
+                                                  and weights.dim() == 2 else weights)
+        return scale, zero
     scale, zero = compute_grid(x, bits, sym)
     if steps == 0:
         return scale, zero
