@@ -101,9 +101,9 @@ def search_grid(x: torch.Tensor, bits: int, sym: bool, steps: int, weights: torc
     narrower ones (the range shrunk by 1 - k / (2 steps), k = 1..steps; values beyond it clip).  Ties keep the
     wider grid, so the error is never above the plain grid's.
 
-    Rows are searched in bands of :data:`SEARCH_BAND_ELEMENTS` (each row's search is its own: the same grids bit for
-    bit), so that the search's many passes over them run in cache: 2 to 4 times faster for a batch of experts
-    (tests/unit/test_scale_search.py)."""
+    Rows are searched in bands of :data:`SEARCH_BAND_ELEMENTS`, so that the search's many passes over a band run in
+    a core's cache rather than over the whole matrix in memory (the static grids of a batch of experts in GPTQ);
+    each row's search is its own, so the grids are the same bit for bit (tests/unit/test_scale_search.py)."""
     band = max(1, SEARCH_BAND_ELEMENTS // max(1, x.shape[1]))
     if steps and x.shape[0] > band:
         scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
