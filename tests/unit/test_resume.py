@@ -22,7 +22,7 @@ KILL_POINTS = {
     "mixture": ("tasa.mixture.collect.count_sketch", 3),
     "profile": ("tasa.profile.probe.ProbeStore.put", 3),
     "allocate": ("tasa.plan.Plan.save", 1),
-    "quantize": ("tasa.quant.gptq.gptq_quantize", 9),
+    "quantize": ("tasa.quant.gptq._gptq_batch", 9),  # each batch here a linear (tiny dense model)
     "quantize-writing": ("tasa.pipeline.quantize.usual_modes", 1),  # the checkpoint half written
     "eval_fp": ("tasa.eval.runner.run_task", 1),
     "eval_quant": ("tasa.eval.runner.run_task", 2),
