@@ -104,6 +104,11 @@ def accumulate_shift(shift: torch.Tensor, n_seen: int, inputs: torch.Tensor, tar
     return total
 
 
+def _damp(h: torch.Tensor, damp: float) -> None:
+    """GPTQ's damping of a Hessian (d_in, d_in), in place: ``damp`` times the mean of its diagonal added to it."""
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+
+
 def float_output_weights(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, alpha: float = 1.0,
                          damp: float = 0.01) -> torch.Tensor:
     """The weights GPTQ should approximate when the layer's quantized model feeds it inputs X but it must reproduce
@@ -127,7 +132,7 @@ def float_output_targets(weights: list[torch.Tensor], hessian: torch.Tensor, pro
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    _damp(h, damp)
     factors = h.mT
     pivots = torch.empty(h.shape[0], dtype=torch.int32, device=h.device)
     torch.linalg.lu_factor(factors, out=(factors, pivots))
@@ -170,7 +175,7 @@ def _inverse_cholesky(prepared: Callable[[int | None], torch.Tensor], damp: floa
     returned as that column-major view (the same values as a row-major computation gives, bit for bit)."""
     h = prepared(None)
     for b in range(h.shape[0]):  # each member's own mean (bit for bit the single-matrix arithmetic)
-        h[b].diagonal().add_(damp * torch.mean(torch.diag(h[b])))
+        _damp(h[b], damp)
     ht = h.mT  # column-major: LAPACK's layout
     info = torch.empty(h.shape[0], dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(ht, out=(ht, info))  # ht: the lower factors
@@ -189,7 +194,7 @@ def _inverse_cholesky(prepared: Callable[[int | None], torch.Tensor], damp: floa
                 h = prepared(None)
             else:  # members of a batch are small (GPTQ_BATCH_BYTES): one fresh member beside it
                 h[b] = prepared(b)
-            h[b].diagonal().add_(tried * torch.mean(torch.diag(h[b])))
+            _damp(h[b], tried)
             ht = h.mT
             one = torch.empty((), dtype=torch.int32, device=h.device)
             torch.linalg.cholesky_ex(ht[b], out=(ht[b], one))
@@ -222,8 +227,9 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
     alone (tests/unit/test_gptq.py checks it bit for bit).  A linear whose Hessian is zero (a routed expert no
     calibration token reached) is rounded to nearest on the same grid instead, and logged."""
     keys: dict[tuple, list[int]] = {}  # one factorisation: (the Hessian, damping, column order) -> linears
+    reached: dict[int, bool] = {}  # each Hessian checked once, however many linears share it
     for i in range(len(weights)):  # (by index: no loop variable keeps a weight alive past its result)
-        if _gptq_input(weights[i], hessians[i], specs[i], names[i]):
+        if _gptq_input(weights[i], hessians[i], specs[i], names[i], reached):
             keys.setdefault((id(hessians[i]), specs[i].damp, specs[i].act_order), []).append(i)
             continue
         # No calibration token reached the module (a routed expert no token was sent to): GPTQ has nothing to
@@ -245,16 +251,20 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessians: list[torch.Tensor]
                                    keep_rounded)
 
 
-def _gptq_input(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str) -> bool:
-    """Check one linear's input to GPTQ (a clear error naming it); False when its Hessian is zero."""
+def _gptq_input(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, name: str,
+                reached: dict[int, bool]) -> bool:
+    """Check one linear's input to GPTQ (a clear error naming it); False when its Hessian is zero.  ``reached``:
+    what earlier calls found of each Hessian (by id), so that a Hessian shared by several linears is read once."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise TasaError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
     check_finite(weight, name)
     if spec.super_group:
         check_super_width(weight.shape[1], spec.super_group, name)
-    if not all_finite(hessian):
-        raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
-    return bool(torch.any(hessian))
+    if id(hessian) not in reached:
+        if not all_finite(hessian):
+            raise TasaError(f"{name}: Hessian holds NaN/Inf (non-finite calibration activations)")
+        reached[id(hessian)] = bool(torch.any(hessian))
+    return reached[id(hessian)]
 
 
 def _gptq_chunk(weights, hessians, specs, names, chunk: list[list[int]], damp: float, act_order: bool,
