@@ -38,6 +38,11 @@ child's ru_maxrss); rows are cached one record each under benchmarks/results/lar
   intermediate 768, top-8, GQA 32/4 with head size 128, vocab 151936), 2 layers, by the same kind of plan with
   GPTQ on WikiText-2 (8 x 256 tokens): each expert on the Hessian of the tokens routed to it; the tokens per
   expert and the experts no token reached (RTN fallback) are recorded.
+- ``qwen3-moe-30b-2l-profile-gptq-streamed``: `tasa profile` of that Qwen3-MoE-shaped model with GPTQ probes
+  (``--probe-quantizer gptq`` on WikiText-2, 8 x 256 tokens), module granularity (each layer's 128 routed experts
+  one unit, tied), 3 and 4 bits, on WikiText-2 (64 probe tokens), streamed: each probe of a layer's experts
+  quantizes its 384 expert linears, each on the Hessian of its own tokens.  Time, peak RSS and the costs (to check
+  that a change to the probe path leaves them as they were).
 - ``llama3-8b-eval-streamed-layer-major`` / ``...-batch-by-batch``: WikiText-2 perplexity of the synthetic 8B model,
   streamed (float32 compute; 8 windows of 128 tokens, one window a batch), layer-major (every window through a
   layer before the next layer is read: tasa's streamed evaluation) against batch by batch (the same code with a
@@ -78,7 +83,8 @@ RECORDS = RESULTS / BENCH
 ROWS = ["smollm2-in-memory", "smollm2-streamed", "llama3-8b-streamed", "llama3-8b-gptq-layer-streamed",
         "llama3-8b-in-memory", "llama3-8b-profile-streamed", "llama3-8b-gptq-layer-streamed-bf16",
         "llama3-8b-profile-streamed-bf16", "mixtral-8x7b-2l-rtn-streamed",
-        "qwen3-moe-30b-2l-gptq-streamed", "llama3-8b-eval-streamed-batch-by-batch",
+        "qwen3-moe-30b-2l-gptq-streamed", "qwen3-moe-30b-2l-profile-gptq-streamed",
+        "llama3-8b-eval-streamed-batch-by-batch",
         "llama3-8b-eval-streamed-layer-major", "llama3-8b-4l-gguf-convert-whole", "llama3-8b-4l-gguf-convert-streamed",
         "llama3-8b-generate-streamed", "llama3-8b-generate-offloaded"]
 TASA = [sys.executable, "-m", "tasa"]
@@ -247,6 +253,27 @@ def moe_worker(name: str, work: Path, device: str = "cpu", dtype: str = "float32
                       routed_assignments_per_layer=sum(gate_tokens) / config.num_hidden_layers)
     shutil.rmtree(out)
     return result
+
+
+def moe_profile_worker(name: str, work: Path) -> dict:
+    """The MoE profile row (module docstring)."""
+    config = qwen3_moe_config()
+    model = synthetic_dir(work, MOE["qwen3-moe-30b-2l-gptq-streamed"][0], config)
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    r = measured([*TASA, "profile", "--model", str(model), "--objectives", "wikitext2", "--bits", "3,4",
+                  "--granularity", "module", "--probe-quantizer", "gptq", "--calib", "wikitext2", "--nsamples", "8",
+                  "--seqlen", "256", "--probe-tokens", "64", "--probe-seqlen", "64", "--group-size", "128",
+                  "--stream", "on", "--quiet", "--output-dir", str(out)], work / "logs" / f"{name}.log")
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} failed: {r['last_line']}")
+    sens = json.loads((out / "sensitivity.json").read_text())
+    size = disk_bytes(model)
+    per_layer = moe_layout(config)["layer_weights"] / config.num_hidden_layers
+    shutil.rmtree(out)
+    return {**r, "model_disk_gb": size / 1e9, "layer_float32_gb": per_layer * 4 / 1e9,
+            "peak_rss_over_disk": r["peak_rss_gb"] * 2 ** 30 / size, "units": [u["name"] for u in sens["units"]],
+            "sensitivity_seconds": sens["seconds"]["sensitivity"], "costs": sens["costs"]["wikitext2"]}
 
 
 def plan_348(path: Path, out: Path, method: str, layers: list[int] | None = None) -> Path:
@@ -486,6 +513,8 @@ def convert_worker(name: str, work: Path) -> dict:
 def worker(name: str, work: Path) -> dict:
     if name in MOE:
         return moe_worker(name, work)
+    if name == "qwen3-moe-30b-2l-profile-gptq-streamed":
+        return moe_profile_worker(name, work)
     if "-gguf-convert-" in name:
         return convert_worker(name, work)
     if name.startswith("llama3-8b-eval-"):
@@ -578,7 +607,8 @@ def main() -> None:
                             if "convert" in name else "eval", None, None, None, metrics, r["seconds"]))
             continue
         calib = ("gsm8k:0.5,arc_easy:0.5 (64 x 512)" if name.startswith("smollm2") else
-                 None if name in MOE and MOE[name][2] == "rtn" else "wikitext2 (8 x 256)")
+                 None if name in MOE and MOE[name][2] == "rtn" or name.startswith("llama3-8b-profile")
+                 else "wikitext2 (8 x 256)")
         rows.append(row(name, "tasa", "quantize" if "profile" not in name else "profile", r.get("bits"),
                         64 if name.startswith("smollm2") else 128, calib, metrics, r["seconds"]))
     out = write_results(BENCH, ".venv/bin/python benchmarks/large_model.py", rows)
