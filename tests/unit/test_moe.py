@@ -181,6 +181,41 @@ def test_a_layers_experts_are_quantized_as_a_batch_with_what_one_at_a_time_gives
                                                                    other.fallback)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_gptq_probes_quantize_a_layers_experts_as_batches_with_what_one_at_a_time_gives(monkeypatch, data_dir,
+                                                                                       tokenizer, granularity):
+    """A GPTQ probe of a unit holding a layer's routed experts (the tied experts unit, or the whole layer) runs them
+    as batches, as quantization does: every probe's losses are exactly those of GPTQ a linear at a time."""
+    import tasa.quant.gptq as gptq
+    from tasa.config import ProfileSpec
+    from tasa.profile.objectives import build_objective
+    from tasa.profile.probe import run_probes
+
+    calib = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
+    runs = {}
+    for budget in (1, gptq.GPTQ_BATCH_BYTES):
+        monkeypatch.setattr(gptq, "GPTQ_BATCH_BYTES", budget)
+        batches = []
+        run = gptq._gptq_batch
+        monkeypatch.setattr(gptq, "_gptq_batch", lambda w, *a, run=run: batches.append(len(w)) or run(w, *a))
+        model = tiny_moe("qwen3_moe")
+        res = run_probes(model, resolve(model), objs, ProfileSpec(bits=(2, 4), group_size=32, granularity=granularity,
+                                                                  batch_tokens=70),
+                         progress=False, calib_ids=calib, calib_batch=2)
+        runs[budget] = (res, batches, model.state_dict())
+        monkeypatch.undo()
+    (one, one_batches, _), (many, batches, weights) = runs.values()
+    assert set(one_batches) == {1} and max(batches) == 4  # the 4 gate, up or down projections of a layer at once
+    assert one.probes.keys() == many.probes.keys() and len(many.probes) == 2 * (2 if granularity == "layer" else 10)
+    for key, losses in many.probes.items():
+        assert torch.equal(losses["wikitext2"].nll, one.probes[key]["wikitext2"].nll), key
+    fresh = tiny_moe("qwen3_moe")
+    resolve(fresh)  # its experts unfused, as the probed model's are
+    assert weights.keys() == fresh.state_dict().keys()  # weights restored after every probe
+    assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())
+
+
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_streamed_moe_quantization_writes_the_in_memory_checkpoint_in_the_hub_layout(moe_dir, tmp_path, data_dir,
                                                                                      method):

@@ -56,7 +56,7 @@ from tasa.plan import expert_container
 from tasa.models.walker import (KeptStates, capture, capture_ids, forward_layer, input_groups, run_layer, tail_from,
                                walk)
 from tasa.quant.apply import layer_hessians
-from tasa.quant.gptq import gptq_quantize
+from tasa.quant.gptq import gptq_quantize_many
 from tasa.quant.rtn import rtn_quantize
 
 
@@ -136,19 +136,28 @@ def quant_swapped(model: nn.Module, module_names: tuple[str, ...], bits: int, gr
     """Quantize the named linears in place for the duration of the block, then restore them exactly:
     RTN, or GPTQ with ``hessians[name]`` (2/n X^T X of the module's input) when given.
 
+    GPTQ quantizes the unit's linears as :func:`gptq_quantize_many` does: linears fed the same input (q/k/v,
+    gate/up of a layer) share one factorisation of their Hessian, and a layer's routed experts run as batches;
+    each weight is what :func:`gptq_quantize` gives it alone.
+
     Yields {name: original weight}."""
     saved = {}
     try:
         with torch.no_grad():
-            for name in module_names:
-                lin = model.get_submodule(name)
+            lins = [model.get_submodule(name) for name in module_names]
+            for name, lin in zip(module_names, lins):
                 saved[name] = lin.weight.detach().clone()
-                if hessians is None:
-                    q = rtn_quantize(lin.weight.detach(), bits, group_size, sym)
-                else:
-                    q = gptq_quantize(lin.weight.detach(), hessians[name],
-                                      QuantSpec(bits=bits, group_size=group_size, sym=sym, damp=damp), name=name)
-                lin.weight.copy_(q.weight.to(lin.weight.dtype))
+            if hessians is None:
+                for lin in lins:
+                    lin.weight.copy_(rtn_quantize(lin.weight.detach(), bits, group_size, sym).weight
+                                     .to(lin.weight.dtype))
+            else:
+                spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, damp=damp)
+                for i, q, _ in gptq_quantize_many([saved[name] for name in module_names],
+                                                  [hessians[name] for name in module_names],
+                                                  [spec] * len(lins), list(module_names)):
+                    lins[i].weight.copy_(q.weight.to(lins[i].weight.dtype))
+                    del q
         yield saved
     finally:
         with torch.no_grad():
