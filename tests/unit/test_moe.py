@@ -195,21 +195,22 @@ def test_gptq_probes_quantize_a_layers_experts_as_batches_with_what_one_at_a_tim
     objs = [build_objective("wikitext2", tokenizer, min_tokens=60, seqlen=32)]
     runs = {}
     for budget in (1, gptq.GPTQ_BATCH_BYTES):
-        monkeypatch.setattr(gptq, "GPTQ_BATCH_BYTES", budget)
-        batches = []
-        run = gptq._gptq_batch
-        monkeypatch.setattr(gptq, "_gptq_batch", lambda w, *a, run=run: batches.append(len(w)) or run(w, *a))
-        model = tiny_moe("qwen3_moe")
-        res = run_probes(model, resolve(model), objs, ProfileSpec(bits=(2, 4), group_size=32, granularity=granularity,
-                                                                  batch_tokens=70),
-                         progress=False, calib_ids=calib, calib_batch=2)
-        runs[budget] = (res, batches, model.state_dict())
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:  # (not undo(): data_dir's environment stays)
+            patch.setattr(gptq, "GPTQ_BATCH_BYTES", budget)
+            batches = []
+            run = gptq._gptq_batch
+            patch.setattr(gptq, "_gptq_batch", lambda w, *a, run=run: batches.append(len(w)) or run(w, *a))
+            model = tiny_moe("qwen3_moe")
+            res = run_probes(model, resolve(model), objs, ProfileSpec(bits=(2, 4), group_size=32,
+                                                                      granularity=granularity, batch_tokens=70),
+                             progress=False, calib_ids=calib, calib_batch=2)
+            runs[budget] = (res, batches, model.state_dict())
     (one, one_batches, _), (many, batches, weights) = runs.values()
     assert set(one_batches) == {1} and max(batches) == 4  # the 4 gate, up or down projections of a layer at once
     assert one.probes.keys() == many.probes.keys() and len(many.probes) == 2 * (2 if granularity == "layer" else 10)
     for key, losses in many.probes.items():
         assert torch.equal(losses["wikitext2"].nll, one.probes[key]["wikitext2"].nll), key
+        assert torch.equal(losses["wikitext2"].kl, one.probes[key]["wikitext2"].kl), key
     fresh = tiny_moe("qwen3_moe")
     resolve(fresh)  # its experts unfused, as the probed model's are
     assert weights.keys() == fresh.state_dict().keys()  # weights restored after every probe
